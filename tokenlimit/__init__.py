@@ -1,0 +1,53 @@
+"""tokenlimit: distributed token-bucket rate limiting on Redis and Valkey, sync and async.
+
+Every decision is one atomic Lua call on the server, with the server's clock, so a fleet of
+processes shares one exact budget per identity.
+"""
+
+from ._config import configure
+from ._decision import Decision
+from ._decorator import Guard
+from ._errors import BackendError, ConfigError, RateLimitExceeded, TokenLimitError
+from ._limit import Limit
+from ._limiter import AsyncRateLimiter, RateLimiter
+from ._memory import MemoryBackend
+from ._metrics import MetricsSink
+
+__all__ = [
+    "AsyncRateLimiter",
+    "BackendError",
+    "ConfigError",
+    "Decision",
+    "Guard",
+    "Limit",
+    "MemoryBackend",
+    "MetricsSink",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "TokenLimitError",
+    "__version__",
+    "configure",
+    "rate_limit",
+]
+
+__version__ = "0.1.0"
+
+
+def rate_limit(
+    rate: float | str | None = None,
+    burst: int | None = None,
+    *,
+    limit: object = None,
+    key: object = None,
+    cost: int = 1,
+    timeout: float | None = 0,
+    limiter: RateLimiter | AsyncRateLimiter | None = None,
+) -> Guard:
+    """Limit a function (``def`` or ``async def``) or a ``with``/``async with`` block.
+
+    ``rate`` is tokens per second or a string like ``"100/minute"``; ``key`` is a template
+    filled from the call's arguments (``"user:{user_id}"``), a callable taking them, or None (one
+    bucket per function). Refused calls raise ``RateLimitExceeded`` after waiting up to
+    ``timeout`` seconds. Uses ``limiter``, else the one ``configure()`` set.
+    """
+    return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=limiter)

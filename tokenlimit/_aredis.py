@@ -1,0 +1,142 @@
+"""The async twin of ``_redis``: same discipline (one send, own deadline, dirty connections
+closed), with ``asyncio`` bounding every step, connecting and pool waits included."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from ._core import Request
+from ._errors import BackendError
+from ._redis import MAX_REDIRECTS, classify
+from ._scripts import Script, acquire_script, peek_script
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as async_timeout
+else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
+    from async_timeout import timeout as async_timeout
+
+__all__ = ["AsyncRedisBackend"]
+
+
+class AsyncRedisBackend:
+    """Decisions on a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` client."""
+
+    def __init__(self, client: Redis | RedisCluster, *, owned: bool = False) -> None:
+        self.client = client
+        self.is_cluster = isinstance(client, RedisCluster)
+        self._owned = owned
+
+    async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
+        script = acquire_script() if consume else peek_script()
+        try:
+            async with async_timeout(timeout):
+                reply = await self._call(script, request)
+        except TimeoutError as exc:
+            raise classify(rx.TimeoutError("no reply before the limiter's deadline")) from exc
+        return [int(x) for x in reply]
+
+    async def reset(self, request: Request, *, timeout: float) -> None:
+        try:
+            async with async_timeout(timeout):
+                await self._execute(("DEL", *request.keys), request.keys[0])
+        except TimeoutError as exc:
+            raise classify(rx.TimeoutError("no reply before the limiter's deadline")) from exc
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self.client.aclose()
+
+    async def _call(self, script: Script, request: Request) -> Any:
+        head = (len(request.keys), *request.keys, *request.args)
+        try:
+            return await self._execute(("EVALSHA", script.sha, *head), request.keys[0])
+        except BackendError as error:
+            # The script did not run (NOSCRIPT), so sending its body cannot take tokens twice.
+            if not isinstance(error.__cause__, rx.NoScriptError):
+                raise
+        return await self._execute(("EVAL", script.body, *head), request.keys[0])
+
+    async def _execute(self, command: tuple[Any, ...], key: str) -> Any:
+        if not self.is_cluster:
+            client: Redis = self.client  # type: ignore[assignment]
+            pool = client.connection_pool
+            try:
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            except (rx.RedisError, OSError) as exc:
+                raise classify(exc) from exc
+            try:
+                return (await _roundtrip(conn, [command]))[-1]
+            finally:
+                await pool.release(conn)
+
+        cluster: RedisCluster = self.client  # type: ignore[assignment]
+        asking: tuple[str, int] | None = None
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                await cluster.initialize()
+                if asking is None:
+                    node = cluster.get_node_from_key(key)
+                    commands = [command]
+                else:
+                    node = cluster.get_node(host=asking[0], port=asking[1])
+                    commands = [("ASKING",), command]
+                if node is None:
+                    raise rx.ClusterError("no node serves this key")
+                conn = node.acquire_connection()
+            except (rx.RedisError, OSError) as exc:
+                raise classify(exc) from exc
+            try:
+                return (await _roundtrip(conn, commands))[-1]
+            except BackendError as error:
+                cause = error.__cause__
+                if isinstance(cause, rx.MovedError):
+                    try:
+                        await cluster.nodes_manager.move_slot(cause)
+                    except (rx.RedisError, OSError) as exc:
+                        raise classify(exc) from exc
+                    asking = None
+                elif isinstance(cause, rx.AskError):
+                    asking = (cause.host, cause.port)
+                elif isinstance(cause, rx.TryAgainError):
+                    asking = None
+                    await asyncio.sleep(0.005)
+                else:
+                    raise
+            finally:
+                node.release(conn)
+        raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
+
+
+async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write and read every reply; close the connection if cut short."""
+    clean = False
+    try:
+        if len(commands) == 1:
+            await conn.send_command(*commands[0], check_health=False)
+        else:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies = []
+        error: BaseException | None = None
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except rx.ResponseError as exc:  # an error reply: the connection stays in sync
+                error = error or exc
+        clean = True
+        if error is not None:
+            raise error
+        return replies
+    except (rx.RedisError, OSError) as exc:
+        raise classify(exc) from exc
+    finally:
+        if not clean:
+            # Cancelled or failed mid-exchange: the reply may still come, so this socket must
+            # never serve another call (redis-py CVE-2023-28858 was exactly this).
+            await conn.disconnect(nowait=True)

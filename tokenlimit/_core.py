@@ -1,0 +1,165 @@
+"""The IO-free middle of every limiter: requests in, decisions out.
+
+Builds the keys and script arguments for a call, decodes the script's integer reply into a
+``Decision``, and holds the bits of policy (fail-open decisions, throttled logging) that the sync
+and async limiters share.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._decision import Decision
+from ._errors import ConfigError, ConfigTypeError
+from ._limit import Limit, coerce_limits
+from ._validate import check_cost, check_key, check_number
+
+__all__ = [
+    "FAILURE_MODES",
+    "Request",
+    "build_request",
+    "check_failure_mode",
+    "check_prefix",
+    "decode_reply",
+    "fail_open_decision",
+    "identity_tag",
+]
+
+logger = logging.getLogger("tokenlimit")
+
+FAILURE_MODES = ("open", "closed")
+DEFAULT_PREFIX = "tl:"
+DEFAULT_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One decision to make: the bucket keys, the script arguments, and the limits behind them."""
+
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    limits: tuple[Limit, ...]
+    cost: int
+
+    @property
+    def params(self) -> tuple[tuple[float, int], ...]:
+        """``(interval_us, burst)`` per limit, as the model and the memory backend take them."""
+        return tuple((limit.interval, limit.burst) for limit in self.limits)
+
+
+def identity_tag(identity: bytes) -> str:
+    """The hash tag for an identity: 96 bits of BLAKE2b, base64url, 16 characters.
+
+    Hashing makes keys injective in practice, short whatever the identity's length, free of the
+    braces that would move the cluster slot, and keeps API keys out of Redis in clear text.
+    """
+    digest = hashlib.blake2b(identity, digest_size=12).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+def check_prefix(prefix: Any) -> str:
+    """A key prefix: a str without braces (a brace would hijack the cluster hash tag)."""
+    if not isinstance(prefix, str):
+        raise ConfigTypeError("prefix", f"must be a str, not {type(prefix).__name__}")
+    if "{" in prefix or "}" in prefix:
+        raise ConfigError("prefix", "must not contain '{' or '}' (they choose the cluster slot)")
+    return prefix
+
+
+def check_failure_mode(mode: Any) -> str:
+    """``"open"`` or ``"closed"``."""
+    if mode not in FAILURE_MODES:
+        raise ConfigError("failure_mode", f"must be 'open' or 'closed', got {mode!r}")
+    return str(mode)
+
+
+def check_deadline(timeout: Any) -> float:
+    """The limiter's per-decision deadline: a finite number of seconds > 0."""
+    return check_number("timeout", timeout)
+
+
+def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
+    """Validate one call's arguments and turn them into keys and script arguments."""
+    identity = check_key(key)
+    limits = coerce_limits(limit)
+    cost = check_cost(cost)
+    smallest = min(lim.burst for lim in limits)
+    if cost > smallest:
+        raise ConfigError(
+            "cost", f"{cost} exceeds the burst {smallest}; it could never be admitted"
+        )
+    head = f"{prefix}{{{identity_tag(identity)}}}"
+    keys = tuple(head + lim._id for lim in limits)
+    args = [str(cost)]
+    for lim in limits:
+        args.append(repr(lim.interval))
+        args.append(str(lim.burst))
+    return Request(keys, tuple(args), limits, cost)
+
+
+def decode_reply(reply: Sequence[Any], limits: Sequence[Limit]) -> Decision:
+    """Turn the script's integer reply into a Decision reporting the most restrictive limit."""
+    if len(reply) != 2 + 4 * len(limits):
+        raise ValueError(f"unexpected reply length {len(reply)} for {len(limits)} limit(s)")
+    allowed = int(reply[1]) == 1
+    details = []
+    for i, lim in enumerate(limits):
+        base = 2 + 4 * i
+        details.append(
+            Decision(
+                allowed=int(reply[base]) == 1,
+                limit=lim.burst,
+                remaining=int(reply[base + 1]),
+                retry_after=int(reply[base + 2]) / 1e6 if not allowed else 0.0,
+                reset_after=int(reply[base + 3]) / 1e6,
+                policy=lim,
+            )
+        )
+    if allowed:
+        worst = min(details, key=lambda d: (d.remaining, -d.reset_after))
+    else:
+        worst = max(details, key=lambda d: (d.retry_after, -d.remaining))
+    return Decision(
+        allowed=allowed,
+        limit=worst.limit,
+        remaining=worst.remaining,
+        retry_after=worst.retry_after,
+        reset_after=worst.reset_after,
+        policy=worst.policy,
+        details=tuple(details),
+    )
+
+
+def fail_open_decision(limits: Sequence[Limit]) -> Decision:
+    """What ``failure_mode="open"`` answers when storage fails: admitted, nothing known."""
+    lim = min(limits, key=lambda x: x.burst)
+    return Decision(allowed=True, limit=lim.burst, remaining=lim.burst, retry_after=0.0,
+                    reset_after=0.0, policy=lim)  # fmt: skip
+
+
+class ThrottledLog:
+    """Log a storage failure at most once per ``interval`` seconds, counting what it held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        logger.warning("%s: %s%s", message, exc, more)

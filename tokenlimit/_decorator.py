@@ -1,0 +1,234 @@
+"""``rate_limit`` / ``limiter.limit``: one object that is a decorator and a context manager."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import string
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from ._decision import Decision
+from ._errors import ConfigError, ConfigTypeError, RateLimitExceeded
+from ._limit import Limit, coerce_limits
+from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._validate import check_cost, check_timeout
+
+__all__ = ["Guard"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _limits_from(rate: Any, burst: Any, limit: Any) -> tuple[Limit, ...]:
+    if limit is not None:
+        if rate is not None or burst is not None:
+            raise ConfigError("limit", "give either rate/burst or limit=, not both")
+        return coerce_limits(limit)
+    if rate is None:
+        raise ConfigError("rate", "required (a number per second or a string like '100/minute')")
+    if isinstance(rate, str):
+        return (Limit.parse(rate, burst=burst),)
+    return (Limit(rate, burst),)
+
+
+def _template_fields(template: str) -> set[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError("key", f"bad template {template!r}: {exc}") from None
+    names = set()
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        if not root or root.isdigit():
+            raise ConfigError(
+                "key", f"template {template!r} must name parameters, like '{{user_id}}'"
+            )
+        names.add(root)
+    return names
+
+
+class Guard:
+    """Returned by ``rate_limit(...)`` and ``limiter.limit(...)``.
+
+    As a decorator it checks the limit before each call (raising ``RateLimitExceeded`` or
+    waiting up to ``timeout``); as ``with``/``async with`` it checks once on entry.
+    """
+
+    def __init__(
+        self,
+        rate: Any = None,
+        burst: Any = None,
+        *,
+        limit: Any = None,
+        key: Any = None,
+        cost: Any = 1,
+        timeout: Any = 0,
+        limiter: Any = None,
+    ) -> None:
+        from ._limiter import AsyncRateLimiter, RateLimiter
+
+        self.limits = _limits_from(rate, burst, limit)
+        self.cost = check_cost(cost)
+        smallest = min(lim.burst for lim in self.limits)
+        if self.cost > smallest:
+            raise ConfigError(
+                "cost", f"{cost} exceeds the burst {smallest}; it could never be admitted"
+            )
+        self.timeout = check_timeout("timeout", timeout)
+        if key is not None and not isinstance(key, (str, bytes)) and not callable(key):
+            raise ConfigTypeError("key", f"must be a str template, a callable or None, not {key!r}")
+        self.key = key
+        if limiter is not None and not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+            raise ConfigTypeError(
+                "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
+            )
+        self._limiter = limiter
+        # The bucket a bare ``with rate_limit(...)`` uses: where it was written, the same in every
+        # process running this code.
+        frame = sys._getframe(2)
+        self._site = f"{frame.f_globals.get('__name__', '?')}:{frame.f_lineno}"
+
+    # -- limiter resolution -------------------------------------------------------------------
+    def _sync_limiter(self) -> Any:
+        from ._config import default_sync_limiter
+        from ._limiter import AsyncRateLimiter
+
+        limiter = self._limiter or default_sync_limiter()
+        if isinstance(limiter, AsyncRateLimiter):
+            raise TypeError("an AsyncRateLimiter cannot guard a plain def or a plain 'with'")
+        return limiter
+
+    def _async_limiter(self) -> Any:
+        from ._config import default_async_limiter
+
+        return self._limiter or default_async_limiter()
+
+    # -- decorator ----------------------------------------------------------------------------
+    def __call__(self, func: F) -> F:
+        from ._limiter import AsyncRateLimiter
+
+        if not callable(func):
+            raise ConfigTypeError("func", f"rate_limit decorates a callable, not {func!r}")
+        is_async = inspect.iscoroutinefunction(func)
+        if not is_async and isinstance(self._limiter, AsyncRateLimiter):
+            raise TypeError(
+                f"AsyncRateLimiter.limit cannot decorate the plain function {func.__qualname__}; "
+                "use RateLimiter, or make it async def"
+            )
+        key_of = self._key_function(func)
+        guard = self
+
+        if is_async:
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                await guard._acheck(key_of(args, kwargs))
+                return await func(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            guard._check(key_of(args, kwargs))
+            return func(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    def _key_function(
+        self, func: Callable[..., Any]
+    ) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+        key = self.key
+        if key is None:
+            fixed = f"{func.__module__}.{func.__qualname__}"
+            return lambda args, kwargs: fixed
+        if callable(key):
+            return lambda args, kwargs: key(*args, **kwargs)
+        if isinstance(key, bytes) or "{" not in key:
+            return lambda args, kwargs: key
+        signature = inspect.signature(func)
+        params = signature.parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = sorted(name for name in _template_fields(key) if name not in params)
+        if missing and not takes_any:
+            raise ConfigError(
+                "key",
+                f"template {key!r} names {', '.join(missing)}, "
+                f"not parameters of {func.__qualname__}",
+            )
+
+        def from_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            for p in params.values():
+                if p.kind is p.VAR_KEYWORD:
+                    values.update(values.pop(p.name, {}))
+            return str(key.format(**values))
+
+        return from_template
+
+    # -- context manager ----------------------------------------------------------------------
+    def _literal_key(self) -> str | bytes:
+        key = self.key
+        if key is None:
+            return self._site
+        if callable(key) or (isinstance(key, str) and "{" in key):
+            raise ConfigError(
+                "key", "a 'with' block needs a literal key (templates and callables need a call)"
+            )
+        return cast("str | bytes", key)
+
+    def __enter__(self) -> Decision:
+        return self._check(self._literal_key())
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    async def __aenter__(self) -> Decision:
+        return await self._acheck(self._literal_key())
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    # -- the check itself ---------------------------------------------------------------------
+    def _check(self, key: Any) -> Decision:
+        limiter = self._sync_limiter()
+        decision: Decision = limiter.acquire(key, self.limits, cost=self.cost, timeout=self.timeout)
+        return decision
+
+    async def _acheck(self, key: Any) -> Decision:
+        from ._limiter import RateLimiter
+
+        limiter = self._async_limiter()
+        if not isinstance(limiter, RateLimiter):
+            decision: Decision = await limiter.acquire(
+                key, self.limits, cost=self.cost, timeout=self.timeout
+            )
+            return decision
+        return await _acquire_off_loop(limiter, key, self.limits, self.cost, self.timeout)
+
+
+async def _acquire_off_loop(
+    limiter: Any, key: Any, limits: tuple[Limit, ...], cost: int, timeout: float | None
+) -> Decision:
+    """``acquire`` with a sync limiter from async code: the network call runs in a worker thread
+    and the waiting is ``asyncio.sleep``, so the event loop never blocks."""
+    in_process = isinstance(limiter.backend, (MemoryBackend, AsyncMemoryBackend))
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    while True:
+        if in_process:
+            decision: Decision = limiter.try_acquire(key, limits, cost=cost)
+        else:
+            decision = await asyncio.to_thread(limiter.try_acquire, key, limits, cost=cost)
+        if decision.allowed:
+            return decision
+        if decision.retry_after > deadline - time.monotonic():
+            raise RateLimitExceeded(decision)
+        await asyncio.sleep(decision.retry_after)

@@ -1,0 +1,153 @@
+"""``Limit``: one token-bucket policy (rate, burst, name), validated on construction."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import ConfigError, ConfigTypeError
+from ._validate import check_int, check_number
+
+__all__ = ["Limit", "LimitSpec", "coerce_limits"]
+
+_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_PATTERN = re.compile(
+    r"^\s*(?P<n>\d+)\s*(?:/|per)\s*(?P<k>\d+)?\s*(?P<unit>[a-z]+)\s*$", re.IGNORECASE
+)
+_MAX_FILL_SECONDS = 1e12  # ~31,700 years: keeps every microsecond value exact in a double
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A bucket of ``burst`` tokens refilled at ``rate`` tokens per second.
+
+    ``burst`` defaults to one second's worth of ``rate`` (at least 1). Two limits that differ in
+    rate, burst or name never share a bucket.
+    """
+
+    rate: float
+    burst: int = None  # type: ignore[assignment]  # filled in __post_init__
+    name: str | None = field(default=None, kw_only=True)
+    _id: str = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        rate = check_number("rate", self.rate)
+        given: Any = self.burst  # None until filled in here
+        if given is None:
+            burst = max(1, math.floor(rate))
+        else:
+            burst = check_int("burst", given, minimum=1)
+        name: Any = self.name
+        if name is not None and not isinstance(name, str):
+            raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
+        if burst / rate > _MAX_FILL_SECONDS:
+            raise ConfigError("rate", f"too small: filling {burst} tokens would take over 1e12 s")
+        object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "burst", burst)
+        # The limit is part of every bucket's key (48 bits; only limits checked against the
+        # same identity could ever meet, so a collision is not a practical concern).
+        digest = hashlib.blake2b(repr((rate, burst, self.name)).encode(), digest_size=6).digest()
+        object.__setattr__(self, "_id", base64.urlsafe_b64encode(digest).decode())
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, *, burst: int | None = None, name: str | None = None) -> Limit:
+        """Parse ``"100/minute"``, ``"10 per second"``, ``"5/10s"``; burst defaults to the count."""
+        if not isinstance(text, str):
+            raise ConfigTypeError(
+                "limit", f"must be a str like '100/minute', not {type(text).__name__}"
+            )
+        match = _PATTERN.match(text)
+        unit = match and _UNITS.get(match["unit"].lower())
+        if not match or not unit:
+            raise ConfigError(
+                "limit", f"cannot parse {text!r}; expected '<count>/<unit>' such as '100/minute'"
+            )
+        count = int(match["n"])
+        periods = int(match["k"] or 1)
+        if count < 1 or periods < 1:
+            raise ConfigError("limit", f"count and period must be >= 1 in {text!r}")
+        return cls(count / (periods * unit), count if burst is None else burst, name=name)
+
+    @classmethod
+    def per_second(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+        """``n`` per second; burst defaults to ``n``."""
+        return cls._per(n, 1, burst, name)
+
+    @classmethod
+    def per_minute(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+        """``n`` per minute; burst defaults to ``n``."""
+        return cls._per(n, 60, burst, name)
+
+    @classmethod
+    def per_hour(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+        """``n`` per hour; burst defaults to ``n``."""
+        return cls._per(n, 3600, burst, name)
+
+    @classmethod
+    def per_day(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+        """``n`` per day; burst defaults to ``n``."""
+        return cls._per(n, 86400, burst, name)
+
+    @classmethod
+    def _per(cls, n: float, seconds: int, burst: int | None, name: str | None) -> Limit:
+        count = check_number("n", n)
+        if burst is None:
+            burst = max(1, math.floor(count))
+        return cls(count / seconds, burst, name=name)
+
+    # -- derived values -----------------------------------------------------------------------
+    @property
+    def interval(self) -> float:
+        """Microseconds between two tokens (the GCRA emission interval)."""
+        return 1_000_000.0 / self.rate
+
+    @property
+    def fill_time(self) -> float:
+        """Seconds an empty bucket takes to become full."""
+        return self.burst / self.rate
+
+    @property
+    def label(self) -> str:
+        """A short name for headers and metrics: ``name`` if set, else e.g. ``"100-per-60s"``."""
+        if self.name is not None:
+            return self.name
+        window = self.burst / self.rate
+        seconds = f"{window:.0f}" if window == round(window) else f"{window:.6g}"
+        return f"{self.burst}-per-{seconds}s"
+
+
+LimitSpec = Limit | str
+
+
+def coerce_limits(value: Any, param: str = "limit") -> tuple[Limit, ...]:
+    """One ``Limit``, a string like ``"100/minute"``, or a non-empty sequence of them."""
+    if isinstance(value, (Limit, str)):
+        items: Iterable[Any] = (value,)
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        items = value
+    else:
+        raise ConfigTypeError(
+            param, f"must be a Limit, a string like '100/minute', or a list of them, not {value!r}"
+        )
+    limits: list[Limit] = []
+    for item in items:
+        if isinstance(item, Limit):
+            limits.append(item)
+        elif isinstance(item, str):
+            limits.append(Limit.parse(item))
+        else:
+            raise ConfigTypeError(param, f"expected a Limit or a string, got {item!r}")
+    if not limits:
+        raise ConfigError(param, "must name at least one limit")
+    return tuple(dict.fromkeys(limits))  # the same limit twice would take its tokens twice

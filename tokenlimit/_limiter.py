@@ -1,0 +1,250 @@
+"""``RateLimiter`` and ``AsyncRateLimiter``: thin twins over one IO-free base."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._base import LimiterBase
+from ._core import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Request, check_deadline
+from ._decision import Decision
+from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
+from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._metrics import MetricsSink
+from ._validate import check_timeout
+
+if TYPE_CHECKING:
+    from ._decorator import Guard
+
+__all__ = ["AsyncRateLimiter", "RateLimiter"]
+
+
+def _sync_backend(client: Any) -> Any:
+    from redis import Redis
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, (Redis, RedisCluster)):
+        from ._redis import RedisBackend
+
+        return RedisBackend(client)
+    if isinstance(client, MemoryBackend) or _has(client, "decide", "reset", "close"):
+        return client
+    raise ConfigTypeError(
+        "client",
+        "expected redis.Redis, redis.cluster.RedisCluster or a backend, "
+        f"not {type(client).__name__} (use AsyncRateLimiter for asyncio clients)",
+    )
+
+
+def _async_backend(client: Any) -> Any:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, (Redis, RedisCluster)):
+        from ._aredis import AsyncRedisBackend
+
+        return AsyncRedisBackend(client)
+    if isinstance(client, MemoryBackend):
+        return AsyncMemoryBackend(client)
+    if _has(client, "decide", "reset", "aclose"):
+        return client
+    raise ConfigTypeError(
+        "client",
+        "expected redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster or an async backend,"
+        f" not {type(client).__name__} (use RateLimiter for sync clients)",
+    )
+
+
+def _has(obj: Any, *names: str) -> bool:
+    return all(callable(getattr(obj, name, None)) for name in names)
+
+
+class RateLimiter(LimiterBase):
+    """Sync limiter: ``RateLimiter(redis.Redis(...))`` or ``RateLimiter.from_url(url)``."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        failure_mode: str = "closed",
+        metrics: MetricsSink | None = None,
+    ) -> None:
+        super().__init__(
+            _sync_backend(client),
+            prefix=prefix,
+            timeout=timeout,
+            failure_mode=failure_mode,
+            metrics=metrics,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RateLimiter:
+        """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]`` or ``memory://``."""
+        from ._url import sync_backend_from_url
+
+        timeout = check_deadline(options.get("timeout", DEFAULT_TIMEOUT))
+        return cls(sync_backend_from_url(url, timeout=timeout), **options)
+
+    # -- decisions ----------------------------------------------------------------------------
+    def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+        """Take ``cost`` tokens from every limit, all or none. Never raises on refusal."""
+        return self._decide(self._request(key, limit, cost), consume=True)
+
+    def acquire(
+        self, key: str, limit: Any, *, cost: int = 1, timeout: float | None = None
+    ) -> Decision:
+        """Wait until admitted. Raises ``RateLimitExceeded`` at once, consuming nothing, when the
+        wait needed is longer than ``timeout`` (``0``: do not wait; ``None``: no bound)."""
+        wait = check_timeout("timeout", timeout)
+        request = self._request(key, limit, cost)
+        deadline = math.inf if wait is None else time.monotonic() + wait
+        while True:
+            decision = self._decide(request, consume=True)
+            if decision.allowed:
+                return decision
+            if decision.retry_after > deadline - time.monotonic():
+                raise RateLimitExceeded(decision)
+            time.sleep(decision.retry_after)
+
+    def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+        """What ``try_acquire`` would answer now, consuming nothing."""
+        return self._decide(self._request(key, limit, cost), consume=False)
+
+    def reset(self, key: str, limit: Any) -> None:
+        """Forget the bucket(s): full again."""
+        request = self._request(key, limit)
+        self.backend.reset(request, timeout=self._timeout)
+
+    def _decide(self, request: Request, *, consume: bool) -> Decision:
+        started = time.perf_counter()
+        try:
+            reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
+        except BackendError as error:
+            return self._failed(request, error)
+        return self._decoded(request, reply, started)
+
+    # -- decorator / context manager ----------------------------------------------------------
+    def limit(
+        self,
+        rate: float | str | None = None,
+        burst: int | None = None,
+        *,
+        limit: Any = None,
+        key: Any = None,
+        cost: int = 1,
+        timeout: float | None = 0,
+    ) -> Guard:
+        """A decorator (``def`` or ``async def``) and context manager bound to this limiter."""
+        from ._decorator import Guard
+
+        return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the client if this limiter made it (``from_url``)."""
+        self.backend.close()
+
+    def __enter__(self) -> RateLimiter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncRateLimiter(LimiterBase):
+    """Async limiter: ``AsyncRateLimiter(redis.asyncio.Redis(...))`` or ``.from_url(url)``."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        failure_mode: str = "closed",
+        metrics: MetricsSink | None = None,
+    ) -> None:
+        super().__init__(
+            _async_backend(client),
+            prefix=prefix,
+            timeout=timeout,
+            failure_mode=failure_mode,
+            metrics=metrics,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> AsyncRateLimiter:
+        """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]`` or ``memory://``."""
+        from ._url import async_backend_from_url
+
+        timeout = check_deadline(options.get("timeout", DEFAULT_TIMEOUT))
+        return cls(async_backend_from_url(url, timeout=timeout), **options)
+
+    async def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+        """Take ``cost`` tokens from every limit, all or none. Never raises on refusal."""
+        return await self._decide(self._request(key, limit, cost), consume=True)
+
+    async def acquire(
+        self, key: str, limit: Any, *, cost: int = 1, timeout: float | None = None
+    ) -> Decision:
+        """Wait until admitted. Raises ``RateLimitExceeded`` at once, consuming nothing, when the
+        wait needed is longer than ``timeout`` (``0``: do not wait; ``None``: no bound)."""
+        wait = check_timeout("timeout", timeout)
+        request = self._request(key, limit, cost)
+        deadline = math.inf if wait is None else time.monotonic() + wait
+        while True:
+            decision = await self._decide(request, consume=True)
+            if decision.allowed:
+                return decision
+            if decision.retry_after > deadline - time.monotonic():
+                raise RateLimitExceeded(decision)
+            await asyncio.sleep(decision.retry_after)
+
+    async def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+        """What ``try_acquire`` would answer now, consuming nothing."""
+        return await self._decide(self._request(key, limit, cost), consume=False)
+
+    async def reset(self, key: str, limit: Any) -> None:
+        """Forget the bucket(s): full again."""
+        request = self._request(key, limit)
+        await self.backend.reset(request, timeout=self._timeout)
+
+    async def _decide(self, request: Request, *, consume: bool) -> Decision:
+        started = time.perf_counter()
+        try:
+            reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
+        except BackendError as error:
+            return self._failed(request, error)
+        return self._decoded(request, reply, started)
+
+    def limit(
+        self,
+        rate: float | str | None = None,
+        burst: int | None = None,
+        *,
+        limit: Any = None,
+        key: Any = None,
+        cost: int = 1,
+        timeout: float | None = 0,
+    ) -> Guard:
+        """A decorator (``async def`` only) and ``async with`` context manager."""
+        from ._decorator import Guard
+
+        return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
+
+    async def aclose(self) -> None:
+        """Close the client if this limiter made it (``from_url``)."""
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> AsyncRateLimiter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,112 @@
+"""The in-process backend: the reference model behind a lock, with bounded memory."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ._core import Request
+from ._model import State, decide
+from ._validate import check_int
+
+__all__ = ["AsyncMemoryBackend", "MemoryBackend"]
+
+
+class MemoryBackend:
+    """Buckets in a dict, per process: thread-safe, and safe from asyncio (no await inside).
+
+    ``clock`` returns seconds (default ``time.monotonic``); tests pass a fake one. Buckets are
+    dropped once full again (their TTL), and at most ``max_keys`` are kept: beyond that the
+    bucket closest to full is forgotten first, which can only admit, never refuse, too early.
+    """
+
+    def __init__(
+        self, *, clock: Callable[[], float] | None = None, max_keys: int = 1_000_000
+    ) -> None:
+        self._clock = clock or time.monotonic
+        self._max_keys = check_int("max_keys", max_keys, minimum=1)
+        self._lock = threading.Lock()
+        self._states: dict[str, State] = {}
+        self._expiry: list[tuple[float, str]] = []  # (µs when full, key); may hold stale entries
+
+    def now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
+
+    def decide(self, request: Request, *, consume: bool, timeout: float = 0.0) -> Sequence[int]:
+        with self._lock:
+            now = self.now_us()
+            self._sweep(now)
+            states = [self._states.get(key) for key in request.keys]
+            outcome = decide(states, request.params, request.cost, now, consume=consume)
+            if outcome.new_states is not None:
+                for key, state in zip(request.keys, outcome.new_states, strict=True):
+                    self._store(key, state)
+        reply = [outcome.now, int(outcome.allowed)]
+        for result in outcome.results:
+            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
+        return reply
+
+    def reset(self, request: Request, *, timeout: float = 0.0) -> None:
+        with self._lock:
+            for key in request.keys:
+                self._states.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every bucket."""
+        with self._lock:
+            self._states.clear()
+            self._expiry.clear()
+
+    def close(self) -> None:
+        self.clear()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def _store(self, key: str, state: State) -> None:
+        if key not in self._states and len(self._states) >= self._max_keys:
+            self._evict_one()
+        self._states[key] = state
+        heapq.heappush(self._expiry, (state.stamp + state.debt, key))
+        if len(self._expiry) > 2 * len(self._states) + 1024:
+            self._expiry = [(s.stamp + s.debt, k) for k, s in self._states.items()]
+            heapq.heapify(self._expiry)
+
+    def _live(self, when: float, key: str) -> bool:
+        state = self._states.get(key)
+        return state is not None and state.stamp + state.debt == when
+
+    def _sweep(self, now: int) -> None:
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            when, key = heapq.heappop(heap)
+            if self._live(when, key):
+                del self._states[key]
+
+    def _evict_one(self) -> None:
+        heap = self._expiry
+        while heap:
+            when, key = heapq.heappop(heap)
+            if self._live(when, key):
+                del self._states[key]
+                return
+
+
+class AsyncMemoryBackend:
+    """``MemoryBackend`` for ``AsyncRateLimiter``: the same store, awaited without blocking."""
+
+    def __init__(self, store: MemoryBackend | None = None) -> None:
+        self.store = store if store is not None else MemoryBackend()
+
+    async def decide(
+        self, request: Request, *, consume: bool, timeout: float = 0.0
+    ) -> Sequence[int]:
+        return self.store.decide(request, consume=consume)
+
+    async def reset(self, request: Request, *, timeout: float = 0.0) -> None:
+        self.store.reset(request)
+
+    async def aclose(self) -> None:
+        self.store.close()

@@ -1,0 +1,22 @@
+"""The metrics hook a limiter calls; ``tokenlimit.metrics`` (later) implements it for Prometheus."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from ._decision import Decision
+from ._limit import Limit
+
+__all__ = ["MetricsSink"]
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """Receives one call per decision and per storage failure. Never per-key data."""
+
+    def record_decision(self, limits: Sequence[Limit], decision: Decision, seconds: float) -> None:
+        """A decision was made (``seconds``: time spent in the backend)."""
+
+    def record_error(self, limits: Sequence[Limit], reason: str, failed_open: bool) -> None:
+        """Storage failed with ``reason``; ``failed_open`` if the call was admitted anyway."""

@@ -1,0 +1,163 @@
+"""Redis/Valkey backends, standalone and cluster, sync: one script call per decision, run once.
+
+Why this talks to a pooled connection instead of ``client.evalsha``: redis-py retries a command
+that timed out, and a retried consuming script takes tokens twice (DESIGN: "the decision call must
+run at most once"). Here the script is sent once, the reply is awaited until the limiter's own
+deadline, and a connection whose reply is unknown is closed, never reused. The only resends are
+the ones that cannot double-count: EVAL after NOSCRIPT (the script did not run), and after a
+cluster MOVED/ASK/TRYAGAIN redirect (the node refused to run it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis import Redis
+from redis import exceptions as rx
+from redis.cluster import RedisCluster
+
+from ._core import Request
+from ._errors import BackendError
+from ._scripts import Script, acquire_script, peek_script
+
+__all__ = ["MAX_REDIRECTS", "RedisBackend", "classify"]
+
+MAX_REDIRECTS = 5
+
+
+def classify(exc: BaseException) -> BackendError:
+    """Turn a driver error into a BackendError with a short reason."""
+    if isinstance(exc, (rx.TimeoutError, TimeoutError)):
+        reason = "timeout"
+    elif isinstance(exc, (rx.ConnectionError, OSError, ConnectionError)):
+        reason = "connection"
+    elif isinstance(exc, (rx.ClusterError, rx.ClusterDownError, rx.SlotNotCoveredError)):
+        reason = "cluster"
+    elif isinstance(exc, rx.ResponseError):
+        reason = "server"
+    else:
+        reason = "protocol"
+    error = BackendError(f"storage failed ({reason}): {exc}", reason=reason)
+    error.__cause__ = exc
+    return error
+
+
+class RedisBackend:
+    """Decisions on a ``redis.Redis`` or ``redis.cluster.RedisCluster`` client."""
+
+    def __init__(self, client: Redis | RedisCluster, *, owned: bool = False) -> None:
+        self.client = client
+        self.is_cluster = isinstance(client, RedisCluster)
+        self._owned = owned
+
+    # -- the backend protocol -----------------------------------------------------------------
+    def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
+        script = acquire_script() if consume else peek_script()
+        reply = self._call(script, request, time.monotonic() + timeout)
+        return [int(x) for x in reply]
+
+    def reset(self, request: Request, *, timeout: float) -> None:
+        self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _call(self, script: Script, request: Request, deadline: float) -> Any:
+        head = (len(request.keys), *request.keys, *request.args)
+        try:
+            return self._execute(("EVALSHA", script.sha, *head), request.keys[0], deadline)
+        except BackendError as error:
+            # The script cache can vanish at any time (restart, failover, SCRIPT FLUSH). The
+            # script did not run, so sending its body now cannot take tokens twice.
+            if not isinstance(error.__cause__, rx.NoScriptError):
+                raise
+        return self._execute(("EVAL", script.body, *head), request.keys[0], deadline)
+
+    def _execute(self, command: tuple[Any, ...], key: str, deadline: float) -> Any:
+        if not self.is_cluster:
+            client: Redis = self.client  # type: ignore[assignment]
+            return _roundtrip(client.connection_pool, [command], deadline)[-1]
+        cluster: Any = self.client  # redis-py's cluster methods are untyped
+        asking: tuple[str, int] | None = None
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                if asking is None:
+                    node = cluster.get_node_from_key(key)
+                    commands = [command]
+                else:
+                    node = cluster.get_node(host=asking[0], port=asking[1])
+                    if node is None:
+                        raise rx.ClusterError(f"unknown node {asking[0]}:{asking[1]}")
+                    commands = [("ASKING",), command]
+                pool = cluster.get_redis_connection(node).connection_pool
+                return _roundtrip(pool, commands, deadline)[-1]
+            except BackendError as error:
+                cause = error.__cause__
+                if isinstance(cause, rx.MovedError):
+                    _refresh_slot(cluster, cause)
+                    asking = None
+                elif isinstance(cause, rx.AskError):
+                    asking = (cause.host, cause.port)
+                elif isinstance(cause, rx.TryAgainError):
+                    asking = None
+                    time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+                else:
+                    raise
+            except (rx.RedisError, OSError) as exc:  # slot not covered, node lookup
+                raise classify(exc) from exc
+            if time.monotonic() >= deadline:
+                break
+        raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
+
+
+def _refresh_slot(cluster: Any, moved: rx.MovedError) -> None:
+    manager = cluster.nodes_manager
+    try:
+        if hasattr(manager, "move_slot"):
+            manager.move_slot(moved)
+        else:  # pragma: no cover - older redis-py
+            manager.initialize()
+    except (rx.RedisError, OSError) as exc:
+        raise classify(exc) from exc
+
+
+def _roundtrip(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) -> list[Any]:
+    """Send ``commands`` in one write on one pooled connection and read every reply by deadline.
+
+    A connection whose replies were not all read is closed: its next reply would belong to us,
+    not to the next caller.
+    """
+    try:
+        conn = pool.get_connection()
+    except (rx.RedisError, OSError) as exc:
+        raise classify(exc) from exc
+    clean = False
+    try:
+        if len(commands) == 1:
+            conn.send_command(*commands[0], check_health=False)
+        else:
+            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies = []
+        error: BaseException | None = None
+        for _ in commands:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not conn.can_read(timeout=remaining):
+                raise rx.TimeoutError("no reply before the limiter's deadline")
+            try:
+                replies.append(conn.read_response())
+            except rx.ResponseError as exc:  # an error reply: the connection stays in sync
+                error = error or exc
+        clean = True
+        if error is not None:
+            raise error
+        return replies
+    except (rx.RedisError, OSError) as exc:
+        raise classify(exc) from exc
+    finally:
+        if not clean:
+            conn.disconnect()
+        pool.release(conn)

@@ -1,0 +1,145 @@
+"""Backends from URLs: ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``,
+``rediss+cluster://`` and ``memory://``. Clients made here are owned by the limiter: they never
+retry a command (a retried decision could take tokens twice) and time out at its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ._core import Request
+from ._errors import ConfigError, ConfigTypeError
+from ._memory import AsyncMemoryBackend, MemoryBackend
+
+__all__ = ["async_backend_from_url", "parse_url", "sync_backend_from_url"]
+
+_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "memory")
+
+
+def parse_url(url: Any) -> tuple[str, str]:
+    """Return ``(scheme, url)`` after checking the scheme; raises ConfigError naming ``url``."""
+    if not isinstance(url, str):
+        raise ConfigTypeError("url", f"must be a str, not {type(url).__name__}")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in _SCHEMES:
+        raise ConfigError("url", f"scheme must be one of {', '.join(_SCHEMES)}; got {url!r}")
+    return scheme, url
+
+
+def _client_options(timeout: float) -> dict[str, Any]:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+def _cluster_args(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "6379")
+        try:
+            nodes.append((host.strip("[]"), int(port)))
+        except ValueError:
+            raise ConfigError("url", f"bad cluster node {item!r} in {url!r}") from None
+    if not nodes:
+        raise ConfigError("url", f"no cluster nodes in {url!r}")
+    options: dict[str, Any] = {}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if password:
+            options["password"] = unquote(password)
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    for name, value in parse_qsl(parts.query):
+        options[name] = value
+    return nodes, options
+
+
+def sync_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
+    scheme, url = parse_url(url)
+    if scheme == "memory":
+        return memory if memory is not None else MemoryBackend()
+    from ._redis import RedisBackend
+
+    if scheme.endswith("+cluster"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        nodes, options = _cluster_args(url)
+        options.update(_client_options(timeout))
+        options.pop("retry")  # RedisCluster refuses it; its node clients never retry anyway
+        startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
+        cluster = RedisCluster(startup_nodes=startup, **options)
+        return RedisBackend(cluster, owned=True)
+    from redis import Redis
+
+    return RedisBackend(Redis.from_url(url, **_client_options(timeout)), owned=True)
+
+
+def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
+    scheme, url = parse_url(url)
+    if scheme == "memory":
+        return AsyncMemoryBackend(memory)
+    from ._aredis import AsyncRedisBackend
+
+    if scheme.endswith("+cluster"):
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes, options = _cluster_args(url)
+        options.update(_client_options(timeout))
+        options.pop("retry")
+
+        def make() -> AsyncRedisBackend:
+            client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
+            return AsyncRedisBackend(client, owned=True)
+    else:
+        from redis.asyncio import Redis
+
+        def make() -> AsyncRedisBackend:
+            return AsyncRedisBackend(Redis.from_url(url, **_client_options(timeout)), owned=True)
+
+    make()  # fail now, at the call that received the URL, not at the first decision
+    return LoopLocalBackend(make)
+
+
+class LoopLocalBackend:
+    """One owned async client per event loop: asyncio connections cannot cross loops, and
+    frameworks and test runners start several."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _current(self) -> Any:
+        loop = asyncio.get_running_loop()
+        backend = self._by_loop.get(loop)
+        if backend is None:
+            backend = self._by_loop[loop] = self._factory()
+        return backend
+
+    async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
+        result: Sequence[int] = await self._current().decide(
+            request, consume=consume, timeout=timeout
+        )
+        return result
+
+    async def reset(self, request: Request, *, timeout: float) -> None:
+        await self._current().reset(request, timeout=timeout)
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        backend = self._by_loop.pop(loop, None)
+        if backend is not None:
+            await backend.aclose()
