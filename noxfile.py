@@ -1,0 +1,42 @@
+"""One entry point: ``nox`` runs tests, lint, types and the examples; ``nox -s tests`` one of them.
+
+Tests run against the installed package (a wheel built from this tree), not the source folder.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types", "examples"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = False
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite against real servers the suite starts (Valkey, and Redis if on PATH)."""
+    session.install(".[test,hiredis]")
+    # `pytest`, not `python -m pytest`: the latter would put the source tree on sys.path.
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and format check."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict, configured in pyproject.toml."""
+    session.install(".", "mypy>=1.10")
+    session.run("mypy")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """The examples run for real: the multi-process demo on an embedded Valkey."""
+    session.install(".[demo]")
+    session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
