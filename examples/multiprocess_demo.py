@@ -82,8 +82,8 @@ def main() -> int:
     for pid, a, r in sorted(rows):
         print(f"{pid:>8} {a:>9} {r:>9}")
     print(f"{'total':>8} {admitted:>9} {refused:>9}")
-    print(f"policy allows at most {allowed_max} in {args.seconds:g}s "
-          f"(burst {POLICY.burst} + {POLICY.rate:g}/s x {args.seconds:g}s); admitted {admitted}")  # fmt: skip
+    budget = f"burst {POLICY.burst} + {POLICY.rate:g}/s x {args.seconds:g}s"
+    print(f"policy allows at most {allowed_max} ({budget}); admitted {admitted}")
     if admitted > allowed_max + 1:  # +1: a token may refill in the last instant
         print("FAIL: the limit leaked", file=sys.stderr)
         return 1
