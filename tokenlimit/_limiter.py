@@ -21,14 +21,14 @@ if TYPE_CHECKING:
 __all__ = ["AsyncRateLimiter", "RateLimiter"]
 
 
-def _sync_backend(client: Any) -> Any:
+def _sync_backend(client: Any, timeout: float) -> Any:
     from redis import Redis
     from redis.cluster import RedisCluster
 
     if isinstance(client, (Redis, RedisCluster)):
         from ._redis import RedisBackend
 
-        return RedisBackend(client)
+        return RedisBackend(client, timeout=timeout)
     if isinstance(client, MemoryBackend) or _has(client, "decide", "reset", "close"):
         return client
     raise ConfigTypeError(
@@ -76,7 +76,7 @@ class RateLimiter(LimiterBase):
         metrics: MetricsSink | None = None,
     ) -> None:
         super().__init__(
-            _sync_backend(client),
+            _sync_backend(client, check_deadline(timeout)),
             prefix=prefix,
             timeout=timeout,
             failure_mode=failure_mode,

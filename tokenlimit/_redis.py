@@ -47,10 +47,16 @@ def classify(exc: BaseException) -> BackendError:
 class RedisBackend:
     """Decisions on a ``redis.Redis`` or ``redis.cluster.RedisCluster`` client."""
 
-    def __init__(self, client: Redis | RedisCluster, *, owned: bool = False) -> None:
+    def __init__(
+        self, client: Redis | RedisCluster, *, owned: bool = False, timeout: float | None = None
+    ) -> None:
         self.client = client
         self.is_cluster = isinstance(client, RedisCluster)
         self._owned = owned
+        self._pool: Any = None
+        if not self.is_cluster:
+            pool = client.connection_pool  # type: ignore[union-attr]
+            self._pool = pool if owned or timeout is None else _private_pool(pool, timeout)
 
     # -- the backend protocol -----------------------------------------------------------------
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
@@ -64,6 +70,8 @@ class RedisBackend:
     def close(self) -> None:
         if self._owned:
             self.client.close()
+        elif self._pool is not None and self._pool is not self.client.connection_pool:
+            self._pool.disconnect()
 
     # -- plumbing -----------------------------------------------------------------------------
     def _call(self, script: Script, request: Request, deadline: float) -> Any:
@@ -79,8 +87,7 @@ class RedisBackend:
 
     def _execute(self, command: tuple[Any, ...], key: str, deadline: float) -> Any:
         if not self.is_cluster:
-            client: Redis = self.client  # type: ignore[assignment]
-            return _roundtrip(client.connection_pool, [command], deadline)[-1]
+            return _roundtrip(self._pool, [command], deadline)[-1]
         cluster: Any = self.client  # redis-py's cluster methods are untyped
         asking: tuple[str, int] | None = None
         for _ in range(MAX_REDIRECTS + 1):
@@ -112,6 +119,32 @@ class RedisBackend:
             if time.monotonic() >= deadline:
                 break
         raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
+
+
+def _private_pool(pool: Any, timeout: float) -> Any:
+    """A pool like the client's, but whose connections never retry and time out at the deadline.
+
+    Connecting through a client's own pool would follow its retry policy (redis-py 6+ retries
+    three times with backoff by default), holding a decision for seconds while the server is
+    down. Sharing its sockets would also put our short timeouts on the caller's own commands.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        if kwargs.get(name) is None or kwargs[name] > timeout:
+            kwargs[name] = timeout
+    try:
+        clone = type(pool)(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+        )
+    except TypeError:  # a pool that needs more than its connection kwargs (Sentinel): use it
+        return pool
+    if hasattr(clone, "timeout"):  # BlockingConnectionPool: never wait past the deadline
+        clone.timeout = timeout
+    return clone
 
 
 def _refresh_slot(cluster: Any, moved: rx.MovedError) -> None:
