@@ -54,9 +54,11 @@ class RedisBackend:
         self.is_cluster = isinstance(client, RedisCluster)
         self._owned = owned
         self._pool: Any = None
+        pool = None
         if not self.is_cluster:
             pool = client.connection_pool  # type: ignore[union-attr]
             self._pool = pool if owned or timeout is None else _private_pool(pool, timeout)
+        self._private = self._pool is not None and not owned and self._pool is not pool
 
     # -- the backend protocol -----------------------------------------------------------------
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
@@ -70,7 +72,7 @@ class RedisBackend:
     def close(self) -> None:
         if self._owned:
             self.client.close()
-        elif self._pool is not None and self._pool is not self.client.connection_pool:
+        elif self._private:
             self._pool.disconnect()
 
     # -- plumbing -----------------------------------------------------------------------------
