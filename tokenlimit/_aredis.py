@@ -38,16 +38,18 @@ class AsyncRedisBackend:
         try:
             async with async_timeout(timeout):
                 reply = await self._call(script, request)
-        except TimeoutError as exc:
-            raise classify(rx.TimeoutError("no reply before the limiter's deadline")) from exc
+        except TimeoutError:
+            # classify() makes the redis error the cause; the asyncio one stays as context.
+            raise classify(rx.TimeoutError("no reply before the limiter's deadline"))  # noqa: B904
         return [int(x) for x in reply]
 
     async def reset(self, request: Request, *, timeout: float) -> None:
         try:
             async with async_timeout(timeout):
                 await self._execute(("DEL", *request.keys), request.keys[0])
-        except TimeoutError as exc:
-            raise classify(rx.TimeoutError("no reply before the limiter's deadline")) from exc
+        except TimeoutError:
+            # classify() makes the redis error the cause; the asyncio one stays as context.
+            raise classify(rx.TimeoutError("no reply before the limiter's deadline"))  # noqa: B904
 
     async def aclose(self) -> None:
         if self._owned:
@@ -114,10 +116,28 @@ class AsyncRedisBackend:
         raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
 
 
+async def _drop_if_stale(conn: Any) -> None:
+    """Disconnect a pooled connection the server has closed (restart, CLIENT KILL, idle timeout).
+
+    redis-py's async pool skips this check when maintenance notifications are on ("auto" by
+    default in 8.x) and cluster nodes never make it; without it the first decision on every
+    such connection fails. Nothing has been sent yet, so reconnecting cannot double-count.
+    """
+    if not conn.is_connected:
+        return
+    try:
+        stale = await conn.can_read()
+    except (rx.ConnectionError, OSError):
+        stale = True
+    if stale:
+        await conn.disconnect()
+
+
 async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write and read every reply; close the connection if cut short."""
     clean = False
     try:
+        await _drop_if_stale(conn)
         if len(commands) == 1:
             await conn.send_command(*commands[0], check_health=False)
         else:

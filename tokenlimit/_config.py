@@ -19,6 +19,7 @@ __all__ = ["configure", "default_async_limiter", "default_sync_limiter"]
 _lock = threading.Lock()
 _sync: RateLimiter | AsyncRateLimiter | None = None
 _async: RateLimiter | AsyncRateLimiter | None = None
+_owned = False  # made here from a URL: close it when replaced
 
 
 def configure(url_or_limiter: str | RateLimiter | AsyncRateLimiter | None, **options: Any) -> None:
@@ -27,22 +28,26 @@ def configure(url_or_limiter: str | RateLimiter | AsyncRateLimiter | None, **opt
     A URL makes a sync and an async limiter (sharing one store for ``memory://``); a limiter is
     used as given. ``None`` forgets the configuration (the environment is read again).
     """
-    global _sync, _async
     if url_or_limiter is None:
-        with _lock:
-            _sync = _async = None
-        return
-    if isinstance(url_or_limiter, (RateLimiter, AsyncRateLimiter)):
-        with _lock:
-            _sync = _async = url_or_limiter
-        return
-    if not isinstance(url_or_limiter, str):
+        _install(None, None, owned=False)
+    elif isinstance(url_or_limiter, (RateLimiter, AsyncRateLimiter)):
+        _install(url_or_limiter, url_or_limiter, owned=False)
+    elif isinstance(url_or_limiter, str):
+        _install(*_from_url(url_or_limiter, options), owned=True)
+    else:
         raise ConfigTypeError(
             "url_or_limiter", f"must be a URL or a limiter, not {type(url_or_limiter).__name__}"
         )
-    sync, async_ = _from_url(url_or_limiter, options)
+
+
+def _install(sync: Any, async_: Any, *, owned: bool) -> None:
+    global _sync, _async, _owned
     with _lock:
-        _sync, _async = sync, async_
+        old, old_owned = _sync, _owned
+        _sync, _async, _owned = sync, async_, owned
+    # The async twin's clients close with their event loops (see LoopLocalBackend).
+    if old_owned and isinstance(old, RateLimiter):
+        old.close()
 
 
 def _from_url(url: str, options: dict[str, Any]) -> tuple[RateLimiter, AsyncRateLimiter]:
@@ -59,7 +64,7 @@ def _from_url(url: str, options: dict[str, Any]) -> tuple[RateLimiter, AsyncRate
 
 
 def _ensure() -> None:
-    global _sync, _async
+    global _sync, _async, _owned
     with _lock:
         if _sync is not None:
             return
@@ -73,6 +78,7 @@ def _ensure() -> None:
             )
             url = "memory://"
         _sync, _async = _from_url(url, {})
+        _owned = True
 
 
 def default_sync_limiter() -> RateLimiter | AsyncRateLimiter:

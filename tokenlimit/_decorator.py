@@ -32,7 +32,7 @@ def _limits_from(rate: Any, burst: Any, limit: Any) -> tuple[Limit, ...]:
     if rate is None:
         raise ConfigError("rate", "required (a number per second or a string like '100/minute')")
     if isinstance(rate, str):
-        return (Limit.parse(rate, burst=burst),)
+        return (Limit._parse(rate, burst, None, "rate"),)
     return (Limit(rate, burst),)
 
 
@@ -52,6 +52,16 @@ def _template_fields(template: str) -> set[str]:
             )
         names.add(root)
     return names
+
+
+def _call_site() -> str:
+    """``module:line`` of the first frame outside tokenlimit (where the guard was written)."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        "tokenlimit."
+    ):
+        frame = frame.f_back
+    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_lineno}"
 
 
 class Guard:
@@ -92,8 +102,7 @@ class Guard:
         self._limiter = limiter
         # The bucket a bare ``with rate_limit(...)`` uses: where it was written, the same in every
         # process running this code.
-        frame = sys._getframe(2)
-        self._site = f"{frame.f_globals.get('__name__', '?')}:{frame.f_lineno}"
+        self._site = _call_site()
 
     # -- limiter resolution -------------------------------------------------------------------
     def _sync_limiter(self) -> Any:

@@ -24,7 +24,11 @@ _UNITS = {
 _PATTERN = re.compile(
     r"^\s*(?P<n>\d+)\s*(?:/|per)\s*(?P<k>\d+)?\s*(?P<unit>[a-z]+)\s*$", re.IGNORECASE
 )
-_MAX_FILL_SECONDS = 1e12  # ~31,700 years: keeps every microsecond value exact in a double
+# Bounds that keep the bucket arithmetic exact in doubles (Lua has no integers): with a burst
+# up to 1e9 the rounding of a bucket's debt stays far below the 1e-6-token slack, and a fill time
+# up to 1e12 s (~31,700 years) keeps every TTL in range. Both are checked again in the script.
+MAX_BURST = 1_000_000_000
+_MAX_FILL_SECONDS = 1e12
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +49,18 @@ class Limit:
         given: Any = self.burst  # None until filled in here
         if given is None:
             burst = max(1, math.floor(rate))
+            if burst > MAX_BURST:
+                raise ConfigError(
+                    "rate", f"{rate!r}/s makes a default burst above {MAX_BURST}; give burst="
+                )
         else:
             burst = check_int("burst", given, minimum=1)
+            if burst > MAX_BURST:
+                raise ConfigError("burst", f"must be <= {MAX_BURST}, got {burst!r}")
         name: Any = self.name
         if name is not None and not isinstance(name, str):
             raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
-        if burst / rate > _MAX_FILL_SECONDS:
+        if burst * (1_000_000.0 / rate) > _MAX_FILL_SECONDS * 1e6:  # as the script checks it
             raise ConfigError("rate", f"too small: filling {burst} tokens would take over 1e12 s")
         object.__setattr__(self, "rate", rate)
         object.__setattr__(self, "burst", burst)
@@ -63,6 +73,10 @@ class Limit:
     @classmethod
     def parse(cls, text: str, *, burst: int | None = None, name: str | None = None) -> Limit:
         """Parse ``"100/minute"``, ``"10 per second"``, ``"5/10s"``; burst defaults to the count."""
+        return cls._parse(text, burst, name, "limit")
+
+    @classmethod
+    def _parse(cls, text: str, burst: int | None, name: str | None, param: str) -> Limit:
         if not isinstance(text, str):
             raise ConfigTypeError(
                 "limit", f"must be a str like '100/minute', not {type(text).__name__}"
@@ -71,12 +85,12 @@ class Limit:
         unit = match and _UNITS.get(match["unit"].lower())
         if not match or not unit:
             raise ConfigError(
-                "limit", f"cannot parse {text!r}; expected '<count>/<unit>' such as '100/minute'"
+                param, f"cannot parse {text!r}; expected '<count>/<unit>' such as '100/minute'"
             )
         count = int(match["n"])
         periods = int(match["k"] or 1)
         if count < 1 or periods < 1:
-            raise ConfigError("limit", f"count and period must be >= 1 in {text!r}")
+            raise ConfigError(param, f"count and period must be >= 1 in {text!r}")
         return cls(count / (periods * unit), count if burst is None else burst, name=name)
 
     @classmethod

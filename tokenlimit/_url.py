@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -122,24 +122,36 @@ class LoopLocalBackend:
             weakref.WeakKeyDictionary()
         )
 
-    def _current(self) -> Any:
+    async def _current(self) -> Any:
         loop = asyncio.get_running_loop()
-        backend = self._by_loop.get(loop)
-        if backend is None:
-            backend = self._by_loop[loop] = self._factory()
-        return backend
+        entry = self._by_loop.get(loop)
+        if entry is None:
+            backend = self._factory()
+            # Close the client when its loop shuts down: asyncio.run() (and uvicorn, asgiref)
+            # finalize async generators while the loop still runs, so this one's ``finally``
+            # can await the close; otherwise each finished loop would leak its connections.
+            closer = _close_at_shutdown(backend)
+            await closer.asend(None)
+            entry = self._by_loop[loop] = (backend, closer)
+        return entry[0]
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
-        result: Sequence[int] = await self._current().decide(
-            request, consume=consume, timeout=timeout
-        )
+        backend = await self._current()
+        result: Sequence[int] = await backend.decide(request, consume=consume, timeout=timeout)
         return result
 
     async def reset(self, request: Request, *, timeout: float) -> None:
-        await self._current().reset(request, timeout=timeout)
+        backend = await self._current()
+        await backend.reset(request, timeout=timeout)
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        backend = self._by_loop.pop(loop, None)
-        if backend is not None:
-            await backend.aclose()
+        entry = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()
+
+
+async def _close_at_shutdown(backend: Any) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await backend.aclose()

@@ -7,6 +7,8 @@
 
 local SLACK = 1e-6
 local MAX_EXACT = 9007199254740992 -- 2^53
+local MAX_BURST = 1000000000        -- tokenlimit/_limit.py MAX_BURST
+local MAX_FILL_US = 1e18            -- 1e12 s, tokenlimit/_limit.py _MAX_FILL_SECONDS
 
 -- Python validates first; the script validates again (tonumber("nan") is a number, "0x10"
 -- parses as 16, "1e400" as inf), so a bad call is an error reply and touches nothing.
@@ -27,7 +29,8 @@ local function whole(s, what)
         return nil, 'tokenlimit: bad ' .. what
     end
     local v = tonumber(s)
-    if v == nil or v < 1 or v > MAX_EXACT then
+    -- ">=": tonumber rounds 2^53 + 1 down to 2^53, so 2^53 itself may stand for a larger value
+    if v == nil or v < 1 or v >= MAX_EXACT then
         return nil, 'tokenlimit: bad ' .. what
     end
     return v
@@ -46,6 +49,9 @@ local function decide(consume)
         if not interval then return redis.error_reply(e1) end
         local burst, e2 = whole(ARGV[2 * i + 1], 'burst')
         if not burst then return redis.error_reply(e2) end
+        if burst > MAX_BURST or burst * interval > MAX_FILL_US then
+            return redis.error_reply('tokenlimit: limit out of range')
+        end
         if cost > burst then return redis.error_reply('tokenlimit: cost exceeds burst') end
         intervals[i], bursts[i] = interval, burst
     end
@@ -62,7 +68,7 @@ local function decide(consume)
             local d, s = string.match(raw, '^(%S+) (%S+)$')
             debt, stamp = tonumber(d), tonumber(s)
             if debt == nil or stamp == nil or debt ~= debt or stamp ~= stamp
-                    or debt < 0 or debt >= math.huge then
+                    or debt < 0 or debt >= math.huge or stamp < 0 or stamp >= math.huge then
                 return redis.error_reply('tokenlimit: corrupt bucket state')
             end
         end
