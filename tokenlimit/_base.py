@@ -22,7 +22,7 @@ from ._core import (
     fail_open_decision,
 )
 from ._decision import Decision
-from ._errors import BackendError, ConfigTypeError
+from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._metrics import MetricsSink
 
 __all__ = ["LimiterBase"]
@@ -72,6 +72,14 @@ class LimiterBase:
         if self._metrics is not None:
             self._metrics.record_decision(request.limits, decision, time.perf_counter() - started)
         return decision
+
+    @staticmethod
+    def _pause(decision: Decision, deadline: float) -> float:
+        """After a refusal inside ``acquire``: the seconds to sleep before trying again, or
+        ``RateLimitExceeded`` at once (nothing consumed) when the wait would pass ``deadline``."""
+        if decision.retry_after > deadline - time.monotonic():
+            raise RateLimitExceeded(decision)
+        return decision.retry_after
 
     def _failed(self, request: Request, error: BackendError) -> Decision:
         """Apply the failure mode: admit and log (open), or re-raise (closed)."""

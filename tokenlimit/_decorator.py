@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from ._decision import Decision
-from ._errors import ConfigError, ConfigTypeError, RateLimitExceeded
+from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._validate import check_cost, check_timeout
@@ -238,6 +238,4 @@ async def _acquire_off_loop(
             decision = await asyncio.to_thread(limiter.try_acquire, key, limits, cost=cost)
         if decision.allowed:
             return decision
-        if decision.retry_after > deadline - time.monotonic():
-            raise RateLimitExceeded(decision)
-        await asyncio.sleep(decision.retry_after)
+        await asyncio.sleep(limiter._pause(decision, deadline))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ._base import LimiterBase
 from ._core import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Request, check_deadline
 from ._decision import Decision
-from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
+from ._errors import BackendError, ConfigTypeError
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
 from ._validate import check_timeout
@@ -108,9 +108,7 @@ class RateLimiter(LimiterBase):
             decision = self._decide(request, consume=True)
             if decision.allowed:
                 return decision
-            if decision.retry_after > deadline - time.monotonic():
-                raise RateLimitExceeded(decision)
-            time.sleep(decision.retry_after)
+            time.sleep(self._pause(decision, deadline))
 
     def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
         """What ``try_acquire`` would answer now, consuming nothing."""
@@ -203,9 +201,7 @@ class AsyncRateLimiter(LimiterBase):
             decision = await self._decide(request, consume=True)
             if decision.allowed:
                 return decision
-            if decision.retry_after > deadline - time.monotonic():
-                raise RateLimitExceeded(decision)
-            await asyncio.sleep(decision.retry_after)
+            await asyncio.sleep(self._pause(decision, deadline))
 
     async def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
         """What ``try_acquire`` would answer now, consuming nothing."""
