@@ -92,7 +92,12 @@ def test_import_does_not_import_web_frameworks(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, str(tmp_path)]))
     env.pop("TOKENLIMIT_URL", None)
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=tmp_path,  # not the checkout: `-c` puts the working directory first on sys.path
     )
     assert out.stdout.strip() == "[]"
     assert "IMPORTED" not in out.stderr
