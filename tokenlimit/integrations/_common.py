@@ -1,0 +1,317 @@
+"""What every framework integration shares, free of any framework: the default identity
+(API key, then user, then client IP through trusted proxies), exempt paths, response headers,
+the 429/503 bodies, and deciding without blocking an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import ipaddress
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenlimit._decision import Decision
+from tokenlimit._errors import ConfigError, ConfigTypeError
+from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._memory import AsyncMemoryBackend, MemoryBackend
+from tokenlimit._validate import check_cost
+
+__all__ = [
+    "Policy",
+    "TrustedProxies",
+    "api_key_identity",
+    "decide_async",
+    "decide_sync",
+    "default_identity",
+    "ip_identity",
+    "rate_limit_headers",
+    "refused_body",
+    "retry_after_seconds",
+    "unavailable_body",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parse_ip(text: str | None) -> IPAddress | None:
+    if not text:
+        return None
+    text = text.strip().strip('"')
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "203.0.113.7:5000"
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class TrustedProxies:
+    """Which ``X-Forwarded-For`` entries to believe.
+
+    ``None``/``0``: none (the socket peer is the client). An ``int`` N: exactly N proxies stand
+    in front of the app, so the client is the Nth address from the right. A list of CIDRs: walk
+    from the socket peer leftwards through the header while the address is a trusted proxy; the
+    first untrusted address is the client. A spoofed header from an untrusted peer is ignored.
+    """
+
+    __slots__ = ("hops", "networks")
+
+    def __init__(self, spec: int | str | Iterable[str] | None = None) -> None:
+        self.hops = 0
+        self.networks: tuple[IPNetwork, ...] = ()
+        if spec is None:
+            return
+        if isinstance(spec, bool):
+            raise ConfigTypeError("trusted_proxies", "must be a hop count or a list of CIDRs")
+        if isinstance(spec, int):
+            if spec < 0:
+                raise ConfigError("trusted_proxies", f"hop count must be >= 0, got {spec}")
+            self.hops = spec
+            return
+        items = [spec] if isinstance(spec, str) else list(spec)
+        networks = []
+        for item in items:
+            try:
+                networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+            except ValueError:
+                raise ConfigError("trusted_proxies", f"not an IP network: {item!r}") from None
+        self.networks = tuple(networks)
+
+    def _trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
+
+    def client_ip(self, peer: str | None, forwarded_for: str | None) -> IPAddress | None:
+        """The client's address given the socket peer and the ``X-Forwarded-For`` value."""
+        peer_ip = _parse_ip(peer)
+        if not forwarded_for or (not self.hops and not self.networks):
+            return peer_ip
+        chain = [part.strip() for part in forwarded_for.split(",") if part.strip()]
+        if self.hops:
+            if not chain:
+                return peer_ip
+            return _parse_ip(chain[-min(self.hops, len(chain))]) or peer_ip
+        if peer_ip is None or not self._trusted(peer_ip):
+            return peer_ip
+        for entry in reversed(chain):
+            address = _parse_ip(entry)
+            if address is None:
+                return None  # garbage after a trusted proxy: do not guess
+            if not self._trusted(address):
+                return address
+        return _parse_ip(chain[0]) if chain else peer_ip
+
+
+def ip_identity(address: IPAddress | None, ipv6_prefix: int = 64) -> str:
+    """``ip:<addr>``; IPv6 clients grouped by ``/ipv6_prefix`` (one /64 is one subscriber)."""
+    if address is None:
+        return "ip:unknown"
+    if isinstance(address, ipaddress.IPv6Address) and ipv6_prefix < 128:
+        network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+        return f"ip:{network}"
+    return f"ip:{address}"
+
+
+def api_key_identity(raw: str) -> str:
+    """``apikey:<hash>``: the key itself never reaches Redis, logs or headers."""
+    digest = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return f"apikey:{digest}"
+
+
+def default_identity(
+    *,
+    api_key: str | None,
+    user_id: Any,
+    peer: str | None,
+    forwarded_for: str | None,
+    proxies: TrustedProxies,
+    ipv6_prefix: int = 64,
+) -> str:
+    """API key header, then authenticated user, then client IP."""
+    if api_key:
+        return api_key_identity(api_key)
+    if user_id is not None and user_id != "":
+        return f"user:{user_id}"
+    return ip_identity(proxies.client_ip(peer, forwarded_for), ipv6_prefix)
+
+
+def _check_exempt(exempt: Any) -> tuple[str, ...]:
+    if exempt is None:
+        return ()
+    items = [exempt] if isinstance(exempt, str) else exempt
+    try:
+        paths = tuple(items)
+    except TypeError:
+        raise ConfigTypeError("exempt", "must be a list of paths like '/health'") from None
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigError("exempt", f"paths must be strings starting with '/', got {path!r}")
+    return paths
+
+
+KeyFunction = Callable[[Any], "str | Awaitable[str | None] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The options an integration applies to a request, validated once."""
+
+    limits: tuple[Limit, ...]
+    key: KeyFunction | None = None
+    cost: int = 1
+    exempt: tuple[str, ...] = ()
+    proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    headers: bool = True
+    api_key_header: str = "X-API-Key"
+    ipv6_prefix: int = 64
+
+    @classmethod
+    def build(
+        cls,
+        limit: Any,
+        *,
+        burst: int | None = None,
+        key: Any = None,
+        cost: Any = 1,
+        exempt: Any = None,
+        trusted_proxies: Any = None,
+        headers: Any = True,
+        api_key_header: Any = "X-API-Key",
+        ipv6_prefix: Any = 64,
+    ) -> Policy:
+        if burst is not None:
+            if not isinstance(limit, str):
+                raise ConfigError("burst", "goes with a limit string such as '10/second'")
+            limits: tuple[Limit, ...] = (Limit.parse(limit, burst=burst),)
+        else:
+            limits = coerce_limits(limit)
+        cost = check_cost(cost)
+        smallest = min(lim.burst for lim in limits)
+        if cost > smallest:
+            raise ConfigError("cost", f"{cost} exceeds the burst {smallest}")
+        if key is not None and not callable(key):
+            raise ConfigTypeError("key", f"must be a callable taking the request, not {key!r}")
+        if not isinstance(headers, bool):
+            raise ConfigTypeError("headers", f"must be True or False, not {headers!r}")
+        if not isinstance(api_key_header, str) or not api_key_header:
+            raise ConfigError("api_key_header", f"must be a header name, not {api_key_header!r}")
+        if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int):
+            raise ConfigTypeError("ipv6_prefix", f"must be an int, not {ipv6_prefix!r}")
+        if not 0 <= ipv6_prefix <= 128:
+            raise ConfigError("ipv6_prefix", f"must be within 0..128, got {ipv6_prefix}")
+        proxies = (
+            trusted_proxies
+            if isinstance(trusted_proxies, TrustedProxies)
+            else TrustedProxies(trusted_proxies)
+        )
+        return cls(
+            limits, key, cost, _check_exempt(exempt), proxies, headers, api_key_header, ipv6_prefix
+        )
+
+    def is_exempt(self, path: str) -> bool:
+        for entry in self.exempt:
+            if path == entry or path.startswith(entry.rstrip("/") + "/"):
+                return True
+        return False
+
+    def identity(
+        self, *, api_key: str | None, user_id: Any, peer: str | None, forwarded_for: str | None
+    ) -> str:
+        return default_identity(
+            api_key=api_key,
+            user_id=user_id,
+            peer=peer,
+            forwarded_for=forwarded_for,
+            proxies=self.proxies,
+            ipv6_prefix=self.ipv6_prefix,
+        )
+
+
+# -- responses ---------------------------------------------------------------------------------
+def _sf_string(text: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII, with backslash and quote escaped."""
+    safe = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def retry_after_seconds(decision: Decision) -> int:
+    """``Retry-After``: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(decision.retry_after))
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
+    """``X-RateLimit-*``, the IETF ``RateLimit-Policy``/``RateLimit`` fields, and on refusal
+    ``Retry-After``. Nothing in them names the identity or the server."""
+    parts = decision.details or (decision,)
+    policies = []
+    states = []
+    for part in parts:
+        limit = part.policy
+        if limit is None:
+            continue
+        name = _sf_string(limit.label)
+        policies.append(f"{name};q={limit.burst};w={max(1, math.ceil(limit.fill_time))}")
+        states.append(f"{name};r={part.remaining};t={math.ceil(part.reset_after)}")
+    headers = [
+        ("X-RateLimit-Limit", str(decision.limit)),
+        ("X-RateLimit-Remaining", str(decision.remaining)),
+    ]
+    if policies:
+        headers.append(("RateLimit-Policy", ", ".join(policies)))
+        headers.append(("RateLimit", ", ".join(states)))
+    if not decision.allowed:
+        headers.append(("Retry-After", str(retry_after_seconds(decision))))
+    return headers
+
+
+def refused_body(decision: Decision) -> bytes:
+    return json.dumps(
+        {"detail": "rate limit exceeded", "retry_after": retry_after_seconds(decision)}
+    ).encode()
+
+
+def unavailable_body() -> bytes:
+    return json.dumps({"detail": "rate limiter unavailable"}).encode()
+
+
+# -- deciding ----------------------------------------------------------------------------------
+def _in_process(limiter: Any) -> bool:
+    return isinstance(limiter.backend, (MemoryBackend, AsyncMemoryBackend))
+
+
+async def decide_async(
+    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+) -> Decision:
+    """``try_acquire`` from async code; a sync limiter's network call runs off the loop."""
+    if isinstance(limiter, AsyncRateLimiter):
+        return await limiter.try_acquire(key, limits, cost=cost)
+    if _in_process(limiter):
+        return limiter.try_acquire(key, limits, cost=cost)
+    return await asyncio.to_thread(limiter.try_acquire, key, limits, cost=cost)
+
+
+def decide_sync(
+    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+) -> Decision:
+    """``try_acquire`` from sync code (an async limiter cannot serve it)."""
+    if not isinstance(limiter, RateLimiter):
+        raise TypeError("a sync view needs a RateLimiter, not an AsyncRateLimiter")
+    return limiter.try_acquire(key, limits, cost=cost)
+
+
+async def call_key(function: KeyFunction, request: Any) -> str | None:
+    """Call a custom key function, sync or async."""
+    result = function(request)
+    if inspect.isawaitable(result):
+        result = await result
+    return None if result is None else str(result)
