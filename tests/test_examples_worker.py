@@ -11,7 +11,7 @@ import pytest
 import tokenlimit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import worker  # noqa: E402
+import worker
 
 
 def test_worker_bursts_then_paces(url: str) -> None:
