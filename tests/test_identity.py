@@ -1,0 +1,133 @@
+"""The framework-free integration core: identities, trusted proxies, headers, bodies."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import http_sfv
+import pytest
+
+from tokenlimit import ConfigError, Decision, Limit
+from tokenlimit.integrations._common import (
+    Policy,
+    TrustedProxies,
+    api_key_identity,
+    default_identity,
+    ip_identity,
+    rate_limit_headers,
+    refused_body,
+)
+
+
+def client(spec: object, peer: str, xff: str | None) -> str:
+    address = TrustedProxies(spec).client_ip(peer, xff)  # type: ignore[arg-type]
+    return str(address)
+
+
+def test_no_trusted_proxies_ignores_forwarded_for() -> None:
+    assert client(None, "203.0.113.9", "1.2.3.4") == "203.0.113.9"
+    assert client(0, "203.0.113.9", "1.2.3.4") == "203.0.113.9"
+
+
+def test_hop_count_takes_the_nth_from_the_right() -> None:
+    assert client(1, "10.0.0.1", "1.2.3.4") == "1.2.3.4"
+    # The client forged the first entry; one proxy appended the real address.
+    assert client(1, "10.0.0.1", "6.6.6.6, 1.2.3.4") == "1.2.3.4"
+    assert client(2, "10.0.0.2", "6.6.6.6, 1.2.3.4, 10.0.0.1") == "1.2.3.4"
+    assert client(1, "10.0.0.1", None) == "10.0.0.1"
+
+
+def test_cidr_list_walks_past_trusted_proxies_only() -> None:
+    trusted = ["10.0.0.0/8"]
+    assert client(trusted, "10.0.0.1", "6.6.6.6, 1.2.3.4, 10.1.1.1") == "1.2.3.4"
+    # An untrusted peer cannot choose its address with a header.
+    assert client(trusted, "203.0.113.9", "1.2.3.4") == "203.0.113.9"
+    # Garbage after a trusted hop: no guess.
+    assert TrustedProxies(trusted).client_ip("10.0.0.1", "nonsense") is None
+
+
+def test_ip_parsing_handles_ports_brackets_and_mapped_v4() -> None:
+    assert client(1, "10.0.0.1", "[2001:db8::1]:443") == "2001:db8::1"
+    assert client(1, "10.0.0.1", "203.0.113.7:5000") == "203.0.113.7"
+    assert client(None, "::ffff:203.0.113.7", None) == "203.0.113.7"
+
+
+def test_ipv6_groups_by_64() -> None:
+    a = ip_identity(ipaddress.ip_address("2001:db8:1:2::1"))
+    b = ip_identity(ipaddress.ip_address("2001:db8:1:2:ffff::9"))
+    c = ip_identity(ipaddress.ip_address("2001:db8:1:3::1"))
+    assert a == b == "ip:2001:db8:1:2::/64"
+    assert c != a
+    assert ip_identity(ipaddress.ip_address("203.0.113.7")) == "ip:203.0.113.7"
+    assert ip_identity(None) == "ip:unknown"
+
+
+def test_identity_order_and_hashing() -> None:
+    proxies = TrustedProxies()
+    kwargs = {"peer": "203.0.113.9", "forwarded_for": None, "proxies": proxies}
+    key = default_identity(api_key="sk_live_secret", user_id=7, **kwargs)  # type: ignore[arg-type]
+    assert key == api_key_identity("sk_live_secret")
+    assert key.startswith("apikey:")
+    assert "sk_live_secret" not in key
+    assert default_identity(api_key=None, user_id=7, **kwargs) == "user:7"  # type: ignore[arg-type]
+    assert default_identity(api_key=None, user_id=None, **kwargs) == "ip:203.0.113.9"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-1, True, ["not-a-network"], "10.0.0.0/99"])
+def test_bad_trusted_proxies_name_the_parameter(bad: object) -> None:
+    with pytest.raises((ConfigError, TypeError), match="trusted_proxies"):
+        TrustedProxies(bad)  # type: ignore[arg-type]
+
+
+def test_policy_validates_and_matches_exempt_prefixes() -> None:
+    policy = Policy.build("10/second", burst=20, exempt=["/health", "/static/"])
+    assert policy.limits == (Limit.parse("10/second", burst=20),)
+    assert policy.is_exempt("/health")
+    assert policy.is_exempt("/health/live")
+    assert policy.is_exempt("/static/app.js")
+    assert not policy.is_exempt("/healthz")
+    assert not policy.is_exempt("/v1/hello")
+    with pytest.raises(ConfigError, match="exempt"):
+        Policy.build("1/second", exempt=["health"])
+    with pytest.raises(ConfigError, match="cost"):
+        Policy.build("1/second", cost=5)
+
+
+def parsed(value: str) -> list[tuple[object, dict[str, object]]]:
+    items = http_sfv.List()
+    items.parse(value.encode())
+    return [(item.value, dict(item.params)) for item in items]
+
+
+def test_headers_are_structured_fields_for_every_policy() -> None:
+    per_second = Limit(10, 20, name="burst")
+    per_day = Limit.per_day(1000, name='day "quota"')
+    details = (
+        Decision(True, 20, 19, 0.0, 0.1, policy=per_second),
+        Decision(True, 1000, 999, 0.0, 86.4, policy=per_day),
+    )
+    decision = Decision(True, 20, 19, 0.0, 0.1, policy=per_second, details=details)
+    headers = dict(rate_limit_headers(decision))
+    assert headers["X-RateLimit-Limit"] == "20"
+    assert headers["X-RateLimit-Remaining"] == "19"
+    assert "Retry-After" not in headers
+    assert parsed(headers["RateLimit-Policy"]) == [
+        ("burst", {"q": 20, "w": 2}),
+        ('day "quota"', {"q": 1000, "w": 86400}),
+    ]
+    assert parsed(headers["RateLimit"]) == [
+        ("burst", {"r": 19, "t": 1}),
+        ('day "quota"', {"r": 999, "t": 87}),
+    ]
+
+
+def test_refusal_headers_and_body() -> None:
+    lim = Limit(1, 5)
+    decision = Decision(False, 5, 0, 0.2, 4.2, policy=lim, details=())
+    headers = dict(rate_limit_headers(decision))
+    assert headers["Retry-After"] == "1"  # whole seconds, rounded up, at least 1
+    assert parsed(headers["RateLimit-Policy"]) == [("5-per-5s", {"q": 5, "w": 5})]
+    assert json.loads(refused_body(decision)) == {"detail": "rate limit exceeded", "retry_after": 1}
+    late = Decision(False, 5, 0, 2.01, 6.0, policy=lim)
+    assert dict(rate_limit_headers(late))["Retry-After"] == "3"
