@@ -137,7 +137,12 @@ def default_identity(
     proxies: TrustedProxies,
     ipv6_prefix: int = 64,
 ) -> str:
-    """API key header, then authenticated user, then client IP."""
+    """API key header, then authenticated user, then client IP.
+
+    The API key is taken as the caller presents it: unless keys are checked before the limiter
+    runs, a client can mint a fresh bucket per request with made-up keys. Put the limiter after
+    authentication, or pass ``api_key_header=None`` (and keep an IP limit) where that matters.
+    """
     if api_key:
         return api_key_identity(api_key)
     if user_id is not None and user_id != "":
@@ -172,7 +177,7 @@ class Policy:
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = field(default_factory=TrustedProxies)
     headers: bool = True
-    api_key_header: str = "X-API-Key"
+    api_key_header: str | None = "X-API-Key"
     ipv6_prefix: int = 64
 
     @classmethod
@@ -189,22 +194,28 @@ class Policy:
         api_key_header: Any = "X-API-Key",
         ipv6_prefix: Any = 64,
     ) -> Policy:
-        if burst is not None:
+        if limit is None and burst is None:  # identity options only (limits set per view)
+            limits: tuple[Limit, ...] = ()
+        elif burst is not None:
             if not isinstance(limit, str):
                 raise ConfigError("burst", "goes with a limit string such as '10/second'")
-            limits: tuple[Limit, ...] = (Limit.parse(limit, burst=burst),)
+            limits = (Limit.parse(limit, burst=burst),)
         else:
             limits = coerce_limits(limit)
         cost = check_cost(cost)
-        smallest = min(lim.burst for lim in limits)
+        smallest = min((lim.burst for lim in limits), default=cost)
         if cost > smallest:
             raise ConfigError("cost", f"{cost} exceeds the burst {smallest}")
         if key is not None and not callable(key):
             raise ConfigTypeError("key", f"must be a callable taking the request, not {key!r}")
         if not isinstance(headers, bool):
             raise ConfigTypeError("headers", f"must be True or False, not {headers!r}")
-        if not isinstance(api_key_header, str) or not api_key_header:
-            raise ConfigError("api_key_header", f"must be a header name, not {api_key_header!r}")
+        if api_key_header is not None and (
+            not isinstance(api_key_header, str) or not api_key_header
+        ):
+            raise ConfigError(
+                "api_key_header", f"must be a header name or None, not {api_key_header!r}"
+            )
         if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int):
             raise ConfigTypeError("ipv6_prefix", f"must be an int, not {ipv6_prefix!r}")
         if not 0 <= ipv6_prefix <= 128:
@@ -228,7 +239,7 @@ class Policy:
         self, *, api_key: str | None, user_id: Any, peer: str | None, forwarded_for: str | None
     ) -> str:
         return default_identity(
-            api_key=api_key,
+            api_key=api_key if self.api_key_header else None,
             user_id=user_id,
             peer=peer,
             forwarded_for=forwarded_for,

@@ -1,0 +1,312 @@
+"""Flask: the ``TokenLimit`` extension (``init_app``, a default limit, per-view limits).
+
+    ext = TokenLimit(limit="100/minute", exempt=["/health"])
+    ext.init_app(app)
+
+    @app.get("/search")
+    @ext.limit("10/minute")
+    def search(): ...
+
+The check runs as a ``before_request`` hook; allowed responses get the rate-limit headers in
+``after_request``. Refusals are ``tokenlimit.RateLimitExceeded`` (also when raised by
+``@rate_limit`` inside a view) and storage failures ``tokenlimit.BackendError``; the extension's
+error handlers answer 429 and 503 with a small JSON body. Register your own handler for either
+class after ``init_app`` to render them differently: the headers are still added.
+
+``app.config`` supplies what the constructor leaves out (the constructor wins):
+``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` (the limiter, when ``limiter=`` is not given;
+else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT`` and
+``TOKENLIMIT_TRUSTED_PROXIES``.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import Flask, Response, current_app, g, request
+
+from tokenlimit._config import default_sync_limiter
+from tokenlimit._core import ThrottledLog
+from tokenlimit._decision import Decision
+from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
+from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit.integrations._common import (
+    Policy,
+    decide_sync,
+    rate_limit_headers,
+    refused_body,
+    retry_after_seconds,
+    unavailable_body,
+)
+
+__all__ = ["TokenLimit"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+RequestFunction = Callable[[Any], Any]
+
+EXTENSION = "tokenlimit"
+DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this response
+
+
+@dataclass(frozen=True, slots=True)
+class _ViewLimit:
+    """A view's own limit, from ``@ext.limit``: it replaces the default for that view."""
+
+    policy: Policy
+    scope: str | None
+
+
+_EXEMPT = object()  # marks views decorated with @ext.exempt
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """What ``init_app`` resolved for one app: ``app.extensions["tokenlimit"]``."""
+
+    extension: TokenLimit
+    policy: Policy  # identity, exempt paths, headers; its limits apply only when has_default
+    has_default: bool
+    limiter: RateLimiter | None  # None: the default limiter, looked up per request
+
+
+class TokenLimit:
+    """Rate limiting for a Flask app: a default limit for every view, per-view limits, exemptions.
+
+    ``limit``: the default limit(s) (a ``Limit``, ``"100/minute"``, or a list), or None to limit
+    only views decorated with ``.limit(...)``. ``key(request)`` chooses the identity (None falls
+    back to the default: the ``api_key_header`` hashed, then the user id from ``user(request)``,
+    else ``flask.g.user_id``, else Flask-Login's ``current_user``, then the client IP through
+    ``trusted_proxies``, a hop count or a list of CIDRs). ``exempt``: paths free of the default.
+    ``headers=False`` leaves the rate-limit headers out (a 429 still carries ``Retry-After``).
+
+    The default limit's bucket is keyed by the identity alone; a view's own limit by the
+    identity and the endpoint (or ``scope``), and it applies even under an exempt path.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        limit: Any = None,
+        limiter: RateLimiter | None = None,
+        key: RequestFunction | None = None,
+        cost: int = 1,
+        exempt: Any = None,
+        trusted_proxies: Any = None,
+        headers: bool = True,
+        api_key_header: str | None = "X-API-Key",
+        user: RequestFunction | None = None,
+        ipv6_prefix: int = 64,
+    ) -> None:
+        given: object = limiter  # checked at run time: an async limiter is a common mistake
+        if given is not None and not isinstance(given, RateLimiter):
+            kind = "an AsyncRateLimiter" if isinstance(given, AsyncRateLimiter) else repr(given)
+            raise ConfigTypeError("limiter", f"Flask needs a sync RateLimiter, not {kind}")
+        if user is not None and not callable(user):
+            raise ConfigTypeError("user", f"must be a callable taking the request, not {user!r}")
+        self._limiter = limiter
+        self._user = user
+        self._options: dict[str, Any] = {
+            "limit": limit,
+            "key": key,
+            "cost": cost,
+            "exempt": exempt,
+            "trusted_proxies": trusted_proxies,
+            "headers": headers,
+            "api_key_header": api_key_header,
+            "ipv6_prefix": ipv6_prefix,
+        }
+        # Weak: app factories that define their views per app must not keep old apps' views.
+        self._views: weakref.WeakKeyDictionary[Callable[..., Any], _ViewLimit | object] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._log = ThrottledLog()
+        self._build(self._options, {})  # fail here, where the options were written
+        if app is not None:
+            self.init_app(app)
+
+    # -- setup --------------------------------------------------------------------------------
+    def init_app(self, app: Flask) -> None:
+        """Register the hooks and error handlers on ``app``, reading its ``TOKENLIMIT_*`` config."""
+        if EXTENSION in app.extensions:
+            raise RuntimeError("a TokenLimit extension is already registered on this app")
+        policy, has_default = self._build(self._options, app.config)
+        app.extensions[EXTENSION] = _State(self, policy, has_default, self._app_limiter(app))
+        app.before_request(self._before_request)
+        app.after_request(self._after_request)
+        app.register_error_handler(RateLimitExceeded, self._refused)
+        app.register_error_handler(BackendError, self._unavailable)
+
+    @staticmethod
+    def _build(options: dict[str, Any], config: Any) -> tuple[Policy, bool]:
+        given = dict(options)
+        from_config: dict[str, str] = {}
+        for name in ("limit", "exempt", "trusted_proxies"):
+            setting = f"TOKENLIMIT_{name.upper()}"
+            if given[name] is None and config.get(setting) is not None:
+                given[name] = config[setting]
+                from_config[name] = setting
+        has_default = given["limit"] is not None
+        try:
+            return Policy.build(**given), has_default
+        except ConfigError as error:
+            if error.param not in from_config:
+                raise
+            # Name the setting the bad value came from.
+            raise type(error)(from_config[error.param], str(error)) from None
+
+    def _app_limiter(self, app: Flask) -> RateLimiter | None:
+        if self._limiter is not None:
+            return self._limiter
+        url = app.config.get("TOKENLIMIT_URL")
+        if url is None:
+            return None
+        if not isinstance(url, str):
+            raise ConfigTypeError("TOKENLIMIT_URL", f"must be a URL string, not {url!r}")
+        mode = app.config.get("TOKENLIMIT_FAILURE_MODE", "closed")
+        return RateLimiter.from_url(url, failure_mode=mode)
+
+    # -- per-view decorators ------------------------------------------------------------------
+    def limit(
+        self,
+        limit: Any,
+        *,
+        burst: int | None = None,
+        key: RequestFunction | None = None,
+        cost: int = 1,
+        scope: str | None = None,
+    ) -> Callable[[F], F]:
+        """Give a view its own limit, replacing the default; its bucket is its own.
+
+        ``key(request)`` chooses the identity for this view (None falls back to the extension's).
+        Views given the same ``scope`` share one bucket; by default each endpoint has its own.
+        """
+        policy = Policy.build(limit, burst=burst, key=key, cost=cost)
+        if scope is not None and (not isinstance(scope, str) or not scope):
+            raise ConfigError("scope", f"must be a non-empty string, not {scope!r}")
+        rule = _ViewLimit(policy, scope)
+
+        def decorate(view: F) -> F:
+            self._mark(view, rule, "limit")
+            return view
+
+        return decorate
+
+    def exempt(self, view: F) -> F:
+        """Free a view from the default limit."""
+        self._mark(view, _EXEMPT, "exempt")
+        return view
+
+    def _mark(self, view: Callable[..., Any], rule: _ViewLimit | object, param: str) -> None:
+        if not callable(view):
+            raise ConfigTypeError(param, f"decorates a view function, not {view!r}")
+        # The view itself is returned unchanged (sync or async alike); the hook finds the mark
+        # by the function Flask dispatches to, or one it wraps, whatever the decorator order.
+        try:
+            if view in self._views:
+                raise ConfigError(param, f"{view!r} already has a limit or exemption")
+            self._views[view] = rule
+        except TypeError:
+            raise ConfigTypeError(param, f"cannot mark {view!r} (no weak reference)") from None
+
+    def _rule_for(self, view: Any) -> _ViewLimit | object | None:
+        while view is not None:
+            try:
+                found = self._views.get(view)
+            except TypeError:  # an unhashable callable
+                return None
+            if found is not None:
+                return found
+            view = getattr(view, "__wrapped__", None)
+        return None
+
+    # -- request hooks ------------------------------------------------------------------------
+    def _before_request(self) -> None:
+        endpoint = request.endpoint
+        # Like Flask-Limiter: unrouted requests (404/405) and static files are not limited.
+        if endpoint is None or endpoint.rpartition(".")[2] == "static":
+            return
+        state: _State = current_app.extensions[EXTENSION]
+        rule = self._rule_for(current_app.view_functions.get(endpoint))
+        if rule is _EXEMPT:
+            return
+        if isinstance(rule, _ViewLimit):
+            policy = rule.policy
+            bucket = f":{rule.scope or endpoint}"
+        elif state.has_default and not state.policy.is_exempt(request.path):
+            policy = state.policy
+            bucket = ""
+        else:
+            return
+        identity = self._identity(state, policy) + bucket
+        limiter = state.limiter if state.limiter is not None else default_sync_limiter()
+        decision = decide_sync(limiter, identity, policy.limits, policy.cost)
+        setattr(g, DECISION, decision)
+        if not decision.allowed:
+            raise RateLimitExceeded(decision)
+
+    def _identity(self, state: _State, policy: Policy) -> str:
+        # A view's own key, then the extension's, then the default identity.
+        chain = (policy.key,) if policy is state.policy else (policy.key, state.policy.key)
+        for function in chain:
+            if function is not None:
+                chosen = current_app.ensure_sync(function)(request)
+                if chosen is not None and chosen != "":
+                    return str(chosen)
+        forwarded = request.headers.getlist("X-Forwarded-For")  # several lines: one list
+        return state.policy.identity(
+            api_key=_header(request, state.policy.api_key_header),
+            user_id=self._user_id(),
+            peer=request.remote_addr,
+            forwarded_for=", ".join(forwarded) if forwarded else None,
+        )
+
+    def _user_id(self) -> Any:
+        if self._user is not None:
+            return current_app.ensure_sync(self._user)(request)
+        user_id = g.get("user_id")
+        if user_id is not None:
+            return user_id
+        # Flask-Login, when the app uses it (imported, with a LoginManager on this app).
+        login = sys.modules.get("flask_login")
+        if login is not None and hasattr(current_app, "login_manager"):
+            user = login.current_user
+            if user is not None and getattr(user, "is_authenticated", False):
+                return user.get_id()
+        return None
+
+    def _after_request(self, response: Response) -> Response:
+        decision: Decision | None = g.get(DECISION)
+        state: _State | None = current_app.extensions.get(EXTENSION)
+        if decision is None or state is None or not state.policy.headers:
+            return response
+        if decision.allowed and response.status_code == 429:
+            return response  # refused by something else (a handler of yours): do not mix them
+        for name, value in rate_limit_headers(decision):
+            response.headers[name] = value
+        return response
+
+    # -- error handlers -----------------------------------------------------------------------
+    def _refused(self, error: RateLimitExceeded) -> Response:
+        setattr(g, DECISION, error.decision)  # after_request adds the headers
+        response = current_app.response_class(
+            refused_body(error.decision), status=429, mimetype="application/json"
+        )
+        response.headers["Retry-After"] = str(retry_after_seconds(error.decision))
+        return response
+
+    def _unavailable(self, error: BackendError) -> Response:
+        self._log.warning("tokenlimit: storage failed, answering 503", error)
+        setattr(g, DECISION, None)  # nothing known: no rate-limit headers, no Retry-After
+        return current_app.response_class(
+            unavailable_body(), status=503, mimetype="application/json"
+        )
+
+
+def _header(request: Any, name: str | None) -> str | None:
+    value = request.headers.get(name) if name else None
+    return None if value is None else str(value)
