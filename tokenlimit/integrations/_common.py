@@ -25,6 +25,7 @@ __all__ = [
     "Policy",
     "TrustedProxies",
     "api_key_identity",
+    "call_key",
     "decide_async",
     "decide_sync",
     "default_identity",

@@ -1,0 +1,663 @@
+"""tokenlimit.integrations.fastapi through FastAPI's own TestClient, on memory and real servers:
+the RateLimit dependency (Depends and Annotated, def and async def routes), the pure ASGI
+middleware (FastAPI and plain Starlette), the handlers, identities, trusted proxies, headers as
+structured fields, storage failures, and deciding off the event loop."""
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import http_sfv
+import pytest
+import redis
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import tokenlimit
+from servers import free_port
+from tokenlimit import (
+    AsyncRateLimiter,
+    BackendError,
+    ConfigError,
+    Decision,
+    Limit,
+    MemoryBackend,
+    RateLimiter,
+)
+from tokenlimit.integrations._common import api_key_identity
+from tokenlimit.integrations.fastapi import (
+    RateLimit,
+    RateLimited,
+    RateLimitMiddleware,
+    install_handlers,
+)
+
+SLOW = 0.01  # tokens per second: one token per 100 s, so nothing refills during a test
+THREE = Limit(SLOW, 3)  # label "3-per-300s": q=3, w=300; each token adds 100 s to t
+LIMIT_FIELDS = ("x-ratelimit-limit", "x-ratelimit-remaining", "ratelimit-policy", "ratelimit")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def sf_list(value: str) -> list[tuple[Any, dict[str, Any]]]:
+    """Parse an RFC 8941 List; raises if the field is not one."""
+    items = http_sfv.List()
+    items.parse(value.encode())
+    return [(item.value, dict(item.params)) for item in items]
+
+
+def memory_limiter() -> RateLimiter:
+    return RateLimiter(MemoryBackend())
+
+
+def used(limiter: RateLimiter, identity: str, limit: Limit = THREE) -> int:
+    """Tokens taken from ``identity``'s bucket so far."""
+    return limit.burst - limiter.peek(identity, limit).remaining
+
+
+def dependency_app(dependency: RateLimit, *, handlers: bool = True, **app: Any) -> FastAPI:
+    """``/async`` and ``/sync`` routes guarded by ``dependency``, plus an unguarded ``/open``."""
+    api = FastAPI(**app)
+    if handlers:
+        install_handlers(api)
+
+    @api.get("/async")
+    async def async_route(decision: Annotated[Decision, Depends(dependency)]) -> dict[str, int]:
+        return {"remaining": decision.remaining}
+
+    @api.get("/sync", dependencies=[Depends(dependency)])
+    def sync_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/open")
+    def open_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    return api
+
+
+def middleware_app(**options: Any) -> FastAPI:
+    api = FastAPI()
+    api.add_middleware(RateLimitMiddleware, **options)
+
+    @api.get("/{path:path}")
+    async def anything(path: str) -> dict[str, str]:
+        return {"path": path}
+
+    return api
+
+
+@pytest.fixture(params=["async", "sync"])
+def any_limiter(
+    request: pytest.FixtureRequest, url: str
+) -> Iterator[RateLimiter | AsyncRateLimiter]:
+    """An AsyncRateLimiter, and a sync RateLimiter (decided off the loop), on every backend."""
+    if request.param == "async":
+        # Its clients are per event loop and close with the TestClient's loop.
+        yield AsyncRateLimiter.from_url(url, timeout=5)
+    else:
+        with RateLimiter.from_url(url, timeout=5) as limiter:
+            yield limiter
+
+
+def dead_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+# -- allowed, then refused at exactly the burst -----------------------------------------------
+@pytest.mark.parametrize("route", ["/async", "/sync"])
+def test_dependency_admits_exactly_the_burst(
+    any_limiter: RateLimiter | AsyncRateLimiter, route: str
+) -> None:
+    api = dependency_app(RateLimit(THREE, limiter=any_limiter))
+    with TestClient(api) as client:
+        for n in (1, 2, 3):
+            response = client.get(route)
+            assert response.status_code == 200
+            assert response.headers["x-ratelimit-limit"] == "3"
+            assert response.headers["x-ratelimit-remaining"] == str(3 - n)
+            assert sf_list(response.headers["ratelimit-policy"]) == [
+                ("3-per-300s", {"q": 3, "w": 300})
+            ]
+            # t: seconds until full; n tokens owed at 100 s each, minus the few ms elapsed.
+            assert sf_list(response.headers["ratelimit"]) == [
+                ("3-per-300s", {"r": 3 - n, "t": 100 * n})
+            ]
+            assert "retry-after" not in response.headers
+        refused = client.get(route)
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.json() == {"detail": "rate limit exceeded", "retry_after": 100}
+        assert refused.headers["retry-after"] == "100"
+        assert refused.headers["x-ratelimit-remaining"] == "0"
+        assert sf_list(refused.headers["ratelimit"]) == [("3-per-300s", {"r": 0, "t": 300})]
+        assert client.get("/open").status_code == 200
+
+
+def test_middleware_admits_exactly_the_burst(url: str) -> None:
+    api = middleware_app(limit=THREE, limiter=AsyncRateLimiter.from_url(url, timeout=5))
+    with TestClient(api) as client:
+        statuses = [client.get("/v1/x").status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        refused = client.get("/v1/y")
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.json() == {"detail": "rate limit exceeded", "retry_after": 100}
+        assert refused.headers["retry-after"] == "100"
+        assert sf_list(refused.headers["ratelimit-policy"]) == [("3-per-300s", {"q": 3, "w": 300})]
+        assert sf_list(refused.headers["ratelimit"]) == [("3-per-300s", {"r": 0, "t": 300})]
+        assert client.get("/health").status_code == 200
+
+
+def test_retry_after_is_whole_seconds_rounded_up() -> None:
+    limiter = memory_limiter()
+    seen: list[RateLimited] = []
+    api = dependency_app(RateLimit(Limit(2, 1), limiter=limiter), handlers=False)
+
+    @api.exception_handler(RateLimited)
+    async def capture(request: Request, exc: RateLimited) -> JSONResponse:
+        seen.append(exc)
+        return JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+
+    with TestClient(api) as client:
+        assert client.get("/async").status_code == 200
+        refused = client.get("/async")
+    assert refused.status_code == 429
+    (exc,) = seen
+    assert 0 < exc.retry_after <= 0.5  # a token every 0.5 s
+    assert exc.retry_after == exc.decision.retry_after
+    assert refused.headers["retry-after"] == str(math.ceil(exc.retry_after)) == "1"
+
+
+def test_without_install_handlers_a_refusal_is_still_a_429_with_headers() -> None:
+    api = dependency_app(RateLimit(Limit(SLOW, 1), limiter=memory_limiter()), handlers=False)
+    with TestClient(api) as client:
+        assert client.get("/async").status_code == 200
+        refused = client.get("/async")
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "100"
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert refused.json() == {"detail": "rate limit exceeded"}  # FastAPI's own HTTPException body
+
+
+# -- forms, several limits, cost --------------------------------------------------------------
+def test_annotated_alias_and_router_dependencies() -> None:
+    limiter = memory_limiter()
+    Limited = Annotated[Decision, Depends(RateLimit("3/second", limiter=limiter))]
+    api = FastAPI()
+
+    @api.get("/a")
+    async def a(decision: Limited) -> dict[str, Any]:
+        return {"allowed": decision.allowed, "remaining": decision.remaining}
+
+    with TestClient(api) as client:
+        assert client.get("/a").json() == {"allowed": True, "remaining": 2}
+
+
+def test_limit_string_with_burst() -> None:
+    dependency = RateLimit("10/second", burst=20, limiter=memory_limiter())
+    (limit,) = dependency.policy.limits
+    assert (limit.rate, limit.burst) == (10, 20)
+    with TestClient(dependency_app(dependency)) as client:
+        assert client.get("/async").headers["x-ratelimit-limit"] == "20"
+
+
+def test_several_limits_all_or_nothing() -> None:
+    limiter = memory_limiter()
+    short, long = Limit(SLOW, 3, name="short"), Limit(SLOW / 10, 5, name="long")
+    api = dependency_app(RateLimit([short, long], limiter=limiter))
+    with TestClient(api) as client:
+        first = client.get("/async")
+        assert first.headers["x-ratelimit-limit"] == "3"  # the most restrictive one
+        assert sf_list(first.headers["ratelimit-policy"]) == [
+            ("short", {"q": 3, "w": 300}),
+            ("long", {"q": 5, "w": 5000}),
+        ]
+        assert sf_list(first.headers["ratelimit"]) == [
+            ("short", {"r": 2, "t": 100}),
+            ("long", {"r": 4, "t": 1000}),
+        ]
+        assert [client.get("/async").status_code for _ in range(3)] == [200, 200, 429]
+    # The refusal took nothing from either bucket. (TestClient's peer, "testclient", is no IP.)
+    assert used(limiter, "ip:unknown", short) == 3
+    assert used(limiter, "ip:unknown", long) == 3
+
+
+def test_cost() -> None:
+    limiter = memory_limiter()
+    api = dependency_app(RateLimit(Limit(SLOW, 5), cost=2, limiter=limiter))
+    with TestClient(api) as client:
+        remaining = [client.get("/async").json().get("remaining") for _ in range(3)]
+    assert remaining == [3, 1, None]
+    with pytest.raises(ConfigError, match="cost"):
+        RateLimit(Limit(SLOW, 5), cost=6)
+
+
+def test_bad_arguments_fail_where_written() -> None:
+    with pytest.raises(TypeError, match="limiter"):
+        RateLimit("1/second", limiter="redis://localhost")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="burst"):
+        RateLimit(Limit(1), burst=5)
+    with pytest.raises(ConfigError, match="limit"):
+        RateLimit("ten per fortnight")
+    with pytest.raises(TypeError, match="key"):
+        RateLimit("1/second", key="user:{id}")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="exempt"):
+        RateLimitMiddleware(FastAPI(), limit="1/second", exempt=["health"])
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        RateLimitMiddleware(FastAPI(), limit="1/second", trusted_proxies=["not-a-network"])
+
+
+def test_default_limiter_is_resolved_per_request() -> None:
+    dependency = RateLimit(THREE)
+    limiter = memory_limiter()
+    tokenlimit.configure(limiter)  # after the dependency was made
+    with TestClient(dependency_app(dependency)) as client:
+        client.get("/async")
+        client.get("/sync")
+    assert used(limiter, "ip:unknown") == 2
+
+
+# -- exemptions -------------------------------------------------------------------------------
+def test_middleware_exempt_paths() -> None:
+    limiter = memory_limiter()
+    api = middleware_app(limit=Limit(SLOW, 1), limiter=limiter, exempt=["/health", "/internal"])
+    with TestClient(api) as client:
+        assert client.get("/v1/a").status_code == 200
+        assert client.get("/v1/a").status_code == 429
+        for path in ("/health", "/health/deep", "/internal", "/internal/jobs/1"):
+            response = client.get(path)
+            assert response.status_code == 200, path
+            assert not any(field in response.headers for field in LIMIT_FIELDS)
+        assert client.get("/healthz").status_code == 429  # a prefix only up to a "/"
+        assert client.get("/internals").status_code == 429
+        assert client.get("/metrics").status_code == 429  # exempt= replaces the default
+
+
+def test_middleware_default_exemptions() -> None:
+    api = middleware_app(limit=Limit(SLOW, 1), limiter=memory_limiter())
+    with TestClient(api) as client:
+        assert [client.get("/x").status_code for _ in range(2)] == [200, 429]
+        assert [client.get("/health").status_code for _ in range(3)] == [200] * 3
+        assert [client.get("/metrics").status_code for _ in range(3)] == [200] * 3
+
+
+def test_route_dependency_wins_over_the_middleware_headers() -> None:
+    limiter = memory_limiter()
+    api = dependency_app(RateLimit(THREE, limiter=limiter))
+    api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 100), limiter=limiter)
+    with TestClient(api) as client:
+        guarded = client.get("/async")
+        unguarded = client.get("/open")
+    assert guarded.headers.get_list("x-ratelimit-limit") == ["3"]
+    assert unguarded.headers.get_list("x-ratelimit-limit") == ["100"]
+
+
+# -- identity ---------------------------------------------------------------------------------
+def test_custom_key_sync_and_async_replaces_the_default() -> None:
+    limiter = memory_limiter()
+
+    def by_tenant(request: Request) -> str | None:
+        tenant = request.headers.get("x-tenant")
+        return None if tenant is None else f"tenant:{tenant}"
+
+    async def by_tenant_async(request: Request) -> str | None:
+        await asyncio.sleep(0)
+        return by_tenant(request)
+
+    for key in (by_tenant, by_tenant_async):
+        api = dependency_app(RateLimit(THREE, key=key, limiter=limiter))
+        with TestClient(api) as client:
+            response = client.get("/async", headers={"x-tenant": "acme-secret-42"})
+            assert response.status_code == 200
+            assert "acme-secret-42" not in str(response.headers) + response.text
+            client.get("/sync", headers={"x-tenant": "acme-secret-42", "x-api-key": "k"})
+            client.get("/async")  # no tenant: the default identity
+    assert used(limiter, "tenant:acme-secret-42") == 3  # the custom key beat the API key
+    assert used(limiter, "ip:unknown") == 2
+    assert used(limiter, api_key_identity("k")) == 0
+    limiter.reset("tenant:acme-secret-42", THREE)
+
+    # The middleware hands the key function a Request too.
+    api = middleware_app(limit=THREE, key=by_tenant_async, limiter=limiter)
+    with TestClient(api) as client:
+        assert [
+            client.get("/x", headers={"x-tenant": "acme-secret-42"}).status_code for _ in range(4)
+        ] == [200, 200, 200, 429]
+    assert used(limiter, "tenant:acme-secret-42") == 3
+
+
+def test_api_key_is_hashed_everywhere(standalone: Any) -> None:
+    raw = "sk-live-very-secret-0123456789"
+    with RateLimiter.from_url(standalone.url, timeout=5) as limiter:
+        api = dependency_app(RateLimit(THREE, limiter=limiter))
+        api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 10), limiter=limiter)
+        with TestClient(api) as client:
+            responses = [client.get("/async", headers={"X-API-Key": raw}) for _ in range(4)]
+            responses.append(client.get("/open", headers={"x-api-key": raw}))
+        assert [r.status_code for r in responses] == [200, 200, 200, 429, 200]
+        for response in responses:
+            assert raw not in str(response.headers) + response.text
+        assert used(limiter, api_key_identity(raw)) == 3
+        assert used(limiter, "ip:unknown") == 0
+    with redis.Redis.from_url(standalone.url) as client:
+        keys = list(client.scan_iter(count=1000))
+        assert keys  # the buckets are there...
+        for key in keys:  # ...and none names the key
+            assert raw.encode() not in key
+            assert b"sk-live" not in key
+
+
+class HeaderAuth(AuthenticationBackend):
+    """``X-User: <name>`` signs in as that user (a stand-in for real authentication)."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, Any] | None:
+        name = conn.headers.get("x-user")
+        if name is None:
+            return None
+        if name.isdigit():
+            return AuthCredentials(["authenticated"]), IdUser(int(name))
+        return AuthCredentials(["authenticated"]), SimpleUser(name)
+
+
+class IdUser:
+    """A user model with only ``id`` (as ORMs have it)."""
+
+    is_authenticated = True
+
+    def __init__(self, user_id: int) -> None:
+        self.id = user_id
+
+
+def test_authenticated_user_then_ip() -> None:
+    limiter = memory_limiter()
+    dependency = RateLimit(THREE, limiter=limiter)
+    api = dependency_app(
+        dependency, middleware=[Middleware(AuthenticationMiddleware, backend=HeaderAuth())]
+    )
+    with TestClient(api, client=("203.0.113.9", 1234)) as client:
+        client.get("/async", headers={"x-user": "alice"})
+        client.get("/sync", headers={"x-user": "alice"})
+        client.get("/async", headers={"x-user": "42"})
+        client.get("/async", headers={"x-user": "alice", "x-api-key": "k"})  # API key first
+        client.get("/async")  # anonymous: the client IP
+    assert used(limiter, "user:alice") == 2
+    assert used(limiter, "user:42") == 1
+    assert used(limiter, api_key_identity("k")) == 1
+    assert used(limiter, "ip:203.0.113.9") == 1
+
+    # The middleware sees the user when authentication runs before it (added after it).
+    api = middleware_app(limit=THREE, limiter=limiter)
+    api.add_middleware(AuthenticationMiddleware, backend=HeaderAuth())
+    with TestClient(api) as client:
+        client.get("/x", headers={"x-user": "bob"})
+    assert used(limiter, "user:bob") == 1
+
+
+# -- client IP and trusted proxies ------------------------------------------------------------
+PEER = ("203.0.113.9", 1234)
+PROXY = ("10.0.0.5", 1234)
+
+
+def charged_ip(trusted: Any, peer: tuple[str, int], forwarded_for: str | None) -> str:
+    """Send one request through the dependency and the middleware; return the ``ip:`` charged."""
+    limiter = memory_limiter()
+    headers = {} if forwarded_for is None else {"x-forwarded-for": forwarded_for}
+    dependency = RateLimit(THREE, limiter=limiter, trusted_proxies=trusted)
+    with TestClient(dependency_app(dependency), client=peer) as client:
+        assert client.get("/async", headers=headers).status_code == 200
+    other = memory_limiter()
+    api = middleware_app(limit=THREE, limiter=other, trusted_proxies=trusted)
+    with TestClient(api, client=peer) as client:
+        assert client.get("/x", headers=headers).status_code == 200
+    for candidate in ("203.0.113.9", "10.0.0.5", "198.51.100.7", "6.6.6.6", "10.0.0.2"):
+        if used(limiter, f"ip:{candidate}") == 1:
+            assert used(other, f"ip:{candidate}") == 1  # both paths agree
+            return candidate
+    raise AssertionError("no ip: bucket was charged")
+
+
+def test_client_ip_is_the_peer() -> None:
+    assert charged_ip(None, PEER, None) == "203.0.113.9"
+
+
+def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
+    assert charged_ip(None, PEER, "198.51.100.7") == "203.0.113.9"
+    assert charged_ip(["10.0.0.0/8"], PEER, "198.51.100.7") == "203.0.113.9"
+
+
+def test_trusted_hop_count() -> None:
+    # One proxy: the client is the last entry, whatever the client put before it.
+    assert charged_ip(1, PROXY, "6.6.6.6, 198.51.100.7") == "198.51.100.7"
+
+
+def test_trusted_cidrs() -> None:
+    assert charged_ip(["10.0.0.0/8"], PROXY, "6.6.6.6, 198.51.100.7, 10.0.0.2") == "198.51.100.7"
+
+
+def test_forwarded_for_split_over_several_lines_is_one_list() -> None:
+    limiter = memory_limiter()
+    api = dependency_app(RateLimit(THREE, limiter=limiter, trusted_proxies=1))
+    headers = [("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "198.51.100.7")]
+    with TestClient(api, client=PROXY) as client:
+        client.get("/async", headers=headers)
+    assert used(limiter, "ip:198.51.100.7") == 1
+    assert used(limiter, "ip:6.6.6.6") == 0
+
+
+def test_ipv6_clients_share_a_bucket_per_64() -> None:
+    limiter = memory_limiter()
+    api = dependency_app(RateLimit(Limit(SLOW, 2), limiter=limiter))
+    statuses = []
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:2::77", "2001:db8:1:3::1"):
+        with TestClient(api, client=(host, 1234)) as client:
+            statuses.append(client.get("/async").status_code)
+    assert statuses == [200, 200, 429, 200]
+
+
+# -- headers off, storage failures ------------------------------------------------------------
+def test_headers_can_be_turned_off() -> None:
+    limiter = memory_limiter()
+    for api, path in (
+        (dependency_app(RateLimit(Limit(SLOW, 1), limiter=limiter, headers=False)), "/async"),
+        (middleware_app(limit=Limit(SLOW, 1), limiter=limiter, headers=False), "/x"),
+    ):
+        limiter.reset("ip:unknown", Limit(SLOW, 1))
+        with TestClient(api) as client:
+            allowed, refused = client.get(path), client.get(path)
+        assert (allowed.status_code, refused.status_code) == (200, 429)
+        for response in (allowed, refused):
+            assert not any(field in response.headers for field in LIMIT_FIELDS)
+            assert "retry-after" not in response.headers
+        assert refused.json() == {"detail": "rate limit exceeded", "retry_after": 100}
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_closed_mode_answers_503_and_leaks_nothing(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = dead_url()
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    cls = AsyncRateLimiter if kind == "async" else RateLimiter
+    limiter = cls.from_url(url, timeout=1)
+    responses = []
+    with TestClient(dependency_app(RateLimit(THREE, limiter=limiter))) as client:
+        responses += [client.get("/async"), client.get("/sync")]
+    with TestClient(middleware_app(limit=THREE, limiter=limiter)) as client:
+        responses.append(client.get("/x"))
+    for response in responses:
+        assert response.status_code == 503
+        assert response.json() == {"detail": "rate limiter unavailable"}
+        assert "retry-after" not in response.headers
+        assert not any(field in response.headers for field in LIMIT_FIELDS)
+        text = str(response.headers) + response.text
+        assert "127.0.0.1" not in text
+        assert port not in text
+    # Operators hear of it, once per dependency or middleware, not once per request.
+    warnings = [r for r in caplog.records if "answering 503" in r.getMessage()]
+    assert len(warnings) == 2
+
+
+def test_open_mode_admits() -> None:
+    limiter = AsyncRateLimiter.from_url(dead_url(), timeout=1, failure_mode="open")
+    with TestClient(dependency_app(RateLimit(THREE, limiter=limiter))) as client:
+        assert client.get("/async").status_code == 200
+    with TestClient(middleware_app(limit=THREE, limiter=limiter)) as client:
+        assert client.get("/x").status_code == 200
+
+
+def test_install_handlers_answers_errors_raised_inside_routes() -> None:
+    limiter = memory_limiter()
+    api = FastAPI()
+    install_handlers(api)
+
+    @api.get("/decorated")
+    @limiter.limit(limit=Limit(SLOW, 1), key="report")
+    async def decorated() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/broken")
+    async def broken() -> None:
+        raise BackendError("storage failed (connection): 127.0.0.1:6379", reason="connection")
+
+    with TestClient(api) as client:
+        assert client.get("/decorated").status_code == 200
+        refused = client.get("/decorated")
+        broken_response = client.get("/broken")
+    assert refused.status_code == 429
+    assert refused.json() == {"detail": "rate limit exceeded", "retry_after": 100}
+    assert refused.headers["retry-after"] == "100"
+    assert sf_list(refused.headers["ratelimit"]) == [("1-per-100s", {"r": 0, "t": 100})]
+    assert broken_response.status_code == 503
+    assert broken_response.json() == {"detail": "rate limiter unavailable"}
+    assert "127.0.0.1" not in broken_response.text
+
+
+# -- plain Starlette, lifespan and websockets -------------------------------------------------
+def test_starlette_app_lifespan_and_websocket_pass_untouched() -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    limiter = memory_limiter()
+    api = Starlette(
+        routes=[Route("/", home), WebSocketRoute("/ws", echo)],
+        middleware=[Middleware(RateLimitMiddleware, limit=Limit(SLOW, 1), limiter=limiter)],
+        lifespan=lifespan,
+    )
+    with TestClient(api) as client:
+        assert events == ["startup"]
+        home_response = client.get("/")
+        assert home_response.text == "home"
+        assert home_response.headers["x-ratelimit-remaining"] == "0"
+        assert client.get("/").status_code == 429
+        for n in range(3):  # the HTTP bucket is empty, websockets are not limited
+            with client.websocket_connect("/ws") as ws:
+                ws.send_text(f"hi {n}")
+                assert ws.receive_text() == f"hi {n}"
+    assert events == ["startup", "shutdown"]
+
+
+# -- never block the event loop ---------------------------------------------------------------
+class SpyLimiter(RateLimiter):
+    """Records the thread each decision ran on."""
+
+    threads: list[int]
+
+    def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+        self.threads.append(threading.get_ident())
+        return super().try_acquire(key, limit, cost=cost)
+
+
+def test_sync_redis_limiter_decides_off_the_loop(standalone: Any) -> None:
+    loop_threads: list[int] = []
+    limiter = SpyLimiter.from_url(standalone.url, timeout=5)
+    limiter.threads = []
+    api = FastAPI()
+    api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 10), limiter=limiter)
+
+    @api.get("/where", dependencies=[Depends(RateLimit(THREE, limiter=limiter))])
+    async def where() -> None:
+        loop_threads.append(threading.get_ident())
+
+    try:
+        with TestClient(api) as client:
+            assert client.get("/where").status_code == 200
+            assert client.get("/where").status_code == 200
+    finally:
+        limiter.close()
+    assert len(limiter.threads) == 4  # the middleware's and the dependency's, twice
+    assert len(set(loop_threads)) == 1
+    assert loop_threads[0] not in limiter.threads
+
+
+class SlowBackend:
+    """A store that takes 0.3 s per decision, like a Redis under load."""
+
+    def __init__(self) -> None:
+        self.store = MemoryBackend()
+
+    def decide(self, request: Any, *, consume: bool, timeout: float = 0.0) -> Sequence[int]:
+        time.sleep(0.3)
+        return self.store.decide(request, consume=consume)
+
+    def reset(self, request: Any, *, timeout: float = 0.0) -> None:
+        self.store.reset(request)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.mark.parametrize("form", ["dependency", "middleware"])
+def test_event_loop_keeps_ticking_during_a_slow_sync_decision(form: str) -> None:
+    ticks: list[float] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(tick())
+        yield
+        task.cancel()
+
+    limiter = RateLimiter(SlowBackend())
+    if form == "dependency":
+        api = dependency_app(RateLimit(THREE, limiter=limiter), lifespan=lifespan)
+    else:
+        api = FastAPI(lifespan=lifespan)
+        api.add_middleware(RateLimitMiddleware, limit=THREE, limiter=limiter)
+        api.get("/async")(lambda: {"ok": "yes"})
+    with TestClient(api) as client:
+        started = time.monotonic()
+        assert client.get("/async").status_code == 200
+        finished = time.monotonic()
+    during = [t for t in ticks if started <= t <= finished]
+    assert finished - started >= 0.3
+    assert len(during) >= 5  # a blocked loop would tick once, if at all

@@ -1,0 +1,299 @@
+"""FastAPI and Starlette: the ``RateLimit`` dependency, a pure ASGI ``RateLimitMiddleware``, and
+``install_handlers`` for the 429/503 answers.
+
+    limited = RateLimit("10/second", burst=20)
+
+    @app.get("/items", dependencies=[Depends(limited)])
+    async def items() -> list[str]: ...
+
+    app.add_middleware(RateLimitMiddleware, limit="100/minute", exempt=["/health"])
+
+Decisions never block the event loop: an ``AsyncRateLimiter`` is awaited, and a sync
+``RateLimiter`` on Redis decides in a worker thread. Only Starlette is imported, so the middleware
+also serves plain Starlette apps.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads ``RateLimit.__call__``'s
+# annotations at runtime, and an instance has no ``__globals__`` to resolve strings against.
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenlimit._config import default_async_limiter
+from tokenlimit._core import ThrottledLog
+from tokenlimit._decision import Decision
+from tokenlimit._errors import BackendError, ConfigTypeError, RateLimitExceeded
+from tokenlimit._limit import Limit
+from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit.integrations._common import (
+    Policy,
+    call_key,
+    decide_async,
+    rate_limit_headers,
+    refused_body,
+    unavailable_body,
+)
+
+__all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
+
+LimitArg = Limit | str | Sequence[Limit | str]
+KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
+Limiter = RateLimiter | AsyncRateLimiter
+DEFAULT_EXEMPT = ("/health", "/metrics")
+
+
+class RateLimited(HTTPException):
+    """The 429 ``RateLimit`` raises on refusal, with the ``decision`` and its ``retry_after``.
+
+    An ``HTTPException``, so a bare FastAPI app already answers 429 with the headers;
+    ``install_handlers`` adds ``retry_after`` to the JSON body.
+    """
+
+    def __init__(self, decision: Decision, *, headers: bool = True) -> None:
+        fields = dict(rate_limit_headers(decision)) if headers else None
+        super().__init__(429, "rate limit exceeded", headers=fields)
+        self.decision = decision
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the same cost could be admitted."""
+        return self.decision.retry_after
+
+
+def _check_limiter(limiter: Any) -> Limiter | None:
+    """``limiter`` if it is one (None: the default, resolved per request)."""
+    if limiter is not None and not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+        raise ConfigTypeError(
+            "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {type(limiter).__name__}"
+        )
+    return limiter
+
+
+def _user_id(user: Any) -> Any:
+    """The id of an authenticated ``scope["user"]`` (Starlette's AuthenticationMiddleware)."""
+    if user is None:
+        return None
+    try:
+        if getattr(user, "is_authenticated", False) is not True:
+            return None
+    except NotImplementedError:  # Starlette's BaseUser leaves its properties abstract
+        return None
+    for name in ("identity", "id", "display_name"):
+        try:
+            value = getattr(user, name, None)
+        except NotImplementedError:
+            continue
+        if value is not None and value != "":
+            return value
+    return None
+
+
+async def _identity(policy: Policy, scope: Scope, request: Request | None) -> str:
+    """The custom key if it gives one, else API key -> user -> client IP."""
+    if policy.key is not None:
+        # The middleware passes no ``receive``: a key function must not read the body, which
+        # belongs to the app.
+        custom = await call_key(policy.key, request if request is not None else Request(scope))
+        if custom is not None:
+            return custom
+    headers = Headers(scope=scope)
+    client = scope.get("client")
+    # Several X-Forwarded-For lines are one comma-separated list (RFC 9110 5.3); reading only
+    # the first would let a client's own line stand in for the one its proxy added.
+    forwarded = ", ".join(headers.getlist("x-forwarded-for")) or None
+    return policy.identity(
+        api_key=headers.get(policy.api_key_header),
+        user_id=_user_id(scope.get("user")),
+        peer=client[0] if client else None,
+        forwarded_for=forwarded,
+    )
+
+
+class _Guarded:
+    """What the dependency and the middleware share: a policy, a limiter, a failure log."""
+
+    __slots__ = ("_limiter", "_log", "policy")
+
+    def __init__(self, policy: Policy, limiter: Any) -> None:
+        self.policy = policy
+        self._limiter = _check_limiter(limiter)
+        self._log = ThrottledLog()
+
+    async def _decide(self, scope: Scope, request: Request | None) -> Decision:
+        """Take the policy's cost for this request; ``BackendError`` in closed mode."""
+        key = await _identity(self.policy, scope, request)
+        # Resolved per request, so ``configure()`` may run after the app is built.
+        limiter = self._limiter if self._limiter is not None else default_async_limiter()
+        try:
+            return await decide_async(limiter, key, self.policy.limits, self.policy.cost)
+        except BackendError as error:
+            # The app answers a bare 503, which no framework logs: say why, at most once per
+            # interval, so an outage is seen without flooding the log.
+            self._log.warning(
+                "tokenlimit: storage failed, answering 503 (failure_mode='closed')", error
+            )
+            raise
+
+
+class RateLimit(_Guarded):
+    """A FastAPI dependency taking tokens per request: ``Depends(RateLimit("10/second"))``.
+
+    Allowed: the rate-limit headers go on the response and the ``Decision`` is the dependency's
+    value. Refused: ``RateLimited`` (429). Storage down in closed mode: ``HTTPException(503)``.
+    A route that returns its own ``Response`` drops the headers (FastAPI only merges them into
+    responses it builds); use ``RateLimitMiddleware`` there.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        limit: LimitArg,
+        *,
+        burst: int | None = None,
+        key: KeyFunc | None = None,
+        cost: int = 1,
+        limiter: Limiter | None = None,
+        trusted_proxies: int | Iterable[str] | None = None,
+        headers: bool = True,
+        api_key_header: str = "X-API-Key",
+        ipv6_prefix: int = 64,
+    ) -> None:
+        policy = Policy.build(
+            limit,
+            burst=burst,
+            key=key,
+            cost=cost,
+            trusted_proxies=trusted_proxies,
+            headers=headers,
+            api_key_header=api_key_header,
+            ipv6_prefix=ipv6_prefix,
+        )
+        super().__init__(policy, limiter)
+
+    async def __call__(self, request: Request, response: Response) -> Decision:
+        try:
+            decision = await self._decide(request.scope, request)
+        except BackendError as error:
+            raise HTTPException(503, "rate limiter unavailable") from error
+        if not decision.allowed:
+            raise RateLimited(decision, headers=self.policy.headers)
+        if self.policy.headers:
+            for name, value in rate_limit_headers(decision):
+                response.headers[name] = value
+        return decision
+
+    def __repr__(self) -> str:
+        labels = ", ".join(limit.label for limit in self.policy.limits)
+        return f"RateLimit({labels}, cost={self.policy.cost})"
+
+
+def _raw(fields: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header fields as ASGI wants them: lower-case byte names, byte values."""
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields]
+
+
+async def _answer(send: Send, status: int, body: bytes, fields: list[tuple[str, str]]) -> None:
+    """Send a whole JSON response (the app is never called)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += _raw(fields)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RateLimitMiddleware(_Guarded):
+    """Pure ASGI middleware: one default limit for every HTTP request outside ``exempt``.
+
+    ``exempt`` paths match exactly or as a prefix ending at ``/`` (``/metrics`` covers
+    ``/metrics/x``, not ``/metricsx``). Lifespan and websocket traffic passes untouched.
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: LimitArg,
+        key: KeyFunc | None = None,
+        cost: int = 1,
+        limiter: Limiter | None = None,
+        exempt: Iterable[str] | None = DEFAULT_EXEMPT,
+        trusted_proxies: int | Iterable[str] | None = None,
+        headers: bool = True,
+        api_key_header: str = "X-API-Key",
+        ipv6_prefix: int = 64,
+    ) -> None:
+        self.app = app
+        policy = Policy.build(
+            limit,
+            key=key,
+            cost=cost,
+            exempt=exempt,
+            trusted_proxies=trusted_proxies,
+            headers=headers,
+            api_key_header=api_key_header,
+            ipv6_prefix=ipv6_prefix,
+        )
+        super().__init__(policy, limiter)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.policy.is_exempt(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            decision = await self._decide(scope, None)
+        except BackendError:
+            # 503, not 429: nothing says when to come back, so no Retry-After either.
+            await _answer(send, 503, unavailable_body(), [])
+            return
+        fields = rate_limit_headers(decision) if self.policy.headers else []
+        if not decision.allowed:
+            await _answer(send, 429, refused_body(decision), fields)
+            return
+        if not fields:
+            await self.app(scope, receive, send)
+            return
+        extra = _raw(fields)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                # A route's own RateLimit is the more specific answer: keep its fields alone
+                # rather than send two conflicting sets.
+                if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
+                    message = {**message, "headers": headers + extra}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def install_handlers(app: Starlette, *, headers: bool = True) -> None:
+    """Answer ``RateLimited`` and ``RateLimitExceeded`` with 429 JSON, ``BackendError`` with 503.
+
+    ``RateLimitExceeded`` comes from ``rate_limit``/``limiter.limit`` used inside a route; its
+    headers follow ``headers``. Call before the app serves its first request.
+    """
+
+    async def on_rate_limited(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RateLimited)
+        return Response(refused_body(exc.decision), 429, exc.headers, "application/json")
+
+    async def on_exceeded(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RateLimitExceeded)
+        fields = dict(rate_limit_headers(exc.decision)) if headers else None
+        return Response(refused_body(exc.decision), 429, fields, "application/json")
+
+    async def on_backend_error(request: Request, exc: Exception) -> Response:
+        return Response(unavailable_body(), 503, None, "application/json")
+
+    app.add_exception_handler(RateLimited, on_rate_limited)
+    app.add_exception_handler(RateLimitExceeded, on_exceeded)
+    app.add_exception_handler(BackendError, on_backend_error)
