@@ -109,7 +109,7 @@ async def _identity(policy: Policy, scope: Scope, request: Request | None) -> st
     # the first would let a client's own line stand in for the one its proxy added.
     forwarded = ", ".join(headers.getlist("x-forwarded-for")) or None
     return policy.identity(
-        api_key=headers.get(policy.api_key_header),
+        api_key=headers.get(policy.api_key_header) if policy.api_key_header else None,
         user_id=_user_id(scope.get("user")),
         peer=client[0] if client else None,
         forwarded_for=forwarded,
@@ -163,7 +163,7 @@ class RateLimit(_Guarded):
         limiter: Limiter | None = None,
         trusted_proxies: int | Iterable[str] | None = None,
         headers: bool = True,
-        api_key_header: str = "X-API-Key",
+        api_key_header: str | None = "X-API-Key",
         ipv6_prefix: int = 64,
     ) -> None:
         policy = Policy.build(
@@ -228,7 +228,7 @@ class RateLimitMiddleware(_Guarded):
         exempt: Iterable[str] | None = DEFAULT_EXEMPT,
         trusted_proxies: int | Iterable[str] | None = None,
         headers: bool = True,
-        api_key_header: str = "X-API-Key",
+        api_key_header: str | None = "X-API-Key",
         ipv6_prefix: int = 64,
     ) -> None:
         self.app = app
