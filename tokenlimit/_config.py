@@ -33,7 +33,7 @@ def configure(url_or_limiter: str | RateLimiter | AsyncRateLimiter | None, **opt
     elif isinstance(url_or_limiter, (RateLimiter, AsyncRateLimiter)):
         _install(url_or_limiter, url_or_limiter, owned=False)
     elif isinstance(url_or_limiter, str):
-        _install(*_from_url(url_or_limiter, options), owned=True)
+        _install(*limiter_pair(url_or_limiter, options), owned=True)
     else:
         raise ConfigTypeError(
             "url_or_limiter", f"must be a URL or a limiter, not {type(url_or_limiter).__name__}"
@@ -50,7 +50,8 @@ def _install(sync: Any, async_: Any, *, owned: bool) -> None:
         old.close()
 
 
-def _from_url(url: str, options: dict[str, Any]) -> tuple[RateLimiter, AsyncRateLimiter]:
+def limiter_pair(url: str, options: dict[str, Any]) -> tuple[RateLimiter, AsyncRateLimiter]:
+    """A sync and an async limiter on one URL (one shared store for ``memory://``)."""
     scheme, url = parse_url(url)
     timeout = options.get("timeout", DEFAULT_TIMEOUT)
     store = MemoryBackend() if scheme == "memory" else None
@@ -77,7 +78,7 @@ def _ensure() -> None:
                 stacklevel=4,
             )
             url = "memory://"
-        _sync, _async = _from_url(url, {})
+        _sync, _async = limiter_pair(url, {})
         _owned = True
 
 

@@ -25,7 +25,10 @@ def parse_url(url: Any) -> tuple[str, str]:
         raise ConfigTypeError("url", f"must be a str, not {type(url).__name__}")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in _SCHEMES:
-        raise ConfigError("url", f"scheme must be one of {', '.join(_SCHEMES)}; got {url!r}")
+        # The scheme only: a URL may carry a password, and this message reaches logs.
+        raise ConfigError(
+            "url", f"scheme must be one of {', '.join(_SCHEMES)}; got {scheme or 'none'!r}"
+        )
     return scheme, url
 
 
@@ -49,9 +52,9 @@ def _cluster_args(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         try:
             nodes.append((host.strip("[]"), int(port)))
         except ValueError:
-            raise ConfigError("url", f"bad cluster node {item!r} in {url!r}") from None
+            raise ConfigError("url", f"bad cluster node {item!r}") from None
     if not nodes:
-        raise ConfigError("url", f"no cluster nodes in {url!r}")
+        raise ConfigError("url", "no cluster nodes given")
     options: dict[str, Any] = {}
     if userinfo:
         user, _, password = userinfo.partition(":")

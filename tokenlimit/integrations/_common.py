@@ -326,4 +326,4 @@ async def call_key(function: KeyFunction, request: Any) -> str | None:
     result = function(request)
     if inspect.isawaitable(result):
         result = await result
-    return None if result is None else str(result)
+    return None if result is None or result == "" else str(result)

@@ -1,0 +1,18 @@
+"""Custom identity functions for ``TOKENLIMIT["KEY"]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NOT_CALLABLE = 42
+
+
+def tenant(request: Any) -> str | None:
+    """The tenant header, else None (the default identity)."""
+    value = request.headers.get("X-Tenant")
+    return f"tenant:{value}" if value else None
+
+
+async def atenant(request: Any) -> str | None:
+    """The same, as a coroutine function."""
+    return tenant(request)

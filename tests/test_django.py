@@ -1,0 +1,648 @@
+"""tokenlimit.integrations.django: the middleware, the ``ratelimit`` decorator and the system
+checks, through Django's test ``Client`` (WSGI: a sync chain) and ``AsyncClient`` (ASGI: an
+async chain), on memory:// and on every real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import django_project
+import http_sfv
+import pytest
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.core.signals import setting_changed
+from django.test import AsyncClient, Client, override_settings
+from django.views import View
+from django_project import FAKE_AUTH, FAKE_LAZY_AUTH, MIDDLEWARE, SYNC_ONLY, views
+
+from servers import free_port
+from tokenlimit import ConfigError, Limit, RateLimiter
+from tokenlimit.integrations import django as tl_django
+from tokenlimit.integrations._common import api_key_identity
+
+django_project.setup()
+
+MODES = ["sync", "async"]
+MINUTE3 = "3-per-60s"  # the label of "3/minute": burst 3, one token every 20 s
+
+
+@pytest.fixture(autouse=True)
+def _base_settings() -> Iterator[None]:
+    with override_settings(**django_project.BASE):
+        yield
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """``sync``: the test Client (WSGI); ``async``: the AsyncClient (ASGI)."""
+    return str(request.param)
+
+
+@contextmanager
+def tokenlimit(**options: Any) -> Iterator[None]:
+    """``settings.TOKENLIMIT``: memory:// and 3/minute, changed by ``options``."""
+    with override_settings(TOKENLIMIT={"URL": "memory://", "LIMIT": "3/minute", **options}):
+        yield
+
+
+class PeerAsyncClient(AsyncClient):
+    """An AsyncClient whose requests come from ``addr`` (the ASGI scope's ``client``)."""
+
+    def __init__(self, addr: str) -> None:
+        super().__init__()
+        self.peer = addr
+
+    def _base_scope(self, **request: Any) -> dict[str, Any]:
+        scope: dict[str, Any] = super()._base_scope(**request)
+        scope["client"] = [self.peer, 50000]
+        return scope
+
+
+def fetch(
+    mode: str,
+    path: str,
+    n: int = 1,
+    *,
+    addr: str = "127.0.0.1",
+    headers: dict[str, str] | None = None,
+) -> list[Any]:
+    """``n`` GETs of ``path`` from the client address ``addr``, in one client."""
+    if mode == "sync":
+        client = Client(REMOTE_ADDR=addr)
+        return [client.get(path, headers=headers) for _ in range(n)]
+
+    async def run() -> list[Any]:
+        aclient = PeerAsyncClient(addr)
+        return [await aclient.get(path, headers=headers) for _ in range(n)]
+
+    return asyncio.run(run())
+
+
+def codes(responses: list[Any]) -> list[int]:
+    return [r.status_code for r in responses]
+
+
+def sf_list(value: str) -> list[tuple[Any, dict[str, Any]]]:
+    """An RFC 8941 List, parsed strictly."""
+    parsed = http_sfv.List()
+    parsed.parse(value.encode())
+    return [(item.value, dict(item.params)) for item in parsed]
+
+
+def remaining(identity: str, limit: str = "3/minute") -> int:
+    """Tokens left in the bucket of ``identity`` (the settings' store; consumes nothing)."""
+    return tl_django._state().sync.peek(identity, Limit.parse(limit)).remaining
+
+
+def assert_burst(responses: list[Any], *, burst: int, interval: int, label: str) -> None:
+    """Admitted ``burst`` times with exact headers, then a 429 with exact headers and body."""
+    assert codes(responses) == [200] * burst + [429]
+    for i, response in enumerate(responses[:burst]):
+        left = burst - 1 - i
+        assert response["X-RateLimit-Limit"] == str(burst)
+        assert response["X-RateLimit-Remaining"] == str(left)
+        assert sf_list(response["RateLimit-Policy"]) == [
+            (label, {"q": burst, "w": burst * interval})
+        ]
+        assert sf_list(response["RateLimit"]) == [(label, {"r": left, "t": interval * (i + 1)})]
+        assert "Retry-After" not in response
+    refused = responses[burst]
+    assert refused["Content-Type"] == "application/json"
+    retry = int(refused["Retry-After"])
+    assert retry == interval  # the next token, whole seconds rounded up
+    assert json.loads(refused.content) == {"detail": "rate limit exceeded", "retry_after": retry}
+    assert refused["X-RateLimit-Limit"] == str(burst)
+    assert refused["X-RateLimit-Remaining"] == "0"
+    assert sf_list(refused["RateLimit-Policy"]) == [(label, {"q": burst, "w": burst * interval})]
+    assert sf_list(refused["RateLimit"]) == [(label, {"r": 0, "t": burst * interval})]
+
+
+def assert_no_leak(response: Any, *secrets: str) -> None:
+    text = response.content.decode() + "".join(f"{k}: {v}\n" for k, v in response.items())
+    for secret in secrets:
+        assert secret not in text
+
+
+def rate_headers(response: Any) -> set[str]:
+    return {k for k in response.headers if "ratelimit" in k.lower() or k == "Retry-After"}
+
+
+# -- the middleware ----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/plain", "/aplain"])
+def test_middleware_admits_the_burst_then_refuses(url: str, mode: str, path: str) -> None:
+    with tokenlimit(URL=url, TIMEOUT=5.0):
+        assert_burst(fetch(mode, path, 4), burst=3, interval=20, label=MINUTE3)
+
+
+@pytest.mark.parametrize("path", ["/cbv", "/acbv"])
+def test_middleware_limits_class_based_views(mode: str, path: str) -> None:
+    with tokenlimit():
+        assert_burst(fetch(mode, path, 4), burst=3, interval=20, label=MINUTE3)
+
+
+def test_one_bucket_per_client_across_views_and_chains() -> None:
+    # memory:// makes one store for both twins: sync and async requests share the budget.
+    with tokenlimit():
+        assert codes(fetch("sync", "/plain")) == [200]
+        assert codes(fetch("async", "/aplain")) == [200]
+        assert codes(fetch("sync", "/acbv")) == [200]
+        assert codes(fetch("async", "/cbv")) == [429]
+        assert codes(fetch("async", "/cbv", addr="127.0.0.2")) == [200]
+        assert remaining("ip:127.0.0.1") == 0
+
+
+def test_several_limits_are_all_listed() -> None:
+    hourly = Limit.per_hour(100, name="hourly")
+    with tokenlimit(LIMIT=["3/minute", hourly]):
+        first = fetch("sync", "/plain")[0]
+    assert sf_list(first["RateLimit-Policy"]) == [
+        (MINUTE3, {"q": 3, "w": 60}),
+        ("hourly", {"q": 100, "w": 3600}),
+    ]
+    assert sf_list(first["RateLimit"]) == [
+        (MINUTE3, {"r": 2, "t": 20}),
+        ("hourly", {"r": 99, "t": 36}),
+    ]
+    assert first["X-RateLimit-Limit"] == "3"  # the most restrictive one
+    assert first["X-RateLimit-Remaining"] == "2"
+
+
+def test_async_chain_never_uses_the_sync_limiter(
+    monkeypatch: pytest.MonkeyPatch, standalone: Any
+) -> None:
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a sync Redis call on the event loop")
+
+    with tokenlimit(URL=standalone.url, TIMEOUT=5.0):
+        monkeypatch.setattr(RateLimiter, "try_acquire", blocking)
+        assert codes(fetch("async", "/aplain", 4)) == [200, 200, 200, 429]
+        assert codes(fetch("async", "/alimited", 1, addr="10.9.9.9")) == [200]
+        assert codes(fetch("async", "/adispatch-limited", 1, addr="10.9.9.8")) == [200]
+
+
+def test_sync_only_neighbour_puts_the_middleware_in_sync_mode() -> None:
+    with tokenlimit(), override_settings(MIDDLEWARE=[FAKE_AUTH, MIDDLEWARE, SYNC_ONLY]):
+        assert_burst(fetch("async", "/aplain", 4), burst=3, interval=20, label=MINUTE3)
+
+
+def test_middleware_mode_follows_get_response() -> None:
+    from asgiref.sync import iscoroutinefunction
+
+    async def async_view(request: Any) -> Any:
+        return None
+
+    def sync_view(request: Any) -> Any:
+        return None
+
+    assert iscoroutinefunction(tl_django.RateLimitMiddleware(async_view))
+    assert not iscoroutinefunction(tl_django.RateLimitMiddleware(sync_view))
+    assert tl_django.RateLimitMiddleware.sync_capable
+    assert tl_django.RateLimitMiddleware.async_capable
+
+
+def test_exempt_paths_skip_the_middleware(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute", EXEMPT=["/health"]):
+        for response in fetch(mode, "/health", 3) + fetch(mode, "/health/deep", 3):
+            assert response.status_code == 200
+            assert not rate_headers(response)
+        assert remaining("ip:127.0.0.1", "1/minute") == 1
+        # A prefix only matches whole path segments.
+        assert codes(fetch(mode, "/healthz", 2)) == [404, 429]
+
+
+def test_headers_off(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute", HEADERS=False):
+        allowed, refused = fetch(mode, "/plain", 2)
+    assert allowed.status_code == 200
+    assert not rate_headers(allowed)
+    assert refused.status_code == 429
+    # Retry-After is HTTP's own answer to a 429: it stays.
+    assert rate_headers(refused) == {"Retry-After"}
+    assert refused["Retry-After"] == "60"
+    assert json.loads(refused.content) == {"detail": "rate limit exceeded", "retry_after": 60}
+
+
+# -- identity ----------------------------------------------------------------------------------
+def test_custom_key_from_dotted_path(mode: str) -> None:
+    for key in ("django_project.keys.tenant", "django_project.keys.atenant"):
+        with tokenlimit(KEY=key, LIMIT="1/minute"):
+            a = fetch(mode, "/plain", 2, headers={"X-Tenant": "acme-corp"})
+            b = fetch(mode, "/plain", 1, addr="10.1.1.1", headers={"X-Tenant": "globex"})
+            # The same tenant from another address: the same bucket.
+            a2 = fetch(mode, "/plain", 1, addr="10.2.2.2", headers={"X-Tenant": "acme-corp"})
+            # No tenant: None, so the default identity (the client IP).
+            anonymous = fetch(mode, "/plain", 1)
+            assert codes(a + b + a2 + anonymous) == [200, 429, 200, 429, 200]
+            assert remaining("tenant:acme-corp", "1/minute") == 0
+            assert remaining("ip:127.0.0.1", "1/minute") == 0
+            for response in a + b + a2:
+                assert_no_leak(response, "acme-corp", "globex", "tenant:")
+
+
+def test_api_key_is_the_identity_and_is_hashed(mode: str) -> None:
+    raw = "sk_live_raw-secret-123"
+    with tokenlimit(LIMIT="2/minute"):
+        first = fetch(mode, "/plain", 1, addr="10.0.0.1", headers={"X-API-Key": raw})
+        # The same key from another address and with a signed-in user: the key wins.
+        second = fetch(
+            mode, "/plain", 2, addr="10.0.0.2", headers={"X-API-Key": raw, "X-Test-User": "5"}
+        )
+        other = fetch(mode, "/plain", 1, addr="10.0.0.1", headers={"X-API-Key": "another"})
+        assert codes(first + second + other) == [200, 200, 429, 200]
+        assert remaining(api_key_identity(raw), "2/minute") == 0
+        assert api_key_identity(raw).startswith("apikey:")
+        assert raw not in api_key_identity(raw)
+        for response in first + second + other:
+            assert_no_leak(response, raw, "sk_live", "apikey:")
+
+
+def test_api_key_header_setting(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute", API_KEY_HEADER="Authorization-Key"):
+        responses = fetch(mode, "/plain", 1, headers={"Authorization-Key": "k1"})
+        responses += fetch(mode, "/plain", 1, headers={"X-API-Key": "k2"})  # not read: the IP
+        assert codes(responses) == [200, 200]
+        assert remaining(api_key_identity("k1"), "1/minute") == 0
+        assert remaining("ip:127.0.0.1", "1/minute") == 0
+
+
+def test_api_key_identity_off(mode: str) -> None:
+    # Unchecked keys would let a client mint buckets: API_KEY_HEADER None ignores them.
+    with tokenlimit(LIMIT="1/minute", API_KEY_HEADER=None):
+        responses = fetch(mode, "/plain", 1, headers={"X-API-Key": "made-up-1"})
+        responses += fetch(mode, "/plain", 1, headers={"X-API-Key": "made-up-2"})
+        assert codes(responses) == [200, 429]
+        assert remaining("ip:127.0.0.1", "1/minute") == 0
+
+
+def test_api_key_never_reaches_the_server_in_clear(target: Any, mode: str) -> None:
+    raw = "sk_live_raw-secret-456"
+    with tokenlimit(URL=target.url, TIMEOUT=5.0):
+        responses = fetch(mode, "/plain", 4, headers={"X-API-Key": raw})
+        responses += fetch(mode, "/limited", 3, headers={"X-API-Key": raw})
+    assert codes(responses) == [200, 200, 200, 429, 429, 429, 429]
+    client = target.client()
+    try:
+        keys = [key.decode() for key in client.scan_iter(count=1000)]
+    finally:
+        client.close()
+    assert keys
+    for key in keys:
+        assert raw not in key
+        assert "sk_live" not in key
+        assert "apikey" not in key
+    for response in responses:
+        assert_no_leak(response, raw, "sk_live", "127.0.0.1:", target.url)
+
+
+@pytest.mark.parametrize("auth", [FAKE_AUTH, FAKE_LAZY_AUTH])
+def test_signed_in_user_is_the_identity(mode: str, auth: str) -> None:
+    with tokenlimit(LIMIT="2/minute"), override_settings(MIDDLEWARE=[auth, MIDDLEWARE]):
+        user = fetch(mode, "/plain", 1, addr="10.0.0.1", headers={"X-Test-User": "7"})
+        user += fetch(mode, "/plain", 2, addr="10.0.0.2", headers={"X-Test-User": "7"})
+        anonymous = fetch(mode, "/plain", 1, addr="10.0.0.1")
+        other = fetch(mode, "/plain", 1, addr="10.0.0.1", headers={"X-Test-User": "8"})
+        assert codes(user + anonymous + other) == [200, 200, 429, 200, 200]
+        assert remaining("user:7", "2/minute") == 0
+        assert remaining("user:8", "2/minute") == 1
+        assert remaining("ip:10.0.0.1", "2/minute") == 1
+        for response in user:
+            assert_no_leak(response, "user:")
+
+
+def test_untrusted_peer_cannot_spoof_forwarded_for(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute"):
+        first = fetch(mode, "/plain", 1, addr="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"})
+        spoof = fetch(mode, "/plain", 1, addr="203.0.113.9", headers={"X-Forwarded-For": "2.2.2.2"})
+        assert codes(first + spoof) == [200, 429]
+        assert remaining("ip:203.0.113.9", "1/minute") == 0
+        assert remaining("ip:1.1.1.1", "1/minute") == 1
+
+
+def test_trusted_proxies_by_hop_count(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute", TRUSTED_PROXIES=1):
+        # One proxy in front of the app: the client is the last entry it appended.
+        header = {"X-Forwarded-For": "6.6.6.6, 198.51.100.4"}
+        responses = fetch(mode, "/plain", 1, addr="10.0.0.1", headers=header)
+        responses += fetch(mode, "/plain", 1, addr="10.0.0.2", headers=header)
+        responses += fetch(
+            mode, "/plain", 1, addr="10.0.0.1", headers={"X-Forwarded-For": "6.6.6.6"}
+        )
+        assert codes(responses) == [200, 429, 200]
+        assert remaining("ip:198.51.100.4", "1/minute") == 0
+        assert remaining("ip:6.6.6.6", "1/minute") == 0
+        assert remaining("ip:10.0.0.1", "1/minute") == 1
+
+
+def test_trusted_proxies_by_cidr(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute", TRUSTED_PROXIES=["10.0.0.0/8"]):
+        header = {"X-Forwarded-For": "9.9.9.9, 10.0.0.7"}
+        via_proxy = fetch(mode, "/plain", 1, addr="10.0.0.1", headers=header)
+        again = fetch(mode, "/plain", 1, addr="10.3.0.1", headers={"X-Forwarded-For": "9.9.9.9"})
+        # From outside the trusted network the header is ignored: the peer is the client.
+        direct = fetch(mode, "/plain", 1, addr="8.8.8.8", headers={"X-Forwarded-For": "7.7.7.7"})
+        assert codes(via_proxy + again + direct) == [200, 429, 200]
+        assert remaining("ip:9.9.9.9", "1/minute") == 0
+        assert remaining("ip:8.8.8.8", "1/minute") == 0
+        assert remaining("ip:7.7.7.7", "1/minute") == 1
+        assert remaining("ip:10.0.0.7", "1/minute") == 1
+
+
+def test_ipv6_clients_group_by_64(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute"):
+        responses = fetch(mode, "/plain", 1, addr="2001:db8::1")
+        responses += fetch(mode, "/plain", 1, addr="2001:db8::ffff:2")
+        responses += fetch(mode, "/plain", 1, addr="2001:db8:0:1::1")
+        assert codes(responses) == [200, 429, 200]
+        assert remaining("ip:2001:db8::/64", "1/minute") == 0
+        assert remaining("ip:2001:db8:0:1::/64", "1/minute") == 0
+    with tokenlimit(LIMIT="1/minute", IPV6_PREFIX=128):
+        responses = fetch(mode, "/plain", 1, addr="2001:db8::1")
+        responses += fetch(mode, "/plain", 1, addr="2001:db8::2")
+        assert codes(responses) == [200, 200]
+
+
+# -- storage failures --------------------------------------------------------------------------
+def test_storage_down_closed_answers_503(mode: str) -> None:
+    port = free_port()
+    dead = f"redis://127.0.0.1:{port}/0"
+    with tokenlimit(URL=dead, TIMEOUT=0.5):
+        responses = fetch(mode, "/plain", 2)
+        with override_settings(MIDDLEWARE=[FAKE_AUTH]):
+            responses += fetch(mode, "/limited") + fetch(mode, "/alimited")
+    for response in responses:
+        assert response.status_code == 503
+        assert response["Content-Type"] == "application/json"
+        assert json.loads(response.content) == {"detail": "rate limiter unavailable"}
+        assert not rate_headers(response)
+        assert_no_leak(response, str(port), "127.0.0.1", "redis://")
+
+
+def test_storage_down_open_admits(mode: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with tokenlimit(URL=dead, TIMEOUT=0.5, FAILURE_MODE="open", LIMIT="1/minute"):
+        responses = fetch(mode, "/plain", 3) + fetch(mode, "/limited", 3)
+    assert codes(responses) == [200] * 6
+
+
+def test_exceptions_from_a_view_become_429_and_503(mode: str) -> None:
+    views.own_limiter.backend.clear()
+    with tokenlimit():
+        admitted, refused = fetch(mode, "/raises-refusal", 2)
+        failed = fetch(mode, "/raises-backend-error")[0]
+    assert (admitted.status_code, refused.status_code) == (200, 429)
+    assert json.loads(refused.content) == {"detail": "rate limit exceeded", "retry_after": 60}
+    assert refused["Retry-After"] == "60"
+    assert [name for name, _ in sf_list(refused["RateLimit-Policy"])] == [MINUTE3, "inner"]
+    assert failed.status_code == 503
+    assert json.loads(failed.content) == {"detail": "rate limiter unavailable"}
+    assert_no_leak(failed, "10.1.2.3")
+
+
+# -- the decorator -----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/limited", "/alimited"])
+def test_decorator_on_function_views(url: str, mode: str, path: str) -> None:
+    with tokenlimit(URL=url, TIMEOUT=5.0), override_settings(MIDDLEWARE=[FAKE_AUTH]):
+        assert_burst(fetch(mode, path, 3), burst=2, interval=30, label="2-per-60s")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/limited-cbv",
+        "/alimited-cbv",
+        "/method-limited",
+        "/amethod-limited",
+        "/dispatch-limited",
+        "/adispatch-limited",
+        "/as-view-limited",
+    ],
+)
+def test_decorator_on_class_based_views(mode: str, path: str) -> None:
+    with tokenlimit(), override_settings(MIDDLEWARE=[FAKE_AUTH]):
+        assert_burst(fetch(mode, path, 3), burst=2, interval=30, label="2-per-60s")
+
+
+def test_decorated_view_has_its_own_bucket(mode: str) -> None:
+    with tokenlimit(), override_settings(MIDDLEWARE=[FAKE_AUTH]):
+        assert codes(fetch(mode, "/limited", 3)) == [200, 200, 429]
+        assert codes(fetch(mode, "/limited-twin", 3)) == [200, 200, 429]
+        scope = "view:django_project.views.limited|ip:127.0.0.1"
+        assert remaining(scope, "2/minute") == 0
+        assert remaining("ip:127.0.0.1", "2/minute") == 2  # the identity's own bucket untouched
+        assert remaining("view:django_project.views.LimitedView|ip:127.0.0.1", "2/minute") == 2
+
+
+def test_decorator_with_the_middleware_reports_both_limits(mode: str) -> None:
+    with tokenlimit():  # the middleware: 3/minute; the view: 2/minute
+        responses = fetch(mode, "/limited", 4)
+    assert codes(responses) == [200, 200, 429, 429]
+    first = responses[0]
+    assert sf_list(first["RateLimit-Policy"]) == [
+        (MINUTE3, {"q": 3, "w": 60}),
+        ("2-per-60s", {"q": 2, "w": 60}),
+    ]
+    assert sf_list(first["RateLimit"]) == [
+        (MINUTE3, {"r": 2, "t": 20}),
+        ("2-per-60s", {"r": 1, "t": 30}),
+    ]
+    assert (first["X-RateLimit-Limit"], first["X-RateLimit-Remaining"]) == ("2", "1")
+    view_refusal = responses[2]  # the view refuses; the middleware had admitted it
+    assert view_refusal["Retry-After"] == "30"
+    assert sf_list(view_refusal["RateLimit"]) == [
+        (MINUTE3, {"r": 0, "t": 60}),
+        ("2-per-60s", {"r": 0, "t": 60}),
+    ]
+    middleware_refusal = responses[3]  # now the middleware's bucket is empty too
+    assert middleware_refusal["Retry-After"] == "20"
+    assert sf_list(middleware_refusal["RateLimit"]) == [(MINUTE3, {"r": 0, "t": 60})]
+
+
+def test_decorator_without_middleware_or_limit_setting(mode: str) -> None:
+    with override_settings(MIDDLEWARE=[], TOKENLIMIT={"URL": "memory://"}):
+        assert codes(fetch(mode, "/limited", 3)) == [200, 200, 429]
+        assert codes(fetch(mode, "/plain", 5)) == [200] * 5
+
+
+def test_decorator_without_any_setting(mode: str) -> None:
+    from django.conf import settings
+
+    with override_settings(MIDDLEWARE=[]):
+        del settings.TOKENLIMIT
+        setting_changed.send(sender=None, setting="TOKENLIMIT", value=None, enter=True)
+        try:
+            assert checks.run_checks(tags=["tokenlimit"]) == []
+            assert codes(fetch(mode, "/limited", 3)) == [200, 200, 429]
+        finally:
+            setting_changed.send(sender=None, setting="TOKENLIMIT", value=None, enter=False)
+
+
+def test_decorator_key_cost_and_several_limits(mode: str) -> None:
+    with tokenlimit(), override_settings(MIDDLEWARE=[]):
+        tenant = fetch(mode, "/by-tenant", 3, headers={"X-Tenant": "t1"})
+        tenant += fetch(mode, "/by-tenant", 1, addr="10.0.0.9", headers={"X-Tenant": "t2"})
+        assert codes(tenant) == [200, 200, 429, 200]
+        assert remaining("view:django_project.views.by_tenant|tenant:t1", "2/minute") == 0
+        # cost=2 from a burst of 4: two requests, then refused.
+        expensive = fetch(mode, "/expensive", 3)
+        assert codes(expensive) == [200, 200, 429]
+        assert [r["X-RateLimit-Remaining"] for r in expensive] == ["2", "0", "0"]
+        multi = fetch(mode, "/multi", 3)
+        assert codes(multi) == [200, 200, 429]
+        assert sf_list(multi[0]["RateLimit-Policy"]) == [
+            ("2-per-60s", {"q": 2, "w": 60}),
+            ("hourly", {"q": 100, "w": 3600}),
+        ]
+
+
+def test_decorator_headers_off(mode: str) -> None:
+    with tokenlimit(), override_settings(MIDDLEWARE=[]):
+        responses = fetch(mode, "/quiet", 3)
+    assert codes(responses) == [200, 200, 429]
+    assert not rate_headers(responses[0])
+    assert rate_headers(responses[2]) == {"Retry-After"}
+
+
+def test_decorator_keeps_what_it_wraps() -> None:
+    from asgiref.sync import iscoroutinefunction
+
+    assert iscoroutinefunction(views.alimited)
+    assert not iscoroutinefunction(views.limited)
+    assert views.alimited.__name__ == "alimited"
+    assert views.limited.__wrapped__.__name__ == "limited"  # type: ignore[attr-defined]
+    assert issubclass(views.LimitedView, View)
+    assert iscoroutinefunction(views.ALimitedView.as_view())
+    assert not iscoroutinefunction(views.LimitedView.as_view())
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "param"),
+    [
+        ((), {}, "limit"),
+        (("ten a minute",), {}, "limit"),
+        ((42,), {}, "limit"),
+        (("1/second",), {"cost": 2}, "cost"),
+        (("1/second",), {"cost": 0}, "cost"),
+        (("1/second",), {"cost": True}, "cost"),
+        (("1/second",), {"key": "myapp.keys.tenant"}, "key"),
+        (("1/second",), {"headers": "yes"}, "headers"),
+        ((Limit(1.0),), {"burst": 5}, "burst"),
+        (("1/second", 0), {}, "burst"),
+    ],
+)
+def test_bad_decorator_arguments_name_the_parameter(
+    args: tuple[Any, ...], kwargs: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{param}\b"):
+        tl_django.ratelimit(*args, **kwargs)
+
+
+def test_decorating_something_else_names_the_view() -> None:
+    decorate = tl_django.ratelimit("1/second")
+    with pytest.raises(TypeError, match=r"^view\b"):
+        decorate(int)
+    with pytest.raises(TypeError, match=r"^view\b"):
+        decorate(42)
+
+
+# -- settings and system checks ----------------------------------------------------------------
+GOOD = {"URL": "memory://", "LIMIT": "3/minute"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (GOOD, []),
+        ({**GOOD, "URL": "mysql://db/0"}, ["tokenlimit.E002"]),
+        ({**GOOD, "URL": 6379}, ["tokenlimit.E002"]),
+        ({**GOOD, "LIMIT": "ten a minute"}, ["tokenlimit.E003"]),
+        ({**GOOD, "LIMIT": ["3/minute", 7]}, ["tokenlimit.E003"]),
+        ({"URL": "memory://"}, ["tokenlimit.E003"]),  # the middleware needs a limit
+        ({**GOOD, "KEY": "django_project.keys.missing"}, ["tokenlimit.E004"]),
+        ({**GOOD, "KEY": "no_such_module.key"}, ["tokenlimit.E004"]),
+        ({**GOOD, "KEY": "django_project.keys.NOT_CALLABLE"}, ["tokenlimit.E004"]),
+        ({**GOOD, "FAILURE_MODE": "sometimes"}, ["tokenlimit.E005"]),
+        ({**GOOD, "TRUSTED_PROXIES": ["10.0.0.0/33"]}, ["tokenlimit.E006"]),
+        ({**GOOD, "TRUSTED_PROXIES": -1}, ["tokenlimit.E006"]),
+        ({**GOOD, "TRUSTED_PROXIES": True}, ["tokenlimit.E006"]),
+        ({**GOOD, "EXEMPT": ["health"]}, ["tokenlimit.E007"]),
+        ({**GOOD, "HEADERS": "yes"}, ["tokenlimit.E008"]),
+        ({**GOOD, "PREFIX": "a{b}"}, ["tokenlimit.E009"]),
+        ({**GOOD, "TIMEOUT": 0}, ["tokenlimit.E010"]),
+        ({**GOOD, "API_KEY_HEADER": ""}, ["tokenlimit.E011"]),
+        ({**GOOD, "IPV6_PREFIX": 129}, ["tokenlimit.E012"]),
+        ({**GOOD, "LIMITS": "3/minute"}, ["tokenlimit.W001"]),
+        ({"LIMIT": "3/minute"}, ["tokenlimit.W002"]),
+        ("redis://localhost", ["tokenlimit.E001"]),
+        (
+            {"URL": "ftp://x", "LIMIT": "x", "FAILURE_MODE": "", "TRUSTED_PROXIES": "nope"},
+            ["tokenlimit.E002", "tokenlimit.E003", "tokenlimit.E005", "tokenlimit.E006"],
+        ),
+    ],
+)
+def test_checks_report_each_bad_setting(setting: Any, expected: list[str]) -> None:
+    with override_settings(TOKENLIMIT=setting):
+        messages = checks.run_checks(tags=["tokenlimit"])
+    assert sorted(m.id for m in messages) == expected
+    for message in messages:
+        assert message.msg.startswith("settings.TOKENLIMIT")
+
+
+def test_check_names_the_setting_and_the_problem() -> None:
+    with override_settings(TOKENLIMIT={**GOOD, "LIMIT": "ten a minute"}):
+        (message,) = checks.run_checks(tags=["tokenlimit"])
+    assert message.is_serious()
+    assert "settings.TOKENLIMIT['LIMIT']" in message.msg
+    assert "ten a minute" in message.msg
+
+
+def test_check_warns_when_the_middleware_cannot_see_the_user() -> None:
+    auth = "django.contrib.auth.middleware.AuthenticationMiddleware"
+    with override_settings(MIDDLEWARE=[MIDDLEWARE, auth]):
+        ids = [m.id for m in checks.run_checks(tags=["tokenlimit"])]
+    assert ids == ["tokenlimit.W003"]
+    with override_settings(MIDDLEWARE=[auth, MIDDLEWARE]):
+        assert checks.run_checks(tags=["tokenlimit"]) == []
+
+
+def test_manage_check_fails_on_a_bad_setting() -> None:
+    bad = override_settings(TOKENLIMIT={**GOOD, "FAILURE_MODE": "maybe"})
+    with bad, pytest.raises(SystemCheckError, match=r"tokenlimit\.E005"):
+        call_command("check")
+    call_command("check")  # and passes once it is fixed
+
+
+@pytest.mark.parametrize(
+    ("setting", "check_id"),
+    [
+        ({"URL": "memory://"}, "E003"),
+        ({**GOOD, "LIMIT": "bogus"}, "E003"),
+        ({**GOOD, "URL": "redis://h:port/0"}, "E002"),
+    ],
+)
+def test_middleware_refuses_to_start_on_a_bad_setting(setting: Any, check_id: str) -> None:
+    with override_settings(TOKENLIMIT=setting), pytest.raises(ImproperlyConfigured, match=check_id):
+        Client().get("/plain")
+
+
+def test_settings_changes_take_effect() -> None:
+    with tokenlimit(LIMIT="1/minute"):
+        assert codes(fetch("sync", "/plain", 2)) == [200, 429]
+    with tokenlimit(LIMIT="2/minute"):  # a new store, a new limit
+        assert codes(fetch("sync", "/plain", 3)) == [200, 200, 429]
+
+
+def test_app_config_entry() -> None:
+    from django.apps import AppConfig
+
+    config = AppConfig.create("tokenlimit.integrations.django.TokenLimitConfig")
+    assert config.label == "tokenlimit"
+    assert AppConfig.create("tokenlimit.integrations.django").name == (
+        "tokenlimit.integrations.django"
+    )

@@ -1,0 +1,617 @@
+"""Django: ``RateLimitMiddleware`` configured from ``settings.TOKENLIMIT``, a ``ratelimit(...)``
+view decorator, and system checks that report a bad setting at start-up. Sync and async alike.
+
+::
+
+    INSTALLED_APPS = [..., "tokenlimit.integrations.django"]  # runs the checks at start-up
+    MIDDLEWARE = [..., "django.contrib.auth.middleware.AuthenticationMiddleware",
+                  "tokenlimit.integrations.django.RateLimitMiddleware"]
+    TOKENLIMIT = {
+        "URL": "redis://localhost:6379/0",  # default "memory://" (per process)
+        "LIMIT": "100/minute",              # a Limit, a string, or a list; the middleware's limit
+        "KEY": "myapp.limits.identity",     # request -> identity str, or None for the default
+        "EXEMPT": ["/health"],              # path prefixes (``request.path_info``) never limited
+        "TRUSTED_PROXIES": None,            # a hop count or a list of CIDRs for X-Forwarded-For
+        "FAILURE_MODE": "closed",           # storage down: "closed" answers 503, "open" admits
+        "HEADERS": True,                    # X-RateLimit-* and RateLimit-Policy/RateLimit fields
+        "PREFIX": "tl:",                    # Redis key prefix
+        "TIMEOUT": 0.5,                     # seconds allowed for one decision
+        "API_KEY_HEADER": "X-API-Key",      # read first by the default identity; None: off
+        "IPV6_PREFIX": 64,                  # IPv6 clients share one bucket per /64
+    }
+
+    @ratelimit("10/minute")                 # its own limit and bucket, on top of the middleware's
+    def search(request): ...
+
+Sync code decides through a ``RateLimiter`` and async code through an ``AsyncRateLimiter``
+built from the same URL (one shared store for ``memory://``), so the event loop never waits on
+a socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.apps import AppConfig
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.http import HttpResponse
+from django.utils.functional import LazyObject
+from django.utils.module_loading import import_string
+from django.views import View
+
+from tokenlimit._config import limiter_pair
+from tokenlimit._core import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT,
+    check_deadline,
+    check_failure_mode,
+    check_prefix,
+)
+from tokenlimit._decision import Decision
+from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
+from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._url import parse_url
+from tokenlimit.integrations._common import (
+    Policy,
+    TrustedProxies,
+    call_key,
+    decide_async,
+    decide_sync,
+    rate_limit_headers,
+    refused_body,
+    retry_after_seconds,
+    unavailable_body,
+)
+
+__all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
+
+V = TypeVar("V")
+
+MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
+_AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+_DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions taken for it so far
+
+
+# -- settings --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """``settings.TOKENLIMIT``, validated."""
+
+    url: str = "memory://"
+    limits: tuple[Limit, ...] | None = None
+    key: Callable[[Any], Any] | None = None
+    exempt: tuple[str, ...] = ()
+    proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
+    failure_mode: str = "closed"
+    headers: bool = True
+    prefix: str = DEFAULT_PREFIX
+    timeout: float = DEFAULT_TIMEOUT
+    api_key_header: str | None = "X-API-Key"
+    ipv6_prefix: int = 64
+
+
+def _probe(**option: Any) -> Any:
+    """Validate one option alone, as ``Policy.build`` does it."""
+    policy = Policy.build(None, **option)
+    return getattr(policy, next(iter(option)))
+
+
+def _key_function(value: Any) -> Callable[[Any], Any]:
+    """``KEY``: a dotted path to a callable (or the callable itself)."""
+    function: Any = import_string(value) if isinstance(value, str) else value
+    if not callable(function):
+        raise ConfigTypeError("key", f"{value!r} is not callable")
+    return cast("Callable[[Any], Any]", function)
+
+
+# setting -> (option, check id, validator)
+_FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "URL": ("url", "tokenlimit.E002", lambda v: parse_url(v)[1]),
+    "LIMIT": ("limits", "tokenlimit.E003", coerce_limits),
+    "KEY": ("key", "tokenlimit.E004", _key_function),
+    "FAILURE_MODE": ("failure_mode", "tokenlimit.E005", check_failure_mode),
+    "TRUSTED_PROXIES": ("proxies", "tokenlimit.E006", TrustedProxies),
+    "EXEMPT": ("exempt", "tokenlimit.E007", lambda v: _probe(exempt=v)),
+    "HEADERS": ("headers", "tokenlimit.E008", lambda v: _probe(headers=v)),
+    "PREFIX": ("prefix", "tokenlimit.E009", check_prefix),
+    "TIMEOUT": ("timeout", "tokenlimit.E010", check_deadline),
+    "API_KEY_HEADER": ("api_key_header", "tokenlimit.E011", lambda v: _probe(api_key_header=v)),
+    "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
+}
+
+
+def _read(raw: Any) -> tuple[_Options, list[Any]]:
+    """Validate ``settings.TOKENLIMIT``: the options, and one check message per bad setting."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        error = checks.Error(
+            f"settings.TOKENLIMIT must be a dict, not {type(raw).__name__}.",
+            hint='TOKENLIMIT = {"URL": "redis://localhost:6379/0", "LIMIT": "100/minute"}',
+            id="tokenlimit.E001",
+        )
+        return _Options(), [error]
+    values: dict[str, Any] = {}
+    messages: list[Any] = []
+    for name, value in raw.items():
+        field = _FIELDS.get(name)
+        if field is None:
+            messages.append(
+                checks.Warning(
+                    f"settings.TOKENLIMIT has an unknown entry {name!r}; it is ignored.",
+                    hint=f"Known entries: {', '.join(_FIELDS)}.",
+                    id="tokenlimit.W001",
+                )
+            )
+            continue
+        option, check_id, validate = field
+        try:
+            values[option] = validate(value)
+        except Exception as error:  # an import error from KEY, a ConfigError, ...
+            reason = str(error)
+            if isinstance(error, ConfigError):
+                reason = reason.removeprefix(f"{error.param}: ")
+            messages.append(checks.Error(f"settings.TOKENLIMIT[{name!r}]: {reason}", id=check_id))
+    return _Options(**values), messages
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """The system check: every bad entry of ``settings.TOKENLIMIT``, each with its own id."""
+    raw = getattr(settings, "TOKENLIMIT", None)
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
+    installed = MIDDLEWARE_PATH in middleware
+    messages = _read(raw)[1]
+    if isinstance(raw, dict) or (raw is None and installed):
+        raw = raw or {}
+        if installed and "LIMIT" not in raw:
+            messages.append(
+                checks.Error(
+                    "settings.TOKENLIMIT['LIMIT'] is required by RateLimitMiddleware.",
+                    hint='For example "LIMIT": "100/minute".',
+                    id="tokenlimit.E003",
+                )
+            )
+        if "URL" not in raw:
+            messages.append(
+                checks.Warning(
+                    "settings.TOKENLIMIT['URL'] is not set: memory:// limits each process "
+                    "separately.",
+                    hint='Share one limit across processes: "URL": "redis://host:6379/0".',
+                    id="tokenlimit.W002",
+                )
+            )
+    if (
+        installed
+        and _AUTH_MIDDLEWARE in middleware
+        and middleware.index(MIDDLEWARE_PATH) < middleware.index(_AUTH_MIDDLEWARE)
+    ):
+        messages.append(
+            checks.Warning(
+                "RateLimitMiddleware comes before AuthenticationMiddleware, so it cannot "
+                "see the user: signed-in users are limited by IP address.",
+                hint="Move it after AuthenticationMiddleware in settings.MIDDLEWARE.",
+                id="tokenlimit.W003",
+            )
+        )
+    return messages
+
+
+checks.register(check_settings, "tokenlimit")
+
+
+class _State:
+    """What the settings make: the validated options, the limiter twins, the middleware's
+    policy. Rebuilt when ``settings.TOKENLIMIT`` changes (``override_settings`` in tests)."""
+
+    def __init__(self, raw: Any) -> None:
+        options, messages = _read(raw)
+        errors = [m for m in messages if m.is_serious()]
+        if errors:
+            raise ImproperlyConfigured("; ".join(f"{m.msg} ({m.id})" for m in errors))
+        self.options = options
+        limiter_options = {
+            "prefix": options.prefix,
+            "timeout": options.timeout,
+            "failure_mode": options.failure_mode,
+        }
+        try:
+            self.sync, self.async_ = limiter_pair(options.url, limiter_options)
+        except ValueError as error:  # a URL the scheme check let through (a bad port, ...)
+            raise ImproperlyConfigured(
+                f"settings.TOKENLIMIT['URL']: {error} (tokenlimit.E002)"
+            ) from error
+        self.policy: Policy | None = None
+        if options.limits is not None:
+            self.policy = Policy.build(
+                options.limits,
+                key=options.key,
+                exempt=options.exempt,
+                trusted_proxies=options.proxies,
+                headers=options.headers,
+                api_key_header=options.api_key_header,
+                ipv6_prefix=options.ipv6_prefix,
+            )
+
+    def middleware_policy(self) -> Policy:
+        if self.policy is None:
+            raise ImproperlyConfigured(
+                "RateLimitMiddleware needs settings.TOKENLIMIT['LIMIT'] (tokenlimit.E003)"
+            )
+        return self.policy
+
+    def close(self) -> None:
+        # The async twin's clients close with their event loops (LoopLocalBackend).
+        self.sync.close()
+
+
+_lock = threading.Lock()
+_current: _State | None = None
+
+
+def _state() -> _State:
+    global _current
+    state = _current
+    if state is None:
+        with _lock:
+            if _current is None:
+                _current = _State(getattr(settings, "TOKENLIMIT", None))
+            state = _current
+    return state
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    global _current
+    if setting != "TOKENLIMIT":
+        return
+    with _lock:
+        old, _current = _current, None
+    if old is not None:
+        old.close()
+
+
+setting_changed.connect(_forget, dispatch_uid="tokenlimit.integrations.django")
+
+
+# -- identity --------------------------------------------------------------------------------
+def _user_pk(user: Any) -> Any:
+    if user is not None and getattr(user, "is_authenticated", False):
+        return user.pk
+    return None
+
+
+def _api_key(policy: Policy, request: Any) -> str | None:
+    header = policy.api_key_header  # None: API keys are not an identity here
+    return (request.headers.get(header) or None) if header else None
+
+
+def _default_sync(policy: Policy, request: Any) -> str:
+    api_key = _api_key(policy, request)
+    user_id = None if api_key else _user_pk(getattr(request, "user", None))
+    return policy.identity(
+        api_key=api_key,
+        user_id=user_id,
+        peer=request.META.get("REMOTE_ADDR"),
+        forwarded_for=request.META.get("HTTP_X_FORWARDED_FOR"),
+    )
+
+
+async def _default_async(policy: Policy, request: Any) -> str:
+    api_key = _api_key(policy, request)
+    user_id = None
+    if not api_key:
+        # request.user is lazy and may query the database: never on the event loop.
+        auser = getattr(request, "auser", None)
+        if callable(auser):
+            user_id = _user_pk(await auser())
+        else:
+            user = getattr(request, "user", None)
+            if isinstance(user, LazyObject):
+                user_id = await sync_to_async(_user_pk)(user)
+            else:
+                user_id = _user_pk(user)
+    return policy.identity(
+        api_key=api_key,
+        user_id=user_id,
+        peer=request.META.get("REMOTE_ADDR"),
+        forwarded_for=request.META.get("HTTP_X_FORWARDED_FOR"),
+    )
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _identity_sync(policy: Policy, request: Any) -> str:
+    if policy.key is not None:
+        result: Any = policy.key(request)
+        if inspect.isawaitable(result):  # an async KEY behind a sync middleware chain
+            result = async_to_sync(_awaited)(result)
+        if result is not None:
+            return str(result)
+    return _default_sync(policy, request)
+
+
+async def _identity_async(policy: Policy, request: Any) -> str:
+    if policy.key is not None:
+        result = await call_key(policy.key, request)
+        if result is not None:
+            return result
+    return await _default_async(policy, request)
+
+
+def _bucket(scope: str | None, identity: str) -> str:
+    # The middleware's bucket is the identity itself; a decorated view's adds the view's
+    # qualified name (which cannot contain "|"), so each view has its own.
+    return identity if scope is None else f"view:{scope}|{identity}"
+
+
+# -- responses -------------------------------------------------------------------------------
+def _combined(decisions: list[Decision]) -> Decision:
+    """The middleware's and the views' decisions as one, most restrictive first, all listed."""
+    if len(decisions) == 1:
+        return decisions[0]
+    parts = tuple(part for d in decisions for part in (d.details or (d,)))
+    refused = [d for d in decisions if not d.allowed]
+    if refused:
+        worst = max(refused, key=lambda d: d.retry_after)
+    else:
+        worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))
+    return dataclasses.replace(worst, details=parts)
+
+
+def _annotate(request: Any, response: Any) -> Any:
+    decisions: list[Decision] = getattr(request, _DECISIONS, None) or []
+    if decisions and response is not None:
+        for name, value in rate_limit_headers(_combined(decisions)):
+            response[name] = value
+    return response
+
+
+def _admitted(request: Any, policy: Policy, decision: Decision) -> Any:
+    """Record the decision; the 429 response when it is a refusal, else None."""
+    if policy.headers:
+        decisions = getattr(request, _DECISIONS, None)
+        if decisions is None:
+            decisions = []
+            setattr(request, _DECISIONS, decisions)
+        decisions.append(decision)
+    if decision.allowed:
+        return None
+    response = HttpResponse(refused_body(decision), status=429, content_type="application/json")
+    # Retry-After is HTTP's own answer to a 429: sent even with HEADERS off.
+    response["Retry-After"] = str(retry_after_seconds(decision))
+    return _annotate(request, response)
+
+
+def _unavailable() -> Any:
+    # Storage failed and failure_mode is "closed": 503, with no Retry-After (nobody knows when).
+    return HttpResponse(unavailable_body(), status=503, content_type="application/json")
+
+
+def _enter_sync(
+    state: _State, policy: Policy, scope: str | None, request: Any
+) -> Any:  # HttpResponse to answer at once, or None to go on
+    key = _bucket(scope, _identity_sync(policy, request))
+    try:
+        decision = decide_sync(state.sync, key, policy.limits, policy.cost)
+    except BackendError:
+        return _unavailable()
+    return _admitted(request, policy, decision)
+
+
+async def _enter_async(state: _State, policy: Policy, scope: str | None, request: Any) -> Any:
+    key = _bucket(scope, await _identity_async(policy, request))
+    try:
+        decision = await decide_async(state.async_, key, policy.limits, policy.cost)
+    except BackendError:
+        return _unavailable()
+    return _admitted(request, policy, decision)
+
+
+# -- middleware ------------------------------------------------------------------------------
+class RateLimitMiddleware:
+    """Apply ``settings.TOKENLIMIT['LIMIT']`` to every request but the exempt paths.
+
+    Put it after ``AuthenticationMiddleware`` so the default identity can see the user. Sync
+    and async capable: Django picks the mode that fits the chain around it.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+        _state().middleware_policy()  # a bad setting fails at start-up, not at a request
+
+    def __call__(self, request: Any) -> Any:
+        if self._async:
+            return self.__acall__(request)
+        state = _state()
+        policy = state.middleware_policy()
+        if policy.is_exempt(request.path_info):
+            return self.get_response(request)
+        refused = _enter_sync(state, policy, None, request)
+        if refused is not None:
+            return refused
+        return _annotate(request, self.get_response(request))
+
+    async def __acall__(self, request: Any) -> Any:
+        state = _state()
+        policy = state.middleware_policy()
+        if policy.is_exempt(request.path_info):
+            return await self.get_response(request)
+        refused = await _enter_async(state, policy, None, request)
+        if refused is not None:
+            return refused
+        return _annotate(request, await self.get_response(request))
+
+    def process_exception(self, request: Any, exception: Exception) -> Any:
+        """A view's own ``RateLimitExceeded`` (``@rate_limit`` inside it) answers 429, and a
+        ``BackendError`` 503, as the middleware's own decisions do."""
+        if isinstance(exception, RateLimitExceeded):
+            return _admitted(request, _state().middleware_policy(), exception.decision)
+        if isinstance(exception, BackendError):
+            return _unavailable()
+        return None
+
+
+# -- decorator -------------------------------------------------------------------------------
+class _ViewLimit:
+    """One ``ratelimit(...)``: its limits, key, cost and headers, and the policy they make
+    with the current settings (identity options, default KEY)."""
+
+    __slots__ = ("_cache", "cost", "headers", "key", "limits")
+
+    def __init__(
+        self, limits: tuple[Limit, ...], key: Any, cost: int, headers: bool | None
+    ) -> None:
+        self.limits = limits
+        self.key = key
+        self.cost = cost
+        self.headers = headers
+        self._cache: tuple[_State, Policy] | None = None
+
+    def policy(self, state: _State) -> Policy:
+        cached = self._cache
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        options = state.options
+        policy = Policy.build(
+            self.limits,
+            key=self.key if self.key is not None else options.key,
+            cost=self.cost,
+            trusted_proxies=options.proxies,
+            headers=options.headers if self.headers is None else self.headers,
+            api_key_header=options.api_key_header,
+            ipv6_prefix=options.ipv6_prefix,
+        )
+        self._cache = (state, policy)
+        return policy
+
+    def call_sync(self, scope: str, request: Any, view: Callable[[], Any]) -> Any:
+        state = _state()
+        refused = _enter_sync(state, self.policy(state), scope, request)
+        if refused is not None:
+            return refused
+        return _annotate(request, view())
+
+    async def call_async(self, scope: str, request: Any, view: Callable[[], Any]) -> Any:
+        state = _state()
+        refused = await _enter_async(state, self.policy(state), scope, request)
+        if refused is not None:
+            return refused
+        return _annotate(request, await view())
+
+
+def _qualified(obj: Any) -> str:
+    """The view's qualified name: its bucket scope. ``as_view()`` functions all share one
+    ``__qualname__``, so they are named after their ``view_class``."""
+    owner = getattr(obj, "view_class", None)
+    if isinstance(owner, type):
+        obj = owner
+    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _async_view_instance(function: Any) -> bool:
+    """True for a sync method of an async class-based view: ``method_decorator`` on
+    ``dispatch`` hands us ``partial(view.dispatch)``, which returns a coroutine."""
+    bound = getattr(function, "func", None) if isinstance(function, functools.partial) else None
+    owner = getattr(bound, "__self__", None)
+    return isinstance(owner, View) and bool(type(owner).view_is_async)
+
+
+def _limit_view_class(spec: _ViewLimit, cls: type[Any]) -> type[Any]:
+    scope = _qualified(cls)
+    original = cls.dispatch
+
+    @functools.wraps(original)
+    def dispatch(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        def view() -> Any:
+            return original(self, request, *args, **kwargs)
+
+        # Like View.dispatch: a coroutine for an async view, a response for a sync one.
+        if type(self).view_is_async:
+            return spec.call_async(scope, request, view)
+        return spec.call_sync(scope, request, view)
+
+    cls.dispatch = dispatch
+    return cls
+
+
+def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
+    scope = _qualified(function)
+    if iscoroutinefunction(function):
+
+        @functools.wraps(function)
+        async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+            return await spec.call_async(scope, request, lambda: function(request, *args, **kwargs))
+
+        return async_view
+
+    @functools.wraps(function)
+    def sync_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+        def view() -> Any:
+            return function(request, *args, **kwargs)
+
+        if _async_view_instance(function):
+            return spec.call_async(scope, request, view)
+        return spec.call_sync(scope, request, view)
+
+    return sync_view
+
+
+def ratelimit(
+    limit: Any = None,
+    burst: int | None = None,
+    *,
+    key: Any = None,
+    cost: int = 1,
+    headers: bool | None = None,
+) -> Callable[[V], V]:
+    """Limit one view (function or class-based, sync or async) with its own bucket.
+
+    ``limit`` is a ``Limit``, a string like ``"10/minute"`` (``burst`` overrides its count), or a
+    list of them. ``key`` takes the request and returns the identity (None: the default, as the
+    middleware does, honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
+    ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
+    ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too.
+    """
+    if limit is None:
+        raise ConfigError("limit", "is required, for example ratelimit('10/minute')")
+    if headers is not None and not isinstance(headers, bool):
+        raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
+    checked = Policy.build(limit, burst=burst, key=key, cost=cost)
+    spec = _ViewLimit(checked.limits, checked.key, checked.cost, headers)
+
+    def decorate(view: V) -> V:
+        if isinstance(view, type):
+            if not issubclass(view, View):
+                raise ConfigTypeError("view", f"{view.__name__} is not a django.views.View")
+            return _limit_view_class(spec, view)  # type: ignore[return-value]
+        if not callable(view):
+            raise ConfigTypeError("view", f"must be a view function or class, not {view!r}")
+        return _limit_view(spec, view)  # type: ignore[return-value]
+
+    return decorate
+
+
+# -- app -------------------------------------------------------------------------------------
+class TokenLimitConfig(AppConfig):  # type: ignore[misc]
+    """``INSTALLED_APPS`` entry with the label ``tokenlimit`` (the bare module path works too,
+    labelled ``django``): either way the system checks run at start-up."""
+
+    name = "tokenlimit.integrations.django"
+    label = "tokenlimit"
+    verbose_name = "tokenlimit"
