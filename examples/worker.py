@@ -24,9 +24,12 @@ def call_vendor_api(job: int) -> str:
     return f"result-{job}"
 
 
-def run(limiter: RateLimiter, jobs: int, *, patience: float = 5.0) -> list[float]:
-    """Process ``jobs`` jobs; return the time (seconds since start) each vendor call was made."""
-    started = time.monotonic()
+def run(
+    limiter: RateLimiter, jobs: int, *, patience: float = 5.0, started: float | None = None
+) -> list[float]:
+    """Process ``jobs`` jobs; return when each vendor call was made, in seconds since
+    ``started`` (a ``time.monotonic()`` reading; default: now)."""
+    started = time.monotonic() if started is None else started
     calls = []
     for job in range(jobs):
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,11 @@ def test_worker_bursts_then_paces(url: str) -> None:
 def test_two_workers_share_one_budget(target: object) -> None:
     url = target.url  # type: ignore[attr-defined]
     results: list[list[float]] = []
+    started = time.monotonic()  # one clock for both workers
 
     def one() -> None:
         with tokenlimit.RateLimiter.from_url(url, timeout=5) as limiter:
-            results.append(worker.run(limiter, 7))
+            results.append(worker.run(limiter, 7, started=started))
 
     threads = [threading.Thread(target=one) for _ in range(2)]
     for t in threads:
