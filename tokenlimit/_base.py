@@ -64,12 +64,20 @@ class LimiterBase:
     def failure_mode(self) -> str:
         return self._failure_mode
 
+    @property
+    def metrics(self) -> MetricsSink | None:
+        """The sink given as ``metrics=`` (None: nothing is recorded)."""
+        return self._metrics
+
     def _request(self, key: Any, limit: Any, cost: Any = 1) -> Request:
         return build_request(self._prefix, key, limit, cost)
 
-    def _decoded(self, request: Request, reply: Sequence[int], started: float) -> Decision:
+    def _decoded(
+        self, request: Request, reply: Sequence[int], started: float, *, consume: bool
+    ) -> Decision:
         decision = decode_reply(reply, request.limits)
-        if self._metrics is not None:
+        # A peek decides nothing: counting it would let a dashboard that polls inflate refusals.
+        if consume and self._metrics is not None:
             self._metrics.record_decision(request.limits, decision, time.perf_counter() - started)
         return decision
 

@@ -125,7 +125,7 @@ class RateLimiter(LimiterBase):
             reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
             return self._failed(request, error)
-        return self._decoded(request, reply, started)
+        return self._decoded(request, reply, started, consume=consume)
 
     # -- decorator / context manager ----------------------------------------------------------
     def limit(
@@ -218,7 +218,7 @@ class AsyncRateLimiter(LimiterBase):
             reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
             return self._failed(request, error)
-        return self._decoded(request, reply, started)
+        return self._decoded(request, reply, started, consume=consume)
 
     def limit(
         self,

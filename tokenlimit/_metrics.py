@@ -1,4 +1,4 @@
-"""The metrics hook a limiter calls; ``tokenlimit.metrics`` (later) implements it for Prometheus."""
+"""The metrics hook a limiter calls; ``tokenlimit.metrics`` implements it for Prometheus."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ __all__ = ["MetricsSink"]
 
 @runtime_checkable
 class MetricsSink(Protocol):
-    """Receives one call per decision and per storage failure. Never per-key data."""
+    """Receives one call per decision and per storage failure. Never per-key data.
+
+    A sink may also have ``record_request(route, result)``: the web integrations then call it
+    once per check with the route template and ``"allowed"``, ``"refused"`` or
+    ``"unavailable"``. It is optional, so sinks written before it keep working.
+    """
 
     def record_decision(self, limits: Sequence[Limit], decision: Decision, seconds: float) -> None:
         """A decision was made (``seconds``: time spent in the backend)."""

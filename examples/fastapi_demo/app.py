@@ -13,7 +13,6 @@ Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
 # module globals, and ``hello_limit`` is local to ``create_app``.
 
 import os
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
@@ -21,9 +20,11 @@ from fastapi.responses import PlainTextResponse
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenlimit import AsyncRateLimiter, Decision, Limit
+from tokenlimit import AsyncRateLimiter, Decision
 from tokenlimit.integrations.fastapi import RateLimit, install_handlers
+from tokenlimit.metrics import PrometheusMetrics
 
 # A stand-in for a real token check: bearer token -> user name.
 DEMO_TOKENS = {"alice-token": "alice", "bob-token": "bob"}
@@ -40,53 +41,38 @@ class DemoAuth(AuthenticationBackend):
         return AuthCredentials(["authenticated"]), SimpleUser(name)
 
 
-class DemoMetrics:
-    """Decisions and storage errors counted on a Prometheus registry this app owns.
+class WorkerPid:
+    """Pure ASGI middleware: ``X-Worker-PID`` on every response, so a load test (and
+    ``examples/demo.py``) can see which worker process served each request."""
 
-    Labelled by outcome and limit name only, never by key. A stand-in until the
-    ``tokenlimit[prometheus]`` sink lands.
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_pid(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                pid = (b"x-worker-pid", str(os.getpid()).encode())
+                message = {**message, "headers": [*message.get("headers", []), pid]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_pid)
+
+
+def _metrics() -> PrometheusMetrics | None:
+    """tokenlimit's Prometheus sink on a registry this app owns (None without prometheus_client).
+
+    Decisions by limit and result, latency, storage errors, fail-open admissions, and
+    ``/v1/hello``'s checks by route template: never a key in a label.
     """
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.decisions = Counter(
-            "tokenlimit_decisions",
-            "Rate-limit decisions",
-            ["limit", "result"],
-            registry=self.registry,
-        )
-        self.errors = Counter(
-            "tokenlimit_storage_errors",
-            "Storage failures",
-            ["reason", "failed_open"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "tokenlimit_decision_seconds", "Time spent deciding", registry=self.registry
-        )
-
-    def record_decision(self, limits: Sequence[Limit], decision: Decision, seconds: float) -> None:
-        label = decision.policy.label if decision.policy is not None else "unknown"
-        result = "allowed" if decision.allowed else "refused"
-        self.decisions.labels(label, result).inc()
-        self.latency.observe(seconds)
-
-    def record_error(self, limits: Sequence[Limit], reason: str, failed_open: bool) -> None:
-        self.errors.labels(reason, str(failed_open).lower()).inc()
-
-    def render(self) -> str:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry).decode()
-
-
-def _metrics() -> DemoMetrics | None:
     try:
-        return DemoMetrics()
+        from prometheus_client import CollectorRegistry
     except ImportError:
         return None
+    return PrometheusMetrics(CollectorRegistry())
 
 
 def create_app(url: str | None = None) -> FastAPI:
@@ -100,6 +86,7 @@ def create_app(url: str | None = None) -> FastAPI:
 
     app = FastAPI(title="tokenlimit demo")
     app.add_middleware(AuthenticationMiddleware, backend=DemoAuth())
+    app.add_middleware(WorkerPid)
     install_handlers(app)
 
     @app.get("/v1/hello")
@@ -114,7 +101,9 @@ def create_app(url: str | None = None) -> FastAPI:
     async def metrics_page() -> str:
         if metrics is None:
             return "# metrics arrive with prometheus_client: pip install 'tokenlimit[prometheus]'\n"
-        return metrics.render()
+        from prometheus_client import generate_latest
+
+        return generate_latest(metrics.registry).decode()
 
     return app
 

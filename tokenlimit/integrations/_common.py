@@ -31,6 +31,7 @@ __all__ = [
     "default_identity",
     "ip_identity",
     "rate_limit_headers",
+    "record_request",
     "refused_body",
     "retry_after_seconds",
     "unavailable_body",
@@ -319,6 +320,17 @@ def decide_sync(
     if not isinstance(limiter, RateLimiter):
         raise TypeError("a sync view needs a RateLimiter, not an AsyncRateLimiter")
     return limiter.try_acquire(key, limits, cost=cost)
+
+
+ANY_ROUTE = "*"  # the route label when no template is known (unrouted, or before routing)
+
+
+def record_request(limiter: Any, route: str | None, result: str) -> None:
+    """Count one check on ``route`` (a template, never a raw path) with the limiter's metrics
+    sink, when it has ``record_request`` (an optional part of ``MetricsSink``)."""
+    record = getattr(getattr(limiter, "metrics", None), "record_request", None)
+    if record is not None:
+        record(route or ANY_ROUTE, result)
 
 
 async def call_key(function: KeyFunction, request: Any) -> str | None:

@@ -18,6 +18,7 @@ view decorator, and system checks that report a bad setting at start-up. Sync an
         "TIMEOUT": 0.5,                     # seconds allowed for one decision
         "API_KEY_HEADER": "X-API-Key",      # read first by the default identity; None: off
         "IPV6_PREFIX": 64,                  # IPv6 clients share one bucket per /64
+        "METRICS": "myapp.monitoring.sink", # a MetricsSink (tokenlimit.metrics.PrometheusMetrics)
     }
 
     @ratelimit("10/minute")                 # its own limit and bucket, on top of the middleware's
@@ -59,6 +60,7 @@ from tokenlimit._core import (
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._metrics import MetricsSink
 from tokenlimit._url import parse_url
 from tokenlimit.integrations._common import (
     Policy,
@@ -67,6 +69,7 @@ from tokenlimit.integrations._common import (
     decide_async,
     decide_sync,
     rate_limit_headers,
+    record_request,
     refused_body,
     retry_after_seconds,
     unavailable_body,
@@ -97,6 +100,7 @@ class _Options:
     timeout: float = DEFAULT_TIMEOUT
     api_key_header: str | None = "X-API-Key"
     ipv6_prefix: int = 64
+    metrics: MetricsSink | None = None
 
 
 def _probe(**option: Any) -> Any:
@@ -113,6 +117,16 @@ def _key_function(value: Any) -> Callable[[Any], Any]:
     return cast("Callable[[Any], Any]", function)
 
 
+def _metrics_sink(value: Any) -> MetricsSink | None:
+    """``METRICS``: a dotted path to a ``MetricsSink`` instance (or the instance itself)."""
+    sink: Any = import_string(value) if isinstance(value, str) else value
+    if sink is not None and (isinstance(sink, type) or not isinstance(sink, MetricsSink)):
+        raise ConfigTypeError(
+            "metrics", f"{value!r} is not a MetricsSink (record_decision() and record_error())"
+        )
+    return sink
+
+
 # setting -> (option, check id, validator)
 _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "URL": ("url", "tokenlimit.E002", lambda v: parse_url(v)[1]),
@@ -126,6 +140,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "TIMEOUT": ("timeout", "tokenlimit.E010", check_deadline),
     "API_KEY_HEADER": ("api_key_header", "tokenlimit.E011", lambda v: _probe(api_key_header=v)),
     "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
+    "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
 }
 
 
@@ -222,6 +237,7 @@ class _State:
             "prefix": options.prefix,
             "timeout": options.timeout,
             "failure_mode": options.failure_mode,
+            "metrics": options.metrics,
         }
         try:
             self.sync, self.async_ = limiter_pair(options.url, limiter_options)
@@ -392,6 +408,24 @@ def _admitted(request: Any, policy: Policy, decision: Decision) -> Any:
     return _annotate(request, response)
 
 
+def _route(request: Any) -> str | None:
+    """The matched URL pattern (``items/<int:item_id>``), never the raw path; None before URL
+    resolution (in the middleware, until the view has run) or when nothing matched."""
+    route = getattr(getattr(request, "resolver_match", None), "route", None)
+    return route if isinstance(route, str) else None
+
+
+def _record(limiter: Any, scope: str | None, request: Any, decision: Decision | None) -> None:
+    """Count the check by route; the middleware counts its admissions itself, after the view,
+    when the route is known."""
+    if decision is None:
+        record_request(limiter, _route(request), "unavailable")
+    elif not decision.allowed:
+        record_request(limiter, _route(request), "refused")
+    elif scope is not None:
+        record_request(limiter, _route(request), "allowed")
+
+
 def _unavailable() -> Any:
     # Storage failed and failure_mode is "closed": 503, with no Retry-After (nobody knows when).
     return HttpResponse(unavailable_body(), status=503, content_type="application/json")
@@ -404,7 +438,9 @@ def _enter_sync(
     try:
         decision = decide_sync(state.sync, key, policy.limits, policy.cost)
     except BackendError:
+        _record(state.sync, scope, request, None)
         return _unavailable()
+    _record(state.sync, scope, request, decision)
     return _admitted(request, policy, decision)
 
 
@@ -413,7 +449,9 @@ async def _enter_async(state: _State, policy: Policy, scope: str | None, request
     try:
         decision = await decide_async(state.async_, key, policy.limits, policy.cost)
     except BackendError:
+        _record(state.async_, scope, request, None)
         return _unavailable()
+    _record(state.async_, scope, request, decision)
     return _admitted(request, policy, decision)
 
 
@@ -445,7 +483,9 @@ class RateLimitMiddleware:
         refused = _enter_sync(state, policy, None, request)
         if refused is not None:
             return refused
-        return _annotate(request, self.get_response(request))
+        response = self.get_response(request)
+        record_request(state.sync, _route(request), "allowed")  # resolved by now
+        return _annotate(request, response)
 
     async def __acall__(self, request: Any) -> Any:
         state = _state()
@@ -455,7 +495,9 @@ class RateLimitMiddleware:
         refused = await _enter_async(state, policy, None, request)
         if refused is not None:
             return refused
-        return _annotate(request, await self.get_response(request))
+        response = await self.get_response(request)
+        record_request(state.async_, _route(request), "allowed")  # resolved by now
+        return _annotate(request, response)
 
     def process_exception(self, request: Any, exception: Exception) -> Any:
         """A view's own ``RateLimitExceeded`` (``@rate_limit`` inside it) answers 429, and a

@@ -37,6 +37,7 @@ from tokenlimit.integrations._common import (
     call_key,
     decide_async,
     rate_limit_headers,
+    record_request,
     refused_body,
     unavailable_body,
 )
@@ -116,6 +117,13 @@ async def _identity(policy: Policy, scope: Scope, request: Request | None) -> st
     )
 
 
+def _route(scope: Scope) -> str | None:
+    """The matched route's template (``/items/{item_id}``), never the raw path; None before
+    routing or when nothing matched."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else None
+
+
 class _Guarded:
     """What the dependency and the middleware share: a policy, a limiter, a failure log."""
 
@@ -126,11 +134,13 @@ class _Guarded:
         self._limiter = _check_limiter(limiter)
         self._log = ThrottledLog()
 
-    async def _decide(self, scope: Scope, request: Request | None) -> Decision:
+    def _resolve(self) -> Limiter:
+        # Resolved per request, so ``configure()`` may run after the app is built.
+        return self._limiter if self._limiter is not None else default_async_limiter()
+
+    async def _decide(self, limiter: Limiter, scope: Scope, request: Request | None) -> Decision:
         """Take the policy's cost for this request; ``BackendError`` in closed mode."""
         key = await _identity(self.policy, scope, request)
-        # Resolved per request, so ``configure()`` may run after the app is built.
-        limiter = self._limiter if self._limiter is not None else default_async_limiter()
         try:
             return await decide_async(limiter, key, self.policy.limits, self.policy.cost)
         except BackendError as error:
@@ -179,10 +189,14 @@ class RateLimit(_Guarded):
         super().__init__(policy, limiter)
 
     async def __call__(self, request: Request, response: Response) -> Decision:
+        limiter = self._resolve()
+        route = _route(request.scope)  # the router has matched it before dependencies run
         try:
-            decision = await self._decide(request.scope, request)
+            decision = await self._decide(limiter, request.scope, request)
         except BackendError as error:
+            record_request(limiter, route, "unavailable")
             raise HTTPException(503, "rate limiter unavailable") from error
+        record_request(limiter, route, "allowed" if decision.allowed else "refused")
         if not decision.allowed:
             raise RateLimited(decision, headers=self.policy.headers)
         if self.policy.headers:
@@ -248,18 +262,18 @@ class RateLimitMiddleware(_Guarded):
         if scope["type"] != "http" or self.policy.is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
+        limiter = self._resolve()
         try:
-            decision = await self._decide(scope, None)
+            decision = await self._decide(limiter, scope, None)
         except BackendError:
             # 503, not 429: nothing says when to come back, so no Retry-After either.
+            record_request(limiter, None, "unavailable")  # before routing: no template known
             await _answer(send, 503, unavailable_body(), [])
             return
         fields = rate_limit_headers(decision) if self.policy.headers else []
         if not decision.allowed:
+            record_request(limiter, None, "refused")
             await _answer(send, 429, refused_body(decision), fields)
-            return
-        if not fields:
-            await self.app(scope, receive, send)
             return
         extra = _raw(fields)
 
@@ -272,7 +286,11 @@ class RateLimitMiddleware(_Guarded):
                     message = {**message, "headers": headers + extra}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers if fields else send)
+        finally:
+            # The router has put the matched route in the (shared) scope by now.
+            record_request(limiter, _route(scope), "allowed")
 
 
 def install_handlers(app: Starlette, *, headers: bool = True) -> None:

@@ -38,6 +38,7 @@ from tokenlimit.integrations._common import (
     Policy,
     decide_sync,
     rate_limit_headers,
+    record_request,
     refused_body,
     retry_after_seconds,
     unavailable_body,
@@ -244,7 +245,14 @@ class TokenLimit:
             return
         identity = self._identity(state, policy) + bucket
         limiter = state.limiter if state.limiter is not None else default_sync_limiter()
-        decision = decide_sync(limiter, identity, policy.limits, policy.cost)
+        # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
+        route = request.url_rule.rule if request.url_rule is not None else None
+        try:
+            decision = decide_sync(limiter, identity, policy.limits, policy.cost)
+        except BackendError:
+            record_request(limiter, route, "unavailable")
+            raise
+        record_request(limiter, route, "allowed" if decision.allowed else "refused")
         setattr(g, DECISION, decision)
         if not decision.allowed:
             raise RateLimitExceeded(decision)

@@ -1,0 +1,251 @@
+"""Prometheus metrics for limiters and integrations, on a registry you pass.
+
+    from prometheus_client import CollectorRegistry
+    from tokenlimit.metrics import PrometheusMetrics
+
+    registry = CollectorRegistry()  # or prometheus_client.REGISTRY, if you want the default one
+    limiter = RateLimiter.from_url(url, metrics=PrometheusMetrics(registry))
+
+Series (``tokenlimit`` is the ``namespace``):
+
+- ``tokenlimit_decisions_total{limit, result}``: one per decision the store made (``try_acquire``,
+  each attempt inside ``acquire``, ``peek``), ``result`` ``allowed`` or ``refused``, under the
+  limit the ``Decision`` reports (``Limit.label``); with several limits that is the one that
+  refused, or on admission the one with the fewest tokens left.
+- ``tokenlimit_decision_seconds``: a histogram of the time each of those decisions took.
+- ``tokenlimit_storage_errors_total{reason}``: storage failures (``timeout``, ``connection``,
+  ``server``, ``cluster``, ``protocol``; anything else is ``other``).
+- ``tokenlimit_fail_open_total{limit}``: calls admitted without a decision because storage failed
+  and ``failure_mode="open"``.
+- ``tokenlimit_http_requests_total{route, result}``: one per check an integration makes, by route
+  template (``/items/{item_id}``, never ``/items/42``) and ``allowed``/``refused``/``unavailable``.
+
+No label ever holds a key. Importing this module does not import ``prometheus_client`` and
+registers nothing; each ``PrometheusMetrics`` registers on the registry it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._core import fail_open_decision
+from ._decision import Decision
+from ._errors import ConfigError, ConfigTypeError
+from ._limit import Limit
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = ["DEFAULT_BUCKETS", "PrometheusMetrics"]
+
+# Seconds: a decision is one round trip (sub-millisecond on a LAN), bounded by the limiter's
+# deadline (0.5 s by default).
+DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# BackendError.reason values; anything else counts as "other", so the label stays bounded.
+STORAGE_ERROR_REASONS = ("timeout", "connection", "server", "cluster", "protocol")
+REQUEST_RESULTS = ("allowed", "refused", "unavailable")
+_NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+@dataclass(frozen=True, slots=True)
+class _Families:
+    """The collectors registered for one (registry, namespace)."""
+
+    buckets: tuple[float, ...]
+    decisions: Counter
+    seconds: Histogram
+    errors: Counter
+    fail_open: Counter
+    requests: Counter
+
+
+# One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
+# them: a second sink (a sync and an async limiter, an app factory called twice) counts into the
+# same series instead of failing on prometheus_client's "Duplicated timeseries".
+_lock = threading.Lock()
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, _Families]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _check_buckets(buckets: Any) -> tuple[float, ...]:
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence):
+        raise ConfigTypeError("buckets", f"must be a sequence of seconds, not {buckets!r}")
+    checked: list[float] = []
+    for bound in buckets:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise ConfigTypeError("buckets", f"must hold numbers, not {bound!r}")
+        if math.isnan(bound) or bound <= 0 or (checked and bound <= checked[-1]):
+            raise ConfigError("buckets", f"must be positive and increasing, got {list(buckets)!r}")
+        checked.append(float(bound))
+    if not checked or math.isinf(checked[0]):
+        raise ConfigError("buckets", "must name at least one finite bound")
+    return tuple(checked)
+
+
+def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Families:
+    from prometheus_client import Counter, Histogram
+
+    made: list[Any] = []
+
+    def add(kind: Any, name: str, documentation: str, *args: Any, **kwargs: Any) -> Any:
+        collector = kind(
+            name, documentation, *args, namespace=namespace, registry=registry, **kwargs
+        )
+        made.append(collector)
+        return collector
+
+    try:
+        families = _Families(
+            buckets=buckets,
+            decisions=add(
+                Counter,
+                "decisions",
+                "Rate-limit decisions made by the store, by limit and result.",
+                ["limit", "result"],
+            ),
+            seconds=add(
+                Histogram,
+                "decision_seconds",
+                "Time taken by one rate-limit decision, in seconds.",
+                buckets=buckets,
+            ),
+            errors=add(
+                Counter,
+                "storage_errors",
+                "Rate-limit storage failures, by reason.",
+                ["reason"],
+            ),
+            fail_open=add(
+                Counter,
+                "fail_open",
+                "Calls admitted without a decision because storage failed (failure_mode='open').",
+                ["limit"],
+            ),
+            requests=add(
+                Counter,
+                "http_requests",
+                "Rate-limit checks made by web integrations, by route template and result.",
+                ["route", "result"],
+            ),
+        )
+    except ValueError as error:  # "Duplicated timeseries": names taken by another collector
+        for collector in made:
+            registry.unregister(collector)
+        raise ConfigError(
+            "registry",
+            f"already holds metrics named like namespace {namespace!r} from another collector "
+            f"({error}); pass another registry or namespace",
+        ) from None
+    for reason in (*STORAGE_ERROR_REASONS, "other"):  # present at 0, so rate() works at once
+        families.errors.labels(reason=reason)
+    return families
+
+
+class PrometheusMetrics:
+    """A ``MetricsSink`` counting on a ``prometheus_client`` registry you pass.
+
+    ``registry`` is required: a ``CollectorRegistry`` your app owns and serves, or
+    ``prometheus_client.REGISTRY`` to use the default one. Sinks made on one registry with one
+    ``namespace`` share their series (``buckets`` must then agree). ``buckets`` are the latency
+    histogram's upper bounds, in seconds.
+    """
+
+    __slots__ = ("_families", "_namespace", "_registry")
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        namespace: str = "tokenlimit",
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        try:
+            from prometheus_client import CollectorRegistry
+        except ImportError as error:
+            raise ModuleNotFoundError(
+                "tokenlimit.metrics needs prometheus_client: pip install 'tokenlimit[prometheus]'",
+                name="prometheus_client",
+            ) from error
+        if registry is None:
+            raise ConfigError(
+                "registry",
+                "is required: pass the CollectorRegistry your app serves, or "
+                "prometheus_client.REGISTRY to use the default one",
+            )
+        if not isinstance(registry, CollectorRegistry):
+            raise ConfigTypeError(
+                "registry",
+                f"must be a prometheus_client.CollectorRegistry, not {type(registry).__name__}",
+            )
+        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+            raise ConfigError(
+                "namespace", f"must be a metric name prefix like 'tokenlimit', got {namespace!r}"
+            )
+        bounds = _check_buckets(buckets)
+        with _lock:
+            by_namespace = _registered.setdefault(registry, {})
+            families = by_namespace.get(namespace)
+            if families is None:
+                families = by_namespace[namespace] = _register(registry, namespace, bounds)
+            elif families.buckets != bounds:
+                raise ConfigError(
+                    "buckets",
+                    f"this registry already has {namespace}_decision_seconds with buckets "
+                    f"{list(families.buckets)!r}; pass the same ones, or another registry",
+                )
+        self._registry = registry
+        self._namespace = namespace
+        self._families = families
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry the series live on (serve it with ``generate_latest(registry)``)."""
+        return self._registry
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    # -- MetricsSink --------------------------------------------------------------------------
+    def record_decision(self, limits: Sequence[Limit], decision: Decision, seconds: float) -> None:
+        """Count one decision under the limit it reports, and observe its latency."""
+        self._families.decisions.labels(
+            limit=_label(decision.policy, limits),
+            result="allowed" if decision.allowed else "refused",
+        ).inc()
+        self._families.seconds.observe(max(0.0, seconds))
+
+    def record_error(self, limits: Sequence[Limit], reason: str, failed_open: bool) -> None:
+        """Count one storage failure, and the admission when it failed open."""
+        self._families.errors.labels(
+            reason=reason if reason in STORAGE_ERROR_REASONS else "other"
+        ).inc()
+        if failed_open and limits:
+            # Under the limit the fail-open Decision reports, as record_decision would.
+            policy = fail_open_decision(limits).policy
+            self._families.fail_open.labels(limit=_label(policy, limits)).inc()
+
+    # -- integrations -------------------------------------------------------------------------
+    def record_request(self, route: str, result: str) -> None:
+        """Count one integration check: ``route`` is a template (bounded), never a raw path."""
+        if not isinstance(route, str):
+            raise ConfigTypeError("route", f"must be a route template str, not {route!r}")
+        if result not in REQUEST_RESULTS:
+            raise ConfigError("result", f"must be one of {REQUEST_RESULTS}, got {result!r}")
+        self._families.requests.labels(route=route, result=result).inc()
+
+    def __repr__(self) -> str:
+        return f"PrometheusMetrics(namespace={self._namespace!r})"
+
+
+def _label(policy: Limit | None, limits: Sequence[Limit]) -> str:
+    if policy is None:
+        policy = limits[0] if limits else None
+    return policy.label if policy is not None else "unknown"
