@@ -38,6 +38,9 @@ def types(session: nox.Session) -> None:
 
 @nox.session
 def examples(session: nox.Session) -> None:
-    """The examples run for real: the multi-process demo on an embedded Valkey."""
+    """The examples run for real on an embedded Valkey: the README's main job (the FastAPI demo
+    on two uvicorn workers under load) and the multi-process demo, each for 2 seconds."""
     session.install(".[demo]")
+    out = f"{session.create_tmp()}/demo-output"
+    session.run("python", "examples/demo.py", "--seconds", "2", "--out", out)
     session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
