@@ -33,6 +33,7 @@ __all__ = [
     "rate_limit_headers",
     "record_request",
     "refused_body",
+    "response_headers",
     "retry_after_seconds",
     "unavailable_body",
 ]
@@ -285,6 +286,16 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     if not decision.allowed:
         headers.append(("Retry-After", str(retry_after_seconds(decision))))
     return headers
+
+
+def response_headers(decision: Decision, *, enabled: bool) -> list[tuple[str, str]]:
+    """The headers for a response: all of them, or with ``headers=False`` only a refusal's
+    ``Retry-After`` (HTTP's own answer to a 429, not a rate-limit header)."""
+    if enabled:
+        return rate_limit_headers(decision)
+    if decision.allowed:
+        return []
+    return [("Retry-After", str(retry_after_seconds(decision)))]
 
 
 def refused_body(decision: Decision) -> bytes:

@@ -39,6 +39,7 @@ from tokenlimit.integrations._common import (
     rate_limit_headers,
     record_request,
     refused_body,
+    response_headers,
     unavailable_body,
 )
 
@@ -58,7 +59,7 @@ class RateLimited(HTTPException):
     """
 
     def __init__(self, decision: Decision, *, headers: bool = True) -> None:
-        fields = dict(rate_limit_headers(decision)) if headers else None
+        fields = dict(response_headers(decision, enabled=headers))
         super().__init__(429, "rate limit exceeded", headers=fields)
         self.decision = decision
 
@@ -270,7 +271,7 @@ class RateLimitMiddleware(_Guarded):
             record_request(limiter, None, "unavailable")  # before routing: no template known
             await _answer(send, 503, unavailable_body(), [])
             return
-        fields = rate_limit_headers(decision) if self.policy.headers else []
+        fields = response_headers(decision, enabled=self.policy.headers)
         if not decision.allowed:
             record_request(limiter, None, "refused")
             await _answer(send, 429, refused_body(decision), fields)
@@ -306,7 +307,7 @@ def install_handlers(app: Starlette, *, headers: bool = True) -> None:
 
     async def on_exceeded(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RateLimitExceeded)
-        fields = dict(rate_limit_headers(exc.decision)) if headers else None
+        fields = dict(response_headers(exc.decision, enabled=headers))
         return Response(refused_body(exc.decision), 429, fields, "application/json")
 
     async def on_backend_error(request: Request, exc: Exception) -> Response:
