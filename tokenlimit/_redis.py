@@ -10,6 +10,8 @@ cluster MOVED/ASK/TRYAGAIN redirect (the node refused to run it).
 
 from __future__ import annotations
 
+import inspect
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +60,8 @@ class RedisBackend:
         if not self.is_cluster:
             pool = client.connection_pool  # type: ignore[union-attr]
             self._pool = pool if owned or timeout is None else _private_pool(pool, timeout)
+            if owned:  # ours from the start (from_url): no connection exists yet
+                pool.connection_class = _deadline_class(pool.connection_class)
         self._private = self._pool is not None and not owned and self._pool is not pool
 
     # -- the backend protocol -----------------------------------------------------------------
@@ -140,13 +144,64 @@ def _private_pool(pool: Any, timeout: float) -> Any:
             kwargs[name] = timeout
     try:
         clone = type(pool)(
-            connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+            connection_class=_deadline_class(pool.connection_class),
+            max_connections=pool.max_connections,
+            **kwargs,
         )
     except TypeError:  # a pool that needs more than its connection kwargs (Sentinel): use it
         return pool
     if hasattr(clone, "timeout"):  # BlockingConnectionPool: never wait past the deadline
         clone.timeout = timeout
     return clone
+
+
+# The deadline of the decision this thread is making, for the connections below (or None).
+_deadline = threading.local()
+_MIN_WAIT = 0.001  # a socket timeout of 0 would mean non-blocking, not "time is up"
+
+
+def _deadline_class(cls: Any) -> Any:
+    """``cls``, but connecting and handshaking end by the deadline of the decision that needs it.
+
+    The pool connects inside ``get_connection()``, before ``_roundtrip`` can look at the clock:
+    a TCP connect bounded by ``socket_connect_timeout``, then a handshake of up to four round
+    trips (HELLO, CLIENT SETINFO, ...), each read bounded by ``socket_timeout`` alone. Against a
+    server that is slow but alive (each round trip a little under the limiter's timeout), a
+    fault-proxy test saw every decision take three to four times the timeout, as each one
+    timed out, closed its connection and the next had to connect again. Here the connect and
+    every read get at most what is left of the deadline set by ``_roundtrip``.
+    """
+    if getattr(cls, "_tokenlimit_deadline", False):
+        return cls
+    reads_take_timeout = "timeout" in inspect.signature(cls.read_response).parameters
+
+    class DeadlineConnection(cls):  # type: ignore[misc]
+        _tokenlimit_deadline = True
+
+        def _connect(self) -> Any:
+            conn: Any = self  # redis-py's connections are untyped
+            deadline = getattr(_deadline, "at", None)
+            configured = conn.socket_connect_timeout
+            if deadline is not None:
+                conn.socket_connect_timeout = _left(deadline, configured)
+            try:
+                return super()._connect()
+            finally:
+                conn.socket_connect_timeout = configured
+
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            deadline = getattr(_deadline, "at", None)
+            if deadline is not None and reads_take_timeout and "timeout" not in kwargs:
+                kwargs["timeout"] = _left(deadline, self.socket_timeout)
+            return super().read_response(*args, **kwargs)
+
+    DeadlineConnection.__name__ = DeadlineConnection.__qualname__ = f"Deadline{cls.__name__}"
+    return DeadlineConnection
+
+
+def _left(deadline: float, configured: float | None) -> float:
+    left = max(deadline - time.monotonic(), _MIN_WAIT)
+    return left if configured is None else min(left, configured)
 
 
 def _refresh_slot(cluster: Any, moved: rx.MovedError) -> None:
@@ -166,6 +221,14 @@ def _roundtrip(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) 
     A connection whose replies were not all read is closed: its next reply would belong to us,
     not to the next caller.
     """
+    _deadline.at = deadline  # connecting, inside get_connection(), ends by it too
+    try:
+        return _exchange(pool, commands, deadline)
+    finally:
+        _deadline.at = None
+
+
+def _exchange(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) -> list[Any]:
     try:
         conn = pool.get_connection()
     except (rx.RedisError, OSError) as exc:

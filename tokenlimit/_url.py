@@ -32,6 +32,18 @@ def parse_url(url: Any) -> tuple[str, str]:
     return scheme, url
 
 
+# As many connections as redis-py's default pool; a ``max_connections`` in the URL wins.
+MAX_CONNECTIONS = 100
+
+
+def _pool_options(timeout: float) -> dict[str, Any]:
+    """A blocking pool: a caller that finds every connection busy waits for one, within the
+    deadline. redis-py's default pool (what ``Redis.from_url`` makes) raises "Too many
+    connections" at once instead, so the 101st concurrent decision failed (a 503 from the
+    integrations) while the server was healthy; a fault-proxy test with 300 tasks saw it."""
+    return {**_client_options(timeout), "max_connections": MAX_CONNECTIONS, "timeout": timeout}
+
+
 def _client_options(timeout: float) -> dict[str, Any]:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -84,9 +96,10 @@ def sync_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | N
         startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
         cluster = RedisCluster(startup_nodes=startup, **options)
         return RedisBackend(cluster, owned=True)
-    from redis import Redis
+    from redis import BlockingConnectionPool, Redis
 
-    return RedisBackend(Redis.from_url(url, **_client_options(timeout)), owned=True)
+    pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout))
+    return RedisBackend(Redis.from_pool(pool), owned=True)
 
 
 def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
@@ -106,10 +119,11 @@ def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | 
             client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
             return AsyncRedisBackend(client, owned=True)
     else:
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
 
         def make() -> AsyncRedisBackend:
-            return AsyncRedisBackend(Redis.from_url(url, **_client_options(timeout)), owned=True)
+            pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout))
+            return AsyncRedisBackend(Redis.from_pool(pool), owned=True)
 
     make()  # fail now, at the call that received the URL, not at the first decision
     return LoopLocalBackend(make)
