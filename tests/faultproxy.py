@@ -60,6 +60,12 @@ def _rst_and_abort(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Wait (briefly) until ``writer``'s socket is closed, whatever the reason it closes."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+
+
 @dataclass(eq=False)
 class _Link:
     """One client connection and, unless blackholed from the start, its upstream connection."""
@@ -273,8 +279,7 @@ class FaultProxy:
         # next connect or send already meets a dead connection.
         for link in links:
             for writer in link.writers():
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 5)
+                await _closed(writer)
         self._dropped += len(links)
         return len(links)
 
@@ -336,14 +341,15 @@ class FaultProxy:
         return math.floor(n * self._slow_p + 1e-9) > math.floor((n - 1) * self._slow_p + 1e-9)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._refusing is not None:
-            self._reset += 1
-            _rst_and_abort(writer)
-            return
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
+        if self._refusing is not None:
+            self._reset += 1
+            _rst_and_abort(writer)
+            await _closed(writer)
+            return
         self._accepted += 1
         sock = writer.get_extra_info("socket")
         if sock is not None:  # belt and braces: see _bind
@@ -378,6 +384,8 @@ class FaultProxy:
             self._links.discard(link)
             for w in link.writers():
                 w.close()  # flushes what is buffered; a no-op after abort()
+            for w in link.writers():
+                await _closed(w)  # the sockets are closed when the handler ends
 
     def _delay(self, link: _Link, direction: str) -> float:
         extra = link.slow if direction == "down" else 0.0

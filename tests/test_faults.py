@@ -778,6 +778,7 @@ def test_no_poisoned_connections_after_many_cancelled_async_calls(bed1: Bed, poo
             # No connection was lost to a cancellation: all are back in the pool.
             assert len(blocking._in_use_connections) == 0
             await client.aclose()
+            await blocking.disconnect()  # a pool passed in is not the client's to close
         return outcomes, ran
 
     outcomes, ran = asyncio.run(main())
@@ -875,6 +876,7 @@ def test_small_blocking_pool_many_threads_never_hang(bed1: Bed) -> None:
     finally:
         limiter.close()
         client.close()
+        pool.disconnect()  # a pool passed in is not the client's to close
     summary = {phase: dict(counts) for phase, counts in per_phase.items()}
     print(f"[pool of 2, 16 threads] {summary}")
 
@@ -920,6 +922,7 @@ def test_small_async_blocking_pool_many_tasks_never_hang(bed1: Bed) -> None:
             assert await client.ping()
         finally:
             await client.aclose()
+            await pool.disconnect()  # a pool passed in is not the client's to close
 
     asyncio.run(main())
     summary = {phase: dict(counts) for phase, counts in per_phase.items()}

@@ -4,6 +4,8 @@ closed), with ``asyncio`` bounding every step, connecting and pool waits include
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -22,34 +24,57 @@ T = TypeVar("T")
 _RECANCEL = 0.01  # seconds between cancellations of an exchange that outlived its deadline
 
 
-async def _bounded(exchange: Coroutine[Any, Any, T], timeout: float) -> T:
-    """Run ``exchange`` and return by the deadline, whatever it does with its cancellation.
+if sys.version_info >= (3, 12):  # pragma: no cover - the suite's interpreter is 3.11
 
-    Why not ``asyncio.timeout`` around the exchange: the deadline is a cancellation, and code
-    below us can swallow one. redis-py sends through ``asyncio.wait_for`` when a socket timeout
-    is set (5 s by default since redis-py 8), and before Python 3.12 ``wait_for`` drops a
-    cancellation that lands as its inner send completes: the exchange then ran on with no
-    deadline at all (a fault-proxy test saw 5 s decisions with a 50 ms timeout, and late
-    successes). So the exchange runs in its own task; the caller stops waiting at the deadline
-    in any case, and the task is cancelled until it has ended (``_stop``), so it never keeps a
-    connection. Its own ``finally`` blocks close what it leaves dirty, as before.
-    """
-    task = asyncio.ensure_future(exchange)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
-    except BaseException:  # the caller was cancelled: so is the exchange
-        _stop(task)
-        raise
-    if task in done:
-        return task.result()
+    async def _bounded(exchange: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``exchange`` within the deadline (see the other branch for why not always so)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await exchange
+        except TimeoutError:
+            # classify() makes the redis error the cause; the asyncio one stays as context.
+            raise classify(rx.TimeoutError("no reply before the limiter's deadline"))  # noqa: B904
+
+else:
+
+    async def _bounded(exchange: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``exchange`` and return by the deadline, whatever it does with its cancellation.
+
+        Why not ``asyncio.timeout`` around the exchange, as on 3.12+: the deadline is a
+        cancellation, and below 3.12 code under us swallows one. redis-py sends through
+        ``asyncio.wait_for`` whenever a socket timeout is set (5 s by default since redis-py
+        8), and that ``wait_for`` drops a cancellation that lands as its inner send completes:
+        the exchange then ran on with no deadline at all (a fault-proxy test saw decisions of
+        5 s, and up to a minute with redis-py's connect retries, for a 50 ms timeout). So here
+        the exchange runs in its own task, and the caller stops waiting at the deadline in any
+        case. It costs a task per decision (~30 us), which 3.12's ``wait_for`` makes needless.
+        """
+        task = asyncio.ensure_future(exchange)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=timeout)
+        except asyncio.CancelledError:  # the caller was cancelled: so is the exchange
+            await _stopped(task)
+            raise
+        if task in done:
+            return task.result()
+        await _stopped(task)
+        # classify() makes the redis error the cause, like every other storage failure.
+        raise classify(rx.TimeoutError("no reply before the limiter's deadline"))
+
+
+async def _stopped(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and give it a moment to end: it usually does at once, closing what it
+    left dirty, so the caller returns with its connection back in the pool (and may close the
+    client next), as with ``asyncio.timeout``. If it holds on, ``_stop`` keeps at it."""
     _stop(task)
-    # classify() makes the redis error the cause, like every other storage failure.
-    raise classify(rx.TimeoutError("no reply before the limiter's deadline"))
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait((task,), timeout=_RECANCEL)
 
 
 def _stop(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task``, again and again, until it has ended; then consume its outcome, so an
-    abandoned exchange never logs "exception was never retrieved"."""
+    """Cancel ``task``, again and again (a cancellation may be swallowed too), until it has
+    ended, so it never keeps a connection; then consume its outcome, so an abandoned exchange
+    never logs "exception was never retrieved"."""
     if task.done():
         if not task.cancelled():
             task.exception()
