@@ -1,0 +1,96 @@
+"""Just enough RESP for the limiter's own exchanges: pack a command, read its reply.
+
+The limiter sends only its own scripts (EVALSHA/EVAL), ASKING and DEL, and reads back only
+integers, arrays of integers, simple strings and errors. Doing that here, on bytes, instead of
+through redis-py's command layer saves most of the client-side cost of a decision (redis-py's
+pool, packer and parser account for well over half of it on loopback), and lets many decisions
+share one write. Anything else the server might send is a ``ProtocolError``: the caller then
+drops the connection, never guesses.
+"""
+
+from __future__ import annotations
+
+from redis import exceptions as rx
+
+__all__ = ["ReplyError", "pack", "parse_replies"]
+
+_CRLF = b"\r\n"
+
+
+def pack(*args: bytes | str | int) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+class ReplyError(Exception):
+    """An error reply, still in the server's words (``NOSCRIPT ...``, ``MOVED 3999 h:p``)."""
+
+    def exception(self) -> rx.ResponseError:
+        """The redis-py exception for this error, so callers classify it as usual."""
+        message = str(self.args[0])
+        code, _, rest = message.partition(" ")
+        cls = _ERRORS.get(code)
+        if cls is None:
+            return rx.ResponseError(message)
+        if cls in (rx.MovedError, rx.AskError):
+            return cls(rest)
+        return cls(message)
+
+
+_ERRORS: dict[str, type[rx.ResponseError]] = {
+    "NOSCRIPT": rx.NoScriptError,
+    "MOVED": rx.MovedError,
+    "ASK": rx.AskError,
+    "TRYAGAIN": rx.TryAgainError,
+    "CLUSTERDOWN": rx.ClusterDownError,
+    "READONLY": rx.ReadOnlyError,
+    "LOADING": rx.BusyLoadingError,
+    "NOPERM": rx.NoPermissionError,
+    "OOM": rx.OutOfMemoryError,
+}
+
+
+def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int] | None:
+    """Parse ``count`` replies from the start of ``buf``.
+
+    Returns ``(replies, bytes used)``, or None while ``buf`` does not hold them all yet. An
+    error reply is returned as a ``ReplyError`` (the connection is still in step); a reply of a
+    kind the limiter never asks for raises ``rx.ProtocolError``.
+    """
+    replies: list[object] = []
+    pos = 0
+    for _ in range(count):
+        end = buf.find(_CRLF, pos)
+        if end < 0:
+            return None
+        kind = buf[pos]
+        line = bytes(buf[pos + 1 : end])
+        pos = end + 2
+        if kind == 0x3A:  # ':' integer
+            replies.append(int(line))
+        elif kind == 0x2A:  # '*' array: of integers, for our scripts
+            n = int(line)
+            items = []
+            for _ in range(n):
+                end = buf.find(_CRLF, pos)
+                if end < 0:
+                    return None
+                if buf[pos] != 0x3A:
+                    raise rx.ProtocolError("tokenlimit: unexpected item in a script's reply")
+                items.append(int(buf[pos + 1 : end]))
+                pos = end + 2
+            replies.append(items)
+        elif kind == 0x2D:  # '-' error
+            replies.append(ReplyError(line.decode("utf-8", "replace")))
+        elif kind == 0x2B:  # '+' simple string (ASKING's OK)
+            replies.append(line)
+        else:
+            raise rx.ProtocolError(f"tokenlimit: unexpected reply type {chr(kind)!r}")
+    return replies, pos
