@@ -19,6 +19,7 @@ from typing import Any
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
+from ._resp import pack_bulk
 from ._validate import check_cost, check_key, check_number
 
 __all__ = [
@@ -41,15 +42,21 @@ DEFAULT_TIMEOUT = 0.5
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One decision to make: the bucket keys, the script arguments, and the limits behind them."""
+    """One decision to make: the bucket keys, the script arguments, and the limits behind them.
+
+    ``tail`` is ``numkeys, *keys, *args`` already packed as RESP bulk strings, and ``size`` the
+    number of those strings: a script call is then a header, the script's SHA and ``tail``.
+    """
 
     keys: tuple[str, ...]
     args: tuple[str, ...]
     limits: tuple[Limit, ...]
     cost: int
+    tail: bytes = b""
+    size: int = 0
 
     @property
-    def params(self) -> tuple[tuple[float, int], ...]:
+    def params(self) -> tuple[tuple[int, int], ...]:
         """``(interval_us, burst)`` per limit, as the model and the memory backend take them."""
         return tuple((limit.interval, limit.burst) for limit in self.limits)
 
@@ -85,8 +92,28 @@ def check_deadline(timeout: Any) -> float:
     return check_number("timeout", timeout)
 
 
+# Requests for recent (prefix, key, limit, cost) calls: a hot key skips validation, hashing and
+# packing. Only exact str/Limit/int arguments are cached (hashable, and equal means identical
+# keys); the dict is simply emptied when full, which costs less than LRU bookkeeping.
+_CACHE_SIZE = 4096
+_cache: dict[tuple[str, str, Limit, int], Request] = {}
+
+
 def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
-    """Validate one call's arguments and turn them into keys and script arguments."""
+    """Validate one call's arguments and turn them into keys and packed script arguments."""
+    if type(key) is str and type(limit) is Limit and type(cost) is int:
+        entry = (prefix, key, limit, cost)
+        request = _cache.get(entry)
+        if request is None:
+            request = _build(prefix, key, limit, cost)
+            if len(_cache) >= _CACHE_SIZE:
+                _cache.clear()
+            _cache[entry] = request
+        return request
+    return _build(prefix, key, limit, cost)
+
+
+def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
     identity = check_key(key)
     limits = coerce_limits(limit)
     cost = check_cost(cost)
@@ -101,13 +128,25 @@ def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
     for lim in limits:
         args.append(repr(lim.interval))
         args.append(str(lim.burst))
-    return Request(keys, tuple(args), limits, cost)
+    strings = (str(len(keys)), *keys, *args)
+    return Request(keys, tuple(args), limits, cost, pack_bulk(strings), len(strings))
 
 
 def decode_reply(reply: Sequence[Any], limits: Sequence[Limit]) -> Decision:
     """Turn the script's integer reply into a Decision reporting the most restrictive limit."""
     if len(reply) != 2 + 4 * len(limits):
         raise ValueError(f"unexpected reply length {len(reply)} for {len(limits)} limit(s)")
+    if len(limits) == 1:  # the common case, in one object
+        lim = limits[0]
+        allowed = int(reply[1]) == 1
+        return Decision(
+            allowed,
+            lim.burst,
+            int(reply[3]),
+            0.0 if allowed else int(reply[4]) / 1e6,
+            int(reply[5]) / 1e6,
+            policy=lim,
+        )
     allowed = int(reply[1]) == 1
     details = []
     for i, lim in enumerate(limits):

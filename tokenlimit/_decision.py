@@ -16,7 +16,9 @@ class Decision:
     """The answer to one ``try_acquire``/``acquire``/``peek``.
 
     With several limits, the fields describe the most restrictive one (fewest ``remaining``; on
-    refusal the longest ``retry_after``), and ``details`` holds one ``Decision`` per limit.
+    refusal the longest ``retry_after``), and ``details`` holds one ``Decision`` per limit, in
+    the order given. With one limit ``details`` is empty: the decision is that limit's own
+    (``decision.details or (decision,)`` reads both alike).
     """
 
     allowed: bool

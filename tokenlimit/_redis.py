@@ -11,8 +11,12 @@ cluster MOVED/ASK/TRYAGAIN redirect (the node refused to run it).
 from __future__ import annotations
 
 import inspect
+import os
+import select
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +26,7 @@ from redis.cluster import RedisCluster
 
 from ._core import Request
 from ._errors import BackendError
+from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
 
 __all__ = ["MAX_REDIRECTS", "RedisBackend", "classify"]
@@ -63,17 +68,39 @@ class RedisBackend:
             if owned:  # ours from the start (from_url): no connection exists yet
                 pool.connection_class = _deadline_class(pool.connection_class)
         self._private = self._pool is not None and not owned and self._pool is not pool
+        # The lean path (see _Lanes); off for the cluster, and for TLS once a socket shows it.
+        self._lanes: _Lanes | None = None if self._pool is None else _Lanes(self._pool)
+        self._acquire = acquire_script()
+        self._peek = peek_script()
 
     # -- the backend protocol -----------------------------------------------------------------
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
-        script = acquire_script() if consume else peek_script()
-        reply = self._call(script, request, time.monotonic() + timeout)
+        script = self._acquire if consume else self._peek
+        deadline = time.monotonic() + timeout
+        lanes = self._lanes
+        if lanes is not None:
+            header = b"*%d\r\n" % (request.size + 2)
+            reply = lanes.call(header + script.evalsha + request.tail, deadline)
+            if isinstance(reply, ReplyError):
+                error = reply.exception()
+                if not isinstance(error, rx.NoScriptError):
+                    raise classify(error)
+                # The script did not run: sending its body cannot take tokens twice.
+                reply = lanes.call(header + script.eval + request.tail, deadline)
+                if isinstance(reply, ReplyError):
+                    raise classify(reply.exception())
+            if reply is not _TLS:
+                return reply  # type: ignore[return-value]
+            self._lanes = None  # a TLS socket: redis-py's path, which knows how to read it
+        reply = self._call(script, request, deadline)
         return [int(x) for x in reply]
 
     def reset(self, request: Request, *, timeout: float) -> None:
         self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)
 
     def close(self) -> None:
+        if self._lanes is not None:
+            self._lanes.close()
         if self._owned:
             self.client.close()
         elif self._private:
@@ -125,6 +152,144 @@ class RedisBackend:
             if time.monotonic() >= deadline:
                 break
         raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
+
+
+_TLS = object()  # what _Lanes.call answers when the connection turns out to be TLS
+
+
+class _Lanes:
+    """Connections held out of a pool for the lean path: one write and one read per decision.
+
+    A decision sends its pre-packed command straight to the socket and reads the reply with
+    ``_resp``: no pool lock and queue, no command packer, no response callbacks. A connection
+    is taken from the free list (or the pool) for one exchange and put back only if its reply
+    was read in full, so a connection never carries a stray reply to the next caller; one
+    whose exchange failed or timed out is closed and given back to the pool. Before a send,
+    a zero-timeout poll finds connections the server has closed (restart, CLIENT KILL, idle
+    timeout): nothing was sent on them, so reconnecting cannot double-count.
+
+    Held connections still count against the pool's size. A caller that finds the free list
+    empty waits in the pool (a BlockingConnectionPool), where only ``release`` wakes it; so
+    while anyone waits there (``_waiting``), finished connections go back to the pool instead.
+
+    TLS sockets keep decrypted bytes that ``poll`` cannot see, so they go redis-py's way.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._free: list[tuple[Any, socket.socket, Any]] = []
+        self._waiting = 0
+        self._lock = threading.Lock()
+        _ALL_LANES.add(self)
+
+    def call(self, payload: bytes, deadline: float) -> object:
+        """Send ``payload`` (one command) and return its reply (a ReplyError for an error)."""
+        lane = self._take(deadline)
+        if lane is None:
+            return _TLS
+        conn, sock, poller = lane
+        clean = False
+        try:
+            sock.sendall(payload)
+            buf = b""
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000.0):
+                    raise rx.TimeoutError("no reply before the limiter's deadline")
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise rx.ConnectionError("the server closed the connection")
+                buf += chunk
+                reply = parse_one(buf)
+                if reply is not None:
+                    break
+            clean = True
+            return reply
+        except (rx.RedisError, OSError) as exc:
+            raise classify(exc) from exc
+        finally:
+            if clean:
+                self._free.append(lane)
+                if self._waiting:
+                    self._hand_back()
+            else:
+                conn.disconnect()
+                self._pool.release(conn)
+
+    def _hand_back(self) -> None:
+        """Give one idle connection back to the pool, for a caller waiting there."""
+        try:
+            conn = self._free.pop()[0]
+        except IndexError:
+            return
+        self._pool.release(conn)
+
+    def _take(self, deadline: float) -> tuple[Any, socket.socket, Any] | None:
+        free = self._free
+        while free:
+            try:
+                lane = free.pop()
+            except IndexError:  # another thread took the last one
+                break
+            # Still the socket we polled (a pool.disconnect() closes held connections too),
+            # and nothing readable before we send: not closed by the server, not out of step.
+            if lane[0]._sock is lane[1] and not lane[2].poll(0):
+                return lane
+            lane[0].disconnect()
+            self._pool.release(lane[0])
+        with self._lock:
+            self._waiting += 1
+        # Checked again now that a returning caller sees us waiting (it then hands back).
+        if free:
+            with self._lock:
+                self._waiting -= 1
+            return self._take(deadline)
+        _deadline.at = deadline  # connecting, inside get_connection(), ends by it
+        try:
+            conn = self._pool.get_connection()
+        except (rx.RedisError, OSError) as exc:
+            raise classify(exc) from exc
+        finally:
+            _deadline.at = None
+            with self._lock:
+                self._waiting -= 1
+        sock = getattr(conn, "_sock", None)
+        if not isinstance(sock, socket.socket) or _is_tls(sock):
+            self._pool.release(conn)
+            return None
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return conn, sock, poller
+
+    def close(self) -> None:
+        """Give every held connection back to the pool."""
+        free, self._free = self._free, []
+        for conn, _, _ in free:
+            self._pool.release(conn)
+
+    def forget(self) -> None:
+        """In a forked child: the sockets are the parent's; never use or close them."""
+        self._free = []
+
+
+def _is_tls(sock: socket.socket) -> bool:
+    import ssl
+
+    return isinstance(sock, ssl.SSLSocket)
+
+
+# After a fork the child must not share the parent's sockets (redis-py's pools check the pid;
+# held lanes bypass that check, so they are dropped here instead).
+_ALL_LANES: weakref.WeakSet[_Lanes] = weakref.WeakSet()
+
+
+def _forget_all_lanes() -> None:
+    for lanes in list(_ALL_LANES):
+        lanes.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_lanes)
 
 
 def _private_pool(pool: Any, timeout: float) -> Any:

@@ -4,22 +4,29 @@ The limiter sends only its own scripts (EVALSHA/EVAL), ASKING and DEL, and reads
 integers, arrays of integers, simple strings and errors. Doing that here, on bytes, instead of
 through redis-py's command layer saves most of the client-side cost of a decision (redis-py's
 pool, packer and parser account for well over half of it on loopback), and lets many decisions
-share one write. Anything else the server might send is a ``ProtocolError``: the caller then
+share one write. Anything else the server might send is a ``InvalidResponse``: the caller then
 drops the connection, never guesses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from redis import exceptions as rx
 
-__all__ = ["ReplyError", "pack", "parse_replies"]
+__all__ = ["ReplyError", "pack", "pack_bulk", "parse_one", "parse_replies"]
 
 _CRLF = b"\r\n"
 
 
 def pack(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n" % len(args) + pack_bulk(args)
+
+
+def pack_bulk(args: Sequence[bytes | str | int]) -> bytes:
+    """``args`` as consecutive RESP bulk strings (the body of a command, without its header)."""
+    out = []
     for arg in args:
         if isinstance(arg, str):
             arg = arg.encode()
@@ -29,10 +36,33 @@ def pack(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
+def parse_one(buf: bytes) -> object:
+    """The one reply that ``buf`` holds in full, or None while it is incomplete.
+
+    The fast case, an array of integers (a script's reply), takes one split; anything else
+    goes through ``parse_replies``. More bytes than one reply is a ``rx.InvalidResponse``.
+    """
+    if buf[:1] == b"*":
+        parts = buf.split(_CRLF)
+        n = int(parts[0][1:])
+        if len(parts) < n + 2:
+            return None
+        if len(parts) == n + 2 and parts[-1] == b"":
+            items = parts[1 : n + 1]
+            if all(item[:1] == b":" for item in items):
+                return [int(item[1:]) for item in items]
+    parsed = parse_replies(buf, 1)
+    if parsed is None:
+        return None
+    if parsed[1] != len(buf):
+        raise rx.InvalidResponse("tokenlimit: more bytes than one reply")
+    return parsed[0][0]
+
+
 class ReplyError(Exception):
     """An error reply, still in the server's words (``NOSCRIPT ...``, ``MOVED 3999 h:p``)."""
 
-    def exception(self) -> rx.ResponseError:
+    def exception(self) -> rx.RedisError:
         """The redis-py exception for this error, so callers classify it as usual."""
         message = str(self.args[0])
         code, _, rest = message.partition(" ")
@@ -44,7 +74,7 @@ class ReplyError(Exception):
         return cls(message)
 
 
-_ERRORS: dict[str, type[rx.ResponseError]] = {
+_ERRORS: dict[str, type[rx.RedisError]] = {
     "NOSCRIPT": rx.NoScriptError,
     "MOVED": rx.MovedError,
     "ASK": rx.AskError,
@@ -62,7 +92,7 @@ def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int
 
     Returns ``(replies, bytes used)``, or None while ``buf`` does not hold them all yet. An
     error reply is returned as a ``ReplyError`` (the connection is still in step); a reply of a
-    kind the limiter never asks for raises ``rx.ProtocolError``.
+    kind the limiter never asks for raises ``rx.InvalidResponse``.
     """
     replies: list[object] = []
     pos = 0
@@ -83,7 +113,7 @@ def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int
                 if end < 0:
                     return None
                 if buf[pos] != 0x3A:
-                    raise rx.ProtocolError("tokenlimit: unexpected item in a script's reply")
+                    raise rx.InvalidResponse("tokenlimit: unexpected item in a script's reply")
                 items.append(int(buf[pos + 1 : end]))
                 pos = end + 2
             replies.append(items)
@@ -92,5 +122,5 @@ def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int
         elif kind == 0x2B:  # '+' simple string (ASKING's OK)
             replies.append(line)
         else:
-            raise rx.ProtocolError(f"tokenlimit: unexpected reply type {chr(kind)!r}")
+            raise rx.InvalidResponse(f"tokenlimit: unexpected reply type {chr(kind)!r}")
     return replies, pos

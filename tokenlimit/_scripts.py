@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+from ._resp import pack_bulk
+
 __all__ = ["Script", "acquire_script", "peek_script"]
 
 
@@ -15,12 +17,16 @@ class Script:
     name: str
     body: bytes
     sha: str
+    # ``EVALSHA <sha>`` and ``EVAL <body>`` packed: the start of a call, before ``Request.tail``.
+    evalsha: bytes = b""
+    eval: bytes = b""
 
 
 def _load(name: str) -> Script:
     folder = resources.files("tokenlimit") / "_scripts"
     body = (folder / "bucket.lua").read_bytes() + b"\n" + (folder / f"{name}.lua").read_bytes()
-    return Script(name, body, hashlib.sha1(body).hexdigest())
+    sha = hashlib.sha1(body).hexdigest()
+    return Script(name, body, sha, pack_bulk(("EVALSHA", sha)), pack_bulk(("EVAL", body)))
 
 
 @cache
