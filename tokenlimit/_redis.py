@@ -68,8 +68,11 @@ class RedisBackend:
             if owned:  # ours from the start (from_url): no connection exists yet
                 pool.connection_class = _deadline_class(pool.connection_class)
         self._private = self._pool is not None and not owned and self._pool is not pool
-        # The lean path (see _Lanes); off for the cluster, and for TLS once a socket shows it.
+        self._tls = False
+        # The lean path (see _Lanes): one per pool, so one per node on a cluster; None once a
+        # socket turns out to be TLS.
         self._lanes: _Lanes | None = None if self._pool is None else _Lanes(self._pool)
+        self._node_lanes: dict[Any, _Lanes] | None = {} if self.is_cluster else None
         self._acquire = acquire_script()
         self._peek = peek_script()
 
@@ -77,23 +80,48 @@ class RedisBackend:
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
         deadline = time.monotonic() + timeout
-        lanes = self._lanes
+        lanes = self._lanes if self._node_lanes is None else self._lanes_for(request.keys[0])
         if lanes is not None:
-            header = b"*%d\r\n" % (request.size + 2)
-            reply = lanes.call(header + script.evalsha + request.tail, deadline)
-            if isinstance(reply, ReplyError):
-                error = reply.exception()
-                if not isinstance(error, rx.NoScriptError):
-                    raise classify(error)
-                # The script did not run: sending its body cannot take tokens twice.
-                reply = lanes.call(header + script.eval + request.tail, deadline)
-                if isinstance(reply, ReplyError):
-                    raise classify(reply.exception())
-            if reply is not _TLS:
-                return reply  # type: ignore[return-value]
-            self._lanes = None  # a TLS socket: redis-py's path, which knows how to read it
+            reply = self._fast(lanes, script, request, deadline)
+            if reply is not None:
+                return reply
+        # redis-py's way: TLS, and cluster redirects (the script did not run on a redirect).
         reply = self._call(script, request, deadline)
         return [int(x) for x in reply]
+
+    def _fast(
+        self, lanes: _Lanes, script: Script, request: Request, deadline: float
+    ) -> list[int] | None:
+        """The decision on the lean path, or None where redis-py's path must take it."""
+        header = b"*%d\r\n" % (request.size + 2)
+        reply = lanes.call(header + script.evalsha + request.tail, deadline)
+        if isinstance(reply, ReplyError) and reply.code == "NOSCRIPT":
+            # The script did not run: sending its body cannot take tokens twice.
+            reply = lanes.call(header + script.eval + request.tail, deadline)
+        if isinstance(reply, ReplyError):
+            if reply.code in _REDIRECTS:
+                return None
+            raise classify(reply.exception())
+        if reply is _TLS:
+            self._lanes = None
+            self._node_lanes = None if self._node_lanes is None else {}
+            self._tls = True
+            return None
+        return reply  # type: ignore[return-value]
+
+    def _lanes_for(self, key: str) -> _Lanes | None:
+        """The lean path to the cluster node that serves ``key`` (None: use redis-py's)."""
+        if self._tls:
+            return None
+        cluster: Any = self.client
+        try:
+            pool = cluster.get_redis_connection(cluster.get_node_from_key(key)).connection_pool
+        except (rx.RedisError, OSError, AttributeError):
+            return None  # redis-py's path reports it properly
+        lanes = self._node_lanes.get(pool)  # type: ignore[union-attr]
+        if lanes is None:
+            lanes = self._node_lanes[pool] = _Lanes(pool)  # type: ignore[index]
+        return lanes
 
     def reset(self, request: Request, *, timeout: float) -> None:
         self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)
@@ -101,6 +129,8 @@ class RedisBackend:
     def close(self) -> None:
         if self._lanes is not None:
             self._lanes.close()
+        for lanes in (self._node_lanes or {}).values():
+            lanes.close()
         if self._owned:
             self.client.close()
         elif self._private:
@@ -155,6 +185,7 @@ class RedisBackend:
 
 
 _TLS = object()  # what _Lanes.call answers when the connection turns out to be TLS
+_REDIRECTS = frozenset({"MOVED", "ASK", "TRYAGAIN"})  # cluster: the script did not run
 
 
 class _Lanes:

@@ -62,6 +62,11 @@ def parse_one(buf: bytes) -> object:
 class ReplyError(Exception):
     """An error reply, still in the server's words (``NOSCRIPT ...``, ``MOVED 3999 h:p``)."""
 
+    @property
+    def code(self) -> str:
+        """The error's first word: ``NOSCRIPT``, ``MOVED``, ``ERR``..."""
+        return str(self.args[0]).partition(" ")[0]
+
     def exception(self) -> rx.RedisError:
         """The redis-py exception for this error, so callers classify it as usual."""
         message = str(self.args[0])
