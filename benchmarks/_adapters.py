@@ -134,6 +134,7 @@ class TokenlimitAdapter(Adapter):
     async def aclose(self) -> None:
         if self._async is not None:
             await self._async.aclose()
+            self._async = None
 
 
 class LimitsAdapter(Adapter):
@@ -234,6 +235,13 @@ class ThrottledAdapter(Adapter):
 
         return decide
 
+    async def aclose(self) -> None:
+        if self._astore is not None:
+            # throttled-py has no close(); its backend's client and pool are what hold sockets.
+            client = self._astore._backend.get_client()
+            await client.connection_pool.disconnect()
+            self._astore = None
+
 
 class PyrateAdapter(Adapter):
     name = "pyrate-limiter"
@@ -303,6 +311,7 @@ class PyrateAdapter(Adapter):
     async def aclose(self) -> None:
         if self._aredis is not None:
             await self._aredis.aclose()
+            self._aredis = None
 
 
 PEERS: tuple[type[Adapter], ...] = (LimitsAdapter, ThrottledAdapter, PyrateAdapter)

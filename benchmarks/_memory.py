@@ -3,7 +3,6 @@ and DBSIZE again; then the TTL (PTTL) and MEMORY USAGE of a sample of the keys w
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from collections.abc import Callable
@@ -19,12 +18,14 @@ def _used_memory(client: redis.Redis) -> int:
     """``used_memory`` once it has settled: the server shrinks idle clients' buffers in its cron,
     which would otherwise show up as noise (even negative) in a small difference."""
     last = int(client.info("memory")["used_memory"])
-    for _ in range(20):
+    stable = 0
+    for _ in range(30):
         time.sleep(0.1)
         now = int(client.info("memory")["used_memory"])
-        if abs(now - last) < 1024:
-            return now
+        stable = stable + 1 if abs(now - last) < 1024 else 0
         last = now
+        if stable == 3:
+            break
     return last
 
 
@@ -35,9 +36,11 @@ def measure_memory(
     client.execute_command("FLUSHALL", "SYNC")
     before = _used_memory(client)
     cursor = KeyCursor([f"{prefix}{i}" for i in range(keys)])
+    client.config_resetstat()
     started = time.perf_counter()
     sample = fill(cursor, keys)
     fill_seconds = time.perf_counter() - started
+    stats = client.info("commandstats")
     after = _used_memory(client)
     dbsize = int(client.dbsize())
     names = []
@@ -73,9 +76,38 @@ def measure_memory(
             "max": max(ttls) if ttls else None,
         },
         "no_ttl": sum(1 for v in pttls if v == -1),
+        "server": _server_cost(stats, keys),
         "example_key": names[0].decode("utf-8", "replace") if names else None,
         "example_type": client.type(names[0]).decode() if names else None,
     }
+
+
+def _server_cost(stats: dict[str, Any], decisions: int) -> dict[str, Any]:
+    """What the server spent per decision (INFO commandstats, reset just before the fill): a
+    script's time includes the commands it runs, which are also listed on their own."""
+    commands = {
+        name.removeprefix("cmdstat_"): value
+        for name, value in stats.items()
+        if isinstance(value, dict) and not name.startswith(("cmdstat_info", "cmdstat_config"))
+    }
+    scripts = [v for n, v in commands.items() if n.startswith(("eval", "fcall"))]
+    top = scripts or list(commands.values())
+    usec = sum(int(v["usec"]) for v in top)
+    calls = sum(int(v["calls"]) for v in top)
+    return {
+        "calls_per_decision": calls / decisions if decisions else None,
+        "usec_per_decision": usec / decisions if decisions else None,
+        "commands": {name: int(v["calls"]) for name, v in commands.items()},
+    }
+
+
+def floor_cost(client: redis.Redis, decisions: int) -> dict[str, Any]:
+    """The server's cost of the trivial script (``return 1``), for reference."""
+    sha = client.script_load("return 1")
+    client.config_resetstat()
+    for i in range(decisions):
+        client.evalsha(sha, 1, f"floor:{i}")
+    return _server_cost(client.info("commandstats"), decisions)
 
 
 def sync_fill(decide: Callable[[str], bool]) -> Callable[[KeyCursor, int], Sample]:
@@ -83,27 +115,5 @@ def sync_fill(decide: Callable[[str], bool]) -> Callable[[KeyCursor, int], Sampl
         started = time.perf_counter()
         allowed = sum(1 for key in cursor.keys[:n] if decide(key))
         return Sample(n, allowed, time.perf_counter() - started)
-
-    return fill
-
-
-def async_fill(
-    loop: asyncio.AbstractEventLoop, decide: Callable[[str], Any], tasks: int
-) -> Callable[[KeyCursor, int], Sample]:
-    def fill(cursor: KeyCursor, n: int) -> Sample:
-        async def run() -> Sample:
-            started = time.perf_counter()
-            counts = [0]
-            it = iter(cursor.keys[:n])
-
-            async def worker() -> None:
-                for key in it:  # the tasks share one iterator: each key exactly once
-                    if await decide(key):
-                        counts[0] += 1
-
-            await asyncio.gather(*(worker() for _ in range(tasks)))
-            return Sample(n, counts[0], time.perf_counter() - started)
-
-        return loop.run_until_complete(run())
 
     return fill

@@ -205,6 +205,8 @@ def render(data: dict[str, Any]) -> str:
         ]
         rows = []
         for name, m in memory.items():
+            if "used_memory_after" not in m and "error" not in m:
+                continue  # the floor: server cost only
             if "error" in m:
                 rows.append([name, m["error"], *["-"] * 8])
                 continue
@@ -235,6 +237,20 @@ def render(data: dict[str, Any]) -> str:
             ],
             rows,
         )  # fmt: skip
+        out += [
+            "",
+            "Server cost per decision during that fill (INFO commandstats, reset just before): "
+            "how heavy each library's script is for the server.",
+            "",
+        ]
+        out += _table(
+            ["library", "server µs/decision", "calls/decision", "commands (also inside scripts)"],
+            [
+                [name, *_server_cells(m.get("server"))]
+                for name, m in memory.items()
+                if m.get("server")
+            ],
+        )
 
     http = data.get("fastapi")
     if http:
@@ -285,6 +301,17 @@ def render(data: dict[str, Any]) -> str:
     if data.get("notes"):
         out += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
     return "\n".join(out) + "\n"
+
+
+def _server_cells(server: dict[str, Any] | None) -> list[str]:
+    if not server or server["usec_per_decision"] is None:
+        return ["-", "-", "-"]
+    mix = ", ".join(f"{name} {calls:,}" for name, calls in sorted(server["commands"].items()))
+    return [
+        f"{server['usec_per_decision']:.1f}",
+        f"{server['calls_per_decision']:.2f}",
+        mix,
+    ]
 
 
 def _median(values: list[float]) -> float:

@@ -27,7 +27,7 @@ import redis
 import redis.asyncio
 from _adapters import HOT, KEYS, MEMORY, REFUSED, WORKLOADS, Adapter, Missing, make_adapters
 from _measure import Case, KeyCursor, run_async, run_sync
-from _memory import async_fill, measure_memory, sync_fill
+from _memory import floor_cost, measure_memory, sync_fill
 from _report import environment, find, render
 from _server import valkey_server
 
@@ -204,29 +204,35 @@ class Bench:
             case.check = f"{case.mode} {verdict} {allowed:,}/{calls:,}"
 
     # -- memory --------------------------------------------------------------------------------
+    def release_async(self) -> None:
+        """Close the async clients: dozens of idle connections whose buffers the server trims
+        in its cron would be noise in the memory table."""
+        for adapter in self.adapters:
+            if not isinstance(adapter, Missing):
+                self.loop.run_until_complete(adapter.aclose())
+        if self._aclient is not None:
+            self.loop.run_until_complete(self._aclient.aclose())
+            self._aclient = None
+
     def memory(self) -> dict[str, Any]:
+        """One sync client per library (one connection), K decisions on K distinct keys."""
+        self.release_async()
         results: dict[str, Any] = {}
         for adapter in self.adapters:
             if isinstance(adapter, Missing):
                 results[adapter.name] = {"error": adapter.reason}
                 continue
-            sync = find([c.to_json() for c in self.cases], adapter.name, HOT.name, "sync")
-            asy = find([c.to_json() for c in self.cases], adapter.name, HOT.name, "async64")
-            use_async = (asy.get("median") or 0) > (sync.get("median") or 0)
             try:
-                if use_async:
-                    decide = self.loop.run_until_complete(adapter.async_decider(MEMORY))
-                    fill = async_fill(self.loop, decide, self.args.tasks)
-                else:
-                    fill = sync_fill(adapter.sync_decider(MEMORY))
+                fill = sync_fill(adapter.sync_decider(MEMORY))
                 result = measure_memory(self.client, fill, self.args.keys, "m:")
-                result["mode"] = "async64" if use_async else "sync"
+                result["mode"] = "sync"
                 if result["allowed"] != result["decisions"]:
                     result["error"] = f"only {result['allowed']} of {result['decisions']} allowed"
                 results[adapter.name] = result
             except Exception as exc:
                 results[adapter.name] = {"error": f"{type(exc).__name__}: {exc}"[:120]}
             print(f"memory: {adapter.name} done", file=sys.stderr, flush=True)
+        results["floor: EVALSHA return 1"] = {"server": floor_cost(self.client, 10_000)}
         return results
 
     def close(self) -> None:
