@@ -85,6 +85,10 @@ def _n(value: float | None) -> str:
     return f"{value:,.0f}"
 
 
+def _load(values: list[float] | None) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "unknown"
+
+
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -132,6 +136,8 @@ def render(data: dict[str, Any]) -> str:
         f'- Server: {env["server"]} (127.0.0.1, save "", appendonly no), started by the run',
         f"- tokenlimit {env['tokenlimit']}; fastapi {env['fastapi']}, uvicorn {env['uvicorn']}, "
         f"httpx {env['httpx']}",
+        f"- Load average (1/5/15 min) at start {_load(env.get('load_average_start'))}, at end "
+        f"{_load(env.get('load_average_end'))}: other work on the machine widens the min-max",
         "",
         *_table(
             ["library", "version", "algorithm", "async API", "async conns"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import sys
@@ -330,6 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bench = Bench(url, args)
         try:
             env = environment(bench.client)
+            env["load_average_start"] = _load_average()
             bench.adapters = make_adapters(url)
             bench.add_floors()
             for adapter in bench.adapters:
@@ -344,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 http = measure_fastapi(
                     url,
-                    rounds=args.rounds,
+                    rounds=args.http_rounds,
                     seconds=args.http_seconds,
                     concurrency=args.http_concurrency,
                     log_path=Path(tempfile.mkdtemp(prefix="tokenlimit-bench-")) / "uvicorn.log",
@@ -395,7 +397,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data["targets"] = targets(data)
     data["notes"] = notes(data)
     data["run_seconds"] = time.perf_counter() - started
+    data["environment"]["load_average_end"] = _load_average()
     return data
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def notes(data: dict[str, Any]) -> list[str]:
@@ -415,10 +425,11 @@ def notes(data: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
-    parser.add_argument("--seconds", type=float, default=None, help="seconds per case (1.0)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (10)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per case (0.5)")
     parser.add_argument("--keys", type=int, default=None, help="distinct keys (100000)")
     parser.add_argument("--tasks", type=int, default=64, help="asyncio tasks (64)")
+    parser.add_argument("--http-rounds", type=int, default=None, help="FastAPI rounds (5)")
     parser.add_argument("--http-seconds", type=float, default=None, help="per route run (3.0)")
     parser.add_argument("--http-concurrency", type=int, default=4, help="load clients (4)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
@@ -428,15 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     smoke = args.smoke
     for name, full, tiny in (
-        ("rounds", 5, 1),
-        ("seconds", 1.0, 0.05),
+        ("rounds", 10, 1),
+        ("seconds", 0.5, 0.05),
+        ("http_rounds", 5, 1),
         ("keys", 100_000, 2000),
         ("http_seconds", 3.0, 0.3),
     ):
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else full)
-    if args.rounds < 1 or args.seconds <= 0 or args.keys < 1 or args.tasks < 1:
-        parser.error("need --rounds >= 1, --seconds > 0, --keys >= 1, --tasks >= 1")
+    if min(args.rounds, args.http_rounds, args.keys, args.tasks) < 1 or args.seconds <= 0:
+        parser.error("need --rounds, --http-rounds, --keys, --tasks >= 1 and --seconds > 0")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def stop(signum: int, frame: Any) -> None:
