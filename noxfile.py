@@ -60,10 +60,11 @@ def bench(session: nox.Session) -> None:
         # httpcore imports sniffio on every request when it is there, and searches sys.path for
         # it on every request when it is not: without it the load generator is ~1.4x slower.
         "sniffio",
-        # The peers with their Redis clients. limits[redis] and throttled-py[redis] only add
-        # `redis<8`, which would downgrade the redis-py tokenlimit runs on: they get redis-py
-        # from tokenlimit instead (limits' async backend is coredis, its async-redis extra).
-        "limits[async-redis]",
+        # The peers. limits[redis] and throttled-py[redis] only add `redis<8`, which would
+        # downgrade the redis-py tokenlimit runs on (its async path needs redis-py 8): the peers
+        # use tokenlimit's redis-py instead, limits' async side included (implementation=
+        # "redispy", faster here than coredis from its async-redis extra).
+        "limits",
         "throttled-py",
         "pyrate-limiter[redis]",
     )

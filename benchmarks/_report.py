@@ -154,8 +154,9 @@ def render(data: dict[str, Any]) -> str:
         ),
         "",
         "async conns: connections to the server each library's async client opened under "
-        "64 tasks. pyrate-limiter's 1: its `asyncio.Lock` lets one decision at a time through; "
-        "limits' 1: coredis pipelines concurrent commands on one connection.",
+        "64 tasks. limits runs on redis.asyncio rather than its default coredis bridge (about "
+        "1.5x faster here); pyrate-limiter's `try_acquire_async` would serialize the tasks on "
+        "an `asyncio.Lock`, `await try_acquire(...)` on its async bucket does not.",
         "",
         "## Decisions per second (median, min-max over rounds)",
         "",
