@@ -11,10 +11,25 @@ drops the connection, never guesses.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from redis import exceptions as rx
 
-__all__ = ["ReplyError", "pack", "pack_bulk", "parse_one", "parse_replies"]
+_hiredis: Any
+try:  # the C reader redis-py uses too, when installed (the [hiredis] extra)
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - the suite installs it
+    _hiredis = None
+
+__all__ = [
+    "ReplyError",
+    "ReplyReader",
+    "pack",
+    "pack_bulk",
+    "parse_one",
+    "parse_replies",
+    "take_replies",
+]
 
 _CRLF = b"\r\n"
 
@@ -129,3 +144,100 @@ def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int
         else:
             raise rx.InvalidResponse(f"tokenlimit: unexpected reply type {chr(kind)!r}")
     return replies, pos
+
+
+def take_replies(buf: bytes, count: int) -> tuple[list[object], bytes]:
+    """Up to ``count`` complete replies from the start of ``buf``, and the bytes after them.
+
+    For a stream of pipelined replies read in chunks: what is complete is parsed (the reply
+    kinds of ``parse_replies``), a reply cut by the chunk's end stays in the returned bytes for
+    the next call. One ``split`` for the whole chunk makes a script's reply (an array of
+    integers) cost a few list operations instead of a ``find`` per line.
+    """
+    parts = buf.split(_CRLF)
+    lines = len(parts) - 1  # the last part follows the last CRLF: an incomplete line or b""
+    replies: list[object] = []
+    i = 0
+    while i < lines and len(replies) < count:
+        line = parts[i]
+        kind = line[:1]
+        if kind == b"*":
+            n = int(line[1:])
+            if n < 0:  # a nil array: never a script's reply
+                raise rx.InvalidResponse("tokenlimit: unexpected nil reply")
+            if i + 1 + n > lines:
+                break
+            replies.append(
+                [int(x[1:]) if x[:1] == b":" else _not_int() for x in parts[i + 1 : i + 1 + n]]
+            )
+            i += 1 + n
+            continue
+        if kind == b":":
+            replies.append(int(line[1:]))
+        elif kind == b"-":
+            replies.append(ReplyError(line[1:].decode("utf-8", "replace")))
+        elif kind == b"+":
+            replies.append(line[1:])
+        else:
+            raise rx.InvalidResponse(f"tokenlimit: unexpected reply type {kind!r}")
+        i += 1
+    if i == lines:
+        return replies, parts[-1]
+    return replies, _CRLF.join(parts[i:])
+
+
+def _not_int() -> int:
+    raise rx.InvalidResponse("tokenlimit: unexpected item in a script's reply")
+
+
+_MORE = object()  # hiredis's answer while a reply is incomplete (its default, False, is == 0)
+# hiredis before 3.2 returns RESP3 pushes as plain lists: those cannot be told from a reply.
+_HIREDIS = _hiredis is not None and hasattr(_hiredis, "PushNotification")
+
+
+class ReplyReader:
+    """The replies of pipelined commands from a stream read in chunks, in order.
+
+    hiredis's C reader when installed (about nine times faster than ``take_replies`` on a batch
+    of script replies), else ``take_replies``. With either, a reply of a kind the limiter never
+    asks for (a push, a nil, a map, an array of anything but integers) raises
+    ``rx.InvalidResponse``: the caller drops the connection, never guesses.
+    """
+
+    __slots__ = ("_buf", "_hiredis")
+
+    def __init__(self, *, use_hiredis: bool = True) -> None:
+        self._buf = b""
+        self._hiredis: Any = None
+        if use_hiredis and _HIREDIS:
+            self._hiredis = _hiredis.Reader(
+                replyError=ReplyError, protocolError=rx.InvalidResponse, notEnoughData=_MORE
+            )
+
+    def take(self, chunk: bytes, count: int) -> list[object]:
+        """Feed ``chunk``; return the replies complete so far, at most ``count``."""
+        reader = self._hiredis
+        if reader is None:
+            replies, self._buf = take_replies(self._buf + chunk if self._buf else chunk, count)
+            return replies
+        reader.feed(chunk)
+        replies = []
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is _MORE:
+                break
+            kind = type(reply)
+            if kind is list:
+                for item in reply:
+                    if type(item) is not int:
+                        raise rx.InvalidResponse("tokenlimit: unexpected item in a script's reply")
+            elif kind is not int and kind is not ReplyError and kind is not bytes:
+                raise rx.InvalidResponse(f"tokenlimit: unexpected reply type {kind.__name__}")
+            replies.append(reply)
+        return replies
+
+    def leftover(self) -> bool:
+        """Whether bytes were fed that no reply taken so far accounts for."""
+        if self._hiredis is None:
+            return bool(self._buf)
+        return bool(self._hiredis.has_data())
