@@ -38,8 +38,9 @@ class Workload:
 HOT = Workload("hot", "one hot key, all allowed", 1_000_000)
 REFUSED = Workload("refused", "one hot key, mostly refused", 1)
 KEYS = Workload("keys", "100k distinct keys", 10)
-# For the memory table: a long horizon, so that no key expires while the table is filled.
-MEMORY = Workload("memory", "memory: distinct keys, 100/hour", 100, 3600)
+# For the memory table: a long horizon (one token takes 86.4 s to come back, which is how long
+# a token bucket's key must live), so that no key expires while the table is filled.
+MEMORY = Workload("memory", "memory: distinct keys, 1000/day", 1000, 86400)
 WORKLOADS = (HOT, REFUSED, KEYS)
 
 

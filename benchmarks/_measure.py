@@ -25,10 +25,13 @@ class Sample:
     calls: int
     allowed: int
     elapsed: float
+    errors: int = 0  # decisions that raised (counted in calls): e.g. a deadline missed
+    error: str = ""  # the last one
 
     @property
     def rate(self) -> float:
-        return self.calls / self.elapsed if self.elapsed > 0 else 0.0
+        """Decisions made per second (calls that raised do not count)."""
+        return (self.calls - self.errors) / self.elapsed if self.elapsed > 0 else 0.0
 
 
 @dataclass
@@ -82,13 +85,18 @@ def run_sync(op: SyncOp, cursor: KeyCursor, seconds: float, batch: int = 1) -> S
     """
     keys, n = cursor.keys, len(cursor.keys)
     pos = cursor.pos
-    calls = allowed = 0
+    calls = allowed = errors = 0
+    error: Exception | None = None
     clock = time.perf_counter
     start = clock()
     deadline = start + seconds
     while True:
         for _ in range(8):
-            allowed += int(op(keys[pos]))  # type: ignore[call-overload]
+            try:
+                allowed += int(op(keys[pos]))  # type: ignore[call-overload]
+            except Exception as exc:
+                errors += 1
+                error = exc
             pos += 1
             if pos == n:
                 pos = 0
@@ -97,13 +105,14 @@ def run_sync(op: SyncOp, cursor: KeyCursor, seconds: float, batch: int = 1) -> S
             break
     elapsed = clock() - start
     cursor.pos = pos
-    return Sample(calls * batch, allowed, elapsed)
+    return Sample(calls * batch, allowed, elapsed, errors * batch, _describe(error))
 
 
 async def run_async(op: AsyncOp, cursor: KeyCursor, seconds: float, tasks: int) -> Sample:
     """``tasks`` coroutines each awaiting ``op(key)`` back to back for ``seconds``."""
     keys, n = cursor.keys, len(cursor.keys)
-    counts = [0, 0]  # calls, allowed
+    counts = [0, 0, 0]  # calls, allowed, errors
+    errors: list[Exception] = []
     clock = time.perf_counter
     start = clock()
     deadline = start + seconds
@@ -112,9 +121,18 @@ async def run_async(op: AsyncOp, cursor: KeyCursor, seconds: float, tasks: int) 
         while clock() < deadline:
             pos = cursor.pos
             cursor.pos = pos + 1 if pos + 1 < n else 0
-            if await op(keys[pos]):
-                counts[1] += 1
+            try:
+                if await op(keys[pos]):
+                    counts[1] += 1
+            except Exception as exc:
+                counts[2] += 1
+                errors[:] = [exc]
             counts[0] += 1
 
     await asyncio.gather(*(worker() for _ in range(tasks)))
-    return Sample(counts[0], counts[1], clock() - start)
+    last = errors[0] if errors else None
+    return Sample(counts[0], counts[1], clock() - start, counts[2], _describe(last))
+
+
+def _describe(error: Exception | None) -> str:
+    return "" if error is None else f"{type(error).__name__}: {error}"[:160]

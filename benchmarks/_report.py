@@ -203,7 +203,7 @@ def render(data: dict[str, Any]) -> str:
     if memory:
         out += [
             "",
-            f"## Redis memory per key ({settings['keys']:,} distinct keys, 100/hour each)",
+            f"## Redis memory per key ({settings['keys']:,} distinct keys, 1000/day each)",
             "",
             "`used_memory` after minus before a FLUSHALLed server, per key (DBSIZE) and per "
             "decision (one distinct key each); MEMORY USAGE and PTTL over a sample of up to 1000 "
