@@ -1,5 +1,11 @@
 """The async twin of ``_redis``: same discipline (one send, own deadline, dirty connections
-closed), with ``asyncio`` bounding every step, connecting and pool waits included."""
+closed), with ``asyncio`` bounding every step, connecting and pool waits included.
+
+On a standalone server, decisions made concurrently in one event loop are batched: they share
+one pipelined write and one read, each still its own atomic script call, run at most once, each
+bounded by its own deadline (see ``_batch``). On a cluster each decision makes its own exchange
+with its node, following MOVED/ASK/TRYAGAIN redirects (the script did not run on a redirect).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from ._batch import Batcher, drop_if_stale, header
 from ._core import Request
 from ._errors import BackendError
 from ._redis import MAX_REDIRECTS, classify
@@ -90,16 +97,48 @@ class AsyncRedisBackend:
         self.client = client
         self.is_cluster = isinstance(client, RedisCluster)
         self._owned = owned
+        self._acquire = acquire_script()
+        self._peek = peek_script()
+        # The batcher of the loop this backend decides in. One slot, not a map by loop: an
+        # asyncio client cannot cross loops anyway, and a map's values would keep its keys, the
+        # loops, alive. A decision from another loop (sequential asyncio.run() calls) simply
+        # starts a batcher there; the old one finishes its own work.
+        self._batcher: Batcher | None = None
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
-        script = acquire_script() if consume else peek_script()
-        reply = await _bounded(self._call(script, request), timeout)
-        return [int(x) for x in reply]
+        script = self._acquire if consume else self._peek
+        if self.is_cluster:
+            reply = await _bounded(self._call(script, request), timeout)
+            return [int(x) for x in reply]
+        loop = asyncio.get_running_loop()
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not loop:
+            pool = self.client.connection_pool  # type: ignore[union-attr]
+            batcher = self._batcher = Batcher(loop, pool)
+        future: asyncio.Future[list[int]] = loop.create_future()
+        command = header(request.size + 2) + script.evalsha + request.tail
+        batcher.submit(future, loop.time() + timeout, command, script, request)
+        # The future is all the caller waits on: its deadline is set by the lane's timer, and
+        # a cancellation of the caller cancels only this future (see _batch).
+        return await future
+
+    def batch_counts(self) -> tuple[int, int]:
+        """``(batches written, commands in them)`` by this loop's batcher: for tests, tuning."""
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not asyncio.get_running_loop():
+            return (0, 0)
+        return (batcher.flushes, batcher.commands)
 
     async def reset(self, request: Request, *, timeout: float) -> None:
         await _bounded(self._execute(("DEL", *request.keys), request.keys[0]), timeout)
 
     async def aclose(self) -> None:
+        """Fail the decisions still pending in this loop, end its lanes, then close the
+        client if it is ours."""
+        batcher = self._batcher
+        if batcher is not None and batcher.loop is asyncio.get_running_loop():
+            self._batcher = None
+            await batcher.aclose()
         if self._owned:
             await self.client.aclose()
 
@@ -164,35 +203,11 @@ class AsyncRedisBackend:
         raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
 
 
-async def _drop_if_stale(conn: Any) -> None:
-    """Disconnect a pooled connection the server has closed (restart, CLIENT KILL, idle timeout).
-
-    redis-py's async pool skips this check when maintenance notifications are on ("auto" by
-    default in 8.x) and cluster nodes never make it; without it the first decision on every
-    such connection fails. Nothing has been sent yet, so reconnecting cannot double-count.
-    """
-    if not conn.is_connected:
-        return
-    # A connection reset (RST: a proxy, a load balancer, a network fault) leaves no EOF for
-    # can_read() to see, only a closed transport; without this check the next decision on it
-    # failed with "Connection reset by peer" although the server was up.
-    transport = getattr(getattr(conn, "_writer", None), "transport", None)
-    if transport is not None and transport.is_closing():
-        await conn.disconnect(nowait=True)
-        return
-    try:
-        stale = await conn.can_read()
-    except (rx.ConnectionError, OSError):
-        stale = True
-    if stale:
-        await conn.disconnect()
-
-
 async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write and read every reply; close the connection if cut short."""
     clean = False
     try:
-        await _drop_if_stale(conn)
+        await drop_if_stale(conn)
         if len(commands) == 1:
             await conn.send_command(*commands[0], check_health=False)
         else:

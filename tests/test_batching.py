@@ -1,0 +1,398 @@
+"""Async batching (``tokenlimit._batch``): decisions made concurrently in one event loop share
+one pipelined write, and each is still one atomic script call, run at most once, bounded by its
+own deadline, answered with its own reply, whatever happens to the callers around it.
+
+What the server ran is read from the server itself (``INFO commandstats``, on an admin client);
+how many batches went out, from the backend's counters (``batch_counts``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from faultproxy import FaultProxy
+
+from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit
+from tokenlimit._aredis import AsyncRedisBackend
+from tokenlimit._core import build_request
+from tokenlimit._scripts import acquire_script, peek_script
+
+SLOW = 0.001  # tokens per second: nothing refills during a test
+MARGIN = 0.25  # scheduling on a loaded 2-core machine
+
+
+def commandstats(admin: redis.Redis) -> dict[str, tuple[int, int]]:
+    """``{"evalsha": (calls, failed_calls), "eval": (...)}`` as the server counts them."""
+    stats = admin.info("commandstats")
+    out = {}
+    for name in ("evalsha", "eval"):
+        entry = stats.get(f"cmdstat_{name}", {})
+        out[name] = (int(entry.get("calls", 0)), int(entry.get("failed_calls", 0)))
+    return out
+
+
+def calls_since(admin: redis.Redis, before: dict[str, tuple[int, int]]) -> dict[str, int]:
+    now = commandstats(admin)
+    return {
+        "evalsha": now["evalsha"][0] - before["evalsha"][0],
+        "evalsha failed": now["evalsha"][1] - before["evalsha"][1],
+        "eval": now["eval"][0] - before["eval"][0],
+    }
+
+
+@pytest.fixture
+def admin(standalone: Any) -> Iterator[redis.Redis]:
+    """A sync client on the same server, for counting and for breaking things; the scripts
+    are loaded, so the counts see no NOSCRIPT unless a test asks for one."""
+    with redis.Redis.from_url(standalone.url) as client:
+        client.script_load(acquire_script().body)
+        client.script_load(peek_script().body)
+        yield client
+
+
+@asynccontextmanager
+async def batched(url: str, **options: Any) -> AsyncIterator[AsyncRateLimiter]:
+    """A limiter on a user's ``redis.asyncio.Redis``, so its backend is at hand."""
+    client = redis.asyncio.Redis.from_url(url)
+    options.setdefault("timeout", 5.0)
+    try:
+        limiter = AsyncRateLimiter(client, **options)
+        assert isinstance(limiter.backend, AsyncRedisBackend)
+        yield limiter
+    finally:
+        await client.aclose()
+
+
+def backend(limiter: AsyncRateLimiter) -> AsyncRedisBackend:
+    got = limiter.backend
+    assert isinstance(got, AsyncRedisBackend)
+    return got
+
+
+def expect(decision: object, burst: int, remaining: int) -> None:
+    """A reply that belongs to this call: its own limit, exactly the tokens it left."""
+    assert isinstance(decision, Decision), decision
+    assert decision.allowed
+    assert (decision.limit, decision.remaining) == (burst, remaining)
+
+
+async def own_replies(limiter: AsyncRateLimiter, tag: str, n: int = 40) -> None:
+    """``n`` concurrent calls on fresh buckets with distinct bursts and costs: a reply meant
+    for another call would show another caller's numbers."""
+    limits = [Limit(SLOW, 200 + i) for i in range(n)]
+    got = await asyncio.gather(
+        *(limiter.try_acquire(f"{tag}:{i}", limits[i], cost=1 + i % 7) for i in range(n))
+    )
+    for i, decision in enumerate(got):
+        expect(decision, 200 + i, 200 + i - (1 + i % 7))
+
+
+# -- one write for many decisions, each exact -------------------------------------------------
+def test_500_concurrent_on_one_key_admit_exactly_the_burst_in_few_batches(
+    standalone: Any, admin: redis.Redis
+) -> None:
+    async def main() -> tuple[list[Decision], tuple[int, int]]:
+        async with batched(standalone.url) as limiter:
+            before = backend(limiter).batch_counts()
+            got = await asyncio.gather(
+                *(limiter.try_acquire("hot", Limit(SLOW, 100)) for _ in range(500))
+            )
+            after = backend(limiter).batch_counts()
+            return got, (after[0] - before[0], after[1] - before[1])
+
+    stats = commandstats(admin)
+    decisions, (batches, commands) = asyncio.run(main())
+    ran = calls_since(admin, stats)
+    assert sum(d.allowed for d in decisions) == 100
+    # Every admitted call saw a distinct count: no reply went to two callers.
+    assert sorted(d.remaining for d in decisions if d.allowed) == list(range(100))
+    assert all(d.retry_after > 0 for d in decisions if not d.allowed)
+    # One script call per decision, on the server, and far fewer writes than decisions.
+    assert ran == {"evalsha": 500, "evalsha failed": 0, "eval": 0}
+    assert commands == 500
+    assert batches <= 500 // 10
+    print(f"[500 at once] {batches} batches")
+
+
+def test_each_decision_runs_exactly_once(standalone: Any, admin: redis.Redis) -> None:
+    """Waves of concurrent calls, sequential calls between them, several keys and costs: the
+    server ran one script per call, and each bucket lost exactly what its calls took."""
+    keys, burst = 10, 100_000
+    limit = Limit(SLOW, burst)
+
+    async def main() -> tuple[dict[int, int], int]:
+        taken = dict.fromkeys(range(keys), 0)
+        calls = 0
+        async with batched(standalone.url) as limiter:
+            for wave in range(6):
+                size = 1 + wave * 97
+                costs = [(i % keys, 1 + (i + wave) % 5) for i in range(size)]
+                got = await asyncio.gather(
+                    *(limiter.try_acquire(f"once:{k}", limit, cost=c) for k, c in costs)
+                )
+                assert all(d.allowed for d in got)
+                for k, c in costs:
+                    taken[k] += c
+                calls += size
+                await limiter.try_acquire("once:0", limit)  # one alone, in its own batch
+                taken[0] += 1
+                calls += 1
+            left = {k: (await limiter.peek(f"once:{k}", limit)).remaining for k in range(keys)}
+        return {k: burst - left[k] for k in range(keys)}, calls + keys
+
+    stats = commandstats(admin)
+    used, calls = asyncio.run(main())
+    ran = calls_since(admin, stats)
+    assert ran == {"evalsha": calls, "evalsha failed": 0, "eval": 0}
+    wanted = dict.fromkeys(range(keys), 0)
+    for wave in range(6):
+        for i in range(1 + wave * 97):
+            wanted[i % keys] += 1 + (i + wave) % 5
+    wanted[0] += 6
+    assert used == wanted
+
+
+def test_a_batch_never_exceeds_its_cap(standalone: Any) -> None:
+    from tokenlimit._batch import MAX_BATCH
+
+    n = MAX_BATCH * 3 + 5
+
+    async def main() -> tuple[int, int]:
+        async with batched(standalone.url) as limiter:
+            got = await asyncio.gather(
+                *(limiter.try_acquire(f"cap:{i % 3}", Limit(SLOW, 10_000)) for i in range(n))
+            )
+            assert all(d.allowed for d in got)
+            return backend(limiter).batch_counts()
+
+    batches, commands = asyncio.run(main())
+    assert commands == n
+    assert batches >= 4  # n / MAX_BATCH, rounded up
+
+
+# -- cancellation -----------------------------------------------------------------------------
+def test_cancelling_half_of_1000_callers_poisons_nothing(
+    standalone: Any, admin: redis.Redis
+) -> None:
+    """1000 calls in flight on 20 buckets, every other one cancelled at a different point
+    (before its batch is written, while it is on the wire, after its reply has come): the
+    others get their own replies, every script ran at most once and took exactly its tokens,
+    and every later call gets its own reply."""
+    keys, burst = 20, 100_000
+    limit = Limit(SLOW, burst)
+
+    async def main() -> tuple[int, int, list[int]]:
+        async with batched(standalone.url) as limiter:
+            await limiter.try_acquire("warm", limit)
+            tasks = [
+                asyncio.ensure_future(limiter.try_acquire(f"half:{i % keys}", limit, cost=2))
+                for i in range(1000)
+            ]
+            asked = 0
+            for turn in range(12):  # every other call, cancelled over a few loop turns
+                for i in range(1 + 2 * turn, 1000, 24):
+                    asked += tasks[i].cancel()  # False: it had its reply already
+                await asyncio.sleep(0)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            decided = sum(isinstance(r, Decision) for r in results)
+            cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+            assert decided + cancelled == 1000, [r for r in results if isinstance(r, Exception)]
+            assert cancelled == asked
+            assert asked > 250  # most were cancelled in flight
+            await own_replies(limiter, "after")
+            left = [(await limiter.peek(f"half:{k}", limit)).remaining for k in range(keys)]
+            return decided, cancelled, left
+
+    stats = commandstats(admin)
+    decided, cancelled, left = asyncio.run(main())
+    ran = calls_since(admin, stats)
+    assert ran["evalsha failed"] == 0
+    half_scripts = ran["evalsha"] - 1 - 40 - 20  # minus warm-up, own_replies and peeks
+    assert decided <= half_scripts <= 1000  # cancelled calls ran at most once, or not at all
+    assert sum(burst - r for r in left) == 2 * half_scripts  # each took its two tokens once
+    print(f"[cancel half] decided {decided}, cancelled {cancelled}, ran {half_scripts}")
+
+
+def test_a_caller_timing_out_leaves_the_others_their_replies(standalone: Any) -> None:
+    """Two limiters on one backend, one with a deadline too short to be met: its calls fail
+    with "timeout", the others in the same batches get their own replies."""
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(standalone.url)
+        try:
+            patient = AsyncRateLimiter(client, timeout=5.0)
+            hasty = AsyncRateLimiter(client, timeout=1e-6)
+            hasty.backend = patient.backend  # one backend, so one batcher for both
+            for round_ in range(5):
+                limits = [Limit(SLOW, 300 + i) for i in range(30)]
+                calls = []
+                for i in range(30):
+                    calls.append(patient.try_acquire(f"p{round_}:{i}", limits[i], cost=1 + i % 3))
+                    calls.append(hasty.try_acquire(f"h{round_}:{i}", Limit(SLOW, 5)))
+                got = await asyncio.gather(*calls, return_exceptions=True)
+                for i in range(30):
+                    expect(got[2 * i], 300 + i, 300 + i - (1 + i % 3))
+                    late = got[2 * i + 1]
+                    assert isinstance(late, BackendError), late
+                    assert late.reason == "timeout"
+            await own_replies(patient, "after")
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+# -- the script cache and error replies -------------------------------------------------------
+def test_noscript_in_the_middle_of_a_batch(standalone: Any, admin: redis.Redis) -> None:
+    """The script cache emptied, then only the peek script loaded again: in one batch of
+    peeks and takes, the takes get NOSCRIPT (they did not run), go again as EVAL, and every
+    call gets its own reply."""
+    limit = Limit(SLOW, 1000)
+
+    async def main() -> None:
+        async with batched(standalone.url) as limiter:
+            await limiter.try_acquire("ns:0", limit)
+            for _ in range(3):
+                admin.script_flush()
+                admin.script_load(peek_script().body)
+                n = 60
+                got = await asyncio.gather(
+                    *(
+                        limiter.try_acquire(f"ns:{i % 6}", limit, cost=1)
+                        if i % 2
+                        else limiter.peek(f"ns:{i % 6}", limit)
+                        for i in range(n)
+                    )
+                )
+                assert all(isinstance(d, Decision) and d.allowed for d in got)
+                # The takes on each key saw distinct counts: each ran once, with its own reply.
+                for k in range(6):
+                    seen = [d.remaining for i, d in enumerate(got) if i % 2 and i % 6 == k]
+                    assert len(set(seen)) == len(seen)
+            left = [(await limiter.peek(f"ns:{k}", limit)).remaining for k in range(6)]
+            # ns:0's first call, then 30 takes per round over the odd keys (10 each).
+            taken = [1000 - r for r in left]
+            assert taken == [1, 30, 0, 30, 0, 30]
+            await own_replies(limiter, "after")
+
+    stats = commandstats(admin)
+    asyncio.run(main())
+    ran = calls_since(admin, stats)
+    assert ran["eval"] >= 3  # at least one EVAL per round: the takes that met NOSCRIPT
+
+
+def test_an_error_reply_fails_only_its_own_decision(standalone: Any, admin: redis.Redis) -> None:
+    """A corrupt bucket makes the script answer an error: in the same batch, only that call
+    fails (reason "server"), and the others get their own replies."""
+    limit = Limit(SLOW, 500)
+    corrupt = build_request("tl:", "corrupt", limit).keys[0]
+
+    async def main() -> None:
+        async with batched(standalone.url) as limiter:
+            await limiter.try_acquire("corrupt", limit)
+            admin.set(corrupt, b"not a bucket")
+            for round_ in range(3):
+                calls = [
+                    limiter.try_acquire("corrupt", limit)
+                    if i % 10 == 5
+                    else limiter.try_acquire(f"fine{round_}:{i}", Limit(SLOW, 100 + i), cost=2)
+                    for i in range(50)
+                ]
+                got = await asyncio.gather(*calls, return_exceptions=True)
+                for i, result in enumerate(got):
+                    if i % 10 == 5:
+                        assert isinstance(result, BackendError), result
+                        assert result.reason == "server"
+                        assert "corrupt" in str(result)
+                    else:
+                        expect(result, 100 + i, 100 + i - 2)
+            assert admin.get(corrupt) == b"not a bucket"  # an error reply touched nothing
+            await own_replies(limiter, "after")
+
+    asyncio.run(main())
+
+
+# -- a server that stops answering ------------------------------------------------------------
+def test_a_silent_server_fails_every_caller_by_its_deadline(standalone: Any) -> None:
+    """A blackholed connection: every caller of the batch gets BackendError ("timeout")
+    within its deadline, and that connection is closed, never reused (it would stay silent:
+    the calls after the heal would time out too)."""
+    timeout = 0.05
+    host, port = standalone.host_ports()[0]
+
+    async def main(proxy: FaultProxy) -> list[float]:
+        client = redis.asyncio.Redis(host=proxy.host, port=proxy.port)
+        latencies: list[float] = []
+        try:
+            limiter = AsyncRateLimiter(client, timeout=timeout)
+            await own_replies(limiter, "before")
+
+            async def timed(i: int) -> tuple[float, object]:
+                started = time.monotonic()
+                try:
+                    result: object = await limiter.try_acquire(f"mute:{i}", Limit(SLOW, 9))
+                except BackendError as error:
+                    result = error
+                return time.monotonic() - started, result
+
+            proxy.blackhole()
+            for _ in range(3):
+                for elapsed, result in await asyncio.gather(*(timed(i) for i in range(50))):
+                    assert isinstance(result, BackendError), result
+                    assert result.reason == "timeout"
+                    latencies.append(elapsed)
+            proxy.heal()
+            for round_ in range(3):
+                await own_replies(limiter, f"healed{round_}")
+            pool = client.connection_pool
+            assert len(pool._in_use_connections) == 0  # every connection went back
+        finally:
+            await client.aclose()
+        return latencies
+
+    with FaultProxy(port, host) as proxy:
+        latencies = asyncio.run(main(proxy))
+    assert max(latencies) < timeout + MARGIN, max(latencies)
+
+
+def test_aclose_fails_what_is_in_flight_and_leaves_no_task_behind(
+    standalone: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = standalone.host_ports()[0]
+
+    async def main(proxy: FaultProxy) -> list[object]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        limiter = AsyncRateLimiter.from_url(proxy.url, timeout=5.0)
+        await limiter.try_acquire("closing", Limit(SLOW, 100))
+        proxy.blackhole()
+        calls = [
+            asyncio.ensure_future(limiter.try_acquire("closing", Limit(SLOW, 100)))
+            for _ in range(20)
+        ]
+        await asyncio.sleep(0.05)  # written, never answered
+        started = time.monotonic()
+        await limiter.aclose()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert time.monotonic() - started < 1.0
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert others == []  # no lane left running
+        gc.collect()
+        await asyncio.sleep(0)
+        assert errors == []
+        return results
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"), FaultProxy(port, host) as proxy:
+        results = asyncio.run(main(proxy))
+    assert all(isinstance(r, BackendError) and r.reason == "connection" for r in results), results
+    assert "never retrieved" not in caplog.text

@@ -1,0 +1,370 @@
+"""Async batching: the decisions made concurrently in one event loop share one pipelined write.
+
+Why: a decision is one small script call, so its cost on the client is nearly all per-exchange
+work (a pool checkout and release, a write syscall, a read, a task). Sixty-four coroutines
+deciding at once each paid it; here they pay it once per *batch*, and the server still runs one
+atomic script per decision (EVALSHA each, no MULTI: a batch is a pipeline, not a transaction),
+each at most once.
+
+How, per (backend, event loop), in one ``Batcher``:
+
+- ``submit`` appends the decision (its command packed to bytes, its future, its deadline) to
+  the pending list and, if no flush is scheduled, schedules one with ``loop.call_soon``: every
+  decision made in the same loop iteration joins it. The caller awaits its own future, nothing
+  else: no task and no timer per decision.
+- The flush hands the batch (at most ``MAX_BATCH`` commands; more make several) to a lane: one
+  task holding one pooled connection. It writes every command in one write, then reads exactly
+  as many replies, in order (``_resp.ReplyReader``), resolving each future still pending. It
+  reads every reply whatever became of the callers, so a cancelled or timed-out caller never
+  leaves its reply behind: the connection stays in step. A caller gone before the write is not
+  sent at all. Several lanes may be in flight at once, each on its own connection.
+- After a batch a lane lingers a loop turn or two: the callers it just answered often decide
+  again at once, and their batch goes out on the same connection without a pool checkout and
+  release (in redis-py those cost as much as a dozen decisions). Then it gives it back.
+- Deadlines cost one timer per batch: it fires at the earliest deadline among the batch's
+  unresolved members, fails those whose time is up with ``BackendError`` (reason "timeout")
+  and moves on to the next. A batch is bounded by its latest deadline: past it, or on any error
+  mid-exchange, the lane closes its connection (never reused: a late reply would reach the next
+  caller, CVE-2023-28858) and every member still without a reply gets a ``BackendError``
+  (outcome unknown: its script may have run, once).
+- Cancelling a caller cancels only its own future; a lane, shared, is never cancelled by a
+  caller. The deadlines come from a plain loop callback, so callers get their answer on time
+  even while the lane's task is stuck inside redis-py: below Python 3.12 redis-py's connect
+  sends through ``asyncio.wait_for``, which can swallow a cancellation (see ``_aredis._bounded``),
+  so a lane past its deadline is cancelled again every ``_RECANCEL`` seconds until it ends.
+- An error reply concerns its own decision only. NOSCRIPT means that script did not run, so the
+  decision is resubmitted once as EVAL with the body, in a later batch, with the same deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from redis import exceptions as rx
+
+from ._core import Request
+from ._redis import classify
+from ._resp import ReplyError, ReplyReader
+from ._scripts import Script
+
+__all__ = ["MAX_BATCH", "Batcher", "drop_if_stale", "header"]
+
+MAX_BATCH = 256  # commands per batch: one write never grows without bound
+_RECANCEL = 0.01  # seconds between cancellations of a lane that outlived its deadline
+_CLOSE_WAIT = 1.0  # seconds aclose() waits for the lanes to end
+# A timer may fire up to the clock's resolution before its time; a deadline this close counts
+# as passed, so the timer is not set again for the same instant.
+_SLACK = 1e-6
+_READ = 65536
+_LINGER_TURNS = 2  # loop turns a lane waits for the next batch before giving its connection back
+
+# Member: (future, deadline in loop.time(), packed command, script for a NOSCRIPT fallback or
+# None once the command is the EVAL, request). A tuple: the cheapest record per decision.
+Member = tuple["asyncio.Future[list[int]]", float, bytes, "Script | None", Request]
+
+_HEADERS = tuple(b"*%d\r\n" % n for n in range(64))
+
+
+def header(count: int) -> bytes:
+    """The RESP array header of a command of ``count`` strings."""
+    return _HEADERS[count] if count < 64 else b"*%d\r\n" % count
+
+
+def _deadline_error() -> rx.TimeoutError:
+    return rx.TimeoutError("no reply before the limiter's deadline")
+
+
+class Batcher:
+    """The pending decisions and the lanes (connections at work) of one backend in one loop."""
+
+    __slots__ = ("_handle", "_idle", "_lanes", "_pending", "commands", "flushes", "loop", "pool")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Any) -> None:
+        self.loop = loop
+        self.pool = pool
+        self._pending: list[Member] = []
+        self._handle: asyncio.Handle | None = None
+        self._lanes: set[_Lane] = set()
+        self._idle: list[_Lane] = []  # lanes lingering after a batch, ready for the next
+        # What went to the server: batches written and commands in them (tests, diagnostics).
+        self.flushes = 0
+        self.commands = 0
+
+    def submit(
+        self,
+        future: asyncio.Future[list[int]],
+        deadline: float,
+        command: bytes,
+        script: Script | None,
+        request: Request,
+    ) -> None:
+        """Queue one decision for the next flush; ``future`` gets its reply or BackendError."""
+        self._pending.append((future, deadline, command, script, request))
+        if self._handle is None:
+            self._handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._handle = None
+        pending, self._pending = self._pending, []
+        # A caller cancelled before the write is never sent: its decision is simply not made.
+        live = [member for member in pending if not member[0].done()]
+        for start in range(0, len(live), MAX_BATCH):
+            batch = live[start : start + MAX_BATCH]
+            if self._idle:
+                self._idle.pop().hand(batch)
+            else:
+                _Lane(self, batch)
+
+    async def aclose(self) -> None:
+        """Fail what is pending, stop every lane and wait (briefly) until they end."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        pending, self._pending = self._pending, []
+        _fail(pending, rx.ConnectionError("the limiter was closed"))
+        lanes = list(self._lanes)
+        for lane in lanes:
+            lane.stop(closing=True)
+        if lanes:
+            await asyncio.wait([lane.task for lane in lanes], timeout=_CLOSE_WAIT)
+
+
+def _fail(members: list[Member], exc: BaseException) -> None:
+    for member in members:
+        future = member[0]
+        if not future.done():
+            # One BackendError each: an exception object raised in several tasks would pile
+            # their tracebacks onto one another.
+            future.set_exception(classify(exc))
+
+
+class _Lane:
+    """One task and one pooled connection, serving batches: write all, read all, resolve each.
+
+    After a batch the lane lingers for a loop turn or two (``_linger``) before giving its
+    connection back: the callers it just answered often decide again at once, and their batch
+    then goes out on it without a pool checkout and release (redis-py's cost as much as a
+    dozen decisions).
+    """
+
+    __slots__ = (
+        "batcher",
+        "closing",
+        "ending",
+        "last",
+        "members",
+        "next",
+        "read",
+        "task",
+        "timer",
+    )
+
+    def __init__(self, batcher: Batcher, members: list[Member]) -> None:
+        self.batcher = batcher
+        self.closing = False  # stopped by aclose(), not by a deadline
+        self.ending = False  # cleaning up: a cancellation now would only cut the cleanup short
+        self.next: asyncio.Future[bool] | None = None  # while lingering: set when work comes
+        self.timer: asyncio.TimerHandle | None = None
+        self._begin(members)
+        self.task = batcher.loop.create_task(self._run())
+        batcher._lanes.add(self)
+        self.task.add_done_callback(self._done)
+
+    def _begin(self, members: list[Member]) -> None:
+        self.members = members
+        self.read = 0  # members[:read] have had their reply (resolved, or resubmitted)
+        deadlines = [member[1] for member in members]
+        self.last = max(deadlines)
+        self.timer = self.batcher.loop.call_at(min(deadlines), self._expire)
+
+    def hand(self, members: list[Member]) -> None:
+        """Give this lingering lane its next batch."""
+        self._begin(members)
+        if self.next is not None and not self.next.done():
+            self.next.set_result(True)
+
+    # -- deadlines ----------------------------------------------------------------------------
+    def _expire(self) -> None:
+        """Fail the members whose deadline has passed; past the last one, stop the lane."""
+        self.timer = None
+        loop = self.batcher.loop
+        now = loop.time() + _SLACK
+        upcoming = None
+        for member in self.members[self.read :]:
+            future, deadline = member[0], member[1]
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(classify(_deadline_error()))
+            elif upcoming is None or deadline < upcoming:
+                upcoming = deadline
+        if upcoming is not None:
+            self.timer = loop.call_at(upcoming, self._expire)
+        elif now >= self.last:
+            self.stop()
+        else:  # members cancelled by their callers: still read their replies until the last
+            self.timer = loop.call_at(self.last, self._expire)
+
+    def stop(self, *, closing: bool = False) -> None:
+        """Cancel the lane's task, again and again (a cancellation may be swallowed below
+        3.12, see the module doc) until it has caught one and is cleaning up."""
+        self.closing = self.closing or closing
+        if self.task.done() or self.ending:
+            return
+        self.task.cancel()
+        self.batcher.loop.call_later(_RECANCEL, self.stop)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.batcher._lanes.discard(self)
+        if not task.cancelled():
+            task.exception()  # retrieved: never "Task exception was never retrieved"
+
+    # -- the exchanges ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        pool = self.batcher.pool
+        conn: Any = None
+        clean = False
+        try:
+            conn = await pool.get_connection()
+            while True:
+                clean = False
+                await drop_if_stale(conn)
+                if not conn.is_connected:
+                    await conn.connect()
+                await self._exchange(conn)
+                clean = True
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                if not _LINGER_TURNS or not await self._linger():
+                    break
+        except asyncio.CancelledError:
+            self.ending = True
+            if self.closing:
+                self._fail(rx.ConnectionError("the limiter was closed"))
+            else:
+                self._fail(_deadline_error())
+        except Exception as exc:  # whatever failed, it ends in the members' futures
+            self.ending = True
+            self._fail(exc)
+        finally:
+            self.ending = True
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self in self.batcher._idle:
+                self.batcher._idle.remove(self)
+            if conn is not None:
+                await _give_back(pool, conn, clean)
+
+    async def _exchange(self, conn: Any) -> None:
+        """Write the batch in one write, then read exactly one reply per command, in order."""
+        # Who gave up while the connection was coming is not sent (its decision not made).
+        members = self.members = [m for m in self.members if not m[0].done()]
+        count = len(members)
+        if not count:
+            return
+        reader, writer = conn._reader, conn._writer
+        writer.write(b"".join([member[2] for member in members]))
+        self.batcher.flushes += 1
+        self.batcher.commands += count
+        await writer.drain()
+        replies = ReplyReader()
+        read = 0
+        while read < count:
+            chunk = await reader.read(_READ)
+            if not chunk:
+                raise rx.ConnectionError("the server closed the connection")
+            for reply in replies.take(chunk, count - read):
+                if type(reply) is list:
+                    future = members[read][0]
+                    if not future.done():
+                        future.set_result(reply)
+                else:
+                    self._odd(members[read], reply)
+                read += 1
+            self.read = read
+        if replies.leftover():  # more than our replies: the stream is out of step, drop it
+            raise rx.InvalidResponse("tokenlimit: more bytes than the replies")
+
+    async def _linger(self) -> bool:
+        """Wait a loop turn or two for the next batch: True when one was handed over."""
+        loop = self.batcher.loop
+        self.next = loop.create_future()
+        self.batcher._idle.append(self)
+        # Runs after the callers just answered (their wake-ups were scheduled first), so it
+        # sees whether they started a new batch.
+        loop.call_soon(self._give_up, _LINGER_TURNS)
+        try:
+            return await self.next
+        finally:
+            self.next = None
+
+    def _give_up(self, turns: int) -> None:
+        waiting = self.next
+        if waiting is None or waiting.done():
+            return
+        if self.batcher._handle is not None and turns > 1:  # a batch is forming: wait for it
+            self.batcher.loop.call_soon(self._give_up, turns - 1)
+            return
+        if self in self.batcher._idle:
+            self.batcher._idle.remove(self)
+        waiting.set_result(False)
+
+    def _odd(self, member: Member, reply: object) -> None:
+        """A reply that is not a script's array: an error reply, most likely."""
+        future, deadline, _, script, request = member
+        if future.done():
+            return
+        if isinstance(reply, ReplyError):
+            if reply.code == "NOSCRIPT" and script is not None:
+                # The script did not run: sending its body cannot take tokens twice.
+                command = header(request.size + 2) + script.eval + request.tail
+                self.batcher.submit(future, deadline, command, None, request)
+            else:
+                future.set_exception(classify(reply.exception()))
+        else:
+            error = rx.InvalidResponse(f"tokenlimit: unexpected reply {reply!r:.40}")
+            future.set_exception(classify(error))
+
+    def _fail(self, exc: BaseException) -> None:
+        """Every member without its reply yet: failed, outcome unknown."""
+        _fail(self.members[self.read :], exc)
+
+
+async def _give_back(pool: Any, conn: Any, clean: bool) -> None:
+    """Back to the pool; closed first unless every reply was read (it may still get one)."""
+    try:
+        if not clean:
+            await conn.disconnect(nowait=True)
+    except (rx.RedisError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(rx.RedisError, OSError, KeyError, ValueError):
+            await pool.release(conn)
+
+
+async def drop_if_stale(conn: Any) -> None:
+    """Disconnect a pooled connection the server has closed (restart, CLIENT KILL, idle timeout).
+
+    redis-py's async pool skips this check when maintenance notifications are on ("auto" by
+    default in 8.x) and cluster nodes never make it; without it the first decision on every
+    such connection fails. Nothing has been sent yet, so reconnecting cannot double-count.
+    """
+    if not conn.is_connected:
+        return
+    # A connection reset (RST: a proxy, a load balancer, a network fault) leaves no EOF for
+    # can_read() to see, only a closed transport; without this check the next decision on it
+    # failed with "Connection reset by peer" although the server was up.
+    transport = getattr(getattr(conn, "_writer", None), "transport", None)
+    if transport is not None and transport.is_closing():
+        await conn.disconnect(nowait=True)
+        return
+    try:
+        stale = await conn.can_read()
+    except (rx.ConnectionError, OSError):
+        stale = True
+    if stale:
+        await conn.disconnect()
