@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -138,6 +138,10 @@ class LoopLocalBackend:
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
+        # The loop used last and its backend: a decision finds it without a weak-dict lookup
+        # or an extra coroutine (the loop held weakly, as in the dict).
+        self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._last: Any = None
 
     async def _current(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -150,9 +154,23 @@ class LoopLocalBackend:
             closer = _close_at_shutdown(backend)
             await closer.asend(None)
             entry = self._by_loop[loop] = (backend, closer)
+        self._last_loop, self._last = weakref.ref(loop), entry[0]
         return entry[0]
 
-    async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
+    def decide(
+        self, request: Request, *, consume: bool, timeout: float
+    ) -> Coroutine[Any, Any, Sequence[int]]:
+        # A plain function handing over the loop's backend's coroutine: one coroutine less per
+        # decision on the hot path (awaited by the caller all the same).
+        last = self._last_loop
+        if last is not None and last() is asyncio.get_running_loop():
+            coro: Coroutine[Any, Any, Sequence[int]] = self._last.decide(
+                request, consume=consume, timeout=timeout
+            )
+            return coro
+        return self._decide(request, consume=consume, timeout=timeout)
+
+    async def _decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         backend = await self._current()
         result: Sequence[int] = await backend.decide(request, consume=consume, timeout=timeout)
         return result
@@ -162,7 +180,10 @@ class LoopLocalBackend:
         await backend.reset(request, timeout=timeout)
 
     async def aclose(self) -> None:
-        entry = self._by_loop.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        if self._last_loop is not None and self._last_loop() is loop:
+            self._last_loop, self._last = None, None
+        entry = self._by_loop.pop(loop, None)
         if entry is not None:
             await entry[1].aclose()
 
