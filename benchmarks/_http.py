@@ -25,7 +25,7 @@ from _server import free_port, stop_process
 
 HERE = Path(__file__).resolve().parent
 LOAD_TEST = HERE.parent / "tools" / "load_test.py"
-ROUTES = ("plain", "limited")
+ROUTES = ("plain", "limited", "mw/limited")
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -120,6 +120,9 @@ def measure_fastapi(
         if status != 200 or "x-ratelimit-limit" not in headers:
             raise RuntimeError(f"/limited is not limited: {status} {headers}")
         checks.append(f"/limited answers 200 with X-RateLimit-Limit {headers['x-ratelimit-limit']}")
+        status, headers = _get(base + "/mw/limited")
+        if status != 200 or "x-ratelimit-limit" not in headers:
+            raise RuntimeError(f"/mw/limited is not limited: {status} {headers}")
         statuses = [_get(base + "/tight")[0] for _ in range(3)]
         if statuses[0] != 200 or 429 not in statuses[1:]:
             raise RuntimeError(f"/tight (1/s, burst 1) did not refuse: {statuses}")
@@ -127,15 +130,20 @@ def measure_fastapi(
         for route in ROUTES:  # warm-up: connections, imports, the script cache
             _load(f"{base}/{route}", min(seconds, 0.5), concurrency)
         for number in range(rounds):
-            order = ROUTES if number % 2 == 0 else ROUTES[::-1]
+            shift = number % len(ROUTES)
+            order = ROUTES[shift:] + ROUTES[:shift]
             for route in order:
                 samples[route].append(_sample(f"{base}/{route}", pid, seconds, concurrency))
     medians = {r: statistics.median(s["rps"] for s in samples[r]) for r in ROUTES}
-    paired = [
-        lim["rps"] / plain["rps"]
-        for plain, lim in zip(samples["plain"], samples["limited"], strict=True)
-        if plain["rps"]
-    ]
+
+    def paired(route: str) -> float | None:
+        ratios = [
+            lim["rps"] / plain["rps"]
+            for plain, lim in zip(samples["plain"], samples[route], strict=True)
+            if plain["rps"]
+        ]
+        return statistics.median(ratios) if ratios else None
+
     for route in ROUTES:
         bad = [s for s in samples[route] if s["errors"] or s["refused"]]
         if bad:
@@ -147,6 +155,7 @@ def measure_fastapi(
         "samples": samples,
         "median_rps": medians,
         "ratio_of_medians": medians["limited"] / medians["plain"] if medians["plain"] else None,
-        "paired_ratio_median": statistics.median(paired) if paired else None,
+        "paired_ratio_median": paired("limited"),
+        "middleware_paired_ratio_median": paired("mw/limited"),
         "checks": checks,
     }

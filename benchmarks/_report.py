@@ -293,10 +293,13 @@ def render(data: dict[str, Any]) -> str:
             )
             out += [
                 "",
-                f"- limited / plain, requests/s: {_x(http['paired_ratio_median'])} (median of "
-                f"paired rounds; ratio of medians {_x(http['ratio_of_medians'])})",
-                f"- plain / limited, server CPU per request: {_x(http.get('cpu_ratio'))} (the "
-                "requests/s ratio a CPU-bound server would see)",
+                f"- `RateLimit` dependency, limited / plain: requests/s "
+                f"{_x(http['paired_ratio_median'])} (median of paired rounds; ratio of medians "
+                f"{_x(http['ratio_of_medians'])}); server CPU per request, plain / limited, "
+                f"{_x(http.get('cpu_ratio'))} (the requests/s ratio a CPU-bound server would see)",
+                f"- `RateLimitMiddleware` (mounted sub-app), for comparison: requests/s "
+                f"{_x(http.get('middleware_paired_ratio_median'))}, server CPU "
+                f"{_x(http.get('middleware_cpu_ratio'))}",
                 *[f"- check: {c}" for c in http["checks"]],
             ]
 

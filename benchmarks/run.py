@@ -367,6 +367,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 http["cpu_us_per_request_median"] = per
                 http["cpu_ratio"] = per["plain"] / per["limited"] if per["limited"] else None
+                http["middleware_cpu_ratio"] = (
+                    per["plain"] / per["mw/limited"] if per["mw/limited"] else None
+                )
             except Exception as exc:
                 http = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     cases = [c.to_json() for c in bench.cases]
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=None, help="distinct keys (100000)")
     parser.add_argument("--tasks", type=int, default=64, help="asyncio tasks (64)")
     parser.add_argument("--http-rounds", type=int, default=None, help="FastAPI rounds (5)")
-    parser.add_argument("--http-seconds", type=float, default=None, help="per route run (3.0)")
+    parser.add_argument("--http-seconds", type=float, default=None, help="per route run (2.5)")
     parser.add_argument("--http-concurrency", type=int, default=4, help="load clients (4)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     parser.add_argument("--no-fastapi", action="store_true", help="skip the FastAPI table")
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         ("seconds", 0.5, 0.05),
         ("http_rounds", 5, 1),
         ("keys", 100_000, 2000),
-        ("http_seconds", 3.0, 0.3),
+        ("http_seconds", 2.5, 0.3),
     ):
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else full)
