@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._cache import RefusalCache, check_local_cache
 from ._core import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -29,7 +30,7 @@ __all__ = ["LimiterBase"]
 
 
 class LimiterBase:
-    __slots__ = ("_failure_mode", "_log", "_metrics", "_prefix", "_timeout", "backend")
+    __slots__ = ("_failure_mode", "_log", "_metrics", "_prefix", "_refusals", "_timeout", "backend")
 
     def __init__(
         self,
@@ -39,7 +40,14 @@ class LimiterBase:
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: str = "closed",
         metrics: MetricsSink | None = None,
+        local_cache: bool | int = True,
+        remote: bool = False,
     ) -> None:
+        """``remote``: the backend is a server (Redis, Valkey). Only then is ``local_cache``
+        used: the in-process memory backend gains nothing from it, and may run on an injected
+        clock that the cache's real one would contradict."""
+        size = check_local_cache(local_cache)
+        self._refusals = RefusalCache(size) if size and remote else None
         self._prefix = check_prefix(prefix)
         self._timeout = check_deadline(timeout)
         self._failure_mode = check_failure_mode(failure_mode)
@@ -69,6 +77,11 @@ class LimiterBase:
         """The sink given as ``metrics=`` (None: nothing is recorded)."""
         return self._metrics
 
+    @property
+    def local_cache(self) -> int:
+        """How many refusals are answered in-process at most (0: the cache is off)."""
+        return 0 if self._refusals is None else self._refusals.max_entries
+
     def _request(self, key: Any, limit: Any, cost: Any = 1) -> Request:
         return build_request(self._prefix, key, limit, cost)
 
@@ -76,10 +89,26 @@ class LimiterBase:
         self, request: Request, reply: Sequence[int], started: float, *, consume: bool
     ) -> Decision:
         decision = decode_reply(reply, request.limits)
+        if not decision.allowed and self._refusals is not None:
+            # ``started`` was read before the request was sent: see _cache.py for why.
+            self._refusals.put(request.keys, request.cost, started, decision)
         # A peek decides nothing: counting it would let a dashboard that polls inflate refusals.
         if consume and self._metrics is not None:
             self._metrics.record_decision(request.limits, decision, time.perf_counter() - started)
         return decision
+
+    def _answered(
+        self, request: Request, decision: Decision, started: float, *, consume: bool
+    ) -> Decision:
+        """A refusal from the local cache: still a decision, recorded like one."""
+        if consume and self._metrics is not None:
+            self._metrics.record_decision(request.limits, decision, time.perf_counter() - started)
+        return decision
+
+    def _forget(self, request: Request) -> None:
+        """After ``reset``: the cached refusals for these buckets no longer hold."""
+        if self._refusals is not None:
+            self._refusals.forget(request.keys, time.perf_counter())
 
     @staticmethod
     def _pause(decision: Decision, deadline: float) -> float:

@@ -57,6 +57,21 @@ def _async_backend(client: Any) -> Any:
     )
 
 
+def _on_redis(backend: Any) -> bool:
+    """Whether a sync ``backend`` decides on a Redis/Valkey server (``local_cache`` applies)."""
+    from ._redis import RedisBackend
+
+    return isinstance(backend, RedisBackend)
+
+
+def _on_aredis(backend: Any) -> bool:
+    """Whether an async ``backend`` decides on a Redis/Valkey server."""
+    from ._aredis import AsyncRedisBackend
+    from ._url import LoopLocalBackend  # what from_url makes for Redis URLs (only)
+
+    return isinstance(backend, (AsyncRedisBackend, LoopLocalBackend))
+
+
 def _has(obj: Any, *names: str) -> bool:
     return all(callable(getattr(obj, name, None)) for name in names)
 
@@ -74,13 +89,17 @@ class RateLimiter(LimiterBase):
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: str = "closed",
         metrics: MetricsSink | None = None,
+        local_cache: bool | int = True,
     ) -> None:
+        backend = _sync_backend(client, check_deadline(timeout))
         super().__init__(
-            _sync_backend(client, check_deadline(timeout)),
+            backend,
             prefix=prefix,
             timeout=timeout,
             failure_mode=failure_mode,
             metrics=metrics,
+            local_cache=local_cache,
+            remote=_on_redis(backend),
         )
 
     @classmethod
@@ -117,10 +136,18 @@ class RateLimiter(LimiterBase):
     def reset(self, key: str, limit: Any) -> None:
         """Forget the bucket(s): full again."""
         request = self._request(key, limit)
-        self.backend.reset(request, timeout=self._timeout)
+        try:
+            self.backend.reset(request, timeout=self._timeout)
+        finally:  # after the server's reset, so no refusal made before it is cached after
+            self._forget(request)
 
     def _decide(self, request: Request, *, consume: bool) -> Decision:
         started = time.perf_counter()
+        refusals = self._refusals
+        if refusals is not None:
+            local = refusals.get(request.keys, request.cost, started)
+            if local is not None:
+                return self._answered(request, local, started, consume=consume)
         try:
             reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
@@ -168,13 +195,17 @@ class AsyncRateLimiter(LimiterBase):
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: str = "closed",
         metrics: MetricsSink | None = None,
+        local_cache: bool | int = True,
     ) -> None:
+        backend = _async_backend(client)
         super().__init__(
-            _async_backend(client),
+            backend,
             prefix=prefix,
             timeout=timeout,
             failure_mode=failure_mode,
             metrics=metrics,
+            local_cache=local_cache,
+            remote=_on_aredis(backend),
         )
 
     @classmethod
@@ -210,10 +241,18 @@ class AsyncRateLimiter(LimiterBase):
     async def reset(self, key: str, limit: Any) -> None:
         """Forget the bucket(s): full again."""
         request = self._request(key, limit)
-        await self.backend.reset(request, timeout=self._timeout)
+        try:
+            await self.backend.reset(request, timeout=self._timeout)
+        finally:  # after the server's reset, so no refusal made before it is cached after
+            self._forget(request)
 
     async def _decide(self, request: Request, *, consume: bool) -> Decision:
         started = time.perf_counter()
+        refusals = self._refusals
+        if refusals is not None:
+            local = refusals.get(request.keys, request.cost, started)
+            if local is not None:
+                return self._answered(request, local, started, consume=consume)
         try:
             reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
