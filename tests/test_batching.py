@@ -24,6 +24,7 @@ from faultproxy import FaultProxy
 from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit
 from tokenlimit._aredis import AsyncRedisBackend
 from tokenlimit._core import build_request
+from tokenlimit._resp import ReplyError, ReplyReader
 from tokenlimit._scripts import acquire_script, peek_script
 
 SLOW = 0.001  # tokens per second: nothing refills during a test
@@ -94,6 +95,44 @@ async def own_replies(limiter: AsyncRateLimiter, tag: str, n: int = 40) -> None:
     )
     for i, decision in enumerate(got):
         expect(decision, 200 + i, 200 + i - (1 + i % 7))
+
+
+# -- reading replies that arrive in pieces ---------------------------------------------------
+STREAM = (
+    b"*6\r\n:1722000000123456\r\n:1\r\n:1\r\n:99\r\n:0\r\n:10000\r\n"
+    b"-NOSCRIPT No matching script.\r\n"
+    b"*0\r\n"
+    b":-7\r\n"
+    b"+OK\r\n"
+    b"*2\r\n:0\r\n:-1\r\n"
+)
+PARSED: list[object] = [[1722000000123456, 1, 1, 99, 0, 10000], "NOSCRIPT", [], -7, b"OK", [0, -1]]
+
+
+def _plain(replies: list[object]) -> list[object]:
+    return [r.args[0].split()[0] if isinstance(r, ReplyError) else r for r in replies]
+
+
+@pytest.mark.parametrize("use_hiredis", [True, False])
+def test_replies_split_anywhere_read_the_same(use_hiredis: bool) -> None:
+    for cut in range(len(STREAM) + 1):
+        for cut2 in (cut, min(len(STREAM), cut + 7)):
+            reader = ReplyReader(use_hiredis=use_hiredis)
+            got: list[object] = []
+            for chunk in (STREAM[:cut], STREAM[cut:cut2], STREAM[cut2:]):
+                got += reader.take(chunk, len(PARSED) - len(got))
+            assert _plain(got) == PARSED, cut
+            assert not reader.leftover()
+
+
+@pytest.mark.parametrize("use_hiredis", [True, False])
+def test_replies_of_kinds_never_asked_for_are_refused(use_hiredis: bool) -> None:
+    for odd in (b"*2\r\n:1\r\n$1\r\nx\r\n", b">2\r\n$3\r\nabc\r\n:1\r\n", b"_\r\n", b"*-1\r\n"):
+        with pytest.raises(redis.exceptions.InvalidResponse):
+            ReplyReader(use_hiredis=use_hiredis).take(odd, 1)
+    reader = ReplyReader(use_hiredis=use_hiredis)
+    assert reader.take(b":1\r\n:2\r\n", 1) == [1]
+    assert reader.leftover()  # the second reply was nobody's
 
 
 # -- one write for many decisions, each exact -------------------------------------------------
@@ -396,3 +435,40 @@ def test_aclose_fails_what_is_in_flight_and_leaves_no_task_behind(
         results = asyncio.run(main(proxy))
     assert all(isinstance(r, BackendError) and r.reason == "connection" for r in results), results
     assert "never retrieved" not in caplog.text
+
+
+# -- clients of every kind ----------------------------------------------------------------------
+CLIENTS = {
+    "resp3": {"protocol": 3},
+    "decode_responses": {"decode_responses": True},
+    "pool of one": {"max_connections": 1},
+    "python parser": {},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CLIENTS))
+def test_clients_of_every_kind(standalone: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches read their replies off the socket themselves: whatever the client's protocol,
+    decoding, pool size or parser, every caller gets its own reply."""
+    if kind == "python parser":
+        monkeypatch.setattr("tokenlimit._resp._HIREDIS", False)
+    options = dict(CLIENTS[kind])
+
+    async def main() -> None:
+        if options.pop("max_connections", None):
+            pool = redis.asyncio.BlockingConnectionPool.from_url(standalone.url, max_connections=1)
+            client = redis.asyncio.Redis(connection_pool=pool)
+        else:
+            pool = None
+            client = redis.asyncio.Redis.from_url(standalone.url, **options)
+        try:
+            limiter = AsyncRateLimiter(client, timeout=5.0)
+            for round_ in range(3):
+                await own_replies(limiter, f"{kind}:{round_}", n=300)
+            assert await client.ping()  # and the client still serves its user
+        finally:
+            await client.aclose()
+            if pool is not None:
+                await pool.disconnect()
+
+    asyncio.run(main())
