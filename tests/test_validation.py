@@ -46,6 +46,9 @@ def _cases() -> Iterator[Case]:
     ]
     for v, kind in bad_rates:
         yield f"Limit rate={v!r}", lambda v=v: Limit(v), "rate", kind
+    # the bucket counts whole nanoseconds per token, below 2^53 ns (~104 days)
+    yield "Limit rate=2e9 burst=1", lambda: Limit(2e9, 1), "rate", VALUE
+    yield "Limit rate=1e-8 burst=1", lambda: Limit(1e-8, 1), "rate", VALUE
     for v, kind in [(0, VALUE), (-1, VALUE), (1.5, TYPE), (True, TYPE), ("3", TYPE)]:
         yield f"Limit burst={v!r}", lambda v=v: Limit(1, v), "burst", kind
     yield "Limit name=3", lambda: Limit(1, name=3), "name", TYPE  # type: ignore[arg-type]

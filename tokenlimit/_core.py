@@ -57,8 +57,8 @@ class Request:
 
     @property
     def params(self) -> tuple[tuple[int, int], ...]:
-        """``(interval_us, burst)`` per limit, as the model and the memory backend take them."""
-        return tuple((limit.interval, limit.burst) for limit in self.limits)
+        """``(interval_ns, burst)`` per limit, as the model and the memory backend take them."""
+        return tuple((limit.interval_ns, limit.burst) for limit in self.limits)
 
 
 def identity_tag(identity: bytes) -> str:
@@ -126,7 +126,7 @@ def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
     keys = tuple(head + lim._id for lim in limits)
     args = [str(cost)]
     for lim in limits:
-        args.append(repr(lim.interval))
+        args.append(str(lim.interval_ns))
         args.append(str(lim.burst))
     strings = (str(len(keys)), *keys, *args)
     return Request(keys, tuple(args), limits, cost, pack_bulk(strings), len(strings))

@@ -28,7 +28,9 @@ _PATTERN = re.compile(
 # up to 1e9 the rounding of a bucket's debt stays far below the 1e-6-token slack, and a fill time
 # up to 1e12 s (~31,700 years) keeps every TTL in range. Both are checked again in the script.
 MAX_BURST = 1_000_000_000
+MAX_RATE = 1e9  # one token per nanosecond
 _MAX_FILL_SECONDS = 1e12
+_MAX_INTERVAL_NS = 2**53  # the script checks every whole number against 2^53
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class Limit:
     burst: int = None  # type: ignore[assignment]  # filled in __post_init__
     name: str | None = field(default=None, kw_only=True)
     _id: str = field(init=False, repr=False, compare=False, hash=False)
+    interval_ns: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         rate = check_number("rate", self.rate)
@@ -60,9 +63,17 @@ class Limit:
         name: Any = self.name
         if name is not None and not isinstance(name, str):
             raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
-        if burst * (1_000_000.0 / rate) > _MAX_FILL_SECONDS * 1e6:  # as the script checks it
+        if rate > MAX_RATE:
+            raise ConfigError("rate", f"must be <= {MAX_RATE:.0e} per second, got {rate!r}")
+        # Whole nanoseconds per token, rounded up (never a faster rate than asked): the bucket
+        # arithmetic is then sums of integers, exact in doubles (see _model.py).
+        interval_ns = math.ceil(1e9 / rate)
+        if interval_ns >= _MAX_INTERVAL_NS:
+            raise ConfigError("rate", f"too small: at least one token per 104 days, got {rate!r}/s")
+        if burst * interval_ns > _MAX_FILL_SECONDS * 1e9:  # as the script checks it
             raise ConfigError("rate", f"too small: filling {burst} tokens would take over 1e12 s")
         object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "interval_ns", interval_ns)
         object.__setattr__(self, "burst", burst)
         # The limit is part of every bucket's key (48 bits; only limits checked against the
         # same identity could ever meet, so a collision is not a practical concern).
@@ -123,8 +134,8 @@ class Limit:
     # -- derived values -----------------------------------------------------------------------
     @property
     def interval(self) -> float:
-        """Microseconds between two tokens (the GCRA emission interval)."""
-        return 1_000_000.0 / self.rate
+        """Microseconds between two tokens (the GCRA emission interval), as the bucket uses it."""
+        return self.interval_ns / 1000
 
     @property
     def fill_time(self) -> float:

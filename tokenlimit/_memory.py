@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ._core import Request
-from ._model import State, decide
+from ._model import decide
 from ._validate import check_int
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]
@@ -28,8 +28,8 @@ class MemoryBackend:
         self._clock = clock or time.monotonic
         self._max_keys = check_int("max_keys", max_keys, minimum=1)
         self._lock = threading.Lock()
-        self._states: dict[str, State] = {}
-        self._expiry: list[tuple[float, str]] = []  # (µs when full, key); may hold stale entries
+        self._states: dict[str, int] = {}  # key -> TAT, ns
+        self._expiry: list[tuple[int, str]] = []  # (TAT ns: when full, key); may hold stale entries
 
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -65,22 +65,22 @@ class MemoryBackend:
     def __len__(self) -> int:
         return len(self._states)
 
-    def _store(self, key: str, state: State) -> None:
+    def _store(self, key: str, tat: int) -> None:
         if key not in self._states and len(self._states) >= self._max_keys:
             self._evict_one()
-        self._states[key] = state
-        heapq.heappush(self._expiry, (state.stamp + state.debt, key))
+        self._states[key] = tat
+        heapq.heappush(self._expiry, (tat, key))
         if len(self._expiry) > 2 * len(self._states) + 1024:
-            self._expiry = [(s.stamp + s.debt, k) for k, s in self._states.items()]
+            self._expiry = [(t, k) for k, t in self._states.items()]
             heapq.heapify(self._expiry)
 
-    def _live(self, when: float, key: str) -> bool:
-        state = self._states.get(key)
-        return state is not None and state.stamp + state.debt == when
+    def _live(self, when: int, key: str) -> bool:
+        return self._states.get(key) == when
 
     def _sweep(self, now: int) -> None:
         heap = self._expiry
-        while heap and heap[0][0] <= now:
+        now_ns = now * 1000
+        while heap and heap[0][0] <= now_ns:
             when, key = heapq.heappop(heap)
             if self._live(when, key):
                 del self._states[key]

@@ -1,13 +1,20 @@
 """The bucket arithmetic: the pure reference model that the Lua script mirrors line for line.
 
-State per bucket is ``(debt, stamp)``: ``debt`` is how many microseconds the bucket needs to be
-full again (0 = full, ``burst * interval`` = empty) as of server time ``stamp`` (integer µs).
-This is GCRA's theoretical arrival time kept relative to ``stamp``, so the numbers stay small and
-a double holds them without losing a token to rounding. A tiny slack (1e-6 of one interval)
-absorbs the rounding of summed intervals; it can never admit a whole extra token.
+State per bucket is one integer, GCRA's theoretical arrival time (TAT) in nanoseconds of server
+time: the moment the bucket is full again. ``debt = TAT - now`` (at least 0) is how far from
+full it is, ``burst * interval`` being empty. One integer is the most compact value Redis
+stores (the ``int`` encoding: no string allocation at all), and it keeps the arithmetic exact:
+every interval is a whole number of nanoseconds (``Limit.interval_ns``, rounded up so the rate
+is never exceeded), so debts are sums of integers, exact in doubles up to 2^53 ns (104 days).
+Beyond that (very long fill times) the rounding is far below the slack of 1e-6 token.
 
-Every operation here is done in the same order, on the same doubles, as in ``acquire.lua``, so
-the two agree bit for bit; the property tests hold them to it.
+Lua has only doubles and a TAT of ~1.8e18 ns does not fit in one exactly, so both sides split
+it into whole seconds and nanoseconds and only ever subtract like from like. Every operation is
+done in the same order, on the same doubles, here and in ``acquire.lua``, so the two agree bit
+for bit; the property tests hold them to it.
+
+If the server clock steps back, ``TAT - now`` grows: the bucket looks emptier until the clock
+catches up. A backward step can never add tokens.
 """
 
 from __future__ import annotations
@@ -16,14 +23,10 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["SLACK", "LimitResult", "Outcome", "State", "decide"]
+__all__ = ["NS", "SLACK", "LimitResult", "Outcome", "decide", "join_tat", "split_tat"]
 
 SLACK = 1e-6
-
-
-class State(NamedTuple):
-    debt: float
-    stamp: int
+NS = 1_000_000_000  # nanoseconds per second
 
 
 class LimitResult(NamedTuple):
@@ -34,54 +37,72 @@ class LimitResult(NamedTuple):
 
 
 class Outcome(NamedTuple):
-    now: int
+    now: int  # µs
     allowed: bool
     results: tuple[LimitResult, ...]
-    new_states: tuple[State, ...] | None  # None: nothing written
+    new_states: tuple[int, ...] | None  # TAT ns per bucket; None: nothing written
+
+
+def split_tat(tat: int) -> tuple[float, float]:
+    """``(seconds, nanoseconds)`` of a stored TAT, as the script reads them from its digits."""
+    seconds, nanos = divmod(tat, NS)
+    return float(seconds), float(nanos)
+
+
+def join_tat(now_s: float, now_ns: float, after: float) -> int:
+    """The TAT ``after`` ns past now, carried into whole seconds as the script does it."""
+    total = now_ns + after
+    carry = math.floor(total / NS)
+    nanos = total - carry * NS
+    # Only past 2^53 ns of debt can rounding push this out of range; the script clamps alike.
+    nanos = min(max(nanos, 0.0), NS - 1.0)
+    return int(now_s + carry) * NS + int(nanos)
 
 
 def decide(
-    states: Sequence[State | None],
-    params: Sequence[tuple[float, int]],
+    states: Sequence[int | None],
+    params: Sequence[tuple[int, int]],
     cost: int,
     now: int,
     *,
     consume: bool,
 ) -> Outcome:
-    """Decide ``cost`` against every ``(interval_us, burst)`` at once: all or nothing."""
+    """Decide ``cost`` against every ``(interval_ns, burst)`` at once: all or nothing.
+
+    ``now`` is server time in integer µs (what ``TIME`` gives); ``states`` are TATs in ns.
+    """
+    now_s = float(now // 1_000_000)
+    now_ns = float(now % 1_000_000) * 1000
     debts: list[float] = []
-    stamps: list[int] = []
     needs: list[float] = []
     oks: list[bool] = []
     all_ok = True
-    for state, (interval, burst) in zip(states, params, strict=True):
-        debt, stamp = (0.0, now) if state is None else state
-        elapsed = now - stamp
-        if elapsed < 0:  # the clock stepped back: pause refill until it catches up
-            elapsed = 0
-        else:
-            stamp = now
-        debt = debt - elapsed
-        if debt < 0:
-            debt = 0.0
+    for state, (interval_ns, burst) in zip(states, params, strict=True):
+        interval = float(interval_ns)  # doubles, as in Lua
+        debt = 0.0
+        if state is not None:
+            tat_s, tat_ns = split_tat(state)
+            debt = (tat_s - now_s) * NS + (tat_ns - now_ns)
+            if debt < 0:
+                debt = 0.0
         tau = burst * interval
         need = debt + cost * interval
         ok = need <= tau + interval * SLACK
         all_ok = all_ok and ok
         debts.append(debt)
-        stamps.append(stamp)
         needs.append(need)
         oks.append(ok)
 
     write = consume and all_ok
     results: list[LimitResult] = []
-    new_states: list[State] = []
-    for i, (interval, burst) in enumerate(params):
+    new_states: list[int] = []
+    for i, (interval_ns, burst) in enumerate(params):
+        interval = float(interval_ns)
         after = needs[i] if write else debts[i]
         tau = burst * interval
         remaining = math.floor((tau - after) / interval + SLACK)
         remaining = min(max(remaining, 0), burst)
-        retry = 0 if oks[i] else math.ceil(needs[i] - tau)
-        results.append(LimitResult(oks[i], remaining, retry, math.ceil(after)))
-        new_states.append(State(after, stamps[i]))
+        retry = 0 if oks[i] else math.ceil((needs[i] - tau) / 1000)
+        results.append(LimitResult(oks[i], remaining, retry, math.ceil(after / 1000)))
+        new_states.append(join_tat(now_s, now_ns, after))
     return Outcome(now, all_ok, tuple(results), tuple(new_states) if write else None)
