@@ -93,15 +93,22 @@ def check_deadline(timeout: Any) -> float:
 
 
 # Requests for recent (prefix, key, limit, cost) calls: a hot key skips validation, hashing and
-# packing. Only exact str/Limit/int arguments are cached (hashable, and equal means identical
-# keys); the dict is simply emptied when full, which costs less than LRU bookkeeping.
+# packing. Only exact str, int and Limit (or tuple of Limits) arguments are cached (hashable,
+# and equal means identical keys); the dict is emptied when full, cheaper than LRU bookkeeping.
 _CACHE_SIZE = 4096
-_cache: dict[tuple[str, str, Limit, int], Request] = {}
+_cache: dict[tuple[str, str, Limit | tuple[Limit, ...], int], Request] = {}
 
 
 def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
     """Validate one call's arguments and turn them into keys and packed script arguments."""
-    if type(key) is str and type(limit) is Limit and type(cost) is int:
+    if (
+        type(key) is str
+        and type(cost) is int
+        and (
+            type(limit) is Limit
+            or (type(limit) is tuple and all(type(item) is Limit for item in limit))
+        )
+    ):
         entry = (prefix, key, limit, cost)
         request = _cache.get(entry)
         if request is None:

@@ -5,6 +5,7 @@ the 429/503 bodies, and deciding without blocking an event loop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import inspect
 import ipaddress
@@ -150,6 +151,16 @@ def default_identity(
         return api_key_identity(api_key)
     if user_id is not None and user_id != "":
         return f"user:{user_id}"
+    return _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+
+
+# Parsing addresses with ``ipaddress`` is most of an identity's cost, and the same few clients
+# (or proxies) send most requests: remember recent answers. Bounded; a pure function of its
+# arguments (``TrustedProxies`` hashes by identity and never changes after construction).
+@functools.lru_cache(maxsize=8192)
+def _ip_key(
+    peer: str | None, forwarded_for: str | None, proxies: TrustedProxies, ipv6_prefix: int
+) -> str:
     return ip_identity(proxies.client_ip(peer, forwarded_for), ipv6_prefix)
 
 
@@ -258,6 +269,13 @@ def _sf_string(text: str) -> str:
     return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=1024)
+def _policy_field(limit: Limit) -> tuple[str, str]:
+    """A limit's sf-string name and its ``RateLimit-Policy`` item: the same on every response."""
+    name = _sf_string(limit.label)
+    return name, f"{name};q={limit.burst};w={max(1, math.ceil(limit.fill_time))}"
+
+
 def retry_after_seconds(decision: Decision) -> int:
     """``Retry-After``: whole seconds, rounded up, at least 1."""
     return max(1, math.ceil(decision.retry_after))
@@ -273,8 +291,8 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
         limit = part.policy
         if limit is None:
             continue
-        name = _sf_string(limit.label)
-        policies.append(f"{name};q={limit.burst};w={max(1, math.ceil(limit.fill_time))}")
+        name, policy = _policy_field(limit)
+        policies.append(policy)
         states.append(f"{name};r={part.remaining};t={math.ceil(part.reset_after)}")
     headers = [
         ("X-RateLimit-Limit", str(decision.limit)),
