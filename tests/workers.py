@@ -6,17 +6,25 @@ from typing import Any
 
 
 def admit_many(
-    url: str, key: str, rate: float, burst: int, calls: int, barrier: Any, results: Any
+    url: str,
+    key: str,
+    rate: float,
+    burst: int,
+    calls: int,
+    barrier: Any,
+    results: Any,
+    local_cache: bool = True,
 ) -> None:
     """Build an own limiter, wait for every worker, then try ``calls`` times; report the count.
 
-    Puts ``("ok", admitted)`` or ``("error", repr(exc))`` on ``results``.
+    Puts ``("ok", admitted)`` or ``("error", repr(exc))`` on ``results``; with ``local_cache``
+    off, every call is a decision on the server.
     """
     try:
         from tokenlimit import Limit, RateLimiter
 
         limit = Limit(rate, burst)
-        limiter = RateLimiter.from_url(url, timeout=5)
+        limiter = RateLimiter.from_url(url, timeout=5, local_cache=local_cache)
         try:
             limiter.peek(key, limit)  # connect (and load the scripts) before the race
             barrier.wait(timeout=60)
@@ -26,6 +34,50 @@ def admit_many(
                     admitted += 1
         finally:
             limiter.close()
+        results.put(("ok", admitted))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))
+
+
+def admit_many_async(
+    url: str,
+    key: str,
+    rate: float,
+    burst: int,
+    tasks: int,
+    barrier: Any,
+    results: Any,
+    local_cache: bool = True,
+) -> None:
+    """Like ``admit_many``, but ``tasks`` concurrent asyncio tasks each try once, in one
+    ``AsyncRateLimiter``. Puts ``("ok", admitted)`` or ``("error", repr(exc))`` on ``results``.
+    """
+    try:
+        import asyncio
+
+        from tokenlimit import AsyncRateLimiter, Limit
+
+        limit = Limit(rate, burst)
+
+        async def main() -> int:
+            limiter = AsyncRateLimiter.from_url(url, timeout=5, local_cache=local_cache)
+            try:
+                await limiter.peek(key, limit)  # connect before the race
+                start = asyncio.Event()
+
+                async def one() -> bool:
+                    await start.wait()
+                    return (await limiter.try_acquire(key, limit)).allowed
+
+                running = [asyncio.create_task(one()) for _ in range(tasks)]
+                await asyncio.sleep(0)  # every task now waits on ``start``
+                await asyncio.to_thread(barrier.wait, 60)
+                start.set()
+                return sum(await asyncio.gather(*running))
+            finally:
+                await limiter.aclose()
+
+        admitted = asyncio.run(main())
         results.put(("ok", admitted))
     except BaseException as exc:
         results.put(("error", repr(exc)))
