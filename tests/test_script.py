@@ -422,6 +422,58 @@ def test_client_clock_skew_does_not_matter(
     assert abs(server_now / 1e6 - time.time()) < 10  # the reply carries the server's own time
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_clients_with_clocks_60s_apart_share_one_bucket(
+    target: Target, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Two clients, one 30 s ahead and one 30 s behind, take turns on one bucket: the
+    decisions are those of one client with a true clock, sync and async alike."""
+    lim = Limit(1, 3)
+    key = fresh_id(f"clocks-{mode}")
+    real_time, real_ns = time.time, time.time_ns
+
+    def skew(seconds: float) -> None:
+        monkeypatch.setattr(time, "time", lambda: real_time() + seconds)
+        monkeypatch.setattr(time, "time_ns", lambda: real_ns() + int(seconds * 1e9))
+
+    def check(d: tokenlimit.Decision) -> tuple[bool, int]:
+        if not d.allowed:
+            assert 0.5 < d.retry_after <= 1.0  # 1 s per token, less the time since
+        return d.allowed, d.remaining
+
+    out: list[tuple[bool, int]] = []
+    if mode == "sync":
+        # (no local refusal cache: every decision is the server's)
+        ahead = RateLimiter.from_url(target.url, timeout=5.0, local_cache=False)
+        behind = RateLimiter.from_url(target.url, timeout=5.0, local_cache=False)
+        try:
+            for i in range(6):
+                skew(30.0 if i % 2 == 0 else -30.0)
+                client = ahead if i % 2 == 0 else behind
+                out.append(check(client.try_acquire(key, lim)))
+        finally:
+            monkeypatch.undo()
+            ahead.close()
+            behind.close()
+    else:
+
+        async def main() -> None:
+            ahead = AsyncRateLimiter.from_url(target.url, timeout=5.0, local_cache=False)
+            behind = AsyncRateLimiter.from_url(target.url, timeout=5.0, local_cache=False)
+            try:
+                for i in range(6):
+                    skew(30.0 if i % 2 == 0 else -30.0)
+                    client = ahead if i % 2 == 0 else behind
+                    out.append(check(await client.try_acquire(key, lim)))
+            finally:
+                monkeypatch.undo()
+                await ahead.aclose()
+                await behind.aclose()
+
+        asyncio.run(main())
+    assert out == [(True, 2), (True, 1), (True, 0), (False, 0), (False, 0), (False, 0)]
+
+
 # -- the script defends itself --------------------------------------------------------------------
 
 BAD_NUMBERS = ["nan", "inf", "-inf", "-1", "0", "0x10", "1e400", "", " 1", "1 ", "abc", "-0"]
@@ -477,6 +529,8 @@ def test_script_rejects_bad_arguments_and_touches_nothing(
     try:
         node = node_client(client, request.keys[0])
         before = {k: node.get(k) for k in request.keys}
+        dumps = {k: node.dump(k) for k in request.keys}  # value and encoding, byte for byte
+        keyspace = set(node.scan_iter(count=1000))
         ttls = {k: node.pttl(k) for k in request.keys}
         assert all(v is not None for v in before.values())
         assert all(t > 0 for t in ttls.values())
@@ -489,8 +543,10 @@ def test_script_rejects_bad_arguments_and_touches_nothing(
                 assert message in str(info.value), (script.name, keys, args)
         for k in request.keys:
             assert node.get(k) == before[k]
+            assert node.dump(k) == dumps[k]
             ttl = node.pttl(k)
             assert 0 < ttl <= ttls[k]
+        assert set(node.scan_iter(count=1000)) == keyspace  # no key created or removed
         # and the good call still works on that state: 5-2=3 and 3-2=1 tokens left, then taken
         reply = node.eval(acquire_script().body, len(request.keys), *request.keys, *request.args)
         assert reply[1:] == [1, 1, 2, reply[4], reply[5], 1, 0, reply[8], reply[9]]
@@ -632,21 +688,24 @@ def test_keys_are_injective_over_many_identities() -> None:
     limits = (Limit(10, 5), Limit(10, 6), Limit(10.000001, 5), Limit(10, 5, name="x"),
               Limit(10, 5, name="y"), Limit(0.5, 5), Limit.parse("10/second"))  # fmt: skip
     identities: set[bytes] = {f"user:{i}".encode() for i in range(10_000)}
-    while len(identities) < 20_000:
+    while len(identities) < 100_000:
         identities.add(rng.randbytes(rng.randint(1, 40)))
     identities.update(as_bytes(h) for h in HOSTILE)
     identities.update({b"{a}" * n for n in range(1, 20)} | {b"\x00" * n for n in range(1, 20)})
     seen: dict[str, bytes] = {}
-    for identity in identities:
-        request = build_request(PREFIX, identity, limits)
-        assert len(request.keys) == len(limits)
-        assert len(set(request.keys)) == len(limits)  # two limits never share a key
+    for n, identity in enumerate(identities):
+        # every limit for the first 10,000 (a key is the identity's tag and the limit's id), one
+        # alternating limit for the rest: every identity's tag meets every other's
+        chosen = limits if n < 10_000 else limits[n % 2]
+        request = build_request(PREFIX, identity, chosen)
+        assert len(set(request.keys)) == len(request.keys)  # two limits never share a key
         for k in request.keys:
-            assert len(k.encode()) < 64
+            assert len(k.encode()) <= 40
             assert k.isascii()
-            owner = seen.setdefault(k, identity)
+            owner = seen.setdefault(k[: k.index("}") + 1], identity)
             assert owner == identity, (owner, identity)  # two identities never share a key
-    assert len(seen) == len(identities) * len(limits)
+    assert len(seen) == len(identities)
+    assert len({build_request(PREFIX, b"u", lim).keys[0] for lim in limits}) == len(limits)
     # a str identity is its UTF-8 bytes (surrogates kept)
     for h in HOSTILE:
         assert (
