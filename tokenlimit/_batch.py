@@ -438,8 +438,11 @@ async def drop_if_stale(conn: Any) -> None:
     if transport is not None and transport.is_closing():
         await conn.disconnect(nowait=True)
         return
+    # redis-py 8 has can_read(); before it only can_read_destructive(), which may consume
+    # bytes: harmless here, since any byte waiting before we send means we disconnect.
+    can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
     try:
-        stale = await conn.can_read()
+        stale = await can_read()
     except (rx.ConnectionError, OSError):
         stale = True
     if stale:
