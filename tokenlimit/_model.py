@@ -2,8 +2,8 @@
 
 State per bucket is one integer, GCRA's theoretical arrival time (TAT) in nanoseconds of server
 time: the moment the bucket is full again. ``debt = TAT - now`` (at least 0) is how far from
-full it is, ``burst * interval`` being empty. One integer is the most compact value Redis
-stores (the ``int`` encoding: no string allocation at all), and it keeps the arithmetic exact:
+full it is, ``burst * interval`` being empty. One short integer is compact in Redis (Redis 7
+keeps it in its ``int`` encoding; Valkey 9 in a small embedded string), and exact:
 every interval is a whole number of nanoseconds (``Limit.interval_ns``, rounded up so the rate
 is never exceeded), so debts are sums of integers, exact in doubles up to 2^53 ns (104 days).
 Beyond that (very long fill times) the rounding is far below the slack of 1e-6 token.

@@ -1,9 +1,10 @@
 -- tokenlimit: the shared bucket arithmetic. Mirrors tokenlimit/_model.py operation for operation.
 -- KEYS[i]: one bucket per limit, all in one hash slot.
 -- ARGV[1]: cost (whole tokens >= 1); then per limit: interval (whole ns per token), burst (int >= 1).
--- State per key: one integer, the TAT (ns of server time when the bucket is full again); Redis
--- stores such a value as a bare integer, the smallest value it has. Lua's doubles cannot hold
--- ~1.8e18 exactly, so it is read as whole seconds and nanoseconds and only differences are taken.
+-- State per key: one integer, the TAT (ns of server time when the bucket is full again): 19
+-- digits, which Redis 7 stores with its int encoding and Valkey 9 as a short embedded string
+-- (~97 B per key in all, key and TTL included). Lua's doubles cannot hold ~1.8e18 exactly, so it
+-- is read as whole seconds and nanoseconds and only differences are taken.
 -- Reply: {now µs, all_allowed, then per limit: allowed, remaining, retry_us, reset_us}, integers
 -- only (Lua floats returned to Redis are truncated: redis rule).
 
