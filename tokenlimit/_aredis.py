@@ -22,8 +22,9 @@ from redis.asyncio.cluster import RedisCluster
 from ._batch import Batcher, drop_if_stale, header
 from ._core import Request
 from ._errors import BackendError
-from ._redis import MAX_REDIRECTS, classify
+from ._redis import MAX_REDIRECTS, TRYAGAIN_PAUSE, address, classify
 from ._scripts import Script, acquire_script, peek_script
+from ._topology import AsyncSlotRefresher, stale_map
 
 __all__ = ["AsyncRedisBackend"]
 
@@ -105,13 +106,19 @@ class AsyncRedisBackend:
         # loops, alive. A decision from another loop (sequential asyncio.run() calls) simply
         # starts a batcher there; the old one finishes its own work.
         self._batcher: Batcher | None = None
+        self._slots = AsyncSlotRefresher(client) if self.is_cluster else None
         # Cluster: per node, how many of its connections this backend's calls may hold at once.
         self._gates: dict[str, asyncio.Semaphore] = {}
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
         if self.is_cluster:
-            reply = await _bounded(self._call(script, request), timeout)
+            try:
+                reply = await _bounded(self._call(script, request), timeout)
+            except BackendError as error:  # a node gone silent: look for the new master
+                if self._slots is not None and stale_map(error):
+                    self._slots.failed(self._name(request.keys[0]))
+                raise
             return [int(x) for x in reply]
         loop = asyncio.get_running_loop()
         batcher = self._batcher
@@ -134,6 +141,14 @@ class AsyncRedisBackend:
 
     async def reset(self, request: Request, *, timeout: float) -> None:
         await _bounded(self._execute(("DEL", *request.keys), request.keys[0]), timeout)
+
+    def _name(self, key: str) -> str | None:
+        if not self.is_cluster:
+            return address(self.client.connection_pool)  # type: ignore[union-attr]
+        try:
+            return str(self.client.get_node_from_key(key).name)  # type: ignore[union-attr]
+        except (rx.RedisError, AttributeError):  # not initialized, or the slot uncovered
+            return None
 
     async def aclose(self) -> None:
         """Fail the decisions still pending in this loop, end its lanes, then close the
@@ -170,7 +185,8 @@ class AsyncRedisBackend:
 
         cluster: RedisCluster = self.client  # type: ignore[assignment]
         asking: tuple[str, int] | None = None
-        for _ in range(MAX_REDIRECTS + 1):
+        redirects = 0
+        while redirects <= MAX_REDIRECTS:
             try:
                 await cluster.initialize()
                 if asking is None:
@@ -196,11 +212,14 @@ class AsyncRedisBackend:
                     asking = None
                 elif isinstance(cause, rx.AskError):
                     asking = (cause.host, cause.port)
-                elif isinstance(cause, rx.TryAgainError):
+                elif isinstance(cause, rx.TryAgainError):  # keys split mid-migration (_redis)
                     asking = None
-                    await asyncio.sleep(0.005)
+                    redirects = 0  # progress, not a loop: only the deadline (_bounded) ends it
+                    await asyncio.sleep(TRYAGAIN_PAUSE)
+                    continue
                 else:
                     raise
+                redirects += 1
             finally:
                 node.release(conn)
                 self._gates[node.name].release()

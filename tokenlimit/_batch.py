@@ -53,7 +53,7 @@ from typing import Any
 from redis import exceptions as rx
 
 from ._core import Request
-from ._redis import classify
+from ._redis import classify, unread_in_kernel
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 
@@ -407,7 +407,10 @@ def _healthy(conn: Any) -> bool:
     if conn is None or not conn.is_connected:
         return False
     reader, writer = conn._reader, conn._writer
-    return not (writer.transport.is_closing() or reader.at_eof() or reader._buffer)
+    transport = writer.transport
+    return not (
+        transport.is_closing() or reader.at_eof() or reader._buffer or unread_in_kernel(transport)
+    )
 
 
 async def _give_back(pool: Any, conn: Any, clean: bool) -> None:
@@ -435,7 +438,7 @@ async def drop_if_stale(conn: Any) -> None:
     # can_read() to see, only a closed transport; without this check the next decision on it
     # failed with "Connection reset by peer" although the server was up.
     transport = getattr(getattr(conn, "_writer", None), "transport", None)
-    if transport is not None and transport.is_closing():
+    if transport is not None and (transport.is_closing() or unread_in_kernel(transport)):
         await conn.disconnect(nowait=True)
         return
     # redis-py 8 has can_read(); before it only can_read_destructive(), which may consume

@@ -10,6 +10,7 @@ cluster MOVED/ASK/TRYAGAIN redirect (the node refused to run it).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import select
@@ -28,8 +29,16 @@ from ._core import Request
 from ._errors import BackendError
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
+from ._topology import SlotRefresher, stale_map
 
-__all__ = ["MAX_REDIRECTS", "RedisBackend", "classify"]
+__all__ = [
+    "MAX_REDIRECTS",
+    "TRYAGAIN_PAUSE",
+    "RedisBackend",
+    "address",
+    "classify",
+    "unread_in_kernel",
+]
 
 MAX_REDIRECTS = 5
 
@@ -75,19 +84,22 @@ class RedisBackend:
         self._node_lanes: dict[Any, _Lanes] | None = {} if self.is_cluster else None
         self._acquire = acquire_script()
         self._peek = peek_script()
+        self._slots = SlotRefresher(client) if self.is_cluster else None
 
     # -- the backend protocol -----------------------------------------------------------------
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
         deadline = time.monotonic() + timeout
-        lanes = self._lanes if self._node_lanes is None else self._lanes_for(request.keys[0])
-        if lanes is not None:
-            reply = self._fast(lanes, script, request, deadline)
-            if reply is not None:
-                return reply
-        # redis-py's way: TLS, and cluster redirects (the script did not run on a redirect).
-        reply = self._call(script, request, deadline)
-        return [int(x) for x in reply]
+        try:
+            lanes = self._lanes if self._node_lanes is None else self._lanes_for(request.keys[0])
+            reply = None if lanes is None else self._fast(lanes, script, request, deadline)
+            if reply is None:
+                # redis-py's way: TLS, cluster redirects (the script did not run on a redirect).
+                reply = [int(x) for x in self._call(script, request, deadline)]
+        except BackendError as error:
+            self._failed(error, request.keys[0])
+            raise
+        return reply
 
     def _fast(
         self, lanes: _Lanes, script: Script, request: Request, deadline: float
@@ -120,11 +132,25 @@ class RedisBackend:
             return None  # redis-py's path reports it properly
         lanes = self._node_lanes.get(pool)  # type: ignore[union-attr]
         if lanes is None:
-            lanes = self._node_lanes[pool] = _Lanes(pool)  # type: ignore[index]
+            lanes = self._node_lanes[pool] = _Lanes(pool, node=True)  # type: ignore[index]
         return lanes
 
     def reset(self, request: Request, *, timeout: float) -> None:
-        self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)
+        try:
+            self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)
+        except BackendError as error:
+            self._failed(error, request.keys[0])
+            raise
+
+    def _failed(self, error: BackendError, key: str) -> None:
+        """A cluster node failed us: maybe the cluster changed without a redirect to say so
+        (a master crashed or hangs and its replica took over). Look again, in the background."""
+        if self._slots is not None and stale_map(error):
+            try:
+                node: str | None = self.client.get_node_from_key(key).name  # type: ignore[union-attr]
+            except (rx.RedisError, OSError, AttributeError):
+                node = None
+            self._slots.failed(node)
 
     def close(self) -> None:
         if self._lanes is not None:
@@ -153,7 +179,8 @@ class RedisBackend:
             return _roundtrip(self._pool, [command], deadline)[-1]
         cluster: Any = self.client  # redis-py's cluster methods are untyped
         asking: tuple[str, int] | None = None
-        for _ in range(MAX_REDIRECTS + 1):
+        redirects = 0
+        while True:
             try:
                 if asking is None:
                     node = cluster.get_node_from_key(key)
@@ -163,25 +190,65 @@ class RedisBackend:
                     if node is None:
                         raise rx.ClusterError(f"unknown node {asking[0]}:{asking[1]}")
                     commands = [("ASKING",), command]
-                pool = cluster.get_redis_connection(node).connection_pool
+                pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
                 return _roundtrip(pool, commands, deadline)[-1]
             except BackendError as error:
                 cause = error.__cause__
+                if isinstance(cause, rx.TryAgainError):
+                    # The slot is mid-migration and this call's keys are split between the
+                    # two nodes; nothing ran. Such a window lasts as long as the resharding
+                    # tool takes between two MIGRATEs, so ask again until the deadline. The
+                    # ASK that led here was progress, not a redirect loop: the count restarts.
+                    asking = None
+                    redirects = 0
+                    if not _pause_before_retry(deadline):
+                        raise _split_slot(cause) from cause
+                    continue
+                if not isinstance(cause, (rx.MovedError, rx.AskError)):
+                    raise
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise _too_many_redirects(cause) from cause
                 if isinstance(cause, rx.MovedError):
                     _refresh_slot(cluster, cause)
                     asking = None
-                elif isinstance(cause, rx.AskError):
-                    asking = (cause.host, cause.port)
-                elif isinstance(cause, rx.TryAgainError):
-                    asking = None
-                    time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
                 else:
-                    raise
+                    asking = (cause.host, cause.port)
             except (rx.RedisError, OSError) as exc:  # slot not covered, node lookup
                 raise classify(exc) from exc
             if time.monotonic() >= deadline:
-                break
-        raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
+                raise classify(rx.TimeoutError("redirected until the limiter's deadline"))
+
+
+TRYAGAIN_PAUSE = 0.01  # seconds between two tries of a call whose slot is mid-migration
+
+
+def _pause_before_retry(deadline: float) -> bool:
+    """Sleep ``TRYAGAIN_PAUSE`` if that leaves time for another try; False if it would not."""
+    left = deadline - time.monotonic()
+    if left <= TRYAGAIN_PAUSE:
+        return False
+    time.sleep(TRYAGAIN_PAUSE)
+    return True
+
+
+def _split_slot(cause: BaseException) -> BackendError:
+    return BackendError(
+        f"storage failed (cluster): the slot stayed mid-migration until the deadline: {cause}",
+        reason="cluster",
+    )
+
+
+def _too_many_redirects(cause: BaseException) -> BackendError:
+    return BackendError(f"storage failed (cluster): too many redirects: {cause}", reason="cluster")
+
+
+def address(pool: Any) -> str:
+    """``host:port`` (or the socket path) of a standalone pool's server, for messages."""
+    kwargs = getattr(pool, "connection_kwargs", {})
+    if kwargs.get("path"):
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
 _TLS = object()  # what _Lanes.call answers when the connection turns out to be TLS
@@ -206,8 +273,9 @@ class _Lanes:
     TLS sockets keep decrypted bytes that ``poll`` cannot see, so they go redis-py's way.
     """
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, *, node: bool = False) -> None:
         self._pool = pool
+        self._node = node  # a cluster node's pool, shared with the client (see _node_pool)
         self._free: list[tuple[Any, socket.socket, Any]] = []
         self._waiting = 0
         self._lock = threading.Lock()
@@ -277,6 +345,8 @@ class _Lanes:
             return self._take(deadline)
         _deadline.at = deadline  # connecting, inside get_connection(), ends by it
         try:
+            if self._node:
+                _node_pool(self._pool)
             conn = self._pool.get_connection()
         except (rx.RedisError, OSError) as exc:
             raise classify(exc) from exc
@@ -301,6 +371,30 @@ class _Lanes:
     def forget(self) -> None:
         """In a forked child: the sockets are the parent's; never use or close them."""
         self._free = []
+
+
+def unread_in_kernel(transport: Any) -> bool:
+    """Whether an idle asyncio connection has bytes or an EOF in the kernel that its event loop
+    has not read yet: the same zero-timeout poll ``_Lanes`` makes before a send.
+
+    The loop reads a socket only when it runs; if its thread was busy (blocked while the server
+    restarted, or just a long step), the EOF of a connection the server closed is still in the
+    kernel, ``can_read()`` sees nothing, and the decision sent on it failed with "the server
+    closed the connection". Nothing has been sent yet, so reconnecting cannot double-count.
+    TLS transports are left out: their socket holds records (session tickets) that are not
+    replies, and the loop's own checks cover them.
+    """
+    if transport.get_extra_info("sslcontext") is not None:
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed under us: stale too
+        return True
 
 
 def _is_tls(sock: socket.socket) -> bool:
@@ -356,7 +450,8 @@ _deadline = threading.local()
 _MIN_WAIT = 0.001  # a socket timeout of 0 would mean non-blocking, not "time is up"
 
 
-def _deadline_class(cls: Any) -> Any:
+@functools.cache
+def _deadline_class(cls: Any) -> Any:  # one subclass per class, so instances can share it
     """``cls``, but connecting and handshaking end by the deadline of the decision that needs it.
 
     The pool connects inside ``get_connection()``, before ``_roundtrip`` can look at the clock:
@@ -393,6 +488,28 @@ def _deadline_class(cls: Any) -> Any:
 
     DeadlineConnection.__name__ = DeadlineConnection.__qualname__ = f"Deadline{cls.__name__}"
     return DeadlineConnection
+
+
+def _node_pool(pool: Any) -> Any:
+    """A cluster node's pool, whose connections connect by the deadline of our decisions.
+
+    A cluster client's node pools are its own (there is no single pool to clone, and nodes
+    come and go), so the deadline class goes onto them in place: onto the pool for the
+    connections it makes next, and onto the idle ones it already made (the client's own
+    CLUSTER SLOTS at start-up made one), which it reconnects as they are. It changes nothing
+    for the client's own commands: it acts only while a decision of this thread connects.
+    Without it, a master that hangs (its port still accepts, nothing answers) held every
+    decision that had to reconnect for the client's socket timeout (5 s by default), not
+    the limiter's. The instance's class can change because the subclass only adds methods.
+    """
+    cls = pool.connection_class
+    if not getattr(cls, "_tokenlimit_deadline", False):
+        pool.connection_class = _deadline_class(cls)
+    for conn in list(getattr(pool, "_available_connections", ())):
+        made: Any = type(conn)
+        if not getattr(made, "_tokenlimit_deadline", False):
+            conn.__class__ = _deadline_class(made)
+    return pool
 
 
 def _left(deadline: float, configured: float | None) -> float:
