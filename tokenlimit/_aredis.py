@@ -24,6 +24,7 @@ from ._core import Request
 from ._errors import BackendError
 from ._redis import MAX_REDIRECTS, TRYAGAIN_PAUSE, address, classify
 from ._scripts import Script, acquire_script, peek_script
+from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map
 
 __all__ = ["AsyncRedisBackend"]
@@ -107,11 +108,14 @@ class AsyncRedisBackend:
         # starts a batcher there; the old one finishes its own work.
         self._batcher: Batcher | None = None
         self._slots = AsyncSlotRefresher(client) if self.is_cluster else None
+        self._check: asyncio.Task[None] | None = None  # the eviction-policy check, run once
         # Cluster: per node, how many of its connections this backend's calls may hold at once.
         self._gates: dict[str, asyncio.Semaphore] = {}
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
+        if self._check is None:  # in a task of its own: this decision does not wait for it
+            self._check = start_check(self._ask_info(request.keys[0], timeout))
         if self.is_cluster:
             try:
                 reply = await _bounded(self._call(script, request), timeout)
@@ -142,6 +146,11 @@ class AsyncRedisBackend:
     async def reset(self, request: Request, *, timeout: float) -> None:
         await _bounded(self._execute(("DEL", *request.keys), request.keys[0]), timeout)
 
+    async def _ask_info(self, key: str, timeout: float) -> tuple[str | None, Any]:
+        """``INFO memory`` from the server (the cluster node) of ``key``, and its address."""
+        reply = await _bounded(self._execute(("INFO", "memory"), key), timeout)
+        return self._name(key), reply
+
     def _name(self, key: str) -> str | None:
         if not self.is_cluster:
             return address(self.client.connection_pool)  # type: ignore[union-attr]
@@ -153,6 +162,8 @@ class AsyncRedisBackend:
     async def aclose(self) -> None:
         """Fail the decisions still pending in this loop, end its lanes, then close the
         client if it is ours."""
+        if self._check is not None and not self._check.done():
+            self._check.cancel()
         batcher = self._batcher
         if batcher is not None and batcher.loop is asyncio.get_running_loop():
             self._batcher = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import select
 import socket
@@ -29,6 +30,7 @@ from ._core import Request
 from ._errors import BackendError
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
+from ._server_check import report
 from ._topology import SlotRefresher, stale_map
 
 __all__ = [
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 MAX_REDIRECTS = 5
+
+logger = logging.getLogger("tokenlimit")
 
 
 def classify(exc: BaseException) -> BackendError:
@@ -85,6 +89,7 @@ class RedisBackend:
         self._acquire = acquire_script()
         self._peek = peek_script()
         self._slots = SlotRefresher(client) if self.is_cluster else None
+        self._checked = False  # the server's eviction policy, asked once (see _check_server)
 
     # -- the backend protocol -----------------------------------------------------------------
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
@@ -99,6 +104,8 @@ class RedisBackend:
         except BackendError as error:
             self._failed(error, request.keys[0])
             raise
+        if not self._checked:
+            self._check_server(request.keys[0], deadline)
         return reply
 
     def _fast(
@@ -141,6 +148,27 @@ class RedisBackend:
         except BackendError as error:
             self._failed(error, request.keys[0])
             raise
+
+    def _check_server(self, key: str, deadline: float) -> None:
+        """Once per backend, after its first decision and within what is left of that
+        decision's deadline: warn if the server can evict buckets (see ``_server_check``).
+        Any failure, a NOPERM included, is only logged at debug level."""
+        if deadline - time.monotonic() < _CHECK_AT_LEAST:
+            return  # no time left: ask at a later decision rather than fail this one
+        self._checked = True
+        try:
+            if self.is_cluster:
+                cluster: Any = self.client
+                node = cluster.get_node_from_key(key)
+                pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
+                server = str(node.name)
+            else:
+                pool, server = self._pool, address(self._pool)
+            reply = _roundtrip(pool, [("INFO", "memory")], deadline)[-1]
+        except (BackendError, rx.RedisError, OSError, AttributeError) as exc:
+            logger.debug("tokenlimit: could not read the server's eviction policy: %r", exc)
+            return
+        report(reply, server)
 
     def _failed(self, error: BackendError, key: str) -> None:
         """A cluster node failed us: maybe the cluster changed without a redirect to say so
@@ -241,6 +269,9 @@ def _split_slot(cause: BaseException) -> BackendError:
 
 def _too_many_redirects(cause: BaseException) -> BackendError:
     return BackendError(f"storage failed (cluster): too many redirects: {cause}", reason="cluster")
+
+
+_CHECK_AT_LEAST = 0.005  # seconds of deadline left for the server check to be worth trying
 
 
 def address(pool: Any) -> str:
