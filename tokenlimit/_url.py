@@ -29,7 +29,28 @@ def parse_url(url: Any) -> tuple[str, str]:
         raise ConfigError(
             "url", f"scheme must be one of {', '.join(_SCHEMES)}; got {scheme or 'none'!r}"
         )
+    url = scheme + url[len(scheme) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
+    if scheme in ("redis", "rediss", "unix"):
+        _check_server_url(scheme, url)
     return scheme, url
+
+
+def _check_server_url(scheme: str, url: str) -> None:
+    """Read the URL as redis-py will, so that a bad port, database or query value is a
+    ConfigError naming ``url`` at the call that received it: redis-py raises a bare ValueError,
+    and reads a database that is not a number (``/1O`` for ``/10``) as database 0."""
+    from redis.connection import parse_url as redis_parse_url
+
+    try:
+        options = redis_parse_url(url)  # type: ignore[no-untyped-call]
+        path = unquote(urlsplit(url).path)
+    except ValueError as exc:  # its messages name the option or the port, never the password
+        raise ConfigError("url", str(exc)) from None
+    if scheme == "unix":
+        if not options.get("path"):
+            raise ConfigError("url", "no socket path, as in unix:///run/redis.sock?db=0")
+    elif path.strip("/") and not path.strip("/").isdigit():
+        raise ConfigError("url", "the database (the path) must be a number, as in /0")
 
 
 # As many connections as redis-py's default pool; a ``max_connections`` in the URL wins.
