@@ -102,7 +102,13 @@ class Limit:
         periods = int(match["k"] or 1)
         if count < 1 or periods < 1:
             raise ConfigError(param, f"count and period must be >= 1 in {text!r}")
-        return cls(count / (periods * unit), count if burst is None else burst, name=name)
+        try:
+            return cls(count / (periods * unit), count if burst is None else burst, name=name)
+        except ConfigError as exc:
+            if exc.param == "burst" and burst is not None:  # the caller's own burst=
+                raise
+            # A rate or burst out of range came from the text: name what received it.
+            raise ConfigError(param, f"{text!r} is out of range ({exc})") from None
 
     @classmethod
     def per_second(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
