@@ -1,0 +1,156 @@
+"""Bounded local state: whatever a process keeps per identity stays within a configured bound
+under a million distinct identities (an attacker rotating API keys, a scan of IP addresses).
+
+Driven on the pure objects, without a server: ``MemoryBackend(max_keys=N)``, the refusal cache
+behind ``local_cache=N``, the limiters' own request cache, and the integrations' address cache.
+Each test prints the time taken and the growth of the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from tokenlimit import Decision, Limit, MemoryBackend, RateLimiter
+from tokenlimit._base import LimiterBase
+from tokenlimit._cache import RefusalCache
+from tokenlimit._core import Request
+
+MILLION = 1_000_000
+SLOW = 0.001  # tokens per second: a bucket stays far from full for the whole test
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MB (Linux), after a collection."""
+    gc.collect()
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    pytest.skip("needs /proc/self/status to measure resident memory")
+
+
+@pytest.mark.slow
+def test_memory_backend_stays_within_max_keys_under_a_million_identities() -> None:
+    bound = 10_000
+    now = [0.0]
+    backend = MemoryBackend(clock=lambda: now[0], max_keys=bound)
+    limits = (Limit(SLOW, 5),)
+    before, started = rss_mb(), time.perf_counter()
+    most = 0
+    for i in range(MILLION):
+        now[0] += 1e-6  # a million decisions in one simulated second: nobody refills
+        reply = backend.decide(Request((f"id:{i}",), (), limits, 1), consume=True)
+        assert reply[1] == 1  # a new identity: a full bucket
+        if i % 1024 == 0:
+            most = max(most, len(backend))
+            assert len(backend._expiry) <= 2 * bound + 1024  # stale heap entries are swept
+    elapsed, grown = time.perf_counter() - started, rss_mb() - before
+    print(
+        f"\nMemoryBackend(max_keys={bound}): {MILLION:,} identities in {elapsed:.1f}s, "
+        f"{len(backend):,} kept (at most {most:,}), RSS +{grown:.1f} MB"
+    )
+    assert len(backend) == bound
+    assert most <= bound
+    # the most recent identities are still counted; the oldest were forgotten (full again)
+    last = Request((f"id:{MILLION - 1}",), (), limits, 1)
+    assert backend.decide(last, consume=False)[3] == 4
+    first = Request(("id:0",), (), limits, 1)
+    assert backend.decide(first, consume=False)[3] == 5
+    assert grown < 64  # a million kept buckets would be ~200 MB
+
+
+@pytest.mark.slow
+def test_refusal_cache_stays_within_its_bound_under_a_million_identities() -> None:
+    bound = 10_000
+    cache = RefusalCache(bound)
+    lim = Limit(SLOW, 5)
+    refusal = Decision(False, 5, 0, 3600.0, 3600.0, policy=lim)
+    before, started = rss_mb(), time.perf_counter()
+    for i in range(MILLION):
+        sent = i * 1e-6
+        cache.put((f"id:{i}",), 1, sent, refusal)
+        if i % 1024 == 0:
+            assert len(cache) <= bound
+    elapsed, grown = time.perf_counter() - started, rss_mb() - before
+    print(
+        f"\nRefusalCache({bound}): {MILLION:,} identities in {elapsed:.1f}s, "
+        f"{len(cache):,} kept, RSS +{grown:.1f} MB"
+    )
+    assert len(cache) <= bound
+    assert cache.get((f"id:{MILLION - 1}",), 1, 1.0) is not None  # the newest still answer
+    assert cache.get(("id:0",), 1, 1.0) is None  # the oldest made room
+    assert grown < 32
+
+
+class RefusingBackend:
+    """A stand-in for a server that refuses everything (the bucket is empty for an hour)."""
+
+    def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
+        reply = [0, 0]
+        for _ in request.limits:
+            reply += [0, 0, 3_600_000_000, 3_600_000_000]
+        return reply
+
+    def reset(self, request: Request, *, timeout: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_limiters_local_state_is_bounded_through_the_public_api() -> None:
+    """Through ``try_acquire``: the refusal cache stays within ``local_cache`` and the request
+    cache (hot calls skip hashing) within its fixed size, whatever the number of identities."""
+    from tokenlimit import _core
+
+    limiter = RateLimiter.__new__(RateLimiter)
+    LimiterBase.__init__(limiter, RefusingBackend(), local_cache=500, remote=True)
+    assert limiter.local_cache == 500
+    assert limiter._refusals is not None
+    lim = Limit(SLOW, 5)
+    before, started = rss_mb(), time.perf_counter()
+    count = 50_000
+    for i in range(count):
+        assert not limiter.try_acquire(f"apikey:{i}", lim).allowed
+        if i % 256 == 0:
+            assert len(limiter._refusals) <= 500
+            assert len(_core._cache) <= _core._CACHE_SIZE
+    elapsed, grown = time.perf_counter() - started, rss_mb() - before
+    print(
+        f"\nRateLimiter(local_cache=500): {count:,} identities in {elapsed:.1f}s, "
+        f"{len(limiter._refusals)} refusals and {len(_core._cache)} requests kept, "
+        f"RSS +{grown:.1f} MB"
+    )
+    assert len(limiter._refusals) <= 500
+    assert len(_core._cache) <= _core._CACHE_SIZE
+
+
+def test_memory_limiter_bound_through_the_public_api() -> None:
+    with RateLimiter(MemoryBackend(max_keys=300)) as limiter:
+        lim = Limit(SLOW, 2)
+        for i in range(5_000):
+            assert limiter.try_acquire(f"user:{i}", lim).allowed
+            assert len(limiter.backend) <= 300
+        assert limiter.peek("user:4999", lim).remaining == 1
+
+
+def test_the_integrations_address_cache_is_bounded() -> None:
+    from tokenlimit.integrations import _common
+
+    proxies = _common.TrustedProxies(None)
+    maxsize = _common._ip_key.cache_info().maxsize
+    assert maxsize is not None
+    for i in range(maxsize + 5_000):
+        peer = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+        identity = _common.default_identity(
+            api_key=None, user_id=None, peer=peer, forwarded_for=None, proxies=proxies
+        )
+        assert identity.startswith("ip:")
+    assert _common._ip_key.cache_info().currsize <= maxsize
