@@ -362,6 +362,15 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def _settle(caplog: pytest.LogCaptureFixture, words: str = "maxmemory") -> None:
+    """Until a log line with ``words`` arrives (the check runs in the background), 5 s at most."""
+    deadline = time.monotonic() + 5
+    while not any(words in r.getMessage() for r in caplog.records):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+
+
 def _info_calls(admin: redis.Redis) -> int:
     return int(admin.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
 
@@ -382,6 +391,8 @@ def test_warns_once_when_the_server_can_evict_buckets(
             try:
                 for i in range(5):
                     assert limiter.try_acquire(f"warn-{i}", Limit(NEVER, 5)).allowed
+                _settle(caplog)
+                time.sleep(0.1)  # the second limiter's check, which says nothing, ends too
             finally:
                 close()
         assert _info_calls(admin) - infos - 1 == 2  # one per limiter (and ours just now)
@@ -435,6 +446,7 @@ def test_no_warning_when_nothing_can_be_evicted(
     with RateLimiter.from_url(own_server.url, timeout=5.0) as limiter:
         assert limiter.try_acquire("quiet", Limit(NEVER, 5)).allowed
     assert _warnings(caplog) == []
+    assert any("keeps buckets" in r.getMessage() for r in caplog.records)  # it did ask
 
 
 def test_a_user_without_info_gets_decisions_and_no_warning(
@@ -453,6 +465,7 @@ def test_a_user_without_info_gets_decisions_and_no_warning(
     with RateLimiter.from_url(url, timeout=5.0) as limiter:
         for i in range(3):
             assert limiter.try_acquire(f"noperm-{i}", Limit(NEVER, 5)).allowed
+        _settle(caplog, "eviction policy")
     assert _warnings(caplog) == []
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert sum("eviction policy" in m for m in debug) == 1
@@ -471,6 +484,7 @@ def test_warns_for_a_cluster_node(cluster: Target, caplog: pytest.LogCaptureFixt
             limiter, close = sync_limiter(kind, cluster.url, cluster.host_ports())
             try:
                 assert limiter.try_acquire(f"cluster-warn-{kind}", Limit(NEVER, 5)).allowed
+                _settle(caplog)
             finally:
                 close()
     finally:

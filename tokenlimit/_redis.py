@@ -150,8 +150,8 @@ class RedisBackend:
             raise
 
     def _check_server(self, key: str, deadline: float) -> None:
-        """Once per backend, after its first decision and within what is left of that
-        decision's deadline: warn if the server can evict buckets (see ``_server_check``).
+        """Once per backend, after its first decision, on its connection and within what is
+        left of its deadline: warn if the server can evict buckets (see ``_server_check``).
         Any failure, a NOPERM included, is only logged at debug level."""
         if deadline - time.monotonic() < _CHECK_AT_LEAST:
             return  # no time left: ask at a later decision rather than fail this one
@@ -162,8 +162,15 @@ class RedisBackend:
                 node = cluster.get_node_from_key(key)
                 pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
                 server = str(node.name)
+                lanes = (self._node_lanes or {}).get(pool)
             else:
-                pool, server = self._pool, address(self._pool)
+                pool, server, lanes = self._pool, address(self._pool), self._lanes
+            # The connection the decision just used is held by its lanes: handed back (one,
+            # popped atomically, so no other thread can be using it), the pool lends it to the
+            # INFO and the lanes take it again at the next decision. A second connection for
+            # one command cost the first decisions milliseconds.
+            if lanes is not None:
+                lanes._hand_back()
             reply = _roundtrip(pool, [("INFO", "memory")], deadline)[-1]
         except (BackendError, rx.RedisError, OSError, AttributeError) as exc:
             logger.debug("tokenlimit: could not read the server's eviction policy: %r", exc)

@@ -6,7 +6,10 @@ allows. Only ``maxmemory-policy noeviction`` keeps buckets: every tokenlimit key
 so the ``volatile-*`` policies (which evict keys with a TTL) can take them as surely as the
 ``allkeys-*`` ones. With ``maxmemory 0`` nothing is ever evicted, whatever the policy.
 
-The question is ``INFO memory`` (``maxmemory``, ``maxmemory_policy``): it needs no CONFIG
+The sync limiter asks right after its first decision, on the connection that decision used
+and within what is left of its deadline (one round trip, once: a thread or a second connection
+cost the first decisions far more); the async one asks in a task of its own, which no decision
+waits for. The question is ``INFO memory`` (``maxmemory``, ``maxmemory_policy``): it needs no CONFIG
 permission, and a refusal (an ACL without INFO) or any other failure only logs at debug level.
 The answer is a ``logging`` warning on the ``"tokenlimit"`` logger, once per server per
 process, not ``warnings.warn``: it describes a deployment, found at run time, often in a
@@ -73,8 +76,15 @@ def eviction_warning(info: Mapping[str, object], server: str = "the server") -> 
 def report(reply: bytes | str, server: str) -> str | None:
     """Log ``INFO memory``'s warning for ``server`` unless this process already did; returns
     the warning given (None: nothing to say, or said before)."""
-    message = eviction_warning(parse_info(reply), server)
+    fields = parse_info(reply)
+    message = eviction_warning(fields, server)
     if message is None:
+        logger.debug(
+            "tokenlimit: %s keeps buckets (maxmemory-policy %s, maxmemory %s)",
+            server,
+            fields.get("maxmemory_policy", "?"),
+            fields.get("maxmemory", "?"),
+        )
         return None
     with _lock:
         if server in _warned:
