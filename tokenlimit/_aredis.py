@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -114,8 +115,6 @@ class AsyncRedisBackend:
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
-        if self._check is None:  # in a task of its own: this decision does not wait for it
-            self._check = start_check(self._ask_info(request.keys[0], timeout))
         if self.is_cluster:
             try:
                 reply = await _bounded(self._call(script, request), timeout)
@@ -123,6 +122,7 @@ class AsyncRedisBackend:
                 if self._slots is not None and stale_map(error):
                     self._slots.failed(self._name(request.keys[0]))
                 raise
+            self._first(request, timeout)
             return [int(x) for x in reply]
         loop = asyncio.get_running_loop()
         batcher = self._batcher
@@ -134,7 +134,15 @@ class AsyncRedisBackend:
         batcher.submit(future, loop.time() + timeout, command, script, request)
         # The future is all the caller waits on: its deadline is set by the lane's timer, and
         # a cancellation of the caller cancels only this future (see _batch).
-        return await future
+        answer = await future
+        self._first(request, timeout)
+        return answer
+
+    def _first(self, request: Request, timeout: float) -> None:
+        """After the first decision the server answered: ask about its eviction policy, in a
+        task of its own that no decision waits for (see ``_server_check``)."""
+        if self._check is None:
+            self._check = start_check(functools.partial(self._ask_info, request.keys[0], timeout))
 
     def batch_counts(self) -> tuple[int, int]:
         """``(batches written, commands in them)`` by this loop's batcher: for tests, tuning."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 __all__ = ["eviction_warning", "parse_info", "report", "start_check"]
@@ -77,14 +77,14 @@ def report(reply: bytes | str, server: str) -> str | None:
     """Log ``INFO memory``'s warning for ``server`` unless this process already did; returns
     the warning given (None: nothing to say, or said before)."""
     fields = parse_info(reply)
+    logger.debug(
+        "tokenlimit: asked %s: maxmemory-policy %s, maxmemory %s",
+        server,
+        fields.get("maxmemory_policy", "?"),
+        fields.get("maxmemory", "?"),
+    )
     message = eviction_warning(fields, server)
     if message is None:
-        logger.debug(
-            "tokenlimit: %s keeps buckets (maxmemory-policy %s, maxmemory %s)",
-            server,
-            fields.get("maxmemory_policy", "?"),
-            fields.get("maxmemory", "?"),
-        )
         return None
     with _lock:
         if server in _warned:
@@ -104,14 +104,15 @@ def _size(n: int) -> str:
     return f"{value:.4g}{units[i]}"
 
 
-def start_check(ask: Coroutine[Any, Any, tuple[str | None, Any]]) -> asyncio.Task[None]:
-    """Run ``ask`` (an ``INFO memory`` exchange, already bounded by a deadline, answering the
+def start_check(ask: Callable[[], Awaitable[tuple[str | None, Any]]]) -> asyncio.Task[None]:
+    """Run ``ask()`` (an ``INFO memory`` exchange, bounded by a deadline, answering the
     server's address and the reply) in a task of its own and report the answer: the async
-    decision that starts it does not wait for it."""
+    decision that starts it does not wait for it. A factory, not a coroutine: a task cancelled
+    before it starts (the limiter closed at once) then leaves no coroutine never awaited."""
 
     async def check() -> None:
         try:
-            server, reply = await ask
+            server, reply = await ask()
         except Exception as exc:  # NOPERM, a timeout, a closed client: only worth a debug line
             logger.debug("tokenlimit: could not read the server's eviction policy: %r", exc)
             return
