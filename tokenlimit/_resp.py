@@ -10,14 +10,16 @@ drops the connection, never guesses.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as rx
 
 _hiredis: Any
-try:  # the C reader redis-py uses too, when installed (the [hiredis] extra)
-    import hiredis as _hiredis
+try:  # the C reader redis-py uses too, when installed (the [hiredis] extra); imported by name
+    # so that type-checking does not depend on whether the optional extra is installed
+    _hiredis = importlib.import_module("hiredis")
 except ImportError:  # pragma: no cover - the suite installs it
     _hiredis = None
 
