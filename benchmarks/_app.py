@@ -4,6 +4,11 @@ limit that never refuses, keyed by the default identity: here the client IP), ``
 the same through ``RateLimitMiddleware`` on a mounted sub-app (so ``/plain`` stays bare), and
 ``/tight`` (1/second, burst 1) only proves, once, that the dependency really refuses.
 
+``/floor`` is what any limiter that asks the server costs at least: a dependency that makes one
+redis-py ``EVALSHA`` of ``return 1`` per request (the same floor as the decision tables), on its
+own ``redis.asyncio`` client. Its requests/s next to ``/plain`` bound the ratio a FastAPI
+dependency with one round trip per request can reach on this machine.
+
     TOKENLIMIT_BENCH_URL=redis://127.0.0.1:6379/0 uvicorn _app:app --app-dir benchmarks
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import redis.asyncio
 from fastapi import Depends, FastAPI
 
 from tokenlimit import AsyncRateLimiter, Limit
@@ -20,6 +26,18 @@ limiter = AsyncRateLimiter.from_url(os.environ["TOKENLIMIT_BENCH_URL"])
 HOT = Limit(1_000_000, burst=1_000_000)
 hot = RateLimit(HOT, limiter=limiter)
 tight = RateLimit(Limit(1, burst=1), limiter=limiter)
+
+floor_client = redis.asyncio.Redis.from_url(os.environ["TOKENLIMIT_BENCH_URL"])
+FLOOR_SCRIPT = "return 1"
+floor_sha: list[str] = []
+
+
+async def one_round_trip() -> None:
+    """The floor: one trivial script call per request, and nothing else."""
+    if not floor_sha:
+        floor_sha.append(await floor_client.script_load(FLOOR_SCRIPT))
+    await floor_client.evalsha(floor_sha[0], 1, "bench:floor")
+
 
 app = FastAPI()
 
@@ -31,6 +49,11 @@ async def plain() -> dict[str, str]:
 
 @app.get("/limited", dependencies=[Depends(hot)])
 async def limited() -> dict[str, str]:
+    return {"hello": "world"}
+
+
+@app.get("/floor", dependencies=[Depends(one_round_trip)])
+async def floor() -> dict[str, str]:
     return {"hello": "world"}
 
 

@@ -25,7 +25,7 @@ from _server import free_port, stop_process
 
 HERE = Path(__file__).resolve().parent
 LOAD_TEST = HERE.parent / "tools" / "load_test.py"
-ROUTES = ("plain", "limited", "mw/limited")
+ROUTES = ("plain", "limited", "mw/limited", "floor")
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -157,5 +157,6 @@ def measure_fastapi(
         "ratio_of_medians": medians["limited"] / medians["plain"] if medians["plain"] else None,
         "paired_ratio_median": paired("limited"),
         "middleware_paired_ratio_median": paired("mw/limited"),
+        "floor_paired_ratio_median": paired("floor"),
         "checks": checks,
     }

@@ -300,6 +300,10 @@ def render(data: dict[str, Any]) -> str:
                 f"- `RateLimitMiddleware` (mounted sub-app), for comparison: requests/s "
                 f"{_x(http.get('middleware_paired_ratio_median'))}, server CPU "
                 f"{_x(http.get('middleware_cpu_ratio'))}",
+                "- floor, a dependency making one redis-py `EVALSHA` of `return 1` and nothing "
+                f"else: requests/s {_x(http.get('floor_paired_ratio_median'))}, server CPU "
+                f"{_x(http.get('floor_cpu_ratio'))}: the most a dependency with one round trip "
+                "per request keeps of the plain route here",
                 *[f"- check: {c}" for c in http["checks"]],
             ]
 

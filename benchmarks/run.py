@@ -370,6 +370,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 http["middleware_cpu_ratio"] = (
                     per["plain"] / per["mw/limited"] if per["mw/limited"] else None
                 )
+                http["floor_cpu_ratio"] = per["plain"] / per["floor"] if per["floor"] else None
             except Exception as exc:
                 http = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     cases = [c.to_json() for c in bench.cases]
