@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-__all__ = ["Cluster", "Server", "available_binaries", "free_port"]
+__all__ = [
+    "Cluster",
+    "SentinelGroup",
+    "SentinelServer",
+    "Server",
+    "available_binaries",
+    "free_port",
+]
 
 
 def available_binaries() -> dict[str, str]:
@@ -194,3 +203,126 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+@dataclass
+class SentinelServer(Server):
+    """A server in sentinel mode: its settings live in a config file it rewrites as it learns."""
+
+    config: str = ""
+
+    def start(self, timeout: float = 15.0) -> SentinelServer:
+        if not self.port:
+            self.port = free_port()
+        path = self.workdir / f"sentinel-{self.port}.conf"
+        path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"logfile {self.workdir / f'sentinel-{self.port}.log'}\n{self.config}"
+        )
+        command = [self.binary, str(path), "--sentinel"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.wait_ready(timeout)
+        return self
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, one replica and ``count`` sentinels watching them, on 127.0.0.1.
+
+    Failure detection is fast (``down_after_ms``) so that a test can kill the primary and see
+    the replica promoted within a few seconds.
+    """
+
+    binary: str
+    service: str = "tokenlimit"
+    count: int = 3
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    primary: Server | None = None
+    replica: Server | None = None
+    sentinels: list[SentinelServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self, timeout: float = 30.0) -> SentinelGroup:
+        workdir = Path(tempfile.mkdtemp(prefix="tokenlimit-sentinel-"))
+        fast_sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+        try:
+            self.primary = Server(self.binary, args=fast_sync, workdir=workdir).start()
+            replica_of = ("--replicaof", "127.0.0.1", str(self.primary.port))
+            self.replica = Server(self.binary, args=fast_sync + replica_of, workdir=workdir).start()
+            self._wait(timeout, self._replica_linked, "the replica did not sync")
+            # Started after the replica is linked: a sentinel's first INFO of the primary then
+            # lists it (the next INFO would come 10 s later).
+            config = (
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            for _ in range(self.count):
+                sentinel = SentinelServer(self.binary, workdir=workdir, config=config)
+                self.sentinels.append(sentinel.start())
+            self._wait(timeout, self._sentinels_ready, "the sentinels did not meet")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers sees it (None: none known)."""
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client(socket_timeout=2) as client:
+                    state = client.sentinel_masters().get(self.service)
+            except (redis.RedisError, OSError):
+                continue
+            if state is not None:
+                return int(state["port"])
+        return None
+
+    def kill_primary(self) -> Server:
+        """SIGKILL the process the sentinels know as the primary, by PID; return its Server."""
+        port = self.primary_port()
+        victim = self.primary if self.primary and self.primary.port == port else self.replica
+        assert victim is not None
+        assert victim.process is not None
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait(10)
+        return victim
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, self.primary, self.replica]:
+            if server is not None:
+                server.stop()
+
+    def _replica_linked(self) -> bool:
+        assert self.replica is not None
+        with self.replica.client(socket_timeout=2) as client:
+            return client.info("replication").get("master_link_status") == "up"
+
+    def _sentinels_ready(self) -> bool:
+        for sentinel in self.sentinels:
+            with sentinel.client(socket_timeout=2) as client:
+                state = client.sentinel_masters().get(self.service)
+                if state is None or int(state["num-slaves"]) < 1:
+                    return False
+                if int(state["num-other-sentinels"]) < self.count - 1:
+                    return False
+        return True
+
+    @staticmethod
+    def _wait(timeout: float, ready: Callable[[], bool], failure: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(failure)

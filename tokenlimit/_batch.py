@@ -179,6 +179,7 @@ class _Lane:
         "busy",
         "closing",
         "conn",
+        "demoted",
         "ending",
         "last",
         "members",
@@ -196,6 +197,7 @@ class _Lane:
         self.timer: asyncio.TimerHandle | None = None
         self.conn: Any = None  # the pooled connection, once taken
         self.busy = False  # a batch on the wire (counted in the batcher's _busy)
+        self.demoted = False  # the server answered READONLY: a replica now (see _odd)
         self._begin(members)
         self.task = batcher.loop.create_task(self._run())
         batcher._lanes.add(self)
@@ -274,6 +276,9 @@ class _Lane:
                         await conn.connect()
                     self._write(conn)
                 await self._read(conn)
+                if self.demoted:
+                    await _forget_replica(pool)
+                    break  # not clean: closed, so that its next use asks for the primary
                 clean = True
                 if self.timer is not None:
                     self.timer.cancel()
@@ -383,6 +388,8 @@ class _Lane:
     def _odd(self, member: Member, reply: object) -> None:
         """A reply that is not a script's array: an error reply, most likely."""
         future, deadline, _, script, request = member
+        if isinstance(reply, ReplyError) and reply.code == "READONLY":
+            self.demoted = True  # a replica, likely a demoted primary (Sentinel)
         if future.done():
             return
         if isinstance(reply, ReplyError):
@@ -411,6 +418,14 @@ def _healthy(conn: Any) -> bool:
     return not (
         transport.is_closing() or reader.at_eof() or reader._buffer or unread_in_kernel(transport)
     )
+
+
+async def _forget_replica(pool: Any) -> None:
+    """Close the pool's idle connections: their server answered READONLY, so the next
+    connection must look for the primary again (on a Sentinel pool, connecting asks the
+    sentinels)."""
+    with contextlib.suppress(rx.RedisError, OSError):
+        await pool.disconnect(inuse_connections=False)
 
 
 async def _give_back(pool: Any, conn: Any, clean: bool) -> None:

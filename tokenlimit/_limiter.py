@@ -104,7 +104,8 @@ class RateLimiter(LimiterBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RateLimiter:
-        """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]`` or ``memory://``."""
+        """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]``,
+        ``redis+sentinel://h:p[,h:p]/service[/db]`` or ``memory://``."""
         from ._url import sync_backend_from_url
 
         timeout = check_deadline(options.get("timeout", DEFAULT_TIMEOUT))
@@ -210,7 +211,8 @@ class AsyncRateLimiter(LimiterBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRateLimiter:
-        """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]`` or ``memory://``."""
+        """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]``,
+        ``redis+sentinel://h:p[,h:p]/service[/db]`` or ``memory://``."""
         from ._url import async_backend_from_url
 
         timeout = check_deadline(options.get("timeout", DEFAULT_TIMEOUT))

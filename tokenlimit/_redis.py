@@ -84,7 +84,7 @@ class RedisBackend:
         self._tls = False
         # The lean path (see _Lanes): one per pool, so one per node on a cluster; None once a
         # socket turns out to be TLS.
-        self._lanes: _Lanes | None = None if self._pool is None else _Lanes(self._pool)
+        self._lanes: _Lanes | None = None if self._pool is None else _lanes_on(self._pool)
         self._node_lanes: dict[Any, _Lanes] | None = {} if self.is_cluster else None
         self._acquire = acquire_script()
         self._peek = peek_script()
@@ -120,6 +120,8 @@ class RedisBackend:
         if isinstance(reply, ReplyError):
             if reply.code in _REDIRECTS:
                 return None
+            if reply.code == "READONLY":  # a replica, likely a demoted primary (Sentinel)
+                lanes.drop_idle()
             raise classify(reply.exception())
         if reply is _TLS:
             self._lanes = None
@@ -283,6 +285,10 @@ _CHECK_AT_LEAST = 0.005  # seconds of deadline left for the server check to be w
 
 def address(pool: Any) -> str:
     """``host:port`` (or the socket path) of a standalone pool's server, for messages."""
+    service = getattr(pool, "service_name", None)
+    if service is not None:  # Sentinel: the primary last found, if any
+        found = getattr(pool, "master_address", None)
+        return f"{found[0]}:{found[1]}" if found else f"the primary of {service}"
     kwargs = getattr(pool, "connection_kwargs", {})
     if kwargs.get("path"):
         return str(kwargs["path"])
@@ -409,6 +415,40 @@ class _Lanes:
     def forget(self) -> None:
         """In a forked child: the sockets are the parent's; never use or close them."""
         self._free = []
+
+    def drop_idle(self) -> None:
+        """Close every idle connection, held here or in the pool: their server answered
+        READONLY, so it is a replica now, and the next connection must look again (on a
+        Sentinel pool, connecting asks the sentinels for the primary)."""
+        while True:
+            try:
+                conn = self._free.pop()[0]
+            except IndexError:
+                break
+            conn.disconnect()
+            self._pool.release(conn)
+        self._pool.disconnect(inuse_connections=False)
+
+
+class _SentinelLanes(_Lanes):
+    """Lanes on a Sentinel pool: a held connection to a server the sentinels no longer name
+    as the primary is closed before use (redis-py's pool does so for its idle connections
+    when a new connection finds a new primary; ours are held outside it)."""
+
+    def _take(self, deadline: float) -> tuple[Any, socket.socket, Any] | None:
+        while True:
+            lane = super()._take(deadline)
+            primary = self._pool.master_address
+            if lane is None or primary is None or (lane[0].host, lane[0].port) == primary:
+                return lane
+            lane[0].disconnect()
+            self._pool.release(lane[0])
+
+
+def _lanes_on(pool: Any) -> _Lanes:
+    from redis.sentinel import SentinelConnectionPool
+
+    return _SentinelLanes(pool) if isinstance(pool, SentinelConnectionPool) else _Lanes(pool)
 
 
 def unread_in_kernel(transport: Any) -> bool:

@@ -1,6 +1,7 @@
 """Backends from URLs: ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``,
-``rediss+cluster://`` and ``memory://``. Clients made here are owned by the limiter: they never
-retry a command (a retried decision could take tokens twice) and time out at its deadline."""
+``rediss+cluster://``, ``redis+sentinel://``, ``rediss+sentinel://`` and ``memory://``. Clients
+made here are owned by the limiter: they never retry a command (a retried decision could take
+tokens twice) and time out at its deadline."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ from ._memory import AsyncMemoryBackend, MemoryBackend
 
 __all__ = ["async_backend_from_url", "parse_url", "sync_backend_from_url"]
 
-_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "memory")
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "memory",
+)
 
 
 def parse_url(url: Any) -> tuple[str, str]:
@@ -32,6 +42,10 @@ def parse_url(url: Any) -> tuple[str, str]:
     url = scheme + url[len(scheme) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
     if scheme in ("redis", "rediss", "unix"):
         _check_server_url(scheme, url)
+    elif scheme.endswith("+sentinel"):
+        from ._sentinel import parse_sentinel_url
+
+        parse_sentinel_url(url)
     return scheme, url
 
 
@@ -117,6 +131,10 @@ def sync_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | N
         startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
         cluster = RedisCluster(startup_nodes=startup, **options)
         return RedisBackend(cluster, owned=True)
+    if scheme.endswith("+sentinel"):
+        from ._sentinel import sync_sentinel_client
+
+        return RedisBackend(sync_sentinel_client(url, timeout=timeout), owned=True)
     from redis import BlockingConnectionPool, Redis
 
     pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout))
@@ -139,6 +157,11 @@ def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | 
         def make() -> AsyncRedisBackend:
             client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
             return AsyncRedisBackend(client, owned=True)
+    elif scheme.endswith("+sentinel"):
+        from ._sentinel import async_sentinel_client
+
+        def make() -> AsyncRedisBackend:
+            return AsyncRedisBackend(async_sentinel_client(url, timeout=timeout), owned=True)
     else:
         from redis.asyncio import BlockingConnectionPool, Redis
 

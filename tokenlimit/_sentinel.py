@@ -1,0 +1,187 @@
+"""Redis Sentinel: ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``.
+
+The sentinels are asked for the service's primary whenever a connection to it is made (redis-py's
+``SentinelConnectionPool``), so after a failover new connections go to the promoted replica.
+What is ours on top, and why:
+
+- Every sentinel exchange is bounded by the decision's deadline (their connections get the same
+  deadline class as the primary's, see ``_redis._deadline_class``) and never retried: redis-py
+  would otherwise ask each sentinel with its own defaults (retries with backoff) while a
+  decision waits. Each sentinel gets an equal share of the deadline, so that one that hangs
+  leaves time to ask the others.
+- The pool blocks for a free connection within the deadline, as for ``redis://`` URLs (see
+  ``_url._pool_options``), instead of raising "Too many connections".
+- A connection the limiter holds outside the pool (``_redis._Lanes``) to a server that is no
+  longer the primary is dropped: at its next use if the sentinels named another primary since
+  it was made, and at once, with every idle one, when a server answers READONLY (a demoted
+  primary); the next connection asks the sentinels again (see ``_redis`` and ``_batch``).
+- The URL's password is the primary's (and its replicas'): sentinels are often deployed without
+  one, and a password they do not expect fails the AUTH. Sentinels that require their own take
+  ``?sentinel_password=...`` (and ``sentinel_username=``). Other query options are read as for
+  ``redis://`` URLs and apply to the primary. ``rediss+sentinel://`` speaks TLS to both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+from redis import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from ._errors import ConfigError
+from ._redis import _deadline_class
+
+__all__ = [
+    "DEFAULT_SENTINEL_PORT",
+    "SCHEMES",
+    "SentinelURL",
+    "async_sentinel_client",
+    "parse_sentinel_url",
+    "sync_sentinel_client",
+]
+
+SCHEMES = ("redis+sentinel", "rediss+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+_SENTINEL_OPTIONS = ("sentinel_password", "sentinel_username")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """What a ``redis+sentinel://`` URL says: where to ask, for what, and how to connect."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    primary: dict[str, Any] = field(default_factory=dict)  # the primary's connection options
+    sentinel: dict[str, Any] = field(default_factory=dict)  # the sentinels' (auth, TLS)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Read a ``redis+sentinel://`` URL; anything wrong is a ConfigError naming ``url`` (its
+    messages never repeat the password)."""
+    from redis.connection import parse_url as redis_parse_url
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError("url", str(exc)) from None
+    tls = parts.scheme.lower().startswith("rediss")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    sentinels = tuple(_host_port(item) for item in hosts.split(","))
+    segments = [unquote(s) for s in parts.path.split("/")[1:]]
+    if segments and segments[-1] == "" and len(segments) > 1:
+        segments.pop()  # a trailing slash: /service/ or /service/0/
+    if not segments or not segments[0]:
+        raise ConfigError("url", "no service name: redis+sentinel://host:port/service_name[/db]")
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise ConfigError("url", "after the service name only a database number, as in /0")
+    service, db = segments[0], segments[1] if len(segments) == 2 else ""
+    sentinel: dict[str, Any] = {}
+    query = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _SENTINEL_OPTIONS:
+            sentinel[name.removeprefix("sentinel_")] = value
+        else:
+            query.append((name, value))
+    # The rest reads exactly as a redis:// URL would (the same options, types and errors).
+    auth = f"{userinfo}@" if userinfo else ""
+    equivalent = f"{'rediss' if tls else 'redis'}://{auth}sentinel/{quote(db)}?{urlencode(query)}"
+    try:
+        primary = redis_parse_url(equivalent)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # its messages name the option, never the password
+        raise ConfigError("url", str(exc)) from None
+    primary.pop("host", None)
+    primary.pop("port", None)
+    if tls:
+        primary.pop("connection_class", None)
+        primary["ssl"] = True  # SentinelConnectionPool picks its TLS connection class
+        sentinel["ssl"] = True
+        sentinel.update((k, v) for k, v in primary.items() if k.startswith("ssl_"))
+    return SentinelURL(sentinels, service, primary, sentinel)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; without a port, 26379 (the sentinels' own)."""
+    item = item.strip()
+    port: str | None = None
+    if item.startswith("["):
+        host, closed, rest = item[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ConfigError("url", f"bad sentinel address {item!r}")
+        port = rest[1:] if rest else None
+    elif item.count(":") > 1:
+        raise ConfigError("url", f"write an IPv6 sentinel in brackets, as in [::1]:26379: {item!r}")
+    else:
+        host, colon, text = item.partition(":")
+        port = text if colon else None
+    if not host:
+        raise ConfigError("url", f"a sentinel without a host: {item!r}")
+    if port is None:
+        return unquote(host), DEFAULT_SENTINEL_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("url", f"bad sentinel port in {item!r}: ports are 1 to 65535")
+    return unquote(host), int(port)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's sentinel pool, blocking for a free connection like ``BlockingConnectionPool``;
+    closing it closes the sentinels' connections too (the pool is the limiter's alone)."""
+
+    def close(self) -> None:
+        super().close()
+        for client in self.sentinel_manager.sentinels:
+            client.close()
+
+
+class _AsyncBlockingSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingConnectionPool):
+    """The asyncio twin of ``_BlockingSentinelPool``."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        for client in self.sentinel_manager.sentinels:
+            await client.aclose()
+
+
+def _sentinel_options(target: SentinelURL, timeout: float) -> dict[str, Any]:
+    """Each sentinel gets its share of the deadline: they are asked in turn, and one that
+    hangs (its port open, nothing answering) must leave time to ask the next. redis-py then
+    asks the one that answered first from then on."""
+    from ._url import _client_options
+
+    return {**_client_options(timeout / len(target.sentinels)), **target.sentinel}
+
+
+def _primary_options(target: SentinelURL, timeout: float) -> dict[str, Any]:
+    from ._url import _pool_options
+
+    return {**_pool_options(timeout), **target.primary}  # the URL's options win, as for redis://
+
+
+def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
+    """A client whose pool finds the service's primary through the sentinels, by the deadline."""
+    target = parse_sentinel_url(url)
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout)
+    )
+    for client in manager.sentinels:
+        pool = client.connection_pool
+        pool.connection_class = _deadline_class(pool.connection_class)
+    options = _primary_options(target, timeout)
+    pool = _BlockingSentinelPool(target.service, manager, **options)  # type: ignore[no-untyped-call]
+    return Redis.from_pool(pool)
+
+
+def async_sentinel_client(url: str, *, timeout: float) -> AsyncRedis:
+    """The asyncio twin of ``sync_sentinel_client`` (the batcher bounds every wait in it)."""
+    target = parse_sentinel_url(url)
+    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout)
+    )
+    options = _primary_options(target, timeout)
+    pool = _AsyncBlockingSentinelPool(target.service, manager, **options)  # type: ignore[no-untyped-call]
+    return AsyncRedis.from_pool(pool)
