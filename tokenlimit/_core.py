@@ -10,10 +10,11 @@ from __future__ import annotations
 import binascii
 import functools
 import hashlib
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,12 @@ from ._validate import check_cost, check_key, check_number
 __all__ = [
     "FAILURE_MODES",
     "Request",
+    "achoose_limits",
     "build_request",
     "check_failure_mode",
     "check_prefix",
+    "choose_limits",
+    "chosen_limits",
     "decode_reply",
     "fail_open_decision",
     "identity_tag",
@@ -120,7 +124,53 @@ def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
                 _cache.clear()
             _cache[entry] = request
         return request
+    if callable(limit):  # a chooser (tiers): cached by the limit it chose, never by itself
+        check_key(key)
+        return build_request(prefix, key, choose_limits(limit, key), cost)
     return _build(prefix, key, limit, cost)
+
+
+# -- tiers: a callable standing in for the limit --------------------------------------------------
+def _chooser_name(choose: Callable[..., Any]) -> str:
+    return getattr(choose, "__qualname__", None) or repr(choose)
+
+
+def chosen_limits(choose: Callable[..., Any], value: Any) -> tuple[Limit, ...]:
+    """What the limit chooser ``choose`` returned, as limits; an error naming ``limit`` if it is
+    not a ``Limit``, a string like ``"100/minute"`` or a list of them."""
+    if type(value) is Limit:
+        return (value,)
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited: no "coroutine was never awaited" warning
+        raise ConfigTypeError(
+            "limit",
+            f"{_chooser_name(choose)} returned an awaitable; an async limit chooser needs "
+            "async code (AsyncRateLimiter, an async def, an async view)",
+        )
+    try:
+        return coerce_limits(value)
+    except ConfigError as exc:
+        reason = str(exc).removeprefix(f"{exc.param}: ")
+        raise type(exc)(
+            "limit", f"{_chooser_name(choose)} returned {value!r}, not a usable limit: {reason}"
+        ) from None
+
+
+def choose_limits(choose: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Limit, ...]:
+    """Call a sync limit chooser and check what it returned."""
+    return chosen_limits(choose, choose(*args, **kwargs))
+
+
+async def achoose_limits(
+    choose: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[Limit, ...]:
+    """Call a limit chooser from async code: it may be a coroutine function (or return an
+    awaitable)."""
+    value = choose(*args, **kwargs)
+    if inspect.isawaitable(value):
+        value = await value
+    return chosen_limits(choose, value)
 
 
 def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from ._core import achoose_limits, choose_limits
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
@@ -22,6 +23,19 @@ __all__ = ["Guard"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _chooser(rate: Any, burst: Any, limit: Any) -> Callable[..., Any] | None:
+    """The limit chooser given as ``limit=`` (or as ``rate``), if any (tiers)."""
+    if callable(limit):
+        if rate is not None or burst is not None:
+            raise ConfigError("limit", "a limit chooser takes no rate or burst")
+        return cast("Callable[..., Any]", limit)
+    if callable(rate) and not isinstance(rate, (int, float, str)):
+        if burst is not None:
+            raise ConfigError("burst", "goes with a rate, not with a limit chooser")
+        return cast("Callable[..., Any]", rate)
+    return None
 
 
 def _limits_from(rate: Any, burst: Any, limit: Any) -> tuple[Limit, ...]:
@@ -69,6 +83,12 @@ class Guard:
 
     As a decorator it checks the limit before each call (raising ``RateLimitExceeded`` or
     waiting up to ``timeout``); as ``with``/``async with`` it checks once on entry.
+
+    ``limit`` may be a callable choosing the limit(s) per call (tiers): the decorator calls it
+    with the decorated call's arguments, ``with``/``async with`` with none. It returns a
+    ``Limit``, a string like ``"100/minute"`` or a list of them; for an ``async def`` (and in
+    ``async with``) it may be a coroutine function. ``limits`` is then ``()`` and ``choose`` the
+    callable.
     """
 
     def __init__(
@@ -84,9 +104,11 @@ class Guard:
     ) -> None:
         from ._limiter import AsyncRateLimiter, RateLimiter
 
-        self.limits = _limits_from(rate, burst, limit)
+        self.choose = _chooser(rate, burst, limit)
+        self.limits = () if self.choose is not None else _limits_from(rate, burst, limit)
         self.cost = check_cost(cost)
-        smallest = min(lim.burst for lim in self.limits)
+        # With a chooser, the cost is checked against the chosen burst at each call.
+        smallest = min((lim.burst for lim in self.limits), default=self.cost)
         if self.cost > smallest:
             raise ConfigError(
                 "cost", f"{cost} exceeds the burst {smallest}; it could never be admitted"
@@ -133,19 +155,34 @@ class Guard:
             )
         key_of = self._key_function(func)
         guard = self
+        choose = self.choose
+        if choose is not None and not is_async and inspect.iscoroutinefunction(choose):
+            raise ConfigTypeError(
+                "limit",
+                f"the async limit chooser {choose.__qualname__} needs an async def, "
+                f"not the plain function {func.__qualname__}",
+            )
 
         if is_async:
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                await guard._acheck(key_of(args, kwargs))
+                key = key_of(args, kwargs)
+                if choose is None:
+                    await guard._acheck(key, guard.limits)
+                else:
+                    await guard._acheck(key, await achoose_limits(choose, *args, **kwargs))
                 return await func(*args, **kwargs)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            guard._check(key_of(args, kwargs))
+            key = key_of(args, kwargs)
+            if choose is None:
+                guard._check(key, guard.limits)
+            else:
+                guard._check(key, choose_limits(choose, *args, **kwargs))
             return func(*args, **kwargs)
 
         return cast(F, wrapper)
@@ -194,34 +231,39 @@ class Guard:
             )
         return cast("str | bytes", key)
 
+    # A block has no call arguments: a limit chooser is called with none.
     def __enter__(self) -> Decision:
-        return self._check(self._literal_key())
+        key = self._literal_key()
+        limits = self.limits if self.choose is None else choose_limits(self.choose)
+        return self._check(key, limits)
 
     def __exit__(self, *exc_info: object) -> None:
         return None
 
     async def __aenter__(self) -> Decision:
-        return await self._acheck(self._literal_key())
+        key = self._literal_key()
+        limits = self.limits if self.choose is None else await achoose_limits(self.choose)
+        return await self._acheck(key, limits)
 
     async def __aexit__(self, *exc_info: object) -> None:
         return None
 
     # -- the check itself ---------------------------------------------------------------------
-    def _check(self, key: Any) -> Decision:
+    def _check(self, key: Any, limits: tuple[Limit, ...]) -> Decision:
         limiter = self._sync_limiter()
-        decision: Decision = limiter.acquire(key, self.limits, cost=self.cost, timeout=self.timeout)
+        decision: Decision = limiter.acquire(key, limits, cost=self.cost, timeout=self.timeout)
         return decision
 
-    async def _acheck(self, key: Any) -> Decision:
+    async def _acheck(self, key: Any, limits: tuple[Limit, ...]) -> Decision:
         from ._limiter import RateLimiter
 
         limiter = self._async_limiter()
         if not isinstance(limiter, RateLimiter):
             decision: Decision = await limiter.acquire(
-                key, self.limits, cost=self.cost, timeout=self.timeout
+                key, limits, cost=self.cost, timeout=self.timeout
             )
             return decision
-        return await _acquire_off_loop(limiter, key, self.limits, self.cost, self.timeout)
+        return await _acquire_off_loop(limiter, key, limits, self.cost, self.timeout)
 
 
 async def _acquire_off_loop(

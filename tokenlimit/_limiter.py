@@ -8,12 +8,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._base import LimiterBase
-from ._core import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Request, check_deadline
+from ._core import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Request, achoose_limits, check_deadline
 from ._decision import Decision
 from ._errors import BackendError, ConfigTypeError
+from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
-from ._validate import check_timeout
+from ._validate import check_key, check_timeout
 
 if TYPE_CHECKING:
     from ._decorator import Guard
@@ -220,6 +221,8 @@ class AsyncRateLimiter(LimiterBase):
 
     async def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from every limit, all or none. Never raises on refusal."""
+        if callable(limit):  # a limit chooser, maybe async: await what it chooses
+            limit = await self._choose(key, limit)
         return await self._decide(self._request(key, limit, cost), consume=True)
 
     async def acquire(
@@ -228,6 +231,8 @@ class AsyncRateLimiter(LimiterBase):
         """Wait until admitted. Raises ``RateLimitExceeded`` at once, consuming nothing, when the
         wait needed is longer than ``timeout`` (``0``: do not wait; ``None``: no bound)."""
         wait = check_timeout("timeout", timeout)
+        if callable(limit):
+            limit = await self._choose(key, limit)
         request = self._request(key, limit, cost)
         deadline = math.inf if wait is None else time.monotonic() + wait
         while True:
@@ -238,15 +243,25 @@ class AsyncRateLimiter(LimiterBase):
 
     async def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
         """What ``try_acquire`` would answer now, consuming nothing."""
+        if callable(limit):
+            limit = await self._choose(key, limit)
         return await self._decide(self._request(key, limit, cost), consume=False)
 
     async def reset(self, key: str, limit: Any) -> None:
         """Forget the bucket(s): full again."""
+        if callable(limit):
+            limit = await self._choose(key, limit)
         request = self._request(key, limit)
         try:
             await self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
             self._forget(request)
+
+    @staticmethod
+    async def _choose(key: Any, choose: Any) -> tuple[Limit, ...]:
+        """``choose(key)``, awaited if it is async: the limit(s) for this call (tiers)."""
+        check_key(key)  # a bad key fails as one before the chooser sees it
+        return await achoose_limits(choose, key)
 
     async def _decide(self, request: Request, *, consume: bool) -> Decision:
         started = time.perf_counter()

@@ -1,11 +1,16 @@
 """The demo service: ``/v1/hello`` limited per API key, user or IP; ``/health``; ``/metrics``.
 
+Two tiers: the API key ``demo-pro`` is on the Pro plan (50 per second, bursts of 100); ``demo``
+and every other caller are on Free (5 per second, bursts of 10). A plan lookup chooses the limit
+per request, and each plan has its own bucket, so an upgrade takes effect at once.
+
     REDIS_URL=redis://localhost:6379/0 python -m uvicorn examples.fastapi_demo.app:app
 
 Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
 
     curl -i localhost:8000/v1/hello                                         # per client IP
     curl -i -H 'X-API-Key: k-123' localhost:8000/v1/hello                   # per API key
+    curl -i -H 'X-API-Key: demo-pro' localhost:8000/v1/hello                # Pro: burst 100
     curl -i -H 'Authorization: Bearer alice-token' localhost:8000/v1/hello  # per user
 """
 
@@ -15,19 +20,35 @@ Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
 import os
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenlimit import AsyncRateLimiter, Decision
+from tokenlimit import AsyncRateLimiter, Decision, Limit
 from tokenlimit.integrations.fastapi import RateLimit, install_handlers
 from tokenlimit.metrics import PrometheusMetrics
 
 # A stand-in for a real token check: bearer token -> user name.
 DEMO_TOKENS = {"alice-token": "alice", "bob-token": "bob"}
+
+# The tiers, and a stand-in for a customer database: API key -> plan. Anyone else is on Free.
+TIERS = {
+    "free": Limit.per_second(5, burst=10),
+    "pro": Limit.per_second(50, burst=100),
+}
+DEMO_PLANS = {"demo": "free", "demo-pro": "pro"}
+
+
+async def plan_limit(request: Request) -> Limit:
+    """The limit of the caller's plan (async, as a database lookup would be).
+
+    ``app.state.plans`` may change while the app runs: an upgrade applies to the next request.
+    """
+    plans: dict[str, str] = request.app.state.plans
+    return TIERS[plans.get(request.headers.get("x-api-key", ""), "free")]
 
 
 class DemoAuth(AuthenticationBackend):
@@ -81,10 +102,12 @@ def create_app(url: str | None = None) -> FastAPI:
     metrics = _metrics()
     options: dict[str, Any] = {"metrics": metrics} if metrics is not None else {}
     limiter = AsyncRateLimiter.from_url(url, **options)
-    # 5 per second with bursts of 10: per API key, else per signed-in user, else per client IP.
-    hello_limit = RateLimit("5/second", burst=10, limiter=limiter)
+    # The caller's plan (Free: 5 per second with bursts of 10), per API key, else per signed-in
+    # user, else per client IP.
+    hello_limit = RateLimit(plan_limit, limiter=limiter)
 
     app = FastAPI(title="tokenlimit demo")
+    app.state.plans = dict(DEMO_PLANS)
     app.add_middleware(AuthenticationMiddleware, backend=DemoAuth())
     app.add_middleware(WorkerPid)
     install_handlers(app)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenlimit._core import achoose_limits, choose_limits
 from tokenlimit._decision import Decision
 from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit, coerce_limits
@@ -179,6 +180,7 @@ def _check_exempt(exempt: Any) -> tuple[str, ...]:
 
 
 KeyFunction = Callable[[Any], "str | Awaitable[str | None] | None"]
+LimitChooser = Callable[[Any], Any]  # request -> limit(s), or an awaitable of them (tiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +195,7 @@ class Policy:
     headers: bool = True
     api_key_header: str | None = "X-API-Key"
     ipv6_prefix: int = 64
+    choose: LimitChooser | None = None  # tiers: picks the limits per request (``limits`` is ())
 
     @classmethod
     def build(
@@ -208,8 +211,13 @@ class Policy:
         api_key_header: Any = "X-API-Key",
         ipv6_prefix: Any = 64,
     ) -> Policy:
+        choose: LimitChooser | None = None
         if limit is None and burst is None:  # identity options only (limits set per view)
             limits: tuple[Limit, ...] = ()
+        elif callable(limit):  # a chooser: the cost meets the chosen burst per request
+            if burst is not None:
+                raise ConfigError("burst", "goes with a limit string, not with a limit chooser")
+            limits, choose = (), limit
         elif burst is not None:
             if not isinstance(limit, str):
                 raise ConfigError("burst", "goes with a limit string such as '10/second'")
@@ -239,9 +247,22 @@ class Policy:
             if isinstance(trusted_proxies, TrustedProxies)
             else TrustedProxies(trusted_proxies)
         )
+        exempt = _check_exempt(exempt)
         return cls(
-            limits, key, cost, _check_exempt(exempt), proxies, headers, api_key_header, ipv6_prefix
+            limits, key, cost, exempt, proxies, headers, api_key_header, ipv6_prefix, choose=choose
         )
+
+    def limits_for(self, request: Any) -> tuple[Limit, ...]:
+        """The limits for ``request``: the policy's own, or what its chooser picks (sync)."""
+        if self.choose is None:
+            return self.limits
+        return choose_limits(self.choose, request)
+
+    async def alimits_for(self, request: Any) -> tuple[Limit, ...]:
+        """``limits_for`` in async code: the chooser may be a coroutine function."""
+        if self.choose is None:
+            return self.limits
+        return await achoose_limits(self.choose, request)
 
     def is_exempt(self, path: str) -> bool:
         for entry in self.exempt:

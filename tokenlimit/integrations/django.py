@@ -24,6 +24,10 @@ view decorator, and system checks that report a bad setting at start-up. Sync an
     @ratelimit("10/minute")                 # its own limit and bucket, on top of the middleware's
     def search(request): ...
 
+Tiers: ``LIMIT`` (a callable or its dotted path) and ``ratelimit``'s ``limit`` (a callable) may
+choose the limit(s) per request, such as the caller's plan: called with the request, it returns
+a Limit, a string or a list of them; it may be a coroutine function (awaited in async code).
+
 Sync code decides through a ``RateLimiter`` and async code through an ``AsyncRateLimiter``
 built from the same URL (one shared store for ``memory://``), so the event loop never waits on
 a socket.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -56,6 +61,7 @@ from tokenlimit._core import (
     check_deadline,
     check_failure_mode,
     check_prefix,
+    chosen_limits,
 )
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
@@ -90,7 +96,7 @@ class _Options:
     """``settings.TOKENLIMIT``, validated."""
 
     url: str = "memory://"
-    limits: tuple[Limit, ...] | None = None
+    limits: tuple[Limit, ...] | Callable[[Any], Any] | None = None  # or a chooser (tiers)
     key: Callable[[Any], Any] | None = None
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
@@ -117,6 +123,25 @@ def _key_function(value: Any) -> Callable[[Any], Any]:
     return cast("Callable[[Any], Any]", function)
 
 
+def _limit_setting(value: Any) -> tuple[Limit, ...] | Callable[[Any], Any]:
+    """``LIMIT``: the limit(s), or a callable taking the request and choosing them (tiers),
+    given itself or as a dotted path."""
+    if callable(value):
+        return cast("Callable[[Any], Any]", value)
+    try:
+        return coerce_limits(value)
+    except ConfigError:
+        if not (isinstance(value, str) and _DOTTED.match(value)):
+            raise
+    function: Any = import_string(value)
+    if not callable(function):
+        raise ConfigTypeError("limit", f"{value!r} is not callable")
+    return cast("Callable[[Any], Any]", function)
+
+
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # "myapp.plans.limits_for"
+
+
 def _metrics_sink(value: Any) -> MetricsSink | None:
     """``METRICS``: a dotted path to a ``MetricsSink`` instance (or the instance itself)."""
     sink: Any = import_string(value) if isinstance(value, str) else value
@@ -130,7 +155,7 @@ def _metrics_sink(value: Any) -> MetricsSink | None:
 # setting -> (option, check id, validator)
 _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "URL": ("url", "tokenlimit.E002", lambda v: parse_url(v)[1]),
-    "LIMIT": ("limits", "tokenlimit.E003", coerce_limits),
+    "LIMIT": ("limits", "tokenlimit.E003", _limit_setting),
     "KEY": ("key", "tokenlimit.E004", _key_function),
     "FAILURE_MODE": ("failure_mode", "tokenlimit.E005", check_failure_mode),
     "TRUSTED_PROXIES": ("proxies", "tokenlimit.E006", TrustedProxies),
@@ -364,6 +389,16 @@ async def _identity_async(policy: Policy, request: Any) -> str:
     return await _default_async(policy, request)
 
 
+def _limits_sync(policy: Policy, request: Any) -> tuple[Limit, ...]:
+    """The policy's limits, or what its chooser picks for ``request`` (tiers)."""
+    if policy.choose is None:
+        return policy.limits
+    value = policy.choose(request)
+    if inspect.isawaitable(value):  # an async chooser behind a sync middleware chain
+        value = async_to_sync(_awaited)(value)
+    return chosen_limits(policy.choose, value)
+
+
 def _bucket(scope: str | None, identity: str) -> str:
     # The middleware's bucket is the identity itself; a decorated view's adds the view's
     # qualified name (which cannot contain "|"), so each view has its own.
@@ -435,8 +470,9 @@ def _enter_sync(
     state: _State, policy: Policy, scope: str | None, request: Any
 ) -> Any:  # HttpResponse to answer at once, or None to go on
     key = _bucket(scope, _identity_sync(policy, request))
+    limits = _limits_sync(policy, request)
     try:
-        decision = decide_sync(state.sync, key, policy.limits, policy.cost)
+        decision = decide_sync(state.sync, key, limits, policy.cost)
     except BackendError:
         _record(state.sync, scope, request, None)
         return _unavailable()
@@ -446,8 +482,9 @@ def _enter_sync(
 
 async def _enter_async(state: _State, policy: Policy, scope: str | None, request: Any) -> Any:
     key = _bucket(scope, await _identity_async(policy, request))
+    limits = await policy.alimits_for(request)
     try:
-        decision = await decide_async(state.async_, key, policy.limits, policy.cost)
+        decision = await decide_async(state.async_, key, limits, policy.cost)
     except BackendError:
         _record(state.async_, scope, request, None)
         return _unavailable()
@@ -517,7 +554,11 @@ class _ViewLimit:
     __slots__ = ("_cache", "cost", "headers", "key", "limits")
 
     def __init__(
-        self, limits: tuple[Limit, ...], key: Any, cost: int, headers: bool | None
+        self,
+        limits: tuple[Limit, ...] | Callable[[Any], Any],  # or a chooser (tiers)
+        key: Any,
+        cost: int,
+        headers: bool | None,
     ) -> None:
         self.limits = limits
         self.key = key
@@ -635,7 +676,7 @@ def ratelimit(
     if headers is not None and not isinstance(headers, bool):
         raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
     checked = Policy.build(limit, burst=burst, key=key, cost=cost)
-    spec = _ViewLimit(checked.limits, checked.key, checked.cost, headers)
+    spec = _ViewLimit(checked.choose or checked.limits, checked.key, checked.cost, headers)
 
     def decorate(view: V) -> V:
         if isinstance(view, type):

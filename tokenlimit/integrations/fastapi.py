@@ -8,6 +8,9 @@
 
     app.add_middleware(RateLimitMiddleware, limit="100/minute", exempt=["/health"])
 
+``limit`` may also be a callable taking the request (sync or async) and returning the limit(s)
+for it, such as the caller's plan (tiers): each chosen limit has its own bucket.
+
 Decisions never block the event loop: an ``AsyncRateLimiter`` is awaited, and a sync
 ``RateLimiter`` on Redis decides in a worker thread. Only Starlette is imported, so the middleware
 also serves plain Starlette apps.
@@ -45,7 +48,7 @@ from tokenlimit.integrations._common import (
 
 __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
 
-LimitArg = Limit | str | Sequence[Limit | str]
+LimitArg = Limit | str | Sequence[Limit | str] | Callable[[Request], Any]
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
 Limiter = RateLimiter | AsyncRateLimiter
 DEFAULT_EXEMPT = ("/health", "/metrics")
@@ -142,8 +145,12 @@ class _Guarded:
     async def _decide(self, limiter: Limiter, scope: Scope, request: Request | None) -> Decision:
         """Take the policy's cost for this request; ``BackendError`` in closed mode."""
         key = await _identity(self.policy, scope, request)
+        limits = self.policy.limits
+        if self.policy.choose is not None:  # tiers: the limits this caller's plan gets
+            chooser_request = request if request is not None else Request(scope)
+            limits = await self.policy.alimits_for(chooser_request)
         try:
-            return await decide_async(limiter, key, self.policy.limits, self.policy.cost)
+            return await decide_async(limiter, key, limits, self.policy.cost)
         except BackendError as error:
             # The app answers a bare 503, which no framework logs: say why, at most once per
             # interval, so an outage is seen without flooding the log.
@@ -207,6 +214,8 @@ class RateLimit(_Guarded):
 
     def __repr__(self) -> str:
         labels = ", ".join(limit.label for limit in self.policy.limits)
+        if self.policy.choose is not None:
+            labels = f"chosen by {getattr(self.policy.choose, '__qualname__', self.policy.choose)}"
         return f"RateLimit({labels}, cost={self.policy.cost})"
 
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from flask import Flask, Response, current_app, g, request
 
 from tokenlimit._config import default_sync_limiter
-from tokenlimit._core import ThrottledLog
+from tokenlimit._core import ThrottledLog, chosen_limits
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
@@ -78,10 +78,12 @@ class TokenLimit:
     """Rate limiting for a Flask app: a default limit for every view, per-view limits, exemptions.
 
     ``limit``: the default limit(s) (a ``Limit``, ``"100/minute"``, or a list), or None to limit
-    only views decorated with ``.limit(...)``. ``key(request)`` chooses the identity (None falls
-    back to the default: the ``api_key_header`` hashed, then the user id from ``user(request)``,
-    else ``flask.g.user_id``, else Flask-Login's ``current_user``, then the client IP through
-    ``trusted_proxies``, a hop count or a list of CIDRs). ``exempt``: paths free of the default.
+    only views decorated with ``.limit(...)``; here and in ``.limit`` it may be a callable taking
+    the request and returning the limit(s) for it, such as the caller's plan (tiers).
+    ``key(request)`` chooses the identity (None falls back to the default: the
+    ``api_key_header`` hashed, then the user id from ``user(request)``, else ``flask.g.user_id``,
+    else Flask-Login's ``current_user``, then the client IP through ``trusted_proxies``, a hop
+    count or a list of CIDRs). ``exempt``: paths free of the default.
     ``headers=False`` leaves the rate-limit headers out (a 429 still carries ``Retry-After``).
 
     The default limit's bucket is keyed by the identity alone; a view's own limit by the
@@ -244,11 +246,14 @@ class TokenLimit:
         else:
             return
         identity = self._identity(state, policy) + bucket
+        limits = policy.limits
+        if policy.choose is not None:  # tiers: the limits this caller's plan gets
+            limits = chosen_limits(policy.choose, current_app.ensure_sync(policy.choose)(request))
         limiter = state.limiter if state.limiter is not None else default_sync_limiter()
         # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
         route = request.url_rule.rule if request.url_rule is not None else None
         try:
-            decision = decide_sync(limiter, identity, policy.limits, policy.cost)
+            decision = decide_sync(limiter, identity, limits, policy.cost)
         except BackendError:
             record_request(limiter, route, "unavailable")
             raise
