@@ -151,6 +151,18 @@ class AsyncRedisBackend:
             return (0, 0)
         return (batcher.flushes, batcher.commands)
 
+    async def run_script(
+        self, script: Script, keys: tuple[str, ...], args: tuple[str, ...], *, timeout: float
+    ) -> Any:
+        """One call of another shipped script (concurrency slots), run at most once by the
+        deadline, outside the batches: NOSCRIPT reloaded, cluster redirects followed."""
+        try:
+            return await _bounded(self._call(script, Request(keys, args, (), 0)), timeout)
+        except BackendError as error:
+            if self._slots is not None and stale_map(error):
+                self._slots.failed(self._name(keys[0]))
+            raise
+
     async def reset(self, request: Request, *, timeout: float) -> None:
         await _bounded(self._execute(("DEL", *request.keys), request.keys[0]), timeout)
 

@@ -17,6 +17,7 @@ from ._metrics import MetricsSink
 from ._validate import check_key, check_timeout
 
 if TYPE_CHECKING:
+    from ._concurrency import AsyncConcurrency, Concurrency
     from ._decorator import Guard
 
 __all__ = ["AsyncRateLimiter", "RateLimiter"]
@@ -172,6 +173,17 @@ class RateLimiter(LimiterBase):
 
         return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
 
+    def concurrency(
+        self, key: str, max_in_flight: int, *, lease: float = 60.0, timeout: float = 0
+    ) -> Concurrency:
+        """At most ``max_in_flight`` holders of ``key`` at once: a context manager (``with``)
+        and decorator holding one slot, raising ``RateLimitExceeded`` when all are held after
+        waiting up to ``timeout`` seconds; a holder that never exits loses its slot after
+        ``lease`` seconds."""
+        from ._concurrency import Concurrency
+
+        return Concurrency(self, key, max_in_flight, lease=lease, timeout=timeout)
+
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Close the client if this limiter made it (``from_url``)."""
@@ -294,6 +306,15 @@ class AsyncRateLimiter(LimiterBase):
         from ._decorator import Guard
 
         return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
+
+    def concurrency(
+        self, key: str, max_in_flight: int, *, lease: float = 60.0, timeout: float = 0
+    ) -> AsyncConcurrency:
+        """At most ``max_in_flight`` holders of ``key`` at once: ``async with`` and a decorator
+        of ``async def`` holding one slot (see ``RateLimiter.concurrency``)."""
+        from ._concurrency import AsyncConcurrency
+
+        return AsyncConcurrency(self, key, max_in_flight, lease=lease, timeout=timeout)
 
     async def aclose(self) -> None:
         """Close the client if this limiter made it (``from_url``)."""

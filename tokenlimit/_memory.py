@@ -30,6 +30,9 @@ class MemoryBackend:
         self._lock = threading.Lock()
         self._states: dict[str, int] = {}  # key -> TAT, ns
         self._expiry: list[tuple[int, str]] = []  # (TAT ns: when full, key); may hold stale entries
+        # Concurrency limits: key -> {holder id: end of its lease, µs} (see _concurrency).
+        self._slots: dict[str, dict[str, int]] = {}
+        self._slots_swept = 1024  # sweep every key's ended leases once this many keys exist
 
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -58,9 +61,42 @@ class MemoryBackend:
         with self._lock:
             self._states.clear()
             self._expiry.clear()
+            self._slots.clear()
 
     def close(self) -> None:
         self.clear()
+
+    def hold_slot(self, key: str, holder: str, max_in_flight: int, lease_us: int) -> list[int]:
+        """A concurrency slot for ``holder``, as the slot_hold script takes it on a server."""
+        from ._concurrency import hold
+
+        with self._lock:
+            now = self.now_us()
+            slots = self._slots
+            holders = slots.get(key)
+            if holders is None:
+                if len(slots) >= self._slots_swept:  # keys whose holders never came back
+                    for name in [k for k, held in slots.items() if not max(held.values()) > now]:
+                        del slots[name]
+                    self._slots_swept = max(1024, 2 * len(slots))
+                holders = slots[key] = {}
+            reply = hold(holders, holder, max_in_flight, lease_us, now)
+            if not holders:
+                del slots[key]
+            return reply
+
+    def release_slot(self, key: str, holder: str) -> int:
+        """Give ``holder``'s slot back: 1 if its lease had not ended yet."""
+        from ._concurrency import release
+
+        with self._lock:
+            holders = self._slots.get(key)
+            if holders is None:
+                return 0
+            freed = release(holders, holder, self.now_us())
+            if not holders:
+                del self._slots[key]
+            return freed
 
     def __len__(self) -> int:
         return len(self._states)

@@ -144,6 +144,17 @@ class RedisBackend:
             lanes = self._node_lanes[pool] = _Lanes(pool, node=True)  # type: ignore[index]
         return lanes
 
+    def run_script(
+        self, script: Script, keys: tuple[str, ...], args: tuple[str, ...], *, timeout: float
+    ) -> Any:
+        """One call of another shipped script (concurrency slots), run at most once by the
+        deadline: redis-py's path with the pool of ``decide``, no retries, NOSCRIPT reloaded."""
+        try:
+            return self._call(script, Request(keys, args, (), 0), time.monotonic() + timeout)
+        except BackendError as error:
+            self._failed(error, keys[0])
+            raise
+
     def reset(self, request: Request, *, timeout: float) -> None:
         try:
             self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)

@@ -9,7 +9,7 @@ from importlib import resources
 
 from ._resp import pack_bulk
 
-__all__ = ["Script", "acquire_script", "peek_script"]
+__all__ = ["Script", "acquire_script", "hold_script", "peek_script", "release_script"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +22,11 @@ class Script:
     eval: bytes = b""
 
 
-def _load(name: str) -> Script:
+def _load(name: str, *, bucket: bool = True) -> Script:
     folder = resources.files("tokenlimit") / "_scripts"
-    body = (folder / "bucket.lua").read_bytes() + b"\n" + (folder / f"{name}.lua").read_bytes()
+    body = (folder / f"{name}.lua").read_bytes()
+    if bucket:  # the bucket scripts share bucket.lua's arithmetic
+        body = (folder / "bucket.lua").read_bytes() + b"\n" + body
     sha = hashlib.sha1(body).hexdigest()
     return Script(name, body, sha, pack_bulk(("EVALSHA", sha)), pack_bulk(("EVAL", body)))
 
@@ -39,3 +41,15 @@ def acquire_script() -> Script:
 def peek_script() -> Script:
     """The read-only variant: the same arithmetic, never a write."""
     return _load("peek")
+
+
+@cache
+def hold_script() -> Script:
+    """Concurrency limits: take one of a key's slots, or say when the earliest lease ends."""
+    return _load("slot_hold", bucket=False)
+
+
+@cache
+def release_script() -> Script:
+    """Concurrency limits: give a slot back."""
+    return _load("slot_release", bucket=False)

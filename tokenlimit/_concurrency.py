@@ -1,0 +1,508 @@
+"""Concurrency limits: at most ``max_in_flight`` holders of one key at a time.
+
+``limiter.concurrency(key, max_in_flight, lease=60.0, timeout=0)`` returns a ``Concurrency``
+(``RateLimiter``) or an ``AsyncConcurrency`` (``AsyncRateLimiter``): a context manager and a
+decorator that holds one slot for the block or call and gives it back on the way out.
+
+Storage, per key, one sorted set: member = a random holder id, score = the end of its lease in
+microseconds of server time. Taking a slot is one script call (``slot_hold.lua``): drop the
+holders whose lease has ended, admit if fewer than ``max_in_flight`` remain (adding the id) and
+set the key's TTL to its longest lease; giving it back is one more (``slot_release.lua``).
+``hold`` and ``release`` below are the reference model of both: the memory backend runs them on
+its own (injectable) clock.
+
+Decisions where the design brief is silent:
+
+- ``max_in_flight`` and ``lease`` are not part of the key: a new ``max_in_flight`` applies at
+  once to the slots already held (lowering it admits no one until enough holders leave; raising
+  it admits at once), and callers passing different values for one key each enforce their own
+  bound against the same holders. The key is ``{prefix}{tag}:c``: the same hash tag as the
+  identity's buckets (one slot on a cluster), a suffix that no bucket key can end with.
+- A slot taken by a call whose outcome is unknown (a timeout after the script was sent) is not
+  given back by a second call: its lease ends it. A cancelled async caller lets its in-flight
+  acquire finish in the background and gives back what it took.
+- A holder past its lease lost its slot (others may have been admitted meanwhile): giving it
+  back is then a no-op, logged (throttled) as a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from ._core import ThrottledLog, identity_tag
+from ._decision import Decision
+from ._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
+from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._scripts import hold_script, release_script
+from ._validate import check_int, check_key, check_number
+
+__all__ = ["AsyncConcurrency", "Concurrency", "Slots", "build_slots", "hold", "release"]
+
+MAX_IN_FLIGHT = 1_000_000_000  # as slot_hold.lua checks it
+MAX_LEASE = 30 * 86_400.0  # seconds: µs of server time plus a lease stay exact in doubles
+SUFFIX = ":c"  # bucket keys end in a limit's base64url id, never in ':'
+FIRST_PAUSE = 0.005  # seconds: the first wait for a slot; doubled after each refusal...
+MAX_PAUSE = 0.25  # ...up to this (with jitter), never past the timeout or the earliest lease end
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_background: set[asyncio.Future[Any]] = set()  # releases running for cancelled callers
+_overrun = ThrottledLog()
+
+
+# -- the reference model: the memory backend runs it, the scripts mirror it ------------------
+def hold(
+    holders: dict[str, int], holder: str, max_in_flight: int, lease_us: int, now: int
+) -> list[int]:
+    """Take a slot for ``holder`` until ``now + lease_us`` if fewer than ``max_in_flight``
+    leases are running at ``now`` (µs). Returns ``[admitted, holders, µs until the earliest
+    lease ends (refused only)]``, as ``slot_hold.lua`` does."""
+    for ended in [name for name, end in holders.items() if end <= now]:
+        del holders[ended]
+    count = len(holders)
+    if count >= max_in_flight:
+        return [0, count, min(holders.values()) - now]
+    holders[holder] = now + lease_us
+    return [1, count + 1, 0]
+
+
+def release(holders: dict[str, int], holder: str, now: int) -> int:
+    """Give ``holder``'s slot back: 1 if its lease was still running, as ``slot_release.lua``."""
+    end = holders.pop(holder, None)
+    return int(end is not None and end > now)
+
+
+# -- the pure middle: arguments in, keys and decisions out ------------------------------------
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """One concurrency limit: the storage key, its bound, the lease (µs) and the wait (s)."""
+
+    key: str
+    max_in_flight: int
+    lease_us: int
+    timeout: float
+
+    def hold_args(self, holder: str) -> tuple[str, str, str]:
+        return (holder, str(self.max_in_flight), str(self.lease_us))
+
+
+def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: Any) -> Slots:
+    """Validate ``concurrency()``'s arguments (errors name the parameter)."""
+    identity = check_key(key)
+    most = check_int("max_in_flight", max_in_flight, minimum=1)
+    if most > MAX_IN_FLIGHT:
+        raise ConfigError("max_in_flight", f"must be <= {MAX_IN_FLIGHT}, got {most!r}")
+    seconds = check_number("lease", lease)
+    if seconds > MAX_LEASE:
+        raise ConfigError("lease", f"must be <= {MAX_LEASE:.0f} seconds (30 days), got {lease!r}")
+    wait = check_number("timeout", timeout, allow_zero=True)
+    storage = f"{prefix}{{{identity_tag(identity)}}}{SUFFIX}"
+    return Slots(storage, most, max(1, math.ceil(seconds * 1e6)), wait)
+
+
+def decode(reply: Sequence[Any], slots: Slots) -> Decision:
+    """The hold script's reply as a Decision: ``limit`` is ``max_in_flight``, ``remaining`` the
+    free slots; refused, ``retry_after`` is when the earliest lease ends (a slot is free by then
+    at the latest, sooner if its holder leaves); admitted, ``reset_after`` is the lease."""
+    admitted, count, wait_us = (int(x) for x in reply)
+    most = slots.max_in_flight
+    if admitted:
+        return Decision(True, most, max(most - count, 0), 0.0, slots.lease_us / 1e6)
+    return Decision(False, most, 0, wait_us / 1e6, wait_us / 1e6)
+
+
+def refused(decision: Decision, slots: Slots) -> RateLimitExceeded:
+    return RateLimitExceeded(
+        decision,
+        f"concurrency limit exceeded: all {slots.max_in_flight} slots are held; "
+        f"the earliest lease ends in {decision.retry_after:.3f}s",
+    )
+
+
+class _Wait:
+    """The pauses between tries while waiting up to ``timeout`` for a slot: exponential backoff
+    with jitter (many waiters must not poll in step), never past the deadline nor past the end
+    of the earliest lease."""
+
+    __slots__ = ("deadline", "pause", "slots")
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+        self.deadline = time.monotonic() + slots.timeout
+        self.pause = FIRST_PAUSE
+
+    def after(self, decision: Decision) -> float:
+        """Seconds to sleep before the next try; ``RateLimitExceeded`` once out of time."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise refused(decision, self.slots)
+        pause = min(self.pause * random.uniform(0.5, 1.0), decision.retry_after, left)
+        self.pause = min(self.pause * 2, MAX_PAUSE)
+        return pause
+
+
+def _new_holder() -> str:
+    return secrets.token_hex(16)
+
+
+# -- storage calls ------------------------------------------------------------------------------
+def _sync_hold(backend: Any, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
+    if isinstance(backend, MemoryBackend):
+        return backend.hold_slot(slots.key, holder, slots.max_in_flight, slots.lease_us)
+    reply: Sequence[int] = backend.run_script(
+        hold_script(), (slots.key,), slots.hold_args(holder), timeout=timeout
+    )
+    return reply
+
+
+def _sync_release(backend: Any, slots: Slots, holder: str, timeout: float) -> int:
+    if isinstance(backend, MemoryBackend):
+        return backend.release_slot(slots.key, holder)
+    return int(backend.run_script(release_script(), (slots.key,), (holder,), timeout=timeout))
+
+
+async def _runner(backend: Any) -> Any:
+    """The ``run_script`` of an async backend (of this loop's, for a per-loop one)."""
+    run = getattr(backend, "run_script", None)
+    if run is None:
+        current = getattr(backend, "_current", None)  # _url.LoopLocalBackend: one per loop
+        if current is not None:
+            run = getattr(await current(), "run_script", None)
+    if run is None:
+        raise TypeError(f"{type(backend).__name__} does not support concurrency limits")
+    return run
+
+
+async def _async_hold(backend: Any, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
+    if isinstance(backend, AsyncMemoryBackend):
+        return backend.store.hold_slot(slots.key, holder, slots.max_in_flight, slots.lease_us)
+    run = await _runner(backend)
+    reply: Sequence[int] = await run(
+        hold_script(), (slots.key,), slots.hold_args(holder), timeout=timeout
+    )
+    return reply
+
+
+async def _async_release(backend: Any, slots: Slots, holder: str, timeout: float) -> int:
+    if isinstance(backend, AsyncMemoryBackend):
+        return backend.store.release_slot(slots.key, holder)
+    run = await _runner(backend)
+    return int(await run(release_script(), (slots.key,), (holder,), timeout=timeout))
+
+
+def supported(backend: Any) -> bool:
+    """Whether a limiter's backend can hold concurrency slots."""
+    return isinstance(backend, (MemoryBackend, AsyncMemoryBackend)) or any(
+        callable(getattr(backend, name, None)) for name in ("run_script", "_current")
+    )
+
+
+def _keep(future: asyncio.Future[Any]) -> None:
+    """Hold a strong reference until ``future`` is done (the loop keeps only weak ones)."""
+    _background.add(future)
+    future.add_done_callback(_background.discard)
+
+
+async def _shielded(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], Any]) -> Any:
+    """Await one hold; if the caller is cancelled meanwhile, let the hold finish in the
+    background and give back the slot it took (the script may already have run: cancelling it
+    would leave that slot to its lease)."""
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        attempt.add_done_callback(functools.partial(_orphaned, give_back=give_back))
+        raise
+
+
+def _orphaned(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], Any]) -> None:
+    if attempt.cancelled() or attempt.exception() is not None:
+        return  # nothing taken, or unknown: the lease ends it
+    if int(attempt.result()[0]) == 1:
+        give_back()
+
+
+# -- the guards -----------------------------------------------------------------------------------
+class _SlotGuard:
+    """What both guards share: arguments, the held slots of this context, failure policy."""
+
+    __slots__ = ("_held", "_limiter", "_slots")
+
+    def __init__(
+        self, limiter: Any, key: Any, max_in_flight: Any, *, lease: Any, timeout: Any
+    ) -> None:
+        self._slots = build_slots(limiter.prefix, key, max_in_flight, lease, timeout)
+        if not supported(limiter.backend):
+            raise TypeError(
+                f"{type(limiter.backend).__name__} does not support concurrency limits "
+                "(use a memory, Redis or Valkey limiter)"
+            )
+        self._limiter = limiter
+        # The slots this guard holds in the current thread or task, innermost last: one guard
+        # may be entered by many threads and tasks at once, and nested.
+        self._held: contextvars.ContextVar[tuple[str | None, ...]] = contextvars.ContextVar(
+            "tokenlimit_slots", default=()
+        )
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._slots.max_in_flight
+
+    @property
+    def lease(self) -> float:
+        """Seconds a holder keeps its slot at most."""
+        return self._slots.lease_us / 1e6
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for a free slot (0: refuse at once)."""
+        return self._slots.timeout
+
+    def _push(self, holder: str | None) -> None:
+        self._held.set((*self._held.get(), holder))
+
+    def _pop(self) -> str | None:
+        held = self._held.get()
+        if not held:
+            raise RuntimeError("concurrency slot released without being acquired")
+        self._held.set(held[:-1])
+        return held[-1]
+
+    def _failed(self, error: BackendError) -> tuple[Decision, None]:
+        """Storage failed while taking a slot: admit without one (open) or raise (closed)."""
+        limiter = self._limiter
+        is_open = limiter.failure_mode == "open"
+        if limiter.metrics is not None:
+            limiter.metrics.record_error((), error.reason, is_open)
+        if not is_open:
+            raise error
+        limiter._log.warning(
+            "tokenlimit: storage failed, admitting without a concurrency slot "
+            "(failure_mode='open')",
+            error,
+        )
+        most = self._slots.max_in_flight
+        return Decision(True, most, most - 1, 0.0, 0.0), None
+
+    def _released(self, freed: int) -> None:
+        if not freed:
+            _overrun.warning(
+                "tokenlimit: a concurrency slot was given back after its lease had ended "
+                "(others may have been admitted in its place)",
+                RuntimeError(f"lease {self.lease:g}s, max_in_flight {self.max_in_flight}"),
+            )
+
+    def _release_failed(self, error: Exception) -> None:
+        """Never raised over the caller's own result or exception: the lease frees the slot."""
+        self._limiter._log.warning(
+            "tokenlimit: could not give a concurrency slot back (its lease will end it)", error
+        )
+
+    def _check_func(self, func: Any) -> bool:
+        if not callable(func):
+            raise ConfigTypeError("func", f"concurrency decorates a callable, not {func!r}")
+        return inspect.iscoroutinefunction(func)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(max_in_flight={self.max_in_flight}, lease={self.lease:g}, "
+            f"timeout={self.timeout:g})"
+        )
+
+
+class Concurrency(_SlotGuard):
+    """``RateLimiter.concurrency(...)``: ``with`` (or ``async with``, off the event loop) holds
+    one slot; as a decorator of a ``def`` or an ``async def``, one slot per call. Entering
+    returns a ``Decision`` (``remaining``: slots left) or raises ``RateLimitExceeded``."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Decision:
+        decision, holder = self._hold()
+        self._push(holder)
+        return decision
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release(self._pop())
+
+    async def __aenter__(self) -> Decision:
+        decision, holder = await self._ahold()
+        self._push(holder)
+        return decision
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._arelease(self._pop())
+
+    def __call__(self, func: F) -> F:
+        if self._check_func(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                _, holder = await self._ahold()
+                try:
+                    return await func(*args, **kwargs)
+                finally:
+                    await self._arelease(holder)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _, holder = self._hold()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._release(holder)
+
+        return cast(F, wrapper)
+
+    def _hold(self) -> tuple[Decision, str | None]:
+        limiter, slots = self._limiter, self._slots
+        holder = _new_holder()
+        wait = _Wait(slots)
+        while True:
+            try:
+                reply = _sync_hold(limiter.backend, slots, holder, limiter.timeout)
+            except BackendError as error:
+                return self._failed(error)
+            decision = decode(reply, slots)
+            if decision.allowed:
+                return decision, holder
+            time.sleep(wait.after(decision))
+
+    def _release(self, holder: str | None) -> None:
+        if holder is None:  # admitted without a slot (failure_mode="open")
+            return
+        limiter = self._limiter
+        try:
+            freed = _sync_release(limiter.backend, self._slots, holder, limiter.timeout)
+        except Exception as error:
+            self._release_failed(error)
+        else:
+            self._released(freed)
+
+    # From async code, a sync limiter's network calls run in a worker thread.
+    async def _ahold(self) -> tuple[Decision, str | None]:
+        limiter, slots = self._limiter, self._slots
+        backend = limiter.backend
+        holder = _new_holder()
+        wait = _Wait(slots)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if isinstance(backend, MemoryBackend):
+                    reply = _sync_hold(backend, slots, holder, limiter.timeout)
+                else:
+                    call = functools.partial(_sync_hold, backend, slots, holder, limiter.timeout)
+                    attempt = loop.run_in_executor(None, call)
+                    reply = await _shielded(
+                        attempt,
+                        lambda: loop.run_in_executor(None, self._release, holder),
+                    )
+            except BackendError as error:
+                return self._failed(error)
+            decision = decode(reply, slots)
+            if decision.allowed:
+                return decision, holder
+            await asyncio.sleep(wait.after(decision))
+
+    async def _arelease(self, holder: str | None) -> None:
+        if holder is None or isinstance(self._limiter.backend, MemoryBackend):
+            self._release(holder)
+            return
+        # Shielded: a caller cancelled here still gives the slot back.
+        await asyncio.shield(
+            asyncio.get_running_loop().run_in_executor(None, self._release, holder)
+        )
+
+
+class AsyncConcurrency(_SlotGuard):
+    """``AsyncRateLimiter.concurrency(...)``: ``async with`` holds one slot; as a decorator of an
+    ``async def``, one slot per call. Entering returns a ``Decision`` or raises
+    ``RateLimitExceeded``."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Decision:
+        raise TypeError("AsyncRateLimiter.concurrency needs 'async with' (or use RateLimiter)")
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raised
+        return None
+
+    async def __aenter__(self) -> Decision:
+        decision, holder = await self._hold()
+        self._push(holder)
+        return decision
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._release(self._pop())
+
+    def __call__(self, func: F) -> F:
+        if not self._check_func(func):
+            raise TypeError(
+                f"AsyncRateLimiter.concurrency cannot decorate the plain function "
+                f"{getattr(func, '__qualname__', func)!r}; use RateLimiter, or make it async def"
+            )
+
+        @functools.wraps(func)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            _, holder = await self._hold()
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                await self._release(holder)
+
+        return cast(F, async_wrapper)
+
+    async def _hold(self) -> tuple[Decision, str | None]:
+        limiter, slots = self._limiter, self._slots
+        backend = limiter.backend
+        holder = _new_holder()
+        wait = _Wait(slots)
+        while True:
+            try:
+                if isinstance(backend, AsyncMemoryBackend):  # no await: cannot be cut short
+                    reply = await _async_hold(backend, slots, holder, limiter.timeout)
+                else:
+                    attempt = asyncio.ensure_future(
+                        _async_hold(backend, slots, holder, limiter.timeout)
+                    )
+                    reply = await _shielded(attempt, lambda: self._give_back(holder))
+            except BackendError as error:
+                return self._failed(error)
+            decision = decode(reply, slots)
+            if decision.allowed:
+                return decision, holder
+            await asyncio.sleep(wait.after(decision))
+
+    async def _release(self, holder: str | None) -> None:
+        if holder is None:  # admitted without a slot (failure_mode="open")
+            return
+        if isinstance(self._limiter.backend, AsyncMemoryBackend):
+            await self._released_now(holder)
+            return
+        # Shielded: a caller cancelled here still gives the slot back.
+        await asyncio.shield(self._give_back(holder))
+
+    def _give_back(self, holder: str) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(self._released_now(holder))
+        _keep(task)
+        return task
+
+    async def _released_now(self, holder: str) -> None:
+        limiter = self._limiter
+        try:
+            freed = await _async_release(limiter.backend, self._slots, holder, limiter.timeout)
+        except Exception as error:
+            self._release_failed(error)
+        else:
+            self._released(freed)
