@@ -5,9 +5,10 @@ Neither limiter subclasses the other; both inherit this IO-free base and only mo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ._cache import RefusalCache, check_local_cache
 from ._core import (
@@ -28,9 +29,22 @@ from ._metrics import MetricsSink
 
 __all__ = ["LimiterBase"]
 
+_L = TypeVar("_L", bound="LimiterBase")
+
 
 class LimiterBase:
-    __slots__ = ("_failure_mode", "_log", "_metrics", "_prefix", "_refusals", "_timeout", "backend")
+    __slots__ = (
+        "_failure_mode",
+        "_log",
+        "_metrics",
+        "_prefix",
+        "_refusals",
+        "_shadow",
+        "_shadow_log",
+        "_timeout",
+        "_twin",
+        "backend",
+    )
 
     def __init__(
         self,
@@ -42,6 +56,7 @@ class LimiterBase:
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         remote: bool = False,
+        shadow: bool = False,
     ) -> None:
         """``remote``: the backend is a server (Redis, Valkey). Only then is ``local_cache``
         used: the in-process memory backend gains nothing from it, and may run on an injected
@@ -55,8 +70,13 @@ class LimiterBase:
             raise ConfigTypeError(
                 "metrics", "must have record_decision() and record_error() (see MetricsSink)"
             )
+        if not isinstance(shadow, bool):
+            raise ConfigTypeError("shadow", f"must be True or False, not {shadow!r}")
         self._metrics = metrics
         self._log = ThrottledLog()
+        self._shadow = shadow
+        self._shadow_log = ThrottledLog()
+        self._twin: LimiterBase | None = self if shadow else None
         self.backend = backend
 
     @property
@@ -78,6 +98,31 @@ class LimiterBase:
         return self._metrics
 
     @property
+    def shadow(self) -> bool:
+        """Shadow mode: decide and count as usual, but admit every call (see ``as_shadow``)."""
+        return self._shadow
+
+    def as_shadow(self: _L) -> _L:
+        """This limiter in shadow mode: same store, buckets, metrics and local cache, but every
+        ``try_acquire``/``acquire`` admits. A would-be refusal still takes nothing (as it would
+        under enforcement), comes back with ``allowed=True`` and ``shadowed=True``, is counted
+        by the metrics sink with that marker, and is logged at most once per 10 s (the limit
+        only, never the key). ``acquire`` never sleeps. ``peek`` still answers what enforcement
+        would. Storage failures admit whatever ``failure_mode`` says: a limit being tried out
+        must never take the service down. The integrations' ``shadow=True`` uses this."""
+        twin = self._twin
+        if not isinstance(twin, type(self)):
+            twin = object.__new__(type(self))
+            for cls in type(self).__mro__:  # every slot, the subclasses' too
+                for name in getattr(cls, "__slots__", ()):
+                    if hasattr(self, name):
+                        object.__setattr__(twin, name, getattr(self, name))
+            twin._shadow = True
+            twin._twin = twin
+            self._twin = twin
+        return twin
+
+    @property
     def local_cache(self) -> int:
         """How many refusals are answered in-process at most (0: the cache is off)."""
         return 0 if self._refusals is None else self._refusals.max_entries
@@ -92,6 +137,8 @@ class LimiterBase:
         if not decision.allowed and self._refusals is not None:
             # ``started`` was read before the request was sent: see _cache.py for why.
             self._refusals.put(request.keys, request.cost, started, decision)
+        if self._shadow and consume and not decision.allowed:
+            decision = self._shadowed(request, decision)
         # A peek decides nothing: counting it would let a dashboard that polls inflate refusals.
         if consume and self._metrics is not None:
             self._metrics.record_decision(request.limits, decision, time.perf_counter() - started)
@@ -101,9 +148,22 @@ class LimiterBase:
         self, request: Request, decision: Decision, started: float, *, consume: bool
     ) -> Decision:
         """A refusal from the local cache: still a decision, recorded like one."""
+        if self._shadow and consume:
+            decision = self._shadowed(request, decision)
         if consume and self._metrics is not None:
             self._metrics.record_decision(request.limits, decision, time.perf_counter() - started)
         return decision
+
+    def _shadowed(self, request: Request, decision: Decision) -> Decision:
+        """Shadow mode: the refusal becomes an admission marked ``shadowed``, logged (throttled,
+        with the limit's label and never the key)."""
+        policy = decision.policy or (request.limits[0] if request.limits else None)
+        label = policy.label if policy is not None else "?"
+        would = RateLimitExceeded(
+            decision, f"limit {label}, retry after {decision.retry_after:.3f}s"
+        )
+        self._shadow_log.warning("tokenlimit: shadow mode admitted a call it would refuse", would)
+        return dataclasses.replace(decision, allowed=True, shadowed=True)
 
     def _forget(self, request: Request) -> None:
         """After ``reset``: the cached refusals for these buckets no longer hold."""
@@ -119,17 +179,20 @@ class LimiterBase:
         return decision.retry_after
 
     def _failed(self, request: Request, error: BackendError) -> Decision:
-        """Apply the failure mode: admit and log (open), or re-raise (closed)."""
-        is_open = self._failure_mode == "open"
+        """Apply the failure mode: admit and log (open), or re-raise (closed). A shadow limiter
+        always admits: trying a limit out must not make its storage a new way to fail."""
+        is_open = self._failure_mode == "open" or self._shadow
         if self._metrics is not None:
             self._metrics.record_error(request.limits, error.reason, is_open)
         if not is_open:
             raise error
-        self._log.warning("tokenlimit: storage failed, admitting (failure_mode='open')", error)
+        mode = "shadow=True" if self._shadow else "failure_mode='open'"
+        self._log.warning(f"tokenlimit: storage failed, admitting ({mode})", error)
         return fail_open_decision(request.limits)
 
     def __repr__(self) -> str:
+        shadow = ", shadow=True" if self._shadow else ""
         return (
             f"{type(self).__name__}({type(self.backend).__name__}, prefix={self._prefix!r}, "
-            f"timeout={self._timeout!r}, failure_mode={self._failure_mode!r})"
+            f"timeout={self._timeout!r}, failure_mode={self._failure_mode!r}{shadow})"
         )

@@ -19,6 +19,13 @@ class Decision:
     refusal the longest ``retry_after``), and ``details`` holds one ``Decision`` per limit, in
     the order given. With one limit ``details`` is empty: the decision is that limit's own
     (``decision.details or (decision,)`` reads both alike).
+
+    ``shadowed`` is True only on a limiter in shadow mode (``shadow=True``), when enforcement
+    would have refused: the call is then admitted, so ``allowed`` is True and ``if decision:``
+    lets it through, as shadow mode promises, while ``remaining``/``retry_after``/``details``
+    keep what the store answered (the refusal enforcement would have sent). Code written for
+    enforcement therefore needs no change to run in shadow mode, and code that wants to see
+    would-be refusals reads ``decision.shadowed``.
     """
 
     allowed: bool
@@ -28,6 +35,7 @@ class Decision:
     reset_after: float
     policy: Limit | None = field(default=None, kw_only=True, compare=False)
     details: tuple[Decision, ...] = field(default=(), kw_only=True, compare=False, repr=False)
+    shadowed: bool = field(default=False, kw_only=True)
 
     def __bool__(self) -> bool:
         return self.allowed

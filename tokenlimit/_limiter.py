@@ -7,8 +7,16 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import _switch
 from ._base import LimiterBase
-from ._core import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Request, achoose_limits, check_deadline
+from ._core import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT,
+    Request,
+    achoose_limits,
+    check_deadline,
+    fail_open_decision,
+)
 from ._decision import Decision
 from ._errors import BackendError, ConfigTypeError
 from ._limit import Limit
@@ -79,7 +87,10 @@ def _has(obj: Any, *names: str) -> bool:
 
 
 class RateLimiter(LimiterBase):
-    """Sync limiter: ``RateLimiter(redis.Redis(...))`` or ``RateLimiter.from_url(url)``."""
+    """Sync limiter: ``RateLimiter(redis.Redis(...))`` or ``RateLimiter.from_url(url)``.
+
+    ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
+    """
 
     __slots__ = ()
 
@@ -92,6 +103,7 @@ class RateLimiter(LimiterBase):
         failure_mode: str = "closed",
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
+        shadow: bool = False,
     ) -> None:
         backend = _sync_backend(client, check_deadline(timeout))
         super().__init__(
@@ -101,6 +113,7 @@ class RateLimiter(LimiterBase):
             failure_mode=failure_mode,
             metrics=metrics,
             local_cache=local_cache,
+            shadow=shadow,
             remote=_on_redis(backend),
         )
 
@@ -145,6 +158,8 @@ class RateLimiter(LimiterBase):
             self._forget(request)
 
     def _decide(self, request: Request, *, consume: bool) -> Decision:
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
+            return fail_open_decision(request.limits)
         started = time.perf_counter()
         refusals = self._refusals
         if refusals is not None:
@@ -197,7 +212,10 @@ class RateLimiter(LimiterBase):
 
 
 class AsyncRateLimiter(LimiterBase):
-    """Async limiter: ``AsyncRateLimiter(redis.asyncio.Redis(...))`` or ``.from_url(url)``."""
+    """Async limiter: ``AsyncRateLimiter(redis.asyncio.Redis(...))`` or ``.from_url(url)``.
+
+    ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
+    """
 
     __slots__ = ()
 
@@ -210,6 +228,7 @@ class AsyncRateLimiter(LimiterBase):
         failure_mode: str = "closed",
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
+        shadow: bool = False,
     ) -> None:
         backend = _async_backend(client)
         super().__init__(
@@ -219,6 +238,7 @@ class AsyncRateLimiter(LimiterBase):
             failure_mode=failure_mode,
             metrics=metrics,
             local_cache=local_cache,
+            shadow=shadow,
             remote=_on_aredis(backend),
         )
 
@@ -276,6 +296,8 @@ class AsyncRateLimiter(LimiterBase):
         return await achoose_limits(choose, key)
 
     async def _decide(self, request: Request, *, consume: bool) -> Decision:
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
+            return fail_open_decision(request.limits)
         started = time.perf_counter()
         refusals = self._refusals
         if refusals is not None:

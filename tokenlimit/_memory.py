@@ -34,6 +34,11 @@ class MemoryBackend:
         self._slots: dict[str, dict[str, int]] = {}
         self._slots_swept = 1024  # sweep every key's ended leases once this many keys exist
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the buckets run on (a ``tokenlimit.testing.FakeClock`` in tests)."""
+        return self._clock
+
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
 

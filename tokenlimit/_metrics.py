@@ -18,6 +18,10 @@ class MetricsSink(Protocol):
     A sink may also have ``record_request(route, result)``: the web integrations then call it
     once per check with the route template and ``"allowed"``, ``"refused"`` or
     ``"unavailable"``. It is optional, so sinks written before it keep working.
+
+    In shadow mode a would-be refusal reaches ``record_decision`` as what the caller got, an
+    admitted ``Decision`` (``allowed`` True) with ``shadowed=True``; a storage failure reaches
+    ``record_error`` with ``failed_open`` True.
     """
 
     def record_decision(self, limits: Sequence[Limit], decision: Decision, seconds: float) -> None:

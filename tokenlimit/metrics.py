@@ -12,6 +12,10 @@ Series (``tokenlimit`` is the ``namespace``):
   each attempt inside ``acquire``, ``peek``), ``result`` ``allowed`` or ``refused``, under the
   limit the ``Decision`` reports (``Limit.label``); with several limits that is the one that
   refused, or on admission the one with the fewest tokens left.
+- ``tokenlimit_shadow_refusals_total{limit}``: decisions a limiter in shadow mode admitted
+  although enforcement would have refused them (``Decision.shadowed``), under the limit that
+  would have refused. They count as ``allowed`` in ``decisions_total`` (and in
+  ``http_requests_total``): those series keep saying what callers got.
 - ``tokenlimit_decision_seconds``: a histogram of the time each of those decisions took.
 - ``tokenlimit_storage_errors_total{reason}``: storage failures (``timeout``, ``connection``,
   ``server``, ``cluster``, ``protocol``; anything else is ``other``).
@@ -63,6 +67,7 @@ class _Families:
     errors: Counter
     fail_open: Counter
     requests: Counter
+    shadow: Counter
 
 
 # One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
@@ -133,6 +138,12 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
                 "http_requests",
                 "Rate-limit checks made by web integrations, by route template and result.",
                 ["route", "result"],
+            ),
+            shadow=add(
+                Counter,
+                "shadow_refusals",
+                "Calls a limiter in shadow mode admitted that enforcement would refuse, by limit.",
+                ["limit"],
             ),
         )
     except ValueError as error:  # "Duplicated timeseries": names taken by another collector
@@ -216,10 +227,12 @@ class PrometheusMetrics:
     # -- MetricsSink --------------------------------------------------------------------------
     def record_decision(self, limits: Sequence[Limit], decision: Decision, seconds: float) -> None:
         """Count one decision under the limit it reports, and observe its latency."""
+        label = _label(decision.policy, limits)
         self._families.decisions.labels(
-            limit=_label(decision.policy, limits),
-            result="allowed" if decision.allowed else "refused",
+            limit=label, result="allowed" if decision.allowed else "refused"
         ).inc()
+        if decision.shadowed:  # admitted, but enforcement would have refused
+            self._families.shadow.labels(limit=label).inc()
         self._families.seconds.observe(max(0.0, seconds))
 
     def record_error(self, limits: Sequence[Limit], reason: str, failed_open: bool) -> None:

@@ -195,6 +195,7 @@ class Policy:
     headers: bool = True
     api_key_header: str | None = "X-API-Key"
     ipv6_prefix: int = 64
+    shadow: bool = False  # decide and count, never refuse (see LimiterBase.as_shadow)
     choose: LimitChooser | None = None  # tiers: picks the limits per request (``limits`` is ())
 
     @classmethod
@@ -210,6 +211,7 @@ class Policy:
         headers: Any = True,
         api_key_header: Any = "X-API-Key",
         ipv6_prefix: Any = 64,
+        shadow: Any = False,
     ) -> Policy:
         choose: LimitChooser | None = None
         if limit is None and burst is None:  # identity options only (limits set per view)
@@ -232,6 +234,8 @@ class Policy:
             raise ConfigTypeError("key", f"must be a callable taking the request, not {key!r}")
         if not isinstance(headers, bool):
             raise ConfigTypeError("headers", f"must be True or False, not {headers!r}")
+        if not isinstance(shadow, bool):
+            raise ConfigTypeError("shadow", f"must be True or False, not {shadow!r}")
         if api_key_header is not None and (
             not isinstance(api_key_header, str) or not api_key_header
         ):
@@ -249,8 +253,9 @@ class Policy:
         )
         exempt = _check_exempt(exempt)
         return cls(
-            limits, key, cost, exempt, proxies, headers, api_key_header, ipv6_prefix, choose=choose
-        )
+            limits, key, cost, exempt, proxies, headers, api_key_header, ipv6_prefix, shadow,
+            choose=choose,
+        )  # fmt: skip
 
     def limits_for(self, request: Any) -> tuple[Limit, ...]:
         """The limits for ``request``: the policy's own, or what its chooser picks (sync)."""
@@ -353,9 +358,17 @@ def _in_process(limiter: Any) -> bool:
 
 
 async def decide_async(
-    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+    limiter: RateLimiter | AsyncRateLimiter,
+    key: str,
+    limits: Sequence[Limit],
+    cost: int,
+    *,
+    shadow: bool = False,
 ) -> Decision:
-    """``try_acquire`` from async code; a sync limiter's network call runs off the loop."""
+    """``try_acquire`` from async code; a sync limiter's network call runs off the loop.
+    ``shadow``: through the limiter's shadow twin (decides and counts, never refuses)."""
+    if shadow:
+        limiter = limiter.as_shadow()
     if isinstance(limiter, AsyncRateLimiter):
         return await limiter.try_acquire(key, limits, cost=cost)
     if _in_process(limiter):
@@ -364,11 +377,18 @@ async def decide_async(
 
 
 def decide_sync(
-    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+    limiter: RateLimiter | AsyncRateLimiter,
+    key: str,
+    limits: Sequence[Limit],
+    cost: int,
+    *,
+    shadow: bool = False,
 ) -> Decision:
     """``try_acquire`` from sync code (an async limiter cannot serve it)."""
     if not isinstance(limiter, RateLimiter):
         raise TypeError("a sync view needs a RateLimiter, not an AsyncRateLimiter")
+    if shadow:
+        limiter = limiter.as_shadow()
     return limiter.try_acquire(key, limits, cost=cost)
 
 

@@ -19,6 +19,7 @@ view decorator, and system checks that report a bad setting at start-up. Sync an
         "API_KEY_HEADER": "X-API-Key",      # read first by the default identity; None: off
         "IPV6_PREFIX": 64,                  # IPv6 clients share one bucket per /64
         "METRICS": "myapp.monitoring.sink", # a MetricsSink (tokenlimit.metrics.PrometheusMetrics)
+        "SHADOW": False,                    # True: decide and count, never answer 429
     }
 
     @ratelimit("10/minute")                 # its own limit and bucket, on top of the middleware's
@@ -107,6 +108,7 @@ class _Options:
     api_key_header: str | None = "X-API-Key"
     ipv6_prefix: int = 64
     metrics: MetricsSink | None = None
+    shadow: bool = False
 
 
 def _probe(**option: Any) -> Any:
@@ -166,6 +168,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "API_KEY_HEADER": ("api_key_header", "tokenlimit.E011", lambda v: _probe(api_key_header=v)),
     "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
     "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
+    "SHADOW": ("shadow", "tokenlimit.E014", lambda v: _probe(shadow=v)),
 }
 
 
@@ -280,6 +283,7 @@ class _State:
                 headers=options.headers,
                 api_key_header=options.api_key_header,
                 ipv6_prefix=options.ipv6_prefix,
+                shadow=options.shadow,
             )
 
     def middleware_policy(self) -> Policy:
@@ -472,7 +476,7 @@ def _enter_sync(
     key = _bucket(scope, _identity_sync(policy, request))
     limits = _limits_sync(policy, request)
     try:
-        decision = decide_sync(state.sync, key, limits, policy.cost)
+        decision = decide_sync(state.sync, key, limits, policy.cost, shadow=policy.shadow)
     except BackendError:
         _record(state.sync, scope, request, None)
         return _unavailable()
@@ -484,7 +488,7 @@ async def _enter_async(state: _State, policy: Policy, scope: str | None, request
     key = _bucket(scope, await _identity_async(policy, request))
     limits = await policy.alimits_for(request)
     try:
-        decision = await decide_async(state.async_, key, limits, policy.cost)
+        decision = await decide_async(state.async_, key, limits, policy.cost, shadow=policy.shadow)
     except BackendError:
         _record(state.async_, scope, request, None)
         return _unavailable()
@@ -551,7 +555,7 @@ class _ViewLimit:
     """One ``ratelimit(...)``: its limits, key, cost and headers, and the policy they make
     with the current settings (identity options, default KEY)."""
 
-    __slots__ = ("_cache", "cost", "headers", "key", "limits")
+    __slots__ = ("_cache", "cost", "headers", "key", "limits", "shadow")
 
     def __init__(
         self,
@@ -559,11 +563,13 @@ class _ViewLimit:
         key: Any,
         cost: int,
         headers: bool | None,
+        shadow: bool | None = None,
     ) -> None:
         self.limits = limits
         self.key = key
         self.cost = cost
         self.headers = headers
+        self.shadow = shadow
         self._cache: tuple[_State, Policy] | None = None
 
     def policy(self, state: _State) -> Policy:
@@ -579,6 +585,7 @@ class _ViewLimit:
             headers=options.headers if self.headers is None else self.headers,
             api_key_header=options.api_key_header,
             ipv6_prefix=options.ipv6_prefix,
+            shadow=options.shadow if self.shadow is None else self.shadow,
         )
         self._cache = (state, policy)
         return policy
@@ -662,6 +669,7 @@ def ratelimit(
     key: Any = None,
     cost: int = 1,
     headers: bool | None = None,
+    shadow: bool | None = None,
 ) -> Callable[[V], V]:
     """Limit one view (function or class-based, sync or async) with its own bucket.
 
@@ -669,14 +677,18 @@ def ratelimit(
     list of them. ``key`` takes the request and returns the identity (None: the default, as the
     middleware does, honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
     ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
-    ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too.
+    ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too. ``shadow`` defaults
+    to ``TOKENLIMIT['SHADOW']``: True decides, counts and sends the headers as usual but never
+    answers 429 (a would-be refusal is a ``Decision`` with ``shadowed=True``).
     """
     if limit is None:
         raise ConfigError("limit", "is required, for example ratelimit('10/minute')")
     if headers is not None and not isinstance(headers, bool):
         raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
+    if shadow is not None and not isinstance(shadow, bool):
+        raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
     checked = Policy.build(limit, burst=burst, key=key, cost=cost)
-    spec = _ViewLimit(checked.choose or checked.limits, checked.key, checked.cost, headers)
+    spec = _ViewLimit(checked.choose or checked.limits, checked.key, checked.cost, headers, shadow)
 
     def decorate(view: V) -> V:
         if isinstance(view, type):

@@ -150,7 +150,8 @@ class _Guarded:
             chooser_request = request if request is not None else Request(scope)
             limits = await self.policy.alimits_for(chooser_request)
         try:
-            return await decide_async(limiter, key, limits, self.policy.cost)
+            policy = self.policy
+            return await decide_async(limiter, key, limits, policy.cost, shadow=policy.shadow)
         except BackendError as error:
             # The app answers a bare 503, which no framework logs: say why, at most once per
             # interval, so an outage is seen without flooding the log.
@@ -167,6 +168,9 @@ class RateLimit(_Guarded):
     value. Refused: ``RateLimited`` (429). Storage down in closed mode: ``HTTPException(503)``.
     A route that returns its own ``Response`` drops the headers (FastAPI only merges them into
     responses it builds); use ``RateLimitMiddleware`` there.
+
+    ``shadow=True`` (here and on ``RateLimitMiddleware``): decide, count and send the headers as
+    usual, but never answer 429; a would-be refusal is a ``Decision`` with ``shadowed=True``.
     """
 
     __slots__ = ()
@@ -183,6 +187,7 @@ class RateLimit(_Guarded):
         headers: bool = True,
         api_key_header: str | None = "X-API-Key",
         ipv6_prefix: int = 64,
+        shadow: bool = False,
     ) -> None:
         policy = Policy.build(
             limit,
@@ -193,6 +198,7 @@ class RateLimit(_Guarded):
             headers=headers,
             api_key_header=api_key_header,
             ipv6_prefix=ipv6_prefix,
+            shadow=shadow,
         )
         super().__init__(policy, limiter)
 
@@ -254,6 +260,7 @@ class RateLimitMiddleware(_Guarded):
         headers: bool = True,
         api_key_header: str | None = "X-API-Key",
         ipv6_prefix: int = 64,
+        shadow: bool = False,
     ) -> None:
         self.app = app
         policy = Policy.build(
@@ -265,6 +272,7 @@ class RateLimitMiddleware(_Guarded):
             headers=headers,
             api_key_header=api_key_header,
             ipv6_prefix=ipv6_prefix,
+            shadow=shadow,
         )
         super().__init__(policy, limiter)
 

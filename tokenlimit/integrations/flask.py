@@ -16,7 +16,7 @@ class after ``init_app`` to render them differently: the headers are still added
 ``app.config`` supplies what the constructor leaves out (the constructor wins):
 ``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` (the limiter, when ``limiter=`` is not given;
 else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT`` and
-``TOKENLIMIT_TRUSTED_PROXIES``.
+``TOKENLIMIT_TRUSTED_PROXIES`` and ``TOKENLIMIT_SHADOW``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class _ViewLimit:
 
     policy: Policy
     scope: str | None
+    shadow: bool | None  # None: the extension's
 
 
 _EXEMPT = object()  # marks views decorated with @ext.exempt
@@ -88,6 +89,10 @@ class TokenLimit:
 
     The default limit's bucket is keyed by the identity alone; a view's own limit by the
     identity and the endpoint (or ``scope``), and it applies even under an exempt path.
+
+    ``shadow=True`` (or ``TOKENLIMIT_SHADOW``): decide, count and add the headers as usual, but
+    never answer 429 (a would-be refusal is a ``Decision`` with ``shadowed=True`` in ``g``);
+    ``.limit(shadow=...)`` overrides it for one view.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class TokenLimit:
         api_key_header: str | None = "X-API-Key",
         user: RequestFunction | None = None,
         ipv6_prefix: int = 64,
+        shadow: bool | None = None,
     ) -> None:
         given: object = limiter  # checked at run time: an async limiter is a common mistake
         if given is not None and not isinstance(given, RateLimiter):
@@ -122,6 +128,7 @@ class TokenLimit:
             "headers": headers,
             "api_key_header": api_key_header,
             "ipv6_prefix": ipv6_prefix,
+            "shadow": shadow,
         }
         # Weak: app factories that define their views per app must not keep old apps' views.
         self._views: weakref.WeakKeyDictionary[Callable[..., Any], _ViewLimit | object] = (
@@ -148,12 +155,14 @@ class TokenLimit:
     def _build(options: dict[str, Any], config: Any) -> tuple[Policy, bool]:
         given = dict(options)
         from_config: dict[str, str] = {}
-        for name in ("limit", "exempt", "trusted_proxies"):
+        for name in ("limit", "exempt", "trusted_proxies", "shadow"):
             setting = f"TOKENLIMIT_{name.upper()}"
             if given[name] is None and config.get(setting) is not None:
                 given[name] = config[setting]
                 from_config[name] = setting
         has_default = given["limit"] is not None
+        if given["shadow"] is None:
+            given["shadow"] = False
         try:
             return Policy.build(**given), has_default
         except ConfigError as error:
@@ -182,16 +191,20 @@ class TokenLimit:
         key: RequestFunction | None = None,
         cost: int = 1,
         scope: str | None = None,
+        shadow: bool | None = None,
     ) -> Callable[[F], F]:
         """Give a view its own limit, replacing the default; its bucket is its own.
 
         ``key(request)`` chooses the identity for this view (None falls back to the extension's).
         Views given the same ``scope`` share one bucket; by default each endpoint has its own.
+        ``shadow`` (None: the extension's) decides and counts without ever refusing.
         """
+        if shadow is not None and not isinstance(shadow, bool):
+            raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
         policy = Policy.build(limit, burst=burst, key=key, cost=cost)
         if scope is not None and (not isinstance(scope, str) or not scope):
             raise ConfigError("scope", f"must be a non-empty string, not {scope!r}")
-        rule = _ViewLimit(policy, scope)
+        rule = _ViewLimit(policy, scope, shadow)
 
         def decorate(view: F) -> F:
             self._mark(view, rule, "limit")
@@ -237,9 +250,12 @@ class TokenLimit:
         rule = self._rule_for(current_app.view_functions.get(endpoint))
         if rule is _EXEMPT:
             return
+        shadow = state.policy.shadow
         if isinstance(rule, _ViewLimit):
             policy = rule.policy
             bucket = f":{rule.scope or endpoint}"
+            if rule.shadow is not None:
+                shadow = rule.shadow
         elif state.has_default and not state.policy.is_exempt(request.path):
             policy = state.policy
             bucket = ""
@@ -253,7 +269,7 @@ class TokenLimit:
         # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
         route = request.url_rule.rule if request.url_rule is not None else None
         try:
-            decision = decide_sync(limiter, identity, limits, policy.cost)
+            decision = decide_sync(limiter, identity, limits, policy.cost, shadow=shadow)
         except BackendError:
             record_request(limiter, route, "unavailable")
             raise

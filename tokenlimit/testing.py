@@ -1,0 +1,268 @@
+"""Helpers for testing code that uses tokenlimit, and a pytest plugin.
+
+- ``FakeClock``: seconds that move only when told (``clock.advance(1.5)``); a callable.
+- ``memory_limiter(clock)`` / ``async_memory_limiter(clock)``: an in-process limiter on that
+  clock, so refill is exact and tests never sleep.
+- ``reset_all(limiter)`` / ``await areset_all(limiter)``: every bucket full again. On a memory
+  limiter it clears the store; on Redis/Valkey it deletes the limiter's bucket keys (``SCAN``
+  for ``<prefix>{*`` + ``DEL``, on every primary of a cluster). **For tests only**: it walks the
+  keyspace and is not atomic with decisions made meanwhile.
+- ``disabled()`` (a context manager), ``disable()``/``enable()``: every limiter in the process
+  (your own, the integrations', the default one behind ``rate_limit``/``configure``) admits every
+  call without touching storage or metrics, for an application's test suite.
+
+The pytest plugin (registered as ``tokenlimit`` through the ``pytest11`` entry point, so it
+loads by itself once tokenlimit is installed; ``-p no:tokenlimit`` turns it off) gives the
+fixtures ``tokenlimit_clock`` (a ``FakeClock`` at 0), ``tokenlimit_limiter`` (a
+``memory_limiter`` on it), ``tokenlimit_async_limiter`` (its async twin, on the same clock) and
+``tokenlimit_disabled`` (limiting off for one test). Importing this module never imports
+pytest: the fixtures are defined only when pytest is already loaded, as it is when pytest
+loads its plugins.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import _switch
+from ._errors import ConfigError, ConfigTypeError
+from ._limiter import AsyncRateLimiter, RateLimiter
+from ._memory import AsyncMemoryBackend, MemoryBackend
+
+__all__ = [
+    "FakeClock",
+    "areset_all",
+    "async_memory_limiter",
+    "disable",
+    "disabled",
+    "enable",
+    "is_disabled",
+    "memory_limiter",
+    "reset_all",
+]
+
+
+class FakeClock:
+    """A clock in seconds that moves only through ``advance`` (or ``set``); thread-safe.
+    Call it for the time: ``MemoryBackend(clock=FakeClock())``."""
+
+    __slots__ = ("_lock", "_now")
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = _seconds("start", start)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self._now
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> float:
+        """Move forward by ``seconds`` (>= 0); returns the new time."""
+        step = _seconds("seconds", seconds)
+        with self._lock:
+            self._now += step
+            return self._now
+
+    def set(self, now: float) -> None:
+        """Jump to ``now``, which may not be earlier than the current time."""
+        target = _seconds("now", now)
+        with self._lock:
+            if target < self._now:
+                raise ConfigError("now", f"{now} is earlier than the clock's {self._now}")
+            self._now = target
+
+    def __repr__(self) -> str:
+        return f"FakeClock({self._now!r})"
+
+
+def _seconds(param: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(param, f"must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(param, f"must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+def _clock(clock: Callable[[], float] | None) -> Callable[[], float]:
+    if clock is None:
+        return FakeClock()
+    if not callable(clock):
+        raise ConfigTypeError("clock", f"must be a FakeClock (or a callable), not {clock!r}")
+    return clock
+
+
+def memory_limiter(clock: Callable[[], float] | None = None, **options: Any) -> RateLimiter:
+    """A ``RateLimiter`` on an in-process store driven by ``clock`` (a new ``FakeClock`` at 0
+    when None; reach it as ``limiter.backend.clock``). ``options`` go to ``RateLimiter``."""
+    return RateLimiter(MemoryBackend(clock=_clock(clock)), **options)
+
+
+def async_memory_limiter(
+    clock: Callable[[], float] | None = None, **options: Any
+) -> AsyncRateLimiter:
+    """The ``AsyncRateLimiter`` twin of ``memory_limiter`` (its clock:
+    ``limiter.backend.store.clock``)."""
+    return AsyncRateLimiter(MemoryBackend(clock=_clock(clock)), **options)
+
+
+# -- resetting ---------------------------------------------------------------------------------
+def _pattern(prefix: str) -> str:
+    """The SCAN pattern for the limiter's bucket keys, ``<prefix>{<tag>}...`` (glob escaped):
+    never ``*`` alone, even with an empty prefix."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+    return escaped + "{*"
+
+
+def _store(limiter: Any) -> MemoryBackend | None:
+    backend = limiter.backend
+    if isinstance(backend, MemoryBackend):
+        return backend
+    if isinstance(backend, AsyncMemoryBackend):
+        return backend.store
+    return None
+
+
+def _client(backend: Any) -> Any:
+    client = getattr(backend, "client", None)
+    if client is None:
+        raise ConfigTypeError(
+            "limiter", f"reset_all knows memory and Redis/Valkey backends, not {backend!r}"
+        )
+    return client
+
+
+def _check_limiter(limiter: Any) -> None:
+    if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+        raise ConfigTypeError(
+            "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
+        )
+
+
+def _forget_local(limiter: RateLimiter | AsyncRateLimiter) -> None:
+    refusals = limiter._refusals
+    if refusals is not None:
+        refusals.clear()
+
+
+def reset_all(limiter: RateLimiter | AsyncRateLimiter) -> int:
+    """Every bucket of ``limiter`` full again; returns how many keys went (memory: buckets
+    held). An ``AsyncRateLimiter`` on Redis/Valkey needs ``areset_all``. For tests only."""
+    _check_limiter(limiter)
+    try:
+        store = _store(limiter)
+        if store is not None:
+            count = len(store)
+            store.clear()
+            return count
+        if isinstance(limiter, AsyncRateLimiter):
+            raise ConfigTypeError(
+                "limiter", "an AsyncRateLimiter on a server needs 'await areset_all(limiter)'"
+            )
+        client = _client(limiter.backend)
+        count = 0
+        batch: list[Any] = []
+        for key in client.scan_iter(match=_pattern(limiter.prefix), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                count += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            count += int(client.delete(*batch))
+        return count
+    finally:
+        _forget_local(limiter)
+
+
+async def areset_all(limiter: RateLimiter | AsyncRateLimiter) -> int:
+    """``reset_all`` from async code, for either limiter. For tests only."""
+    _check_limiter(limiter)
+    if isinstance(limiter, RateLimiter) or _store(limiter) is not None:
+        return reset_all(limiter)
+    try:
+        backend: Any = limiter.backend
+        current = getattr(backend, "_current", None)  # from_url: one client per event loop
+        if current is not None:
+            backend = await current()
+        client = _client(backend)
+        count = 0
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=_pattern(limiter.prefix), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                count += int(await client.delete(*batch))
+                batch.clear()
+        if batch:
+            count += int(await client.delete(*batch))
+        return count
+    finally:
+        _forget_local(limiter)
+
+
+# -- the switch --------------------------------------------------------------------------------
+def disable() -> None:
+    """Every limiter admits every call, touching no storage, until ``enable()``."""
+    _switch.set_forced(True)
+
+
+def enable() -> None:
+    """Undo ``disable()`` (limiting stays off while a ``disabled()`` block is still open)."""
+    _switch.set_forced(False)
+
+
+def is_disabled() -> bool:
+    """Whether limiting is off now."""
+    return _switch.DISABLED
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """``with disabled():`` limiting is off inside, and back when the block exits, also on an
+    exception. Blocks nest and may overlap across threads: limiting is back once none is open.
+
+    While off, ``try_acquire``/``acquire``/``peek`` answer admitted with every bucket full,
+    decorators and web integrations let everything through, and nothing reaches the store or
+    the metrics. The switch is process-wide, not per thread or task.
+    """
+    _switch.hold()
+    try:
+        yield
+    finally:
+        _switch.release()
+
+
+# -- pytest plugin -----------------------------------------------------------------------------
+# Defined only when pytest is already imported (it is, whenever pytest loads this plugin), so
+# that importing tokenlimit.testing from application code never pulls pytest in.
+if "pytest" in sys.modules:
+    import pytest
+
+    @pytest.fixture
+    def tokenlimit_clock() -> FakeClock:
+        """A ``FakeClock`` at 0 s: ``tokenlimit_clock.advance(1.0)``."""
+        return FakeClock()
+
+    @pytest.fixture
+    def tokenlimit_limiter(tokenlimit_clock: FakeClock) -> Iterator[RateLimiter]:
+        """A memory ``RateLimiter`` driven by ``tokenlimit_clock``."""
+        limiter = memory_limiter(tokenlimit_clock)
+        yield limiter
+        limiter.close()
+
+    @pytest.fixture
+    def tokenlimit_async_limiter(tokenlimit_clock: FakeClock) -> AsyncRateLimiter:
+        """A memory ``AsyncRateLimiter`` driven by ``tokenlimit_clock`` (its own store)."""
+        return async_memory_limiter(tokenlimit_clock)
+
+    @pytest.fixture
+    def tokenlimit_disabled() -> Iterator[None]:
+        """Limiting off for the test: every limiter admits everything, storage untouched."""
+        with disabled():
+            yield
