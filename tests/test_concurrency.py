@@ -560,6 +560,44 @@ def test_async_cancelled_acquire_gives_its_slot_back(own_server: Server) -> None
     run_async(own_server.url, body, timeout=5)
 
 
+# -- shadow mode and the testing switch ----------------------------------------------------------
+def test_shadow_mode_admits_without_a_slot() -> None:
+    store = MemoryBackend()
+    enforcing = RateLimiter(store)
+    guard = enforcing.as_shadow().concurrency("shadow", 1, timeout=30)
+    with guard as first:
+        assert first.allowed
+        assert not first.shadowed
+        started = time.monotonic()
+        with guard as second:  # all slots held: admitted anyway, marked, without waiting
+            assert second.allowed
+            assert second.shadowed
+        assert time.monotonic() - started < 10
+        with pytest.raises(RateLimitExceeded):  # the first still holds the only slot
+            enter(enforcing.concurrency("shadow", 1))
+    assert enter(enforcing.concurrency("shadow", 1)).allowed
+    with RateLimiter.from_url(closed_url(), timeout=1.0, shadow=True) as down:
+        assert enter(down.concurrency("down", 1)).allowed  # storage failed: admitted
+
+    async def body() -> None:
+        aguard = AsyncRateLimiter(store, shadow=True).concurrency("ashadow", 1)
+        async with aguard, aguard as second:
+            assert second.shadowed
+
+    asyncio.run(body())
+
+
+def test_the_testing_switch_turns_slots_off() -> None:
+    from tokenlimit import testing
+
+    store = MemoryBackend()
+    guard = RateLimiter(store).concurrency("off", 1)
+    with testing.disabled(), guard, guard:  # both admitted, nothing stored
+        assert store._slots == {}
+    with guard, pytest.raises(RateLimitExceeded):  # on again
+        enter(guard)
+
+
 # -- the memory backend on a fake clock -----------------------------------------------------------
 def test_memory_leases_end_on_the_backends_clock() -> None:
     now = [1000.0]

@@ -23,12 +23,15 @@ Decisions where the design brief is silent:
   acquire finish in the background and gives back what it took.
 - A holder past its lease lost its slot (others may have been admitted meanwhile): giving it
   back is then a no-op, logged (throttled) as a warning.
+- A shadow limiter (``shadow=True``) admits a would-be refusal at once, without a slot and
+  marked ``shadowed``; ``tokenlimit.testing.disabled()`` admits without touching storage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import inspect
 import math
@@ -39,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from . import _switch
 from ._core import ThrottledLog, identity_tag
 from ._decision import Decision
 from ._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
@@ -280,18 +284,31 @@ class _SlotGuard:
     def _failed(self, error: BackendError) -> tuple[Decision, None]:
         """Storage failed while taking a slot: admit without one (open) or raise (closed)."""
         limiter = self._limiter
-        is_open = limiter.failure_mode == "open"
+        is_open = limiter.failure_mode == "open" or limiter.shadow
         if limiter.metrics is not None:
             limiter.metrics.record_error((), error.reason, is_open)
         if not is_open:
             raise error
+        mode = "shadow=True" if limiter.shadow else "failure_mode='open'"
         limiter._log.warning(
-            "tokenlimit: storage failed, admitting without a concurrency slot "
-            "(failure_mode='open')",
-            error,
+            f"tokenlimit: storage failed, admitting without a concurrency slot ({mode})", error
         )
+        return self._without_slot()
+
+    def _without_slot(self) -> tuple[Decision, None]:
+        """Admitted holding nothing (storage failed open, or limiting is switched off by
+        ``tokenlimit.testing``): leaving gives nothing back."""
         most = self._slots.max_in_flight
         return Decision(True, most, most - 1, 0.0, 0.0), None
+
+    def _shadowed(self, decision: Decision) -> tuple[Decision, None]:
+        """Shadow mode: all slots are held, but the caller gets in anyway, without one (so
+        leaving frees nothing), marked ``shadowed`` and logged (throttled, never the key)."""
+        self._limiter._shadow_log.warning(
+            "tokenlimit: shadow mode admitted a call it would refuse",
+            refused(decision, self._slots),
+        )
+        return dataclasses.replace(decision, allowed=True, shadowed=True), None
 
     def _released(self, freed: int) -> None:
         if not freed:
@@ -366,6 +383,8 @@ class Concurrency(_SlotGuard):
         return cast(F, wrapper)
 
     def _hold(self) -> tuple[Decision, str | None]:
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
+            return self._without_slot()
         limiter, slots = self._limiter, self._slots
         holder = _new_holder()
         wait = _Wait(slots)
@@ -377,6 +396,8 @@ class Concurrency(_SlotGuard):
             decision = decode(reply, slots)
             if decision.allowed:
                 return decision, holder
+            if limiter.shadow:  # decide, never refuse (nor wait)
+                return self._shadowed(decision)
             time.sleep(wait.after(decision))
 
     def _release(self, holder: str | None) -> None:
@@ -392,6 +413,8 @@ class Concurrency(_SlotGuard):
 
     # From async code, a sync limiter's network calls run in a worker thread.
     async def _ahold(self) -> tuple[Decision, str | None]:
+        if _switch.DISABLED:
+            return self._without_slot()
         limiter, slots = self._limiter, self._slots
         backend = limiter.backend
         holder = _new_holder()
@@ -413,6 +436,8 @@ class Concurrency(_SlotGuard):
             decision = decode(reply, slots)
             if decision.allowed:
                 return decision, holder
+            if limiter.shadow:  # decide, never refuse (nor wait)
+                return self._shadowed(decision)
             await asyncio.sleep(wait.after(decision))
 
     async def _arelease(self, holder: str | None) -> None:
@@ -464,6 +489,8 @@ class AsyncConcurrency(_SlotGuard):
         return cast(F, async_wrapper)
 
     async def _hold(self) -> tuple[Decision, str | None]:
+        if _switch.DISABLED:
+            return self._without_slot()
         limiter, slots = self._limiter, self._slots
         backend = limiter.backend
         holder = _new_holder()
@@ -482,6 +509,8 @@ class AsyncConcurrency(_SlotGuard):
             decision = decode(reply, slots)
             if decision.allowed:
                 return decision, holder
+            if limiter.shadow:  # decide, never refuse (nor wait)
+                return self._shadowed(decision)
             await asyncio.sleep(wait.after(decision))
 
     async def _release(self, holder: str | None) -> None:
