@@ -44,7 +44,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
-    session.install(".[fastapi,flask,django,prometheus]", "asgiref>=3.7", "mypy>=1.10")
+    session.install(".[fastapi,flask,django,prometheus]", "asgiref>=3.7", "pytest>=8", "mypy>=1.10")
     session.run("mypy")
 
 

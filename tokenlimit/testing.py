@@ -15,15 +15,13 @@ The pytest plugin (registered as ``tokenlimit`` through the ``pytest11`` entry p
 loads by itself once tokenlimit is installed; ``-p no:tokenlimit`` turns it off) gives the
 fixtures ``tokenlimit_clock`` (a ``FakeClock`` at 0), ``tokenlimit_limiter`` (a
 ``memory_limiter`` on it), ``tokenlimit_async_limiter`` (its async twin, on the same clock) and
-``tokenlimit_disabled`` (limiting off for one test). Importing this module never imports
-pytest: the fixtures are defined only when pytest is already loaded, as it is when pytest
-loads its plugins.
+``tokenlimit_disabled`` (limiting off for one test). The fixtures live in
+``tokenlimit._pytest_plugin``, so importing this module never imports pytest.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -236,33 +234,3 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _switch.release()
-
-
-# -- pytest plugin -----------------------------------------------------------------------------
-# Defined only when pytest is already imported (it is, whenever pytest loads this plugin), so
-# that importing tokenlimit.testing from application code never pulls pytest in.
-if "pytest" in sys.modules:
-    import pytest
-
-    @pytest.fixture
-    def tokenlimit_clock() -> FakeClock:
-        """A ``FakeClock`` at 0 s: ``tokenlimit_clock.advance(1.0)``."""
-        return FakeClock()
-
-    @pytest.fixture
-    def tokenlimit_limiter(tokenlimit_clock: FakeClock) -> Iterator[RateLimiter]:
-        """A memory ``RateLimiter`` driven by ``tokenlimit_clock``."""
-        limiter = memory_limiter(tokenlimit_clock)
-        yield limiter
-        limiter.close()
-
-    @pytest.fixture
-    def tokenlimit_async_limiter(tokenlimit_clock: FakeClock) -> AsyncRateLimiter:
-        """A memory ``AsyncRateLimiter`` driven by ``tokenlimit_clock`` (its own store)."""
-        return async_memory_limiter(tokenlimit_clock)
-
-    @pytest.fixture
-    def tokenlimit_disabled() -> Iterator[None]:
-        """Limiting off for the test: every limiter admits everything, storage untouched."""
-        with disabled():
-            yield
