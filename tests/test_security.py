@@ -526,13 +526,13 @@ def acl_server(request: pytest.FixtureRequest) -> Iterator[AclServer]:
     admin = server.client(socket_timeout=5)
     try:
         known = set()
-        for rule in (*MINIMAL_RULES, *QUIET_RULES):
+        for rule in (*MINIMAL_RULES, *QUIET_RULES, *CONCURRENCY_RULES):
             try:
                 admin.execute_command("ACL", "SETUSER", "probe", rule)
                 known.add(rule)
             except redis.ResponseError:  # e.g. CLIENT SETINFO before Redis 7.2
                 pass
-        assert set(MINIMAL_RULES) <= known
+        assert set(MINIMAL_RULES + CONCURRENCY_RULES) <= known
         yield AclServer(server, admin, known)
     finally:
         admin.close()
@@ -596,6 +596,55 @@ def test_the_acl_confines_the_user_to_its_prefix(acl_server: AclServer) -> None:
                 call()
     assert all(reason in ("command", "key") for reason, _ in acl_server.denials())
     assert acl_server.admin.get("other") is None
+
+
+# Concurrency limits keep their slots in a sorted set: what slot_hold.lua and slot_release.lua
+# call, on top of MINIMAL_RULES (TIME, DEL). Each is shown to be needed below.
+CONCURRENCY_RULES = (
+    "+zadd", "+zcard", "+zrange", "+zrem", "+zremrangebyscore", "+zscore", "+pexpire",
+)  # fmt: skip
+
+
+def hold_and_release(url: str, key: str) -> None:
+    """Two slots of two held, a third refused, one given back and taken again; then async."""
+    with RateLimiter.from_url(url, timeout=5.0) as lim:
+        with lim.concurrency(key, 2, lease=60), lim.concurrency(key, 2, lease=60):
+            with pytest.raises(RateLimitExceeded) as info, lim.concurrency(key, 2, lease=60):
+                pass
+            assert 59 < info.value.retry_after <= 60
+        with lim.concurrency(key, 2, lease=60), lim.concurrency(key, 2, lease=60):
+            pass
+
+    async def main() -> None:
+        alim = AsyncRateLimiter.from_url(url, timeout=5.0)
+        try:
+            async with alim.concurrency(key, 1, lease=60):
+                with pytest.raises(RateLimitExceeded):
+                    async with alim.concurrency(key, 1, lease=60):
+                        pass
+            async with alim.concurrency(key, 1, lease=60):
+                pass
+        finally:
+            await alim.aclose()
+
+    asyncio.run(main())
+
+
+def test_concurrency_limits_run_as_the_least_privileged_user(acl_server: AclServer) -> None:
+    acl_server.grant(MINIMAL_RULES + QUIET_RULES + CONCURRENCY_RULES)
+    hold_and_release(acl_server.url, f"job:{uuid.uuid4().hex}")
+    assert acl_server.denials() == []
+    for rule in CONCURRENCY_RULES:
+        acl_server.grant(tuple(r for r in MINIMAL_RULES + CONCURRENCY_RULES if r != rule))
+        # A hold fails with BackendError; a failed give-back is only logged (and the slot it
+        # kept refuses a later hold).
+        with pytest.raises((BackendError, RateLimitExceeded)) as info:
+            hold_and_release(acl_server.url, f"job:{uuid.uuid4().hex}")
+        if isinstance(info.value, BackendError):
+            assert info.value.reason == "server", rule
+        else:
+            assert rule in ("+zscore", "+zrem"), rule
+        assert rule[1:] in {obj for _, obj in acl_server.denials()}, rule
 
 
 # -- TLS, with certificate verification -----------------------------------------------------------
