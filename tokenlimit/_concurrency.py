@@ -38,7 +38,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -217,7 +217,9 @@ def _keep(future: asyncio.Future[Any]) -> None:
     future.add_done_callback(_background.discard)
 
 
-async def _shielded(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], Any]) -> Any:
+async def _shielded(
+    attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], Any]
+) -> Sequence[int]:
     """Await one hold; if the caller is cancelled meanwhile, let the hold finish in the
     background and give back the slot it took (the script may already have run: cancelling it
     would leave that slot to its lease)."""
@@ -310,6 +312,34 @@ class _SlotGuard:
         )
         return dataclasses.replace(decision, allowed=True, shadowed=True), None
 
+    def _settle(
+        self, reply: Sequence[int], holder: str, wait: _Wait
+    ) -> tuple[Decision, str | None] | float:
+        """One hold's reply: the caller's outcome, or how long to sleep before trying again."""
+        decision = decode(reply, self._slots)
+        if decision.allowed:
+            return decision, holder
+        if self._limiter.shadow:  # decide, never refuse (nor wait)
+            return self._shadowed(decision)
+        return wait.after(decision)
+
+    async def _hold_async(
+        self, attempt: Callable[[str], Awaitable[Sequence[int]]]
+    ) -> tuple[Decision, str | None]:
+        """Hold a slot from async code, each try made by ``attempt(holder)``."""
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
+            return self._without_slot()
+        holder, wait = _new_holder(), _Wait(self._slots)
+        while True:
+            try:
+                reply = await attempt(holder)
+            except BackendError as error:
+                return self._failed(error)
+            settled = self._settle(reply, holder, wait)
+            if isinstance(settled, tuple):
+                return settled
+            await asyncio.sleep(settled)
+
     def _released(self, freed: int) -> None:
         if not freed:
             _overrun.warning(
@@ -386,19 +416,16 @@ class Concurrency(_SlotGuard):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return self._without_slot()
         limiter, slots = self._limiter, self._slots
-        holder = _new_holder()
-        wait = _Wait(slots)
+        holder, wait = _new_holder(), _Wait(slots)
         while True:
             try:
                 reply = _sync_hold(limiter.backend, slots, holder, limiter.timeout)
             except BackendError as error:
                 return self._failed(error)
-            decision = decode(reply, slots)
-            if decision.allowed:
-                return decision, holder
-            if limiter.shadow:  # decide, never refuse (nor wait)
-                return self._shadowed(decision)
-            time.sleep(wait.after(decision))
+            settled = self._settle(reply, holder, wait)
+            if isinstance(settled, tuple):
+                return settled
+            time.sleep(settled)
 
     def _release(self, holder: str | None) -> None:
         if holder is None:  # admitted without a slot (failure_mode="open")
@@ -413,32 +440,18 @@ class Concurrency(_SlotGuard):
 
     # From async code, a sync limiter's network calls run in a worker thread.
     async def _ahold(self) -> tuple[Decision, str | None]:
-        if _switch.DISABLED:
-            return self._without_slot()
+        return await self._hold_async(self._attempt_in_thread)
+
+    async def _attempt_in_thread(self, holder: str) -> Sequence[int]:
         limiter, slots = self._limiter, self._slots
-        backend = limiter.backend
-        holder = _new_holder()
-        wait = _Wait(slots)
+        if isinstance(limiter.backend, MemoryBackend):
+            return _sync_hold(limiter.backend, slots, holder, limiter.timeout)
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                if isinstance(backend, MemoryBackend):
-                    reply = _sync_hold(backend, slots, holder, limiter.timeout)
-                else:
-                    call = functools.partial(_sync_hold, backend, slots, holder, limiter.timeout)
-                    attempt = loop.run_in_executor(None, call)
-                    reply = await _shielded(
-                        attempt,
-                        lambda: loop.run_in_executor(None, self._release, holder),
-                    )
-            except BackendError as error:
-                return self._failed(error)
-            decision = decode(reply, slots)
-            if decision.allowed:
-                return decision, holder
-            if limiter.shadow:  # decide, never refuse (nor wait)
-                return self._shadowed(decision)
-            await asyncio.sleep(wait.after(decision))
+        call = functools.partial(_sync_hold, limiter.backend, slots, holder, limiter.timeout)
+        return await _shielded(
+            loop.run_in_executor(None, call),
+            lambda: loop.run_in_executor(None, self._release, holder),
+        )
 
     async def _arelease(self, holder: str | None) -> None:
         if holder is None or isinstance(self._limiter.backend, MemoryBackend):
@@ -489,29 +502,16 @@ class AsyncConcurrency(_SlotGuard):
         return cast(F, async_wrapper)
 
     async def _hold(self) -> tuple[Decision, str | None]:
-        if _switch.DISABLED:
-            return self._without_slot()
+        return await self._hold_async(self._attempt)
+
+    async def _attempt(self, holder: str) -> Sequence[int]:
         limiter, slots = self._limiter, self._slots
-        backend = limiter.backend
-        holder = _new_holder()
-        wait = _Wait(slots)
-        while True:
-            try:
-                if isinstance(backend, AsyncMemoryBackend):  # no await: cannot be cut short
-                    reply = await _async_hold(backend, slots, holder, limiter.timeout)
-                else:
-                    attempt = asyncio.ensure_future(
-                        _async_hold(backend, slots, holder, limiter.timeout)
-                    )
-                    reply = await _shielded(attempt, lambda: self._give_back(holder))
-            except BackendError as error:
-                return self._failed(error)
-            decision = decode(reply, slots)
-            if decision.allowed:
-                return decision, holder
-            if limiter.shadow:  # decide, never refuse (nor wait)
-                return self._shadowed(decision)
-            await asyncio.sleep(wait.after(decision))
+        if isinstance(limiter.backend, AsyncMemoryBackend):  # no await: cannot be cut short
+            return await _async_hold(limiter.backend, slots, holder, limiter.timeout)
+        attempt = asyncio.ensure_future(
+            _async_hold(limiter.backend, slots, holder, limiter.timeout)
+        )
+        return await _shielded(attempt, lambda: self._give_back(holder))
 
     async def _release(self, holder: str | None) -> None:
         if holder is None:  # admitted without a slot (failure_mode="open")
