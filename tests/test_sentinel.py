@@ -351,7 +351,8 @@ def fail_over_while_deciding(group: SentinelGroup) -> None:
 
         killed = group.kill_primary()
         assert killed is group.primary
-        deadline = time.monotonic() + PROMOTION_WAIT
+        killed_at = time.monotonic()
+        deadline = killed_at + PROMOTION_WAIT
         during: list[dict[str, str]] = []
         while True:
             outcomes = round_of_calls("during")
@@ -368,6 +369,12 @@ def fail_over_while_deciding(group: SentinelGroup) -> None:
         assert all(r["sync open"] == r["async open"] == "decided" for r in during)
         slowest = max(seconds for _, seconds, _ in calls)
         assert slowest < TIMEOUT + SLACK, [c for c in calls if c[1] >= TIMEOUT + SLACK]
+        failed = sum(1 for _, _, outcome in calls if outcome == "failed")
+        print(  # for docs/reliability.md: pytest -s
+            f"\nsentinel failover: decisions resumed {time.monotonic() - killed_at:.2f} s after "
+            f"the primary was killed; {failed} of {len(calls)} calls failed (closed mode), "
+            f"slowest call {slowest:.3f} s (deadline {TIMEOUT} s)"
+        )
 
         # The same limiters now decide on the promoted replica, scripts loaded again there.
         assert group.primary_port() == group.replica.port  # type: ignore[union-attr]
