@@ -77,9 +77,18 @@ async def _stopped(task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` and give it a moment to end: it usually does at once, closing what it
     left dirty, so the caller returns with its connection back in the pool (and may close the
     client next), as with ``asyncio.timeout``. If it holds on, ``_stop`` keeps at it."""
+    # Its outcome is nobody's now: consume it whenever it comes, even if the loop closes
+    # before ``_stop`` looks again (else asyncio logs "exception was never retrieved" when
+    # the task is collected, a traceback in the application's log for a call long answered).
+    task.add_done_callback(_consume)
     _stop(task)
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait((task,), timeout=_RECANCEL)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stop(task: asyncio.Future[Any]) -> None:
