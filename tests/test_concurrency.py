@@ -598,6 +598,47 @@ def test_the_testing_switch_turns_slots_off() -> None:
         enter(guard)
 
 
+# -- metrics ------------------------------------------------------------------------------------
+def test_metrics_count_each_entry_by_bound_and_outcome(url: str) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tokenlimit.metrics import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    key = f"metered:{uuid.uuid4().hex}"
+
+    def count(result: str, bound: int = 1) -> float | None:
+        return registry.get_sample_value(
+            "tokenlimit_concurrency_total", {"max_in_flight": str(bound), "result": result}
+        )
+
+    with RateLimiter.from_url(url, timeout=5.0, metrics=metrics) as limiter:
+        with limiter.concurrency(key, 1):
+            with pytest.raises(RateLimitExceeded):  # waited 0.05 s: one entry, one count
+                enter(limiter.concurrency(key, 1, timeout=0.05))
+            assert enter(limiter.as_shadow().concurrency(key, 1)).shadowed
+        with limiter.concurrency(key, 2):
+            pass
+
+    async def body() -> None:
+        alimiter = AsyncRateLimiter.from_url(url, timeout=5.0, metrics=metrics)
+        try:
+            async with alimiter.concurrency(key, 1):
+                with pytest.raises(RateLimitExceeded):
+                    async with alimiter.concurrency(key, 1):
+                        pass
+        finally:
+            await alimiter.aclose()
+
+    asyncio.run(body())
+    assert (count("held"), count("refused"), count("shadowed")) == (2, 2, 1)
+    assert count("held", 2) == 1
+    assert key.encode() not in generate_latest(registry)  # never a key in a label
+    # The decisions of rate limits are not mixed in.
+    assert registry.get_sample_value("tokenlimit_decision_seconds_count") == 0
+
+
 # -- the memory backend on a fake clock -----------------------------------------------------------
 def test_memory_leases_end_on_the_backends_clock() -> None:
     now = [1000.0]

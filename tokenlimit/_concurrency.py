@@ -318,10 +318,22 @@ class _SlotGuard:
         """One hold's reply: the caller's outcome, or how long to sleep before trying again."""
         decision = decode(reply, self._slots)
         if decision.allowed:
+            self._record("held")
             return decision, holder
         if self._limiter.shadow:  # decide, never refuse (nor wait)
+            self._record("shadowed")
             return self._shadowed(decision)
-        return wait.after(decision)
+        try:
+            return wait.after(decision)
+        except RateLimitExceeded:
+            self._record("refused")
+            raise
+
+    def _record(self, result: str) -> None:
+        """One entry's outcome, to the metrics sink if it counts concurrency limits."""
+        record = getattr(self._limiter.metrics, "record_slot", None)
+        if record is not None:
+            record(self._slots.max_in_flight, result)
 
     async def _hold_async(
         self, attempt: Callable[[str], Awaitable[Sequence[int]]]

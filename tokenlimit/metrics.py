@@ -54,6 +54,7 @@ DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # BackendError.reason values; anything else counts as "other", so the label stays bounded.
 STORAGE_ERROR_REASONS = ("timeout", "connection", "server", "cluster", "protocol")
 REQUEST_RESULTS = ("allowed", "refused", "unavailable")
+SLOT_RESULTS = ("held", "refused", "shadowed")
 _NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
@@ -68,6 +69,7 @@ class _Families:
     fail_open: Counter
     requests: Counter
     shadow: Counter
+    slots: Counter
 
 
 # One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
@@ -144,6 +146,12 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
                 "shadow_refusals",
                 "Calls a limiter in shadow mode admitted that enforcement would refuse, by limit.",
                 ["limit"],
+            ),
+            slots=add(
+                Counter,
+                "concurrency",
+                "Entries into concurrency limits (limiter.concurrency), by bound and outcome.",
+                ["max_in_flight", "result"],
             ),
         )
     except ValueError as error:  # "Duplicated timeseries": names taken by another collector
@@ -253,6 +261,15 @@ class PrometheusMetrics:
         if result not in REQUEST_RESULTS:
             raise ConfigError("result", f"must be one of {REQUEST_RESULTS}, got {result!r}")
         self._families.requests.labels(route=route, result=result).inc()
+
+    # -- concurrency limits -------------------------------------------------------------------
+    def record_slot(self, max_in_flight: int, result: str) -> None:
+        """Count one entry into a concurrency limit: ``"held"`` (a slot taken), ``"refused"``
+        (all slots held until the entry's timeout) or ``"shadowed"`` (admitted without a slot
+        by a shadow limiter, where enforcement would refuse)."""
+        if result not in SLOT_RESULTS:
+            raise ConfigError("result", f"must be one of {SLOT_RESULTS}, got {result!r}")
+        self._families.slots.labels(max_in_flight=str(int(max_in_flight)), result=result).inc()
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics(namespace={self._namespace!r})"
