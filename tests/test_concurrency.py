@@ -37,6 +37,7 @@ from tokenlimit import (
 )
 from tokenlimit._concurrency import build_slots, hold, release
 from tokenlimit._core import DEFAULT_PREFIX, build_request
+from tokenlimit._memory import AsyncMemoryBackend
 from tokenlimit._scripts import hold_script, release_script
 
 T = TypeVar("T")
@@ -596,6 +597,79 @@ def test_the_testing_switch_turns_slots_off() -> None:
         assert store._slots == {}
     with guard, pytest.raises(RateLimitExceeded):  # on again
         enter(guard)
+
+
+# -- keys made at each call ------------------------------------------------------------------------
+def test_decorator_keys_from_templates_and_callables(url: str) -> None:
+    with RateLimiter.from_url(url, timeout=5.0) as limiter:
+
+        @limiter.concurrency("export:{user_id}", 1)
+        def export(user_id: int, then: Callable[[], Any] | None = None) -> Any:
+            return then() if then is not None else user_id
+
+        assert export(1, then=lambda: export(2)) == 2  # another user: a slot of its own
+        with pytest.raises(RateLimitExceeded):
+            export(1, then=lambda: export(1))  # the same user: its one slot is held
+        # The call's key is the literal key it spells: one set of slots for both.
+        with pytest.raises(RateLimitExceeded):
+            export(7, then=lambda: enter(limiter.concurrency("export:7", 1)))
+        assert export(1) == 1  # every slot given back
+
+        @limiter.concurrency(lambda job, **_: f"job:{job}", 1)
+        def run(job: str, then: Callable[[], Any] | None = None) -> Any:
+            return then() if then is not None else job
+
+        assert run("a", then=lambda: run("b")) == "b"
+        with pytest.raises(RateLimitExceeded):
+            run("a", then=lambda: run("a"))
+
+        @limiter.concurrency("per:{user_id}", 1)
+        async def off_loop(user_id: int) -> int:  # a sync limiter guarding an async def
+            return user_id
+
+        assert asyncio.run(off_loop(3)) == 3
+
+    async def body(alimiter: AsyncRateLimiter) -> None:
+        @alimiter.concurrency("report:{name}", 1)
+        async def report(name: str, then: Callable[[], Awaitable[Any]] | None = None) -> Any:
+            return await then() if then is not None else name
+
+        assert await report("x", then=lambda: report("y")) == "y"
+        with pytest.raises(RateLimitExceeded):
+            await report("x", then=lambda: report("x"))
+        assert await report("x") == "x"
+
+    run_async(url, body)
+
+
+def test_per_call_keys_need_a_call_and_name_the_key_when_bad() -> None:
+    limiter = RateLimiter(MemoryBackend())
+    alimiter = AsyncRateLimiter(AsyncMemoryBackend())
+    for guard in (limiter.concurrency("u:{user_id}", 1), limiter.concurrency(lambda: "k", 1)):
+        with pytest.raises(ConfigError, match="literal key") as info:
+            enter(guard)
+        assert info.value.param == "key"
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(aenter(alimiter.concurrency("u:{user_id}", 1)))
+    assert info.value.param == "key"
+    with pytest.raises(ConfigError, match="user_id") as info:  # at decoration, not at a call
+
+        @limiter.concurrency("u:{user_id}", 1)
+        def no_such_parameter(name: str) -> None: ...
+
+    assert info.value.param == "key"
+
+    @limiter.concurrency(lambda n: None, 1)
+    def keyless(n: int) -> int:
+        return n
+
+    with pytest.raises(ConfigError) as info:
+        keyless(1)
+    assert info.value.param == "key"
+    assert limiter.backend._slots == {}  # nothing held, nothing stored
+    with pytest.raises(ConfigError) as info:  # the bound is still checked at once
+        limiter.concurrency("u:{user_id}", 0)
+    assert info.value.param == "max_in_flight"
 
 
 # -- metrics ------------------------------------------------------------------------------------

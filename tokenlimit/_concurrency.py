@@ -45,6 +45,7 @@ from typing import Any, TypeVar, cast
 from . import _switch
 from ._core import ThrottledLog, identity_tag
 from ._decision import Decision
+from ._decorator import is_per_call, key_function
 from ._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._scripts import hold_script, release_script
@@ -59,6 +60,8 @@ FIRST_PAUSE = 0.005  # seconds: the first wait for a slot; doubled after each re
 MAX_PAUSE = 0.25  # ...up to this (with jitter), never past the timeout or the earliest lease end
 
 F = TypeVar("F", bound=Callable[..., Any])
+_G = TypeVar("_G", bound="_SlotGuard")
+_PER_CALL = "tokenlimit:per-call"  # stands in for a key made at each call (never stored)
 
 _background: set[asyncio.Future[Any]] = set()  # releases running for cancelled callers
 _overrun = ThrottledLog()
@@ -102,7 +105,7 @@ class Slots:
 
 def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: Any) -> Slots:
     """Validate ``concurrency()``'s arguments (errors name the parameter)."""
-    identity = check_key(key)
+    check_key(key)
     most = check_int("max_in_flight", max_in_flight, minimum=1)
     if most > MAX_IN_FLIGHT:
         raise ConfigError("max_in_flight", f"must be <= {MAX_IN_FLIGHT}, got {most!r}")
@@ -110,8 +113,12 @@ def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: 
     if seconds > MAX_LEASE:
         raise ConfigError("lease", f"must be <= {MAX_LEASE:.0f} seconds (30 days), got {lease!r}")
     wait = check_number("timeout", timeout, allow_zero=True)
-    storage = f"{prefix}{{{identity_tag(identity)}}}{SUFFIX}"
-    return Slots(storage, most, max(1, math.ceil(seconds * 1e6)), wait)
+    return Slots(slots_key(prefix, key), most, max(1, math.ceil(seconds * 1e6)), wait)
+
+
+def slots_key(prefix: str, key: Any) -> str:
+    """The storage key of ``key``'s slots: its identity's hash tag, like its token buckets."""
+    return f"{prefix}{{{identity_tag(check_key(key))}}}{SUFFIX}"
 
 
 def decode(reply: Sequence[Any], slots: Slots) -> Decision:
@@ -241,12 +248,16 @@ def _orphaned(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], An
 class _SlotGuard:
     """What both guards share: arguments, the held slots of this context, failure policy."""
 
-    __slots__ = ("_held", "_limiter", "_slots")
+    __slots__ = ("_held", "_key", "_limiter", "_slots")
 
     def __init__(
         self, limiter: Any, key: Any, max_in_flight: Any, *, lease: Any, timeout: Any
     ) -> None:
-        self._slots = build_slots(limiter.prefix, key, max_in_flight, lease, timeout)
+        # A callable or a template ("export:{user_id}") makes the key at each decorated call;
+        # until then the slots carry a stand-in key, never used (``with`` refuses such a key).
+        self._key = key if is_per_call(key) else None
+        literal = _PER_CALL if self._key is not None else key
+        self._slots = build_slots(limiter.prefix, literal, max_in_flight, lease, timeout)
         if not supported(limiter.backend):
             raise TypeError(
                 f"{type(limiter.backend).__name__} does not support concurrency limits "
@@ -282,6 +293,27 @@ class _SlotGuard:
             raise RuntimeError("concurrency slot released without being acquired")
         self._held.set(held[:-1])
         return held[-1]
+
+    def _literal(self) -> None:
+        """A ``with`` block has no call to make its key from."""
+        if self._key is not None:
+            raise ConfigError(
+                "key", "a 'with' block needs a literal key (templates and callables need a call)"
+            )
+
+    def _key_of(self, func: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+        """How a decorated call finds its guard: this one, or one for the key the call makes."""
+        if self._key is None:
+            return lambda args, kwargs: self
+        make = key_function(self._key, func)
+        return lambda args, kwargs: self._for(make(args, kwargs))
+
+    def _for(self: _G, key: Any) -> _G:
+        """This guard for one call's own key (its bound, lease and timeout)."""
+        twin = object.__new__(type(self))
+        twin._key, twin._limiter, twin._held = None, self._limiter, self._held
+        twin._slots = dataclasses.replace(self._slots, key=slots_key(self._limiter.prefix, key))
+        return twin
 
     def _failed(self, error: BackendError) -> tuple[Decision, None]:
         """Storage failed while taking a slot: admit without one (open) or raise (closed)."""
@@ -386,6 +418,7 @@ class Concurrency(_SlotGuard):
     __slots__ = ()
 
     def __enter__(self) -> Decision:
+        self._literal()
         decision, holder = self._hold()
         self._push(holder)
         return decision
@@ -394,6 +427,7 @@ class Concurrency(_SlotGuard):
         self._release(self._pop())
 
     async def __aenter__(self) -> Decision:
+        self._literal()
         decision, holder = await self._ahold()
         self._push(holder)
         return decision
@@ -402,25 +436,29 @@ class Concurrency(_SlotGuard):
         await self._arelease(self._pop())
 
     def __call__(self, func: F) -> F:
-        if self._check_func(func):
+        is_async = self._check_func(func)
+        guard_for = self._key_of(func)
+        if is_async:
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                _, holder = await self._ahold()
+                guard = guard_for(args, kwargs)
+                _, holder = await guard._ahold()
                 try:
                     return await func(*args, **kwargs)
                 finally:
-                    await self._arelease(holder)
+                    await guard._arelease(holder)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            _, holder = self._hold()
+            guard = guard_for(args, kwargs)
+            _, holder = guard._hold()
             try:
                 return func(*args, **kwargs)
             finally:
-                self._release(holder)
+                guard._release(holder)
 
         return cast(F, wrapper)
 
@@ -489,6 +527,7 @@ class AsyncConcurrency(_SlotGuard):
         return None
 
     async def __aenter__(self) -> Decision:
+        self._literal()
         decision, holder = await self._hold()
         self._push(holder)
         return decision
@@ -502,14 +541,16 @@ class AsyncConcurrency(_SlotGuard):
                 f"AsyncRateLimiter.concurrency cannot decorate the plain function "
                 f"{getattr(func, '__qualname__', func)!r}; use RateLimiter, or make it async def"
             )
+        guard_for = self._key_of(func)
 
         @functools.wraps(func)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            _, holder = await self._hold()
+            guard = guard_for(args, kwargs)
+            _, holder = await guard._hold()
             try:
                 return await func(*args, **kwargs)
             finally:
-                await self._release(holder)
+                await guard._release(holder)
 
         return cast(F, async_wrapper)
 

@@ -19,7 +19,7 @@ from ._limit import Limit, coerce_limits
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._validate import check_cost, check_timeout
 
-__all__ = ["Guard"]
+__all__ = ["Guard", "is_per_call", "key_function"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
@@ -66,6 +66,44 @@ def _template_fields(template: str) -> set[str]:
             )
         names.add(root)
     return names
+
+
+def is_per_call(key: Any) -> bool:
+    """Whether ``key`` is made at each call (a callable, or a str template such as
+    ``"user:{user_id}"``) rather than literal."""
+    return callable(key) or (isinstance(key, str) and "{" in key)
+
+
+def key_function(
+    key: Any, func: Callable[..., Any]
+) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    """How a decorator of ``func`` makes its key from a call's ``(args, kwargs)``: ``key``
+    called with them, a str template filled from them (its fields must name parameters of
+    ``func``: a ConfigError naming ``key`` now, not at the first call), or ``key`` itself."""
+    if callable(key):
+        return lambda args, kwargs: key(*args, **kwargs)
+    if isinstance(key, bytes) or "{" not in key:
+        return lambda args, kwargs: key
+    signature = inspect.signature(func)
+    params = signature.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    missing = sorted(name for name in _template_fields(key) if name not in params)
+    if missing and not takes_any:
+        raise ConfigError(
+            "key",
+            f"template {key!r} names {', '.join(missing)}, not parameters of {func.__qualname__}",
+        )
+
+    def from_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        for p in params.values():
+            if p.kind is p.VAR_KEYWORD:
+                values.update(values.pop(p.name, {}))
+        return str(key.format(**values))
+
+    return from_template
 
 
 def _call_site() -> str:
@@ -190,42 +228,17 @@ class Guard:
     def _key_function(
         self, func: Callable[..., Any]
     ) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
-        key = self.key
-        if key is None:
+        if self.key is None:
             fixed = f"{func.__module__}.{func.__qualname__}"
             return lambda args, kwargs: fixed
-        if callable(key):
-            return lambda args, kwargs: key(*args, **kwargs)
-        if isinstance(key, bytes) or "{" not in key:
-            return lambda args, kwargs: key
-        signature = inspect.signature(func)
-        params = signature.parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        missing = sorted(name for name in _template_fields(key) if name not in params)
-        if missing and not takes_any:
-            raise ConfigError(
-                "key",
-                f"template {key!r} names {', '.join(missing)}, "
-                f"not parameters of {func.__qualname__}",
-            )
-
-        def from_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = dict(bound.arguments)
-            for p in params.values():
-                if p.kind is p.VAR_KEYWORD:
-                    values.update(values.pop(p.name, {}))
-            return str(key.format(**values))
-
-        return from_template
+        return key_function(self.key, func)
 
     # -- context manager ----------------------------------------------------------------------
     def _literal_key(self) -> str | bytes:
         key = self.key
         if key is None:
             return self._site
-        if callable(key) or (isinstance(key, str) and "{" in key):
+        if is_per_call(key):
             raise ConfigError(
                 "key", "a 'with' block needs a literal key (templates and callables need a call)"
             )

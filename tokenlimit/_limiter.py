@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _switch
@@ -189,12 +190,18 @@ class RateLimiter(LimiterBase):
         return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
 
     def concurrency(
-        self, key: str, max_in_flight: int, *, lease: float = 60.0, timeout: float = 0
+        self,
+        key: str | bytes | Callable[..., str | bytes],
+        max_in_flight: int,
+        *,
+        lease: float = 60.0,
+        timeout: float = 0,
     ) -> Concurrency:
         """At most ``max_in_flight`` holders of ``key`` at once: a context manager (``with``)
         and decorator holding one slot, raising ``RateLimitExceeded`` when all are held after
         waiting up to ``timeout`` seconds; a holder that never exits loses its slot after
-        ``lease`` seconds."""
+        ``lease`` seconds. As a decorator, ``key`` may be a template over the call's arguments
+        (``"export:{user_id}"``) or a callable of them, as for ``rate_limit``."""
         from ._concurrency import Concurrency
 
         return Concurrency(self, key, max_in_flight, lease=lease, timeout=timeout)
@@ -330,7 +337,12 @@ class AsyncRateLimiter(LimiterBase):
         return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
 
     def concurrency(
-        self, key: str, max_in_flight: int, *, lease: float = 60.0, timeout: float = 0
+        self,
+        key: str | bytes | Callable[..., str | bytes],
+        max_in_flight: int,
+        *,
+        lease: float = 60.0,
+        timeout: float = 0,
     ) -> AsyncConcurrency:
         """At most ``max_in_flight`` holders of ``key`` at once: ``async with`` and a decorator
         of ``async def`` holding one slot (see ``RateLimiter.concurrency``)."""
