@@ -93,11 +93,8 @@ def _consume(task: asyncio.Future[Any]) -> None:
 
 def _stop(task: asyncio.Future[Any]) -> None:
     """Cancel ``task``, again and again (a cancellation may be swallowed too), until it has
-    ended, so it never keeps a connection; then consume its outcome, so an abandoned exchange
-    never logs "exception was never retrieved"."""
+    ended, so it never keeps a connection (its outcome is ``_consume``'s)."""
     if task.done():
-        if not task.cancelled():
-            task.exception()
         return
     task.cancel()
     task.get_loop().call_later(_RECANCEL, _stop, task)

@@ -45,7 +45,7 @@ from typing import Any, TypeVar, cast
 from . import _switch
 from ._core import ThrottledLog, identity_tag
 from ._decision import Decision
-from ._decorator import is_per_call, key_function
+from ._decorator import is_per_call, key_function, needs_a_call
 from ._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._scripts import hold_script, release_script
@@ -105,7 +105,7 @@ class Slots:
 
 def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: Any) -> Slots:
     """Validate ``concurrency()``'s arguments (errors name the parameter)."""
-    check_key(key)
+    storage = slots_key(prefix, key)  # first: a bad key is the error named first
     most = check_int("max_in_flight", max_in_flight, minimum=1)
     if most > MAX_IN_FLIGHT:
         raise ConfigError("max_in_flight", f"must be <= {MAX_IN_FLIGHT}, got {most!r}")
@@ -113,7 +113,7 @@ def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: 
     if seconds > MAX_LEASE:
         raise ConfigError("lease", f"must be <= {MAX_LEASE:.0f} seconds (30 days), got {lease!r}")
     wait = check_number("timeout", timeout, allow_zero=True)
-    return Slots(slots_key(prefix, key), most, max(1, math.ceil(seconds * 1e6)), wait)
+    return Slots(storage, most, max(1, math.ceil(seconds * 1e6)), wait)
 
 
 def slots_key(prefix: str, key: Any) -> str:
@@ -297,11 +297,11 @@ class _SlotGuard:
     def _literal(self) -> None:
         """A ``with`` block has no call to make its key from."""
         if self._key is not None:
-            raise ConfigError(
-                "key", "a 'with' block needs a literal key (templates and callables need a call)"
-            )
+            raise needs_a_call()
 
-    def _key_of(self, func: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    def _key_of(
+        self: _G, func: Callable[..., Any]
+    ) -> Callable[[tuple[Any, ...], dict[str, Any]], _G]:
         """How a decorated call finds its guard: this one, or one for the key the call makes."""
         if self._key is None:
             return lambda args, kwargs: self

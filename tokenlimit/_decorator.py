@@ -19,7 +19,7 @@ from ._limit import Limit, coerce_limits
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._validate import check_cost, check_timeout
 
-__all__ = ["Guard", "is_per_call", "key_function"]
+__all__ = ["Guard", "KeyOf", "is_per_call", "key_function", "needs_a_call"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
@@ -74,9 +74,14 @@ def is_per_call(key: Any) -> bool:
     return callable(key) or (isinstance(key, str) and "{" in key)
 
 
-def key_function(
-    key: Any, func: Callable[..., Any]
-) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+def needs_a_call() -> ConfigError:
+    """The error for a template or callable key where there is no call (a ``with`` block)."""
+    return ConfigError(
+        "key", "a 'with' block needs a literal key (templates and callables need a call)"
+    )
+
+
+def key_function(key: Any, func: Callable[..., Any]) -> KeyOf:
     """How a decorator of ``func`` makes its key from a call's ``(args, kwargs)``: ``key``
     called with them, a str template filled from them (its fields must name parameters of
     ``func``: a ConfigError naming ``key`` now, not at the first call), or ``key`` itself."""
@@ -225,9 +230,7 @@ class Guard:
 
         return cast(F, wrapper)
 
-    def _key_function(
-        self, func: Callable[..., Any]
-    ) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    def _key_function(self, func: Callable[..., Any]) -> KeyOf:
         if self.key is None:
             fixed = f"{func.__module__}.{func.__qualname__}"
             return lambda args, kwargs: fixed
@@ -239,9 +242,7 @@ class Guard:
         if key is None:
             return self._site
         if is_per_call(key):
-            raise ConfigError(
-                "key", "a 'with' block needs a literal key (templates and callables need a call)"
-            )
+            raise needs_a_call()
         return cast("str | bytes", key)
 
     # A block has no call arguments: a limit chooser is called with none.
