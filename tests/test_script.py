@@ -514,23 +514,29 @@ def _bad_calls(request: Request) -> list[tuple[list[str], list[str], str]]:
         calls.append((keys, bad, "tokenlimit: limit out of range"))
     # cost above any one burst
     too_much = list(args)
-    too_much[0] = "4"
+    too_much[0] = str(min(int(burst) for burst in args[2::2]) + 1)
     calls.append((keys, too_much, "tokenlimit: cost exceeds burst"))
     # wrong argument counts
-    for count in (0, 1, 2, 3, 4, 6, 7):
-        calls.append((keys, args[:count] + ["1"] * max(0, count - len(args)),
-                      "tokenlimit: wrong number of arguments"))  # fmt: skip
-    calls.append((keys[:1], args, "tokenlimit: wrong number of arguments"))
+    for count in (0, 1, 2, 3, 4, 5, 6, 7):
+        if count != len(args):
+            calls.append((keys, args[:count] + ["1"] * max(0, count - len(args)),
+                          "tokenlimit: wrong number of arguments"))  # fmt: skip
+    calls.append(([*keys, keys[0] + "x"], args, "tokenlimit: wrong number of arguments"))
+    if len(keys) > 1:
+        calls.append((keys[:1], args, "tokenlimit: wrong number of arguments"))
     calls.append(([], args[:3], "tokenlimit: wrong number of arguments"))
     calls.append(([], [], "tokenlimit: wrong number of arguments"))
     return calls
 
 
+# One limit takes the script's flat path, two its general one: each validates on its own.
+@pytest.mark.parametrize(
+    "limits", [[Limit(0.5, 5)], [Limit(0.5, 5), Limit(0.1, 3)]], ids=["one-limit", "two-limits"]
+)
 def test_script_rejects_bad_arguments_and_touches_nothing(
-    target: Target, sync_limiter: RateLimiter
+    target: Target, sync_limiter: RateLimiter, limits: list[Limit]
 ) -> None:
     key = fresh_id("defence")
-    limits = [Limit(0.5, 5), Limit(0.1, 3)]
     for _ in range(2):
         assert sync_limiter.try_acquire(key, limits).allowed
     request = build_request(PREFIX, key, limits, 1)
@@ -545,7 +551,7 @@ def test_script_rejects_bad_arguments_and_touches_nothing(
         assert all(v is not None for v in before.values())
         assert all(t > 0 for t in ttls.values())
         calls = _bad_calls(request)
-        assert len(calls) > 80
+        assert len(calls) > 50 * len(limits)
         for script in (acquire_script(), peek_script()):
             for keys, args, message in calls:
                 with pytest.raises(redis.ResponseError) as info:
@@ -557,9 +563,12 @@ def test_script_rejects_bad_arguments_and_touches_nothing(
             ttl = node.pttl(k)
             assert 0 < ttl <= ttls[k]
         assert set(node.scan_iter(count=1000)) == keyspace  # no key created or removed
-        # and the good call still works on that state: 5-2=3 and 3-2=1 tokens left, then taken
+        # and the good call still works on that state: 5-2=3 (and 3-2=1) tokens left, then taken
         reply = node.eval(acquire_script().body, len(request.keys), *request.keys, *request.args)
-        assert reply[1:] == [1, 1, 2, reply[4], reply[5], 1, 0, reply[8], reply[9]]
+        assert reply[1] == 1
+        assert [reply[2 + 4 * i : 4 + 4 * i] for i in range(len(limits))] == [
+            [1, limit.burst - 3] for limit in limits
+        ]
     finally:
         client.close()
 

@@ -10,7 +10,7 @@ Beyond that (very long fill times) the rounding is far below the slack of 1e-6 t
 
 Lua has only doubles and a TAT of ~1.8e18 ns does not fit in one exactly, so both sides split
 it into whole seconds and nanoseconds and only ever subtract like from like. Every operation is
-done in the same order, on the same doubles, here and in ``acquire.lua``, so the two agree bit
+done in the same order, on the same doubles, here and in ``bucket.lua``, so the two agree bit
 for bit; the property tests hold them to it.
 
 If the server clock steps back, ``TAT - now`` grows: the bucket looks emptier until the clock

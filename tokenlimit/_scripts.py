@@ -25,8 +25,8 @@ class Script:
 def _load(name: str, *, bucket: bool = True) -> Script:
     folder = resources.files("tokenlimit") / "_scripts"
     body = (folder / f"{name}.lua").read_bytes()
-    if bucket:  # the bucket scripts share bucket.lua's arithmetic
-        body = (folder / "bucket.lua").read_bytes() + b"\n" + body
+    if bucket:  # the bucket scripts: a line setting ``consume``, then bucket.lua's arithmetic
+        body = body + (folder / "bucket.lua").read_bytes()
     sha = hashlib.sha1(body).hexdigest()
     return Script(name, body, sha, pack_bulk(("EVALSHA", sha)), pack_bulk(("EVAL", body)))
 

@@ -1,1 +1,1 @@
-return decide(true)
+local consume = true -- admissions take their tokens

@@ -1,1 +1,1 @@
-return decide(false)
+local consume = false -- read-only: what an acquire would answer
