@@ -789,6 +789,53 @@ def test_each_decision_runs_the_script_once(standalone: Any, mode: str) -> None:
         assert limiter.peek("once", limit).remaining == 50 - n
 
 
+class _ChoppyOs:
+    """``os`` for ``tokenlimit._redis``, whose sync exchange writes and reads the descriptor
+    itself: every write first finds the send buffer full (EAGAIN), then takes 7 bytes at a time;
+    every read first finds nothing after its wakeup (EAGAIN)."""
+
+    def __init__(self) -> None:
+        self.writes = self.reads = 0
+
+    def write(self, fd: int, data: bytes) -> int:
+        self.writes += 1
+        if self.writes % 2:
+            raise BlockingIOError
+        return os.write(fd, data[:7])
+
+    def read(self, fd: int, size: int) -> bytes:
+        self.reads += 1
+        if self.reads % 2:
+            raise BlockingIOError
+        return os.read(fd, size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def test_sync_exchange_survives_short_writes_and_empty_wakeups(
+    standalone: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send buffer that takes nothing or part of the command, and a reader woken with nothing
+    to read, only slow the exchange down: each decision still runs once and reads its own reply."""
+    import tokenlimit._redis
+
+    url = standalone.url
+    choppy = _ChoppyOs()
+    monkeypatch.setattr(tokenlimit._redis, "os", choppy)
+    limit = Limit(SLOW, 5)
+    with (
+        redis.Redis.from_url(url) as admin,
+        RateLimiter.from_url(url, timeout=5.0, local_cache=False) as limiter,  # all to the server
+    ):
+        before = script_runs(admin)
+        decisions = [limiter.try_acquire("choppy", limit) for _ in range(7)]
+        assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0, 0, 0]
+        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 2
+        assert diff(script_runs(admin), before)["ran"] == 7
+    assert choppy.writes >= 7 and choppy.reads >= 14  # (one more of each after a NOSCRIPT)
+
+
 def test_timed_out_decision_runs_at_most_once_with_a_retrying_client(
     own_server: Server,
 ) -> None:
