@@ -29,7 +29,7 @@ import threading
 from itertools import islice
 from typing import Any
 
-from ._decision import Decision
+from ._decision import Decision, decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
 from ._model import SLACK
@@ -84,9 +84,7 @@ def _aged(parts: tuple[_Part, ...], elapsed: float) -> Decision:
         burst = lim.burst
         # As the script computes it: whole tokens = burst - debt / interval (+ its slack).
         remaining = min(max(math.floor(burst - debt * lim.rate + SLACK), 0), burst)
-        details.append(
-            Decision(ok, burst, remaining, 0.0 if ok else retry - elapsed, debt, policy=lim)
-        )
+        details.append(decision(ok, burst, remaining, 0.0 if ok else retry - elapsed, debt, lim))
     if len(details) == 1:
         return details[0]
     # The most restrictive limit, chosen as _core.decode_reply chooses it for a refusal.

@@ -39,3 +39,28 @@ class Decision:
 
     def __bool__(self) -> bool:
         return self.allowed
+
+
+_SET = {name: Decision.__dict__[name].__set__ for name in Decision.__slots__}
+_set_allowed, _set_limit, _set_remaining = _SET["allowed"], _SET["limit"], _SET["remaining"]
+_set_retry, _set_reset, _set_policy = _SET["retry_after"], _SET["reset_after"], _SET["policy"]
+_set_details, _set_shadowed = _SET["details"], _SET["shadowed"]
+
+
+def decision(
+    allowed: bool, limit: int, remaining: int, retry_after: float, reset_after: float,
+    policy: Limit,
+) -> Decision:  # fmt: skip
+    """``Decision(allowed, limit, remaining, retry_after, reset_after, policy=policy)``, for the
+    hot paths: the frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``
+    (about 1.7 us); the slots' own setters do the same in about 0.6 us."""
+    made = object.__new__(Decision)
+    _set_allowed(made, allowed)
+    _set_limit(made, limit)
+    _set_remaining(made, remaining)
+    _set_retry(made, retry_after)
+    _set_reset(made, reset_after)
+    _set_policy(made, policy)
+    _set_details(made, ())
+    _set_shadowed(made, False)
+    return made

@@ -46,6 +46,10 @@ class Limit:
     name: str | None = field(default=None, kw_only=True)
     _id: str = field(init=False, repr=False, compare=False, hash=False)
     interval_ns: int = field(init=False, repr=False, compare=False, hash=False)
+    # Made once per limit, used by every decision: the script's arguments (interval ns, burst)
+    # as RESP bulk strings, and the hash (a new key's cache lookup would hash the fields again).
+    _packed: bytes = field(init=False, repr=False, compare=False, hash=False)
+    _hash: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         rate = check_number("rate", self.rate)
@@ -79,6 +83,12 @@ class Limit:
         # same identity could ever meet, so a collision is not a practical concern).
         digest = hashlib.blake2b(repr((rate, burst, self.name)).encode(), digest_size=6).digest()
         object.__setattr__(self, "_id", base64.urlsafe_b64encode(digest).decode())
+        args = [b"%d" % interval_ns, b"%d" % burst]
+        object.__setattr__(self, "_packed", b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+        object.__setattr__(self, "_hash", hash((rate, burst, self.name)))
+
+    def __hash__(self) -> int:  # what dataclass would make (its fields' tuple), computed once
+        return self._hash
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
