@@ -251,6 +251,29 @@ def test_decision_fields_and_frozen(mem: RateLimiter) -> None:
     )
 
 
+def test_fast_decisions_are_whole_decisions() -> None:
+    """The hot paths build one-limit Decisions through the slots' setters: every field is set
+    (a field added to Decision must be added there too) and the result is an ordinary one."""
+    from tokenlimit._decision import decision
+
+    lim = Limit(2, 5)
+    fast = decision(False, 5, 0, 0.25, 1.5, lim)
+    slow = Decision(False, 5, 0, 0.25, 1.5, policy=lim)
+    for field in dataclasses.fields(Decision):
+        assert getattr(fast, field.name) == getattr(slow, field.name), field.name
+    assert fast == slow
+    assert repr(fast) == repr(slow)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.allowed = True  # type: ignore[misc]
+    assert dataclasses.replace(fast, shadowed=True).shadowed
+
+
+def test_limit_hash_is_the_fields_hash() -> None:
+    """A Limit's hash is computed once, and is what dataclass would compute from its fields."""
+    for lim in (Limit(1), Limit(2.5, 7), Limit(3, 3, name="api")):
+        assert hash(lim) == hash((lim.rate, lim.burst, lim.name))
+
+
 def test_error_tree() -> None:
     for cls in (RateLimitExceeded, BackendError, ConfigError):
         assert issubclass(cls, TokenLimitError)
