@@ -18,11 +18,10 @@ How, per (backend, event loop), in one ``Batcher``:
   reads every reply whatever became of the callers, so a cancelled or timed-out caller never
   leaves its reply behind: the connection stays in step. A caller gone before the write is not
   sent at all. Several lanes may be in flight at once, each on its own connection.
-- After a batch a lane lingers up to 5 ms: the callers it just answered often decide again at
-  once, and a web app's next request often comes within milliseconds; their batch goes out on
-  the same connection without a new task or a pool checkout and release (in redis-py those cost
-  as much as a dozen decisions). Then it gives the connection back. A batch handed to a
-  lingering lane is written at once, from the step that hands it over.
+- After a batch a lane lingers a loop turn or two: the callers it just answered often decide
+  again at once, and their batch goes out on the same connection without a pool checkout and
+  release (in redis-py those cost as much as a dozen decisions). Then it gives it back. A batch
+  handed to a lingering lane is written at once, from the step that hands it over.
 - Lockstep would leave the server idle while the loop runs the callers just answered, and the
   loop idle while the server runs their next batch. So when a batch comes off the wire with no
   other batch on it, half as many commands as it held go out as soon as they are pending, from
@@ -67,9 +66,7 @@ _CLOSE_WAIT = 1.0  # seconds aclose() waits for the lanes to end
 # as passed, so the timer is not set again for the same instant.
 _SLACK = 1e-6
 _READ = 65536
-# Seconds a lane waits for the next batch before giving its connection back (a connection it
-# holds is not in the pool: a caller of reset() on a pool of one may wait this long for it).
-_LINGER = 0.005
+_LINGER_TURNS = 2  # loop turns a lane waits for the next batch before giving its connection back
 _NEVER = 1 << 62  # an early threshold never reached
 
 # Member: (future, deadline in loop.time(), packed command, script for a NOSCRIPT fallback or
@@ -171,13 +168,10 @@ def _fail(members: list[Member], exc: BaseException) -> None:
 class _Lane:
     """One task and one pooled connection, serving batches: write all, read all, resolve each.
 
-    After a batch the lane lingers up to ``_LINGER`` seconds (``_linger``) before giving its
-    connection back: the callers it just answered often decide again at once, and the next
-    requests of a web app often come within milliseconds; their batch then goes out on it
-    without a new task or a pool checkout and release (redis-py's cost as much as a dozen
-    decisions). A loop turn or two, as before, gave it back between a FastAPI app's requests,
-    so each paid those; under uvicorn that cost 8-10% more CPU per request than a dependency
-    making one bare redis-py call.
+    After a batch the lane lingers for a loop turn or two (``_linger``) before giving its
+    connection back: the callers it just answered often decide again at once, and their batch
+    then goes out on it without a pool checkout and release (redis-py's cost as much as a
+    dozen decisions).
     """
 
     __slots__ = (
@@ -289,7 +283,7 @@ class _Lane:
                 if self.timer is not None:
                     self.timer.cancel()
                     self.timer = None
-                if not await self._linger():
+                if not _LINGER_TURNS or not await self._linger():
                     break
                 written = True
         except asyncio.CancelledError:
@@ -368,21 +362,24 @@ class _Lane:
         self._done_reading()
 
     async def _linger(self) -> bool:
-        """Wait up to ``_LINGER`` seconds for the next batch: True when one was sent
-        (``send_now``)."""
+        """Wait a loop turn or two for the next batch: True when one was sent (``send_now``)."""
         loop = self.batcher.loop
-        waiting: asyncio.Future[bool] = loop.create_future()
-        self.next = waiting
+        self.next = loop.create_future()
         self.batcher._idle.append(self)
-        give_up = loop.call_later(_LINGER, self._give_up, waiting)
+        # Runs after the callers just answered (their wake-ups were scheduled first), so it
+        # sees whether they started a new batch.
+        loop.call_soon(self._give_up, _LINGER_TURNS)
         try:
-            return await waiting
+            return await self.next
         finally:
-            give_up.cancel()
             self.next = None
 
-    def _give_up(self, waiting: asyncio.Future[bool]) -> None:
-        if waiting.done():
+    def _give_up(self, turns: int) -> None:
+        waiting = self.next
+        if waiting is None or waiting.done():
+            return
+        if self.batcher._handle is not None and turns > 1:  # a batch is forming: wait for it
+            self.batcher.loop.call_soon(self._give_up, turns - 1)
             return
         if self in self.batcher._idle:
             self.batcher._idle.remove(self)
