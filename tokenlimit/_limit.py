@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
+from ._resp import pack_bulk
 from ._validate import check_int, check_number
 
 __all__ = ["Limit", "LimitSpec", "coerce_limits"]
@@ -83,8 +84,7 @@ class Limit:
         # same identity could ever meet, so a collision is not a practical concern).
         digest = hashlib.blake2b(repr((rate, burst, self.name)).encode(), digest_size=6).digest()
         object.__setattr__(self, "_id", base64.urlsafe_b64encode(digest).decode())
-        args = [b"%d" % interval_ns, b"%d" % burst]
-        object.__setattr__(self, "_packed", b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+        object.__setattr__(self, "_packed", pack_bulk((interval_ns, burst)))
         object.__setattr__(self, "_hash", hash((rate, burst, self.name)))
 
     def __hash__(self) -> int:  # what dataclass would make (its fields' tuple), computed once
