@@ -17,6 +17,26 @@ local NS = 1000000000
 
 -- Python validates first; the script validates again (tonumber("nan") is a number, "0x10"
 -- parses as 16, "1e400" as inf), so a bad call is an error reply and touches nothing.
+local function whole(s, what)
+    if type(s) ~= 'string' or not string.match(s, '^%d+$') then
+        return nil, 'tokenlimit: bad ' .. what
+    end
+    local v = tonumber(s)
+    -- ">=": tonumber rounds 2^53 + 1 down to 2^53, so 2^53 itself may stand for a larger value
+    if v == nil or v < 1 or v >= MAX_EXACT then
+        return nil, 'tokenlimit: bad ' .. what
+    end
+    return v
+end
+
+-- Why a valid cost and limit still cannot be decided (out of range), or nil.
+local function limit_error(cost, interval, burst)
+    if burst > MAX_BURST or burst * interval > MAX_FILL_NS then
+        return 'tokenlimit: limit out of range'
+    end
+    if cost > burst then return 'tokenlimit: cost exceeds burst' end
+    return nil
+end
 
 -- A bucket's debt at now (ns until it is full again, >= 0) from its stored TAT; nil if the
 -- state is not a TAT this script wrote.
@@ -45,27 +65,18 @@ local function store(key, now_s, now_ns, after)
 end
 
 -- One limit, the common call: decide() below for n = 1, step for step on the same doubles, but
--- written out flat. Without decide()'s closures, loops and tables the server spends 18-20 us per
--- call instead of 22-25 (INFO commandstats, pipelined, median of 12 rounds); the tests hold
--- both paths to the model. Both read and write a bucket through debt_of() and store().
+-- written out flat. Without decide()'s loops and tables the server spends 18-20 us per call
+-- instead of 22-25 (INFO commandstats, pipelined, median of 12 rounds); the tests hold both
+-- paths to the model. Both check, read and write through the helpers above.
 if #KEYS == 1 and #ARGV == 3 then
-    local a1, a2, a3 = ARGV[1], ARGV[2], ARGV[3]
-    local cost = string.match(a1, '^%d+$') and tonumber(a1)
-    if not cost or cost < 1 or cost >= MAX_EXACT then
-        return redis.error_reply('tokenlimit: bad cost')
-    end
-    local interval = string.match(a2, '^%d+$') and tonumber(a2)
-    if not interval or interval < 1 or interval >= MAX_EXACT then
-        return redis.error_reply('tokenlimit: bad interval')
-    end
-    local burst = string.match(a3, '^%d+$') and tonumber(a3)
-    if not burst or burst < 1 or burst >= MAX_EXACT then
-        return redis.error_reply('tokenlimit: bad burst')
-    end
-    if burst > MAX_BURST or burst * interval > MAX_FILL_NS then
-        return redis.error_reply('tokenlimit: limit out of range')
-    end
-    if cost > burst then return redis.error_reply('tokenlimit: cost exceeds burst') end
+    local cost, e1 = whole(ARGV[1], 'cost')
+    if not cost then return redis.error_reply(e1) end
+    local interval, e2 = whole(ARGV[2], 'interval')
+    if not interval then return redis.error_reply(e2) end
+    local burst, e3 = whole(ARGV[3], 'burst')
+    if not burst then return redis.error_reply(e3) end
+    local bad = limit_error(cost, interval, burst)
+    if bad then return redis.error_reply(bad) end
 
     local t = redis.call('TIME')
     local now_s, now_ns = tonumber(t[1]), tonumber(t[2]) * 1000
@@ -93,18 +104,6 @@ if #KEYS == 1 and #ARGV == 3 then
 end
 
 -- Any number of limits, all or none.
-local function whole(s, what)
-    if type(s) ~= 'string' or not string.match(s, '^%d+$') then
-        return nil, 'tokenlimit: bad ' .. what
-    end
-    local v = tonumber(s)
-    -- ">=": tonumber rounds 2^53 + 1 down to 2^53, so 2^53 itself may stand for a larger value
-    if v == nil or v < 1 or v >= MAX_EXACT then
-        return nil, 'tokenlimit: bad ' .. what
-    end
-    return v
-end
-
 local function decide()
     local n = #KEYS
     if n < 1 or #ARGV ~= 1 + 2 * n then
@@ -118,10 +117,8 @@ local function decide()
         if not interval then return redis.error_reply(e1) end
         local burst, e2 = whole(ARGV[2 * i + 1], 'burst')
         if not burst then return redis.error_reply(e2) end
-        if burst > MAX_BURST or burst * interval > MAX_FILL_NS then
-            return redis.error_reply('tokenlimit: limit out of range')
-        end
-        if cost > burst then return redis.error_reply('tokenlimit: cost exceeds burst') end
+        local bad = limit_error(cost, interval, burst)
+        if bad then return redis.error_reply(bad) end
         intervals[i], bursts[i] = interval, burst
     end
 
