@@ -20,13 +20,17 @@ import pytest
 import redis
 import redis.asyncio
 from faultproxy import FaultProxy
+from pools import in_use_after_linger
 
+from servers import Server, available_binaries, free_port
 from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit
 from tokenlimit._aredis import AsyncRedisBackend
+from tokenlimit._batch import give_back
 from tokenlimit._core import build_request
 from tokenlimit._resp import ReplyError, ReplyReader
 from tokenlimit._scripts import acquire_script, peek_script
 
+FLAVOURS = sorted(available_binaries())
 SLOW = 0.001  # tokens per second: nothing refills during a test
 MARGIN = 0.25  # scheduling on a loaded 2-core machine
 
@@ -402,7 +406,7 @@ def test_a_silent_server_fails_every_caller_by_its_deadline(standalone: Any) -> 
             for round_ in range(3):
                 await own_replies(patient, f"healed{round_}")
             pool = client.connection_pool
-            assert len(pool._in_use_connections) == 0  # every connection went back
+            assert await in_use_after_linger(pool) == 0  # every connection went back
         finally:
             await client.aclose()
         return latencies
@@ -479,5 +483,100 @@ def test_clients_of_every_kind(standalone: Any, kind: str, monkeypatch: pytest.M
             await client.aclose()
             if pool is not None:
                 await pool.disconnect()
+
+    asyncio.run(main())
+
+
+# -- lingering lanes -------------------------------------------------------------------------
+def test_a_lane_keeps_its_connection_for_decisions_that_follow_closely(
+    standalone: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decisions a few milliseconds apart (a web app's requests) go out on the lane still
+    lingering after the previous one: no pool checkout for any of them, each its own batch.
+    The linger is stretched here so that a loaded machine cannot break the chain; the lane
+    still gives its connection back once no decision comes."""
+    monkeypatch.setattr("tokenlimit._batch._LINGER", 0.5)
+
+    async def main() -> None:
+        async with batched(standalone.url) as limiter:
+            pool = limiter.backend.client.connection_pool  # type: ignore[attr-defined]
+            taken = 0
+            get_connection = pool.get_connection
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal taken
+                taken += 1
+                return await get_connection(*args, **kwargs)
+
+            pool.get_connection = counted
+            await limiter.try_acquire("close:first", Limit(SLOW, 5))  # loads the script
+            check = backend(limiter)._check  # the one server check takes a connection too
+            if check is not None:
+                await check
+            taken = 0
+            before = backend(limiter).batch_counts()
+            for i in range(20):
+                expect(await limiter.try_acquire(f"close:{i}", Limit(SLOW, 5)), 5, 4)
+                await asyncio.sleep(0.002)
+            flushes, commands = backend(limiter).batch_counts()
+            assert (flushes - before[0], commands - before[1]) == (20, 20)
+            assert taken == 0  # the lane that sent the first kept its connection
+            assert await in_use_after_linger(pool, within=5.0) == 0
+
+    asyncio.run(main())
+
+
+@pytest.fixture(params=FLAVOURS)
+def primary(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """A server of the test's own, to demote and promote again."""
+    server = Server(available_binaries()[request.param]).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _client_ids(server: Server) -> set[int]:
+    with server.client(socket_timeout=5) as admin:
+        return {int(entry["id"]) for entry in admin.client_list()}
+
+
+def test_readonly_retires_the_connections_in_use_elsewhere(primary: Server) -> None:
+    """A server turned replica answers READONLY on every connection to it. The lane that gets
+    it closes its own and the pool's idle ones; a connection in use elsewhere at that moment
+    (a lingering lane's, the background server check's) is closed before its next use, and
+    when one of our paths gives it back, so none carries another call to the replica."""
+    limit = Limit(SLOW, 5)
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(primary.url)
+        pool = client.connection_pool
+        try:
+            limiter = AsyncRateLimiter(client, timeout=5.0)
+            expect(await limiter.try_acquire("before", limit), 5, 4)
+            elsewhere = [await pool.get_connection() for _ in range(2)]  # in use by others
+            ids = []
+            for conn in elsewhere:
+                await conn.send_command("CLIENT", "ID")
+                ids.append(int(await conn.read_response()))
+            with primary.client(socket_timeout=5) as admin:
+                admin.replicaof("127.0.0.1", free_port())  # demoted: READONLY from now on
+            with pytest.raises(BackendError) as info:
+                await limiter.try_acquire("demoted", limit)
+            assert isinstance(info.value.__cause__, redis.ReadOnlyError)
+            with primary.client(socket_timeout=5) as admin:
+                admin.replicaof("NO", "ONE")
+
+            # One given back by redis-py (unchecked), then taken by the next decision: closed
+            # before that decision and connected anew. The other given back by our own path:
+            # closed at once.
+            await pool.release(elsewhere[0])
+            expect(await limiter.try_acquire("after", limit), 5, 4)
+            await give_back(pool, elsewhere[1], clean=True)
+            assert not elsewhere[1].is_connected
+            assert not set(ids) & await asyncio.to_thread(_client_ids, primary)
+            assert await client.ping()
+        finally:
+            await client.aclose()
 
     asyncio.run(main())

@@ -26,6 +26,7 @@ import pytest
 import redis
 import redis.asyncio
 from faultproxy import FaultProxy
+from pools import in_use_after_linger
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -785,7 +786,7 @@ def test_no_poisoned_connections_after_many_cancelled_async_calls(bed1: Bed, poo
                 expect_exact(await apeek(limiter, f"storm:{k}", STORM), 10_000, r - 2)
         if blocking is not None:
             # No connection was lost to a cancellation: all are back in the pool.
-            assert len(blocking._in_use_connections) == 0
+            assert await in_use_after_linger(blocking) == 0
             await client.aclose()
             await blocking.disconnect()  # a pool passed in is not the client's to close
         return outcomes, ran
@@ -927,7 +928,7 @@ def test_small_async_blocking_pool_many_tasks_never_hang(bed1: Bed) -> None:
             left = [(await apeek(limiter, f"t{t}", limits[t])).remaining for t in range(tasks)]
             check_counted(per_key, {t: 500 + t - left[t] for t in range(tasks)})
             await verify_async(limiter, "after")
-            assert len(pool._in_use_connections) == 0  # none lost to a timed-out call
+            assert await in_use_after_linger(pool) == 0  # none lost to a timed-out call
             assert await client.ping()
         finally:
             await client.aclose()

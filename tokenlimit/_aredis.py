@@ -20,7 +20,7 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from ._batch import Batcher, drop_if_stale, header
+from ._batch import Batcher, drop_if_stale, give_back, header
 from ._core import Request
 from ._errors import BackendError
 from ._redis import MAX_REDIRECTS, TRYAGAIN_PAUSE, address, classify
@@ -218,7 +218,9 @@ class AsyncRedisBackend:
             try:
                 return (await _roundtrip(conn, [command]))[-1]
             finally:
-                await pool.release(conn)
+                # _roundtrip closed it if cut short; a connection retired meanwhile is closed
+                # here, so the pool never hands it to the client's other users.
+                await give_back(pool, conn, clean=True)
 
         cluster: RedisCluster = self.client  # type: ignore[assignment]
         asking: tuple[str, int] | None = None

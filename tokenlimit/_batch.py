@@ -18,10 +18,12 @@ How, per (backend, event loop), in one ``Batcher``:
   reads every reply whatever became of the callers, so a cancelled or timed-out caller never
   leaves its reply behind: the connection stays in step. A caller gone before the write is not
   sent at all. Several lanes may be in flight at once, each on its own connection.
-- After a batch a lane lingers a loop turn or two: the callers it just answered often decide
-  again at once, and their batch goes out on the same connection without a pool checkout and
-  release (in redis-py those cost as much as a dozen decisions). Then it gives it back. A batch
-  handed to a lingering lane is written at once, from the step that hands it over.
+- After a batch a lane lingers up to ``_LINGER`` (5 ms) for the next one: the callers it just
+  answered often decide again at once, and a web app's next request often comes within a few
+  milliseconds; either batch then goes out on the same connection without a new task and a
+  pool checkout and release (in redis-py those cost as much as a dozen decisions). Then it
+  gives the connection back. A batch handed to a lingering lane is written at once, from the
+  step that hands it over.
 - Lockstep would leave the server idle while the loop runs the callers just answered, and the
   loop idle while the server runs their next batch. So when a batch comes off the wire with no
   other batch on it, half as many commands as it held go out as soon as they are pending, from
@@ -42,12 +44,18 @@ How, per (backend, event loop), in one ``Batcher``:
   so a lane past its deadline is cancelled again every ``_RECANCEL`` seconds until it ends.
 - An error reply concerns its own decision only. NOSCRIPT means that script did not run, so the
   decision is resubmitted once as EVAL with the body, in a later batch, with the same deadline.
+- READONLY means the server is a replica now (a demoted primary): the lane closes its own
+  connection and the pool's idle ones, and *retires* the pool's connections in use elsewhere
+  at that moment (another lane lingering on one, the background server check): each is closed
+  before its next use or when it is given back (``drop_if_stale``, ``give_back``), so none
+  serves another call on the demoted server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from typing import Any
 
 from redis import exceptions as rx
@@ -57,7 +65,7 @@ from ._redis import classify, unread_in_kernel
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 
-__all__ = ["MAX_BATCH", "Batcher", "drop_if_stale", "header"]
+__all__ = ["MAX_BATCH", "Batcher", "drop_if_stale", "give_back", "header"]
 
 MAX_BATCH = 256  # commands per batch: one write never grows without bound
 _RECANCEL = 0.01  # seconds between cancellations of a lane that outlived its deadline
@@ -66,12 +74,16 @@ _CLOSE_WAIT = 1.0  # seconds aclose() waits for the lanes to end
 # as passed, so the timer is not set again for the same instant.
 _SLACK = 1e-6
 _READ = 65536
-_LINGER_TURNS = 2  # loop turns a lane waits for the next batch before giving its connection back
+_LINGER = 0.005  # seconds a lane waits for the next batch before giving its connection back
 _NEVER = 1 << 62  # an early threshold never reached
 
 # Member: (future, deadline in loop.time(), packed command, script for a NOSCRIPT fallback or
 # None once the command is the EVAL, request). A tuple: the cheapest record per decision.
 Member = tuple["asyncio.Future[list[int]]", float, bytes, "Script | None", Request]
+
+# Connections in use when their server answered READONLY (see the module doc): closed before
+# their next use. Weak: a connection the pool drops is forgotten with it.
+_RETIRED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 _HEADERS = tuple(b"*%d\r\n" % n for n in range(64))
 
@@ -168,10 +180,10 @@ def _fail(members: list[Member], exc: BaseException) -> None:
 class _Lane:
     """One task and one pooled connection, serving batches: write all, read all, resolve each.
 
-    After a batch the lane lingers for a loop turn or two (``_linger``) before giving its
+    After a batch the lane lingers up to ``_LINGER`` (``_linger``) before giving its
     connection back: the callers it just answered often decide again at once, and their batch
-    then goes out on it without a pool checkout and release (redis-py's cost as much as a
-    dozen decisions).
+    then goes out on it without a new task and a pool checkout and release (redis-py's cost as
+    much as a dozen decisions).
     """
 
     __slots__ = (
@@ -216,7 +228,7 @@ class _Lane:
         not plainly healthy (the lane's own checks then run the usual, async way)."""
         conn = self.conn
         waiting = self.next
-        if waiting is None or waiting.done() or not _healthy(conn):
+        if waiting is None or waiting.done() or not _healthy(conn) or conn in _RETIRED:
             return False
         self.batcher._idle.remove(self)
         self._begin(members)
@@ -277,13 +289,14 @@ class _Lane:
                     self._write(conn)
                 await self._read(conn)
                 if self.demoted:
+                    _RETIRED.update(getattr(pool, "_in_use_connections", ()))
                     await _forget_replica(pool)
                     break  # not clean: closed, so that its next use asks for the primary
                 clean = True
                 if self.timer is not None:
                     self.timer.cancel()
                     self.timer = None
-                if not _LINGER_TURNS or not await self._linger():
+                if not await self._linger():
                     break
                 written = True
         except asyncio.CancelledError:
@@ -304,7 +317,7 @@ class _Lane:
             if self in self.batcher._idle:
                 self.batcher._idle.remove(self)
             if conn is not None:
-                await _give_back(pool, conn, clean)
+                await give_back(pool, conn, clean=clean)
 
     def _write(self, conn: Any) -> None:
         """The batch in one write (the replies are read by ``_read``)."""
@@ -362,24 +375,25 @@ class _Lane:
         self._done_reading()
 
     async def _linger(self) -> bool:
-        """Wait a loop turn or two for the next batch: True when one was sent (``send_now``)."""
+        """Wait up to ``_LINGER`` for the next batch: True when one was sent (``send_now``)."""
         loop = self.batcher.loop
-        self.next = loop.create_future()
+        waiting: asyncio.Future[bool] = loop.create_future()
+        self.next = waiting
         self.batcher._idle.append(self)
-        # Runs after the callers just answered (their wake-ups were scheduled first), so it
-        # sees whether they started a new batch.
-        loop.call_soon(self._give_up, _LINGER_TURNS)
+        # Bound to this wait's future: a give-up left from an earlier wait must not cut this
+        # one short (cancelled below, but a handle already run cannot be).
+        timer = loop.call_later(_LINGER, self._give_up, waiting)
         try:
-            return await self.next
+            return await waiting
         finally:
+            timer.cancel()
             self.next = None
 
-    def _give_up(self, turns: int) -> None:
-        waiting = self.next
-        if waiting is None or waiting.done():
+    def _give_up(self, waiting: asyncio.Future[bool]) -> None:
+        if waiting is not self.next or waiting.done():
             return
-        if self.batcher._handle is not None and turns > 1:  # a batch is forming: wait for it
-            self.batcher.loop.call_soon(self._give_up, turns - 1)
+        if self.batcher._handle is not None:  # a batch is forming: take it, a turn from now
+            self.batcher.loop.call_soon(self._give_up, waiting)
             return
         if self in self.batcher._idle:
             self.batcher._idle.remove(self)
@@ -428,10 +442,12 @@ async def _forget_replica(pool: Any) -> None:
         await pool.disconnect(inuse_connections=False)
 
 
-async def _give_back(pool: Any, conn: Any, clean: bool) -> None:
-    """Back to the pool; closed first unless every reply was read (it may still get one)."""
+async def give_back(pool: Any, conn: Any, *, clean: bool) -> None:
+    """Back to the pool; closed first unless every reply was read (it may still get one), or
+    if it was retired (its server turned replica while it was in use)."""
     try:
-        if not clean:
+        if not clean or conn in _RETIRED:
+            _RETIRED.discard(conn)
             await conn.disconnect(nowait=True)
     except (rx.RedisError, OSError):
         pass
@@ -446,7 +462,11 @@ async def drop_if_stale(conn: Any) -> None:
     redis-py's async pool skips this check when maintenance notifications are on ("auto" by
     default in 8.x) and cluster nodes never make it; without it the first decision on every
     such connection fails. Nothing has been sent yet, so reconnecting cannot double-count.
+    A retired connection (see the module doc) is closed here too, and connects anew.
     """
+    if conn in _RETIRED:
+        _RETIRED.discard(conn)
+        await conn.disconnect(nowait=True)
     if not conn.is_connected:
         return
     # A connection reset (RST: a proxy, a load balancer, a network fault) leaves no EOF for
