@@ -4,6 +4,7 @@ between tests; limiters of every kind built on them."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -114,6 +115,19 @@ def _flushed(bed: TestBed, kind: str, flavour: str) -> Target:
 def standalone(request: pytest.FixtureRequest, testbed: TestBed) -> Target:
     """A flushed standalone server (every available flavour)."""
     return _flushed(testbed, "standalone", request.param)
+
+
+@pytest.fixture(params=FLAVOURS)
+def own_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """A standalone server of this test's own (every available flavour), free to stop,
+    restart, pause (SIGSTOP: woken before it is stopped) or demote."""
+    server = Server(available_binaries()[request.param]).start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
 
 
 @pytest.fixture(params=FLAVOURS)

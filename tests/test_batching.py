@@ -22,7 +22,7 @@ import redis.asyncio
 from faultproxy import FaultProxy
 from pools import in_use_after_linger
 
-from servers import Server, available_binaries, free_port
+from servers import Server, free_port
 from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit
 from tokenlimit._aredis import AsyncRedisBackend
 from tokenlimit._batch import give_back
@@ -30,7 +30,6 @@ from tokenlimit._core import build_request
 from tokenlimit._resp import ReplyError, ReplyReader
 from tokenlimit._scripts import acquire_script, peek_script
 
-FLAVOURS = sorted(available_binaries())
 SLOW = 0.001  # tokens per second: nothing refills during a test
 MARGIN = 0.25  # scheduling on a loaded 2-core machine
 
@@ -526,26 +525,17 @@ def test_a_lane_keeps_its_connection_for_decisions_that_follow_closely(
     asyncio.run(main())
 
 
-@pytest.fixture(params=FLAVOURS)
-def primary(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A server of the test's own, to demote and promote again."""
-    server = Server(available_binaries()[request.param]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _client_ids(server: Server) -> set[int]:
     with server.client(socket_timeout=5) as admin:
         return {int(entry["id"]) for entry in admin.client_list()}
 
 
-def test_readonly_retires_the_connections_in_use_elsewhere(primary: Server) -> None:
+def test_readonly_retires_the_connections_in_use_elsewhere(own_server: Server) -> None:
     """A server turned replica answers READONLY on every connection to it. The lane that gets
     it closes its own and the pool's idle ones; a connection in use elsewhere at that moment
     (a lingering lane's, the background server check's) is closed before its next use, and
     when one of our paths gives it back, so none carries another call to the replica."""
+    primary = own_server
     limit = Limit(SLOW, 5)
 
     async def main() -> None:

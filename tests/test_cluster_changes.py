@@ -416,16 +416,6 @@ def test_one_cluster_node_loses_its_scripts(cluster: Target, kind: str) -> None:
             assert delta[name] == Counter(ran=2), name
 
 
-@pytest.fixture(params=FLAVOURS)
-def own_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A standalone server of this test's own, free to restart."""
-    server = Server(available_binaries()[request.param]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_restart_then_the_next_call_succeeds(own_server: Server, kind: str) -> None:
     """The server restarts between two calls (scripts and data gone, every pooled connection

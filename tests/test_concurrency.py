@@ -18,14 +18,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 import redis
 from conftest import Target
 
-from servers import Server, available_binaries, free_port
+from servers import Server, free_port
 from tokenlimit import (
     AsyncRateLimiter,
     BackendError,
@@ -473,18 +473,6 @@ def test_closed_port_follows_the_failure_mode(caplog: pytest.LogCaptureFixture) 
     run_async(url, closed_async, timeout=1.0)
     run_async(url, open_async, timeout=1.0, failure_mode="open")
     assert any("without a concurrency slot" in r.getMessage() for r in caplog.records)
-
-
-@pytest.fixture(params=sorted(available_binaries()))
-def own_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A standalone server of our own, free to stop or pause."""
-    server = Server(available_binaries()[request.param]).start()
-    try:
-        yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
 
 
 def test_a_failed_release_never_hides_the_callers_outcome(

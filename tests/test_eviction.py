@@ -345,15 +345,6 @@ def test_eviction_warning_reads_info_text() -> None:
     assert eviction_warning({}) is None
 
 
-@pytest.fixture(params=FLAVOURS)
-def own_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    server = Server(available_binaries()[request.param]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()

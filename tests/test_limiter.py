@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -86,18 +86,6 @@ def wait_until_serving(server: Server) -> None:
     time.sleep(0.1)
     with server.client(socket_timeout=5) as client:
         assert client.ping()
-
-
-@pytest.fixture(params=FLAVOURS)
-def own_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A standalone server of our own, free to stop, restart or pause."""
-    server = Server(available_binaries()[request.param]).start()
-    try:
-        yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
 
 
 def closed_url() -> str:
