@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from servers import Server, free_port
+from servers import Server, free_port, scratch
 
 __all__ = ["ReplicatedCluster", "key_slot"]
 
@@ -76,7 +74,7 @@ class ReplicatedCluster:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> ReplicatedCluster:
-        workdir = Path(tempfile.mkdtemp(prefix="tokenlimit-replicated-"))
+        workdir = scratch("replicated-")
         for _ in range(2 * self.masters):
             port = free_port(with_bus=True)
             node = Server(

@@ -9,6 +9,7 @@ Everything binds to 127.0.0.1 and is stopped by PID at the end of the session.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -30,8 +31,21 @@ __all__ = [
     "TlsServer",
     "available_binaries",
     "free_port",
+    "scratch",
     "tls_files",
 ]
+
+_scratch_root: list[Path] = []  # this process's one folder for the servers' files
+
+
+def scratch(prefix: str) -> Path:
+    """A new folder for one server's (or one group's) files and logs, inside a folder of this
+    process's own that is removed when the process exits: a full run starts hundreds of
+    servers, and left behind, their folders would pile up on the machine run after run."""
+    if not _scratch_root:
+        _scratch_root.append(Path(tempfile.mkdtemp(prefix="tokenlimit-tests-")))
+        atexit.register(shutil.rmtree, _scratch_root[0], True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_scratch_root[0]))
 
 
 def available_binaries() -> dict[str, str]:
@@ -86,7 +100,7 @@ class Server:
     binary: str
     port: int = 0
     args: tuple[str, ...] = ()
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tokenlimit-")))
+    workdir: Path = field(default_factory=lambda: scratch("server-"))
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -164,7 +178,7 @@ class Cluster:
         return [n.port for n in self.nodes]
 
     def start(self, timeout: float = 30.0) -> Cluster:
-        workdir = Path(tempfile.mkdtemp(prefix="tokenlimit-cluster-"))
+        workdir = scratch("cluster-")
         for _ in range(self.size):
             port = free_port(with_bus=True)
             node = Server(
@@ -320,7 +334,7 @@ class SentinelGroup:
         return Server(self.binary, args=args, workdir=workdir).start()
 
     def start(self, timeout: float = 30.0) -> SentinelGroup:
-        workdir = Path(tempfile.mkdtemp(prefix="tokenlimit-sentinel-"))
+        workdir = scratch("sentinel-")
         fast_sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
         try:
             if self.tls:
