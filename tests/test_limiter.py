@@ -825,6 +825,61 @@ def test_sync_exchange_survives_short_writes_and_empty_wakeups(
     assert choppy.reads >= 14
 
 
+class _DemotingOs:
+    """``os`` for the sync exchange: the first read, the reply already waiting, runs
+    ``meanwhile`` before reading it, as if another thread acted in between."""
+
+    def __init__(self, meanwhile: Callable[[], None]) -> None:
+        self.meanwhile: Callable[[], None] | None = meanwhile
+
+    def read(self, fd: int, n: int) -> bytes:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        return os.read(fd, n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def test_sync_readonly_retires_the_connections_in_an_exchange(
+    own_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decision meets READONLY (its server was demoted) while another is mid-exchange on
+    another connection to it: that one is closed when its exchange ends, not kept for the next
+    decision, which must look for the primary again."""
+    import tokenlimit._redis
+
+    limit = Limit(SLOW, 5)
+    seen: list[object] = []
+
+    def demote_and_decide() -> None:
+        with own_server.client(socket_timeout=5) as admin:
+            admin.replicaof("127.0.0.1", free_port())
+            try:
+                limiter.try_acquire("demoted", limit)  # on a second connection: READONLY
+            except BackendError as error:
+                seen.append(error.__cause__)
+            admin.replicaof("NO", "ONE")
+
+    with RateLimiter.from_url(own_server.url, timeout=5.0) as limiter:
+        for _ in range(2):  # the first lends its connection to the server check
+            assert limiter.try_acquire("before", limit).allowed
+        lanes = limiter.backend._lanes  # type: ignore[attr-defined]
+        ((conn, _, _),) = lanes._free  # the connection the next decision will use
+        conn.send_command("CLIENT", "ID")
+        first = int(conn.read_response())
+        monkeypatch.setattr(tokenlimit._redis, "os", _DemotingOs(demote_and_decide))
+        assert limiter.try_acquire("during", limit).allowed  # it ran before the demotion
+        monkeypatch.undo()
+        assert len(seen) == 1
+        assert isinstance(seen[0], redis.ReadOnlyError), seen
+        assert lanes._free == []
+        with own_server.client(socket_timeout=5) as admin:
+            assert first not in {int(entry["id"]) for entry in admin.client_list()}
+        assert limiter.try_acquire("after", limit).allowed
+
+
 def test_timed_out_decision_runs_at_most_once_with_a_retrying_client(
     own_server: Server,
 ) -> None:

@@ -333,6 +333,9 @@ class _Lanes:
         self._node = node  # a cluster node's pool, shared with the client (see _node_pool)
         self._free: list[tuple[Any, socket.socket, Any]] = []
         self._waiting = 0
+        # Bumped by drop_idle(): an exchange that began before it ends by closing its
+        # connection, which reached a server now known to be a replica.
+        self._epoch = 0
         self._lock = threading.Lock()
         _ALL_LANES.add(self)
 
@@ -342,6 +345,7 @@ class _Lanes:
         if lane is None:
             return _TLS
         conn, sock, poller = lane
+        epoch = self._epoch
         clean = False
         try:
             # os.write/os.read on the descriptor: the socket object, which has a timeout, would
@@ -374,7 +378,7 @@ class _Lanes:
         except (rx.RedisError, OSError) as exc:
             raise classify(exc) from exc
         finally:
-            if clean:
+            if clean and epoch == self._epoch:
                 self._free.append(lane)
                 if self._waiting:
                     self._hand_back()
@@ -442,7 +446,9 @@ class _Lanes:
     def drop_idle(self) -> None:
         """Close every idle connection, held here or in the pool: their server answered
         READONLY, so it is a replica now, and the next connection must look again (on a
-        Sentinel pool, connecting asks the sentinels for the primary)."""
+        Sentinel pool, connecting asks the sentinels for the primary). Those in an exchange
+        on another thread right now are closed when it ends (``_epoch``)."""
+        self._epoch += 1
         while True:
             try:
                 conn = self._free.pop()[0]
