@@ -880,6 +880,30 @@ def test_sync_readonly_retires_the_connections_in_an_exchange(
         assert limiter.try_acquire("after", limit).allowed
 
 
+@pytest.mark.parametrize("kind", ["blocking", "plain"])
+def test_closing_the_idle_connections_leaves_those_in_use(standalone: Any, kind: str) -> None:
+    """What READONLY does to the pool (drop_idle): idle connections closed, one in use on
+    another thread untouched, on every redis-py major (6's BlockingConnectionPool.disconnect()
+    takes no argument and would close them all)."""
+    from tokenlimit._redis import _disconnect_idle
+
+    pool_class = redis.BlockingConnectionPool if kind == "blocking" else redis.ConnectionPool
+    pool = pool_class.from_url(standalone.url, max_connections=4)
+    try:
+        busy, idle = pool.get_connection(), pool.get_connection()
+        for conn in (busy, idle):
+            conn.connect()
+        pool.release(idle)
+        _disconnect_idle(pool)
+        assert idle._sock is None
+        assert busy._sock is not None
+        busy.send_command("PING")
+        assert busy.read_response() in (b"PONG", "PONG")
+        pool.release(busy)
+    finally:
+        pool.disconnect()
+
+
 def test_timed_out_decision_runs_at_most_once_with_a_retrying_client(
     own_server: Server,
 ) -> None:

@@ -456,7 +456,29 @@ class _Lanes:
                 break
             conn.disconnect()
             self._pool.release(conn)
-        self._pool.disconnect(inuse_connections=False)
+        _disconnect_idle(self._pool)
+
+
+def _disconnect_idle(pool: Any) -> None:
+    """Close the pool's idle connections, never those in use on other threads."""
+    if "inuse_connections" in inspect.signature(pool.disconnect).parameters:
+        pool.disconnect(inuse_connections=False)
+    else:
+        close_idle_blocking(pool)
+
+
+def close_idle_blocking(pool: Any) -> None:
+    """``disconnect(inuse_connections=False)`` for redis-py 6's ``BlockingConnectionPool``,
+    whose ``disconnect()`` takes no argument and closes every connection, those mid-exchange
+    on other threads too. Its idle ones wait in a queue (None: room for a new one); closed
+    under the queue's lock, none is taken meanwhile, and each reconnects when next taken."""
+    idle = getattr(pool, "pool", None)
+    if idle is None:  # not a BlockingConnectionPool: nothing known to close safely
+        return
+    with idle.mutex:
+        for conn in idle.queue:
+            if conn is not None:
+                conn.disconnect()
 
 
 class _SentinelLanes(_Lanes):
