@@ -644,20 +644,46 @@ def test_a_stream_of_decisions_on_a_small_blocking_pool_never_starves(
     assert asyncio.run(main()) == []
 
 
-def test_a_pool_of_one_stays_free_for_the_clients_other_calls(standalone: Any) -> None:
-    """On a plain ``ConnectionPool(max_connections=1)`` (which raises when it has nothing to
-    lend) the client's own calls right after a decision still get the connection: a lane
-    does not linger on a pool with none to spare."""
+@pytest.mark.parametrize("size", [1, 2])
+def test_a_small_plain_pool_stays_free_for_the_clients_other_calls(
+    standalone: Any, size: int
+) -> None:
+    """On a plain ``ConnectionPool(max_connections=1 or 2)``, which raises when it has nothing
+    to lend, as many of the client's own calls as the pool holds, made at once right after a
+    decision, all get a connection: a lane does not linger on a pool with none to spare."""
 
     async def main() -> None:
-        client = redis.asyncio.Redis.from_url(standalone.url, max_connections=1)
+        client = redis.asyncio.Redis.from_url(standalone.url, max_connections=size)
         try:
             limiter = AsyncRateLimiter(client, timeout=5.0)
+            await limiter.try_acquire("small:first", Limit(SLOW, 5))
+            check = backend(limiter)._check  # the one server check takes a connection too
+            if check is not None:
+                await check
             for i in range(30):
-                await limiter.try_acquire(f"one:{i}", Limit(SLOW, 5))
+                await limiter.try_acquire(f"small:{i}", Limit(SLOW, 5))
                 await asyncio.sleep(0.001)
-                assert await client.set("mine", i)
+                calls = (client.set(f"mine:{n}", i) for n in range(size))
+                assert await asyncio.gather(*calls) == [True] * size
         finally:
             await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_aclose_answers_a_decision_whose_lane_has_not_started(standalone: Any) -> None:
+    """``aclose()`` right after a batch was handed to a new lane, before the lane's first step:
+    its caller is told the limiter was closed at once, not timed out at its deadline."""
+
+    async def main() -> None:
+        async with batched(standalone.url, timeout=30.0) as limiter:
+            decided = asyncio.ensure_future(limiter.try_acquire("early", Limit(SLOW, 5)))
+            for _ in range(2):  # the decision is submitted, then flushed to a new lane
+                await asyncio.sleep(0)
+            await limiter.aclose()
+            with pytest.raises(BackendError) as info:
+                await asyncio.wait_for(decided, 5.0)
+            assert info.value.reason == "connection"
+            assert "closed" in str(info.value.__cause__)
 
     asyncio.run(main())

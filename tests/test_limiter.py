@@ -842,12 +842,14 @@ class _DemotingOs:
         return getattr(os, name)
 
 
+@pytest.mark.parametrize("when", ["reading", "taking"])
 def test_sync_readonly_retires_the_connections_in_an_exchange(
-    own_server: Server, monkeypatch: pytest.MonkeyPatch
+    own_server: Server, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    """A decision meets READONLY (its server was demoted) while another is mid-exchange on
-    another connection to it: that one is closed when its exchange ends, not kept for the next
-    decision, which must look for the primary again."""
+    """A decision meets READONLY (its server was demoted) while another, on another thread,
+    is mid-exchange on another connection to it (reading its reply, or still taking the
+    connection): that one is closed when its exchange ends, not kept for the next decision,
+    which must look for the primary again."""
     import tokenlimit._redis
 
     limit = Limit(SLOW, 5)
@@ -869,7 +871,19 @@ def test_sync_readonly_retires_the_connections_in_an_exchange(
         ((conn, _, _),) = lanes._free  # the connection the next decision will use
         conn.send_command("CLIENT", "ID")
         first = int(conn.read_response())
-        monkeypatch.setattr(tokenlimit._redis, "os", _DemotingOs(demote_and_decide))
+        if when == "reading":
+            monkeypatch.setattr(tokenlimit._redis, "os", _DemotingOs(demote_and_decide))
+        else:
+            take = lanes._take
+            meanwhile = [demote_and_decide]
+
+            def taken_then_demoted(deadline: float) -> Any:
+                lane = take(deadline)
+                if meanwhile:
+                    meanwhile.pop()()
+                return lane
+
+            monkeypatch.setattr(lanes, "_take", taken_then_demoted)
         assert limiter.try_acquire("during", limit).allowed  # it ran before the demotion
         monkeypatch.undo()
         assert len(seen) == 1

@@ -23,10 +23,10 @@ How, per (backend, event loop), in one ``Batcher``:
   milliseconds; either batch then goes out on the same connection without a new task and a
   pool checkout and release (in redis-py those cost as much as a dozen decisions). Then it
   gives the connection back. A batch handed to a lingering lane is written at once, from the
-  step that hands it over. A lane never lingers on a pool that has no connection left to lend
-  (``max_connections`` all out) or while another lane waits for one: it would starve that
-  lane, or make the client's other calls fail (a plain ``ConnectionPool`` raises at once), for
-  a saving of microseconds.
+  step that hands it over. A lane lingers only on a pool with connections to spare: on a
+  ``BlockingConnectionPool`` one at least (there a caller waits for one), on a plain
+  ``ConnectionPool``, which raises "Too many connections" at once, more than half of them. It
+  would otherwise starve another lane, or fail the client's other calls, to save microseconds.
 - Lockstep would leave the server idle while the loop runs the callers just answered, and the
   loop idle while the server runs their next batch. So when a batch comes off the wire with no
   other batch on it, half as many commands as it held go out as soon as they are pending, from
@@ -62,6 +62,7 @@ import weakref
 from typing import Any
 
 from redis import exceptions as rx
+from redis.asyncio import BlockingConnectionPool
 
 from ._core import Request
 from ._redis import classify, unread_in_kernel
@@ -105,7 +106,6 @@ class Batcher:
 
     __slots__ = (
         "_busy",
-        "_connecting",
         "_early",
         "_handle",
         "_idle",
@@ -125,7 +125,6 @@ class Batcher:
         self._lanes: set[_Lane] = set()
         self._idle: list[_Lane] = []  # lanes lingering after a batch, ready for the next
         self._busy = 0  # lanes with a batch on the wire
-        self._connecting = 0  # lanes waiting for the pool to lend them a connection
         # Pending commands that go out at once, from the caller's own step, on an idle lane
         # (see ``_Lane.done_reading``); _NEVER while another batch is on the wire.
         self._early = _NEVER
@@ -144,7 +143,7 @@ class Batcher:
         """Queue one decision for the next flush; ``future`` gets its reply or BackendError."""
         pending = self._pending
         pending.append((future, deadline, command, script, request))
-        if len(pending) >= self._early and self._idle and self._idle[-1].send_now(pending):
+        if len(pending) >= self._early and self._idle and self._to_idle(pending):
             self._pending = []
         elif self._handle is None:
             self._handle = self.loop.call_soon(self._flush)
@@ -156,13 +155,17 @@ class Batcher:
         live = [member for member in pending if not member[0].done()]
         for start in range(0, len(live), MAX_BATCH):
             batch = live[start : start + MAX_BATCH]
-            if not (self._idle and self._idle[-1].send_now(batch)):
+            if not (self._idle and self._to_idle(batch)):
                 _Lane(self, batch)
 
-    def _stop_lingering(self) -> None:
-        """Every lingering lane gives its connection back now (a lane is waiting for one)."""
-        for lane in list(self._idle):
-            lane.give_up()
+    def _to_idle(self, members: list[Member]) -> bool:
+        """Hand ``members`` to a lingering lane, the latest first; False if none would take
+        them (a lane that refuses has found its connection unfit and stopped lingering)."""
+        idle = self._idle
+        while idle:
+            if idle[-1].send_now(members):
+                return True
+        return False
 
     async def aclose(self) -> None:
         """Fail what is pending, stop every lane and wait (briefly) until they end."""
@@ -238,10 +241,8 @@ class _Lane:
         not plainly healthy (the lane's own checks then run the usual, async way)."""
         conn = self.conn
         waiting = self.next
-        if waiting is None or waiting.done():
-            return False
-        if not _healthy(conn) or conn in _RETIRED:
-            self.give_up()  # of no use to the batches to come either
+        if waiting is None or waiting.done() or not _healthy(conn) or conn in _RETIRED:
+            self.give_up()  # of no use to the batches to come either: leaves the idle lanes
             return False
         self.batcher._idle.remove(self)
         self._begin(members)
@@ -284,6 +285,14 @@ class _Lane:
         self.batcher._lanes.discard(self)
         if not task.cancelled():
             task.exception()  # retrieved: never "Task exception was never retrieved"
+            return
+        # Cancelled before its first step (aclose() right after the flush): _run's handlers
+        # never ran, so its callers are answered here, not by the timer at their deadline.
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        closed = rx.ConnectionError("the limiter was closed")
+        self._fail(closed if self.closing else _deadline_error())
 
     # -- the exchanges ------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -292,14 +301,7 @@ class _Lane:
         clean = False
         written = False  # the batch went out already (send_now)
         try:
-            batcher = self.batcher
-            batcher._connecting += 1
-            try:
-                if batcher._idle and _no_room(pool):
-                    batcher._stop_lingering()
-                conn = self.conn = await pool.get_connection()
-            finally:
-                batcher._connecting -= 1
+            conn = self.conn = await pool.get_connection()
             while True:
                 clean = False
                 if not written:
@@ -316,7 +318,7 @@ class _Lane:
                 if self.timer is not None:
                     self.timer.cancel()
                     self.timer = None
-                if batcher._connecting or _no_room(pool) or not await self._linger():
+                if not _room_to_linger(pool) or not await self._linger():
                     clean = _healthy(conn)  # a stray byte or EOF while lingering: closed
                     break
                 written = True
@@ -454,11 +456,16 @@ class _Lane:
         _fail(self.members[self.read :], exc)
 
 
-def _no_room(pool: Any) -> bool:
-    """Whether all the connections ``pool`` may open are out (``max_connections``)."""
+def _room_to_linger(pool: Any) -> bool:
+    """Whether ``pool`` has connections to spare for a lane to keep one a while longer: one
+    at least if it makes callers wait for a connection, more than half if it fails them."""
     limit = getattr(pool, "max_connections", None)
     in_use = getattr(pool, "_in_use_connections", None)
-    return isinstance(limit, int) and in_use is not None and len(in_use) >= limit
+    if not isinstance(limit, int) or in_use is None:
+        return True
+    if isinstance(pool, BlockingConnectionPool):
+        return len(in_use) < limit
+    return 2 * len(in_use) < limit
 
 
 def _healthy(conn: Any) -> bool:

@@ -341,11 +341,11 @@ class _Lanes:
 
     def call(self, payload: bytes, deadline: float) -> object:
         """Send ``payload`` (one command) and return its reply (a ReplyError for an error)."""
+        epoch = self._epoch  # before taking: drop_idle() may run while we take one
         lane = self._take(deadline)
         if lane is None:
             return _TLS
         conn, sock, poller = lane
-        epoch = self._epoch
         clean = False
         try:
             # os.write/os.read on the descriptor: the socket object, which has a timeout, would
@@ -448,7 +448,8 @@ class _Lanes:
         READONLY, so it is a replica now, and the next connection must look again (on a
         Sentinel pool, connecting asks the sentinels for the primary). Those in an exchange
         on another thread right now are closed when it ends (``_epoch``)."""
-        self._epoch += 1
+        with self._lock:
+            self._epoch += 1
         while True:
             try:
                 conn = self._free.pop()[0]
