@@ -204,11 +204,12 @@ class Recorder:
 WARM = Limit(SLOW, 1_000_000)
 
 
-def warmed(limiter: RateLimiter, recorder: Recorder, tries: int = 20) -> None:
+def warmed(limiter: RateLimiter, recorder: Recorder | None = None, tries: int = 20) -> None:
     """Connect ``limiter`` through the proxy (and load its script) before the test counts
     anything, then forget what ``recorder`` saw meanwhile. Connecting takes several round trips
     through the proxy's threads, and on the loaded CI machine that once missed the 50 ms
     deadline of a healthy first decision; a decision on a held connection takes one."""
+    recorder = recorder or Recorder()
     for _ in range(tries):
         before = len(recorder.errors)
         try:
@@ -286,6 +287,17 @@ async def exact_async(limiter: AsyncRateLimiter, key: str, burst: int, cost: int
         expect_exact(peeked, burst, burst - cost)
         return
     raise AssertionError(f"{key}: three deadlines missed in a row on a healthy server")
+
+
+def speek(limiter: RateLimiter, key: str, limit: Limit) -> Decision:
+    """``peek``, tried again after a missed deadline (it takes nothing): after a fault the
+    connections are new, and connecting through the proxy may miss the 50 ms deadline."""
+    for _ in range(3):
+        got = timed(lambda: limiter.peek(key, limit))[1]
+        if not missed(got):
+            break
+    assert isinstance(got, Decision), got
+    return got
 
 
 async def apeek(limiter: AsyncRateLimiter, key: str, limit: Limit) -> Decision:
@@ -414,6 +426,7 @@ def test_the_proxy_injects_each_fault(bed1: Bed) -> None:
 def test_latency_sync_bounded_and_at_most_once(bed: Bed, kind: str) -> None:
     limit, n = Limit(SLOW, 1000), 8
     with sync_limiter(kind, bed.proxy) as limiter:
+        warmed(limiter)
         assert limiter.try_acquire("lat", limit).remaining == 999  # a warm pooled connection
         before = scripts_ran(bed.admin)
         bed.proxy.latency(LATENCY)
@@ -430,7 +443,7 @@ def test_latency_sync_bounded_and_at_most_once(bed: Bed, kind: str) -> None:
         if kind == "bare-client":
             assert ran == n
         # Each script that ran took exactly its one token: none ran twice, none was lost.
-        assert limiter.peek("lat", limit).remaining == 999 - ran
+        assert speek(limiter, "lat", limit).remaining == 999 - ran
     print(f"[latency sync {kind}/{bed.flavour}] {n} calls, server ran {ran} scripts")
 
 
@@ -456,7 +469,7 @@ def test_latency_async_bounded_and_at_most_once(bed: Bed, kind: str) -> None:
             ran = await asyncio.to_thread(settled_scripts_ran, bed) - before
             bed.proxy.heal()
             assert 1 <= ran <= 2 * n
-            assert (await limiter.peek("lat", limit)).remaining == 999 - ran
+            assert (await apeek(limiter, "lat", limit)).remaining == 999 - ran
             return ran
 
     ran = asyncio.run(main())
