@@ -111,6 +111,7 @@ class Batcher:
         "_idle",
         "_lanes",
         "_pending",
+        "_spare",
         "commands",
         "flushes",
         "loop",
@@ -125,6 +126,7 @@ class Batcher:
         self._lanes: set[_Lane] = set()
         self._idle: list[_Lane] = []  # lanes lingering after a batch, ready for the next
         self._busy = 0  # lanes with a batch on the wire
+        self._spare = _spare_rule(pool)
         # Pending commands that go out at once, from the caller's own step, on an idle lane
         # (see ``_Lane.done_reading``); _NEVER while another batch is on the wire.
         self._early = _NEVER
@@ -157,6 +159,15 @@ class Batcher:
             batch = live[start : start + MAX_BATCH]
             if not (self._idle and self._to_idle(batch)):
                 _Lane(self, batch)
+
+    def room_to_linger(self) -> bool:
+        """Whether the pool has connections to spare for a lane to keep one a while longer:
+        one at least if it makes callers wait for a connection, more than half if it fails
+        them (see the module doc)."""
+        if self._spare is None:
+            return True
+        limit, share = self._spare
+        return share * len(self.pool._in_use_connections) < limit
 
     def _to_idle(self, members: list[Member]) -> bool:
         """Hand ``members`` to a lingering lane, the latest first; False if none would take
@@ -291,8 +302,13 @@ class _Lane:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        closed = rx.ConnectionError("the limiter was closed")
-        self._fail(closed if self.closing else _deadline_error())
+        self._fail(self._stopped())
+
+    def _stopped(self) -> rx.RedisError:
+        """Why the lane's callers without a reply fail once it is cancelled."""
+        if self.closing:
+            return rx.ConnectionError("the limiter was closed")
+        return _deadline_error()
 
     # -- the exchanges ------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -318,16 +334,13 @@ class _Lane:
                 if self.timer is not None:
                     self.timer.cancel()
                     self.timer = None
-                if not _room_to_linger(pool) or not await self._linger():
+                if not self.batcher.room_to_linger() or not await self._linger():
                     clean = _healthy(conn)  # a stray byte or EOF while lingering: closed
                     break
                 written = True
         except asyncio.CancelledError:
             self.ending = True
-            if self.closing:
-                self._fail(rx.ConnectionError("the limiter was closed"))
-            else:
-                self._fail(_deadline_error())
+            self._fail(self._stopped())
         except Exception as exc:  # whatever failed, it ends in the members' futures
             self.ending = True
             self._fail(exc)
@@ -456,16 +469,13 @@ class _Lane:
         _fail(self.members[self.read :], exc)
 
 
-def _room_to_linger(pool: Any) -> bool:
-    """Whether ``pool`` has connections to spare for a lane to keep one a while longer: one
-    at least if it makes callers wait for a connection, more than half if it fails them."""
+def _spare_rule(pool: Any) -> tuple[int, int] | None:
+    """``(max_connections, share)`` for ``Batcher.room_to_linger``: a lane may linger while
+    ``share * in_use < max_connections``; None when the pool has no such bound to check."""
     limit = getattr(pool, "max_connections", None)
-    in_use = getattr(pool, "_in_use_connections", None)
-    if not isinstance(limit, int) or in_use is None:
-        return True
-    if isinstance(pool, BlockingConnectionPool):
-        return len(in_use) < limit
-    return 2 * len(in_use) < limit
+    if not isinstance(limit, int) or not hasattr(pool, "_in_use_connections"):
+        return None
+    return (limit, 1 if isinstance(pool, BlockingConnectionPool) else 2)
 
 
 def _healthy(conn: Any) -> bool:

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
 from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
@@ -460,22 +460,26 @@ class _Lanes:
         _disconnect_idle(self._pool)
 
 
+# redis-py 6's BlockingConnectionPool.disconnect() takes no ``inuse_connections`` (7 does).
+BLOCKING_TAKES_INUSE = (
+    "inuse_connections" in inspect.signature(BlockingConnectionPool.disconnect).parameters
+)
+
+
 def _disconnect_idle(pool: Any) -> None:
     """Close the pool's idle connections, never those in use on other threads."""
-    if "inuse_connections" in inspect.signature(pool.disconnect).parameters:
-        pool.disconnect(inuse_connections=False)
-    else:
+    if isinstance(pool, BlockingConnectionPool) and not BLOCKING_TAKES_INUSE:
         close_idle_blocking(pool)
+    else:
+        pool.disconnect(inuse_connections=False)
 
 
-def close_idle_blocking(pool: Any) -> None:
+def close_idle_blocking(pool: BlockingConnectionPool) -> None:
     """``disconnect(inuse_connections=False)`` for redis-py 6's ``BlockingConnectionPool``,
-    whose ``disconnect()`` takes no argument and closes every connection, those mid-exchange
-    on other threads too. Its idle ones wait in a queue (None: room for a new one); closed
-    under the queue's lock, none is taken meanwhile, and each reconnects when next taken."""
-    idle = getattr(pool, "pool", None)
-    if idle is None:  # not a BlockingConnectionPool: nothing known to close safely
-        return
+    whose ``disconnect()`` closes every connection, those mid-exchange on other threads too.
+    Its idle ones wait in a queue (None: room for a new one); closed under the queue's lock,
+    none is taken meanwhile, and each reconnects when next taken."""
+    idle = pool.pool
     with idle.mutex:
         for conn in idle.queue:
             if conn is not None:

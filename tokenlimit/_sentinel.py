@@ -23,7 +23,6 @@ What is ours on top, and why:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -36,7 +35,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnec
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ._errors import ConfigError
-from ._redis import _deadline_class, close_idle_blocking
+from ._redis import BLOCKING_TAKES_INUSE, _deadline_class, close_idle_blocking
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",
@@ -46,11 +45,6 @@ __all__ = [
     "parse_sentinel_url",
     "sync_sentinel_client",
 ]
-
-# redis-py 7 and later: disconnect(inuse_connections=...) on the blocking pool too.
-_TAKES_INUSE = (
-    "inuse_connections" in inspect.signature(BlockingConnectionPool.disconnect).parameters
-)
 
 SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_SENTINEL_PORT = 26379
@@ -142,7 +136,7 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         # When the sentinels name a new primary, redis-py's sentinel code closes the idle
         # connections with inuse_connections=False, which redis-py 6's BlockingConnectionPool
         # does not take: the failover then raised TypeError instead of reconnecting.
-        if _TAKES_INUSE:
+        if BLOCKING_TAKES_INUSE:
             super().disconnect(inuse_connections=inuse_connections)
         elif inuse_connections:
             super().disconnect()
