@@ -158,31 +158,34 @@ class _AsyncBlockingSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingConne
             await client.aclose()
 
 
-def _sentinel_options(target: SentinelURL, timeout: float) -> dict[str, Any]:
+def _sentinel_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, Any]:
     """Each sentinel gets its share of the deadline: they are asked in turn, and one that
     hangs (its port open, nothing answering) must leave time to ask the next. redis-py then
     asks the one that answered first from then on."""
     from ._url import _client_options
 
-    return {**_client_options(timeout / len(target.sentinels)), **target.sentinel}
+    share = timeout / len(target.sentinels)
+    return {**_client_options(share, is_async=is_async), **target.sentinel}
 
 
-def _primary_options(target: SentinelURL, timeout: float) -> dict[str, Any]:
+def _primary_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, Any]:
     from ._url import _pool_options
 
-    return {**_pool_options(timeout), **target.primary}  # the URL's options win, as for redis://
+    # The URL's options win, as for redis://.
+    return {**_pool_options(timeout, is_async=is_async), **target.primary}
 
 
 def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
     """A client whose pool finds the service's primary through the sentinels, by the deadline."""
     target = parse_sentinel_url(url)
-    manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout)
+    # Typed from redis-py 8.2 on, untyped before: the ignore is needed on older versions only.
+    manager = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+        list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout, is_async=False)
     )
     for client in manager.sentinels:
         pool = client.connection_pool
         pool.connection_class = _deadline_class(pool.connection_class)
-    options = _primary_options(target, timeout)
+    options = _primary_options(target, timeout, is_async=False)
     pool = _BlockingSentinelPool(target.service, manager, **options)  # type: ignore[no-untyped-call]
     return Redis.from_pool(pool)
 
@@ -190,9 +193,10 @@ def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
 def async_sentinel_client(url: str, *, timeout: float) -> AsyncRedis:
     """The asyncio twin of ``sync_sentinel_client`` (the batcher bounds every wait in it)."""
     target = parse_sentinel_url(url)
-    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout)
+    # As above: typed from redis-py 8.2 on.
+    manager = AsyncSentinel(  # type: ignore[no-untyped-call, unused-ignore]
+        list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout, is_async=True)
     )
-    options = _primary_options(target, timeout)
+    options = _primary_options(target, timeout, is_async=True)
     pool = _AsyncBlockingSentinelPool(target.service, manager, **options)  # type: ignore[no-untyped-call]
     return AsyncRedis.from_pool(pool)

@@ -71,23 +71,32 @@ def _check_server_url(scheme: str, url: str) -> None:
 MAX_CONNECTIONS = 100
 
 
-def _pool_options(timeout: float) -> dict[str, Any]:
+def _pool_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
     """A blocking pool: a caller that finds every connection busy waits for one, within the
     deadline. redis-py's default pool (what ``Redis.from_url`` makes) raises "Too many
     connections" at once instead, so the 101st concurrent decision failed (a 503 from the
     integrations) while the server was healthy; a fault-proxy test with 300 tasks saw it."""
-    return {**_client_options(timeout), "max_connections": MAX_CONNECTIONS, "timeout": timeout}
-
-
-def _client_options(timeout: float) -> dict[str, Any]:
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     return {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
+        **_client_options(timeout, is_async=is_async),
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": timeout,
     }
+
+
+def _client_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
+    """Timeouts at the deadline and no retries (a retried decision could take tokens twice).
+    asyncio clients get asyncio's ``Retry``: redis-py 8.2 warns about, and converts, a sync one."""
+    from redis.backoff import NoBackoff
+
+    if is_async:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        retry: Any = AsyncRetry(NoBackoff(), 0)
+    else:
+        from redis.retry import Retry
+
+        retry = Retry(NoBackoff(), 0)
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry}
 
 
 def _cluster_args(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -151,7 +160,7 @@ def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | 
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         nodes, options = _cluster_args(url)
-        options.update(_client_options(timeout))
+        options.update(_client_options(timeout, is_async=True))
         options.pop("retry")
 
         def make() -> AsyncRedisBackend:
@@ -166,7 +175,7 @@ def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | 
         from redis.asyncio import BlockingConnectionPool, Redis
 
         def make() -> AsyncRedisBackend:
-            pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout))
+            pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout, is_async=True))
             return AsyncRedisBackend(Redis.from_pool(pool), owned=True)
 
     make()  # fail now, at the call that received the URL, not at the first decision
