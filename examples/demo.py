@@ -29,12 +29,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load_test
+
+if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
 
 HERE = Path(__file__).resolve().parent
 
@@ -171,21 +174,39 @@ def scrape_metrics(base: str, pids: set[str], attempts: int = 60) -> dict[str, s
     return dict(sorted(pages.items()))
 
 
-_SAMPLE = re.compile(r"^(tokenlimit_\w+)(\{[^}]*\})?\s+(\S+)")
+def tokenlimit_samples(page: str) -> list[Sample]:
+    """The ``tokenlimit_*`` samples of one /metrics page, read by prometheus_client's own parser:
+    a label value may hold anything, such as the braces of a route template (``/items/{id}``)."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:  # the app serves samples only when prometheus_client is installed
+        return []
+    samples: list[Sample] = []
+    try:
+        for family in text_string_to_metric_families(page):
+            samples.extend(s for s in family.samples if s.name.startswith("tokenlimit_"))
+    except ValueError:  # not an exposition page (say an error page): keep what was read
+        pass
+    return samples
+
+
+def _escape(label_value: str) -> str:
+    return label_value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_sample(sample: Sample) -> str:
+    """One sample as an exposition line, ``name{label="value"} 3``."""
+    labels = ",".join(f'{name}="{_escape(value)}"' for name, value in sample.labels.items())
+    value = f"{sample.value:.0f}" if float(sample.value).is_integer() else f"{sample.value:g}"
+    return f"{sample.name}{{{labels}}} {value}" if labels else f"{sample.name} {value}"
 
 
 def metric_lines(page: str) -> list[str]:
     """The tokenlimit samples worth showing: non-zero, no histogram buckets or *_created."""
-    lines = []
-    for line in page.splitlines():
-        if line.startswith("# metrics arrive"):  # the app without prometheus_client
-            lines.append(line)
-        sample = _SAMPLE.match(line)
-        if sample is None or sample[1].endswith(("_bucket", "_created")):
-            continue
-        with contextlib.suppress(ValueError):
-            if float(sample[3]) != 0:
-                lines.append(line)
+    lines = [line for line in page.splitlines() if line.startswith("# metrics arrive")]
+    for sample in tokenlimit_samples(page):
+        if sample.value != 0 and not sample.name.endswith(("_bucket", "_created")):
+            lines.append(_format_sample(sample))
     return lines
 
 
@@ -193,12 +214,10 @@ def decision_seconds(pages: dict[str, str]) -> float | None:
     """Mean time the workers spent per decision (``tokenlimit_decision_seconds``), if shown."""
     sums = {"_sum": 0.0, "_count": 0.0}
     for page in pages.values():
-        for line in page.splitlines():
-            sample = _SAMPLE.match(line)
-            if sample is not None and sample[1].startswith("tokenlimit_decision_seconds_"):
-                suffix = sample[1].removeprefix("tokenlimit_decision_seconds")
-                if suffix in sums:
-                    sums[suffix] += float(sample[3])
+        for sample in tokenlimit_samples(page):
+            suffix = sample.name.removeprefix("tokenlimit_decision_seconds")
+            if suffix in sums:
+                sums[suffix] += sample.value
     return sums["_sum"] / sums["_count"] if sums["_count"] else None
 
 
@@ -206,13 +225,10 @@ def decision_totals(pages: dict[str, str]) -> dict[str, float]:
     """allowed / refused decisions counted by every worker's ``tokenlimit_decisions_total``."""
     totals = {"allowed": 0.0, "refused": 0.0}
     for page in pages.values():
-        for line in page.splitlines():
-            sample = _SAMPLE.match(line)
-            if sample is None or sample[1] != "tokenlimit_decisions_total":
-                continue
-            outcome = re.search(r'"(allowed|refused)"', sample[2] or "")
-            if outcome is not None:
-                totals[outcome[1]] += float(sample[3])
+        for sample in tokenlimit_samples(page):
+            result = sample.labels.get("result")
+            if sample.name == "tokenlimit_decisions_total" and result in totals:
+                totals[result] += sample.value
     return totals
 
 

@@ -18,6 +18,8 @@ import pytest
 from servers import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import demo
 import load_test
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +147,33 @@ def test_percentile_is_nearest_rank() -> None:
     assert load_test.percentile(values, 100) == 100
     assert load_test.percentile([3.0], 90) == 3
     assert load_test.percentile([], 50) == 0
+
+
+def test_demo_reads_metrics_whose_labels_hold_braces() -> None:
+    """A route template such as ``/items/{item_id}`` is a label value with braces in it: the
+    report keeps its samples, and the totals still add up around them."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from tokenlimit import Decision, Limit
+    from tokenlimit.metrics import PrometheusMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    braced = Limit(5, 10, name="per-{tenant}")
+    allowed = Decision(allowed=True, limit=10, remaining=9, retry_after=0.0, reset_after=0.2)
+    refused = Decision(allowed=False, limit=10, remaining=0, retry_after=0.2, reset_after=2.0)
+    for _ in range(3):
+        metrics.record_decision([braced], allowed, 0.002)
+    metrics.record_decision([braced], refused, 0.004)
+    metrics.record_request("/items/{item_id}", "allowed")
+    page = prometheus_client.generate_latest(registry).decode()
+    assert 'route="/items/{item_id}"' in page
+
+    lines = demo.metric_lines(page)
+    assert any('route="/items/{item_id}"' in line and "requests_total" in line for line in lines)
+    assert sum('limit="per-{tenant}"' in line for line in lines) == 2  # allowed and refused
+    assert not any(line.split("{")[0].endswith(("_bucket", "_created")) for line in lines)
+    assert demo.decision_totals({"1": page}) == {"allowed": 3.0, "refused": 1.0}
+    assert demo.decision_seconds({"1": page}) == pytest.approx(0.01 / 4)
 
 
 @pytest.mark.slow
