@@ -246,6 +246,17 @@ def test_custom_key_from_dotted_path(mode: str) -> None:
                 assert_no_leak(response, "acme-corp", "globex", "tenant:")
 
 
+@pytest.mark.parametrize("key", ["django_project.keys.empty", "django_project.keys.aempty"])
+def test_custom_key_returning_empty_means_the_default_identity(mode: str, key: str) -> None:
+    # One rule in every integration: None or "" from KEY means "use the default identity".
+    with tokenlimit(KEY=key, LIMIT="1/minute"), override_settings(MIDDLEWARE=[MIDDLEWARE]):
+        responses = fetch(mode, "/plain", 2)
+        assert codes(responses) == [200, 429]
+        assert remaining("ip:127.0.0.1", "1/minute") == 0
+    with tokenlimit(KEY=key), override_settings(MIDDLEWARE=[]):
+        assert codes(fetch(mode, "/limited", 3, addr="10.4.4.4")) == [200, 200, 429]
+
+
 def test_api_key_is_the_identity_and_is_hashed(mode: str) -> None:
     raw = "sk_live_raw-secret-123"
     with tokenlimit(LIMIT="2/minute"):

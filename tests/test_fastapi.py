@@ -339,6 +339,29 @@ def test_custom_key_sync_and_async_replaces_the_default() -> None:
     assert used(limiter, "tenant:acme-secret-42") == 3
 
 
+def test_custom_key_returning_empty_means_the_default_identity() -> None:
+    # One rule in every integration: None or "" from a key function means the default identity.
+    limiter = memory_limiter()
+
+    def empty(request: Request) -> str:
+        return ""
+
+    async def aempty(request: Request) -> str:
+        return ""
+
+    peer = ("203.0.113.9", 1234)
+    for key in (empty, aempty):
+        for api, path in (
+            (dependency_app(RateLimit(THREE, key=key, limiter=limiter)), "/async"),
+            (middleware_app(limit=THREE, key=key, limiter=limiter), "/x"),
+        ):
+            limiter.reset("ip:203.0.113.9", THREE)
+            with TestClient(api, client=peer) as client:
+                statuses = [client.get(path).status_code for _ in range(4)]
+            assert statuses == [200, 200, 200, 429]
+            assert used(limiter, "ip:203.0.113.9") == 3
+
+
 def test_api_key_is_hashed_everywhere(standalone: Any) -> None:
     raw = "sk-live-very-secret-0123456789"
     with RateLimiter.from_url(standalone.url, timeout=5) as limiter:

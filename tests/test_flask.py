@@ -283,6 +283,24 @@ def test_custom_key_and_fallback_to_default_identity(memory: RateLimiter) -> Non
     assert seen == ["/"] * 5  # called once per request, with the request
 
 
+def test_custom_key_returning_empty_means_the_default_identity(memory: RateLimiter) -> None:
+    # One rule in every integration: None or "" from a key function means the default identity.
+    async def aempty(req: Any) -> str:
+        return ""
+
+    app, ext = app_with(memory, limit="1/hour", key=lambda req: "")
+
+    @app.get("/own")
+    @ext.limit("1/hour", key=aempty)
+    def own() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert statuses(client, 2) == [200, 429]
+    assert statuses(client, 2, "/own") == [200, 429]
+    assert statuses(client, 1, ip="198.51.100.1") == [200]  # another IP, another bucket
+
+
 def test_view_key_falls_back_to_the_extension_key(memory: RateLimiter) -> None:
     async def tenant(req: Any) -> str | None:  # async key functions run through ensure_sync
         return req.headers.get("X-Tenant")

@@ -16,3 +16,13 @@ def tenant(request: Any) -> str | None:
 async def atenant(request: Any) -> str | None:
     """The same, as a coroutine function."""
     return tenant(request)
+
+
+def empty(request: Any) -> str:
+    """An empty identity: the default one applies, as for None."""
+    return ""
+
+
+async def aempty(request: Any) -> str:
+    """The same, as a coroutine function."""
+    return ""

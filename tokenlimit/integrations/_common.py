@@ -28,6 +28,7 @@ __all__ = [
     "TrustedProxies",
     "api_key_identity",
     "call_key",
+    "custom_identity",
     "decide_async",
     "decide_sync",
     "default_identity",
@@ -403,9 +404,15 @@ def record_request(limiter: Any, route: str | None, result: str) -> None:
         record(route or ANY_ROUTE, result)
 
 
+def custom_identity(result: Any) -> str | None:
+    """A custom key function's answer as an identity: None or ``""`` mean "use the default
+    identity", in every integration and mode."""
+    return None if result is None or result == "" else str(result)
+
+
 async def call_key(function: KeyFunction, request: Any) -> str | None:
     """Call a custom key function, sync or async."""
     result = function(request)
     if inspect.isawaitable(result):
         result = await result
-    return None if result is None or result == "" else str(result)
+    return custom_identity(result)

@@ -73,6 +73,7 @@ from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,
     call_key,
+    custom_identity,
     decide_async,
     decide_sync,
     rate_limit_headers,
@@ -380,8 +381,9 @@ def _identity_sync(policy: Policy, request: Any) -> str:
         result: Any = policy.key(request)
         if inspect.isawaitable(result):  # an async KEY behind a sync middleware chain
             result = async_to_sync(_awaited)(result)
-        if result is not None:
-            return str(result)
+        custom = custom_identity(result)
+        if custom is not None:
+            return custom
     return _default_sync(policy, request)
 
 

@@ -36,6 +36,7 @@ from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateL
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit.integrations._common import (
     Policy,
+    custom_identity,
     decide_sync,
     rate_limit_headers,
     record_request,
@@ -283,9 +284,9 @@ class TokenLimit:
         chain = (policy.key,) if policy is state.policy else (policy.key, state.policy.key)
         for function in chain:
             if function is not None:
-                chosen = current_app.ensure_sync(function)(request)
-                if chosen is not None and chosen != "":
-                    return str(chosen)
+                chosen = custom_identity(current_app.ensure_sync(function)(request))
+                if chosen is not None:
+                    return chosen
         forwarded = request.headers.getlist("X-Forwarded-For")  # several lines: one list
         return state.policy.identity(
             api_key=_header(request, state.policy.api_key_header),
