@@ -53,6 +53,40 @@ def test_ip_parsing_handles_ports_brackets_and_mapped_v4() -> None:
     assert client(None, "::ffff:203.0.113.7", None) == "203.0.113.7"
 
 
+def teredo(client_v4: str, server_v4: str = "192.0.2.1", port: int = 40000) -> str:
+    """A Teredo address (RFC 4380): 2001::/32, the server, then the client's port and address
+    obfuscated (every bit flipped)."""
+    client_bits = int(ipaddress.IPv4Address(client_v4)) ^ 0xFFFFFFFF
+    value = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server_v4)) << 64)
+    value |= (0x8000 << 48) | ((port ^ 0xFFFF) << 32) | client_bits
+    return str(ipaddress.IPv6Address(value))
+
+
+EMBEDDED_V4 = {
+    "nat64": "64:ff9b::{}",  # RFC 6052 well-known prefix
+    "siit": "::ffff:0:{}",  # RFC 7915 IPv4-translated
+    "mapped": "::ffff:{}",
+    "teredo": None,
+}
+
+
+@pytest.mark.parametrize("form", list(EMBEDDED_V4))
+def test_ipv6_embedding_ipv4_is_unmapped_to_the_ipv4_client(form: str) -> None:
+    # Each of these forms would put every IPv4 client behind it in one /64 bucket.
+    clients = ["198.51.100.7", "198.51.100.8", "203.0.113.9", "192.0.2.200"]
+    pattern = EMBEDDED_V4[form]
+    peers = [teredo(v4) if pattern is None else pattern.format(v4) for v4 in clients]
+    keys = [
+        default_identity(
+            api_key=None, user_id=None, peer=peer, forwarded_for=None, proxies=TrustedProxies()
+        )
+        for peer in peers
+    ]
+    assert keys == [f"ip:{v4}" for v4 in clients]
+    # Through a trusted proxy's X-Forwarded-For too.
+    assert [client(1, "10.0.0.1", peer) for peer in peers] == clients
+
+
 def test_ipv6_groups_by_64() -> None:
     a = ip_identity(ipaddress.ip_address("2001:db8:1:2::1"))
     b = ip_identity(ipaddress.ip_address("2001:db8:1:2:ffff::9"))

@@ -57,9 +57,25 @@ def _parse_ip(text: str | None) -> IPAddress | None:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return _embedded_ipv4(address) or address
     return address
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client inside an IPv6 form that carries one: mapped, NAT64, SIIT or Teredo.
+    Left as IPv6, all the IPv4 clients behind such a form would share one /64 bucket."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64 or address in _SIIT:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
 
 
 class TrustedProxies:
