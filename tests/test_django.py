@@ -55,13 +55,13 @@ def tokenlimit(**options: Any) -> Iterator[None]:
 class PeerAsyncClient(AsyncClient):
     """An AsyncClient whose requests come from ``addr`` (the ASGI scope's ``client``)."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str | None) -> None:
         super().__init__()
         self.peer = addr
 
     def _base_scope(self, **request: Any) -> dict[str, Any]:
         scope: dict[str, Any] = super()._base_scope(**request)
-        scope["client"] = [self.peer, 50000]
+        scope["client"] = None if self.peer is None else [self.peer, 50000]
         return scope
 
 
@@ -70,12 +70,14 @@ def fetch(
     path: str,
     n: int = 1,
     *,
-    addr: str = "127.0.0.1",
+    addr: str | None = "127.0.0.1",
     headers: dict[str, str] | None = None,
 ) -> list[Any]:
-    """``n`` GETs of ``path`` from the client address ``addr``, in one client."""
+    """``n`` GETs of ``path`` from the client address ``addr``, in one client. ``None``: a
+    unix socket's peer (WSGI: ``REMOTE_ADDR`` "", as gunicorn gives it; ASGI: no ``client``,
+    so Django leaves ``REMOTE_ADDR`` out)."""
     if mode == "sync":
-        client = Client(REMOTE_ADDR=addr)
+        client = Client(REMOTE_ADDR=addr or "")
         return [client.get(path, headers=headers) for _ in range(n)]
 
     async def run() -> list[Any]:
@@ -363,6 +365,20 @@ def test_trusted_proxies_by_cidr(mode: str) -> None:
         assert remaining("ip:8.8.8.8", "1/minute") == 0
         assert remaining("ip:7.7.7.7", "1/minute") == 1
         assert remaining("ip:10.0.0.7", "1/minute") == 1
+
+
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-proxies", "cidrs"])
+def test_a_unix_socket_peer_is_a_local_proxy(mode: str, trusted: Any) -> None:
+    with tokenlimit(LIMIT="1/minute", TRUSTED_PROXIES=trusted):
+        alice = {"X-Forwarded-For": "198.51.100.7"}
+        bob = {"X-Forwarded-For": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
+        responses = fetch(mode, "/plain", 2, addr=None, headers=alice)
+        responses += fetch(mode, "/plain", 2, addr=None, headers=bob)
+        responses += fetch(mode, "/plain", 1, addr=None, headers={"X-Forwarded-For": "6.6.6.6"})
+        assert codes(responses) == [200, 429, 200, 429, 200]
+        assert remaining("ip:198.51.100.7", "1/minute") == 0
+        assert remaining("ip:203.0.113.5", "1/minute") == 0
+        assert remaining("ip:unknown", "1/minute") == 1
 
 
 def test_ipv6_clients_group_by_64(mode: str) -> None:

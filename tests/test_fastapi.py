@@ -470,6 +470,33 @@ def test_trusted_cidrs() -> None:
     assert charged_ip(["10.0.0.0/8"], PROXY, "6.6.6.6, 198.51.100.7, 10.0.0.2") == "198.51.100.7"
 
 
+UNIX_PEERS = {"none": None, "empty": ("", 0), "path": ("/run/app.sock", 0)}
+
+
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-proxies", "cidrs"])
+@pytest.mark.parametrize("peer", list(UNIX_PEERS))
+def test_a_unix_socket_peer_is_a_local_proxy(peer: str, trusted: Any) -> None:
+    # uvicorn --uds: the scope's client is None (other servers: "" or the socket's path).
+    for kind in ("dependency", "middleware"):
+        limiter = memory_limiter()
+        if kind == "dependency":
+            dependency = RateLimit(THREE, limiter=limiter, trusted_proxies=trusted)
+            api, path = dependency_app(dependency), "/async"
+        else:
+            api = middleware_app(limit=THREE, limiter=limiter, trusted_proxies=trusted)
+            path = "/x"
+        with TestClient(api, client=UNIX_PEERS[peer]) as client:  # type: ignore[arg-type]
+            alice = {"x-forwarded-for": "198.51.100.7"}
+            bob = {"x-forwarded-for": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
+            statuses = [client.get(path, headers=alice).status_code for _ in range(4)]
+            statuses += [client.get(path, headers=bob).status_code for _ in range(3)]
+        assert statuses == [200, 200, 200, 429, 200, 200, 200], kind
+        assert used(limiter, "ip:198.51.100.7") == 3
+        assert used(limiter, "ip:203.0.113.5") == 3
+        assert used(limiter, "ip:6.6.6.6") == 0
+        assert used(limiter, "ip:unknown") == 0
+
+
 def test_forwarded_for_split_over_several_lines_is_one_list() -> None:
     limiter = memory_limiter()
     api = dependency_app(RateLimit(THREE, limiter=limiter, trusted_proxies=1))

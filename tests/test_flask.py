@@ -249,6 +249,31 @@ def test_trusted_proxies_cidr_list(memory: RateLimiter) -> None:
     assert hit(client, ip="192.0.2.50", **{"X-Forwarded-For": "198.51.100.4"}).status_code == 429
 
 
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-proxies", "cidrs"])
+@pytest.mark.parametrize("remote", ["", None], ids=["empty", "absent"])
+def test_a_unix_socket_peer_is_a_local_proxy(
+    memory: RateLimiter, remote: str | None, trusted: Any
+) -> None:
+    # gunicorn on a unix socket: REMOTE_ADDR is "" (other servers leave it out).
+    app, _ = app_with(memory, limit="1/hour", trusted_proxies=trusted)
+    inner = app.wsgi_app
+
+    def unix_socket(environ: dict[str, Any], start_response: Any) -> Any:
+        environ.pop("REMOTE_ADDR", None)
+        if remote is not None:
+            environ["REMOTE_ADDR"] = remote
+        return inner(environ, start_response)
+
+    app.wsgi_app = unix_socket  # type: ignore[method-assign]
+    client = app.test_client()
+    alice = {"X-Forwarded-For": "198.51.100.7"}
+    bob = {"X-Forwarded-For": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
+    assert [client.get("/", headers=alice).status_code for _ in range(2)] == [200, 429]
+    assert [client.get("/", headers=bob).status_code for _ in range(2)] == [200, 429]
+    assert client.get("/", headers={"X-Forwarded-For": "6.6.6.6"}).status_code == 200
+    assert memory.peek("ip:unknown", Limit.parse("1/hour")).remaining == 1
+
+
 def test_forwarded_for_over_several_header_lines(memory: RateLimiter) -> None:
     app, _ = app_with(memory, limit="1/hour", trusted_proxies=["10.0.0.0/8"])
     client = app.test_client()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 
 import http_sfv
 import pytest
 
 from tokenlimit import ConfigError, Decision, Limit
+from tokenlimit.integrations import _common
 from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,
@@ -45,6 +47,42 @@ def test_cidr_list_walks_past_trusted_proxies_only() -> None:
     assert client(trusted, "203.0.113.9", "1.2.3.4") == "203.0.113.9"
     # Garbage after a trusted hop: no guess.
     assert TrustedProxies(trusted).client_ip("10.0.0.1", "nonsense") is None
+
+
+@pytest.mark.parametrize("peer", [None, "", "/run/app.sock", "unix:/run/app.sock"])
+def test_a_unix_socket_peer_is_a_local_proxy(peer: str | None) -> None:
+    # uvicorn --uds, gunicorn on a unix socket: no peer address, or a path. Only a local
+    # process can connect there, so its X-Forwarded-For entry names the client.
+    def of(spec: object, xff: str | None) -> str:
+        return str(TrustedProxies(spec).client_ip(peer, xff))  # type: ignore[arg-type]
+
+    assert of(None, "198.51.100.7") == "198.51.100.7"
+    assert of(None, "6.6.6.6, 198.51.100.7") == "198.51.100.7"  # left of it: forged
+    assert of(["10.0.0.0/8"], "6.6.6.6, 198.51.100.7, 10.0.0.3") == "198.51.100.7"
+    assert of(2, "6.6.6.6, 198.51.100.7, 10.0.0.3") == "198.51.100.7"  # a hop count: as ever
+    assert of(None, None) == "None"
+    assert of(None, "nonsense") == "None"  # no guess
+    # A TCP peer still cannot choose its address; a name that is no socket path is unknown.
+    assert client(None, "203.0.113.9", "198.51.100.7") == "203.0.113.9"
+    assert client(["10.0.0.0/8"], "203.0.113.9", "198.51.100.7") == "203.0.113.9"
+    assert client(None, "testclient", "198.51.100.7") == "None"
+
+
+def test_an_unknown_client_is_reported_once_with_the_fix(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_common, "_unknown_reported", False, raising=False)
+    kwargs = {"api_key": None, "user_id": None, "proxies": TrustedProxies()}
+    with caplog.at_level(logging.WARNING, logger="tokenlimit"):
+        assert default_identity(peer=None, forwarded_for=None, **kwargs) == "ip:unknown"  # type: ignore[arg-type]
+        assert default_identity(peer="testclient", forwarded_for=None, **kwargs) == "ip:unknown"  # type: ignore[arg-type]
+        assert default_identity(peer="203.0.113.9", forwarded_for=None, **kwargs) != "ip:unknown"  # type: ignore[arg-type]
+    (record,) = [r for r in caplog.records if r.name == "tokenlimit"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "ip:unknown" in message
+    assert "X-Forwarded-For" in message
+    assert "trusted_proxies" in message
 
 
 def test_ip_parsing_handles_ports_brackets_and_mapped_v4() -> None:

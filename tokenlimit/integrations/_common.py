@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import ipaddress
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ __all__ = [
     "retry_after_seconds",
     "unavailable_body",
 ]
+
+logger = logging.getLogger("tokenlimit")
+
+UNKNOWN_IP = "ip:unknown"  # the one bucket of every client whose address is unknown
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -78,6 +83,12 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
+def _unix_socket_peer(peer: str | None) -> bool:
+    """True for the peer a server reports for a unix-socket connection: none, ``""``, or the
+    socket's path. Only a local process (a proxy) can connect there."""
+    return not peer or peer.startswith(("/", "unix:"))
+
+
 class TrustedProxies:
     """Which ``X-Forwarded-For`` entries to believe.
 
@@ -85,6 +96,9 @@ class TrustedProxies:
     in front of the app, so the client is the Nth address from the right. A list of CIDRs: walk
     from the socket peer leftwards through the header while the address is a trusted proxy; the
     first untrusted address is the client. A spoofed header from an untrusted peer is ignored.
+
+    A unix-socket peer (no address, or a path) is a local proxy, trusted whatever the spec:
+    unless a hop count is given, the walk starts at the header's right-most entry.
     """
 
     __slots__ = ("hops", "networks")
@@ -113,18 +127,24 @@ class TrustedProxies:
     def _trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self.networks)
 
+    def reads_header(self, peer: str | None, peer_ip: IPAddress | None) -> bool:
+        """Whether ``X-Forwarded-For`` may name the client of a request from ``peer``."""
+        if self.hops:
+            return True
+        if peer_ip is None:
+            return _unix_socket_peer(peer)
+        return self._trusted(peer_ip)
+
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> IPAddress | None:
         """The client's address given the socket peer and the ``X-Forwarded-For`` value."""
         peer_ip = _parse_ip(peer)
-        if not forwarded_for or (not self.hops and not self.networks):
+        if not forwarded_for or not self.reads_header(peer, peer_ip):
             return peer_ip
         chain = [part.strip() for part in forwarded_for.split(",") if part.strip()]
         if self.hops:
             if not chain:
                 return peer_ip
             return _parse_ip(chain[-min(self.hops, len(chain))]) or peer_ip
-        if peer_ip is None or not self._trusted(peer_ip):
-            return peer_ip
         for entry in reversed(chain):
             address = _parse_ip(entry)
             if address is None:
@@ -137,7 +157,7 @@ class TrustedProxies:
 def ip_identity(address: IPAddress | None, ipv6_prefix: int = 64) -> str:
     """``ip:<addr>``; IPv6 clients grouped by ``/ipv6_prefix`` (one /64 is one subscriber)."""
     if address is None:
-        return "ip:unknown"
+        return UNKNOWN_IP
     if isinstance(address, ipaddress.IPv6Address) and ipv6_prefix < 128:
         network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
         return f"ip:{network}"
@@ -169,7 +189,27 @@ def default_identity(
         return api_key_identity(api_key)
     if user_id is not None and user_id != "":
         return f"user:{user_id}"
-    return _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+    key = _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+    if key == UNKNOWN_IP:
+        _report_unknown()
+    return key
+
+
+_unknown_reported = False
+
+
+def _report_unknown() -> None:
+    """Warn, once per process, that clients without a known address share one bucket."""
+    global _unknown_reported
+    if _unknown_reported:
+        return
+    _unknown_reported = True
+    logger.warning(
+        "tokenlimit: a request's client address is unknown, so it is limited in the bucket "
+        "'ip:unknown' that every such request shares. Behind a proxy on a unix socket, have "
+        "the proxy set X-Forwarded-For; behind proxies on TCP, list them in trusted_proxies "
+        "(a hop count or their CIDRs); or give a key function that names the client."
+    )
 
 
 # Parsing addresses with ``ipaddress`` is most of an identity's cost, and the same few clients
