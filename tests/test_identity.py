@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import tracemalloc
 
 import http_sfv
 import pytest
@@ -83,6 +84,31 @@ def test_an_unknown_client_is_reported_once_with_the_fix(
     assert "ip:unknown" in message
     assert "X-Forwarded-For" in message
     assert "trusted_proxies" in message
+
+
+def test_the_address_cache_keeps_no_attacker_sized_strings() -> None:
+    # X-Forwarded-For is the client's to write: 64 kB values, each new, must neither stay in
+    # the client-address cache nor change whom a request is charged to.
+    none, hops, cidrs = TrustedProxies(None), TrustedProxies(1), TrustedProxies(["10.0.0.0/8"])
+    cases = (("203.0.113.9", none), ("10.0.0.1", hops), ("10.0.0.1", cidrs))
+    _common._ip_key.cache_clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            forwarded_for = f"{i:08d}" + "x" * 65_536 + ", 198.51.100.7"
+            keys = [
+                default_identity(
+                    api_key=None, user_id=None, peer=peer, forwarded_for=forwarded_for, proxies=p
+                )
+                for peer, p in cases
+            ]
+            assert keys == ["ip:203.0.113.9", "ip:198.51.100.7", "ip:198.51.100.7"]
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 1_000_000, f"{retained:,} bytes kept"
+    assert _common._ip_key.cache_info().currsize <= 1  # the untrusted peer alone
 
 
 def test_ip_parsing_handles_ports_brackets_and_mapped_v4() -> None:

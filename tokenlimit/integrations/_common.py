@@ -127,6 +127,11 @@ class TrustedProxies:
     def _trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self.networks)
 
+    def ignores_header(self, peer: str | None) -> bool:
+        """True when ``X-Forwarded-For`` cannot matter for ``peer``, known without parsing it:
+        no proxy is trusted and the peer is no unix socket."""
+        return not self.hops and not self.networks and not _unix_socket_peer(peer)
+
     def reads_header(self, peer: str | None, peer_ip: IPAddress | None) -> bool:
         """Whether ``X-Forwarded-For`` may name the client of a request from ``peer``."""
         if self.hops:
@@ -189,7 +194,12 @@ def default_identity(
         return api_key_identity(api_key)
     if user_id is not None and user_id != "":
         return f"user:{user_id}"
-    key = _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+    if forwarded_for and proxies.ignores_header(peer):
+        forwarded_for = None  # never read, so never a cache key
+    if len(peer or "") + len(forwarded_for or "") <= _CACHED_INPUT_CHARS:
+        key = _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+    else:  # a client-written header this long is computed each time, never kept
+        key = _ip_key.__wrapped__(peer, forwarded_for, proxies, ipv6_prefix)
     if key == UNKNOWN_IP:
         _report_unknown()
     return key
@@ -213,8 +223,12 @@ def _report_unknown() -> None:
 
 
 # Parsing addresses with ``ipaddress`` is most of an identity's cost, and the same few clients
-# (or proxies) send most requests: remember recent answers. Bounded; a pure function of its
-# arguments (``TrustedProxies`` hashes by identity and never changes after construction).
+# (or proxies) send most requests: remember recent answers. A pure function of its arguments
+# (``TrustedProxies`` hashes by identity and never changes after construction). Bounded in
+# bytes as well as entries: only inputs of at most _CACHED_INPUT_CHARS are kept.
+_CACHED_INPUT_CHARS = 256
+
+
 @functools.lru_cache(maxsize=8192)
 def _ip_key(
     peer: str | None, forwarded_for: str | None, proxies: TrustedProxies, ipv6_prefix: int
