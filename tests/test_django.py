@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -259,9 +260,39 @@ def test_custom_key_returning_empty_means_the_default_identity(mode: str, key: s
         assert codes(fetch(mode, "/limited", 3, addr="10.4.4.4")) == [200, 200, 429]
 
 
+def made_up_keys(mode: str, n: int = 6, path: str = "/plain") -> list[Any]:
+    """``n`` requests from one address, each with an API key never seen before."""
+    responses: list[Any] = []
+    for _ in range(n):
+        responses += fetch(mode, path, 1, headers={"X-API-Key": secrets.token_hex(8)})
+    return responses
+
+
+def test_made_up_api_keys_choose_no_bucket_by_default(mode: str) -> None:
+    # The API-key step is off unless the app vouches for keys: one client, one bucket.
+    with tokenlimit():
+        assert codes(made_up_keys(mode)) == [200, 200, 200, 429, 429, 429]
+        assert remaining("ip:127.0.0.1") == 0
+
+
+@pytest.mark.parametrize(
+    "validator", ["django_project.keys.known_api_key", "django_project.keys.aknown_api_key"]
+)
+def test_api_key_validator_sends_unknown_keys_to_the_ip(mode: str, validator: str) -> None:
+    # With a validator and no header name, the header is X-API-Key.
+    with tokenlimit(API_KEY_VALIDATOR=validator):
+        assert codes(made_up_keys(mode)) == [200, 200, 200, 429, 429, 429]
+        known = fetch(mode, "/plain", 4, headers={"X-API-Key": "sk-known-1"})
+        assert codes(known) == [200, 200, 200, 429]
+        assert remaining(api_key_identity("sk-known-1")) == 0
+    with tokenlimit(API_KEY_VALIDATOR=validator), override_settings(MIDDLEWARE=[]):
+        # The decorator's default identity too (2/minute, its own bucket).
+        assert codes(made_up_keys(mode, 3, "/limited")) == [200, 200, 429]
+
+
 def test_api_key_is_the_identity_and_is_hashed(mode: str) -> None:
     raw = "sk_live_raw-secret-123"
-    with tokenlimit(LIMIT="2/minute"):
+    with tokenlimit(LIMIT="2/minute", API_KEY_HEADER="X-API-Key"):
         first = fetch(mode, "/plain", 1, addr="10.0.0.1", headers={"X-API-Key": raw})
         # The same key from another address and with a signed-in user: the key wins.
         second = fetch(
@@ -296,7 +327,7 @@ def test_api_key_identity_off(mode: str) -> None:
 
 def test_api_key_never_reaches_the_server_in_clear(target: Any, mode: str) -> None:
     raw = "sk_live_raw-secret-456"
-    with tokenlimit(URL=target.url, TIMEOUT=5.0):
+    with tokenlimit(URL=target.url, TIMEOUT=5.0, API_KEY_HEADER="X-API-Key"):
         responses = fetch(mode, "/plain", 4, headers={"X-API-Key": raw})
         responses += fetch(mode, "/limited", 3, headers={"X-API-Key": raw})
     assert codes(responses) == [200, 200, 200, 429, 429, 429, 429]
@@ -604,6 +635,8 @@ GOOD = {"URL": "memory://", "LIMIT": "3/minute"}
         ({**GOOD, "TIMEOUT": 0}, ["tokenlimit.E010"]),
         ({**GOOD, "API_KEY_HEADER": ""}, ["tokenlimit.E011"]),
         ({**GOOD, "IPV6_PREFIX": 129}, ["tokenlimit.E012"]),
+        ({**GOOD, "API_KEY_VALIDATOR": "django_project.keys.NOT_CALLABLE"}, ["tokenlimit.E015"]),
+        ({**GOOD, "API_KEY_VALIDATOR": "django_project.keys.missing"}, ["tokenlimit.E015"]),
         ({**GOOD, "LIMITS": "3/minute"}, ["tokenlimit.W001"]),
         ({"LIMIT": "3/minute"}, ["tokenlimit.W002"]),
         ("redis://localhost", ["tokenlimit.E001"]),

@@ -5,6 +5,7 @@ structured fields, storage failures, and deciding off the event loop."""
 
 import asyncio
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -362,11 +363,91 @@ def test_custom_key_returning_empty_means_the_default_identity() -> None:
             assert used(limiter, "ip:203.0.113.9") == 3
 
 
+KNOWN_KEYS = {"sk-known-1", "sk-known-2"}
+
+
+def made_up_keys(client: TestClient, path: str, n: int = 6) -> list[int]:
+    """``n`` requests, each with an API key never seen before (one client minting buckets)."""
+    return [
+        client.get(path, headers={"X-API-Key": secrets.token_hex(8)}).status_code for _ in range(n)
+    ]
+
+
+def both_ways(limiter: RateLimiter, **options: Any) -> list[tuple[FastAPI, str]]:
+    """The dependency's app and the middleware's, each with ``options``."""
+    return [
+        (dependency_app(RateLimit(THREE, limiter=limiter, **options)), "/async"),
+        (middleware_app(limit=THREE, limiter=limiter, **options), "/x"),
+    ]
+
+
+def test_made_up_api_keys_choose_no_bucket_by_default() -> None:
+    # The API-key step is off unless the app vouches for keys: one client, one bucket.
+    limiter = memory_limiter()
+    for api, path in both_ways(limiter):
+        limiter.reset("ip:203.0.113.9", THREE)
+        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+            assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
+        assert used(limiter, "ip:203.0.113.9") == 3
+
+
+def test_api_key_header_opt_in_makes_the_key_the_identity() -> None:
+    limiter = memory_limiter()
+    for api, path in both_ways(limiter, api_key_header="X-API-Key"):
+        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+            one = [client.get(path, headers={"X-API-Key": "k-one"}) for _ in range(4)]
+            two = client.get(path, headers={"X-API-Key": "k-two"})
+        assert [r.status_code for r in one] + [two.status_code] == [200, 200, 200, 429, 200]
+        assert used(limiter, api_key_identity("k-one")) == 3
+        assert used(limiter, "ip:203.0.113.9") == 0
+        limiter.reset(api_key_identity("k-one"), THREE)
+        limiter.reset(api_key_identity("k-two"), THREE)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_api_key_validator_sends_unknown_keys_to_the_ip(kind: str) -> None:
+    seen: list[str] = []
+
+    def known(key: str) -> bool:
+        seen.append(key)
+        return key in KNOWN_KEYS
+
+    async def aknown(key: str) -> bool:
+        await asyncio.sleep(0)
+        return known(key)
+
+    validator = known if kind == "sync" else aknown
+    limiter = memory_limiter()
+    # With a validator and no header name, the header is X-API-Key.
+    for api, path in both_ways(limiter, api_key_validator=validator):
+        limiter.reset("ip:203.0.113.9", THREE)
+        limiter.reset(api_key_identity("sk-known-1"), THREE)
+        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+            assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
+            statuses = [
+                client.get(path, headers={"X-API-Key": "sk-known-1"}).status_code for _ in range(4)
+            ]
+            assert statuses == [200, 200, 200, 429]
+        assert used(limiter, api_key_identity("sk-known-1")) == 3
+    assert len(seen) == 20  # once per request that carried a key
+    assert "sk-known-1" in seen
+    # Another header name, given explicitly.
+    api = dependency_app(
+        RateLimit(THREE, limiter=limiter, api_key_header="X-Key", api_key_validator=known)
+    )
+    with TestClient(api, client=("198.51.100.3", 1234)) as client:
+        client.get("/async", headers={"X-Key": "sk-known-2", "X-API-Key": "sk-known-1"})
+    assert used(limiter, api_key_identity("sk-known-2")) == 1
+    with pytest.raises(TypeError, match="api_key_validator"):
+        RateLimit(THREE, api_key_validator="not callable")  # type: ignore[arg-type]
+
+
 def test_api_key_is_hashed_everywhere(standalone: Any) -> None:
     raw = "sk-live-very-secret-0123456789"
     with RateLimiter.from_url(standalone.url, timeout=5) as limiter:
-        api = dependency_app(RateLimit(THREE, limiter=limiter))
-        api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 10), limiter=limiter)
+        opt_in = {"limiter": limiter, "api_key_header": "X-API-Key"}
+        api = dependency_app(RateLimit(THREE, **opt_in))
+        api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 10), **opt_in)
         with TestClient(api) as client:
             responses = [client.get("/async", headers={"X-API-Key": raw}) for _ in range(4)]
             responses.append(client.get("/open", headers={"x-api-key": raw}))
@@ -406,7 +487,7 @@ class IdUser:
 
 def test_authenticated_user_then_ip() -> None:
     limiter = memory_limiter()
-    dependency = RateLimit(THREE, limiter=limiter)
+    dependency = RateLimit(THREE, limiter=limiter, api_key_header="X-API-Key")
     api = dependency_app(
         dependency, middleware=[Middleware(AuthenticationMiddleware, backend=HeaderAuth())]
     )

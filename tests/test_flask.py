@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import secrets
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -159,8 +160,49 @@ def test_view_limit_replaces_default_with_its_own_bucket(limiter: RateLimiter) -
     assert statuses(client, 3, "/") == [200, 200, 429]  # /a and /b took nothing from the default
 
 
+def made_up_keys(client: FlaskClient, n: int = 6) -> list[int]:
+    """``n`` requests from one IP, each with an API key never seen before."""
+    return [hit(client, **{"X-API-Key": secrets.token_hex(8)}).status_code for _ in range(n)]
+
+
+def test_made_up_api_keys_choose_no_bucket_by_default(memory: RateLimiter) -> None:
+    # The API-key step is off unless the app vouches for keys: one client, one bucket.
+    app, _ = app_with(memory, limit=Limit.per_hour(3))
+    assert made_up_keys(app.test_client()) == [200, 200, 200, 429, 429, 429]
+    assert memory.peek(f"ip:{PEER}", Limit.per_hour(3)).remaining == 0
+
+
+def test_api_key_header_from_config(memory: RateLimiter) -> None:
+    app = Flask(__name__)
+    app.config["TOKENLIMIT_API_KEY_HEADER"] = "X-API-Key"
+    TokenLimit(app, limiter=memory, limit="1/hour")
+    app.add_url_rule("/", "index", lambda: "ok")
+    client = app.test_client()
+    assert hit(client, **{"X-API-Key": "k-one"}).status_code == 200
+    assert hit(client, **{"X-API-Key": "k-two"}).status_code == 200
+    assert hit(client, **{"X-API-Key": "k-one"}).status_code == 429
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_api_key_validator_sends_unknown_keys_to_the_ip(memory: RateLimiter, kind: str) -> None:
+    def known(key: str) -> bool:
+        return key in {"sk-known-1", "sk-known-2"}
+
+    async def aknown(key: str) -> bool:
+        return known(key)
+
+    # With a validator and no header name, the header is X-API-Key.
+    app, _ = app_with(
+        memory, limit=Limit.per_hour(3), api_key_validator=known if kind == "sync" else aknown
+    )
+    client = app.test_client()
+    assert made_up_keys(client) == [200, 200, 200, 429, 429, 429]
+    assert statuses(client, 4, **{"X-API-Key": "sk-known-1"}) == [200, 200, 200, 429]
+    assert statuses(client, 1, **{"X-API-Key": "sk-known-2"}) == [200]
+
+
 def test_api_key_is_the_identity(limiter: RateLimiter) -> None:
-    app, _ = app_with(limiter, limit="1/hour")
+    app, _ = app_with(limiter, limit="1/hour", api_key_header="X-API-Key")
     client = app.test_client()
     assert hit(client, **{"X-API-Key": "k-one"}).status_code == 200
     assert hit(client, **{"X-API-Key": "k-one"}, ip="198.51.100.1").status_code == 429
@@ -171,7 +213,7 @@ def test_api_key_is_the_identity(limiter: RateLimiter) -> None:
 def test_raw_api_key_reaches_no_redis_key_header_or_body(standalone: Any) -> None:
     secret = "sk_live_S3CRET-do-not-store"
     with RateLimiter.from_url(standalone.url, timeout=5) as lim:
-        app, _ = app_with(lim, limit="1/hour")
+        app, _ = app_with(lim, limit="1/hour", api_key_header="X-API-Key")
         client = app.test_client()
         responses = [hit(client, **{"X-API-Key": secret}) for _ in range(2)]
     assert [r.status_code for r in responses] == [200, 429]
@@ -346,7 +388,10 @@ def test_view_key_falls_back_to_the_extension_key(memory: RateLimiter) -> None:
 
 
 def test_user_identity(memory: RateLimiter) -> None:
-    app, _ = app_with(memory, limit="1/hour", user=lambda req: req.headers.get("X-User"))
+    def user(req: Any) -> str | None:
+        return req.headers.get("X-User")
+
+    app, _ = app_with(memory, limit="1/hour", user=user, api_key_header="X-API-Key")
     client = app.test_client()
     assert hit(client, **{"X-User": "alice"}).status_code == 200
     assert hit(client, **{"X-User": "alice"}, ip="198.51.100.1").status_code == 429
@@ -685,6 +730,7 @@ def test_default_limiter_from_configure(memory: RateLimiter) -> None:
         ({"trusted_proxies": True}, "trusted_proxies"),
         ({"headers": "yes"}, "headers"),
         ({"api_key_header": ""}, "api_key_header"),
+        ({"api_key_validator": "myapp.known_key"}, "api_key_validator"),
         ({"ipv6_prefix": 129}, "ipv6_prefix"),
         ({"limiter": "redis://localhost"}, "limiter"),
     ],

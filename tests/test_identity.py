@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -170,6 +171,35 @@ def test_identity_order_and_hashing() -> None:
     assert "sk_live_secret" not in key
     assert default_identity(api_key=None, user_id=7, **kwargs) == "user:7"  # type: ignore[arg-type]
     assert default_identity(api_key=None, user_id=None, **kwargs) == "ip:203.0.113.9"  # type: ignore[arg-type]
+
+
+def test_api_keys_count_only_where_the_app_vouches_for_them() -> None:
+    # Off by default: a client could otherwise choose its own bucket with made-up keys.
+    default = Policy.build("1/second")
+    assert default.api_key_header is None
+    assert default.vouched_key("made-up") is None
+    opted_in = Policy.build("1/second", api_key_header="X-API-Key")
+    assert opted_in.vouched_key("k") == "k"
+    assert opted_in.vouched_key("") is None
+
+    def known(key: str) -> bool:
+        return key == "good"
+
+    async def aknown(key: str) -> bool:
+        return known(key)
+
+    checked = Policy.build("1/second", api_key_validator=known)
+    assert checked.api_key_header == "X-API-Key"  # a validator reads the usual header
+    assert (checked.vouched_key("good"), checked.vouched_key("bad")) == ("good", None)
+    achecked = Policy.build("1/second", api_key_header="X-Key", api_key_validator=aknown)
+    assert achecked.api_key_header == "X-Key"
+    assert asyncio.run(achecked.avouched_key("good")) == "good"
+    assert asyncio.run(achecked.avouched_key("bad")) is None
+    assert achecked.vouched_key("good", asyncio.run) == "good"
+    with pytest.raises(TypeError, match="api_key_validator"):
+        achecked.vouched_key("good")  # sync code without a way to run it
+    with pytest.raises(TypeError, match="api_key_validator"):
+        Policy.build("1/second", api_key_validator="myapp.known")
 
 
 @pytest.mark.parametrize("bad", [-1, True, ["not-a-network"], "10.0.0.0/99"])

@@ -371,11 +371,10 @@ def fastapi_app(limiter: RateLimiter | AsyncRateLimiter, *, middleware: bool) ->
     """``/items/{item_id}`` limited by a dependency (or the middleware), ``/health`` free."""
     app = FastAPI()
     install_handlers(app)
-    guard = (
-        [] if middleware else [Depends(RateLimit(Limit.per_hour(2, name="items"), limiter=limiter))]
-    )
+    opt_in = {"limiter": limiter, "api_key_header": "X-API-Key"}  # the key is the identity
+    guard = [] if middleware else [Depends(RateLimit(Limit.per_hour(2, name="items"), **opt_in))]
     if middleware:
-        app.add_middleware(RateLimitMiddleware, limit=HOURLY, limiter=limiter)
+        app.add_middleware(RateLimitMiddleware, limit=HOURLY, **opt_in)
 
     @app.get("/items/{item_id}", dependencies=guard)
     async def item(item_id: int) -> dict[str, int]:
@@ -437,7 +436,9 @@ def test_flask_counts_by_url_rule(url: str, registry: CollectorRegistry) -> None
     sink = PrometheusMetrics(registry)
     with RateLimiter.from_url(url, timeout=5.0, metrics=sink) as limiter:
         app = Flask(__name__)
-        ext = TokenLimit(app, limiter=limiter, limit=Limit.per_hour(2, name="site"))
+        ext = TokenLimit(
+            app, limiter=limiter, limit=Limit.per_hour(2, name="site"), api_key_header="X-API-Key"
+        )
 
         @app.get("/items/<int:item_id>")
         def item(item_id: int) -> dict[str, int]:

@@ -26,3 +26,16 @@ def empty(request: Any) -> str:
 async def aempty(request: Any) -> str:
     """The same, as a coroutine function."""
     return ""
+
+
+KNOWN_API_KEYS = {"sk-known-1", "sk-known-2"}
+
+
+def known_api_key(key: str) -> bool:
+    """``API_KEY_VALIDATOR``: True for a key the app issued."""
+    return key in KNOWN_API_KEYS
+
+
+async def aknown_api_key(key: str) -> bool:
+    """The same, as a coroutine function."""
+    return known_api_key(key)

@@ -184,11 +184,10 @@ def default_identity(
     proxies: TrustedProxies,
     ipv6_prefix: int = 64,
 ) -> str:
-    """API key header, then authenticated user, then client IP.
+    """API key, then authenticated user, then client IP.
 
-    The API key is taken as the caller presents it: unless keys are checked before the limiter
-    runs, a client can mint a fresh bucket per request with made-up keys. Put the limiter after
-    authentication, or pass ``api_key_header=None`` (and keep an IP limit) where that matters.
+    ``api_key`` must be one the app vouches for (``Policy.vouched_key``): a key taken as the
+    caller presents it would let a client mint a fresh bucket per request with made-up keys.
     """
     if api_key:
         return api_key_identity(api_key)
@@ -251,6 +250,8 @@ def _check_exempt(exempt: Any) -> tuple[str, ...]:
 
 
 KeyFunction = Callable[[Any], "str | Awaitable[str | None] | None"]
+ApiKeyValidator = Callable[[str], Any]  # raw key -> truthy when known, or an awaitable of it
+DEFAULT_API_KEY_HEADER = "X-API-Key"  # read when a validator is given without a header name
 LimitChooser = Callable[[Any], Any]  # request -> limit(s), or an awaitable of them (tiers)
 
 
@@ -264,10 +265,11 @@ class Policy:
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = field(default_factory=TrustedProxies)
     headers: bool = True
-    api_key_header: str | None = "X-API-Key"
+    api_key_header: str | None = None  # None: API keys are no identity (a client may make them up)
     ipv6_prefix: int = 64
     shadow: bool = False  # decide and count, never refuse (see LimiterBase.as_shadow)
     choose: LimitChooser | None = None  # tiers: picks the limits per request (``limits`` is ())
+    api_key_validator: ApiKeyValidator | None = None  # None: every key in the header counts
 
     @classmethod
     def build(
@@ -280,9 +282,10 @@ class Policy:
         exempt: Any = None,
         trusted_proxies: Any = None,
         headers: Any = True,
-        api_key_header: Any = "X-API-Key",
+        api_key_header: Any = None,
         ipv6_prefix: Any = 64,
         shadow: Any = False,
+        api_key_validator: Any = None,
     ) -> Policy:
         choose: LimitChooser | None = None
         if limit is None and burst is None:  # identity options only (limits set per view)
@@ -313,6 +316,13 @@ class Policy:
             raise ConfigError(
                 "api_key_header", f"must be a header name or None, not {api_key_header!r}"
             )
+        if api_key_validator is not None:
+            if not callable(api_key_validator):
+                raise ConfigTypeError(
+                    "api_key_validator",
+                    f"must be a callable taking the key, not {api_key_validator!r}",
+                )
+            api_key_header = api_key_header or DEFAULT_API_KEY_HEADER
         if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int):
             raise ConfigTypeError("ipv6_prefix", f"must be an int, not {ipv6_prefix!r}")
         if not 0 <= ipv6_prefix <= 128:
@@ -325,7 +335,7 @@ class Policy:
         exempt = _check_exempt(exempt)
         return cls(
             limits, key, cost, exempt, proxies, headers, api_key_header, ipv6_prefix, shadow,
-            choose=choose,
+            choose=choose, api_key_validator=api_key_validator,
         )  # fmt: skip
 
     def limits_for(self, request: Any) -> tuple[Limit, ...]:
@@ -346,9 +356,38 @@ class Policy:
                 return True
         return False
 
+    def vouched_key(
+        self, raw: str | None, resolve: Callable[[Awaitable[Any]], Any] | None = None
+    ) -> str | None:
+        """The API key ``raw`` if it is an identity here: the header is read and the validator,
+        if any, knows the key. ``resolve`` runs an async validator's verdict in sync code."""
+        if not raw or self.api_key_header is None:
+            return None
+        if self.api_key_validator is None:
+            return raw
+        verdict = self.api_key_validator(raw)
+        if inspect.isawaitable(verdict):
+            if resolve is None:
+                _close(verdict)
+                raise TypeError("api_key_validator is async: sync code needs a sync validator")
+            verdict = resolve(verdict)
+        return raw if verdict else None
+
+    async def avouched_key(self, raw: str | None) -> str | None:
+        """``vouched_key`` in async code: the validator may be a coroutine function."""
+        if not raw or self.api_key_header is None:
+            return None
+        if self.api_key_validator is None:
+            return raw
+        verdict = self.api_key_validator(raw)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return raw if verdict else None
+
     def identity(
         self, *, api_key: str | None, user_id: Any, peer: str | None, forwarded_for: str | None
     ) -> str:
+        """The default identity; ``api_key`` is one ``vouched_key`` returned."""
         return default_identity(
             api_key=api_key if self.api_key_header else None,
             user_id=user_id,
@@ -357,6 +396,12 @@ class Policy:
             proxies=self.proxies,
             ipv6_prefix=self.ipv6_prefix,
         )
+
+
+def _close(awaitable: Awaitable[Any]) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
+    if close is not None:
+        close()
 
 
 # -- responses ---------------------------------------------------------------------------------

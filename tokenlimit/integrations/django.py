@@ -16,7 +16,8 @@ view decorator, and system checks that report a bad setting at start-up. Sync an
         "HEADERS": True,                    # X-RateLimit-* and RateLimit-Policy/RateLimit fields
         "PREFIX": "tl:",                    # Redis key prefix
         "TIMEOUT": 0.5,                     # seconds allowed for one decision
-        "API_KEY_HEADER": "X-API-Key",      # read first by the default identity; None: off
+        "API_KEY_HEADER": None,             # "X-API-Key": read first where auth checked it
+        "API_KEY_VALIDATOR": None,          # dotted path: key -> truthy when known (async too)
         "IPV6_PREFIX": 64,                  # IPv6 clients share one bucket per /64
         "METRICS": "myapp.monitoring.sink", # a MetricsSink (tokenlimit.metrics.PrometheusMetrics)
         "SHADOW": False,                    # True: decide and count, never answer 429
@@ -106,10 +107,11 @@ class _Options:
     headers: bool = True
     prefix: str = DEFAULT_PREFIX
     timeout: float = DEFAULT_TIMEOUT
-    api_key_header: str | None = "X-API-Key"
+    api_key_header: str | None = None  # None: API keys are no identity (unless validated)
     ipv6_prefix: int = 64
     metrics: MetricsSink | None = None
     shadow: bool = False
+    api_key_validator: Callable[[str], Any] | None = None
 
 
 def _probe(**option: Any) -> Any:
@@ -118,12 +120,17 @@ def _probe(**option: Any) -> Any:
     return getattr(policy, next(iter(option)))
 
 
-def _key_function(value: Any) -> Callable[[Any], Any]:
+def _key_function(value: Any, param: str = "key") -> Callable[[Any], Any]:
     """``KEY``: a dotted path to a callable (or the callable itself)."""
     function: Any = import_string(value) if isinstance(value, str) else value
     if not callable(function):
-        raise ConfigTypeError("key", f"{value!r} is not callable")
+        raise ConfigTypeError(param, f"{value!r} is not callable")
     return cast("Callable[[Any], Any]", function)
+
+
+def _api_key_validator(value: Any) -> Callable[[str], Any] | None:
+    """``API_KEY_VALIDATOR``: a dotted path to ``key -> truthy when known`` (or the callable)."""
+    return None if value is None else _key_function(value, "api_key_validator")
 
 
 def _limit_setting(value: Any) -> tuple[Limit, ...] | Callable[[Any], Any]:
@@ -170,6 +177,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
     "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
     "SHADOW": ("shadow", "tokenlimit.E014", lambda v: _probe(shadow=v)),
+    "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
 }
 
 
@@ -285,6 +293,7 @@ class _State:
                 api_key_header=options.api_key_header,
                 ipv6_prefix=options.ipv6_prefix,
                 shadow=options.shadow,
+                api_key_validator=options.api_key_validator,
             )
 
     def middleware_policy(self) -> Policy:
@@ -335,12 +344,13 @@ def _user_pk(user: Any) -> Any:
 
 
 def _api_key(policy: Policy, request: Any) -> str | None:
-    header = policy.api_key_header  # None: API keys are not an identity here
+    """The API key as the client sent it (None: API keys are not an identity here)."""
+    header = policy.api_key_header
     return (request.headers.get(header) or None) if header else None
 
 
 def _default_sync(policy: Policy, request: Any) -> str:
-    api_key = _api_key(policy, request)
+    api_key = policy.vouched_key(_api_key(policy, request), _resolve)
     user_id = None if api_key else _user_pk(getattr(request, "user", None))
     return policy.identity(
         api_key=api_key,
@@ -351,7 +361,7 @@ def _default_sync(policy: Policy, request: Any) -> str:
 
 
 async def _default_async(policy: Policy, request: Any) -> str:
-    api_key = _api_key(policy, request)
+    api_key = await policy.avouched_key(_api_key(policy, request))
     user_id = None
     if not api_key:
         # request.user is lazy and may query the database: never on the event loop.
@@ -374,6 +384,11 @@ async def _default_async(policy: Policy, request: Any) -> str:
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _resolve(awaitable: Awaitable[Any]) -> Any:
+    """An async ``API_KEY_VALIDATOR``'s verdict, behind a sync middleware chain."""
+    return async_to_sync(_awaited)(awaitable)
 
 
 def _identity_sync(policy: Policy, request: Any) -> str:
@@ -588,6 +603,7 @@ class _ViewLimit:
             api_key_header=options.api_key_header,
             ipv6_prefix=options.ipv6_prefix,
             shadow=options.shadow if self.shadow is None else self.shadow,
+            api_key_validator=options.api_key_validator,
         )
         self._cache = (state, policy)
         return policy

@@ -50,6 +50,7 @@ __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"
 
 LimitArg = Limit | str | Sequence[Limit | str] | Callable[[Request], Any]
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
+ApiKeyCheck = Callable[[str], Any]  # raw key -> truthy when known (or an awaitable of that)
 Limiter = RateLimiter | AsyncRateLimiter
 DEFAULT_EXEMPT = ("/health", "/metrics")
 
@@ -113,8 +114,9 @@ async def _identity(policy: Policy, scope: Scope, request: Request | None) -> st
     # Several X-Forwarded-For lines are one comma-separated list (RFC 9110 5.3); reading only
     # the first would let a client's own line stand in for the one its proxy added.
     forwarded = ", ".join(headers.getlist("x-forwarded-for")) or None
+    raw_key = headers.get(policy.api_key_header) if policy.api_key_header else None
     return policy.identity(
-        api_key=headers.get(policy.api_key_header) if policy.api_key_header else None,
+        api_key=await policy.avouched_key(raw_key),
         user_id=_user_id(scope.get("user")),
         peer=client[0] if client else None,
         forwarded_for=forwarded,
@@ -171,6 +173,11 @@ class RateLimit(_Guarded):
 
     ``shadow=True`` (here and on ``RateLimitMiddleware``): decide, count and send the headers as
     usual, but never answer 429; a would-be refusal is a ``Decision`` with ``shadowed=True``.
+
+    Identity (both): ``key(request)`` if given and not None/""; else an API key, only where the
+    app vouches for it: ``api_key_header="X-API-Key"`` where authentication runs first, or
+    ``api_key_validator(key)`` (sync or async; truthy for a known key, which is hashed); else
+    the signed-in user; else the client IP through ``trusted_proxies``.
     """
 
     __slots__ = ()
@@ -185,9 +192,10 @@ class RateLimit(_Guarded):
         limiter: Limiter | None = None,
         trusted_proxies: int | Iterable[str] | None = None,
         headers: bool = True,
-        api_key_header: str | None = "X-API-Key",
+        api_key_header: str | None = None,
         ipv6_prefix: int = 64,
         shadow: bool = False,
+        api_key_validator: ApiKeyCheck | None = None,
     ) -> None:
         policy = Policy.build(
             limit,
@@ -199,6 +207,7 @@ class RateLimit(_Guarded):
             api_key_header=api_key_header,
             ipv6_prefix=ipv6_prefix,
             shadow=shadow,
+            api_key_validator=api_key_validator,
         )
         super().__init__(policy, limiter)
 
@@ -258,9 +267,10 @@ class RateLimitMiddleware(_Guarded):
         exempt: Iterable[str] | None = DEFAULT_EXEMPT,
         trusted_proxies: int | Iterable[str] | None = None,
         headers: bool = True,
-        api_key_header: str | None = "X-API-Key",
+        api_key_header: str | None = None,
         ipv6_prefix: int = 64,
         shadow: bool = False,
+        api_key_validator: ApiKeyCheck | None = None,
     ) -> None:
         self.app = app
         policy = Policy.build(
@@ -273,6 +283,7 @@ class RateLimitMiddleware(_Guarded):
             api_key_header=api_key_header,
             ipv6_prefix=ipv6_prefix,
             shadow=shadow,
+            api_key_validator=api_key_validator,
         )
         super().__init__(policy, limiter)
 
