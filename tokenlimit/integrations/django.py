@@ -60,6 +60,7 @@ from tokenlimit._config import limiter_pair
 from tokenlimit._core import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
+    ThrottledLog,
     check_deadline,
     check_failure_mode,
     check_prefix,
@@ -270,6 +271,7 @@ class _State:
         if errors:
             raise ImproperlyConfigured("; ".join(f"{m.msg} ({m.id})" for m in errors))
         self.options = options
+        self.log = ThrottledLog()  # storage failures answered 503, at most once per interval
         limiter_options = {
             "prefix": options.prefix,
             "timeout": options.timeout,
@@ -482,8 +484,10 @@ def _record(limiter: Any, scope: str | None, request: Any, decision: Decision | 
         record_request(limiter, _route(request), "allowed")
 
 
-def _unavailable() -> Any:
+def _unavailable(state: _State, error: BackendError) -> Any:
     # Storage failed and failure_mode is "closed": 503, with no Retry-After (nobody knows when).
+    # Django logs no 503 it did not raise itself: say why, throttled.
+    state.log.warning("tokenlimit: storage failed, answering 503 (failure_mode='closed')", error)
     return HttpResponse(unavailable_body(), status=503, content_type="application/json")
 
 
@@ -494,9 +498,9 @@ def _enter_sync(
     limits = _limits_sync(policy, request)
     try:
         decision = decide_sync(state.sync, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError:
+    except BackendError as error:
         _record(state.sync, scope, request, None)
-        return _unavailable()
+        return _unavailable(state, error)
     _record(state.sync, scope, request, decision)
     return _admitted(request, policy, decision)
 
@@ -506,9 +510,9 @@ async def _enter_async(state: _State, policy: Policy, scope: str | None, request
     limits = await policy.alimits_for(request)
     try:
         decision = await decide_async(state.async_, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError:
+    except BackendError as error:
         _record(state.async_, scope, request, None)
-        return _unavailable()
+        return _unavailable(state, error)
     _record(state.async_, scope, request, decision)
     return _admitted(request, policy, decision)
 
@@ -563,7 +567,7 @@ class RateLimitMiddleware:
         if isinstance(exception, RateLimitExceeded):
             return _admitted(request, _state().middleware_policy(), exception.decision)
         if isinstance(exception, BackendError):
-            return _unavailable()
+            return _unavailable(_state(), exception)
         return None
 
 
