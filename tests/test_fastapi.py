@@ -715,6 +715,59 @@ def test_starlette_app_lifespan_and_websocket_pass_untouched() -> None:
     assert events == ["startup", "shutdown"]
 
 
+TWO = Limit(SLOW, 2)
+
+
+def unrouted_then_routed(client: TestClient, limiter: RateLimiter, routed: str) -> None:
+    """Unrouted requests (404) take nothing; the routed path then has the whole burst."""
+    assert [client.get(f"/nowhere/{n}").status_code for n in range(5)] == [404] * 5
+    assert used(limiter, "ip:unknown", TWO) == 0
+    assert [client.get(routed).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/nowhere").status_code == 404  # an empty bucket hides no 404
+
+
+def test_middleware_does_not_charge_unrouted_requests() -> None:
+    # As Flask's extension: a request no route matches costs the client nothing.
+    limiter = memory_limiter()
+    api = FastAPI()
+    api.add_middleware(RateLimitMiddleware, limit=TWO, limiter=limiter)
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    with TestClient(api) as client:
+        unrouted_then_routed(client, limiter, "/items/1")
+        # A method the route does not allow matched it in part (405): charged, and refused.
+        assert client.post("/items/1").status_code == 429
+
+
+def test_middleware_does_not_charge_unrouted_requests_on_starlette() -> None:
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    for wrapped in (False, True):
+        limiter = memory_limiter()
+        options = {"limit": TWO, "limiter": limiter}
+        if wrapped:  # the middleware around the app itself, as plain ASGI
+            app: Any = RateLimitMiddleware(Starlette(routes=[Route("/", home)]), **options)
+        else:
+            app = Starlette(
+                routes=[Route("/", home)], middleware=[Middleware(RateLimitMiddleware, **options)]
+            )
+        with TestClient(app) as client:
+            unrouted_then_routed(client, limiter, "/")
+
+
+def test_middleware_charges_every_request_to_an_app_without_a_router() -> None:
+    async def not_found(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("no", 404)(scope, receive, send)
+
+    limiter = memory_limiter()
+    client = TestClient(RateLimitMiddleware(not_found, limit=TWO, limiter=limiter))  # no lifespan
+    assert [client.get("/nowhere").status_code for _ in range(3)] == [404, 404, 429]
+
+
 # -- never block the event loop ---------------------------------------------------------------
 class SpyLimiter(RateLimiter):
     """Records the thread each decision ran on."""

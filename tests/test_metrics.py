@@ -407,15 +407,14 @@ def test_fastapi_dependency_counts_by_route_template(url: str, registry: Collect
 def test_fastapi_middleware_counts_admissions_by_template(registry: CollectorRegistry) -> None:
     limiter = RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry))
     with TestClient(fastapi_app(limiter, middleware=True)) as client:
-        codes = [client.get(path).status_code for path in ("/items/1", "/nowhere", "/items/2")]
-        codes.append(client.get("/items/3").status_code)
+        paths = ("/items/1", "/nowhere", "/items/2", "/items/3", "/items/4")
+        codes = [client.get(path).status_code for path in paths]
         assert client.get("/health").status_code == 200  # exempt: not a check
-    assert codes == [200, 404, 200, 429]
-    # Admitted requests by the route the app matched ("*": none); refusals happen before
-    # routing, so their route is "*".
+    assert codes == [200, 404, 200, 200, 429]
+    # Admitted requests by the route the app matched; refusals happen before routing, so
+    # their route is "*". Unrouted requests are neither charged nor counted.
     assert requests(registry) == {
-        ("/items/{item_id}", "allowed"): 2,
-        ("*", "allowed"): 1,
+        ("/items/{item_id}", "allowed"): 3,
         ("*", "refused"): 1,
     }
     assert_no_secrets(exposition(registry), "/items/1", "/nowhere")

@@ -27,6 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenlimit._config import default_async_limiter
@@ -247,14 +248,31 @@ async def _answer(send: Send, status: int, body: bytes, fields: list[tuple[str, 
     await send({"type": "http.response.body", "body": body})
 
 
+def _find_router(app: Any) -> Router | None:
+    """The router under ``app``, through the middleware layers (each keeps the next as
+    ``.app``, as Starlette's own do); None for an app without one."""
+    for _ in range(64):  # a bound, in case layers point back at each other
+        if isinstance(app, Router):
+            return app
+        router = getattr(app, "router", None)  # a Starlette or FastAPI app
+        if isinstance(router, Router):
+            return router
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
 class RateLimitMiddleware(_Guarded):
     """Pure ASGI middleware: one default limit for every HTTP request outside ``exempt``.
 
     ``exempt`` paths match exactly or as a prefix ending at ``/`` (``/metrics`` covers
-    ``/metrics/x``, not ``/metricsx``). Lifespan and websocket traffic passes untouched.
+    ``/metrics/x``, not ``/metricsx``). Lifespan and websocket traffic passes untouched. In a
+    Starlette or FastAPI app, a request that matches no route (a 404) is not charged, as in
+    Flask; in front of an app without a router every request is.
     """
 
-    __slots__ = ("app",)
+    __slots__ = ("_router", "app")
 
     def __init__(
         self,
@@ -273,6 +291,7 @@ class RateLimitMiddleware(_Guarded):
         api_key_validator: ApiKeyCheck | None = None,
     ) -> None:
         self.app = app
+        self._router = _find_router(app)  # the stack below is built before this layer
         policy = Policy.build(
             limit,
             key=key,
@@ -288,7 +307,11 @@ class RateLimitMiddleware(_Guarded):
         super().__init__(policy, limiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.policy.is_exempt(scope["path"]):
+        if (
+            scope["type"] != "http"
+            or self.policy.is_exempt(scope["path"])
+            or not self._routed(scope)
+        ):
             await self.app(scope, receive, send)
             return
         limiter = self._resolve()
@@ -320,6 +343,13 @@ class RateLimitMiddleware(_Guarded):
         finally:
             # The router has put the matched route in the (shared) scope by now.
             record_request(limiter, _route(scope), "allowed")
+
+    def _routed(self, scope: Scope) -> bool:
+        """False when the app's router has no route for ``scope``: a 404 that costs nothing. A
+        route matching all but the method (405) counts as routed."""
+        if self._router is None:
+            return True
+        return any(route.matches(scope)[0] is not Match.NONE for route in self._router.routes)
 
 
 def install_handlers(app: Starlette, *, headers: bool = True) -> None:
