@@ -1,6 +1,6 @@
 """What every framework integration shares, free of any framework: the default identity
-(API key, then user, then client IP through trusted proxies), exempt paths, response headers,
-the 429/503 bodies, and deciding without blocking an event loop."""
+(an API key the app vouches for, then user, then client IP through trusted proxies), exempt
+paths, response headers, the 429/503 bodies, and deciding without blocking an event loop."""
 
 from __future__ import annotations
 
