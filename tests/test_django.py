@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,13 +57,13 @@ def tokenlimit(**options: Any) -> Iterator[None]:
 class PeerAsyncClient(AsyncClient):
     """An AsyncClient whose requests come from ``addr`` (the ASGI scope's ``client``)."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str | None) -> None:
         super().__init__()
         self.peer = addr
 
     def _base_scope(self, **request: Any) -> dict[str, Any]:
         scope: dict[str, Any] = super()._base_scope(**request)
-        scope["client"] = [self.peer, 50000]
+        scope["client"] = None if self.peer is None else [self.peer, 50000]
         return scope
 
 
@@ -70,12 +72,14 @@ def fetch(
     path: str,
     n: int = 1,
     *,
-    addr: str = "127.0.0.1",
+    addr: str | None = "127.0.0.1",
     headers: dict[str, str] | None = None,
 ) -> list[Any]:
-    """``n`` GETs of ``path`` from the client address ``addr``, in one client."""
+    """``n`` GETs of ``path`` from the client address ``addr``, in one client. ``None``: a
+    unix socket's peer (WSGI: ``REMOTE_ADDR`` "", as gunicorn gives it; ASGI: no ``client``,
+    so Django leaves ``REMOTE_ADDR`` out)."""
     if mode == "sync":
-        client = Client(REMOTE_ADDR=addr)
+        client = Client(REMOTE_ADDR=addr or "")
         return [client.get(path, headers=headers) for _ in range(n)]
 
     async def run() -> list[Any]:
@@ -246,9 +250,50 @@ def test_custom_key_from_dotted_path(mode: str) -> None:
                 assert_no_leak(response, "acme-corp", "globex", "tenant:")
 
 
+@pytest.mark.parametrize("key", ["django_project.keys.empty", "django_project.keys.aempty"])
+def test_custom_key_returning_empty_means_the_default_identity(mode: str, key: str) -> None:
+    # One rule in every integration: None or "" from KEY means "use the default identity".
+    with tokenlimit(KEY=key, LIMIT="1/minute"), override_settings(MIDDLEWARE=[MIDDLEWARE]):
+        responses = fetch(mode, "/plain", 2)
+        assert codes(responses) == [200, 429]
+        assert remaining("ip:127.0.0.1", "1/minute") == 0
+    with tokenlimit(KEY=key), override_settings(MIDDLEWARE=[]):
+        assert codes(fetch(mode, "/limited", 3, addr="10.4.4.4")) == [200, 200, 429]
+
+
+def made_up_keys(mode: str, n: int = 6, path: str = "/plain") -> list[Any]:
+    """``n`` requests from one address, each with an API key never seen before."""
+    responses: list[Any] = []
+    for _ in range(n):
+        responses += fetch(mode, path, 1, headers={"X-API-Key": secrets.token_hex(8)})
+    return responses
+
+
+def test_made_up_api_keys_choose_no_bucket_by_default(mode: str) -> None:
+    # The API-key step is off unless the app vouches for keys: one client, one bucket.
+    with tokenlimit():
+        assert codes(made_up_keys(mode)) == [200, 200, 200, 429, 429, 429]
+        assert remaining("ip:127.0.0.1") == 0
+
+
+@pytest.mark.parametrize(
+    "validator", ["django_project.keys.known_api_key", "django_project.keys.aknown_api_key"]
+)
+def test_api_key_validator_sends_unknown_keys_to_the_ip(mode: str, validator: str) -> None:
+    # With a validator and no header name, the header is X-API-Key.
+    with tokenlimit(API_KEY_VALIDATOR=validator):
+        assert codes(made_up_keys(mode)) == [200, 200, 200, 429, 429, 429]
+        known = fetch(mode, "/plain", 4, headers={"X-API-Key": "sk-known-1"})
+        assert codes(known) == [200, 200, 200, 429]
+        assert remaining(api_key_identity("sk-known-1")) == 0
+    with tokenlimit(API_KEY_VALIDATOR=validator), override_settings(MIDDLEWARE=[]):
+        # The decorator's default identity too (2/minute, its own bucket).
+        assert codes(made_up_keys(mode, 3, "/limited")) == [200, 200, 429]
+
+
 def test_api_key_is_the_identity_and_is_hashed(mode: str) -> None:
     raw = "sk_live_raw-secret-123"
-    with tokenlimit(LIMIT="2/minute"):
+    with tokenlimit(LIMIT="2/minute", API_KEY_HEADER="X-API-Key"):
         first = fetch(mode, "/plain", 1, addr="10.0.0.1", headers={"X-API-Key": raw})
         # The same key from another address and with a signed-in user: the key wins.
         second = fetch(
@@ -283,7 +328,7 @@ def test_api_key_identity_off(mode: str) -> None:
 
 def test_api_key_never_reaches_the_server_in_clear(target: Any, mode: str) -> None:
     raw = "sk_live_raw-secret-456"
-    with tokenlimit(URL=target.url, TIMEOUT=5.0):
+    with tokenlimit(URL=target.url, TIMEOUT=5.0, API_KEY_HEADER="X-API-Key"):
         responses = fetch(mode, "/plain", 4, headers={"X-API-Key": raw})
         responses += fetch(mode, "/limited", 3, headers={"X-API-Key": raw})
     assert codes(responses) == [200, 200, 200, 429, 429, 429, 429]
@@ -354,6 +399,20 @@ def test_trusted_proxies_by_cidr(mode: str) -> None:
         assert remaining("ip:10.0.0.7", "1/minute") == 1
 
 
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-proxies", "cidrs"])
+def test_a_unix_socket_peer_is_a_local_proxy(mode: str, trusted: Any) -> None:
+    with tokenlimit(LIMIT="1/minute", TRUSTED_PROXIES=trusted):
+        alice = {"X-Forwarded-For": "198.51.100.7"}
+        bob = {"X-Forwarded-For": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
+        responses = fetch(mode, "/plain", 2, addr=None, headers=alice)
+        responses += fetch(mode, "/plain", 2, addr=None, headers=bob)
+        responses += fetch(mode, "/plain", 1, addr=None, headers={"X-Forwarded-For": "6.6.6.6"})
+        assert codes(responses) == [200, 429, 200, 429, 200]
+        assert remaining("ip:198.51.100.7", "1/minute") == 0
+        assert remaining("ip:203.0.113.5", "1/minute") == 0
+        assert remaining("ip:unknown", "1/minute") == 1
+
+
 def test_ipv6_clients_group_by_64(mode: str) -> None:
     with tokenlimit(LIMIT="1/minute"):
         responses = fetch(mode, "/plain", 1, addr="2001:db8::1")
@@ -382,6 +441,23 @@ def test_storage_down_closed_answers_503(mode: str) -> None:
         assert json.loads(response.content) == {"detail": "rate limiter unavailable"}
         assert not rate_headers(response)
         assert_no_leak(response, str(port), "127.0.0.1", "redis://")
+
+
+def test_storage_down_closed_logs_why_once_without_the_password(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bare 503 is logged by nothing else: say why, as FastAPI and Flask do, throttled.
+    dead = f"redis://:pw-s3cret@127.0.0.1:{free_port()}/0"
+    with caplog.at_level(logging.WARNING, logger="tokenlimit"), tokenlimit(URL=dead, TIMEOUT=0.5):
+        responses = fetch(mode, "/plain", 3)
+        with override_settings(MIDDLEWARE=[FAKE_AUTH]):
+            responses += fetch(mode, "/limited")
+    assert codes(responses) == [503] * 4
+    warnings = [r for r in caplog.records if "answering 503" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].name == "tokenlimit"
+    assert "storage failed" in warnings[0].getMessage()
+    assert "pw-s3cret" not in caplog.text
 
 
 def test_storage_down_open_admits(mode: str) -> None:
@@ -577,6 +653,8 @@ GOOD = {"URL": "memory://", "LIMIT": "3/minute"}
         ({**GOOD, "TIMEOUT": 0}, ["tokenlimit.E010"]),
         ({**GOOD, "API_KEY_HEADER": ""}, ["tokenlimit.E011"]),
         ({**GOOD, "IPV6_PREFIX": 129}, ["tokenlimit.E012"]),
+        ({**GOOD, "API_KEY_VALIDATOR": "django_project.keys.NOT_CALLABLE"}, ["tokenlimit.E015"]),
+        ({**GOOD, "API_KEY_VALIDATOR": "django_project.keys.missing"}, ["tokenlimit.E015"]),
         ({**GOOD, "LIMITS": "3/minute"}, ["tokenlimit.W001"]),
         ({"LIMIT": "3/minute"}, ["tokenlimit.W002"]),
         ("redis://localhost", ["tokenlimit.E001"]),

@@ -5,6 +5,7 @@ structured fields, storage failures, and deciding off the event loop."""
 
 import asyncio
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -339,11 +340,114 @@ def test_custom_key_sync_and_async_replaces_the_default() -> None:
     assert used(limiter, "tenant:acme-secret-42") == 3
 
 
+def test_custom_key_returning_empty_means_the_default_identity() -> None:
+    # One rule in every integration: None or "" from a key function means the default identity.
+    limiter = memory_limiter()
+
+    def empty(request: Request) -> str:
+        return ""
+
+    async def aempty(request: Request) -> str:
+        return ""
+
+    peer = ("203.0.113.9", 1234)
+    for key in (empty, aempty):
+        for api, path in (
+            (dependency_app(RateLimit(THREE, key=key, limiter=limiter)), "/async"),
+            (middleware_app(limit=THREE, key=key, limiter=limiter), "/x"),
+        ):
+            limiter.reset("ip:203.0.113.9", THREE)
+            with TestClient(api, client=peer) as client:
+                statuses = [client.get(path).status_code for _ in range(4)]
+            assert statuses == [200, 200, 200, 429]
+            assert used(limiter, "ip:203.0.113.9") == 3
+
+
+KNOWN_KEYS = {"sk-known-1", "sk-known-2"}
+
+
+def made_up_keys(client: TestClient, path: str, n: int = 6) -> list[int]:
+    """``n`` requests, each with an API key never seen before (one client minting buckets)."""
+    return [
+        client.get(path, headers={"X-API-Key": secrets.token_hex(8)}).status_code for _ in range(n)
+    ]
+
+
+def both_ways(limiter: RateLimiter, **options: Any) -> list[tuple[FastAPI, str]]:
+    """The dependency's app and the middleware's, each with ``options``."""
+    return [
+        (dependency_app(RateLimit(THREE, limiter=limiter, **options)), "/async"),
+        (middleware_app(limit=THREE, limiter=limiter, **options), "/x"),
+    ]
+
+
+def test_made_up_api_keys_choose_no_bucket_by_default() -> None:
+    # The API-key step is off unless the app vouches for keys: one client, one bucket.
+    limiter = memory_limiter()
+    for api, path in both_ways(limiter):
+        limiter.reset("ip:203.0.113.9", THREE)
+        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+            assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
+        assert used(limiter, "ip:203.0.113.9") == 3
+
+
+def test_api_key_header_opt_in_makes_the_key_the_identity() -> None:
+    limiter = memory_limiter()
+    for api, path in both_ways(limiter, api_key_header="X-API-Key"):
+        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+            one = [client.get(path, headers={"X-API-Key": "k-one"}) for _ in range(4)]
+            two = client.get(path, headers={"X-API-Key": "k-two"})
+        assert [r.status_code for r in one] + [two.status_code] == [200, 200, 200, 429, 200]
+        assert used(limiter, api_key_identity("k-one")) == 3
+        assert used(limiter, "ip:203.0.113.9") == 0
+        limiter.reset(api_key_identity("k-one"), THREE)
+        limiter.reset(api_key_identity("k-two"), THREE)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_api_key_validator_sends_unknown_keys_to_the_ip(kind: str) -> None:
+    seen: list[str] = []
+
+    def known(key: str) -> bool:
+        seen.append(key)
+        return key in KNOWN_KEYS
+
+    async def aknown(key: str) -> bool:
+        await asyncio.sleep(0)
+        return known(key)
+
+    validator = known if kind == "sync" else aknown
+    limiter = memory_limiter()
+    # With a validator and no header name, the header is X-API-Key.
+    for api, path in both_ways(limiter, api_key_validator=validator):
+        limiter.reset("ip:203.0.113.9", THREE)
+        limiter.reset(api_key_identity("sk-known-1"), THREE)
+        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+            assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
+            statuses = [
+                client.get(path, headers={"X-API-Key": "sk-known-1"}).status_code for _ in range(4)
+            ]
+            assert statuses == [200, 200, 200, 429]
+        assert used(limiter, api_key_identity("sk-known-1")) == 3
+    assert len(seen) == 20  # once per request that carried a key
+    assert "sk-known-1" in seen
+    # Another header name, given explicitly.
+    api = dependency_app(
+        RateLimit(THREE, limiter=limiter, api_key_header="X-Key", api_key_validator=known)
+    )
+    with TestClient(api, client=("198.51.100.3", 1234)) as client:
+        client.get("/async", headers={"X-Key": "sk-known-2", "X-API-Key": "sk-known-1"})
+    assert used(limiter, api_key_identity("sk-known-2")) == 1
+    with pytest.raises(TypeError, match="api_key_validator"):
+        RateLimit(THREE, api_key_validator="not callable")  # type: ignore[arg-type]
+
+
 def test_api_key_is_hashed_everywhere(standalone: Any) -> None:
     raw = "sk-live-very-secret-0123456789"
     with RateLimiter.from_url(standalone.url, timeout=5) as limiter:
-        api = dependency_app(RateLimit(THREE, limiter=limiter))
-        api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 10), limiter=limiter)
+        opt_in = {"limiter": limiter, "api_key_header": "X-API-Key"}
+        api = dependency_app(RateLimit(THREE, **opt_in))
+        api.add_middleware(RateLimitMiddleware, limit=Limit(SLOW, 10), **opt_in)
         with TestClient(api) as client:
             responses = [client.get("/async", headers={"X-API-Key": raw}) for _ in range(4)]
             responses.append(client.get("/open", headers={"x-api-key": raw}))
@@ -383,7 +487,7 @@ class IdUser:
 
 def test_authenticated_user_then_ip() -> None:
     limiter = memory_limiter()
-    dependency = RateLimit(THREE, limiter=limiter)
+    dependency = RateLimit(THREE, limiter=limiter, api_key_header="X-API-Key")
     api = dependency_app(
         dependency, middleware=[Middleware(AuthenticationMiddleware, backend=HeaderAuth())]
     )
@@ -445,6 +549,33 @@ def test_trusted_hop_count() -> None:
 
 def test_trusted_cidrs() -> None:
     assert charged_ip(["10.0.0.0/8"], PROXY, "6.6.6.6, 198.51.100.7, 10.0.0.2") == "198.51.100.7"
+
+
+UNIX_PEERS = {"none": None, "empty": ("", 0), "path": ("/run/app.sock", 0)}
+
+
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-proxies", "cidrs"])
+@pytest.mark.parametrize("peer", list(UNIX_PEERS))
+def test_a_unix_socket_peer_is_a_local_proxy(peer: str, trusted: Any) -> None:
+    # uvicorn --uds: the scope's client is None (other servers: "" or the socket's path).
+    for kind in ("dependency", "middleware"):
+        limiter = memory_limiter()
+        if kind == "dependency":
+            dependency = RateLimit(THREE, limiter=limiter, trusted_proxies=trusted)
+            api, path = dependency_app(dependency), "/async"
+        else:
+            api = middleware_app(limit=THREE, limiter=limiter, trusted_proxies=trusted)
+            path = "/x"
+        with TestClient(api, client=UNIX_PEERS[peer]) as client:  # type: ignore[arg-type]
+            alice = {"x-forwarded-for": "198.51.100.7"}
+            bob = {"x-forwarded-for": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
+            statuses = [client.get(path, headers=alice).status_code for _ in range(4)]
+            statuses += [client.get(path, headers=bob).status_code for _ in range(3)]
+        assert statuses == [200, 200, 200, 429, 200, 200, 200], kind
+        assert used(limiter, "ip:198.51.100.7") == 3
+        assert used(limiter, "ip:203.0.113.5") == 3
+        assert used(limiter, "ip:6.6.6.6") == 0
+        assert used(limiter, "ip:unknown") == 0
 
 
 def test_forwarded_for_split_over_several_lines_is_one_list() -> None:
@@ -582,6 +713,59 @@ def test_starlette_app_lifespan_and_websocket_pass_untouched() -> None:
                 ws.send_text(f"hi {n}")
                 assert ws.receive_text() == f"hi {n}"
     assert events == ["startup", "shutdown"]
+
+
+TWO = Limit(SLOW, 2)
+
+
+def unrouted_then_routed(client: TestClient, limiter: RateLimiter, routed: str) -> None:
+    """Unrouted requests (404) take nothing; the routed path then has the whole burst."""
+    assert [client.get(f"/nowhere/{n}").status_code for n in range(5)] == [404] * 5
+    assert used(limiter, "ip:unknown", TWO) == 0
+    assert [client.get(routed).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/nowhere").status_code == 404  # an empty bucket hides no 404
+
+
+def test_middleware_does_not_charge_unrouted_requests() -> None:
+    # As Flask's extension: a request no route matches costs the client nothing.
+    limiter = memory_limiter()
+    api = FastAPI()
+    api.add_middleware(RateLimitMiddleware, limit=TWO, limiter=limiter)
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    with TestClient(api) as client:
+        unrouted_then_routed(client, limiter, "/items/1")
+        # A method the route does not allow matched it in part (405): charged, and refused.
+        assert client.post("/items/1").status_code == 429
+
+
+def test_middleware_does_not_charge_unrouted_requests_on_starlette() -> None:
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    for wrapped in (False, True):
+        limiter = memory_limiter()
+        options = {"limit": TWO, "limiter": limiter}
+        if wrapped:  # the middleware around the app itself, as plain ASGI
+            app: Any = RateLimitMiddleware(Starlette(routes=[Route("/", home)]), **options)
+        else:
+            app = Starlette(
+                routes=[Route("/", home)], middleware=[Middleware(RateLimitMiddleware, **options)]
+            )
+        with TestClient(app) as client:
+            unrouted_then_routed(client, limiter, "/")
+
+
+def test_middleware_charges_every_request_to_an_app_without_a_router() -> None:
+    async def not_found(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("no", 404)(scope, receive, send)
+
+    limiter = memory_limiter()
+    client = TestClient(RateLimitMiddleware(not_found, limit=TWO, limiter=limiter))  # no lifespan
+    assert [client.get("/nowhere").status_code for _ in range(3)] == [404, 404, 429]
 
 
 # -- never block the event loop ---------------------------------------------------------------

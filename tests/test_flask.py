@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import secrets
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -159,8 +160,49 @@ def test_view_limit_replaces_default_with_its_own_bucket(limiter: RateLimiter) -
     assert statuses(client, 3, "/") == [200, 200, 429]  # /a and /b took nothing from the default
 
 
+def made_up_keys(client: FlaskClient, n: int = 6) -> list[int]:
+    """``n`` requests from one IP, each with an API key never seen before."""
+    return [hit(client, **{"X-API-Key": secrets.token_hex(8)}).status_code for _ in range(n)]
+
+
+def test_made_up_api_keys_choose_no_bucket_by_default(memory: RateLimiter) -> None:
+    # The API-key step is off unless the app vouches for keys: one client, one bucket.
+    app, _ = app_with(memory, limit=Limit.per_hour(3))
+    assert made_up_keys(app.test_client()) == [200, 200, 200, 429, 429, 429]
+    assert memory.peek(f"ip:{PEER}", Limit.per_hour(3)).remaining == 0
+
+
+def test_api_key_header_from_config(memory: RateLimiter) -> None:
+    app = Flask(__name__)
+    app.config["TOKENLIMIT_API_KEY_HEADER"] = "X-API-Key"
+    TokenLimit(app, limiter=memory, limit="1/hour")
+    app.add_url_rule("/", "index", lambda: "ok")
+    client = app.test_client()
+    assert hit(client, **{"X-API-Key": "k-one"}).status_code == 200
+    assert hit(client, **{"X-API-Key": "k-two"}).status_code == 200
+    assert hit(client, **{"X-API-Key": "k-one"}).status_code == 429
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_api_key_validator_sends_unknown_keys_to_the_ip(memory: RateLimiter, kind: str) -> None:
+    def known(key: str) -> bool:
+        return key in {"sk-known-1", "sk-known-2"}
+
+    async def aknown(key: str) -> bool:
+        return known(key)
+
+    # With a validator and no header name, the header is X-API-Key.
+    app, _ = app_with(
+        memory, limit=Limit.per_hour(3), api_key_validator=known if kind == "sync" else aknown
+    )
+    client = app.test_client()
+    assert made_up_keys(client) == [200, 200, 200, 429, 429, 429]
+    assert statuses(client, 4, **{"X-API-Key": "sk-known-1"}) == [200, 200, 200, 429]
+    assert statuses(client, 1, **{"X-API-Key": "sk-known-2"}) == [200]
+
+
 def test_api_key_is_the_identity(limiter: RateLimiter) -> None:
-    app, _ = app_with(limiter, limit="1/hour")
+    app, _ = app_with(limiter, limit="1/hour", api_key_header="X-API-Key")
     client = app.test_client()
     assert hit(client, **{"X-API-Key": "k-one"}).status_code == 200
     assert hit(client, **{"X-API-Key": "k-one"}, ip="198.51.100.1").status_code == 429
@@ -171,7 +213,7 @@ def test_api_key_is_the_identity(limiter: RateLimiter) -> None:
 def test_raw_api_key_reaches_no_redis_key_header_or_body(standalone: Any) -> None:
     secret = "sk_live_S3CRET-do-not-store"
     with RateLimiter.from_url(standalone.url, timeout=5) as lim:
-        app, _ = app_with(lim, limit="1/hour")
+        app, _ = app_with(lim, limit="1/hour", api_key_header="X-API-Key")
         client = app.test_client()
         responses = [hit(client, **{"X-API-Key": secret}) for _ in range(2)]
     assert [r.status_code for r in responses] == [200, 429]
@@ -249,6 +291,31 @@ def test_trusted_proxies_cidr_list(memory: RateLimiter) -> None:
     assert hit(client, ip="192.0.2.50", **{"X-Forwarded-For": "198.51.100.4"}).status_code == 429
 
 
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-proxies", "cidrs"])
+@pytest.mark.parametrize("remote", ["", None], ids=["empty", "absent"])
+def test_a_unix_socket_peer_is_a_local_proxy(
+    memory: RateLimiter, remote: str | None, trusted: Any
+) -> None:
+    # gunicorn on a unix socket: REMOTE_ADDR is "" (other servers leave it out).
+    app, _ = app_with(memory, limit="1/hour", trusted_proxies=trusted)
+    inner = app.wsgi_app
+
+    def unix_socket(environ: dict[str, Any], start_response: Any) -> Any:
+        environ.pop("REMOTE_ADDR", None)
+        if remote is not None:
+            environ["REMOTE_ADDR"] = remote
+        return inner(environ, start_response)
+
+    app.wsgi_app = unix_socket  # type: ignore[method-assign]
+    client = app.test_client()
+    alice = {"X-Forwarded-For": "198.51.100.7"}
+    bob = {"X-Forwarded-For": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
+    assert [client.get("/", headers=alice).status_code for _ in range(2)] == [200, 429]
+    assert [client.get("/", headers=bob).status_code for _ in range(2)] == [200, 429]
+    assert client.get("/", headers={"X-Forwarded-For": "6.6.6.6"}).status_code == 200
+    assert memory.peek("ip:unknown", Limit.parse("1/hour")).remaining == 1
+
+
 def test_forwarded_for_over_several_header_lines(memory: RateLimiter) -> None:
     app, _ = app_with(memory, limit="1/hour", trusted_proxies=["10.0.0.0/8"])
     client = app.test_client()
@@ -283,6 +350,24 @@ def test_custom_key_and_fallback_to_default_identity(memory: RateLimiter) -> Non
     assert seen == ["/"] * 5  # called once per request, with the request
 
 
+def test_custom_key_returning_empty_means_the_default_identity(memory: RateLimiter) -> None:
+    # One rule in every integration: None or "" from a key function means the default identity.
+    async def aempty(req: Any) -> str:
+        return ""
+
+    app, ext = app_with(memory, limit="1/hour", key=lambda req: "")
+
+    @app.get("/own")
+    @ext.limit("1/hour", key=aempty)
+    def own() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert statuses(client, 2) == [200, 429]
+    assert statuses(client, 2, "/own") == [200, 429]
+    assert statuses(client, 1, ip="198.51.100.1") == [200]  # another IP, another bucket
+
+
 def test_view_key_falls_back_to_the_extension_key(memory: RateLimiter) -> None:
     async def tenant(req: Any) -> str | None:  # async key functions run through ensure_sync
         return req.headers.get("X-Tenant")
@@ -303,7 +388,10 @@ def test_view_key_falls_back_to_the_extension_key(memory: RateLimiter) -> None:
 
 
 def test_user_identity(memory: RateLimiter) -> None:
-    app, _ = app_with(memory, limit="1/hour", user=lambda req: req.headers.get("X-User"))
+    def user(req: Any) -> str | None:
+        return req.headers.get("X-User")
+
+    app, _ = app_with(memory, limit="1/hour", user=user, api_key_header="X-API-Key")
     client = app.test_client()
     assert hit(client, **{"X-User": "alice"}).status_code == 200
     assert hit(client, **{"X-User": "alice"}, ip="198.51.100.1").status_code == 429
@@ -642,6 +730,7 @@ def test_default_limiter_from_configure(memory: RateLimiter) -> None:
         ({"trusted_proxies": True}, "trusted_proxies"),
         ({"headers": "yes"}, "headers"),
         ({"api_key_header": ""}, "api_key_header"),
+        ({"api_key_validator": "myapp.known_key"}, "api_key_validator"),
         ({"ipv6_prefix": 129}, "ipv6_prefix"),
         ({"limiter": "redis://localhost"}, "limiter"),
     ],

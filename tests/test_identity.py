@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
+import tracemalloc
 
 import http_sfv
 import pytest
 
 from tokenlimit import ConfigError, Decision, Limit
+from tokenlimit.integrations import _common
 from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,
@@ -47,10 +51,105 @@ def test_cidr_list_walks_past_trusted_proxies_only() -> None:
     assert TrustedProxies(trusted).client_ip("10.0.0.1", "nonsense") is None
 
 
+@pytest.mark.parametrize("peer", [None, "", "/run/app.sock", "unix:/run/app.sock"])
+def test_a_unix_socket_peer_is_a_local_proxy(peer: str | None) -> None:
+    # uvicorn --uds, gunicorn on a unix socket: no peer address, or a path. Only a local
+    # process can connect there, so its X-Forwarded-For entry names the client.
+    def of(spec: object, xff: str | None) -> str:
+        return str(TrustedProxies(spec).client_ip(peer, xff))  # type: ignore[arg-type]
+
+    assert of(None, "198.51.100.7") == "198.51.100.7"
+    assert of(None, "6.6.6.6, 198.51.100.7") == "198.51.100.7"  # left of it: forged
+    assert of(["10.0.0.0/8"], "6.6.6.6, 198.51.100.7, 10.0.0.3") == "198.51.100.7"
+    assert of(2, "6.6.6.6, 198.51.100.7, 10.0.0.3") == "198.51.100.7"  # a hop count: as ever
+    assert of(None, None) == "None"
+    assert of(None, "nonsense") == "None"  # no guess
+    # A TCP peer still cannot choose its address; a name that is no socket path is unknown.
+    assert client(None, "203.0.113.9", "198.51.100.7") == "203.0.113.9"
+    assert client(["10.0.0.0/8"], "203.0.113.9", "198.51.100.7") == "203.0.113.9"
+    assert client(None, "testclient", "198.51.100.7") == "None"
+
+
+def test_an_unknown_client_is_reported_once_with_the_fix(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_common, "_unknown_reported", False, raising=False)
+    kwargs = {"api_key": None, "user_id": None, "proxies": TrustedProxies()}
+    with caplog.at_level(logging.WARNING, logger="tokenlimit"):
+        assert default_identity(peer=None, forwarded_for=None, **kwargs) == "ip:unknown"  # type: ignore[arg-type]
+        assert default_identity(peer="testclient", forwarded_for=None, **kwargs) == "ip:unknown"  # type: ignore[arg-type]
+        assert default_identity(peer="203.0.113.9", forwarded_for=None, **kwargs) != "ip:unknown"  # type: ignore[arg-type]
+    (record,) = [r for r in caplog.records if r.name == "tokenlimit"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "ip:unknown" in message
+    assert "X-Forwarded-For" in message
+    assert "trusted_proxies" in message
+
+
+def test_the_address_cache_keeps_no_attacker_sized_strings() -> None:
+    # X-Forwarded-For is the client's to write: 64 kB values, each new, must neither stay in
+    # the client-address cache nor change whom a request is charged to.
+    none, hops, cidrs = TrustedProxies(None), TrustedProxies(1), TrustedProxies(["10.0.0.0/8"])
+    cases = (("203.0.113.9", none), ("10.0.0.1", hops), ("10.0.0.1", cidrs))
+    _common._ip_key.cache_clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            forwarded_for = f"{i:08d}" + "x" * 65_536 + ", 198.51.100.7"
+            keys = [
+                default_identity(
+                    api_key=None, user_id=None, peer=peer, forwarded_for=forwarded_for, proxies=p
+                )
+                for peer, p in cases
+            ]
+            assert keys == ["ip:203.0.113.9", "ip:198.51.100.7", "ip:198.51.100.7"]
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 1_000_000, f"{retained:,} bytes kept"
+    assert _common._ip_key.cache_info().currsize <= 1  # the untrusted peer alone
+
+
 def test_ip_parsing_handles_ports_brackets_and_mapped_v4() -> None:
     assert client(1, "10.0.0.1", "[2001:db8::1]:443") == "2001:db8::1"
     assert client(1, "10.0.0.1", "203.0.113.7:5000") == "203.0.113.7"
     assert client(None, "::ffff:203.0.113.7", None) == "203.0.113.7"
+
+
+def teredo(client_v4: str, server_v4: str = "192.0.2.1", port: int = 40000) -> str:
+    """A Teredo address (RFC 4380): 2001::/32, the server, then the client's port and address
+    obfuscated (every bit flipped)."""
+    client_bits = int(ipaddress.IPv4Address(client_v4)) ^ 0xFFFFFFFF
+    value = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server_v4)) << 64)
+    value |= (0x8000 << 48) | ((port ^ 0xFFFF) << 32) | client_bits
+    return str(ipaddress.IPv6Address(value))
+
+
+EMBEDDED_V4 = {
+    "nat64": "64:ff9b::{}",  # RFC 6052 well-known prefix
+    "siit": "::ffff:0:{}",  # RFC 7915 IPv4-translated
+    "mapped": "::ffff:{}",
+    "teredo": None,
+}
+
+
+@pytest.mark.parametrize("form", list(EMBEDDED_V4))
+def test_ipv6_embedding_ipv4_is_unmapped_to_the_ipv4_client(form: str) -> None:
+    # Each of these forms would put every IPv4 client behind it in one /64 bucket.
+    clients = ["198.51.100.7", "198.51.100.8", "203.0.113.9", "192.0.2.200"]
+    pattern = EMBEDDED_V4[form]
+    peers = [teredo(v4) if pattern is None else pattern.format(v4) for v4 in clients]
+    keys = [
+        default_identity(
+            api_key=None, user_id=None, peer=peer, forwarded_for=None, proxies=TrustedProxies()
+        )
+        for peer in peers
+    ]
+    assert keys == [f"ip:{v4}" for v4 in clients]
+    # Through a trusted proxy's X-Forwarded-For too.
+    assert [client(1, "10.0.0.1", peer) for peer in peers] == clients
 
 
 def test_ipv6_groups_by_64() -> None:
@@ -72,6 +171,35 @@ def test_identity_order_and_hashing() -> None:
     assert "sk_live_secret" not in key
     assert default_identity(api_key=None, user_id=7, **kwargs) == "user:7"  # type: ignore[arg-type]
     assert default_identity(api_key=None, user_id=None, **kwargs) == "ip:203.0.113.9"  # type: ignore[arg-type]
+
+
+def test_api_keys_count_only_where_the_app_vouches_for_them() -> None:
+    # Off by default: a client could otherwise choose its own bucket with made-up keys.
+    default = Policy.build("1/second")
+    assert default.api_key_header is None
+    assert default.vouched_key("made-up") is None
+    opted_in = Policy.build("1/second", api_key_header="X-API-Key")
+    assert opted_in.vouched_key("k") == "k"
+    assert opted_in.vouched_key("") is None
+
+    def known(key: str) -> bool:
+        return key == "good"
+
+    async def aknown(key: str) -> bool:
+        return known(key)
+
+    checked = Policy.build("1/second", api_key_validator=known)
+    assert checked.api_key_header == "X-API-Key"  # a validator reads the usual header
+    assert (checked.vouched_key("good"), checked.vouched_key("bad")) == ("good", None)
+    achecked = Policy.build("1/second", api_key_header="X-Key", api_key_validator=aknown)
+    assert achecked.api_key_header == "X-Key"
+    assert asyncio.run(achecked.avouched_key("good")) == "good"
+    assert asyncio.run(achecked.avouched_key("bad")) is None
+    assert achecked.vouched_key("good", asyncio.run) == "good"
+    with pytest.raises(TypeError, match="api_key_validator"):
+        achecked.vouched_key("good")  # sync code without a way to run it
+    with pytest.raises(TypeError, match="api_key_validator"):
+        Policy.build("1/second", api_key_validator="myapp.known")
 
 
 @pytest.mark.parametrize("bad", [-1, True, ["not-a-network"], "10.0.0.0/99"])

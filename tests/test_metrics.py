@@ -371,11 +371,10 @@ def fastapi_app(limiter: RateLimiter | AsyncRateLimiter, *, middleware: bool) ->
     """``/items/{item_id}`` limited by a dependency (or the middleware), ``/health`` free."""
     app = FastAPI()
     install_handlers(app)
-    guard = (
-        [] if middleware else [Depends(RateLimit(Limit.per_hour(2, name="items"), limiter=limiter))]
-    )
+    opt_in = {"limiter": limiter, "api_key_header": "X-API-Key"}  # the key is the identity
+    guard = [] if middleware else [Depends(RateLimit(Limit.per_hour(2, name="items"), **opt_in))]
     if middleware:
-        app.add_middleware(RateLimitMiddleware, limit=HOURLY, limiter=limiter)
+        app.add_middleware(RateLimitMiddleware, limit=HOURLY, **opt_in)
 
     @app.get("/items/{item_id}", dependencies=guard)
     async def item(item_id: int) -> dict[str, int]:
@@ -408,15 +407,14 @@ def test_fastapi_dependency_counts_by_route_template(url: str, registry: Collect
 def test_fastapi_middleware_counts_admissions_by_template(registry: CollectorRegistry) -> None:
     limiter = RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry))
     with TestClient(fastapi_app(limiter, middleware=True)) as client:
-        codes = [client.get(path).status_code for path in ("/items/1", "/nowhere", "/items/2")]
-        codes.append(client.get("/items/3").status_code)
+        paths = ("/items/1", "/nowhere", "/items/2", "/items/3", "/items/4")
+        codes = [client.get(path).status_code for path in paths]
         assert client.get("/health").status_code == 200  # exempt: not a check
-    assert codes == [200, 404, 200, 429]
-    # Admitted requests by the route the app matched ("*": none); refusals happen before
-    # routing, so their route is "*".
+    assert codes == [200, 404, 200, 200, 429]
+    # Admitted requests by the route the app matched; refusals happen before routing, so
+    # their route is "*". Unrouted requests are neither charged nor counted.
     assert requests(registry) == {
-        ("/items/{item_id}", "allowed"): 2,
-        ("*", "allowed"): 1,
+        ("/items/{item_id}", "allowed"): 3,
         ("*", "refused"): 1,
     }
     assert_no_secrets(exposition(registry), "/items/1", "/nowhere")
@@ -437,7 +435,9 @@ def test_flask_counts_by_url_rule(url: str, registry: CollectorRegistry) -> None
     sink = PrometheusMetrics(registry)
     with RateLimiter.from_url(url, timeout=5.0, metrics=sink) as limiter:
         app = Flask(__name__)
-        ext = TokenLimit(app, limiter=limiter, limit=Limit.per_hour(2, name="site"))
+        ext = TokenLimit(
+            app, limiter=limiter, limit=Limit.per_hour(2, name="site"), api_key_header="X-API-Key"
+        )
 
         @app.get("/items/<int:item_id>")
         def item(item_id: int) -> dict[str, int]:

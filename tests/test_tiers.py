@@ -399,14 +399,16 @@ def fastapi_app(limit: Any, *, middleware: bool) -> Any:
     app = FastAPI()
     install_handlers(app)
     if middleware:
-        app.add_middleware(RateLimitMiddleware, limit=limit, limiter=lim)
+        app.add_middleware(
+            RateLimitMiddleware, limit=limit, limiter=lim, api_key_header="X-API-Key"
+        )
 
         @app.get("/r")
         async def route_m() -> dict[str, str]:
             return {"ok": "yes"}
 
     else:
-        guard = RateLimit(limit, limiter=lim)
+        guard = RateLimit(limit, limiter=lim, api_key_header="X-API-Key")
         assert "chosen by" in repr(guard)
 
         @app.get("/r")
@@ -473,7 +475,9 @@ def test_flask_default_and_view_limits_are_chosen_per_request(kind: str) -> None
     plans = {"k-pro": "pro"}
     choose = request_chooser(plans, kind)
     app = Flask(__name__)
-    ext = TokenLimit(app, limiter=RateLimiter(MemoryBackend()), limit=choose)
+    ext = TokenLimit(
+        app, limiter=RateLimiter(MemoryBackend()), limit=choose, api_key_header="X-API-Key"
+    )
 
     @app.get("/")
     def index() -> dict[str, bool]:
@@ -588,7 +592,7 @@ def test_django_middleware_limit_setting_may_choose(
 ) -> None:
     from django.test import override_settings
 
-    settings = {"URL": "memory://", "LIMIT": limit}
+    settings = {"URL": "memory://", "LIMIT": limit, "API_KEY_HEADER": "X-API-Key"}
     with override_settings(TOKENLIMIT=settings, MIDDLEWARE=[django_site.MIDDLEWARE]):
         free = django_get(mode, "/plain", 4, "k-free")
         assert [r.status_code for r in free] == [200, 200, 200, 429]

@@ -5,7 +5,7 @@
 
 Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
 
-    curl -i localhost:8000/            # 5/minute per client (API key, user, else IP)
+    curl -i localhost:8000/            # 5/minute per client (user, else IP)
     curl -i localhost:8000/async       # the same budget, from an async view
     curl -i localhost:8000/search      # 2/minute more, in a bucket of its own
     curl -i localhost:8000/health      # exempt: never limited

@@ -103,8 +103,10 @@ def create_app(url: str | None = None) -> FastAPI:
     options: dict[str, Any] = {"metrics": metrics} if metrics is not None else {}
     limiter = AsyncRateLimiter.from_url(url, **options)
     # The caller's plan (Free: 5 per second with bursts of 10), per API key, else per signed-in
-    # user, else per client IP.
-    hello_limit = RateLimit(plan_limit, limiter=limiter)
+    # user, else per client IP. The API-key step is opted into here: this demo has no key store
+    # and takes any X-API-Key as given, so a caller could mint buckets with made-up keys. A real
+    # service authenticates keys before the limiter or passes api_key_validator=<key lookup>.
+    hello_limit = RateLimit(plan_limit, limiter=limiter, api_key_header="X-API-Key")
 
     app = FastAPI(title="tokenlimit demo")
     app.state.plans = dict(DEMO_PLANS)

@@ -1,6 +1,6 @@
 """What every framework integration shares, free of any framework: the default identity
-(API key, then user, then client IP through trusted proxies), exempt paths, response headers,
-the 429/503 bodies, and deciding without blocking an event loop."""
+(an API key the app vouches for, then user, then client IP through trusted proxies), exempt
+paths, response headers, the 429/503 bodies, and deciding without blocking an event loop."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import ipaddress
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ __all__ = [
     "TrustedProxies",
     "api_key_identity",
     "call_key",
+    "custom_identity",
     "decide_async",
     "decide_sync",
     "default_identity",
@@ -39,6 +41,10 @@ __all__ = [
     "retry_after_seconds",
     "unavailable_body",
 ]
+
+logger = logging.getLogger("tokenlimit")
+
+UNKNOWN_IP = "ip:unknown"  # the one bucket of every client whose address is unknown
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -56,9 +62,31 @@ def _parse_ip(text: str | None) -> IPAddress | None:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return _embedded_ipv4(address) or address
     return address
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client inside an IPv6 form that carries one: mapped, NAT64, SIIT or Teredo.
+    Left as IPv6, all the IPv4 clients behind such a form would share one /64 bucket."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64 or address in _SIIT:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
+def _unix_socket_peer(peer: str | None) -> bool:
+    """True for the peer a server reports for a unix-socket connection: none, ``""``, or the
+    socket's path. Only a local process (a proxy) can connect there."""
+    return not peer or peer.startswith(("/", "unix:"))
 
 
 class TrustedProxies:
@@ -68,6 +96,9 @@ class TrustedProxies:
     in front of the app, so the client is the Nth address from the right. A list of CIDRs: walk
     from the socket peer leftwards through the header while the address is a trusted proxy; the
     first untrusted address is the client. A spoofed header from an untrusted peer is ignored.
+
+    A unix-socket peer (no address, or a path) is a local proxy, trusted whatever the spec:
+    unless a hop count is given, the walk starts at the header's right-most entry.
     """
 
     __slots__ = ("hops", "networks")
@@ -96,18 +127,29 @@ class TrustedProxies:
     def _trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self.networks)
 
+    def ignores_header(self, peer: str | None) -> bool:
+        """True when ``X-Forwarded-For`` cannot matter for ``peer``, known without parsing it:
+        no proxy is trusted and the peer is no unix socket."""
+        return not self.hops and not self.networks and not _unix_socket_peer(peer)
+
+    def reads_header(self, peer: str | None, peer_ip: IPAddress | None) -> bool:
+        """Whether ``X-Forwarded-For`` may name the client of a request from ``peer``."""
+        if self.hops:
+            return True
+        if peer_ip is None:
+            return _unix_socket_peer(peer)
+        return self._trusted(peer_ip)
+
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> IPAddress | None:
         """The client's address given the socket peer and the ``X-Forwarded-For`` value."""
         peer_ip = _parse_ip(peer)
-        if not forwarded_for or (not self.hops and not self.networks):
+        if not forwarded_for or not self.reads_header(peer, peer_ip):
             return peer_ip
         chain = [part.strip() for part in forwarded_for.split(",") if part.strip()]
         if self.hops:
             if not chain:
                 return peer_ip
             return _parse_ip(chain[-min(self.hops, len(chain))]) or peer_ip
-        if peer_ip is None or not self._trusted(peer_ip):
-            return peer_ip
         for entry in reversed(chain):
             address = _parse_ip(entry)
             if address is None:
@@ -120,7 +162,7 @@ class TrustedProxies:
 def ip_identity(address: IPAddress | None, ipv6_prefix: int = 64) -> str:
     """``ip:<addr>``; IPv6 clients grouped by ``/ipv6_prefix`` (one /64 is one subscriber)."""
     if address is None:
-        return "ip:unknown"
+        return UNKNOWN_IP
     if isinstance(address, ipaddress.IPv6Address) and ipv6_prefix < 128:
         network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
         return f"ip:{network}"
@@ -142,22 +184,50 @@ def default_identity(
     proxies: TrustedProxies,
     ipv6_prefix: int = 64,
 ) -> str:
-    """API key header, then authenticated user, then client IP.
+    """API key, then authenticated user, then client IP.
 
-    The API key is taken as the caller presents it: unless keys are checked before the limiter
-    runs, a client can mint a fresh bucket per request with made-up keys. Put the limiter after
-    authentication, or pass ``api_key_header=None`` (and keep an IP limit) where that matters.
+    ``api_key`` must be one the app vouches for (``Policy.vouched_key``): a key taken as the
+    caller presents it would let a client mint a fresh bucket per request with made-up keys.
     """
     if api_key:
         return api_key_identity(api_key)
     if user_id is not None and user_id != "":
         return f"user:{user_id}"
-    return _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+    if forwarded_for and proxies.ignores_header(peer):
+        forwarded_for = None  # never read, so never a cache key
+    if len(peer or "") + len(forwarded_for or "") <= _CACHED_INPUT_CHARS:
+        key = _ip_key(peer, forwarded_for, proxies, ipv6_prefix)
+    else:  # a client-written header this long is computed each time, never kept
+        key = _ip_key.__wrapped__(peer, forwarded_for, proxies, ipv6_prefix)
+    if key == UNKNOWN_IP:
+        _report_unknown()
+    return key
+
+
+_unknown_reported = False
+
+
+def _report_unknown() -> None:
+    """Warn, once per process, that clients without a known address share one bucket."""
+    global _unknown_reported
+    if _unknown_reported:
+        return
+    _unknown_reported = True
+    logger.warning(
+        "tokenlimit: a request's client address is unknown, so it is limited in the bucket "
+        "'ip:unknown' that every such request shares. Behind a proxy on a unix socket, have "
+        "the proxy set X-Forwarded-For; behind proxies on TCP, list them in trusted_proxies "
+        "(a hop count or their CIDRs); or give a key function that names the client."
+    )
 
 
 # Parsing addresses with ``ipaddress`` is most of an identity's cost, and the same few clients
-# (or proxies) send most requests: remember recent answers. Bounded; a pure function of its
-# arguments (``TrustedProxies`` hashes by identity and never changes after construction).
+# (or proxies) send most requests: remember recent answers. A pure function of its arguments
+# (``TrustedProxies`` hashes by identity and never changes after construction). Bounded in
+# bytes as well as entries: only inputs of at most _CACHED_INPUT_CHARS are kept.
+_CACHED_INPUT_CHARS = 256
+
+
 @functools.lru_cache(maxsize=8192)
 def _ip_key(
     peer: str | None, forwarded_for: str | None, proxies: TrustedProxies, ipv6_prefix: int
@@ -180,6 +250,8 @@ def _check_exempt(exempt: Any) -> tuple[str, ...]:
 
 
 KeyFunction = Callable[[Any], "str | Awaitable[str | None] | None"]
+ApiKeyValidator = Callable[[str], Any]  # raw key -> truthy when known, or an awaitable of it
+DEFAULT_API_KEY_HEADER = "X-API-Key"  # read when a validator is given without a header name
 LimitChooser = Callable[[Any], Any]  # request -> limit(s), or an awaitable of them (tiers)
 
 
@@ -193,10 +265,11 @@ class Policy:
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = field(default_factory=TrustedProxies)
     headers: bool = True
-    api_key_header: str | None = "X-API-Key"
+    api_key_header: str | None = None  # None: API keys are no identity (a client may make them up)
     ipv6_prefix: int = 64
     shadow: bool = False  # decide and count, never refuse (see LimiterBase.as_shadow)
     choose: LimitChooser | None = None  # tiers: picks the limits per request (``limits`` is ())
+    api_key_validator: ApiKeyValidator | None = None  # None: every key in the header counts
 
     @classmethod
     def build(
@@ -209,9 +282,10 @@ class Policy:
         exempt: Any = None,
         trusted_proxies: Any = None,
         headers: Any = True,
-        api_key_header: Any = "X-API-Key",
+        api_key_header: Any = None,
         ipv6_prefix: Any = 64,
         shadow: Any = False,
+        api_key_validator: Any = None,
     ) -> Policy:
         choose: LimitChooser | None = None
         if limit is None and burst is None:  # identity options only (limits set per view)
@@ -242,6 +316,13 @@ class Policy:
             raise ConfigError(
                 "api_key_header", f"must be a header name or None, not {api_key_header!r}"
             )
+        if api_key_validator is not None:
+            if not callable(api_key_validator):
+                raise ConfigTypeError(
+                    "api_key_validator",
+                    f"must be a callable taking the key, not {api_key_validator!r}",
+                )
+            api_key_header = api_key_header or DEFAULT_API_KEY_HEADER
         if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int):
             raise ConfigTypeError("ipv6_prefix", f"must be an int, not {ipv6_prefix!r}")
         if not 0 <= ipv6_prefix <= 128:
@@ -254,7 +335,7 @@ class Policy:
         exempt = _check_exempt(exempt)
         return cls(
             limits, key, cost, exempt, proxies, headers, api_key_header, ipv6_prefix, shadow,
-            choose=choose,
+            choose=choose, api_key_validator=api_key_validator,
         )  # fmt: skip
 
     def limits_for(self, request: Any) -> tuple[Limit, ...]:
@@ -275,9 +356,38 @@ class Policy:
                 return True
         return False
 
+    def vouched_key(
+        self, raw: str | None, resolve: Callable[[Awaitable[Any]], Any] | None = None
+    ) -> str | None:
+        """The API key ``raw`` if it is an identity here: the header is read and the validator,
+        if any, knows the key. ``resolve`` runs an async validator's verdict in sync code."""
+        if not raw or self.api_key_header is None:
+            return None
+        if self.api_key_validator is None:
+            return raw
+        verdict = self.api_key_validator(raw)
+        if inspect.isawaitable(verdict):
+            if resolve is None:
+                _close(verdict)
+                raise TypeError("api_key_validator is async: sync code needs a sync validator")
+            verdict = resolve(verdict)
+        return raw if verdict else None
+
+    async def avouched_key(self, raw: str | None) -> str | None:
+        """``vouched_key`` in async code: the validator may be a coroutine function."""
+        if not raw or self.api_key_header is None:
+            return None
+        if self.api_key_validator is None:
+            return raw
+        verdict = self.api_key_validator(raw)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return raw if verdict else None
+
     def identity(
         self, *, api_key: str | None, user_id: Any, peer: str | None, forwarded_for: str | None
     ) -> str:
+        """The default identity; ``api_key`` is one ``vouched_key`` returned."""
         return default_identity(
             api_key=api_key if self.api_key_header else None,
             user_id=user_id,
@@ -286,6 +396,12 @@ class Policy:
             proxies=self.proxies,
             ipv6_prefix=self.ipv6_prefix,
         )
+
+
+def _close(awaitable: Awaitable[Any]) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
+    if close is not None:
+        close()
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -403,9 +519,15 @@ def record_request(limiter: Any, route: str | None, result: str) -> None:
         record(route or ANY_ROUTE, result)
 
 
+def custom_identity(result: Any) -> str | None:
+    """A custom key function's answer as an identity: None or ``""`` mean "use the default
+    identity", in every integration and mode."""
+    return None if result is None or result == "" else str(result)
+
+
 async def call_key(function: KeyFunction, request: Any) -> str | None:
     """Call a custom key function, sync or async."""
     result = function(request)
     if inspect.isawaitable(result):
         result = await result
-    return None if result is None or result == "" else str(result)
+    return custom_identity(result)

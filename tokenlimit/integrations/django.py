@@ -16,7 +16,8 @@ view decorator, and system checks that report a bad setting at start-up. Sync an
         "HEADERS": True,                    # X-RateLimit-* and RateLimit-Policy/RateLimit fields
         "PREFIX": "tl:",                    # Redis key prefix
         "TIMEOUT": 0.5,                     # seconds allowed for one decision
-        "API_KEY_HEADER": "X-API-Key",      # read first by the default identity; None: off
+        "API_KEY_HEADER": None,             # "X-API-Key": read first where auth checked it
+        "API_KEY_VALIDATOR": None,          # dotted path: key -> truthy when known (async too)
         "IPV6_PREFIX": 64,                  # IPv6 clients share one bucket per /64
         "METRICS": "myapp.monitoring.sink", # a MetricsSink (tokenlimit.metrics.PrometheusMetrics)
         "SHADOW": False,                    # True: decide and count, never answer 429
@@ -59,6 +60,7 @@ from tokenlimit._config import limiter_pair
 from tokenlimit._core import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
+    ThrottledLog,
     check_deadline,
     check_failure_mode,
     check_prefix,
@@ -73,6 +75,7 @@ from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,
     call_key,
+    custom_identity,
     decide_async,
     decide_sync,
     rate_limit_headers,
@@ -105,10 +108,11 @@ class _Options:
     headers: bool = True
     prefix: str = DEFAULT_PREFIX
     timeout: float = DEFAULT_TIMEOUT
-    api_key_header: str | None = "X-API-Key"
+    api_key_header: str | None = None  # None: API keys are no identity (unless validated)
     ipv6_prefix: int = 64
     metrics: MetricsSink | None = None
     shadow: bool = False
+    api_key_validator: Callable[[str], Any] | None = None
 
 
 def _probe(**option: Any) -> Any:
@@ -117,12 +121,17 @@ def _probe(**option: Any) -> Any:
     return getattr(policy, next(iter(option)))
 
 
-def _key_function(value: Any) -> Callable[[Any], Any]:
+def _key_function(value: Any, param: str = "key") -> Callable[[Any], Any]:
     """``KEY``: a dotted path to a callable (or the callable itself)."""
     function: Any = import_string(value) if isinstance(value, str) else value
     if not callable(function):
-        raise ConfigTypeError("key", f"{value!r} is not callable")
+        raise ConfigTypeError(param, f"{value!r} is not callable")
     return cast("Callable[[Any], Any]", function)
+
+
+def _api_key_validator(value: Any) -> Callable[[str], Any] | None:
+    """``API_KEY_VALIDATOR``: a dotted path to ``key -> truthy when known`` (or the callable)."""
+    return None if value is None else _key_function(value, "api_key_validator")
 
 
 def _limit_setting(value: Any) -> tuple[Limit, ...] | Callable[[Any], Any]:
@@ -169,6 +178,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
     "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
     "SHADOW": ("shadow", "tokenlimit.E014", lambda v: _probe(shadow=v)),
+    "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
 }
 
 
@@ -261,6 +271,7 @@ class _State:
         if errors:
             raise ImproperlyConfigured("; ".join(f"{m.msg} ({m.id})" for m in errors))
         self.options = options
+        self.log = ThrottledLog()  # storage failures answered 503, at most once per interval
         limiter_options = {
             "prefix": options.prefix,
             "timeout": options.timeout,
@@ -284,6 +295,7 @@ class _State:
                 api_key_header=options.api_key_header,
                 ipv6_prefix=options.ipv6_prefix,
                 shadow=options.shadow,
+                api_key_validator=options.api_key_validator,
             )
 
     def middleware_policy(self) -> Policy:
@@ -334,12 +346,13 @@ def _user_pk(user: Any) -> Any:
 
 
 def _api_key(policy: Policy, request: Any) -> str | None:
-    header = policy.api_key_header  # None: API keys are not an identity here
+    """The API key as the client sent it (None: API keys are not an identity here)."""
+    header = policy.api_key_header
     return (request.headers.get(header) or None) if header else None
 
 
 def _default_sync(policy: Policy, request: Any) -> str:
-    api_key = _api_key(policy, request)
+    api_key = policy.vouched_key(_api_key(policy, request), _resolve)
     user_id = None if api_key else _user_pk(getattr(request, "user", None))
     return policy.identity(
         api_key=api_key,
@@ -350,7 +363,7 @@ def _default_sync(policy: Policy, request: Any) -> str:
 
 
 async def _default_async(policy: Policy, request: Any) -> str:
-    api_key = _api_key(policy, request)
+    api_key = await policy.avouched_key(_api_key(policy, request))
     user_id = None
     if not api_key:
         # request.user is lazy and may query the database: never on the event loop.
@@ -375,13 +388,19 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
+def _resolve(awaitable: Awaitable[Any]) -> Any:
+    """An async ``API_KEY_VALIDATOR``'s verdict, behind a sync middleware chain."""
+    return async_to_sync(_awaited)(awaitable)
+
+
 def _identity_sync(policy: Policy, request: Any) -> str:
     if policy.key is not None:
         result: Any = policy.key(request)
         if inspect.isawaitable(result):  # an async KEY behind a sync middleware chain
             result = async_to_sync(_awaited)(result)
-        if result is not None:
-            return str(result)
+        custom = custom_identity(result)
+        if custom is not None:
+            return custom
     return _default_sync(policy, request)
 
 
@@ -465,8 +484,10 @@ def _record(limiter: Any, scope: str | None, request: Any, decision: Decision | 
         record_request(limiter, _route(request), "allowed")
 
 
-def _unavailable() -> Any:
+def _unavailable(state: _State, error: BackendError) -> Any:
     # Storage failed and failure_mode is "closed": 503, with no Retry-After (nobody knows when).
+    # Django logs no 503 it did not raise itself: say why, throttled.
+    state.log.warning("tokenlimit: storage failed, answering 503 (failure_mode='closed')", error)
     return HttpResponse(unavailable_body(), status=503, content_type="application/json")
 
 
@@ -477,9 +498,9 @@ def _enter_sync(
     limits = _limits_sync(policy, request)
     try:
         decision = decide_sync(state.sync, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError:
+    except BackendError as error:
         _record(state.sync, scope, request, None)
-        return _unavailable()
+        return _unavailable(state, error)
     _record(state.sync, scope, request, decision)
     return _admitted(request, policy, decision)
 
@@ -489,9 +510,9 @@ async def _enter_async(state: _State, policy: Policy, scope: str | None, request
     limits = await policy.alimits_for(request)
     try:
         decision = await decide_async(state.async_, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError:
+    except BackendError as error:
         _record(state.async_, scope, request, None)
-        return _unavailable()
+        return _unavailable(state, error)
     _record(state.async_, scope, request, decision)
     return _admitted(request, policy, decision)
 
@@ -546,7 +567,7 @@ class RateLimitMiddleware:
         if isinstance(exception, RateLimitExceeded):
             return _admitted(request, _state().middleware_policy(), exception.decision)
         if isinstance(exception, BackendError):
-            return _unavailable()
+            return _unavailable(_state(), exception)
         return None
 
 
@@ -586,6 +607,7 @@ class _ViewLimit:
             api_key_header=options.api_key_header,
             ipv6_prefix=options.ipv6_prefix,
             shadow=options.shadow if self.shadow is None else self.shadow,
+            api_key_validator=options.api_key_validator,
         )
         self._cache = (state, policy)
         return policy

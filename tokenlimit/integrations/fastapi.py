@@ -27,6 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenlimit._config import default_async_limiter
@@ -50,6 +51,7 @@ __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"
 
 LimitArg = Limit | str | Sequence[Limit | str] | Callable[[Request], Any]
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
+ApiKeyCheck = Callable[[str], Any]  # raw key -> truthy when known (or an awaitable of that)
 Limiter = RateLimiter | AsyncRateLimiter
 DEFAULT_EXEMPT = ("/health", "/metrics")
 
@@ -113,8 +115,9 @@ async def _identity(policy: Policy, scope: Scope, request: Request | None) -> st
     # Several X-Forwarded-For lines are one comma-separated list (RFC 9110 5.3); reading only
     # the first would let a client's own line stand in for the one its proxy added.
     forwarded = ", ".join(headers.getlist("x-forwarded-for")) or None
+    raw_key = headers.get(policy.api_key_header) if policy.api_key_header else None
     return policy.identity(
-        api_key=headers.get(policy.api_key_header) if policy.api_key_header else None,
+        api_key=await policy.avouched_key(raw_key),
         user_id=_user_id(scope.get("user")),
         peer=client[0] if client else None,
         forwarded_for=forwarded,
@@ -171,6 +174,11 @@ class RateLimit(_Guarded):
 
     ``shadow=True`` (here and on ``RateLimitMiddleware``): decide, count and send the headers as
     usual, but never answer 429; a would-be refusal is a ``Decision`` with ``shadowed=True``.
+
+    Identity (both): ``key(request)`` if given and not None/""; else an API key, only where the
+    app vouches for it: ``api_key_header="X-API-Key"`` where authentication runs first, or
+    ``api_key_validator(key)`` (sync or async; truthy for a known key, which is hashed); else
+    the signed-in user; else the client IP through ``trusted_proxies``.
     """
 
     __slots__ = ()
@@ -185,9 +193,10 @@ class RateLimit(_Guarded):
         limiter: Limiter | None = None,
         trusted_proxies: int | Iterable[str] | None = None,
         headers: bool = True,
-        api_key_header: str | None = "X-API-Key",
+        api_key_header: str | None = None,
         ipv6_prefix: int = 64,
         shadow: bool = False,
+        api_key_validator: ApiKeyCheck | None = None,
     ) -> None:
         policy = Policy.build(
             limit,
@@ -199,6 +208,7 @@ class RateLimit(_Guarded):
             api_key_header=api_key_header,
             ipv6_prefix=ipv6_prefix,
             shadow=shadow,
+            api_key_validator=api_key_validator,
         )
         super().__init__(policy, limiter)
 
@@ -238,14 +248,31 @@ async def _answer(send: Send, status: int, body: bytes, fields: list[tuple[str, 
     await send({"type": "http.response.body", "body": body})
 
 
+def _find_router(app: Any) -> Router | None:
+    """The router under ``app``, through the middleware layers (each keeps the next as
+    ``.app``, as Starlette's own do); None for an app without one."""
+    for _ in range(64):  # a bound, in case layers point back at each other
+        if isinstance(app, Router):
+            return app
+        router = getattr(app, "router", None)  # a Starlette or FastAPI app
+        if isinstance(router, Router):
+            return router
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
 class RateLimitMiddleware(_Guarded):
     """Pure ASGI middleware: one default limit for every HTTP request outside ``exempt``.
 
     ``exempt`` paths match exactly or as a prefix ending at ``/`` (``/metrics`` covers
-    ``/metrics/x``, not ``/metricsx``). Lifespan and websocket traffic passes untouched.
+    ``/metrics/x``, not ``/metricsx``). Lifespan and websocket traffic passes untouched. In a
+    Starlette or FastAPI app, a request that matches no route (a 404) is not charged, as in
+    Flask; in front of an app without a router every request is.
     """
 
-    __slots__ = ("app",)
+    __slots__ = ("_router", "app")
 
     def __init__(
         self,
@@ -258,11 +285,13 @@ class RateLimitMiddleware(_Guarded):
         exempt: Iterable[str] | None = DEFAULT_EXEMPT,
         trusted_proxies: int | Iterable[str] | None = None,
         headers: bool = True,
-        api_key_header: str | None = "X-API-Key",
+        api_key_header: str | None = None,
         ipv6_prefix: int = 64,
         shadow: bool = False,
+        api_key_validator: ApiKeyCheck | None = None,
     ) -> None:
         self.app = app
+        self._router = _find_router(app)  # the stack below is built before this layer
         policy = Policy.build(
             limit,
             key=key,
@@ -273,11 +302,16 @@ class RateLimitMiddleware(_Guarded):
             api_key_header=api_key_header,
             ipv6_prefix=ipv6_prefix,
             shadow=shadow,
+            api_key_validator=api_key_validator,
         )
         super().__init__(policy, limiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.policy.is_exempt(scope["path"]):
+        if (
+            scope["type"] != "http"
+            or self.policy.is_exempt(scope["path"])
+            or not self._routed(scope)
+        ):
             await self.app(scope, receive, send)
             return
         limiter = self._resolve()
@@ -309,6 +343,13 @@ class RateLimitMiddleware(_Guarded):
         finally:
             # The router has put the matched route in the (shared) scope by now.
             record_request(limiter, _route(scope), "allowed")
+
+    def _routed(self, scope: Scope) -> bool:
+        """False when the app's router has no route for ``scope``: a 404 that costs nothing. A
+        route matching all but the method (405) counts as routed."""
+        if self._router is None:
+            return True
+        return any(route.matches(scope)[0] is not Match.NONE for route in self._router.routes)
 
 
 def install_handlers(app: Starlette, *, headers: bool = True) -> None:

@@ -15,15 +15,15 @@ class after ``init_app`` to render them differently: the headers are still added
 
 ``app.config`` supplies what the constructor leaves out (the constructor wins):
 ``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` (the limiter, when ``limiter=`` is not given;
-else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT`` and
-``TOKENLIMIT_TRUSTED_PROXIES`` and ``TOKENLIMIT_SHADOW``.
+else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``,
+``TOKENLIMIT_TRUSTED_PROXIES``, ``TOKENLIMIT_API_KEY_HEADER`` and ``TOKENLIMIT_SHADOW``.
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateL
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit.integrations._common import (
     Policy,
+    custom_identity,
     decide_sync,
     rate_limit_headers,
     record_request,
@@ -81,10 +82,13 @@ class TokenLimit:
     ``limit``: the default limit(s) (a ``Limit``, ``"100/minute"``, or a list), or None to limit
     only views decorated with ``.limit(...)``; here and in ``.limit`` it may be a callable taking
     the request and returning the limit(s) for it, such as the caller's plan (tiers).
-    ``key(request)`` chooses the identity (None falls back to the default: the
-    ``api_key_header`` hashed, then the user id from ``user(request)``, else ``flask.g.user_id``,
-    else Flask-Login's ``current_user``, then the client IP through ``trusted_proxies``, a hop
-    count or a list of CIDRs). ``exempt``: paths free of the default.
+    ``key(request)`` chooses the identity (None or "" fall back to the default: an API key, then
+    the user id from ``user(request)``, else ``flask.g.user_id``, else Flask-Login's
+    ``current_user``, then the client IP through ``trusted_proxies``, a hop count or a list of
+    CIDRs). The API key counts only where the app vouches for it: ``api_key_header="X-API-Key"``
+    where authentication runs first, or ``api_key_validator(key)`` returning truthy for a known
+    key (the header is then ``X-API-Key`` unless named); it is hashed. By default it is off.
+    ``exempt``: paths free of the default.
     ``headers=False`` leaves the rate-limit headers out (a 429 still carries ``Retry-After``).
 
     The default limit's bucket is keyed by the identity alone; a view's own limit by the
@@ -106,10 +110,11 @@ class TokenLimit:
         exempt: Any = None,
         trusted_proxies: Any = None,
         headers: bool = True,
-        api_key_header: str | None = "X-API-Key",
+        api_key_header: str | None = None,
         user: RequestFunction | None = None,
         ipv6_prefix: int = 64,
         shadow: bool | None = None,
+        api_key_validator: Callable[[str], Any] | None = None,
     ) -> None:
         given: object = limiter  # checked at run time: an async limiter is a common mistake
         if given is not None and not isinstance(given, RateLimiter):
@@ -129,6 +134,7 @@ class TokenLimit:
             "api_key_header": api_key_header,
             "ipv6_prefix": ipv6_prefix,
             "shadow": shadow,
+            "api_key_validator": api_key_validator,
         }
         # Weak: app factories that define their views per app must not keep old apps' views.
         self._views: weakref.WeakKeyDictionary[Callable[..., Any], _ViewLimit | object] = (
@@ -155,7 +161,7 @@ class TokenLimit:
     def _build(options: dict[str, Any], config: Any) -> tuple[Policy, bool]:
         given = dict(options)
         from_config: dict[str, str] = {}
-        for name in ("limit", "exempt", "trusted_proxies", "shadow"):
+        for name in ("limit", "exempt", "trusted_proxies", "shadow", "api_key_header"):
             setting = f"TOKENLIMIT_{name.upper()}"
             if given[name] is None and config.get(setting) is not None:
                 given[name] = config[setting]
@@ -283,12 +289,13 @@ class TokenLimit:
         chain = (policy.key,) if policy is state.policy else (policy.key, state.policy.key)
         for function in chain:
             if function is not None:
-                chosen = current_app.ensure_sync(function)(request)
-                if chosen is not None and chosen != "":
-                    return str(chosen)
+                chosen = custom_identity(current_app.ensure_sync(function)(request))
+                if chosen is not None:
+                    return chosen
         forwarded = request.headers.getlist("X-Forwarded-For")  # several lines: one list
+        raw_key = _header(request, state.policy.api_key_header)
         return state.policy.identity(
-            api_key=_header(request, state.policy.api_key_header),
+            api_key=state.policy.vouched_key(raw_key, _resolve),
             user_id=self._user_id(),
             peer=request.remote_addr,
             forwarded_for=", ".join(forwarded) if forwarded else None,
@@ -334,6 +341,15 @@ class TokenLimit:
         return current_app.response_class(
             unavailable_body(), status=503, mimetype="application/json"
         )
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _resolve(awaitable: Awaitable[Any]) -> Any:
+    """An async validator's verdict, from a sync view (as Flask runs async code)."""
+    return current_app.ensure_sync(_awaited)(awaitable)
 
 
 def _header(request: Any, name: str | None) -> str | None:
