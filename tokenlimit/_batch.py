@@ -66,6 +66,7 @@ from redis.asyncio import BlockingConnectionPool
 
 from ._core import Request
 from ._redis import classify, unread_in_kernel
+from ._redispy import available
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 
@@ -106,6 +107,7 @@ class Batcher:
 
     __slots__ = (
         "_busy",
+        "_counted",
         "_early",
         "_handle",
         "_idle",
@@ -127,6 +129,8 @@ class Batcher:
         self._idle: list[_Lane] = []  # lanes lingering after a batch, ready for the next
         self._busy = 0  # lanes with a batch on the wire
         self._spare = _spare_rule(pool)
+        # Without the pool's count of connections in use (_redispy), a bounded pool gets no linger.
+        self._counted = available("asyncio ConnectionPool._in_use_connections")
         # Pending commands that go out at once, from the caller's own step, on an idle lane
         # (see ``_Lane.done_reading``); _NEVER while another batch is on the wire.
         self._early = _NEVER
@@ -167,7 +171,8 @@ class Batcher:
         if self._spare is None:
             return True
         limit, share = self._spare
-        return share * len(self.pool._in_use_connections) < limit
+        in_use = getattr(self.pool, "_in_use_connections", None) if self._counted else None
+        return in_use is not None and share * len(in_use) < limit
 
     def _to_idle(self, members: list[Member]) -> bool:
         """Hand ``members`` to a lingering lane, the latest first; False if none would take
@@ -473,7 +478,7 @@ def _spare_rule(pool: Any) -> tuple[int, int] | None:
     """``(max_connections, share)`` for ``Batcher.room_to_linger``: a lane may linger while
     ``share * in_use < max_connections``; None when the pool has no such bound to check."""
     limit = getattr(pool, "max_connections", None)
-    if not isinstance(limit, int) or not hasattr(pool, "_in_use_connections"):
+    if not isinstance(limit, int):
         return None
     return (limit, 1 if isinstance(pool, BlockingConnectionPool) else 2)
 

@@ -28,6 +28,7 @@ from redis.cluster import RedisCluster
 
 from ._core import Request
 from ._errors import BackendError
+from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import report
@@ -81,10 +82,11 @@ class RedisBackend:
             if owned:  # ours from the start (from_url): no connection exists yet
                 pool.connection_class = _deadline_class(pool.connection_class)
         self._private = self._pool is not None and not owned and self._pool is not pool
-        self._tls = False
-        # The lean path (see _Lanes): one per pool, so one per node on a cluster; None once a
-        # socket turns out to be TLS.
-        self._lanes: _Lanes | None = None if self._pool is None else _lanes_on(self._pool)
+        # The lean path (see _Lanes): one per pool, so one per node on a cluster; off where
+        # redis-py lacks what it needs (_redispy) and once a socket turns out to be TLS.
+        self._lean = available("Connection._sock")
+        lean_pool = self._pool if self._lean else None
+        self._lanes: _Lanes | None = None if lean_pool is None else _lanes_on(lean_pool)
         self._node_lanes: dict[Any, _Lanes] | None = {} if self.is_cluster else None
         self._acquire = acquire_script()
         self._peek = peek_script()
@@ -126,13 +128,13 @@ class RedisBackend:
         if reply is _TLS:
             self._lanes = None
             self._node_lanes = None if self._node_lanes is None else {}
-            self._tls = True
+            self._lean = False
             return None
         return reply  # type: ignore[return-value]
 
     def _lanes_for(self, key: str) -> _Lanes | None:
         """The lean path to the cluster node that serves ``key`` (None: use redis-py's)."""
-        if self._tls:
+        if not self._lean:
             return None
         cluster: Any = self.client
         try:
@@ -460,30 +462,12 @@ class _Lanes:
         _disconnect_idle(self._pool)
 
 
-# redis-py 6's BlockingConnectionPool.disconnect() takes no ``inuse_connections`` (7 does).
-BLOCKING_TAKES_INUSE = (
-    "inuse_connections" in inspect.signature(BlockingConnectionPool.disconnect).parameters
-)
-
-
 def _disconnect_idle(pool: Any) -> None:
     """Close the pool's idle connections, never those in use on other threads."""
     if isinstance(pool, BlockingConnectionPool) and not BLOCKING_TAKES_INUSE:
         close_idle_blocking(pool)
     else:
         pool.disconnect(inuse_connections=False)
-
-
-def close_idle_blocking(pool: BlockingConnectionPool) -> None:
-    """``disconnect(inuse_connections=False)`` for redis-py 6's ``BlockingConnectionPool``,
-    whose ``disconnect()`` closes every connection, those mid-exchange on other threads too.
-    Its idle ones wait in a queue (None: room for a new one); closed under the queue's lock,
-    none is taken meanwhile, and each reconnects when next taken."""
-    idle = pool.pool
-    with idle.mutex:
-        for conn in idle.queue:
-            if conn is not None:
-                conn.disconnect()
 
 
 class _SentinelLanes(_Lanes):
@@ -596,7 +580,7 @@ def _deadline_class(cls: Any) -> Any:  # one subclass per class, so instances ca
     timed out, closed its connection and the next had to connect again. Here the connect and
     every read get at most what is left of the deadline set by ``_roundtrip``.
     """
-    if getattr(cls, "_tokenlimit_deadline", False):
+    if getattr(cls, "_tokenlimit_deadline", False) or not available("AbstractConnection._connect"):
         return cls
     reads_take_timeout = "timeout" in inspect.signature(cls.read_response).parameters
 
@@ -639,7 +623,9 @@ def _node_pool(pool: Any) -> Any:
     cls = pool.connection_class
     if not getattr(cls, "_tokenlimit_deadline", False):
         pool.connection_class = _deadline_class(cls)
-    for conn in list(getattr(pool, "_available_connections", ())):
+    if not available("ConnectionPool._available_connections"):
+        return pool
+    for conn in list(pool._available_connections):
         made: Any = type(conn)
         if not getattr(made, "_tokenlimit_deadline", False):
             conn.__class__ = _deadline_class(made)
@@ -654,9 +640,9 @@ def _left(deadline: float, configured: float | None) -> float:
 def _refresh_slot(cluster: Any, moved: rx.MovedError) -> None:
     manager = cluster.nodes_manager
     try:
-        if hasattr(manager, "move_slot"):
+        if available("NodesManager.move_slot"):
             manager.move_slot(moved)
-        else:  # pragma: no cover - older redis-py
+        else:
             manager.initialize()
     except (rx.RedisError, OSError) as exc:
         raise classify(exc) from exc

@@ -35,7 +35,8 @@ from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnec
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ._errors import ConfigError
-from ._redis import BLOCKING_TAKES_INUSE, _deadline_class, close_idle_blocking
+from ._redis import _deadline_class
+from ._redispy import BLOCKING_TAKES_INUSE, close_idle_blocking
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",

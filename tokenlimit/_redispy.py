@@ -1,0 +1,157 @@
+"""Every private part of redis-py (and of asyncio) that tokenlimit's fast paths touch, in one room.
+
+Tested on redis-py 6.0, 6.4, 7.4, 8.0, 8.1 and 8.2 (``noxfile.py``: ``tests``, ``compat``,
+``latest``). Each internal is probed once per process, on the installed versions, before a
+backend relies on it; where one is missing the backend takes redis-py's public path instead
+(correct, slower) and ``tokenlimit`` logs once which internal is gone. Nothing here may raise
+``AttributeError`` at decision time.
+
+=========================================  ==============================  ====================
+internal                                   used for                        without it
+=========================================  ==============================  ====================
+``Connection._sock``                       sync lanes: one write, one      ``send_command`` /
+                                           read per decision (``_redis``)  ``read_response``
+``AbstractConnection._connect``            connecting ends by the          the pool's own
+                                           decision's deadline             ``socket_*timeout``
+``ConnectionPool._available_connections``  a cluster node pool's idle      those connect with
+                                           connections get that deadline   the client's timeout
+``BlockingConnectionPool.pool`` (queue)    redis-py 6: close only idle     close every one
+                                           connections after READONLY
+``asyncio Connection._reader/_writer``     async batches: one write, one   one exchange per
+and ``StreamReader._buffer``               read per batch (``_batch``)     decision
+``asyncio ConnectionPool._in_use_...``     linger only with room to spare; no linger
+                                           retire in-use ones on READONLY
+``NodesManager.move_slot``                 follow one MOVED                re-read the slots
+=========================================  ==============================  ====================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis import BlockingConnectionPool
+
+__all__ = [
+    "BLOCKING_TAKES_INUSE",
+    "INTERNALS",
+    "available",
+    "close_idle_blocking",
+    "missing",
+    "reprobe",
+]
+
+logger = logging.getLogger("tokenlimit")
+
+
+def _sync_socket() -> bool:
+    make: Any = redis.connection.Connection  # untyped on some redis-py versions
+    return hasattr(make(), "_sock")
+
+
+def _connect_hook() -> bool:
+    return callable(getattr(redis.connection.AbstractConnection, "_connect", None))
+
+
+def _available_connections() -> bool:
+    return isinstance(getattr(redis.ConnectionPool(), "_available_connections", None), list)
+
+
+def _blocking_queue() -> bool:
+    make: Any = BlockingConnectionPool
+    idle = getattr(make(), "pool", None)
+    return hasattr(idle, "mutex") and hasattr(idle, "queue")
+
+
+def _async_streams() -> bool:
+    conn = redis.asyncio.Connection()
+    if not (hasattr(conn, "_reader") and hasattr(conn, "_writer")):
+        return False
+    loop = asyncio.new_event_loop()
+    try:
+        return isinstance(getattr(asyncio.StreamReader(loop=loop), "_buffer", None), bytearray)
+    finally:
+        loop.close()
+
+
+def _async_in_use() -> bool:
+    return isinstance(getattr(redis.asyncio.ConnectionPool(), "_in_use_connections", None), set)
+
+
+def _move_slot() -> bool:
+    from redis.asyncio.cluster import NodesManager as AsyncNodesManager
+    from redis.cluster import NodesManager
+
+    return hasattr(NodesManager, "move_slot") and hasattr(AsyncNodesManager, "move_slot")
+
+
+# name -> probe (True: present and of the expected shape on the installed versions)
+INTERNALS: dict[str, Callable[[], bool]] = {
+    "Connection._sock": _sync_socket,
+    "AbstractConnection._connect": _connect_hook,
+    "ConnectionPool._available_connections": _available_connections,
+    "BlockingConnectionPool.pool": _blocking_queue,
+    "asyncio Connection._reader/_writer, StreamReader._buffer": _async_streams,
+    "asyncio ConnectionPool._in_use_connections": _async_in_use,
+    "NodesManager.move_slot": _move_slot,
+}
+
+_found: dict[str, bool] = {}
+
+
+def available(name: str) -> bool:
+    """Whether the internal ``name`` (a key of ``INTERNALS``) can be used; probed once."""
+    if not _found:
+        reprobe()
+    return _found[name]
+
+
+def missing() -> list[str]:
+    """The internals the installed versions lack (the fast paths that fall back)."""
+    if not _found:
+        reprobe()
+    return [name for name, present in _found.items() if not present]
+
+
+def reprobe() -> None:
+    """Probe every internal again and log once what is missing (tests call it after patching)."""
+    found = {}
+    for name, probe in INTERNALS.items():
+        try:
+            found[name] = bool(probe())
+        except Exception:  # a probe that cannot even run: the internal is not as we know it
+            found[name] = False
+    _found.clear()
+    _found.update(found)
+    gone = [name for name, present in found.items() if not present]
+    if gone:
+        logger.warning(
+            "tokenlimit: redis-py %s lacks %s; using redis-py's public path there (slower)",
+            redis.__version__,
+            ", ".join(gone),
+        )
+
+
+# redis-py 6's BlockingConnectionPool.disconnect() takes no ``inuse_connections`` (7 does).
+BLOCKING_TAKES_INUSE = (
+    "inuse_connections" in inspect.signature(BlockingConnectionPool.disconnect).parameters
+)
+
+
+def close_idle_blocking(pool: BlockingConnectionPool) -> None:
+    """``disconnect(inuse_connections=False)`` for redis-py 6's ``BlockingConnectionPool``,
+    whose ``disconnect()`` closes every connection, those mid-exchange on other threads too.
+    Its idle ones wait in a queue (None: room for a new one), closed under the queue's lock."""
+    if not available("BlockingConnectionPool.pool"):
+        pool.disconnect()
+        return
+    idle: Any = pool.pool
+    with idle.mutex:
+        for conn in idle.queue:
+            if conn is not None:
+                conn.disconnect()
