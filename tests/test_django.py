@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import django
 import django_project
 import http_sfv
 import pytest
@@ -494,7 +495,15 @@ def test_decorator_on_function_views(url: str, mode: str, path: str) -> None:
         "/limited-cbv",
         "/alimited-cbv",
         "/method-limited",
-        "/amethod-limited",
+        pytest.param(
+            "/amethod-limited",
+            marks=pytest.mark.skipif(
+                django.VERSION < (5, 0),
+                reason="Django < 5.0: method_decorator() wraps an async method in a sync "
+                "function, so the View is sync and its coroutine is never awaited, whatever "
+                "the decorator returns (fixed in Django 5.0; docs/integrations/django.md)",
+            ),
+        ),
         "/dispatch-limited",
         "/adispatch-limited",
         "/as-view-limited",

@@ -25,6 +25,7 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 import tokenlimit
@@ -66,6 +67,28 @@ def memory_limiter() -> RateLimiter:
 def used(limiter: RateLimiter, identity: str, limit: Limit = THREE) -> int:
     """Tokens taken from ``identity``'s bucket so far."""
     return limit.burst - limiter.peek(identity, limit).remaining
+
+
+class FromPeer:
+    """``app`` as seen from ``peer``: each HTTP and WebSocket scope's ``client`` is replaced.
+
+    ``TestClient(app, client=...)`` does this only in newer Starlette; fastapi 0.110, the oldest
+    we support, brings Starlette 0.37, whose TestClient always says ``("testclient", 50000)``.
+    """
+
+    def __init__(self, app: ASGIApp, peer: tuple[str, int] | None) -> None:
+        self.app = app
+        self.peer = peer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, "client": self.peer}
+        await self.app(scope, receive, send)
+
+
+def peer_client(app: ASGIApp, peer: tuple[str, int] | None) -> TestClient:
+    """A TestClient whose requests come from ``peer`` (None: a unix socket's, as uvicorn --uds)."""
+    return TestClient(FromPeer(app, peer))
 
 
 def dependency_app(dependency: RateLimit, *, handlers: bool = True, **app: Any) -> FastAPI:
@@ -357,7 +380,7 @@ def test_custom_key_returning_empty_means_the_default_identity() -> None:
             (middleware_app(limit=THREE, key=key, limiter=limiter), "/x"),
         ):
             limiter.reset("ip:203.0.113.9", THREE)
-            with TestClient(api, client=peer) as client:
+            with peer_client(api, peer) as client:
                 statuses = [client.get(path).status_code for _ in range(4)]
             assert statuses == [200, 200, 200, 429]
             assert used(limiter, "ip:203.0.113.9") == 3
@@ -386,7 +409,7 @@ def test_made_up_api_keys_choose_no_bucket_by_default() -> None:
     limiter = memory_limiter()
     for api, path in both_ways(limiter):
         limiter.reset("ip:203.0.113.9", THREE)
-        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+        with peer_client(api, ("203.0.113.9", 1234)) as client:
             assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
         assert used(limiter, "ip:203.0.113.9") == 3
 
@@ -394,7 +417,7 @@ def test_made_up_api_keys_choose_no_bucket_by_default() -> None:
 def test_api_key_header_opt_in_makes_the_key_the_identity() -> None:
     limiter = memory_limiter()
     for api, path in both_ways(limiter, api_key_header="X-API-Key"):
-        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+        with peer_client(api, ("203.0.113.9", 1234)) as client:
             one = [client.get(path, headers={"X-API-Key": "k-one"}) for _ in range(4)]
             two = client.get(path, headers={"X-API-Key": "k-two"})
         assert [r.status_code for r in one] + [two.status_code] == [200, 200, 200, 429, 200]
@@ -422,7 +445,7 @@ def test_api_key_validator_sends_unknown_keys_to_the_ip(kind: str) -> None:
     for api, path in both_ways(limiter, api_key_validator=validator):
         limiter.reset("ip:203.0.113.9", THREE)
         limiter.reset(api_key_identity("sk-known-1"), THREE)
-        with TestClient(api, client=("203.0.113.9", 1234)) as client:
+        with peer_client(api, ("203.0.113.9", 1234)) as client:
             assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
             statuses = [
                 client.get(path, headers={"X-API-Key": "sk-known-1"}).status_code for _ in range(4)
@@ -435,7 +458,7 @@ def test_api_key_validator_sends_unknown_keys_to_the_ip(kind: str) -> None:
     api = dependency_app(
         RateLimit(THREE, limiter=limiter, api_key_header="X-Key", api_key_validator=known)
     )
-    with TestClient(api, client=("198.51.100.3", 1234)) as client:
+    with peer_client(api, ("198.51.100.3", 1234)) as client:
         client.get("/async", headers={"X-Key": "sk-known-2", "X-API-Key": "sk-known-1"})
     assert used(limiter, api_key_identity("sk-known-2")) == 1
     with pytest.raises(TypeError, match="api_key_validator"):
@@ -491,7 +514,7 @@ def test_authenticated_user_then_ip() -> None:
     api = dependency_app(
         dependency, middleware=[Middleware(AuthenticationMiddleware, backend=HeaderAuth())]
     )
-    with TestClient(api, client=("203.0.113.9", 1234)) as client:
+    with peer_client(api, ("203.0.113.9", 1234)) as client:
         client.get("/async", headers={"x-user": "alice"})
         client.get("/sync", headers={"x-user": "alice"})
         client.get("/async", headers={"x-user": "42"})
@@ -520,11 +543,11 @@ def charged_ip(trusted: Any, peer: tuple[str, int], forwarded_for: str | None) -
     limiter = memory_limiter()
     headers = {} if forwarded_for is None else {"x-forwarded-for": forwarded_for}
     dependency = RateLimit(THREE, limiter=limiter, trusted_proxies=trusted)
-    with TestClient(dependency_app(dependency), client=peer) as client:
+    with peer_client(dependency_app(dependency), peer) as client:
         assert client.get("/async", headers=headers).status_code == 200
     other = memory_limiter()
     api = middleware_app(limit=THREE, limiter=other, trusted_proxies=trusted)
-    with TestClient(api, client=peer) as client:
+    with peer_client(api, peer) as client:
         assert client.get("/x", headers=headers).status_code == 200
     for candidate in ("203.0.113.9", "10.0.0.5", "198.51.100.7", "6.6.6.6", "10.0.0.2"):
         if used(limiter, f"ip:{candidate}") == 1:
@@ -566,7 +589,7 @@ def test_a_unix_socket_peer_is_a_local_proxy(peer: str, trusted: Any) -> None:
         else:
             api = middleware_app(limit=THREE, limiter=limiter, trusted_proxies=trusted)
             path = "/x"
-        with TestClient(api, client=UNIX_PEERS[peer]) as client:  # type: ignore[arg-type]
+        with peer_client(api, UNIX_PEERS[peer]) as client:
             alice = {"x-forwarded-for": "198.51.100.7"}
             bob = {"x-forwarded-for": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
             statuses = [client.get(path, headers=alice).status_code for _ in range(4)]
@@ -582,7 +605,7 @@ def test_forwarded_for_split_over_several_lines_is_one_list() -> None:
     limiter = memory_limiter()
     api = dependency_app(RateLimit(THREE, limiter=limiter, trusted_proxies=1))
     headers = [("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "198.51.100.7")]
-    with TestClient(api, client=PROXY) as client:
+    with peer_client(api, PROXY) as client:
         client.get("/async", headers=headers)
     assert used(limiter, "ip:198.51.100.7") == 1
     assert used(limiter, "ip:6.6.6.6") == 0
@@ -593,7 +616,7 @@ def test_ipv6_clients_share_a_bucket_per_64() -> None:
     api = dependency_app(RateLimit(Limit(SLOW, 2), limiter=limiter))
     statuses = []
     for host in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:2::77", "2001:db8:1:3::1"):
-        with TestClient(api, client=(host, 1234)) as client:
+        with peer_client(api, (host, 1234)) as client:
             statuses.append(client.get("/async").status_code)
     assert statuses == [200, 200, 429, 200]
 

@@ -699,9 +699,10 @@ def ratelimit(
     list of them. ``key`` takes the request and returns the identity (None: the default, as the
     middleware does, honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
     ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
-    ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too. ``shadow`` defaults
-    to ``TOKENLIMIT['SHADOW']``: True decides, counts and sends the headers as usual but never
-    answers 429 (a would-be refusal is a ``Decision`` with ``shadowed=True``).
+    ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too (on an ``async def``
+    method only from Django 5.0, whose ``method_decorator`` first supports them). ``shadow``
+    defaults to ``TOKENLIMIT['SHADOW']``: True decides, counts and sends the headers as usual but
+    never answers 429 (a would-be refusal is a ``Decision`` with ``shadowed=True``).
     """
     if limit is None:
         raise ConfigError("limit", "is required, for example ratelimit('10/minute')")
