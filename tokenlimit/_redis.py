@@ -10,6 +10,7 @@ cluster MOVED/ASK/TRYAGAIN redirect (the node refused to run it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from redis import BlockingConnectionPool, Redis
@@ -180,13 +181,8 @@ class RedisBackend:
                 lanes = (self._node_lanes or {}).get(pool)
             else:
                 pool, server, lanes = self._pool, address(self._pool), self._lanes
-            # The connection the decision just used is held by its lanes: handed back (one,
-            # popped atomically, so no other thread can be using it), the pool lends it to the
-            # INFO and the lanes take it again at the next decision. A second connection for
-            # one command cost the first decisions milliseconds.
-            if lanes is not None:
-                lanes._hand_back()
-            reply = _roundtrip(pool, [("INFO", "memory")], deadline)[-1]
+            # The connection the decision just used is held by its lanes: lent to the INFO.
+            reply = _pooled(lanes, pool, [("INFO", "memory")], deadline)[-1]
         except (BackendError, rx.RedisError, OSError, AttributeError) as exc:
             logger.debug("tokenlimit: could not read the server's eviction policy: %r", exc)
             return
@@ -226,7 +222,7 @@ class RedisBackend:
 
     def _execute(self, command: tuple[Any, ...], key: str, deadline: float) -> Any:
         if not self.is_cluster:
-            return _roundtrip(self._pool, [command], deadline)[-1]
+            return _pooled(self._lanes, self._pool, [command], deadline)[-1]
         cluster: Any = self.client  # redis-py's cluster methods are untyped
         asking: tuple[str, int] | None = None
         redirects = 0
@@ -241,7 +237,8 @@ class RedisBackend:
                         raise rx.ClusterError(f"unknown node {asking[0]}:{asking[1]}")
                     commands = [("ASKING",), command]
                 pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
-                return _roundtrip(pool, commands, deadline)[-1]
+                lanes = None if self._node_lanes is None else self._node_lanes.get(pool)
+                return _pooled(lanes, pool, commands, deadline)[-1]
             except BackendError as error:
                 cause = error.__cause__
                 if isinstance(cause, rx.TryAgainError):
@@ -387,6 +384,19 @@ class _Lanes:
             else:
                 conn.disconnect()
                 self._pool.release(conn)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a call that takes a connection from the pool directly: while it waits there,
+        connections that finish an exchange go back to the pool, and an idle one goes now."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            self._hand_back()
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def _hand_back(self) -> None:
         """Give one idle connection back to the pool, for a caller waiting there."""
@@ -646,6 +656,19 @@ def _refresh_slot(cluster: Any, moved: rx.MovedError) -> None:
             manager.initialize()
     except (rx.RedisError, OSError) as exc:
         raise classify(exc) from exc
+
+
+def _pooled(
+    lanes: _Lanes | None, pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float
+) -> list[Any]:
+    """``_roundtrip`` on a pool whose connections ``lanes`` may hold: counted as waiting, so
+    an idle held connection goes back to the pool for it now and a busy one when its exchange
+    ends. Without this a pool whose every connection is held (a pool of one after a decision,
+    any pool after a burst) starves resets, concurrency slots and redis-py's path."""
+    if lanes is None:
+        return _roundtrip(pool, commands, deadline)
+    with lanes.waiting():
+        return _roundtrip(pool, commands, deadline)
 
 
 def _roundtrip(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) -> list[Any]:
