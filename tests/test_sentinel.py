@@ -468,3 +468,54 @@ def test_a_demoted_primary_is_a_storage_error_and_the_primary_is_looked_up_again
         opened.close()
         run(loop, aclosed.aclose())
         loop.close()
+
+
+@pytest.mark.parametrize("socket_timeout", [5.0, None])
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_users_sentinel_client_gets_the_limiters_deadline(
+    fresh_group: SentinelGroup, socket_timeout: float | None, mode: str
+) -> None:
+    """``Sentinel(...).master_for(...)`` has a pool redis-py cannot clone: the limiter used it
+    as it was, so against a primary that accepts connections and never answers a 0.5 s
+    deadline took the client's 5 s, or forever without a socket timeout (issue 13, defect 2)."""
+    import os
+    import signal
+    import threading
+
+    sentinels = [("127.0.0.1", s.port) for s in fresh_group.sentinels]
+    client = redis.sentinel.Sentinel(sentinels, socket_timeout=socket_timeout).master_for(
+        fresh_group.service, socket_timeout=socket_timeout
+    )
+    limiter = RateLimiter(client, timeout=TIMEOUT, failure_mode=mode, prefix="hang:")  # type: ignore[arg-type]
+    outcome: list[object] = []
+
+    def decide() -> None:
+        started = time.monotonic()
+        try:
+            outcome.append(limiter.try_acquire("k", LIMIT).allowed)
+        except BackendError as exc:
+            outcome.append(exc)
+        outcome.append(time.monotonic() - started)
+
+    primary = fresh_group.primary
+    assert primary is not None
+    assert primary.process is not None
+    os.kill(primary.process.pid, signal.SIGSTOP)  # the port accepts; nothing answers
+    try:
+        worker = threading.Thread(target=decide, daemon=True)
+        worker.start()
+        worker.join(TIMEOUT + SLACK + 2.0)
+        assert not worker.is_alive(), "no answer by the deadline"
+    finally:
+        os.kill(primary.process.pid, signal.SIGCONT)
+    try:
+        verdict, took = outcome
+        assert isinstance(took, float)
+        assert took < TIMEOUT + SLACK
+        if mode == "open":
+            assert verdict is True
+        else:
+            assert isinstance(verdict, BackendError)
+    finally:
+        limiter.close()
+        client.close()

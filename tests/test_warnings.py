@@ -220,3 +220,41 @@ def test_clients_of_ones_own_warn_about_nothing(
 
     with no_warnings():
         run_async(main)
+
+
+def test_a_users_sentinel_client_warns_about_nothing(sentinels: SentinelGroup) -> None:
+    """The limiter's private copy of a Sentinel client's pool closes its sentinels too."""
+    addresses = [("127.0.0.1", s.port) for s in sentinels.sentinels]
+    with no_warnings():
+        manager = redis.sentinel.Sentinel(addresses, socket_timeout=5)
+        client = manager.master_for(sentinels.service)
+        limiter = RateLimiter(client, timeout=5.0, prefix="own-sentinel:")
+        try:
+            drive_sync(limiter)
+        finally:
+            limiter.close()
+            client.close()
+            for sentinel in manager.sentinels:
+                sentinel.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "sentinel"])
+def test_closing_right_after_the_first_decision_leaks_nothing(
+    kind: str, every_url: list[str]
+) -> None:
+    """aclose() cancels the server check that the first decision starts; it was not awaited,
+    so a connection it was still making (through the sentinels: slow enough to be caught most
+    times) outlived its loop unclosed."""
+    url = every_url[KINDS.index(kind)]
+
+    async def main() -> None:
+        limiter = AsyncRateLimiter.from_url(url, timeout=5.0, prefix=f"quick-{kind}:")
+        try:
+            await limiter.try_acquire("k", LIMIT)
+            await limiter.peek("k", LIMIT)
+        finally:
+            await limiter.aclose()
+
+    with no_warnings():
+        for _ in range(10):
+            run_async(main)

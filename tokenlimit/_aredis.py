@@ -193,8 +193,13 @@ class AsyncRedisBackend:
     async def aclose(self) -> None:
         """Fail the decisions still pending in this loop, end its lanes, then close the
         client if it is ours."""
-        if self._check is not None and not self._check.done():
-            self._check.cancel()
+        check = self._check
+        if check is not None and not check.done():
+            check.cancel()
+            if check.get_loop() is asyncio.get_running_loop():
+                # Awaited, so that a connection it was making is closed before the client is.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await check
         batcher = self._batcher
         if batcher is not None and batcher.loop is asyncio.get_running_loop():
             self._batcher = None

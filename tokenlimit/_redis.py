@@ -206,7 +206,8 @@ class RedisBackend:
         if self._owned:
             self.client.close()
         elif self._private:
-            self._pool.disconnect()
+            # close(): a private Sentinel pool closes its sentinels' connections too.
+            getattr(self._pool, "close", self._pool.disconnect)()
 
     # -- plumbing -----------------------------------------------------------------------------
     def _call(self, script: Script, request: Request, deadline: float) -> Any:
@@ -554,7 +555,12 @@ def _private_pool(pool: Any, timeout: float) -> Any:
     """
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+    from redis.sentinel import SentinelConnectionPool
 
+    if isinstance(pool, SentinelConnectionPool):
+        from ._sentinel import private_pool
+
+        return private_pool(pool, timeout)
     kwargs = dict(pool.connection_kwargs)
     kwargs["retry"] = Retry(NoBackoff(), 0)
     for name in ("socket_timeout", "socket_connect_timeout"):

@@ -176,6 +176,56 @@ def _primary_options(target: SentinelURL, timeout: float, *, is_async: bool) -> 
     return {**_pool_options(timeout, is_async=is_async), **target.primary}
 
 
+def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSentinelPool:
+    """A pool like a user's Sentinel client's (same sentinels, service, options), whose
+    sentinel and primary connections never retry and end by the limiter's deadline: the
+    user's own may wait for seconds, or for ever without a socket timeout."""
+    from ._url import _client_options
+
+    manager: Any = pool.sentinel_manager
+    addresses = [
+        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
+        for c in manager.sentinels
+    ]
+    share = timeout / max(1, len(addresses))
+    sentinel_kwargs = {**manager.sentinel_kwargs, **_client_options(share, is_async=False)}
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        theirs = manager.sentinel_kwargs.get(name)
+        if theirs is not None and theirs < share:
+            sentinel_kwargs[name] = theirs
+    options: dict[str, Any] = {}
+    force_ip = getattr(manager, "_force_master_ip", None)  # listed in _redispy
+    if force_ip is not None:
+        options["force_master_ip"] = force_ip
+    ours = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+        addresses,
+        min_other_sentinels=manager.min_other_sentinels,
+        sentinel_kwargs=sentinel_kwargs,
+        **options,
+        **manager.connection_kwargs,
+    )
+    for client in ours.sentinels:
+        client.connection_pool.connection_class = _deadline_class(
+            client.connection_pool.connection_class
+        )
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
+    kwargs.update(_client_options(timeout, is_async=False))
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        theirs = pool.connection_kwargs.get(name)
+        if theirs is not None and theirs < timeout:
+            kwargs[name] = theirs
+    return _BlockingSentinelPool(  # type: ignore[no-untyped-call]
+        pool.service_name,
+        ours,
+        connection_class=_deadline_class(pool.connection_class),
+        max_connections=pool.max_connections,
+        timeout=timeout,
+        is_master=pool.is_master,
+        check_connection=pool.check_connection,
+        **kwargs,
+    )
+
+
 def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
     """A client whose pool finds the service's primary through the sentinels, by the deadline."""
     target = parse_sentinel_url(url)
