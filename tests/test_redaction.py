@@ -20,7 +20,9 @@ from tokenlimit import (
     AsyncRateLimiter,
     BackendError,
     ConfigError,
+    Limit,
     RateLimiter,
+    TokenLimitError,
     configure,
 )
 
@@ -156,6 +158,60 @@ def test_django_start_up_never_echoes_the_password(url: str, password: str) -> N
         Client().get("/plain")
     assert "E002" in str(info.value)
     assert_clean(info.value, password)
+
+
+# -- a password read as a port: refused before anything connects ---------------------------------
+
+
+def _port_urls() -> Iterator[tuple[str, str, str]]:
+    """A password that starts with digits and then an unescaped ``#`` or ``?``: ``urlsplit``
+    reads the digits as the port of a host named by the user name (or of no host), a URL that
+    connects, to the wrong server, and whose connection errors would name that "port"."""
+    port = free_port()
+    for mark in "#?":
+        password = f"{port}{mark}{TAIL}"
+        yield f"redis{mark}", f"redis://:{password}@127.0.0.1:6379/0", password
+        yield f"rediss-user{mark}", f"rediss://127.0.0.1:{password}@127.0.0.1:6379/0", password
+        yield f"cluster{mark}", f"redis+cluster://127.0.0.1:{password}@127.0.0.1:7000", password
+
+
+PORT_URLS = list(_port_urls())
+
+
+def build_and_decide(build: Callable[..., Any], url: str) -> None:
+    """Make a limiter on ``url`` with ``build`` and take one decision with it."""
+    limiter = build(url, timeout=0.2)
+    if limiter is None:  # configure()
+        from tokenlimit._config import default_async_limiter, default_sync_limiter
+
+        limiter = default_sync_limiter()
+        asyncio.run(default_async_limiter().try_acquire("k", Limit(1)))
+    if isinstance(limiter, RateLimiter):
+        limiter.try_acquire("k", Limit(1))
+    else:
+        asyncio.run(limiter.try_acquire("k", Limit(1)))
+
+
+@pytest.mark.parametrize("build", list(BUILDERS.values()), ids=list(BUILDERS))
+@pytest.mark.parametrize(
+    ("url", "password"), [u[1:] for u in PORT_URLS], ids=[u[0] for u in PORT_URLS]
+)
+def test_a_password_read_as_a_port_is_refused(
+    build: Callable[..., Any], url: str, password: str
+) -> None:
+    """Refused at the call that received the URL; were it accepted, the first decision's
+    BackendError ("Error 111 connecting to 127.0.0.1:<the password's digits>") would carry it."""
+    with pytest.raises(TokenLimitError) as info:
+        build_and_decide(build, url)
+    assert isinstance(info.value, ConfigError), repr(info.value)
+    assert_clean(info.value, password)
+
+
+def test_an_at_sign_in_a_query_value_still_works() -> None:
+    """Only an ``@`` that cannot belong to the URL as written is refused: one in a query value
+    (a client name, a sentinel's password) is read as before."""
+    RateLimiter.from_url("redis://127.0.0.1:6379/0?client_name=me@host", timeout=0.2).close()
+    _async_from_url("redis+sentinel://127.0.0.1:26379/mymaster?sentinel_password=p@ss")
 
 
 def test_a_cluster_that_cannot_be_reached_is_a_backend_error() -> None:

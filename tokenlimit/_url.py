@@ -161,6 +161,8 @@ def _parse_url(url: Any) -> tuple[str, str]:
             "url", f"scheme must be one of {', '.join(_SCHEMES)}; got {scheme or 'none'!r}"
         )
     url = scheme + url[len(scheme) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
+    if scheme not in ("unix", "memory"):
+        _check_at_signs(url)
     if scheme in ("redis", "rediss", "unix"):
         _check_server_url(scheme, url)
     elif scheme.endswith("+cluster"):
@@ -170,6 +172,21 @@ def _parse_url(url: Any) -> tuple[str, str]:
 
         parse_sentinel_url(url)
     return scheme, url
+
+
+def _check_at_signs(url: str) -> None:
+    """Refuse an ``@`` past the host in a path, a query option's name or the fragment: that is a
+    password with an unescaped ``/``, ``?`` or ``#``, whose first piece ``urlsplit`` would read
+    as the host or port (connecting elsewhere, and naming that piece in every connection
+    error). An ``@`` in a query option's value (``?client_name=me@host``) is fine."""
+    parts = urlsplit(url)
+    names = (item.partition("=")[0] for item in parts.query.split("&"))
+    if "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names):
+        raise ConfigError(
+            "url",
+            "an '@' after the host: percent-encode a user name or password holding '/', '#',"
+            " '?' or '@' (as %2F, %23, %3F, %40)",
+        )
 
 
 def _check_server_url(scheme: str, url: str) -> None:
