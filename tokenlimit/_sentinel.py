@@ -177,7 +177,7 @@ def _primary_options(target: SentinelURL, timeout: float) -> dict[str, Any]:
 def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
     """A client whose pool finds the service's primary through the sentinels, by the deadline."""
     target = parse_sentinel_url(url)
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    manager = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed in redis-py 8.2
         list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout)
     )
     for client in manager.sentinels:
@@ -191,7 +191,7 @@ def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
 def async_sentinel_client(url: str, *, timeout: float) -> AsyncRedis:
     """The asyncio twin of ``sync_sentinel_client`` (the batcher bounds every wait in it)."""
     target = parse_sentinel_url(url)
-    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+    manager = AsyncSentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed in redis-py 8.2
         list(target.sentinels), sentinel_kwargs=_sentinel_options(target, timeout)
     )
     options = _primary_options(target, timeout)
