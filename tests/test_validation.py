@@ -480,6 +480,28 @@ def test_a_refused_number_changes_nothing() -> None:
         configure(None)
 
 
+def test_a_wait_longer_than_sleep_takes_is_slept_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``acquire`` sleeps ``retry_after`` between tries, and a limit may take up to 1e12 s to
+    refill, more than ``time.sleep`` takes (OverflowError): each sleep is bounded, and the next
+    try finds the wait that is left."""
+    slept: list[float] = []
+
+    class Slept(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        raise Slept
+
+    lim = RateLimiter.from_url("memory://")
+    slow = Limit(1.2e-7, 2000)  # 2000 tokens take 1.7e10 s to refill
+    assert lim.try_acquire("s", slow, cost=2000).allowed
+    monkeypatch.setattr("time.sleep", sleep)
+    with pytest.raises(Slept):
+        lim.acquire("s", slow, cost=2000)
+    assert 0 < slept[0] <= 86_400
+
+
 NUMBERS = st.one_of(
     st.integers(),
     st.floats(),  # NaN, infinities, subnormals included
