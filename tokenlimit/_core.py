@@ -102,7 +102,10 @@ def check_deadline(timeout: Any) -> float:
 # Requests for recent (prefix, key, limit, cost) calls: a hot key skips validation, hashing and
 # packing. Only exact str, int and Limit (or tuple of Limits) arguments are cached (hashable,
 # and equal means identical keys); the dict is emptied when full, cheaper than LRU bookkeeping.
+# Keys of up to _CACHED_KEY_CHARS only: the cache holds at most 4096 x 256 characters of
+# caller keys, however long the keys callers send (a longer one is built at each call).
 _CACHE_SIZE = 4096
+_CACHED_KEY_CHARS = 256
 _cache: dict[tuple[str, str, Limit | tuple[Limit, ...], int], Request] = {}
 
 
@@ -120,9 +123,10 @@ def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
         request = _cache.get(entry)
         if request is None:
             request = _build(prefix, key, limit, cost)
-            if len(_cache) >= _CACHE_SIZE:
-                _cache.clear()
-            _cache[entry] = request
+            if len(key) <= _CACHED_KEY_CHARS:  # checked on a miss only: hits cost nothing more
+                if len(_cache) >= _CACHE_SIZE:
+                    _cache.clear()
+                _cache[entry] = request
         return request
     if callable(limit):  # a chooser (tiers): cached by the limit it chose, never by itself
         check_key(key)
