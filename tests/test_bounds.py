@@ -190,3 +190,56 @@ def test_the_integrations_address_cache_is_bounded() -> None:
         )
         assert identity.startswith("ip:")
     assert _common._ip_key.cache_info().currsize <= maxsize
+
+
+def _cached_key_chars() -> int:
+    """The characters of caller keys the request cache holds."""
+    from tokenlimit import _core
+
+    return sum(len(entry[1]) for entry in _core._cache)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_the_request_cache_is_bounded_in_bytes_not_only_entries(flavour: str) -> None:
+    """Issue 13 defect 5: the request cache kept every caller key whole, up to 1 MiB each
+    (300 keys of 256 KB: +75 MB). A long key is built at each call instead (still one bucket);
+    short keys are still cached."""
+    import asyncio
+
+    from tokenlimit import AsyncRateLimiter, _core
+
+    _core._cache.clear()
+    lim = Limit(SLOW, 5)
+    keys = [f"{i:04d}:" + "x" * (256 * 1024) for i in range(300)]
+    if flavour == "sync":
+        limiter = RateLimiter.from_url("memory://")
+        for key in keys:
+            assert limiter.try_acquire(key, lim).allowed
+        assert limiter.try_acquire(keys[0], lim).remaining == 3  # the same bucket again
+        limiter.try_acquire("user:short", lim)
+    else:
+        alimiter = AsyncRateLimiter.from_url("memory://")
+
+        async def main() -> None:
+            for key in keys:
+                assert (await alimiter.try_acquire(key, lim)).allowed
+            assert (await alimiter.try_acquire(keys[0], lim)).remaining == 3
+            await alimiter.try_acquire("user:short", lim)
+
+        asyncio.run(main())
+    assert _cached_key_chars() < 1 << 20, f"{_cached_key_chars():,} characters of keys kept"
+    assert any(entry[1] == "user:short" for entry in _core._cache)
+
+
+def test_the_request_cache_holds_at_most_a_mebibyte_of_keys() -> None:
+    """Full of the longest keys it caches, the request cache holds at most its entries times
+    that length: 1 MiB of characters."""
+    from tokenlimit import _core
+
+    _core._cache.clear()
+    limiter = RateLimiter.from_url("memory://")
+    lim = Limit(SLOW, 5)
+    for i in range(_core._CACHE_SIZE + 100):
+        limiter.try_acquire(f"{i:08d}".ljust(256, "k"), lim)
+    assert len(_core._cache) > 0
+    assert _cached_key_chars() <= 1 << 20

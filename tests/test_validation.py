@@ -8,14 +8,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenlimit import (
     AsyncRateLimiter,
     ConfigError,
     Limit,
+    MemoryBackend,
     RateLimiter,
     RateLimitExceeded,
     TokenLimitError,
+    configure,
     rate_limit,
 )
 
@@ -170,6 +174,136 @@ def _cases() -> Iterator[Case]:
         yield f"limiter.limit {label}", lambda kwargs=kwargs: MEM.limit(**kwargs), param, kind
     yield "rate_limit limiter='x'", lambda: rate_limit(1, limiter="x"), "limiter", TYPE  # type: ignore[arg-type]
     yield "rate_limit limiter=object()", lambda: rate_limit(1, limiter=object()), "limiter", TYPE  # type: ignore[arg-type]
+    yield from _range_cases()
+
+
+HUGE = 10**400  # beyond a double: float() raises OverflowError
+HUGER = 10**5000  # beyond what str() converts (4300 digits): a message must not print it
+TINY = 1e-300  # 1e9 / TINY is inf: the nanoseconds per token cannot be counted
+
+
+def _n(value: float) -> str:
+    """A short label for a number in a test id."""
+    if isinstance(value, int) and abs(value) > 10**300:
+        return f"{'-' if value < 0 else ''}1e{round(math.log10(abs(value)))}"
+    return f"{value:.0e}"
+
+
+def _range_cases() -> Iterator[Case]:
+    """Numbers of the right type but beyond what the arithmetic can hold (issue 13 defect 7):
+    each a ConfigError naming the parameter, never an OverflowError or a ValueError from
+    printing a huge int."""
+    for v in (TINY, 5e-324, HUGE, -HUGE, HUGER, 1e300):
+        yield f"Limit rate={_n(v)}", lambda v=v: Limit(v), "rate", VALUE
+        yield f"Limit rate={_n(v)} burst=1", lambda v=v: Limit(v, 1), "rate", VALUE
+        yield f"rate_limit rate={_n(v)}", lambda v=v: rate_limit(v, limiter=MEM), "rate", VALUE
+    for v in (HUGE, HUGER):
+        yield f"Limit burst={_n(v)}", lambda v=v: Limit(1, v), "burst", VALUE
+        yield f"parse burst={_n(v)}", lambda v=v: Limit.parse("5/second", burst=v), "burst", VALUE
+        yield f"per_hour burst={_n(v)}", lambda v=v: Limit.per_hour(5, v), "burst", VALUE
+        yield f"rate_limit burst={_n(v)}", lambda v=v: rate_limit(1, v, limiter=MEM), "burst", VALUE
+    for text in ("1" + "0" * 400 + "/second", "1/1" + "0" * 400 + "s", "1" * 5000 + "/second",
+                 "5/" + "9" * 5000 + "s", "1" + "0" * 400 + "/second;1/s"):  # fmt: skip
+        yield f"parse {text[:12]}..{len(text)}", lambda t=text: Limit.parse(t), "limit", VALUE
+        yield f"try_acquire {text[:12]}..", lambda t=text: MEM.try_acquire("k", t), "limit", VALUE
+        yield f"rate_limit {text[:12]}..", lambda t=text: rate_limit(t, limiter=MEM), "rate", VALUE
+    for v in (HUGE, -HUGE, TINY / 1e10, 1e300, HUGER):
+        yield f"per_second({_n(v)})", lambda v=v: Limit.per_second(v), "n", VALUE
+        yield f"per_day({_n(v)})", lambda v=v: Limit.per_day(v), "n", VALUE
+    for c in (HUGE, HUGER, -HUGE):
+        yield (
+            f"try_acquire cost={_n(c)}",
+            lambda c=c: MEM.try_acquire("k", OK, cost=c),
+            "cost",
+            VALUE,
+        )
+        yield f"peek cost={_n(c)}", lambda c=c: MEM.peek("k", [OK, OK], cost=c), "cost", VALUE
+        yield (
+            f"async try_acquire cost={_n(c)}",
+            lambda c=c: asyncio.run(AMEM.try_acquire("k", OK, cost=c)),
+            "cost",
+            VALUE,
+        )
+        yield (
+            f"rate_limit cost={_n(c)}",
+            lambda c=c: rate_limit(1, cost=c, limiter=MEM),
+            "cost",
+            VALUE,
+        )
+        yield f"limiter.limit cost={_n(c)}", lambda c=c: AMEM.limit(1, cost=c), "cost", VALUE
+    for t in (HUGE, HUGER, -HUGE):
+        yield (
+            f"acquire timeout={_n(t)}",
+            lambda t=t: MEM.acquire("k", OK, timeout=t),
+            "timeout",
+            VALUE,
+        )
+        yield (
+            f"async acquire timeout={_n(t)}",
+            lambda t=t: asyncio.run(AMEM.acquire("k", OK, timeout=t)),
+            "timeout",
+            VALUE,
+        )
+        yield (
+            f"rate_limit timeout={_n(t)}",
+            lambda t=t: rate_limit(1, timeout=t, limiter=MEM),
+            "timeout",
+            VALUE,
+        )
+        yield (
+            f"limiter.limit timeout={_n(t)}",
+            lambda t=t: MEM.limit(1, timeout=t),
+            "timeout",
+            VALUE,
+        )
+        yield (
+            f"concurrency timeout={_n(t)}",
+            lambda t=t: MEM.concurrency("k", 1, timeout=t),
+            "timeout",
+            VALUE,
+        )
+    for v in (HUGE, HUGER, 1e300, math.nan, -1.0):
+        yield (
+            f"concurrency lease={_n(v)}",
+            lambda v=v: MEM.concurrency("k", 1, lease=v),
+            "lease",
+            VALUE,
+        )
+        yield (
+            f"async concurrency lease={_n(v)}",
+            lambda v=v: AMEM.concurrency("k", 1, lease=v),
+            "lease",
+            VALUE,
+        )
+    for v in (HUGE, HUGER):
+        yield (
+            f"concurrency max_in_flight={_n(v)}",
+            lambda v=v: MEM.concurrency("k", v),
+            "max_in_flight",
+            VALUE,
+        )
+    # the limiter's deadline for one decision: socket and poll timeouts overflow past ~24 days
+    for t in (HUGE, HUGER, 1e300, 1e10):
+        for cls in (RateLimiter, AsyncRateLimiter):
+            n = cls.__name__
+            yield (
+                f"{n}(MemoryBackend(), timeout={_n(t)})",
+                lambda cls=cls, t=t: cls(MemoryBackend(), timeout=t),
+                "timeout",
+                VALUE,
+            )
+            yield (
+                f"{n}.from_url(redis://, timeout={_n(t)})",
+                lambda cls=cls, t=t: cls.from_url("redis://127.0.0.1:6379/0", timeout=t),
+                "timeout",
+                VALUE,
+            )
+        yield (
+            f"configure(timeout={_n(t)})",
+            lambda t=t: configure("memory://", timeout=t),
+            "timeout",
+            VALUE,
+        )
 
 
 CASES = list(_cases())
@@ -318,3 +452,103 @@ def test_huge_limits_are_refused_or_exact(limiter: RateLimiter, rate: float) -> 
     # fresh buckets, so refill between calls cannot blur the count
     assert limiter.try_acquire("huge-1", lim, cost=1).remaining == lim.burst - 1
     assert limiter.try_acquire("huge-2", lim, cost=2).remaining == lim.burst - 2
+
+
+# -- numbers out of range: the one validation path --------------------------------------------
+
+
+def test_a_refused_number_changes_nothing() -> None:
+    """A number out of range is refused before anything is taken or installed."""
+    lim = RateLimiter.from_url("memory://")
+    assert lim.try_acquire("n", OK).remaining == 2
+    for call in (
+        lambda: lim.acquire("n", OK, timeout=HUGE),
+        lambda: lim.try_acquire("n", OK, cost=HUGE),
+        lambda: lim.try_acquire("n", [OK, Limit(1, HUGE)]),
+    ):
+        with pytest.raises(ConfigError):
+            call()
+    assert lim.peek("n", OK).remaining == 2
+    configure(lim)
+    try:
+        with pytest.raises(ConfigError):
+            configure("memory://", timeout=HUGE)
+        from tokenlimit._config import default_sync_limiter
+
+        assert default_sync_limiter() is lim
+    finally:
+        configure(None)
+
+
+def test_a_wait_longer_than_sleep_takes_is_slept_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``acquire`` sleeps ``retry_after`` between tries, and a limit may take up to 1e12 s to
+    refill, more than ``time.sleep`` takes (OverflowError): each sleep is bounded, and the next
+    try finds the wait that is left."""
+    slept: list[float] = []
+
+    class Slept(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        raise Slept
+
+    lim = RateLimiter.from_url("memory://")
+    slow = Limit(1.2e-7, 2000)  # 2000 tokens take 1.7e10 s to refill
+    assert lim.try_acquire("s", slow, cost=2000).allowed
+    monkeypatch.setattr("time.sleep", sleep)
+    with pytest.raises(Slept):
+        lim.acquire("s", slow, cost=2000)
+    assert 0 < slept[0] <= 86_400
+
+
+NUMBERS = st.one_of(
+    st.integers(),
+    st.floats(),  # NaN, infinities, subnormals included
+    st.builds(lambda e, sign: sign * 10**e, st.integers(300, 5000), st.sampled_from([1, -1])),
+    st.builds(lambda e: 10.0**-e, st.integers(0, 330)),
+)
+
+
+def _ours_or_fine(call: Callable[[], Any]) -> Any:
+    """``call()``'s result, or None if it raised a ConfigError: nothing else may escape."""
+    try:
+        return call()
+    except ConfigError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=NUMBERS, burst=NUMBERS)
+def test_any_number_makes_a_limit_or_a_config_error(rate: Any, burst: Any) -> None:
+    for args in ((rate,), (rate, burst), (1, burst)):
+        lim = _ours_or_fine(lambda args=args: Limit(*args))
+        if lim is not None:  # what the script needs is finite and exact
+            assert 1 <= lim.interval_ns < 2**53
+            assert 1 <= lim.burst <= 10**9
+            assert math.isfinite(lim.fill_time)
+            assert lim.label
+    for per in (Limit.per_second, Limit.per_day):
+        _ours_or_fine(lambda per=per: per(rate))
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(0, 10**600), periods=st.integers(0, 10**600))
+def test_any_limit_string_parses_or_is_a_config_error(count: int, periods: int) -> None:
+    for text in (f"{count}/second", f"{count}/{periods}s", f"{count} per {periods} days"):
+        _ours_or_fine(lambda text=text: Limit.parse(text))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=NUMBERS)
+def test_any_number_is_a_cost_timeout_or_lease_or_a_config_error(value: Any) -> None:
+    lim = RateLimiter.from_url("memory://")
+    wide = Limit(1000, 10**9)
+    _ours_or_fine(lambda: lim.try_acquire("k", wide, cost=value))
+    _ours_or_fine(lambda: lim.acquire("k", wide, timeout=value))
+    _ours_or_fine(lambda: RateLimiter(MemoryBackend(), timeout=value))
+    _ours_or_fine(lambda: rate_limit(1, timeout=value, limiter=lim))
+    _ours_or_fine(lambda: rate_limit(1, cost=value, limiter=lim))
+    _ours_or_fine(lambda: lim.concurrency("c", value))
+    _ours_or_fine(lambda: lim.concurrency("c", 1, lease=value))
+    _ours_or_fine(lambda: lim.concurrency("c", 1, timeout=value))

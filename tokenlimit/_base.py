@@ -31,6 +31,8 @@ __all__ = ["LimiterBase"]
 
 _L = TypeVar("_L", bound="LimiterBase")
 
+MAX_PAUSE = 86_400.0  # seconds slept at once while ``acquire`` waits
+
 
 class LimiterBase:
     __slots__ = (
@@ -173,10 +175,12 @@ class LimiterBase:
     @staticmethod
     def _pause(decision: Decision, deadline: float) -> float:
         """After a refusal inside ``acquire``: the seconds to sleep before trying again, or
-        ``RateLimitExceeded`` at once (nothing consumed) when the wait would pass ``deadline``."""
+        ``RateLimitExceeded`` at once (nothing consumed) when the wait would pass ``deadline``.
+        At most ``MAX_PAUSE``: a limit may take up to 1e12 s to refill, more than
+        ``time.sleep`` takes; the next try finds the wait that is left."""
         if decision.retry_after > deadline - time.monotonic():
             raise RateLimitExceeded(decision)
-        return decision.retry_after
+        return min(decision.retry_after, MAX_PAUSE)
 
     def _failed(self, request: Request, error: BackendError) -> Decision:
         """Apply the failure mode: admit and log (open), or re-raise (closed). A shadow limiter

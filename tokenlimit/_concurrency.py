@@ -46,7 +46,7 @@ from . import _switch
 from ._core import ThrottledLog, identity_tag
 from ._decision import Decision
 from ._decorator import is_per_call, key_function, needs_a_call
-from ._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
+from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._scripts import hold_script, release_script
 from ._validate import check_int, check_key, check_number
@@ -106,12 +106,8 @@ class Slots:
 def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: Any) -> Slots:
     """Validate ``concurrency()``'s arguments (errors name the parameter)."""
     storage = slots_key(prefix, key)  # first: a bad key is the error named first
-    most = check_int("max_in_flight", max_in_flight, minimum=1)
-    if most > MAX_IN_FLIGHT:
-        raise ConfigError("max_in_flight", f"must be <= {MAX_IN_FLIGHT}, got {most!r}")
-    seconds = check_number("lease", lease)
-    if seconds > MAX_LEASE:
-        raise ConfigError("lease", f"must be <= {MAX_LEASE:.0f} seconds (30 days), got {lease!r}")
+    most = check_int("max_in_flight", max_in_flight, minimum=1, maximum=MAX_IN_FLIGHT)
+    seconds = check_number("lease", lease, maximum=MAX_LEASE)  # 30 days
     wait = check_number("timeout", timeout, allow_zero=True)
     return Slots(storage, most, max(1, math.ceil(seconds * 1e6)), wait)
 

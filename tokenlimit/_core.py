@@ -20,7 +20,7 @@ from ._decision import Decision, decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
 from ._resp import pack_bulk
-from ._validate import check_cost, check_key, check_number
+from ._validate import check_cost, check_key, check_number, shown
 
 __all__ = [
     "FAILURE_MODES",
@@ -42,6 +42,8 @@ _URLSAFE = bytes.maketrans(b"+/", b"-_")
 FAILURE_MODES = ("open", "closed")
 DEFAULT_PREFIX = "tl:"
 DEFAULT_TIMEOUT = 0.5
+# A day: the deadline becomes socket, poll and lock timeouts, which overflow past ~24 days.
+MAX_DEADLINE = 86_400.0
 
 
 class Request(NamedTuple):
@@ -93,14 +95,17 @@ def check_failure_mode(mode: Any) -> str:
 
 
 def check_deadline(timeout: Any) -> float:
-    """The limiter's per-decision deadline: a finite number of seconds > 0."""
-    return check_number("timeout", timeout)
+    """The limiter's per-decision deadline: a number of seconds > 0, at most a day."""
+    return check_number("timeout", timeout, maximum=MAX_DEADLINE)
 
 
 # Requests for recent (prefix, key, limit, cost) calls: a hot key skips validation, hashing and
 # packing. Only exact str, int and Limit (or tuple of Limits) arguments are cached (hashable,
 # and equal means identical keys); the dict is emptied when full, cheaper than LRU bookkeeping.
+# Keys of up to _CACHED_KEY_CHARS only: the cache holds at most 4096 x 256 characters of
+# caller keys, however long the keys callers send (a longer one is built at each call).
 _CACHE_SIZE = 4096
+_CACHED_KEY_CHARS = 256
 _cache: dict[tuple[str, str, Limit | tuple[Limit, ...], int], Request] = {}
 
 
@@ -118,9 +123,10 @@ def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
         request = _cache.get(entry)
         if request is None:
             request = _build(prefix, key, limit, cost)
-            if len(_cache) >= _CACHE_SIZE:
-                _cache.clear()
-            _cache[entry] = request
+            if len(key) <= _CACHED_KEY_CHARS:  # checked on a miss only: hits cost nothing more
+                if len(_cache) >= _CACHE_SIZE:
+                    _cache.clear()
+                _cache[entry] = request
         return request
     if callable(limit):  # a chooser (tiers): cached by the limit it chose, never by itself
         check_key(key)
@@ -180,7 +186,7 @@ def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
     smallest = min(lim.burst for lim in limits)
     if cost > smallest:
         raise ConfigError(
-            "cost", f"{cost} exceeds the burst {smallest}; it could never be admitted"
+            "cost", f"{shown(cost)} exceeds the burst {smallest}; it could never be admitted"
         )
     head = f"{prefix}{{{identity_tag(identity)}}}"
     keys = tuple(head + lim._id for lim in limits)

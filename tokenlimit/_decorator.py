@@ -17,7 +17,7 @@ from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
 from ._memory import AsyncMemoryBackend, MemoryBackend
-from ._validate import check_cost, check_timeout
+from ._validate import check_cost, check_timeout, shown
 
 __all__ = ["Guard", "KeyOf", "is_per_call", "key_function", "needs_a_call"]
 
@@ -154,7 +154,8 @@ class Guard:
         smallest = min((lim.burst for lim in self.limits), default=self.cost)
         if self.cost > smallest:
             raise ConfigError(
-                "cost", f"{cost} exceeds the burst {smallest}; it could never be admitted"
+                "cost",
+                f"{shown(self.cost)} exceeds the burst {smallest}; it could never be admitted",
             )
         self.timeout = check_timeout("timeout", timeout)
         if key is not None and not isinstance(key, (str, bytes)) and not callable(key):

@@ -12,7 +12,7 @@ from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
 from ._resp import pack_bulk
-from ._validate import check_int, check_number
+from ._validate import check_int, check_number, shown
 
 __all__ = ["Limit", "LimitSpec", "coerce_limits"]
 
@@ -32,6 +32,7 @@ MAX_BURST = 1_000_000_000
 MAX_RATE = 1e9  # one token per nanosecond
 _MAX_FILL_SECONDS = 1e12
 _MAX_INTERVAL_NS = 2**53  # the script checks every whole number against 2^53
+MIN_RATE = 1e9 / _MAX_INTERVAL_NS  # below it, the nanoseconds per token reach 2^53
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,28 +54,21 @@ class Limit:
     _hash: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        rate = check_number("rate", self.rate)
+        rate = check_number("rate", self.rate, maximum=MAX_RATE)
         given: Any = self.burst  # None until filled in here
         if given is None:
-            burst = max(1, math.floor(rate))
-            if burst > MAX_BURST:
-                raise ConfigError(
-                    "rate", f"{rate!r}/s makes a default burst above {MAX_BURST}; give burst="
-                )
+            burst = max(1, math.floor(rate))  # <= MAX_BURST, as rate <= MAX_RATE
         else:
-            burst = check_int("burst", given, minimum=1)
-            if burst > MAX_BURST:
-                raise ConfigError("burst", f"must be <= {MAX_BURST}, got {burst!r}")
+            burst = check_int("burst", given, minimum=1, maximum=MAX_BURST)
         name: Any = self.name
         if name is not None and not isinstance(name, str):
             raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
-        if rate > MAX_RATE:
-            raise ConfigError("rate", f"must be <= {MAX_RATE:.0e} per second, got {rate!r}")
         # Whole nanoseconds per token, rounded up (never a faster rate than asked): the bucket
-        # arithmetic is then sums of integers, exact in doubles (see _model.py).
-        interval_ns = math.ceil(1e9 / rate)
-        if interval_ns >= _MAX_INTERVAL_NS:
+        # arithmetic is then sums of integers, exact in doubles (see _model.py). MIN_RATE first:
+        # below it 1e9 / rate may be inf, which ceil() refuses.
+        if rate < MIN_RATE or math.ceil(1e9 / rate) >= _MAX_INTERVAL_NS:
             raise ConfigError("rate", f"too small: at least one token per 104 days, got {rate!r}/s")
+        interval_ns = math.ceil(1e9 / rate)
         if burst * interval_ns > _MAX_FILL_SECONDS * 1e9:  # as the script checks it
             raise ConfigError("rate", f"too small: filling {burst} tokens would take over 1e12 s")
         object.__setattr__(self, "rate", rate)
@@ -106,19 +100,34 @@ class Limit:
         unit = match and _UNITS.get(match["unit"].lower())
         if not match or not unit:
             raise ConfigError(
-                param, f"cannot parse {text!r}; expected '<count>/<unit>' such as '100/minute'"
+                param,
+                f"cannot parse {shown(text)}; expected '<count>/<unit>' such as '100/minute'",
             )
-        count = int(match["n"])
-        periods = int(match["k"] or 1)
-        if count < 1 or periods < 1:
-            raise ConfigError(param, f"count and period must be >= 1 in {text!r}")
         try:
-            return cls(count / (periods * unit), count if burst is None else burst, name=name)
+            count = int(match["n"])
+            periods = int(match["k"] or 1)
+        except ValueError:  # more than 4300 digits, which int() refuses
+            raise ConfigError(param, f"{shown(text)} is out of range") from None
+        if count < 1 or periods < 1:
+            raise ConfigError(param, f"count and period must be >= 1 in {shown(text)}")
+        try:
+            rate = count / (periods * unit)
+        except OverflowError:  # a quotient beyond a double
+            raise ConfigError(param, f"{shown(text)} is out of range") from None
+        return cls._checked(rate, burst, count, name, param, text)
+
+    @classmethod
+    def _checked(
+        cls, rate: float, burst: int | None, default: int, name: str | None, param: str, given: Any
+    ) -> Limit:
+        """The limit for a constructor whose argument ``param`` (``given``) made the rate and,
+        unless ``burst`` is given, the burst (``default``): an error in those names ``param``."""
+        try:
+            return cls(rate, default if burst is None else burst, name=name)
         except ConfigError as exc:
-            if exc.param == "burst" and burst is not None:  # the caller's own burst=
-                raise
-            # A rate or burst out of range came from the text: name what received it.
-            raise ConfigError(param, f"{text!r} is out of range ({exc})") from None
+            if exc.param == "rate" or (exc.param == "burst" and burst is None):
+                raise ConfigError(param, f"{shown(given)} is out of range ({exc})") from None
+            raise
 
     @classmethod
     def per_second(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
@@ -143,9 +152,7 @@ class Limit:
     @classmethod
     def _per(cls, n: float, seconds: int, burst: int | None, name: str | None) -> Limit:
         count = check_number("n", n)
-        if burst is None:
-            burst = max(1, math.floor(count))
-        return cls(count / seconds, burst, name=name)
+        return cls._checked(count / seconds, burst, max(1, math.floor(count)), name, "n", n)
 
     # -- derived values -----------------------------------------------------------------------
     @property

@@ -64,7 +64,8 @@ class SentinelURL:
 
 def parse_sentinel_url(url: str) -> SentinelURL:
     """Read a ``redis+sentinel://`` URL; anything wrong is a ConfigError naming ``url`` (its
-    messages never repeat the password)."""
+    message may hold a piece of a password that was not percent-encoded: callers go through
+    ``_url.parse_url``, which scrubs it)."""
     from redis.connection import parse_url as redis_parse_url
 
     try:
@@ -94,7 +95,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     equivalent = f"{'rediss' if tls else 'redis'}://{auth}sentinel/{quote(db)}?{urlencode(query)}"
     try:
         primary = redis_parse_url(equivalent)  # type: ignore[no-untyped-call]
-    except ValueError as exc:  # its messages name the option, never the password
+    except ValueError as exc:  # its messages name the option
         raise ConfigError("url", str(exc)) from None
     primary.pop("host", None)
     primary.pop("port", None)

@@ -6,16 +6,19 @@ tokens twice) and time out at its deadline."""
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._core import Request
-from ._errors import ConfigError, ConfigTypeError
+from ._errors import BackendError, ConfigError, ConfigTypeError
 from ._memory import AsyncMemoryBackend, MemoryBackend
 
-__all__ = ["async_backend_from_url", "parse_url", "sync_backend_from_url"]
+__all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
+
+_T = TypeVar("_T")
 
 _SCHEMES = (
     "redis",
@@ -29,8 +32,126 @@ _SCHEMES = (
 )
 
 
+# -- secrets: no message about a URL may carry any piece of its password ---------------------------
+_QUERY_SECRET = re.compile(r"([?&;][^=&#]*password=)([^&#;]*)", re.IGNORECASE)
+_SEPARATORS = re.compile(r"[/#?@:&=;,\s]+")
+
+
+def _userinfo(url: str) -> str:
+    """Everything between ``://`` and the last ``@``: an unescaped ``/``, ``#`` or ``?`` in a
+    password makes ``urlsplit`` end the host part early, so its own split cannot be trusted."""
+    return url.partition("://")[2].rpartition("@")[0]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password, and the value of any ``...password=`` query option, as ``***``."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest = _QUERY_SECRET.sub(r"\1***", rest)
+    userinfo, at, hosts = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if at and colon:
+        rest = f"{user}:***@{hosts}"
+    return f"{head}{sep}{rest}"
+
+
+def _secrets(url: str) -> list[str]:
+    """The password and every piece of it (split at URL delimiters, also percent-decoded) and
+    any ``...password=`` query value, longest first."""
+    found = {_userinfo(url).partition(":")[2]}
+    found.update(match[2] for match in _QUERY_SECRET.finditer(url))
+    found.update(unquote(secret) for secret in list(found))
+    for secret in list(found):
+        found.update(_SEPARATORS.split(secret))
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with ``url`` redacted and every piece of its password replaced by ``***``: each
+    piece of 3 characters or more wherever it occurs, a shorter one where it stands alone."""
+    secrets = _secrets(url) if isinstance(url, str) else []
+    if not secrets:
+        return text
+    text = text.replace(url, redact(url))
+    for secret in secrets:
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![\w%]){re.escape(secret)}(?!\w)", "***", text)
+    return text
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    item: BaseException | None = exc
+    todo = [item]
+    while todo:
+        item = todo.pop()
+        if item is not None and id(item) not in seen:
+            seen.add(id(item))
+            yield item
+            todo += [item.__cause__, item.__context__]
+
+
+def _driver_error(exc: Exception) -> BackendError | None:
+    """A redis-py (or socket) error raised while a client is made, as a BackendError: a
+    ``redis+cluster://`` client connects when it is made."""
+    from redis import exceptions as rx
+
+    from ._redis import classify
+
+    if isinstance(exc, rx.RedisClusterException):
+        unreachable = isinstance(exc, rx.RedisClusterUnreachableError)
+        reason = "connection" if unreachable else "cluster"
+        error = BackendError(f"storage failed ({reason}): {exc}", reason=reason)
+        error.__cause__ = exc
+        return error
+    if isinstance(exc, (rx.RedisError, OSError)):
+        return classify(exc)
+    return None
+
+
+def _scrubbed(exc: Exception, url: str) -> Exception:
+    """What to raise for ``exc``, raised while reading or connecting to ``url``: a ConfigError
+    for a bad value, a BackendError for a driver error, anything else as it is; and when any
+    exception in its chain holds a piece of the password, made again with its message scrubbed
+    and chained to nothing (the driver's exception would carry the piece)."""
+    driver = _driver_error(exc)
+    if driver is not None:
+        exc = driver
+    elif isinstance(exc, ValueError) and not isinstance(exc, ConfigError):
+        return ConfigError("url", scrub(str(exc), url))  # redis-py's own, never chained
+    texts = [text for item in _chain(exc) for text in (str(item), *map(repr, item.args))]
+    if all(scrub(text, url) == text for text in texts):
+        return exc
+    message = scrub(str(exc), url)
+    if isinstance(exc, ConfigError):
+        return type(exc)(exc.param, message.removeprefix(f"{exc.param}: "))
+    if isinstance(exc, BackendError):
+        return BackendError(message, reason=exc.reason)
+    return exc  # not ours nor the driver's: a bug to see as it is
+
+
+def _guarded(url: Any, build: Callable[[], _T]) -> _T:
+    """``build()``, through which every message derived from ``url`` passes (see ``_scrubbed``);
+    raised outside the ``except``, so that no context is chained either."""
+    try:
+        return build()
+    except Exception as exc:
+        error = _scrubbed(exc, url if isinstance(url, str) else "")
+        if error is exc:
+            raise
+    raise error
+
+
 def parse_url(url: Any) -> tuple[str, str]:
     """Return ``(scheme, url)`` after checking the scheme; raises ConfigError naming ``url``."""
+    return _guarded(url, lambda: _parse_url(url))
+
+
+def _parse_url(url: Any) -> tuple[str, str]:
     if not isinstance(url, str):
         raise ConfigTypeError("url", f"must be a str, not {type(url).__name__}")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
@@ -40,13 +161,32 @@ def parse_url(url: Any) -> tuple[str, str]:
             "url", f"scheme must be one of {', '.join(_SCHEMES)}; got {scheme or 'none'!r}"
         )
     url = scheme + url[len(scheme) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
+    if scheme not in ("unix", "memory"):
+        _check_at_signs(url)
     if scheme in ("redis", "rediss", "unix"):
         _check_server_url(scheme, url)
+    elif scheme.endswith("+cluster"):
+        _cluster_args(url)
     elif scheme.endswith("+sentinel"):
         from ._sentinel import parse_sentinel_url
 
         parse_sentinel_url(url)
     return scheme, url
+
+
+def _check_at_signs(url: str) -> None:
+    """Refuse an ``@`` past the host in a path, a query option's name or the fragment: that is a
+    password with an unescaped ``/``, ``?`` or ``#``, whose first piece ``urlsplit`` would read
+    as the host or port (connecting elsewhere, and naming that piece in every connection
+    error). An ``@`` in a query option's value (``?client_name=me@host``) is fine."""
+    parts = urlsplit(url)
+    names = (item.partition("=")[0] for item in parts.query.split("&"))
+    if "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names):
+        raise ConfigError(
+            "url",
+            "an '@' after the host: percent-encode a user name or password holding '/', '#',"
+            " '?' or '@' (as %2F, %23, %3F, %40)",
+        )
 
 
 def _check_server_url(scheme: str, url: str) -> None:
@@ -58,7 +198,7 @@ def _check_server_url(scheme: str, url: str) -> None:
     try:
         options = redis_parse_url(url)  # type: ignore[no-untyped-call]
         path = unquote(urlsplit(url).path)
-    except ValueError as exc:  # its messages name the option or the port, never the password
+    except ValueError as exc:  # may quote a piece of the password as the port: see _guarded
         raise ConfigError("url", str(exc)) from None
     if scheme == "unix":
         if not options.get("path"):
@@ -126,7 +266,13 @@ def _cluster_args(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
 
 
 def sync_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
-    scheme, url = parse_url(url)
+    """A sync backend for ``url``; a bad URL is a ConfigError naming ``url``, a client that
+    fails to connect (a cluster's does, here) a BackendError, neither with the password."""
+    return _guarded(url, lambda: _sync_backend(url, timeout, memory))
+
+
+def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any:
+    scheme, url = _parse_url(url)
     if scheme == "memory":
         return memory if memory is not None else MemoryBackend()
     from ._redis import RedisBackend
@@ -151,7 +297,12 @@ def sync_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | N
 
 
 def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
-    scheme, url = parse_url(url)
+    """The asyncio twin of ``sync_backend_from_url``."""
+    return _guarded(url, lambda: _async_backend(url, timeout, memory))
+
+
+def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any:
+    scheme, url = _parse_url(url)
     if scheme == "memory":
         return AsyncMemoryBackend(memory)
     from ._aredis import AsyncRedisBackend

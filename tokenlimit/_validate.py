@@ -7,32 +7,63 @@ from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
 
-__all__ = ["check_cost", "check_key", "check_number", "check_timeout"]
+__all__ = ["check_cost", "check_key", "check_number", "check_timeout", "shown"]
 
 MAX_KEY_BYTES = 1 << 20  # identities are hashed, so length costs only CPU; refuse the absurd
+_SHOWN_CHARS = 60
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message, kept short: an int of more than 64 bits by its size
+    (``str()`` refuses one of more than 4300 digits), a long string by its start and length."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
+    if isinstance(value, str) and len(value) > _SHOWN_CHARS:
+        return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def _bound(limit: float) -> str:
+    return f"{limit:.0f}" if limit == int(limit) else repr(limit)
 
 
 def check_number(
-    param: str, value: Any, *, positive: bool = True, allow_zero: bool = False
+    param: str,
+    value: Any,
+    *,
+    positive: bool = True,
+    allow_zero: bool = False,
+    maximum: float = math.inf,
 ) -> float:
-    """Return ``value`` as a finite float, or raise naming ``param``."""
+    """Return ``value`` as a finite float (at most ``maximum``), or raise naming ``param``; an
+    int beyond a double's range is refused, not raised as OverflowError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigTypeError(param, f"must be a number, not {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ConfigError(param, f"must be finite, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a double's range
+        number = math.inf if value > 0 else -math.inf
+    if math.isnan(number):
+        raise ConfigError(param, "must not be NaN")
     if positive and (number < 0 or (number == 0 and not allow_zero)):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(param, f"must be {bound}, got {value!r}")
+        raise ConfigError(param, f"must be {bound}, got {shown(value)}")
+    if number > maximum:
+        raise ConfigError(param, f"must be <= {_bound(maximum)}, got {shown(value)}")
+    if not math.isfinite(number):
+        within = "" if isinstance(value, float) else " (within a float's range)"
+        raise ConfigError(param, f"must be finite{within}, got {shown(value)}")
     return number
 
 
-def check_int(param: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` as an int >= ``minimum``, or raise naming ``param``."""
+def check_int(param: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` as an int from ``minimum`` to ``maximum``, or raise naming ``param``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigTypeError(param, f"must be an int, not {type(value).__name__}")
     if value < minimum:
-        raise ConfigError(param, f"must be >= {minimum}, got {value!r}")
+        raise ConfigError(param, f"must be >= {minimum}, got {shown(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(param, f"must be <= {maximum}, got {shown(value)}")
     return int(value)
 
 
@@ -42,7 +73,8 @@ def check_cost(value: Any) -> int:
 
 
 def check_timeout(param: str, value: Any) -> float | None:
-    """A wait budget in seconds: None (no bound) or a finite number >= 0."""
+    """A wait budget in seconds: None (no bound) or a finite number >= 0 (any size: the waits
+    are slept in bounded parts, see ``LimiterBase._pause``)."""
     if value is None:
         return None
     return check_number(param, value, allow_zero=True)
