@@ -196,14 +196,14 @@ class AsyncRedisBackend:
         check = self._check
         if check is not None and not check.done():
             check.cancel()
-            if check.get_loop() is asyncio.get_running_loop():
-                # Awaited, so that a connection it was making is closed before the client is.
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await check
         batcher = self._batcher
         if batcher is not None and batcher.loop is asyncio.get_running_loop():
             self._batcher = None
             await batcher.aclose()
+        if check is not None and check.get_loop() is asyncio.get_running_loop():
+            # Awaited, so that a connection it was making is closed before the client is.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await check
         if self._owned:
             await self.client.aclose()
 
