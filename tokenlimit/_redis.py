@@ -452,8 +452,11 @@ class _Lanes:
             self._pool.release(conn)
 
     def forget(self) -> None:
-        """In a forked child: the sockets are the parent's; never use or close them."""
+        """In a forked child: the sockets are the parent's, never to be used or closed here;
+        the lock may be held for good by a parent thread, and the waiters were the parent's."""
         self._free = []
+        self._waiting = 0
+        self._lock = threading.Lock()
 
     def drop_idle(self) -> None:
         """Close every idle connection, held here or in the pool: their server answered
