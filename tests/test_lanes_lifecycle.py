@@ -16,6 +16,7 @@ import pytest
 
 from servers import Server
 from tokenlimit import BackendError, Limit, RateLimiter
+from tokenlimit._core import build_request
 
 SLOW = 0.001  # tokens per second: no refill worth speaking of during a test
 CHILD_WAIT = 10.0  # seconds a forked child gets to decide (its limiter's deadline is 5)
@@ -175,3 +176,35 @@ def test_closing_under_decisions_in_flight_never_touches_a_closed_descriptor(
     ] * threads
     assert limiter.try_acquire("close", limit).allowed  # on redis-py's path, reconnecting
     limiter.close()
+
+
+# -- cluster nodes replaced -------------------------------------------------------------------
+def test_the_lanes_of_a_replaced_cluster_node_are_closed_and_dropped(cluster: Any) -> None:
+    """The cluster client replaces a node's connection (as after a failover, a resharding to a
+    new node or a new topology): the next decision that reaches the new pool closes the
+    connections held on the old one, which no node uses any more, and forgets its lanes."""
+    limit = Limit(SLOW, 5)
+    with RateLimiter.from_url(cluster.url, timeout=5.0, local_cache=False) as limiter:
+        backend: Any = limiter.backend
+        client = backend.client
+        keys = [f"replaced:{i}" for i in range(30)]  # on every node, most likely
+        for key in keys:
+            assert limiter.try_acquire(key, limit).remaining == 4
+        node = client.get_node_from_key(build_request(limiter.prefix, keys[0], limit).keys[0])
+        old_pool = node.redis_connection.connection_pool
+        old_lanes = backend._node_lanes[old_pool]
+        held = [lane[0] for lane in old_lanes._free]
+        assert held
+        assert all(conn._sock is not None for conn in held)
+        others = dict(backend._node_lanes)
+        del others[old_pool]
+        assert others  # the keys reached other nodes too
+
+        node.redis_connection = None  # the client makes a new one, with a new pool
+        assert limiter.try_acquire(keys[0], limit).remaining == 3
+        new_pool = node.redis_connection.connection_pool
+        assert new_pool is not old_pool
+        assert old_pool not in backend._node_lanes
+        assert all(conn._sock is None for conn in held), "closed, not left open for good"
+        assert backend._node_lanes[new_pool] is not old_lanes
+        assert {p: backend._node_lanes[p] for p in others} == others  # the others untouched

@@ -135,16 +135,29 @@ class RedisBackend:
 
     def _lanes_for(self, key: str) -> _Lanes | None:
         """The lean path to the cluster node that serves ``key`` (None: use redis-py's)."""
-        if not self._lean:
+        node_lanes = self._node_lanes
+        if not self._lean or node_lanes is None:
             return None
         cluster: Any = self.client
         try:
             pool = cluster.get_redis_connection(cluster.get_node_from_key(key)).connection_pool
         except (rx.RedisError, OSError, AttributeError):
             return None  # redis-py's path reports it properly
-        lanes = self._node_lanes.get(pool)  # type: ignore[union-attr]
+        lanes = node_lanes.get(pool)
         if lanes is None:
-            lanes = self._node_lanes[pool] = _Lanes(pool, node=True)  # type: ignore[index]
+            # A pool not seen before: its node is new to us, maybe in place of one the client
+            # replaced or forgot (failover, resharding, a new topology). Lanes on pools that no
+            # node of the client's uses any more are dropped here, never per decision.
+            known = {
+                node.redis_connection.connection_pool
+                for node in cluster.get_nodes()
+                if node.redis_connection is not None
+            }
+            for gone in [seen for seen in list(node_lanes) if seen not in known]:
+                dropped = node_lanes.pop(gone, None)
+                if dropped is not None:
+                    dropped.drop()
+            lanes = node_lanes.setdefault(pool, _Lanes(pool, node=True))
         return lanes
 
     def run_script(
@@ -330,7 +343,7 @@ class _Lanes:
     closed under it: the number could then be reused by anything the process opens. ``close``
     therefore cuts the exchanges in flight short with a ``shutdown`` (which keeps the number)
     and waits until each has closed and given back its own connection, before the pool's
-    owner may close the rest. Once closed, calls take redis-py's path.
+    owner may close the rest. Once closed, or dropped, calls take redis-py's path.
 
     TLS sockets keep decrypted bytes that ``poll`` cannot see, so they go redis-py's way.
     """
@@ -340,14 +353,14 @@ class _Lanes:
         self._node = node  # a cluster node's pool, shared with the client (see _node_pool)
         self._free: list[tuple[Any, socket.socket, Any]] = []
         self._waiting = 0
-        # Bumped by drop_idle() and close(): an exchange that began before it ends by closing
-        # its connection, which reached a server now known to be a replica, or belongs to
-        # lanes that lend no more.
+        # Bumped by drop_idle(), close() and drop(): an exchange that began before it ends by
+        # closing its connection, which reached a server now known to be a replica, or
+        # belongs to lanes that lend no more.
         self._epoch = 0
         # Taken from the pool and not given back yet (idle here, or in an exchange): changed
         # under the lock, only when a connection comes from or goes back to the pool.
         self._held: set[Any] = set()
-        self._closed = False  # by close(): no exchange starts any more
+        self._closed = False  # by close() or drop(): no exchange starts any more
         self._cut = False  # by close(): the exchanges in flight were cut short
         self._lock = threading.Lock()
         self._given_back = threading.Condition(self._lock)
@@ -485,7 +498,7 @@ class _Lanes:
     def close(self) -> None:
         """Give every held connection back to the pool: idle ones now, those in an exchange
         once it has ended, cut short (see the class doc), waiting up to ``_CLOSE_WAIT``."""
-        self._stop()
+        self._stop(close=False)
         with self._lock:
             self._cut = True
             for conn in self._held:  # in an exchange, or given back by its thread right now
@@ -493,8 +506,13 @@ class _Lanes:
                     conn._sock.shutdown(socket.SHUT_RDWR)
             self._given_back.wait_for(lambda: not self._held, _CLOSE_WAIT)
 
-    def _stop(self) -> None:
-        """Start no exchange any more; give the idle connections back."""
+    def drop(self) -> None:
+        """No cluster node uses the pool any more: close every held connection, idle ones now
+        and those in an exchange when it ends (nobody closes that pool under them)."""
+        self._stop(close=True)
+
+    def _stop(self, *, close: bool) -> None:
+        """Start no exchange any more; give the idle connections back (closed if ``close``)."""
         with self._lock:
             self._closed = True
             self._epoch += 1  # an exchange in flight gives its connection back when it ends,
@@ -504,7 +522,7 @@ class _Lanes:
                 conn = self._free.pop()[0]
             except IndexError:
                 break
-            self._give_back(conn, close=False)
+            self._give_back(conn, close=close)
 
     def forget(self) -> None:
         """In a forked child: the sockets are the parent's, never to be used or closed here;
