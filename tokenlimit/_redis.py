@@ -135,16 +135,29 @@ class RedisBackend:
 
     def _lanes_for(self, key: str) -> _Lanes | None:
         """The lean path to the cluster node that serves ``key`` (None: use redis-py's)."""
-        if not self._lean:
+        node_lanes = self._node_lanes
+        if not self._lean or node_lanes is None:
             return None
         cluster: Any = self.client
         try:
             pool = cluster.get_redis_connection(cluster.get_node_from_key(key)).connection_pool
         except (rx.RedisError, OSError, AttributeError):
             return None  # redis-py's path reports it properly
-        lanes = self._node_lanes.get(pool)  # type: ignore[union-attr]
+        lanes = node_lanes.get(pool)
         if lanes is None:
-            lanes = self._node_lanes[pool] = _Lanes(pool, node=True)  # type: ignore[index]
+            # A pool not seen before: its node is new to us, maybe in place of one the client
+            # replaced or forgot (failover, resharding, a new topology). Lanes on pools that no
+            # node of the client's uses any more are dropped here, never per decision.
+            known = {
+                node.redis_connection.connection_pool
+                for node in cluster.get_nodes()
+                if node.redis_connection is not None
+            }
+            for gone in [seen for seen in list(node_lanes) if seen not in known]:
+                dropped = node_lanes.pop(gone, None)
+                if dropped is not None:
+                    dropped.drop()
+            lanes = node_lanes.setdefault(pool, _Lanes(pool, node=True))
         return lanes
 
     def run_script(
@@ -199,9 +212,10 @@ class RedisBackend:
             self._slots.failed(node)
 
     def close(self) -> None:
+        # The lanes first: no exchange of theirs may be left on a socket the client closes.
         if self._lanes is not None:
             self._lanes.close()
-        for lanes in (self._node_lanes or {}).values():
+        for lanes in list((self._node_lanes or {}).values()):
             lanes.close()
         if self._owned:
             self.client.close()
@@ -307,6 +321,7 @@ def address(pool: Any) -> str:
 
 
 _TLS = object()  # what _Lanes.call answers when the connection turns out to be TLS
+_CLOSE_WAIT = 1.0  # seconds _Lanes.close() waits for the exchanges it cut short to end
 _REDIRECTS = frozenset({"MOVED", "ASK", "TRYAGAIN"})  # cluster: the script did not run
 
 
@@ -325,6 +340,12 @@ class _Lanes:
     empty waits in the pool (a BlockingConnectionPool), where only ``release`` wakes it; so
     while anyone waits there (``_waiting``), finished connections go back to the pool instead.
 
+    An exchange reads and writes the socket's descriptor number, so that socket must not be
+    closed under it: the number could then be reused by anything the process opens. ``close``
+    therefore cuts the exchanges in flight short with a ``shutdown`` (which keeps the number)
+    and waits until each has closed and given back its own connection, before the pool's
+    owner may close the rest. Once closed, or dropped, calls take redis-py's path.
+
     TLS sockets keep decrypted bytes that ``poll`` cannot see, so they go redis-py's way.
     """
 
@@ -333,18 +354,28 @@ class _Lanes:
         self._node = node  # a cluster node's pool, shared with the client (see _node_pool)
         self._free: list[tuple[Any, socket.socket, Any]] = []
         self._waiting = 0
-        # Bumped by drop_idle(): an exchange that began before it ends by closing its
-        # connection, which reached a server now known to be a replica.
+        # Bumped by drop_idle(), close() and drop(): an exchange that began before it ends by
+        # closing its connection, which reached a server now known to be a replica, or
+        # belongs to lanes that lend no more.
         self._epoch = 0
+        # Taken from the pool and not given back yet (idle here, or in an exchange): changed
+        # under the lock, only when a connection comes from or goes back to the pool.
+        self._held: set[Any] = set()
+        self._closed = False  # by close() or drop(): no exchange starts any more
+        self._cut = False  # by close(): the exchanges in flight were cut short
         self._lock = threading.Lock()
+        self._given_back = threading.Condition(self._lock)
         _ALL_LANES.add(self)
 
     def call(self, payload: bytes, deadline: float) -> object:
-        """Send ``payload`` (one command) and return its reply (a ReplyError for an error)."""
+        """Send ``payload`` (one command) and return its reply (a ReplyError for an error), or
+        None if the lanes are closed: then nothing was sent, and redis-py's path takes it."""
         epoch = self._epoch  # before taking: drop_idle() may run while we take one
+        if self._closed:  # read after the epoch: close() sets it before bumping that
+            return None
         lane = self._take(deadline)
         if lane is None:
-            return _TLS
+            return None if self._closed else _TLS
         conn, sock, poller = lane
         clean = False
         try:
@@ -376,6 +407,8 @@ class _Lanes:
             clean = True
             return reply
         except (rx.RedisError, OSError) as exc:
+            if self._cut:
+                raise classify(rx.ConnectionError("the limiter was closed")) from exc
             raise classify(exc) from exc
         finally:
             if clean and epoch == self._epoch:
@@ -383,8 +416,7 @@ class _Lanes:
                 if self._waiting:
                     self._hand_back()
             else:
-                conn.disconnect()
-                self._pool.release(conn)
+                self._give_back(conn, close=True)
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -405,6 +437,17 @@ class _Lanes:
             conn = self._free.pop()[0]
         except IndexError:
             return
+        self._give_back(conn, close=False)
+
+    def _give_back(self, conn: Any, *, close: bool) -> None:
+        """Back to the pool, closed first if ``close``. No longer held from the moment this
+        thread is done with its socket, so that ``close()`` never shuts down one of the pool's."""
+        if close:
+            conn.disconnect()
+        with self._lock:
+            self._held.discard(conn)
+            if self._closed:
+                self._given_back.notify_all()
         self._pool.release(conn)
 
     def _take(self, deadline: float) -> tuple[Any, socket.socket, Any] | None:
@@ -418,15 +461,17 @@ class _Lanes:
             # and nothing readable before we send: not closed by the server, not out of step.
             if lane[0]._sock is lane[1] and not lane[2].poll(0):
                 return lane
-            lane[0].disconnect()
-            self._pool.release(lane[0])
+            self._give_back(lane[0], close=True)
         with self._lock:
+            if self._closed:
+                return None
             self._waiting += 1
         # Checked again now that a returning caller sees us waiting (it then hands back).
         if free:
             with self._lock:
                 self._waiting -= 1
             return self._take(deadline)
+        conn = None
         _deadline.at = deadline  # connecting, inside get_connection(), ends by it
         try:
             if self._node:
@@ -438,23 +483,56 @@ class _Lanes:
             _deadline.at = None
             with self._lock:
                 self._waiting -= 1
+                if conn is not None and not self._closed:
+                    self._held.add(conn)
+        if conn not in self._held:  # closed meanwhile: not held, so close() waits not for it
+            self._pool.release(conn)
+            return None
         sock = getattr(conn, "_sock", None)
         if not isinstance(sock, socket.socket) or _is_tls(sock):
-            self._pool.release(conn)
+            self._give_back(conn, close=False)
             return None
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLPRI)
         return conn, sock, poller
 
     def close(self) -> None:
-        """Give every held connection back to the pool."""
-        free, self._free = self._free, []
-        for conn, _, _ in free:
-            self._pool.release(conn)
+        """Give every held connection back to the pool: idle ones now, those in an exchange
+        once it has ended, cut short (see the class doc), waiting up to ``_CLOSE_WAIT``."""
+        self._stop(close=False)
+        with self._lock:
+            self._cut = True
+            for conn in self._held:  # in an exchange, or given back by its thread right now
+                with contextlib.suppress(OSError, AttributeError):  # closed meanwhile
+                    conn._sock.shutdown(socket.SHUT_RDWR)
+            self._given_back.wait_for(lambda: not self._held, _CLOSE_WAIT)
+
+    def drop(self) -> None:
+        """No cluster node uses the pool any more: close every held connection, idle ones now
+        and those in an exchange when it ends (nobody closes that pool under them)."""
+        self._stop(close=True)
+
+    def _stop(self, *, close: bool) -> None:
+        """Start no exchange any more; give the idle connections back (closed if ``close``)."""
+        with self._lock:
+            self._closed = True
+            self._epoch += 1  # an exchange in flight gives its connection back when it ends,
+            self._waiting += 1  # and so does one that saw the old epoch just before
+        while True:
+            try:
+                conn = self._free.pop()[0]
+            except IndexError:
+                break
+            self._give_back(conn, close=close)
 
     def forget(self) -> None:
-        """In a forked child: the sockets are the parent's; never use or close them."""
+        """In a forked child: the sockets are the parent's, never to be used or closed here;
+        the lock may be held for good by a parent thread, and the waiters were the parent's."""
         self._free = []
+        self._held = set()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._given_back = threading.Condition(self._lock)
 
     def drop_idle(self) -> None:
         """Close every idle connection, held here or in the pool: their server answered
@@ -468,8 +546,7 @@ class _Lanes:
                 conn = self._free.pop()[0]
             except IndexError:
                 break
-            conn.disconnect()
-            self._pool.release(conn)
+            self._give_back(conn, close=True)
         _disconnect_idle(self._pool)
 
 
@@ -492,8 +569,7 @@ class _SentinelLanes(_Lanes):
             primary = self._pool.master_address
             if lane is None or primary is None or (lane[0].host, lane[0].port) == primary:
                 return lane
-            lane[0].disconnect()
-            self._pool.release(lane[0])
+            self._give_back(lane[0], close=True)
 
 
 def _lanes_on(pool: Any) -> _Lanes:
