@@ -22,7 +22,7 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 
 # The redis-py releases the fast paths are tested on (tokenlimit/_redispy.py lists what they
 # touch). The newest is the lock's, in `tests`; these are the others pyproject admits.
-REDIS_PY = ["6.0", "6.4", "7.4", "8.0", "8.1"]
+REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer
 # anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
 # Starlette 0.37's test client passes).

@@ -255,7 +255,10 @@ class AsyncRedisBackend:
                 cause = error.__cause__
                 if isinstance(cause, rx.MovedError):
                     try:
-                        await cluster.nodes_manager.move_slot(cause)
+                        if available("NodesManager.move_slot"):
+                            await cluster.nodes_manager.move_slot(cause)
+                        else:
+                            await cluster.nodes_manager.initialize()
                     except (rx.RedisError, OSError) as exc:
                         raise classify(exc) from exc
                     asking = None

@@ -1,6 +1,6 @@
 """Every private part of redis-py (and of asyncio) that tokenlimit's fast paths touch, in one room.
 
-Tested on redis-py 6.0, 6.4, 7.4, 8.0, 8.1 and 8.2 (``noxfile.py``: ``tests``, ``compat``,
+Tested on redis-py 6.2, 6.4, 7.4, 8.0, 8.1 and 8.2 (``noxfile.py``: ``tests``, ``compat``,
 ``latest``). Each internal is probed once per process, on the installed versions, before a
 backend relies on it; where one is missing the backend takes redis-py's public path instead
 (correct, slower) and ``tokenlimit`` logs once which internal is gone. Nothing here may raise
@@ -21,7 +21,7 @@ internal                                   used for                        witho
 and ``StreamReader._buffer``               read per batch (``_batch``)     decision
 ``asyncio ConnectionPool._in_use_...``     linger only with room to spare; no linger
                                            retire in-use ones on READONLY
-``NodesManager.move_slot``                 follow one MOVED                re-read the slots
+``NodesManager.move_slot`` (7.4+)          follow one MOVED                re-read the slots
 =========================================  ==============================  ====================
 """
 
@@ -109,6 +109,10 @@ def available(name: str) -> bool:
     if not _found:
         reprobe()
     return _found[name]
+
+
+# A user's Sentinel client is copied (``_sentinel.private_pool``) with its
+# ``Sentinel._force_master_ip`` when set: read with getattr, absent on some versions.
 
 
 def missing() -> list[str]:

@@ -156,6 +156,16 @@ class _AsyncBlockingSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingConne
 
     async def aclose(self) -> None:
         await super().aclose()
+        await self._close_sentinels()
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        # The client's aclose() closes its pool with disconnect() before redis-py 8.2 and with
+        # aclose() since; redis-py's own failover path passes inuse_connections=False.
+        await super().disconnect(inuse_connections=inuse_connections)
+        if inuse_connections:
+            await self._close_sentinels()
+
+    async def _close_sentinels(self) -> None:
         for client in self.sentinel_manager.sentinels:
             await client.aclose()
 
@@ -181,7 +191,7 @@ def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSenti
     """A pool like a user's Sentinel client's (same sentinels, service, options), whose
     sentinel and primary connections never retry and end by the limiter's deadline: the
     user's own may wait for seconds, or for ever without a socket timeout."""
-    from ._url import _client_options
+    from ._url import MAX_CONNECTIONS, _client_options
 
     manager: Any = pool.sentinel_manager
     addresses = [
@@ -219,7 +229,9 @@ def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSenti
         pool.service_name,
         ours,
         connection_class=_deadline_class(pool.connection_class),
-        max_connections=pool.max_connections,
+        # A blocking pool fills its queue up front: at most as many as a URL's pool gets
+        # (redis-py 6's plain pools default to 2**31).
+        max_connections=min(pool.max_connections, MAX_CONNECTIONS),
         timeout=timeout,
         is_master=pool.is_master,
         check_connection=pool.check_connection,
