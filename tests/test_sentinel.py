@@ -223,6 +223,8 @@ def test_limiters_on_a_sentinel_client_of_ones_own(group: SentinelGroup) -> None
             assert (await AsyncRateLimiter(aclient, prefix="aown:").try_acquire("k", LIMIT)).allowed
         finally:
             await aclient.aclose()
+            for sentinel in manager.sentinels:  # the test's own clients, not the limiter's
+                await sentinel.aclose()
 
     asyncio.run(main())
     assert keys_on(group.primary, "own:")
