@@ -23,8 +23,9 @@ from redis.asyncio.cluster import RedisCluster
 from ._batch import Batcher, drop_if_stale, give_back, header
 from ._core import Request
 from ._errors import BackendError
-from ._redis import MAX_REDIRECTS, TRYAGAIN_PAUSE, address, classify
+from ._redis import address
 from ._redispy import available
+from ._reply_policy import MAX_REDIRECTS, TRYAGAIN_PAUSE, classify
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map

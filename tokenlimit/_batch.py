@@ -65,8 +65,9 @@ from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool
 
 from ._core import Request
-from ._redis import classify, unread_in_kernel
+from ._redis import unread_in_kernel
 from ._redispy import available
+from ._reply_policy import classify
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 

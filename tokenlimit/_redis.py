@@ -30,40 +30,15 @@ from redis.cluster import RedisCluster
 from ._core import Request
 from ._errors import BackendError
 from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
+from ._reply_policy import MAX_REDIRECTS, TRYAGAIN_PAUSE, classify
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import report
 from ._topology import SlotRefresher, stale_map
 
-__all__ = [
-    "MAX_REDIRECTS",
-    "TRYAGAIN_PAUSE",
-    "RedisBackend",
-    "address",
-    "classify",
-    "unread_in_kernel",
-]
-
-MAX_REDIRECTS = 5
+__all__ = ["RedisBackend", "address", "unread_in_kernel"]
 
 logger = logging.getLogger("tokenlimit")
-
-
-def classify(exc: BaseException) -> BackendError:
-    """Turn a driver error into a BackendError with a short reason."""
-    if isinstance(exc, (rx.TimeoutError, TimeoutError)):
-        reason = "timeout"
-    elif isinstance(exc, (rx.ConnectionError, OSError, ConnectionError)):
-        reason = "connection"
-    elif isinstance(exc, (rx.ClusterError, rx.ClusterDownError, rx.SlotNotCoveredError)):
-        reason = "cluster"
-    elif isinstance(exc, rx.ResponseError):
-        reason = "server"
-    else:
-        reason = "protocol"
-    error = BackendError(f"storage failed ({reason}): {exc}", reason=reason)
-    error.__cause__ = exc
-    return error
 
 
 class RedisBackend:
@@ -280,9 +255,6 @@ class RedisBackend:
                 raise classify(exc) from exc
             if time.monotonic() >= deadline:
                 raise classify(rx.TimeoutError("redirected until the limiter's deadline"))
-
-
-TRYAGAIN_PAUSE = 0.01  # seconds between two tries of a call whose slot is mid-migration
 
 
 def _pause_before_retry(deadline: float) -> bool:

@@ -100,7 +100,7 @@ def _driver_error(exc: Exception) -> BackendError | None:
     ``redis+cluster://`` client connects when it is made."""
     from redis import exceptions as rx
 
-    from ._redis import classify
+    from ._reply_policy import classify
 
     if isinstance(exc, rx.RedisClusterException):
         unreachable = isinstance(exc, rx.RedisClusterUnreachableError)
