@@ -121,8 +121,6 @@ def test_sync_without_the_connect_hooks_still_decides(without: str, target: Targ
 
 @pytest.mark.parametrize("without", ["NodesManager.move_slot"], indirect=True)
 def test_cluster_without_move_slot_rereads_the_slots(without: str) -> None:
-    from redis.exceptions import MovedError
-
     from tokenlimit._redis import _refresh_slot
 
     calls: list[str] = []
@@ -137,5 +135,5 @@ def test_cluster_without_move_slot_rereads_the_slots(without: str) -> None:
     class Cluster:
         nodes_manager = Manager()
 
-    _refresh_slot(Cluster(), MovedError("3999 127.0.0.1:7000"))
+    _refresh_slot(Cluster(), 3999, ("127.0.0.1", 7000))
     assert calls == ["initialize"]

@@ -3,9 +3,9 @@
 Why this talks to a pooled connection instead of ``client.evalsha``: redis-py retries a command
 that timed out, and a retried consuming script takes tokens twice (DESIGN: "the decision call must
 run at most once"). Here the script is sent once, the reply is awaited until the limiter's own
-deadline, and a connection whose reply is unknown is closed, never reused. The only resends are
-the ones that cannot double-count: EVAL after NOSCRIPT (the script did not run), and after a
-cluster MOVED/ASK/TRYAGAIN redirect (the node refused to run it).
+deadline, and a connection whose reply is unknown is closed, never reused. What follows an error
+reply (NOSCRIPT, MOVED, ASK, TRYAGAIN, READONLY) is ``_reply_policy``'s to decide; ``_call``
+only does its steps.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis import BlockingConnectionPool, Redis
 from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
+from . import _reply_policy as policy
 from ._core import Request
 from ._errors import BackendError
 from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
-from ._reply_policy import MAX_REDIRECTS, TRYAGAIN_PAUSE, classify
+from ._reply_policy import classify
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import report
@@ -75,38 +76,19 @@ class RedisBackend:
         deadline = time.monotonic() + timeout
         try:
             lanes = self._lanes if self._node_lanes is None else self._lanes_for(request.keys[0])
-            reply = None if lanes is None else self._fast(lanes, script, request, deadline)
-            if reply is None:
-                # redis-py's way: TLS, cluster redirects (the script did not run on a redirect).
-                reply = [int(x) for x in self._call(script, request, deadline)]
+            reply: object = None
+            if lanes is not None:  # the lean path: one write, one read (see _Lanes)
+                header = b"*%d\r\n" % (request.size + 2)
+                reply = lanes.call(header + script.evalsha + request.tail, deadline)
+            if type(reply) is not list:  # an error reply, or nothing sent yet
+                call = _script_call(script, request, lean=lanes is not None)
+                reply = [int(x) for x in self._call(call, deadline, lanes=lanes, first=reply)]
         except BackendError as error:
             self._failed(error, request.keys[0])
             raise
         if not self._checked:
             self._check_server(request.keys[0], deadline)
         return reply
-
-    def _fast(
-        self, lanes: _Lanes, script: Script, request: Request, deadline: float
-    ) -> list[int] | None:
-        """The decision on the lean path, or None where redis-py's path must take it."""
-        header = b"*%d\r\n" % (request.size + 2)
-        reply = lanes.call(header + script.evalsha + request.tail, deadline)
-        if isinstance(reply, ReplyError) and reply.code == "NOSCRIPT":
-            # The script did not run: sending its body cannot take tokens twice.
-            reply = lanes.call(header + script.eval + request.tail, deadline)
-        if isinstance(reply, ReplyError):
-            if reply.code in _REDIRECTS:
-                return None
-            if reply.code == "READONLY":  # a replica, likely a demoted primary (Sentinel)
-                lanes.drop_idle()
-            raise classify(reply.exception())
-        if reply is _TLS:
-            self._lanes = None
-            self._node_lanes = None if self._node_lanes is None else {}
-            self._lean = False
-            return None
-        return reply  # type: ignore[return-value]
 
     def _lanes_for(self, key: str) -> _Lanes | None:
         """The lean path to the cluster node that serves ``key`` (None: use redis-py's)."""
@@ -140,15 +122,16 @@ class RedisBackend:
     ) -> Any:
         """One call of another shipped script (concurrency slots), run at most once by the
         deadline: redis-py's path with the pool of ``decide``, no retries, NOSCRIPT reloaded."""
+        call = _script_call(script, Request(keys, args, (), 0), lean=False)
         try:
-            return self._call(script, Request(keys, args, (), 0), time.monotonic() + timeout)
+            return self._call(call, time.monotonic() + timeout)
         except BackendError as error:
             self._failed(error, keys[0])
             raise
 
     def reset(self, request: Request, *, timeout: float) -> None:
         try:
-            self._execute(("DEL", *request.keys), request.keys[0], time.monotonic() + timeout)
+            self._call(_Call(request.keys[0], ("DEL", *request.keys)), time.monotonic() + timeout)
         except BackendError as error:
             self._failed(error, request.keys[0])
             raise
@@ -198,84 +181,133 @@ class RedisBackend:
             # close(): a private Sentinel pool closes its sentinels' connections too.
             getattr(self._pool, "close", self._pool.disconnect)()
 
-    # -- plumbing -----------------------------------------------------------------------------
-    def _call(self, script: Script, request: Request, deadline: float) -> Any:
-        head = (len(request.keys), *request.keys, *request.args)
-        try:
-            return self._execute(("EVALSHA", script.sha, *head), request.keys[0], deadline)
-        except BackendError as error:
-            # The script cache can vanish at any time (restart, failover, SCRIPT FLUSH). The
-            # script did not run, so sending its body now cannot take tokens twice.
-            if not isinstance(error.__cause__, rx.NoScriptError):
-                raise
-        return self._execute(("EVAL", script.body, *head), request.keys[0], deadline)
+    # -- plumbing: the shell of the reply policy ---------------------------------------------
+    def _call(
+        self, call: _Call, deadline: float, *, lanes: _Lanes | None = None, first: object = None
+    ) -> Any:
+        """Send ``call``, then do each step ``_reply_policy`` gives until it is done.
 
-    def _execute(self, command: tuple[Any, ...], key: str, deadline: float) -> Any:
-        if not self.is_cluster:
-            return _pooled(self._lanes, self._pool, [command], deadline)[-1]
-        cluster: Any = self.client  # redis-py's cluster methods are untyped
-        asking: tuple[str, int] | None = None
-        redirects = 0
+        ``lanes``: the lean path to the key's server, for the attempts before any redirect;
+        ``first``: what it already answered to the call (None or ``_TLS``: nothing was sent).
+        """
+        state = policy.CallState(deadline=deadline, by_sha=call.body is not None)
+        asking: tuple[str, int] | None = None  # after an ASK: the node to send to, after ASKING
+        if first is _TLS:
+            self._no_lean()
+            lanes = first = None
+        reply = _UNSENT if first is None else first
         while True:
+            if reply is _UNSENT:
+                reply = self._attempt(call, state.by_sha, asking, lanes, deadline)
+            if not isinstance(reply, (ReplyError, BackendError)):
+                return reply
+            step, state = policy.next_step(policy.outcome_of(reply), state, time.monotonic())
+            reply = _UNSENT
+            match step:
+                case policy.Resend():  # to the same node: ``state`` now says the body goes
+                    pass
+                case policy.Redirect(node=node, slot=slot, asking=ask, refresh_slot=refresh):
+                    lanes = None  # redis-py's path from here on: it can send ASKING first
+                    if refresh:
+                        _refresh_slot(self.client, slot, node)
+                    asking = node if ask else None
+                case policy.Pause(seconds=seconds):
+                    lanes = asking = None
+                    time.sleep(seconds)
+                case policy.DropAndFail(error=error):
+                    self._forget_replica(lanes, call.key, asking)
+                    raise error
+                case policy.Fail(error=error):
+                    raise error
+                case policy.Done(reply=done):
+                    return done
+
+    def _attempt(
+        self,
+        call: _Call,
+        by_sha: bool,
+        asking: tuple[str, int] | None,
+        lanes: _Lanes | None,
+        deadline: float,
+    ) -> object:
+        """One send of ``call`` and its reply, or what ended it: a ``ReplyError`` (an error reply
+        on the lean path) or a ``BackendError``. On ``lanes`` if given and open, else pooled."""
+        try:
+            if lanes is not None:
+                reply = lanes.call(call.packed if by_sha else call.packed_body, deadline)
+                if reply is _TLS:
+                    self._no_lean()
+                elif reply is not None:
+                    return reply
+            command = call.command if by_sha or call.body is None else call.body
+            pool, held = self._target(call.key, asking)
+            commands = [command] if asking is None else [("ASKING",), command]
+            return _pooled(held, pool, commands, deadline)[-1]
+        except BackendError as error:
+            return error
+
+    def _target(self, key: str, asking: tuple[str, int] | None) -> tuple[Any, _Lanes | None]:
+        """The pool that serves ``key`` (or the ASK's node), and the lanes that hold some of its
+        connections."""
+        if not self.is_cluster:
+            return self._pool, self._lanes
+        cluster: Any = self.client  # redis-py's cluster methods are untyped
+        try:
+            if asking is None:
+                node = cluster.get_node_from_key(key)
+            else:
+                node = cluster.get_node(host=asking[0], port=asking[1])
+                if node is None:
+                    raise rx.ClusterError(f"unknown node {asking[0]}:{asking[1]}")
+            pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
+        except (rx.RedisError, OSError) as exc:  # slot not covered, node lookup
+            raise classify(exc) from exc
+        return pool, None if self._node_lanes is None else self._node_lanes.get(pool)
+
+    def _forget_replica(
+        self, lanes: _Lanes | None, key: str, asking: tuple[str, int] | None
+    ) -> None:
+        """DropAndFail: close the idle connections to the server that answered READONLY."""
+        if lanes is None:
             try:
-                if asking is None:
-                    node = cluster.get_node_from_key(key)
-                    commands = [command]
-                else:
-                    node = cluster.get_node(host=asking[0], port=asking[1])
-                    if node is None:
-                        raise rx.ClusterError(f"unknown node {asking[0]}:{asking[1]}")
-                    commands = [("ASKING",), command]
-                pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
-                lanes = None if self._node_lanes is None else self._node_lanes.get(pool)
-                return _pooled(lanes, pool, commands, deadline)[-1]
-            except BackendError as error:
-                cause = error.__cause__
-                if isinstance(cause, rx.TryAgainError):
-                    # The slot is mid-migration and this call's keys are split between the
-                    # two nodes; nothing ran. Such a window lasts as long as the resharding
-                    # tool takes between two MIGRATEs, so ask again until the deadline. The
-                    # ASK that led here was progress, not a redirect loop: the count restarts.
-                    asking = None
-                    redirects = 0
-                    if not _pause_before_retry(deadline):
-                        raise _split_slot(cause) from cause
-                    continue
-                if not isinstance(cause, (rx.MovedError, rx.AskError)):
-                    raise
-                redirects += 1
-                if redirects > MAX_REDIRECTS:
-                    raise _too_many_redirects(cause) from cause
-                if isinstance(cause, rx.MovedError):
-                    _refresh_slot(cluster, cause)
-                    asking = None
-                else:
-                    asking = (cause.host, cause.port)
-            except (rx.RedisError, OSError) as exc:  # slot not covered, node lookup
-                raise classify(exc) from exc
-            if time.monotonic() >= deadline:
-                raise classify(rx.TimeoutError("redirected until the limiter's deadline"))
+                pool, lanes = self._target(key, asking)
+            except BackendError:
+                return
+            if lanes is None:
+                _disconnect_idle(pool)
+                return
+        lanes.drop_idle()
+
+    def _no_lean(self) -> None:
+        """The connection turned out to be TLS: the lean path is off for good (see _Lanes)."""
+        self._lanes = None
+        self._node_lanes = None if self._node_lanes is None else {}
+        self._lean = False
 
 
-def _pause_before_retry(deadline: float) -> bool:
-    """Sleep ``TRYAGAIN_PAUSE`` if that leaves time for another try; False if it would not."""
-    left = deadline - time.monotonic()
-    if left <= TRYAGAIN_PAUSE:
-        return False
-    time.sleep(TRYAGAIN_PAUSE)
-    return True
+class _Call(NamedTuple):
+    """One call as redis-py's path sends it (``command``; ``body``, after NOSCRIPT, for a
+    script) and as the lean path does (``packed``, ``packed_body``: empty when not lean)."""
+
+    key: str
+    command: tuple[Any, ...]
+    body: tuple[Any, ...] | None = None
+    packed: bytes = b""
+    packed_body: bytes = b""
 
 
-def _split_slot(cause: BaseException) -> BackendError:
-    return BackendError(
-        f"storage failed (cluster): the slot stayed mid-migration until the deadline: {cause}",
-        reason="cluster",
-    )
+def _script_call(script: Script, request: Request, *, lean: bool) -> _Call:
+    head = (len(request.keys), *request.keys, *request.args)
+    packed = packed_body = b""
+    if lean:
+        header = b"*%d\r\n" % (request.size + 2)
+        packed = header + script.evalsha + request.tail
+        packed_body = header + script.eval + request.tail
+    sha, body = ("EVALSHA", script.sha, *head), ("EVAL", script.body, *head)
+    return _Call(request.keys[0], sha, body, packed, packed_body)
 
 
-def _too_many_redirects(cause: BaseException) -> BackendError:
-    return BackendError(f"storage failed (cluster): too many redirects: {cause}", reason="cluster")
-
+_UNSENT = object()  # _call: the next attempt is still to be made
 
 _CHECK_AT_LEAST = 0.005  # seconds of deadline left for the server check to be worth trying
 
@@ -294,7 +326,6 @@ def address(pool: Any) -> str:
 
 _TLS = object()  # what _Lanes.call answers when the connection turns out to be TLS
 _CLOSE_WAIT = 1.0  # seconds _Lanes.close() waits for the exchanges it cut short to end
-_REDIRECTS = frozenset({"MOVED", "ASK", "TRYAGAIN"})  # cluster: the script did not run
 
 
 class _Lanes:
@@ -701,11 +732,12 @@ def _left(deadline: float, configured: float | None) -> float:
     return left if configured is None else min(left, configured)
 
 
-def _refresh_slot(cluster: Any, moved: rx.MovedError) -> None:
+def _refresh_slot(cluster: Any, slot: int, node: tuple[str, int]) -> None:
+    """After MOVED: the client's slot map learns that ``node`` serves ``slot`` now."""
     manager = cluster.nodes_manager
     try:
         if available("NodesManager.move_slot"):
-            manager.move_slot(moved)
+            manager.move_slot(rx.MovedError(f"{slot} {node[0]}:{node[1]}"))
         else:
             manager.initialize()
     except (rx.RedisError, OSError) as exc:
