@@ -137,3 +137,33 @@ def test_cluster_without_move_slot_rereads_the_slots(without: str) -> None:
 
     _refresh_slot(Cluster(), 3999, ("127.0.0.1", 7000))
     assert calls == ["initialize"]
+
+
+@pytest.mark.parametrize("coroutine", [True, False], ids=["redis-py 8", "redis-py 7.4"])
+def test_async_move_slot_is_awaited_only_where_it_is_a_coroutine(coroutine: bool) -> None:
+    """The async ``NodesManager.move_slot`` is a coroutine function from redis-py 8.0, a plain
+    function in 7.4: either way the slot map learns the node that MOVED names."""
+    from redis.exceptions import MovedError
+
+    from tokenlimit._aredis import AsyncRedisBackend
+
+    moved: list[tuple[int, str, int]] = []
+
+    def record(error: MovedError) -> None:
+        moved.append((error.slot_id, error.host, error.port))
+
+    class Manager:
+        if coroutine:
+
+            async def move_slot(self, error: MovedError) -> None:
+                record(error)
+
+        else:
+
+            def move_slot(self, error: MovedError) -> None:
+                record(error)
+
+    backend = object.__new__(AsyncRedisBackend)
+    backend.client = type("Cluster", (), {"nodes_manager": Manager()})()  # type: ignore[assignment]
+    asyncio.run(backend._refresh_slot(3999, ("127.0.0.1", 7000)))
+    assert moved == [(3999, "127.0.0.1", 7000)]

@@ -4,7 +4,8 @@ closed), with ``asyncio`` bounding every step, connecting and pool waits include
 On a standalone server, decisions made concurrently in one event loop are batched: they share
 one pipelined write and one read, each still its own atomic script call, run at most once, each
 bounded by its own deadline (see ``_batch``). On a cluster each decision makes its own exchange
-with its node, following MOVED/ASK/TRYAGAIN redirects (the script did not run on a redirect).
+with its node; what follows an error reply is ``_reply_policy``'s to decide, ``_call`` only does
+its steps.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -20,12 +23,13 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from ._batch import Batcher, drop_if_stale, give_back, header
+from . import _reply_policy as policy
+from ._batch import Batcher, drop_if_stale, forget_replica, give_back, header, retire
 from ._core import Request
 from ._errors import BackendError
 from ._redis import address
 from ._redispy import available
-from ._reply_policy import MAX_REDIRECTS, TRYAGAIN_PAUSE, classify
+from ._reply_policy import classify
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map
@@ -128,8 +132,11 @@ class AsyncRedisBackend:
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         script = self._acquire if consume else self._peek
         if self._unbatched:
+            deadline = time.monotonic() + timeout
             try:
-                reply = await _bounded(self._call(script, request), timeout)
+                reply = await _bounded(
+                    self._call(*_script_call(script, request), deadline), timeout
+                )
             except BackendError as error:  # a node gone silent: look for the new master
                 if self._slots is not None and stale_map(error):
                     self._slots.failed(self._name(request.keys[0]))
@@ -168,19 +175,24 @@ class AsyncRedisBackend:
     ) -> Any:
         """One call of another shipped script (concurrency slots), run at most once by the
         deadline, outside the batches: NOSCRIPT reloaded, cluster redirects followed."""
+        call = _script_call(script, Request(keys, args, (), 0))
         try:
-            return await _bounded(self._call(script, Request(keys, args, (), 0)), timeout)
+            return await _bounded(self._call(*call, time.monotonic() + timeout), timeout)
         except BackendError as error:
             if self._slots is not None and stale_map(error):
                 self._slots.failed(self._name(keys[0]))
             raise
 
     async def reset(self, request: Request, *, timeout: float) -> None:
-        await _bounded(self._execute(("DEL", *request.keys), request.keys[0]), timeout)
+        command = ("DEL", *request.keys)
+        await _bounded(
+            self._call(request.keys[0], command, None, time.monotonic() + timeout), timeout
+        )
 
     async def _ask_info(self, key: str, timeout: float) -> tuple[str | None, Any]:
         """``INFO memory`` from the server (the cluster node) of ``key``, and its address."""
-        reply = await _bounded(self._execute(("INFO", "memory"), key), timeout)
+        info = self._call(key, ("INFO", "memory"), None, time.monotonic() + timeout)
+        reply = await _bounded(info, timeout)
         return self._name(key), reply
 
     def _name(self, key: str) -> str | None:
@@ -208,75 +220,95 @@ class AsyncRedisBackend:
         if self._owned:
             await self.client.aclose()
 
-    async def _call(self, script: Script, request: Request) -> Any:
-        head = (len(request.keys), *request.keys, *request.args)
-        try:
-            return await self._execute(("EVALSHA", script.sha, *head), request.keys[0])
-        except BackendError as error:
-            # The script did not run (NOSCRIPT), so sending its body cannot take tokens twice.
-            if not isinstance(error.__cause__, rx.NoScriptError):
-                raise
-        return await self._execute(("EVAL", script.body, *head), request.keys[0])
+    # -- the shell of the reply policy ------------------------------------------------------
+    async def _call(
+        self, key: str, command: tuple[Any, ...], body: tuple[Any, ...] | None, deadline: float
+    ) -> Any:
+        """Send ``command`` (``body``, the script's, once NOSCRIPT asks for it), then do each
+        step ``_reply_policy`` gives until it is done."""
+        state = policy.CallState(deadline=deadline, by_sha=body is not None)
+        asking: tuple[str, int] | None = None  # after an ASK: the node to send to, after ASKING
+        while True:
+            sent = command if state.by_sha or body is None else body
+            reply, conn = await self._attempt(sent, key, asking)
+            if not isinstance(reply, BackendError):
+                return reply
+            step, state = policy.next_step(policy.outcome_of(reply), state, time.monotonic())
+            match step:
+                case policy.Resend():  # to the same node: ``state`` now says the body goes
+                    pass
+                case policy.Redirect(node=node, slot=slot, asking=ask, refresh_slot=refresh):
+                    if refresh:
+                        await self._refresh_slot(slot, node)
+                    asking = node if ask else None
+                case policy.Pause(seconds=seconds):
+                    asking = None
+                    await asyncio.sleep(seconds)
+                case policy.DropAndFail(error=error):
+                    if self.is_cluster:  # the node's pool is the client's: this one connection
+                        retire((conn,))
+                    else:
+                        await forget_replica(self.client.connection_pool)  # type: ignore[union-attr]
+                    raise error
+                case policy.Fail(error=error):
+                    raise error
+                case policy.Done(reply=done):
+                    return done
 
-    async def _execute(self, command: tuple[Any, ...], key: str) -> Any:
+    async def _attempt(
+        self, command: tuple[Any, ...], key: str, asking: tuple[str, int] | None
+    ) -> tuple[object, Any]:
+        """One send of ``command`` and its reply, or the BackendError that ended it; with the
+        connection it went on (None if none was had)."""
         if not self.is_cluster:
             client: Redis = self.client  # type: ignore[assignment]
             pool = client.connection_pool
             try:
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             except (rx.RedisError, OSError) as exc:
-                raise classify(exc) from exc
+                return classify(exc), None
             try:
-                return (await _roundtrip(conn, [command]))[-1]
+                return (await _roundtrip(conn, [command]))[-1], conn
+            except BackendError as error:
+                return error, conn
             finally:
                 # _roundtrip closed it if cut short; a connection retired meanwhile is closed
                 # here, so the pool never hands it to the client's other users.
                 await give_back(pool, conn, clean=True)
 
         cluster: RedisCluster = self.client  # type: ignore[assignment]
-        asking: tuple[str, int] | None = None
-        redirects = 0
-        while redirects <= MAX_REDIRECTS:
-            try:
-                await cluster.initialize()
-                if asking is None:
-                    node = cluster.get_node_from_key(key)
-                    commands = [command]
-                else:
-                    node = cluster.get_node(host=asking[0], port=asking[1])
-                    commands = [("ASKING",), command]
-                if node is None:
-                    raise rx.ClusterError("no node serves this key")
-                conn = await self._connection(node)
-            except (rx.RedisError, OSError) as exc:
-                raise classify(exc) from exc
-            try:
-                return (await _roundtrip(conn, commands))[-1]
-            except BackendError as error:
-                cause = error.__cause__
-                if isinstance(cause, rx.MovedError):
-                    try:
-                        if available("NodesManager.move_slot"):
-                            await cluster.nodes_manager.move_slot(cause)
-                        else:
-                            await cluster.nodes_manager.initialize()
-                    except (rx.RedisError, OSError) as exc:
-                        raise classify(exc) from exc
-                    asking = None
-                elif isinstance(cause, rx.AskError):
-                    asking = (cause.host, cause.port)
-                elif isinstance(cause, rx.TryAgainError):  # keys split mid-migration (_redis)
-                    asking = None
-                    redirects = 0  # progress, not a loop: only the deadline (_bounded) ends it
-                    await asyncio.sleep(TRYAGAIN_PAUSE)
-                    continue
-                else:
-                    raise
-                redirects += 1
-            finally:
-                node.release(conn)
-                self._gates[node.name].release()
-        raise BackendError("storage failed (cluster): too many redirects", reason="cluster")
+        try:
+            await cluster.initialize()
+            if asking is None:
+                node = cluster.get_node_from_key(key)
+            else:
+                node = cluster.get_node(host=asking[0], port=asking[1])
+            if node is None:
+                raise rx.ClusterError("no node serves this key")
+            conn = await self._connection(node)
+        except (rx.RedisError, OSError) as exc:
+            return classify(exc), None
+        commands = [command] if asking is None else [("ASKING",), command]
+        try:
+            return (await _roundtrip(conn, commands))[-1], conn
+        except BackendError as error:
+            return error, conn
+        finally:
+            node.release(conn)
+            self._gates[node.name].release()
+
+    async def _refresh_slot(self, slot: int, node: tuple[str, int]) -> None:
+        """After MOVED: the client's slot map learns that ``node`` serves ``slot`` now."""
+        manager: Any = self.client.nodes_manager  # type: ignore[union-attr]
+        try:
+            if available("NodesManager.move_slot"):
+                moved = manager.move_slot(rx.MovedError(f"{slot} {node[0]}:{node[1]}"))
+                if inspect.isawaitable(moved):  # a coroutine from redis-py 8, None before
+                    await moved
+            else:
+                await manager.initialize()
+        except (rx.RedisError, OSError) as exc:
+            raise classify(exc) from exc
 
     async def _connection(self, node: Any) -> Any:
         """A connection to a cluster node, waiting (within the caller's deadline) while all of
@@ -298,6 +330,12 @@ class AsyncRedisBackend:
         except BaseException:
             gate.release()
             raise
+
+
+def _script_call(script: Script, request: Request) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
+    """``key, command, body`` of a script's call, for ``_call``."""
+    head = (len(request.keys), *request.keys, *request.args)
+    return request.keys[0], ("EVALSHA", script.sha, *head), ("EVAL", script.body, *head)
 
 
 async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:

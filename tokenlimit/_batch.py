@@ -45,13 +45,10 @@ How, per (backend, event loop), in one ``Batcher``:
   even while the lane's task is stuck inside redis-py: below Python 3.12 redis-py's connect
   sends through ``asyncio.wait_for``, which can swallow a cancellation (see ``_aredis._bounded``),
   so a lane past its deadline is cancelled again every ``_RECANCEL`` seconds until it ends.
-- An error reply concerns its own decision only. NOSCRIPT means that script did not run, so the
-  decision is resubmitted once as EVAL with the body, in a later batch, with the same deadline.
-- READONLY means the server is a replica now (a demoted primary): the lane closes its own
-  connection and the pool's idle ones, and *retires* the pool's connections in use elsewhere
-  at that moment (another lane lingering on one, the background server check): each is closed
-  before its next use or when it is given back (``drop_if_stale``, ``give_back``), so none
-  serves another call on the demoted server.
+- An error reply concerns its own decision only, and ``_reply_policy`` says what follows it
+  (``_Lane._odd``): a NOSCRIPT'd decision is resubmitted as EVAL, in a later batch, with the same
+  deadline; after READONLY the lane closes its connection, and ``forget_replica`` the pool's
+  idle ones and *retires* those in use (closed before their next use or when given back).
 """
 
 from __future__ import annotations
@@ -64,6 +61,7 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool
 
+from . import _reply_policy as policy
 from ._core import Request
 from ._redis import unread_in_kernel
 from ._redispy import available
@@ -71,7 +69,15 @@ from ._reply_policy import classify
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 
-__all__ = ["MAX_BATCH", "Batcher", "drop_if_stale", "give_back", "header"]
+__all__ = [
+    "MAX_BATCH",
+    "Batcher",
+    "drop_if_stale",
+    "forget_replica",
+    "give_back",
+    "header",
+    "retire",
+]
 
 MAX_BATCH = 256  # commands per batch: one write never grows without bound
 _RECANCEL = 0.01  # seconds between cancellations of a lane that outlived its deadline
@@ -333,8 +339,7 @@ class _Lane:
                     self._write(conn)
                 await self._read(conn)
                 if self.demoted:
-                    _RETIRED.update(getattr(pool, "_in_use_connections", ()))
-                    await _forget_replica(pool)
+                    await forget_replica(pool)
                     break  # not clean: closed, so that its next use asks for the primary
                 clean = True
                 if self.timer is not None:
@@ -453,22 +458,26 @@ class _Lane:
             waiting.set_result(False)
 
     def _odd(self, member: Member, reply: object) -> None:
-        """A reply that is not a script's array: an error reply, most likely."""
+        """A reply that is not a script's array: an error reply, most likely. Its step is the
+        reply policy's; a batch follows no redirect (a standalone server sends none)."""
         future, deadline, _, script, request = member
-        if isinstance(reply, ReplyError) and reply.code == "READONLY":
-            self.demoted = True  # a replica, likely a demoted primary (Sentinel)
+        if not isinstance(reply, ReplyError):
+            reply = rx.InvalidResponse(f"tokenlimit: unexpected reply {reply!r:.40}")
+        outcome = policy.outcome_of(reply)
+        state = policy.CallState(deadline=deadline, by_sha=script is not None)
+        step, _ = policy.next_step(outcome, state, self.batcher.loop.time())
+        if isinstance(step, policy.DropAndFail):
+            self.demoted = True  # whoever waits for this reply: the lane stops (_run)
         if future.done():
             return
-        if isinstance(reply, ReplyError):
-            if reply.code == "NOSCRIPT" and script is not None:
-                # The script did not run: sending its body cannot take tokens twice.
+        match step:
+            case policy.Resend() if script is not None:
                 command = header(request.size + 2) + script.eval + request.tail
                 self.batcher.submit(future, deadline, command, None, request)
-            else:
-                future.set_exception(classify(reply.exception()))
-        else:
-            error = rx.InvalidResponse(f"tokenlimit: unexpected reply {reply!r:.40}")
-            future.set_exception(classify(error))
+            case policy.Fail(error=error) | policy.DropAndFail(error=error):
+                future.set_exception(error)
+            case _:  # a redirect or a pause: not followed here
+                future.set_exception(outcome.error)
 
     def _fail(self, exc: BaseException) -> None:
         """Every member without its reply yet: failed, outcome unknown."""
@@ -496,10 +505,17 @@ def _healthy(conn: Any) -> bool:
     )
 
 
-async def _forget_replica(pool: Any) -> None:
-    """Close the pool's idle connections: their server answered READONLY, so the next
-    connection must look for the primary again (on a Sentinel pool, connecting asks the
-    sentinels)."""
+def retire(conns: Any) -> None:
+    """Close each of ``conns`` before its next use or when it is given back (``drop_if_stale``,
+    ``give_back``): their server answered READONLY, so none may serve another call on it."""
+    _RETIRED.update(conns)
+
+
+async def forget_replica(pool: Any) -> None:
+    """Retire the pool's connections in use and close its idle ones: their server answered
+    READONLY, so the next connection must look for the primary again (on a Sentinel pool,
+    connecting asks the sentinels)."""
+    retire(getattr(pool, "_in_use_connections", ()))
     with contextlib.suppress(rx.RedisError, OSError):
         await pool.disconnect(inuse_connections=False)
 
