@@ -268,7 +268,7 @@ def test_a_backend_error_without_a_cause_fails_as_it_is() -> None:
 
 # -- the invariant, over random sequences of outcomes -----------------------------------------
 def _may_have_run(outcome: Outcome) -> bool:
-    """Told apart from the policy: only the five refusals say the call did not run."""
+    """Told apart from the policy: only the five refusals say the call took nothing."""
     return not isinstance(outcome, (NoScript, Moved, Ask, TryAgain, ReadOnly))
 
 

@@ -98,7 +98,7 @@ class TryAgain(_Erred):
 
 
 class ReadOnly(_Erred):
-    """READONLY: the server is a replica (likely a demoted primary); the call did not run."""
+    """READONLY: the server is a replica (likely a demoted primary); the call wrote nothing."""
 
     __slots__ = ()
 
