@@ -119,6 +119,27 @@ def test_sync_without_the_connect_hooks_still_decides(without: str, target: Targ
         limiter.close()
 
 
+def test_a_tls_socket_turns_the_lean_path_off(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean path reads raw sockets, so a TLS one sends it redis-py's way for good, before
+    anything is sent on it; the reply policy still runs there (NOSCRIPT after a flush)."""
+    import tokenlimit._redis
+
+    monkeypatch.setattr(tokenlimit._redis, "_is_tls", lambda sock: True)
+    limiter = RateLimiter.from_url(target.url, timeout=5.0, prefix="tls:")
+    client = target.client()
+    try:
+        assert limiter.try_acquire("k", LIMIT).remaining == 4
+        assert limiter.backend._lean is False  # type: ignore[attr-defined]
+        client.script_flush()
+        assert admitted([limiter.try_acquire("k", LIMIT).allowed for _ in range(8)]) == 4
+        assert limiter.peek("k", LIMIT).remaining == 0
+    finally:
+        limiter.close()
+        client.close()
+
+
 @pytest.mark.parametrize("without", ["NodesManager.move_slot"], indirect=True)
 def test_cluster_without_move_slot_rereads_the_slots(without: str) -> None:
     from tokenlimit._redis import _refresh_slot
