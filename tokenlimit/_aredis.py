@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from ._batch import Batcher, drop_if_stale, give_back, header
-from ._core import Request
 from ._errors import BackendError
 from ._redis import MAX_REDIRECTS, TRYAGAIN_PAUSE, address, classify
 from ._redispy import available
+from ._request import Request
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map

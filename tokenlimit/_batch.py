@@ -64,9 +64,9 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool
 
-from ._core import Request
 from ._redis import classify, unread_in_kernel
 from ._redispy import available
+from ._request import Request
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from ._core import achoose_limits, choose_limits
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
 from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._plan import achoose_limits, choose_limits
 from ._validate import check_cost, check_timeout, shown
 
 __all__ = ["Guard", "KeyOf", "is_per_call", "key_function", "needs_a_call"]

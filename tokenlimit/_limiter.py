@@ -9,21 +9,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _switch
-from ._base import LimiterBase
-from ._core import (
-    DEFAULT_PREFIX,
-    DEFAULT_TIMEOUT,
-    Request,
-    achoose_limits,
-    check_deadline,
-    fail_open_decision,
-)
-from ._decision import Decision
+from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
+from ._decision import Decision, fail_open_decision
 from ._errors import BackendError, ConfigTypeError
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
-from ._validate import check_key, check_timeout
+from ._plan import achoose_limits
+from ._request import Request
+from ._validate import check_deadline, check_key, check_timeout
 
 if TYPE_CHECKING:
     from ._concurrency import AsyncConcurrency, Concurrency

@@ -27,9 +27,9 @@ from redis import BlockingConnectionPool, Redis
 from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
-from ._core import Request
 from ._errors import BackendError
 from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
+from ._request import Request
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import report

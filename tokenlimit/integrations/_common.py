@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenlimit._core import achoose_limits, choose_limits
 from tokenlimit._decision import Decision
 from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit, coerce_limits
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit._memory import AsyncMemoryBackend, MemoryBackend
+from tokenlimit._plan import achoose_limits, choose_limits
 from tokenlimit._validate import check_cost
 
 __all__ = [

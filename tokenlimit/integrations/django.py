@@ -56,21 +56,16 @@ from django.utils.functional import LazyObject
 from django.utils.module_loading import import_string
 from django.views import View
 
+from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
 from tokenlimit._config import limiter_pair
-from tokenlimit._core import (
-    DEFAULT_PREFIX,
-    DEFAULT_TIMEOUT,
-    ThrottledLog,
-    check_deadline,
-    check_failure_mode,
-    check_prefix,
-    chosen_limits,
-)
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._log import ThrottledLog
 from tokenlimit._metrics import MetricsSink
+from tokenlimit._plan import chosen_limits
 from tokenlimit._url import parse_url
+from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
 from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,

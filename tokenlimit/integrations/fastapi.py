@@ -31,11 +31,11 @@ from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenlimit._config import default_async_limiter
-from tokenlimit._core import ThrottledLog
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._log import ThrottledLog
 from tokenlimit.integrations._common import (
     Policy,
     call_key,

@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 from flask import Flask, Response, current_app, g, request
 
 from tokenlimit._config import default_sync_limiter
-from tokenlimit._core import ThrottledLog, chosen_limits
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._log import ThrottledLog
+from tokenlimit._plan import chosen_limits
 from tokenlimit.integrations._common import (
     Policy,
     custom_identity,
