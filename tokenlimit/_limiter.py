@@ -15,7 +15,7 @@ from ._errors import BackendError, ConfigTypeError
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
-from ._plan import achoose_limits
+from ._plan import LimitPlan
 from ._request import Request
 from ._validate import check_deadline, check_key, check_timeout
 
@@ -255,7 +255,7 @@ class AsyncRateLimiter(LimiterBase):
     async def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from every limit, all or none. Never raises on refusal."""
         if callable(limit):  # a limit chooser, maybe async: await what it chooses
-            limit = await self._choose(key, limit)
+            limit = await self._choose(key, limit, cost)
         return await self._decide(self._request(key, limit, cost), consume=True)
 
     async def acquire(
@@ -265,7 +265,7 @@ class AsyncRateLimiter(LimiterBase):
         wait needed is longer than ``timeout`` (``0``: do not wait; ``None``: no bound)."""
         wait = check_timeout("timeout", timeout)
         if callable(limit):
-            limit = await self._choose(key, limit)
+            limit = await self._choose(key, limit, cost)
         request = self._request(key, limit, cost)
         deadline = math.inf if wait is None else time.monotonic() + wait
         while True:
@@ -277,7 +277,7 @@ class AsyncRateLimiter(LimiterBase):
     async def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
         """What ``try_acquire`` would answer now, consuming nothing."""
         if callable(limit):
-            limit = await self._choose(key, limit)
+            limit = await self._choose(key, limit, cost)
         return await self._decide(self._request(key, limit, cost), consume=False)
 
     async def reset(self, key: str, limit: Any) -> None:
@@ -291,10 +291,10 @@ class AsyncRateLimiter(LimiterBase):
             self._forget(request)
 
     @staticmethod
-    async def _choose(key: Any, choose: Any) -> tuple[Limit, ...]:
+    async def _choose(key: Any, choose: Any, cost: Any = 1) -> tuple[Limit, ...]:
         """``choose(key)``, awaited if it is async: the limit(s) for this call (tiers)."""
         check_key(key)  # a bad key fails as one before the chooser sees it
-        return await achoose_limits(choose, key)
+        return await LimitPlan.of(limit=choose, cost=cost).alimits_for(key)
 
     async def _decide(self, request: Request, *, consume: bool) -> Decision:
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing

@@ -11,11 +11,10 @@ import binascii
 import hashlib
 from typing import Any, NamedTuple
 
-from ._errors import ConfigError
-from ._limit import Limit, coerce_limits
-from ._plan import choose_limits
+from ._limit import Limit
+from ._plan import LimitPlan
 from ._resp import pack_bulk
-from ._validate import check_cost, check_key, shown
+from ._validate import check_key
 
 __all__ = ["Request", "build_request", "identity_tag"]
 
@@ -83,23 +82,18 @@ def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
                     _cache.clear()
                 _cache[entry] = request
         return request
-    if callable(limit):  # a chooser (tiers): cached by the limit it chose, never by itself
-        check_key(key)
-        return build_request(prefix, key, choose_limits(limit, key), cost)
     return _build(prefix, key, limit, cost)
 
 
 def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
+    # One limit and a cost within its burst: the plan's checks, passed at a glance.
     if type(limit) is Limit and type(cost) is int and 1 <= cost <= limit.burst:
         return _build_one(prefix, check_key(key), limit, cost)
-    identity = check_key(key)
-    limits = coerce_limits(limit)
-    cost = check_cost(cost)
-    smallest = min(lim.burst for lim in limits)
-    if cost > smallest:
-        raise ConfigError(
-            "cost", f"{shown(cost)} exceeds the burst {smallest}; it could never be admitted"
-        )
+    identity = check_key(key)  # first: a bad key fails as one, before a chooser sees it
+    plan = LimitPlan.of(limit=limit, cost=cost, name="limit")
+    if plan.choose is not None:  # tiers: cached by the limits it chose, never by the chooser
+        return build_request(prefix, key, plan.limits_for(key), plan.cost)
+    limits, cost = plan.limits, plan.cost
     head = f"{prefix}{{{identity_tag(identity)}}}"
     keys = tuple(head + lim._id for lim in limits)
     args = [str(cost)]

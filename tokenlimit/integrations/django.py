@@ -690,9 +690,10 @@ def ratelimit(
 ) -> Callable[[V], V]:
     """Limit one view (function or class-based, sync or async) with its own bucket.
 
-    ``limit`` is a ``Limit``, a string like ``"10/minute"`` (``burst`` overrides its count), or a
-    list of them. ``key`` takes the request and returns the identity (None: the default, as the
-    middleware does, honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
+    ``limit`` is a number per second or a string like ``"10/minute"`` (``burst`` sets the
+    capacity), a ``Limit``, a list of them, or a callable choosing them per request. ``key``
+    takes the request and returns the identity (None: the default, as the middleware does,
+    honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
     ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
     ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too (on an ``async def``
     method only from Django 5.0, whose ``method_decorator`` first supports them). ``shadow``

@@ -279,6 +279,7 @@ class RateLimitMiddleware(_Guarded):
         app: ASGIApp,
         *,
         limit: LimitArg,
+        burst: int | None = None,
         key: KeyFunc | None = None,
         cost: int = 1,
         limiter: Limiter | None = None,
@@ -294,6 +295,7 @@ class RateLimitMiddleware(_Guarded):
         self._router = _find_router(app)  # the stack below is built before this layer
         policy = Policy.build(
             limit,
+            burst=burst,
             key=key,
             cost=cost,
             exempt=exempt,
