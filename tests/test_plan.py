@@ -203,6 +203,100 @@ def test_integration_errors_name_their_parameters(limit: Any, burst: Any, param:
         assert info.value.param == param
 
 
+# -- a decorator's chooser gets the bound arguments, defaults applied ---------------------------
+FREE = Limit.per_hour(1, name="free")
+PRO = Limit.per_hour(3, name="pro")
+
+
+def plans(user: str, plan: str) -> Limit:
+    return PRO if plan == "pro" else FREE
+
+
+async def aplans(user: str, plan: str) -> Limit:
+    await asyncio.sleep(0)
+    return plans(user, plan)
+
+
+def test_sync_chooser_on_a_def_gets_defaults() -> None:
+    lim = RateLimiter.from_url("memory://")
+    seen: list[tuple[Any, ...]] = []
+
+    def choose(user: str, plan: str, *, region: str) -> Limit:
+        seen.append((user, plan, region))
+        return plans(user, plan)
+
+    @lim.limit(limit=choose, key="u:{user}")
+    def handler(user: str, plan: str = "free", *, region: str = "eu") -> str:
+        return user
+
+    assert handler("a") == "a"
+    with pytest.raises(RateLimitExceeded) as info:
+        handler("a")
+    assert info.value.decision.policy == FREE
+    assert handler("b", "pro", region="us") == "b"
+    assert handler(user="b", plan="pro") == "b"
+    assert seen == [
+        ("a", "free", "eu"),
+        ("a", "free", "eu"),
+        ("b", "pro", "us"),
+        ("b", "pro", "eu"),
+    ]
+    assert lim.peek("u:b", PRO).remaining == 1
+
+
+@pytest.mark.parametrize("chooser_kind", ["sync", "async"])
+@pytest.mark.parametrize("limiter_kind", ["sync", "async"])
+def test_chooser_on_an_async_def_gets_defaults(chooser_kind: str, limiter_kind: str) -> None:
+    lim: Any = (RateLimiter if limiter_kind == "sync" else AsyncRateLimiter).from_url("memory://")
+    choose = plans if chooser_kind == "sync" else aplans
+
+    @rate_limit(limit=choose, key="u:{user}", limiter=lim)
+    async def handler(user: str, plan: str = "free") -> str:
+        return user
+
+    async def main() -> None:
+        assert await handler("a") == "a"
+        with pytest.raises(RateLimitExceeded) as info:
+            await handler("a")
+        assert info.value.decision.policy == FREE
+        for _ in range(3):
+            assert await handler("b", plan="pro") == "b"
+        with pytest.raises(RateLimitExceeded):
+            await handler("b", "pro")
+
+    asyncio.run(main())
+
+
+def test_chooser_gets_var_positional_and_var_keyword_arguments() -> None:
+    lim = RateLimiter.from_url("memory://")
+    seen: list[Any] = []
+
+    def choose(first: str, *rest: Any, scale: int, **extra: Any) -> Limit:
+        seen.append((first, rest, scale, extra))
+        return PRO
+
+    @lim.limit(limit=choose, key="k")
+    def handler(first: str, *rest: Any, scale: int = 1, **extra: Any) -> None:
+        return None
+
+    handler("x", 1, 2, tag="t")
+    assert seen == [("x", (1, 2), 1, {"tag": "t"})]
+
+
+def test_a_call_that_does_not_bind_is_the_functions_own_type_error() -> None:
+    lim = RateLimiter.from_url("memory://")
+    chosen: list[Any] = []
+
+    @lim.limit(limit=lambda user, plan: chosen.append(user) or FREE, key="k")
+    def handler(user: str, plan: str = "free") -> None:
+        return None
+
+    with pytest.raises(TypeError):
+        handler()  # type: ignore[call-arg]
+    assert chosen == []
+    assert lim.peek("k", FREE).remaining == 1
+
+
 # -- the plan itself ---------------------------------------------------------------------------
 def test_every_spelling_makes_one_plan() -> None:
     from tokenlimit._plan import LimitPlan

@@ -16,7 +16,7 @@ from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
-from ._plan import Chooser, LimitPlan
+from ._plan import Chooser, LimitPlan, bound_arguments
 from ._validate import check_timeout
 
 __all__ = ["Guard", "KeyOf", "is_per_call", "key_function", "needs_a_call"]
@@ -75,9 +75,7 @@ def key_function(key: Any, func: Callable[..., Any]) -> KeyOf:
         )
 
     def from_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
+        values = dict(bound_arguments(signature, args, kwargs).arguments)
         for p in params.values():
             if p.kind is p.VAR_KEYWORD:
                 values.update(values.pop(p.name, {}))
@@ -103,7 +101,8 @@ class Guard:
     waiting up to ``timeout``); as ``with``/``async with`` it checks once on entry.
 
     ``limit`` may be a callable choosing the limit(s) per call (tiers): the decorator calls it
-    with the decorated call's arguments, ``with``/``async with`` with none. It returns a
+    with the decorated call's arguments bound to its parameters, defaults applied (as a key
+    template is filled), ``with``/``async with`` with none. It returns a
     ``Limit``, a string like ``"100/minute"`` or a list of them; for an ``async def`` (and in
     ``async with``) it may be a coroutine function. ``limits`` is then ``()`` and ``choose`` the
     callable.

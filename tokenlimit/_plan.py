@@ -11,6 +11,7 @@ coroutine function), checking what it chose in the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "LimitChoice",
     "LimitPlan",
     "LimitSpec",
+    "bound_arguments",
     "chosen_limits",
 ]
 
@@ -51,6 +53,8 @@ class LimitPlan:
     limits: tuple[Limit, ...]
     cost: int = 1
     choose: Chooser | None = None
+    # Set by ``for_calls_of``: the chooser gets each call's arguments bound to this signature.
+    signature: inspect.Signature | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -97,36 +101,58 @@ class LimitPlan:
         choose = self.choose
         if choose is None:
             return self.limits
-        return self._chosen(choose, choose(*args, **kwargs))
+        return self._chosen(choose, self._call(choose, args, kwargs))
 
     async def alimits_for(self, *args: Any, **kwargs: Any) -> tuple[Limit, ...]:
         """``limits_for`` in async code: the chooser may be a coroutine function."""
         choose = self.choose
         if choose is None:
             return self.limits
-        value = choose(*args, **kwargs)
+        value = self._call(choose, args, kwargs)
         if inspect.isawaitable(value):
             value = await value
         return self._chosen(choose, value)
 
     def for_calls_of(self, func: Callable[..., Any]) -> LimitPlan:
-        """This plan where it decorates ``func``. An async chooser needs an async ``func``: a
-        ConfigError naming ``limit`` now, not at the first call."""
+        """This plan where it decorates ``func``: the chooser gets each call's arguments bound
+        to ``func``'s parameters, defaults applied, as a key template does. An async chooser
+        needs an async ``func``: a ConfigError naming ``limit`` now, not at the first call."""
         choose = self.choose
-        if choose is not None and (
-            inspect.iscoroutinefunction(choose) and not inspect.iscoroutinefunction(func)
-        ):
+        if choose is None:
+            return self
+        if inspect.iscoroutinefunction(choose) and not inspect.iscoroutinefunction(func):
             raise ConfigTypeError(
                 "limit",
                 f"the async limit chooser {_name(choose)} needs an async def, "
                 f"not the plain function {_name(func)}",
             )
-        return self
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):  # no signature to bind to: the call's own arguments
+            return self
+        return dataclasses.replace(self, signature=signature)
+
+    def _call(self, choose: Chooser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.signature is not None:
+            bound = bound_arguments(self.signature, args, kwargs)
+            args, kwargs = bound.args, bound.kwargs
+        return choose(*args, **kwargs)
 
     def _chosen(self, choose: Chooser, value: Any) -> tuple[Limit, ...]:
         limits = chosen_limits(choose, value)
         _fits(self.cost, limits, chosen=True)
         return limits
+
+
+def bound_arguments(
+    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> inspect.BoundArguments:
+    """A call's arguments bound to ``signature``, defaults applied: what key templates are
+    filled from and decorators' choosers called with. A call that does not bind raises a
+    ``TypeError``, as calling the function would."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound
 
 
 def _parse(value: Any, burst: Any, param: str, *, rates: bool) -> tuple[Limit, ...]:
