@@ -10,19 +10,25 @@ import string
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
-from ._plan import Chooser, LimitPlan, bound_arguments
+from ._plan import Chooser, LimitPlan, LimitSpec, bound_arguments
 from ._validate import check_timeout
 
-__all__ = ["Guard", "KeyOf", "is_per_call", "key_function", "needs_a_call"]
+if TYPE_CHECKING:
+    from ._limiter import AsyncRateLimiter, RateLimiter
+
+__all__ = ["Guard", "KeyOf", "KeySpec", "is_per_call", "key_function", "needs_a_call"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+KeySpec: TypeAlias = str | bytes | Callable[..., str | bytes]
+"""A decorator's key: a literal, a template such as ``"user:{user_id}"`` filled from the
+call's bound arguments, or a callable taking the call's arguments."""
 
 
 def _template_fields(template: str) -> set[str]:
@@ -110,23 +116,25 @@ class Guard:
 
     def __init__(
         self,
-        rate: Any = None,
-        burst: Any = None,
+        rate: float | LimitSpec | None = None,
+        burst: int | None = None,
         *,
-        limit: Any = None,
-        key: Any = None,
-        cost: Any = 1,
-        timeout: Any = 0,
-        limiter: Any = None,
+        limit: LimitSpec | None = None,
+        key: KeySpec | None = None,
+        cost: int = 1,
+        timeout: float | None = 0,
+        limiter: RateLimiter | AsyncRateLimiter | None = None,
     ) -> None:
         from ._limiter import AsyncRateLimiter, RateLimiter
 
         self.plan = LimitPlan.of(rate, burst, limit=limit, cost=cost)
         self.timeout = check_timeout("timeout", timeout)
-        if key is not None and not isinstance(key, (str, bytes)) and not callable(key):
+        given: object = key  # checked at run time, as every argument is
+        if given is not None and not isinstance(given, (str, bytes)) and not callable(given):
             raise ConfigTypeError("key", f"must be a str template, a callable or None, not {key!r}")
         self.key = key
-        if limiter is not None and not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+        given = limiter
+        if given is not None and not isinstance(given, (RateLimiter, AsyncRateLimiter)):
             raise ConfigTypeError(
                 "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
             )

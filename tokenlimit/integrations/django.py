@@ -63,7 +63,7 @@ from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateL
 from tokenlimit._limit import Limit, coerce_limits
 from tokenlimit._log import ThrottledLog
 from tokenlimit._metrics import MetricsSink
-from tokenlimit._plan import chosen_limits
+from tokenlimit._plan import LimitSpec, chosen_limits
 from tokenlimit._url import parse_url
 from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
 from tokenlimit.integrations._common import (
@@ -680,7 +680,7 @@ def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[...,
 
 
 def ratelimit(
-    limit: Any = None,
+    limit: float | LimitSpec | None = None,
     burst: int | None = None,
     *,
     key: Any = None,

@@ -34,7 +34,7 @@ from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit._log import ThrottledLog
-from tokenlimit._plan import chosen_limits
+from tokenlimit._plan import LimitSpec, chosen_limits
 from tokenlimit.integrations._common import (
     Policy,
     custom_identity,
@@ -105,7 +105,7 @@ class TokenLimit:
         self,
         app: Flask | None = None,
         *,
-        limit: Any = None,
+        limit: float | LimitSpec | None = None,
         burst: int | None = None,
         limiter: RateLimiter | None = None,
         key: RequestFunction | None = None,
@@ -195,7 +195,7 @@ class TokenLimit:
     # -- per-view decorators ------------------------------------------------------------------
     def limit(
         self,
-        limit: Any,
+        limit: float | LimitSpec,
         *,
         burst: int | None = None,
         key: RequestFunction | None = None,
