@@ -139,6 +139,8 @@ class LimitPlan:
         return choose(*args, **kwargs)
 
     def _chosen(self, choose: Chooser, value: Any) -> tuple[Limit, ...]:
+        if type(value) is Limit and self.cost <= value.burst:  # the common choice, at a glance
+            return (value,)
         limits = chosen_limits(choose, value)
         _fits(self.cost, limits, chosen=True)
         return limits
