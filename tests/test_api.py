@@ -4,6 +4,7 @@ the ``rate_limit`` / ``limiter.limit`` decorator and context manager, and ``conf
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import dataclasses
 import importlib.resources
 import inspect
@@ -12,9 +13,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,12 +55,16 @@ def amem() -> AsyncRateLimiter:
 
 def test_all_is_pinned() -> None:
     assert tokenlimit.__all__ == [
+        "AsyncConcurrency",
         "AsyncRateLimiter",
         "BackendError",
+        "Chooser",
+        "Concurrency",
         "ConfigError",
         "Decision",
         "Guard",
         "Limit",
+        "LimitSpec",
         "MemoryBackend",
         "MetricsSink",
         "RateLimitExceeded",
@@ -70,6 +77,44 @@ def test_all_is_pinned() -> None:
     assert tokenlimit.__all__ == sorted(tokenlimit.__all__)
     for name in tokenlimit.__all__:
         assert hasattr(tokenlimit, name), name
+
+
+def test_the_types_users_annotate_with_are_exported(
+    mem: RateLimiter, amem: AsyncRateLimiter
+) -> None:
+    """What ``concurrency()`` returns, and the limit spellings (a chooser among them)."""
+    assert type(mem.concurrency("k", 1)) is tokenlimit.Concurrency
+    assert type(amem.concurrency("k", 1)) is tokenlimit.AsyncConcurrency
+    spellings = typing.get_args(tokenlimit.LimitSpec)
+    assert {Limit, str, tokenlimit.Chooser} <= set(spellings)
+    assert typing.get_origin(tokenlimit.Chooser) is collections.abc.Callable
+
+
+LIMIT_TAKERS = [
+    rate_limit,
+    tokenlimit.Guard.__init__,
+    *(getattr(cls, name) for cls in (RateLimiter, AsyncRateLimiter)
+      for name in ("try_acquire", "acquire", "peek", "reset", "limit")),
+]  # fmt: skip
+
+
+def _mentions_any(hint: Any) -> bool:
+    return hint is Any or any(_mentions_any(arg) for arg in typing.get_args(hint))
+
+
+@pytest.mark.parametrize("function", LIMIT_TAKERS, ids=lambda f: f.__qualname__)
+def test_limit_parameters_are_typed_with_the_plan_types(function: Any) -> None:
+    """The public seam is typed (no ``Any``): ``limit`` (and ``rate``) with ``LimitSpec``."""
+    from tokenlimit import _decorator
+
+    module = sys.modules[function.__module__]
+    names = {**vars(tokenlimit), **vars(_decorator), **vars(module)}  # theirs: TYPE_CHECKING
+    hints = typing.get_type_hints(function, globalns=names)
+    spellings = set(typing.get_args(tokenlimit.LimitSpec))
+    assert spellings <= set(typing.get_args(hints["limit"]))
+    if "rate" in hints:
+        assert spellings | {float, type(None)} == set(typing.get_args(hints["rate"]))
+    assert not [name for name, hint in hints.items() if _mentions_any(hint)]
 
 
 def test_import_does_not_import_web_frameworks(tmp_path: Path) -> None:

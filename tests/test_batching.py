@@ -27,7 +27,7 @@ from servers import Server, free_port
 from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit
 from tokenlimit._aredis import AsyncRedisBackend
 from tokenlimit._batch import give_back
-from tokenlimit._core import build_request
+from tokenlimit._request import build_request
 from tokenlimit._resp import ReplyError, ReplyReader
 from tokenlimit._scripts import acquire_script, peek_script
 

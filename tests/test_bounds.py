@@ -19,7 +19,7 @@ import pytest
 from tokenlimit import Decision, Limit, MemoryBackend, RateLimiter
 from tokenlimit._base import LimiterBase
 from tokenlimit._cache import RefusalCache
-from tokenlimit._core import Request
+from tokenlimit._request import Request
 
 MILLION = 1_000_000
 SLOW = 0.001  # tokens per second: a bucket stays far from full for the whole test
@@ -144,7 +144,7 @@ class RefusingBackend:
 def test_a_limiters_local_state_is_bounded_through_the_public_api() -> None:
     """Through ``try_acquire``: the refusal cache stays within ``local_cache`` and the request
     cache (hot calls skip hashing) within its fixed size, whatever the number of identities."""
-    from tokenlimit import _core
+    from tokenlimit import _request
 
     limiter = RateLimiter.__new__(RateLimiter)
     LimiterBase.__init__(limiter, RefusingBackend(), local_cache=500, remote=True)
@@ -157,15 +157,15 @@ def test_a_limiters_local_state_is_bounded_through_the_public_api() -> None:
         assert not limiter.try_acquire(f"apikey:{i}", lim).allowed
         if i % 256 == 0:
             assert len(limiter._refusals) <= 500
-            assert len(_core._cache) <= _core._CACHE_SIZE
+            assert len(_request._cache) <= _request._CACHE_SIZE
     elapsed, grown = time.perf_counter() - started, _rss() - before
     print(
         f"\nRateLimiter(local_cache=500): {count:,} identities in {elapsed:.1f}s, "
-        f"{len(limiter._refusals)} refusals and {len(_core._cache)} requests kept, "
+        f"{len(limiter._refusals)} refusals and {len(_request._cache)} requests kept, "
         f"RSS +{grown:.1f} MB"
     )
     assert len(limiter._refusals) <= 500
-    assert len(_core._cache) <= _core._CACHE_SIZE
+    assert len(_request._cache) <= _request._CACHE_SIZE
 
 
 def test_memory_limiter_bound_through_the_public_api() -> None:
@@ -194,9 +194,9 @@ def test_the_integrations_address_cache_is_bounded() -> None:
 
 def _cached_key_chars() -> int:
     """The characters of caller keys the request cache holds."""
-    from tokenlimit import _core
+    from tokenlimit import _request
 
-    return sum(len(entry[1]) for entry in _core._cache)
+    return sum(len(entry[1]) for entry in _request._cache)
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
@@ -206,9 +206,9 @@ def test_the_request_cache_is_bounded_in_bytes_not_only_entries(flavour: str) ->
     short keys are still cached."""
     import asyncio
 
-    from tokenlimit import AsyncRateLimiter, _core
+    from tokenlimit import AsyncRateLimiter, _request
 
-    _core._cache.clear()
+    _request._cache.clear()
     lim = Limit(SLOW, 5)
     keys = [f"{i:04d}:" + "x" * (256 * 1024) for i in range(300)]
     if flavour == "sync":
@@ -228,18 +228,18 @@ def test_the_request_cache_is_bounded_in_bytes_not_only_entries(flavour: str) ->
 
         asyncio.run(main())
     assert _cached_key_chars() < 1 << 20, f"{_cached_key_chars():,} characters of keys kept"
-    assert any(entry[1] == "user:short" for entry in _core._cache)
+    assert any(entry[1] == "user:short" for entry in _request._cache)
 
 
 def test_the_request_cache_holds_at_most_a_mebibyte_of_keys() -> None:
     """Full of the longest keys it caches, the request cache holds at most its entries times
     that length: 1 MiB of characters."""
-    from tokenlimit import _core
+    from tokenlimit import _request
 
-    _core._cache.clear()
+    _request._cache.clear()
     limiter = RateLimiter.from_url("memory://")
     lim = Limit(SLOW, 5)
-    for i in range(_core._CACHE_SIZE + 100):
+    for i in range(_request._CACHE_SIZE + 100):
         limiter.try_acquire(f"{i:08d}".ljust(256, "k"), lim)
-    assert len(_core._cache) > 0
+    assert len(_request._cache) > 0
     assert _cached_key_chars() <= 1 << 20

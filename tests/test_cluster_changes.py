@@ -33,7 +33,7 @@ from redis.crc import key_slot
 
 from servers import Server, available_binaries, free_port
 from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit, RateLimiter
-from tokenlimit._core import build_request
+from tokenlimit._request import build_request
 
 FLAVOURS = sorted(available_binaries())
 PREFIX = "tl:"

@@ -35,9 +35,10 @@ from tokenlimit import (
     RateLimiter,
     RateLimitExceeded,
 )
+from tokenlimit._base import DEFAULT_PREFIX
 from tokenlimit._concurrency import build_slots, hold, release
-from tokenlimit._core import DEFAULT_PREFIX, build_request
 from tokenlimit._memory import AsyncMemoryBackend
+from tokenlimit._request import build_request
 from tokenlimit._scripts import hold_script, release_script
 
 T = TypeVar("T")

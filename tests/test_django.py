@@ -611,7 +611,8 @@ def test_decorator_keeps_what_it_wraps() -> None:
     [
         ((), {}, "limit"),
         (("ten a minute",), {}, "limit"),
-        ((42,), {}, "limit"),
+        ((0,), {}, "limit"),  # a number is a rate, as for rate_limit: 0 is not one
+        ((b"42",), {}, "limit"),
         (("1/second",), {"cost": 2}, "cost"),
         (("1/second",), {"cost": 0}, "cost"),
         (("1/second",), {"cost": True}, "cost"),

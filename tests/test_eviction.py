@@ -26,7 +26,7 @@ from tokenlimit import (
     RateLimiter,
     RateLimitExceeded,
 )
-from tokenlimit._core import build_request
+from tokenlimit._request import build_request
 from tokenlimit._server_check import eviction_warning, parse_info
 
 FLAVOURS = sorted(available_binaries())

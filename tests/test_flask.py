@@ -718,7 +718,10 @@ def test_default_limiter_from_configure(memory: RateLimiter) -> None:
     ("options", "param"),
     [
         ({"limit": "lots"}, "limit"),
-        ({"limit": 5}, "limit"),
+        ({"limit": 0}, "limit"),  # a number is a rate, as for rate_limit: 0 is not one
+        ({"limit": b"5/second"}, "limit"),
+        ({"limit": "1/hour", "burst": 0}, "burst"),
+        ({"limit": Limit(1), "burst": 5}, "burst"),
         ({"limit": "1/hour", "cost": 2}, "cost"),
         ({"limit": "1/hour", "cost": 0}, "cost"),
         ({"key": "user"}, "key"),

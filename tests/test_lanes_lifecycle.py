@@ -16,7 +16,7 @@ import pytest
 
 from servers import Server
 from tokenlimit import BackendError, Limit, RateLimiter
-from tokenlimit._core import build_request
+from tokenlimit._request import build_request
 
 SLOW = 0.001  # tokens per second: no refill worth speaking of during a test
 CHILD_WAIT = 10.0  # seconds a forked child gets to decide (its limiter's deadline is 5)

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import tokenlimit
 from servers import free_port
 from tokenlimit import AsyncRateLimiter, BackendError, ConfigError, Decision, Limit, RateLimiter
-from tokenlimit._core import identity_tag
+from tokenlimit._request import identity_tag
 from tokenlimit.integrations import django as tl_django
 from tokenlimit.integrations._common import api_key_identity
 from tokenlimit.integrations.fastapi import RateLimit, RateLimitMiddleware, install_handlers

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenlimit import ConfigError, Limit, MemoryBackend
-from tokenlimit._core import build_request
 from tokenlimit._model import SLACK, LimitResult, Outcome, decide, join_tat, split_tat
+from tokenlimit._request import build_request
 
 T0 = 1_700_000_000_000_000  # a realistic server time in µs
 T0_NS = T0 * 1000

@@ -26,8 +26,8 @@ from redis.crc import key_slot
 
 import tokenlimit
 from tokenlimit import AsyncRateLimiter, Limit, RateLimiter
-from tokenlimit._core import Request, build_request
 from tokenlimit._model import SLACK, decide
+from tokenlimit._request import Request, build_request
 from tokenlimit._scripts import Script, acquire_script, peek_script
 
 PREFIX = "tl:"

@@ -49,7 +49,7 @@ from tokenlimit import (
     RateLimitExceeded,
     rate_limit,
 )
-from tokenlimit._core import build_request, identity_tag
+from tokenlimit._request import build_request, identity_tag
 from tokenlimit._scripts import acquire_script, peek_script
 
 SLOW = 0.001  # tokens per second: no refill worth speaking of during a test

@@ -31,7 +31,7 @@ from tokenlimit import (
     MemoryBackend,
     RateLimiter,
 )
-from tokenlimit._core import Request
+from tokenlimit._request import Request
 from tokenlimit.integrations import django as tl_django
 from tokenlimit.integrations.fastapi import RateLimit, RateLimitMiddleware, install_handlers
 from tokenlimit.integrations.flask import TokenLimit

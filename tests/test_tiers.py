@@ -31,7 +31,7 @@ from tokenlimit import (
     MemoryBackend,
     RateLimiter,
     RateLimitExceeded,
-    _core,
+    _request,
     rate_limit,
 )
 
@@ -131,8 +131,8 @@ def test_the_request_cache_keeps_chosen_limits_never_the_chooser() -> None:
     lim.try_acquire("cached", plans.limit)
     plans.plans["cached"] = "pro"
     assert lim.try_acquire("cached", plans.limit).policy == PRO
-    assert not any(callable(entry[2]) for entry in _core._cache)
-    assert any(entry[1] == "cached" and entry[2] == (PRO,) for entry in _core._cache)
+    assert not any(callable(entry[2]) for entry in _request._cache)
+    assert any(entry[1] == "cached" and entry[2] == (PRO,) for entry in _request._cache)
 
 
 def test_async_chooser_on_a_sync_limiter_is_an_error_naming_limit() -> None:

@@ -25,11 +25,11 @@ from redis.asyncio.cluster import RedisCluster
 
 from . import _reply_policy as policy
 from ._batch import Batcher, drop_if_stale, forget_replica, give_back, header, retire
-from ._core import Request
 from ._errors import BackendError
 from ._redis import address
 from ._redispy import available
 from ._reply_policy import classify
+from ._request import Request
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map

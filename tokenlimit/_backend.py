@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from ._core import Request
+from ._request import Request
 
 __all__ = ["AsyncBackend", "SyncBackend"]
 

@@ -11,26 +11,19 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from ._cache import RefusalCache, check_local_cache
-from ._core import (
-    DEFAULT_PREFIX,
-    DEFAULT_TIMEOUT,
-    Request,
-    ThrottledLog,
-    build_request,
-    check_deadline,
-    check_failure_mode,
-    check_prefix,
-    decode_reply,
-    fail_open_decision,
-)
-from ._decision import Decision
+from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
+from ._log import ThrottledLog
 from ._metrics import MetricsSink
+from ._request import Request, build_request
+from ._validate import check_deadline, check_failure_mode, check_prefix
 
-__all__ = ["LimiterBase"]
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase"]
 
 _L = TypeVar("_L", bound="LimiterBase")
 
+DEFAULT_PREFIX = "tl:"
+DEFAULT_TIMEOUT = 0.5  # seconds: the deadline for one decision
 MAX_PAUSE = 86_400.0  # seconds slept at once while ``acquire`` waits
 
 

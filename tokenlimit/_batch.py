@@ -62,10 +62,10 @@ from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool
 
 from . import _reply_policy as policy
-from ._core import Request
 from ._redis import unread_in_kernel
 from ._redispy import available
 from ._reply_policy import classify
+from ._request import Request
 from ._resp import ReplyError, ReplyReader
 from ._scripts import Script
 

@@ -87,7 +87,7 @@ def _aged(parts: tuple[_Part, ...], elapsed: float) -> Decision:
         details.append(decision(ok, burst, remaining, 0.0 if ok else retry - elapsed, debt, lim))
     if len(details) == 1:
         return details[0]
-    # The most restrictive limit, chosen as _core.decode_reply chooses it for a refusal.
+    # The most restrictive limit, chosen as decode_reply chooses it for a refusal.
     worst = max(details, key=lambda d: (d.retry_after, -d.remaining))
     return Decision(
         False,

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from . import _switch
-from ._core import ThrottledLog, identity_tag
 from ._decision import Decision
 from ._decorator import is_per_call, key_function, needs_a_call
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
+from ._log import ThrottledLog
 from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._request import identity_tag
 from ._scripts import hold_script, release_script
 from ._validate import check_int, check_key, check_number
 

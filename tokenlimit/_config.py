@@ -8,7 +8,7 @@ import threading
 import warnings
 from typing import Any
 
-from ._core import DEFAULT_TIMEOUT
+from ._base import DEFAULT_TIMEOUT
 from ._errors import ConfigTypeError
 from ._limiter import AsyncRateLimiter, RateLimiter
 from ._memory import AsyncMemoryBackend, MemoryBackend

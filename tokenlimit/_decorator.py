@@ -10,44 +10,25 @@ import string
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
-from ._core import achoose_limits, choose_limits
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
-from ._limit import Limit, coerce_limits
+from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
-from ._validate import check_cost, check_timeout, shown
+from ._plan import Chooser, LimitPlan, LimitSpec, bound_arguments
+from ._validate import check_timeout
 
-__all__ = ["Guard", "KeyOf", "is_per_call", "key_function", "needs_a_call"]
+if TYPE_CHECKING:
+    from ._limiter import AsyncRateLimiter, RateLimiter
+
+__all__ = ["Guard", "KeyOf", "KeySpec", "is_per_call", "key_function", "needs_a_call"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
-
-
-def _chooser(rate: Any, burst: Any, limit: Any) -> Callable[..., Any] | None:
-    """The limit chooser given as ``limit=`` (or as ``rate``), if any (tiers)."""
-    if callable(limit):
-        if rate is not None or burst is not None:
-            raise ConfigError("limit", "a limit chooser takes no rate or burst")
-        return cast("Callable[..., Any]", limit)
-    if callable(rate) and not isinstance(rate, (int, float, str)):
-        if burst is not None:
-            raise ConfigError("burst", "goes with a rate, not with a limit chooser")
-        return cast("Callable[..., Any]", rate)
-    return None
-
-
-def _limits_from(rate: Any, burst: Any, limit: Any) -> tuple[Limit, ...]:
-    if limit is not None:
-        if rate is not None or burst is not None:
-            raise ConfigError("limit", "give either rate/burst or limit=, not both")
-        return coerce_limits(limit)
-    if rate is None:
-        raise ConfigError("rate", "required (a number per second or a string like '100/minute')")
-    if isinstance(rate, str):
-        return (Limit._parse(rate, burst, None, "rate"),)
-    return (Limit(rate, burst),)
+KeySpec: TypeAlias = str | bytes | Callable[..., str | bytes]
+"""A decorator's key: a literal, a template such as ``"user:{user_id}"`` filled from the
+call's bound arguments, or a callable taking the call's arguments."""
 
 
 def _template_fields(template: str) -> set[str]:
@@ -100,9 +81,7 @@ def key_function(key: Any, func: Callable[..., Any]) -> KeyOf:
         )
 
     def from_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
+        values = dict(bound_arguments(signature, args, kwargs).arguments)
         for p in params.values():
             if p.kind is p.VAR_KEYWORD:
                 values.update(values.pop(p.name, {}))
@@ -128,7 +107,8 @@ class Guard:
     waiting up to ``timeout``); as ``with``/``async with`` it checks once on entry.
 
     ``limit`` may be a callable choosing the limit(s) per call (tiers): the decorator calls it
-    with the decorated call's arguments, ``with``/``async with`` with none. It returns a
+    with the decorated call's arguments bound to its parameters, defaults applied (as a key
+    template is filled), ``with``/``async with`` with none. It returns a
     ``Limit``, a string like ``"100/minute"`` or a list of them; for an ``async def`` (and in
     ``async with``) it may be a coroutine function. ``limits`` is then ``()`` and ``choose`` the
     callable.
@@ -136,32 +116,25 @@ class Guard:
 
     def __init__(
         self,
-        rate: Any = None,
-        burst: Any = None,
+        rate: float | LimitSpec | None = None,
+        burst: int | None = None,
         *,
-        limit: Any = None,
-        key: Any = None,
-        cost: Any = 1,
-        timeout: Any = 0,
-        limiter: Any = None,
+        limit: LimitSpec | None = None,
+        key: KeySpec | None = None,
+        cost: int = 1,
+        timeout: float | None = 0,
+        limiter: RateLimiter | AsyncRateLimiter | None = None,
     ) -> None:
         from ._limiter import AsyncRateLimiter, RateLimiter
 
-        self.choose = _chooser(rate, burst, limit)
-        self.limits = () if self.choose is not None else _limits_from(rate, burst, limit)
-        self.cost = check_cost(cost)
-        # With a chooser, the cost is checked against the chosen burst at each call.
-        smallest = min((lim.burst for lim in self.limits), default=self.cost)
-        if self.cost > smallest:
-            raise ConfigError(
-                "cost",
-                f"{shown(self.cost)} exceeds the burst {smallest}; it could never be admitted",
-            )
+        self.plan = LimitPlan.of(rate, burst, limit=limit, cost=cost)
         self.timeout = check_timeout("timeout", timeout)
-        if key is not None and not isinstance(key, (str, bytes)) and not callable(key):
+        given: object = key  # checked at run time, as every argument is
+        if given is not None and not isinstance(given, (str, bytes)) and not callable(given):
             raise ConfigTypeError("key", f"must be a str template, a callable or None, not {key!r}")
         self.key = key
-        if limiter is not None and not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+        given = limiter
+        if given is not None and not isinstance(given, (RateLimiter, AsyncRateLimiter)):
             raise ConfigTypeError(
                 "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
             )
@@ -169,6 +142,20 @@ class Guard:
         # The bucket a bare ``with rate_limit(...)`` uses: where it was written, the same in every
         # process running this code.
         self._site = _call_site()
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        """The limits every check takes; ``()`` when ``choose`` picks them per call."""
+        return self.plan.limits
+
+    @property
+    def choose(self) -> Chooser | None:
+        """The limit chooser, if one was given."""
+        return self.plan.choose
+
+    @property
+    def cost(self) -> int:
+        return self.plan.cost
 
     # -- limiter resolution -------------------------------------------------------------------
     def _sync_limiter(self) -> Any:
@@ -199,23 +186,15 @@ class Guard:
             )
         key_of = self._key_function(func)
         guard = self
-        choose = self.choose
-        if choose is not None and not is_async and inspect.iscoroutinefunction(choose):
-            raise ConfigTypeError(
-                "limit",
-                f"the async limit chooser {choose.__qualname__} needs an async def, "
-                f"not the plain function {func.__qualname__}",
-            )
+        plan = self.plan.for_calls_of(func)
+        limits = plan.limits  # () when a chooser picks them per call
 
         if is_async:
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 key = key_of(args, kwargs)
-                if choose is None:
-                    await guard._acheck(key, guard.limits)
-                else:
-                    await guard._acheck(key, await achoose_limits(choose, *args, **kwargs))
+                await guard._acheck(key, limits or await plan.alimits_for(*args, **kwargs))
                 return await func(*args, **kwargs)
 
             return cast(F, async_wrapper)
@@ -223,10 +202,7 @@ class Guard:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
-            if choose is None:
-                guard._check(key, guard.limits)
-            else:
-                guard._check(key, choose_limits(choose, *args, **kwargs))
+            guard._check(key, limits or plan.limits_for(*args, **kwargs))
             return func(*args, **kwargs)
 
         return cast(F, wrapper)
@@ -249,16 +225,14 @@ class Guard:
     # A block has no call arguments: a limit chooser is called with none.
     def __enter__(self) -> Decision:
         key = self._literal_key()
-        limits = self.limits if self.choose is None else choose_limits(self.choose)
-        return self._check(key, limits)
+        return self._check(key, self.plan.limits_for())
 
     def __exit__(self, *exc_info: object) -> None:
         return None
 
     async def __aenter__(self) -> Decision:
         key = self._literal_key()
-        limits = self.limits if self.choose is None else await achoose_limits(self.choose)
-        return await self._acheck(key, limits)
+        return await self._acheck(key, await self.plan.alimits_for())
 
     async def __aexit__(self, *exc_info: object) -> None:
         return None

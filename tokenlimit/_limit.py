@@ -193,7 +193,7 @@ def coerce_limits(value: Any, param: str = "limit") -> tuple[Limit, ...]:
         if isinstance(item, Limit):
             limits.append(item)
         elif isinstance(item, str):
-            limits.append(Limit.parse(item))
+            limits.append(Limit._parse(item, None, None, param))
         else:
             raise ConfigTypeError(param, f"expected a Limit or a string, got {item!r}")
     if not limits:

@@ -9,25 +9,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _switch
-from ._base import LimiterBase
-from ._core import (
-    DEFAULT_PREFIX,
-    DEFAULT_TIMEOUT,
-    Request,
-    achoose_limits,
-    check_deadline,
-    fail_open_decision,
-)
-from ._decision import Decision
+from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
+from ._decision import Decision, fail_open_decision
 from ._errors import BackendError, ConfigTypeError
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
-from ._validate import check_key, check_timeout
+from ._plan import Chooser, LimitPlan, LimitSpec
+from ._request import Request
+from ._validate import check_deadline, check_key, check_timeout
 
 if TYPE_CHECKING:
     from ._concurrency import AsyncConcurrency, Concurrency
-    from ._decorator import Guard
+    from ._decorator import Guard, KeySpec
 
 __all__ = ["AsyncRateLimiter", "RateLimiter"]
 
@@ -128,12 +122,12 @@ class RateLimiter(LimiterBase):
         return cls(sync_backend_from_url(url, timeout=timeout), **options)
 
     # -- decisions ----------------------------------------------------------------------------
-    def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+    def try_acquire(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from every limit, all or none. Never raises on refusal."""
         return self._decide(self._request(key, limit, cost), consume=True)
 
     def acquire(
-        self, key: str, limit: Any, *, cost: int = 1, timeout: float | None = None
+        self, key: str | bytes, limit: LimitSpec, *, cost: int = 1, timeout: float | None = None
     ) -> Decision:
         """Wait until admitted. Raises ``RateLimitExceeded`` at once, consuming nothing, when the
         wait needed is longer than ``timeout`` (``0``: do not wait; ``None``: no bound)."""
@@ -146,11 +140,11 @@ class RateLimiter(LimiterBase):
                 return decision
             time.sleep(self._pause(decision, deadline))
 
-    def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+    def peek(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
         """What ``try_acquire`` would answer now, consuming nothing."""
         return self._decide(self._request(key, limit, cost), consume=False)
 
-    def reset(self, key: str, limit: Any) -> None:
+    def reset(self, key: str | bytes, limit: LimitSpec) -> None:
         """Forget the bucket(s): full again."""
         request = self._request(key, limit)
         try:
@@ -176,11 +170,11 @@ class RateLimiter(LimiterBase):
     # -- decorator / context manager ----------------------------------------------------------
     def limit(
         self,
-        rate: float | str | None = None,
+        rate: float | LimitSpec | None = None,
         burst: int | None = None,
         *,
-        limit: Any = None,
-        key: Any = None,
+        limit: LimitSpec | None = None,
+        key: KeySpec | None = None,
         cost: int = 1,
         timeout: float | None = 0,
     ) -> Guard:
@@ -258,20 +252,20 @@ class AsyncRateLimiter(LimiterBase):
         timeout = check_deadline(options.get("timeout", DEFAULT_TIMEOUT))
         return cls(async_backend_from_url(url, timeout=timeout), **options)
 
-    async def try_acquire(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+    async def try_acquire(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from every limit, all or none. Never raises on refusal."""
         if callable(limit):  # a limit chooser, maybe async: await what it chooses
-            limit = await self._choose(key, limit)
+            limit = await self._choose(key, limit, cost)
         return await self._decide(self._request(key, limit, cost), consume=True)
 
     async def acquire(
-        self, key: str, limit: Any, *, cost: int = 1, timeout: float | None = None
+        self, key: str | bytes, limit: LimitSpec, *, cost: int = 1, timeout: float | None = None
     ) -> Decision:
         """Wait until admitted. Raises ``RateLimitExceeded`` at once, consuming nothing, when the
         wait needed is longer than ``timeout`` (``0``: do not wait; ``None``: no bound)."""
         wait = check_timeout("timeout", timeout)
         if callable(limit):
-            limit = await self._choose(key, limit)
+            limit = await self._choose(key, limit, cost)
         request = self._request(key, limit, cost)
         deadline = math.inf if wait is None else time.monotonic() + wait
         while True:
@@ -280,13 +274,13 @@ class AsyncRateLimiter(LimiterBase):
                 return decision
             await asyncio.sleep(self._pause(decision, deadline))
 
-    async def peek(self, key: str, limit: Any, *, cost: int = 1) -> Decision:
+    async def peek(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
         """What ``try_acquire`` would answer now, consuming nothing."""
         if callable(limit):
-            limit = await self._choose(key, limit)
+            limit = await self._choose(key, limit, cost)
         return await self._decide(self._request(key, limit, cost), consume=False)
 
-    async def reset(self, key: str, limit: Any) -> None:
+    async def reset(self, key: str | bytes, limit: LimitSpec) -> None:
         """Forget the bucket(s): full again."""
         if callable(limit):
             limit = await self._choose(key, limit)
@@ -297,10 +291,10 @@ class AsyncRateLimiter(LimiterBase):
             self._forget(request)
 
     @staticmethod
-    async def _choose(key: Any, choose: Any) -> tuple[Limit, ...]:
+    async def _choose(key: Any, choose: Chooser, cost: Any = 1) -> tuple[Limit, ...]:
         """``choose(key)``, awaited if it is async: the limit(s) for this call (tiers)."""
         check_key(key)  # a bad key fails as one before the chooser sees it
-        return await achoose_limits(choose, key)
+        return await LimitPlan.of(limit=choose, cost=cost).alimits_for(key)
 
     async def _decide(self, request: Request, *, consume: bool) -> Decision:
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
@@ -323,11 +317,11 @@ class AsyncRateLimiter(LimiterBase):
 
     def limit(
         self,
-        rate: float | str | None = None,
+        rate: float | LimitSpec | None = None,
         burst: int | None = None,
         *,
-        limit: Any = None,
-        key: Any = None,
+        limit: LimitSpec | None = None,
+        key: KeySpec | None = None,
         cost: int = 1,
         timeout: float | None = 0,
     ) -> Guard:

@@ -7,8 +7,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ._core import Request
 from ._model import decide
+from ._request import Request
 from ._validate import check_int
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]

@@ -28,10 +28,10 @@ from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
 from . import _reply_policy as policy
-from ._core import Request
 from ._errors import BackendError
 from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
 from ._reply_policy import classify
+from ._request import Request
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, peek_script
 from ._server_check import report

@@ -12,9 +12,9 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Seque
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ._core import Request
 from ._errors import BackendError, ConfigError, ConfigTypeError
 from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._request import Request
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
 

@@ -7,10 +7,23 @@ from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
 
-__all__ = ["check_cost", "check_key", "check_number", "check_timeout", "shown"]
+__all__ = [
+    "FAILURE_MODES",
+    "check_cost",
+    "check_deadline",
+    "check_failure_mode",
+    "check_key",
+    "check_number",
+    "check_prefix",
+    "check_timeout",
+    "shown",
+]
 
 MAX_KEY_BYTES = 1 << 20  # identities are hashed, so length costs only CPU; refuse the absurd
 _SHOWN_CHARS = 60
+FAILURE_MODES = ("open", "closed")
+# A day: the deadline becomes socket, poll and lock timeouts, which overflow past ~24 days.
+MAX_DEADLINE = 86_400.0
 
 
 def shown(value: Any) -> str:
@@ -93,3 +106,24 @@ def check_key(value: Any) -> bytes:
     if len(raw) > MAX_KEY_BYTES:
         raise ConfigError("key", f"must be at most {MAX_KEY_BYTES} bytes, got {len(raw)}")
     return raw
+
+
+def check_prefix(prefix: Any) -> str:
+    """A key prefix: a str without braces (a brace would hijack the cluster hash tag)."""
+    if not isinstance(prefix, str):
+        raise ConfigTypeError("prefix", f"must be a str, not {type(prefix).__name__}")
+    if "{" in prefix or "}" in prefix:
+        raise ConfigError("prefix", "must not contain '{' or '}' (they choose the cluster slot)")
+    return prefix
+
+
+def check_failure_mode(mode: Any) -> str:
+    """``"open"`` or ``"closed"``."""
+    if mode not in FAILURE_MODES:
+        raise ConfigError("failure_mode", f"must be 'open' or 'closed', got {mode!r}")
+    return str(mode)
+
+
+def check_deadline(timeout: Any) -> float:
+    """The limiter's per-decision deadline: a number of seconds > 0, at most a day."""
+    return check_number("timeout", timeout, maximum=MAX_DEADLINE)

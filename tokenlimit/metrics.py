@@ -38,8 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._core import fail_open_decision
-from ._decision import Decision
+from ._decision import Decision, fail_open_decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
 

@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenlimit._core import achoose_limits, choose_limits
 from tokenlimit._decision import Decision
 from tokenlimit._errors import ConfigError, ConfigTypeError
-from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit._memory import AsyncMemoryBackend, MemoryBackend
+from tokenlimit._plan import LimitPlan
 from tokenlimit._validate import check_cost
 
 __all__ = [
@@ -287,23 +287,10 @@ class Policy:
         shadow: Any = False,
         api_key_validator: Any = None,
     ) -> Policy:
-        choose: LimitChooser | None = None
         if limit is None and burst is None:  # identity options only (limits set per view)
-            limits: tuple[Limit, ...] = ()
-        elif callable(limit):  # a chooser: the cost meets the chosen burst per request
-            if burst is not None:
-                raise ConfigError("burst", "goes with a limit string, not with a limit chooser")
-            limits, choose = (), limit
-        elif burst is not None:
-            if not isinstance(limit, str):
-                raise ConfigError("burst", "goes with a limit string such as '10/second'")
-            limits = (Limit.parse(limit, burst=burst),)
-        else:
-            limits = coerce_limits(limit)
-        cost = check_cost(cost)
-        smallest = min((lim.burst for lim in limits), default=cost)
-        if cost > smallest:
-            raise ConfigError("cost", f"{cost} exceeds the burst {smallest}")
+            plan = LimitPlan((), check_cost(cost))
+        else:  # ``limit`` takes every spelling ``rate_limit``'s ``rate`` does, with ``burst``
+            plan = LimitPlan.of(limit, burst, cost=cost, name="limit")
         if key is not None and not callable(key):
             raise ConfigTypeError("key", f"must be a callable taking the request, not {key!r}")
         if not isinstance(headers, bool):
@@ -334,21 +321,21 @@ class Policy:
         )
         exempt = _check_exempt(exempt)
         return cls(
-            limits, key, cost, exempt, proxies, headers, api_key_header, ipv6_prefix, shadow,
-            choose=choose, api_key_validator=api_key_validator,
+            plan.limits, key, plan.cost, exempt, proxies, headers, api_key_header, ipv6_prefix,
+            shadow, choose=plan.choose, api_key_validator=api_key_validator,
         )  # fmt: skip
 
     def limits_for(self, request: Any) -> tuple[Limit, ...]:
         """The limits for ``request``: the policy's own, or what its chooser picks (sync)."""
         if self.choose is None:
             return self.limits
-        return choose_limits(self.choose, request)
+        return LimitPlan(self.limits, self.cost, self.choose).limits_for(request)
 
     async def alimits_for(self, request: Any) -> tuple[Limit, ...]:
         """``limits_for`` in async code: the chooser may be a coroutine function."""
         if self.choose is None:
             return self.limits
-        return await achoose_limits(self.choose, request)
+        return await LimitPlan(self.limits, self.cost, self.choose).alimits_for(request)
 
     def is_exempt(self, path: str) -> bool:
         for entry in self.exempt:

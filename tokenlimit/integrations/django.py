@@ -56,21 +56,16 @@ from django.utils.functional import LazyObject
 from django.utils.module_loading import import_string
 from django.views import View
 
+from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
 from tokenlimit._config import limiter_pair
-from tokenlimit._core import (
-    DEFAULT_PREFIX,
-    DEFAULT_TIMEOUT,
-    ThrottledLog,
-    check_deadline,
-    check_failure_mode,
-    check_prefix,
-    chosen_limits,
-)
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._log import ThrottledLog
 from tokenlimit._metrics import MetricsSink
+from tokenlimit._plan import LimitSpec, chosen_limits
 from tokenlimit._url import parse_url
+from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
 from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,
@@ -685,7 +680,7 @@ def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[...,
 
 
 def ratelimit(
-    limit: Any = None,
+    limit: float | LimitSpec | None = None,
     burst: int | None = None,
     *,
     key: Any = None,
@@ -695,9 +690,10 @@ def ratelimit(
 ) -> Callable[[V], V]:
     """Limit one view (function or class-based, sync or async) with its own bucket.
 
-    ``limit`` is a ``Limit``, a string like ``"10/minute"`` (``burst`` overrides its count), or a
-    list of them. ``key`` takes the request and returns the identity (None: the default, as the
-    middleware does, honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
+    ``limit`` is a number per second or a string like ``"10/minute"`` (``burst`` sets the
+    capacity), a ``Limit``, a list of them, or a callable choosing them per request. ``key``
+    takes the request and returns the identity (None: the default, as the middleware does,
+    honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
     ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
     ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too (on an ``async def``
     method only from Django 5.0, whose ``method_decorator`` first supports them). ``shadow``

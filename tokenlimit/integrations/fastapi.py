@@ -19,7 +19,7 @@ also serves plain Starlette apps.
 # No ``from __future__ import annotations`` here: FastAPI reads ``RateLimit.__call__``'s
 # annotations at runtime, and an instance has no ``__globals__`` to resolve strings against.
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,11 +31,11 @@ from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenlimit._config import default_async_limiter
-from tokenlimit._core import ThrottledLog
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._log import ThrottledLog
+from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._common import (
     Policy,
     call_key,
@@ -49,7 +49,7 @@ from tokenlimit.integrations._common import (
 
 __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
 
-LimitArg = Limit | str | Sequence[Limit | str] | Callable[[Request], Any]
+LimitArg = float | LimitSpec  # a chooser here takes the request
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
 ApiKeyCheck = Callable[[str], Any]  # raw key -> truthy when known (or an awaitable of that)
 Limiter = RateLimiter | AsyncRateLimiter
@@ -279,6 +279,7 @@ class RateLimitMiddleware(_Guarded):
         app: ASGIApp,
         *,
         limit: LimitArg,
+        burst: int | None = None,
         key: KeyFunc | None = None,
         cost: int = 1,
         limiter: Limiter | None = None,
@@ -294,6 +295,7 @@ class RateLimitMiddleware(_Guarded):
         self._router = _find_router(app)  # the stack below is built before this layer
         policy = Policy.build(
             limit,
+            burst=burst,
             key=key,
             cost=cost,
             exempt=exempt,

@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 from flask import Flask, Response, current_app, g, request
 
 from tokenlimit._config import default_sync_limiter
-from tokenlimit._core import ThrottledLog, chosen_limits
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._log import ThrottledLog
+from tokenlimit._plan import LimitSpec, chosen_limits
 from tokenlimit.integrations._common import (
     Policy,
     custom_identity,
@@ -79,9 +80,10 @@ class _State:
 class TokenLimit:
     """Rate limiting for a Flask app: a default limit for every view, per-view limits, exemptions.
 
-    ``limit``: the default limit(s) (a ``Limit``, ``"100/minute"``, or a list), or None to limit
-    only views decorated with ``.limit(...)``; here and in ``.limit`` it may be a callable taking
-    the request and returning the limit(s) for it, such as the caller's plan (tiers).
+    ``limit``: the default limit(s) (a number per second or a string like ``"100/minute"``, each
+    with an optional ``burst``, a ``Limit``, or a list), or None to limit only views decorated
+    with ``.limit(...)``; here and in ``.limit`` it may be a callable taking the request and
+    returning the limit(s) for it, such as the caller's plan (tiers).
     ``key(request)`` chooses the identity (None or "" fall back to the default: an API key, then
     the user id from ``user(request)``, else ``flask.g.user_id``, else Flask-Login's
     ``current_user``, then the client IP through ``trusted_proxies``, a hop count or a list of
@@ -103,7 +105,8 @@ class TokenLimit:
         self,
         app: Flask | None = None,
         *,
-        limit: Any = None,
+        limit: float | LimitSpec | None = None,
+        burst: int | None = None,
         limiter: RateLimiter | None = None,
         key: RequestFunction | None = None,
         cost: int = 1,
@@ -126,6 +129,7 @@ class TokenLimit:
         self._user = user
         self._options: dict[str, Any] = {
             "limit": limit,
+            "burst": burst,
             "key": key,
             "cost": cost,
             "exempt": exempt,
@@ -191,7 +195,7 @@ class TokenLimit:
     # -- per-view decorators ------------------------------------------------------------------
     def limit(
         self,
-        limit: Any,
+        limit: float | LimitSpec,
         *,
         burst: int | None = None,
         key: RequestFunction | None = None,

@@ -1,0 +1,117 @@
+"""``Request``: one decision to make, as bucket keys and packed script arguments.
+
+``build_request`` validates a call's key, limit(s) and cost and builds the keys (the identity's
+hash tag, ``identity_tag``, and each limit's id) and the script's packed arguments, keeping
+recent requests in a small cache so that a hot key skips all of it.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+from typing import Any, NamedTuple
+
+from ._limit import Limit
+from ._plan import LimitPlan
+from ._resp import pack_bulk
+from ._validate import check_key
+
+__all__ = ["Request", "build_request", "identity_tag"]
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+class Request(NamedTuple):
+    """One decision to make: the bucket keys, the script arguments, and the limits behind them.
+
+    ``tail`` is ``numkeys, *keys, *args`` already packed as RESP bulk strings, and ``size`` the
+    number of those strings: a script call is then a header, the script's SHA and ``tail``.
+    A named tuple, not a dataclass: a new key builds one per decision (docs/internals.md).
+    """
+
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    limits: tuple[Limit, ...]
+    cost: int
+    tail: bytes = b""
+    size: int = 0
+
+    @property
+    def params(self) -> tuple[tuple[int, int], ...]:
+        """``(interval_ns, burst)`` per limit, as the model and the memory backend take them."""
+        return tuple((limit.interval_ns, limit.burst) for limit in self.limits)
+
+
+def identity_tag(identity: bytes) -> str:
+    """The hash tag for an identity: 96 bits of BLAKE2b, base64url, 16 characters.
+
+    Hashing makes keys injective in practice, short whatever the identity's length, free of the
+    braces that would move the cluster slot, and keeps API keys out of Redis in clear text.
+    """
+    digest = hashlib.blake2b(identity, digest_size=12).digest()
+    # = base64.urlsafe_b64encode(digest).decode(), without its Python-level layers
+    return binascii.b2a_base64(digest, newline=False).translate(_URLSAFE).decode()
+
+
+# Requests for recent (prefix, key, limit, cost) calls: a hot key skips validation, hashing and
+# packing. Only exact str, int and Limit (or tuple of Limits) arguments are cached (hashable,
+# and equal means identical keys); the dict is emptied when full, cheaper than LRU bookkeeping.
+# Keys of up to _CACHED_KEY_CHARS only: the cache holds at most 4096 x 256 characters of
+# caller keys, however long the keys callers send (a longer one is built at each call).
+_CACHE_SIZE = 4096
+_CACHED_KEY_CHARS = 256
+_cache: dict[tuple[str, str, Limit | tuple[Limit, ...], int], Request] = {}
+
+
+def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
+    """Validate one call's arguments and turn them into keys and packed script arguments."""
+    if (
+        type(key) is str
+        and type(cost) is int
+        and (
+            type(limit) is Limit
+            or (type(limit) is tuple and all(type(item) is Limit for item in limit))
+        )
+    ):
+        entry = (prefix, key, limit, cost)
+        request = _cache.get(entry)
+        if request is None:
+            request = _build(prefix, key, limit, cost)
+            if len(key) <= _CACHED_KEY_CHARS:  # checked on a miss only: hits cost nothing more
+                if len(_cache) >= _CACHE_SIZE:
+                    _cache.clear()
+                _cache[entry] = request
+        return request
+    return _build(prefix, key, limit, cost)
+
+
+def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
+    # One limit and a cost within its burst: the plan's checks, passed at a glance.
+    if type(limit) is Limit and type(cost) is int and 1 <= cost <= limit.burst:
+        return _build_one(prefix, check_key(key), limit, cost)
+    identity = check_key(key)  # first: a bad key fails as one, before a chooser sees it
+    plan = LimitPlan.of(limit=limit, cost=cost, name="limit")
+    if plan.choose is not None:  # tiers: cached by the limits it chose, never by the chooser
+        return build_request(prefix, key, plan.limits_for(key), plan.cost)
+    limits, cost = plan.limits, plan.cost
+    head = f"{prefix}{{{identity_tag(identity)}}}"
+    keys = tuple(head + lim._id for lim in limits)
+    args = [str(cost)]
+    for lim in limits:
+        args.append(str(lim.interval_ns))
+        args.append(str(lim.burst))
+    strings = (str(len(keys)), *keys, *args)
+    return Request(keys, tuple(args), limits, cost, pack_bulk(strings), len(strings))
+
+
+def _build_one(prefix: str, identity: bytes, limit: Limit, cost: int) -> Request:
+    """``_build`` for the common call, one limit and a valid cost, with the limit's part of
+    the packed arguments made once per limit: a new key costs a hash and a few joins."""
+    bucket = f"{prefix}{{{identity_tag(identity)}}}{limit._id}"
+    raw = bucket.encode()
+    costs = b"%d" % cost
+    packed = b"$1\r\n1\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+        len(raw), raw, len(costs), costs, limit._packed
+    )  # fmt: skip
+    args = (str(cost), str(limit.interval_ns), str(limit.burst))
+    return Request((bucket,), args, (limit,), cost, packed, 5)
