@@ -24,13 +24,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from . import _reply_policy as policy
+from ._backend import scan_pattern
 from ._batch import Batcher, drop_if_stale, forget_replica, give_back, header, retire
 from ._errors import BackendError
 from ._redis import address
 from ._redispy import available
 from ._reply_policy import classify
 from ._request import Request
-from ._scripts import Script, acquire_script, peek_script
+from ._scripts import Script, acquire_script, hold_script, peek_script, release_script
 from ._server_check import start_check
 from ._topology import AsyncSlotRefresher, stale_map
 
@@ -110,6 +111,8 @@ def _stop(task: asyncio.Future[Any]) -> None:
 class AsyncRedisBackend:
     """Decisions on a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` client."""
 
+    remote = True
+
     def __init__(self, client: Redis | RedisCluster, *, owned: bool = False) -> None:
         self.client = client
         self.is_cluster = isinstance(client, RedisCluster)
@@ -182,6 +185,30 @@ class AsyncRedisBackend:
             if self._slots is not None and stale_map(error):
                 self._slots.failed(self._name(keys[0]))
             raise
+
+    async def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
+    ) -> Sequence[int]:
+        args = (holder, str(max_in_flight), str(lease_us))
+        reply = await self.run_script(hold_script(), (key,), args, timeout=timeout)
+        return [int(x) for x in reply]
+
+    async def release_slot(self, key: str, holder: str, *, timeout: float) -> int:
+        return int(await self.run_script(release_script(), (key,), (holder,), timeout=timeout))
+
+    async def clear_prefix(self, prefix: str) -> int:
+        """The async twin of ``RedisBackend.clear_prefix``."""
+        client: Any = self.client
+        count = 0
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=scan_pattern(prefix), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                count += int(await client.delete(*batch))
+                batch.clear()
+        if batch:
+            count += int(await client.delete(*batch))
+        return count
 
     async def reset(self, request: Request, *, timeout: float) -> None:
         command = ("DEL", *request.keys)

@@ -1,22 +1,48 @@
-"""What a limiter needs from a storage backend: one decision, one reset, close."""
+"""The seam between a limiter and its storage: what every backend offers, sync and async.
+
+Memory, Redis/Valkey standalone, cluster and Sentinel backends implement it, and so may a third
+party's (``tests/test_backend_seam.py`` plugs one in). Callers ask the backend what it can do
+(``remote``, ``hold_slot``) and never look at its class.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._request import Request
 
-__all__ = ["AsyncBackend", "SyncBackend"]
+__all__ = ["AsyncBackend", "SyncBackend", "holds_slots", "is_remote", "scan_pattern"]
 
 
 @runtime_checkable
 class SyncBackend(Protocol):
-    """Makes one atomic decision per call, within ``timeout`` seconds, or raises BackendError."""
+    """Makes one atomic decision per call, within ``timeout`` seconds, or raises BackendError.
+
+    ``remote``: decisions go to a server, so a call blocks on IO, can be cut short at its
+    deadline, and a refusal may be cached locally until its ``retry_after``; False for a store
+    in this process (instant, never cut short, run inline even from async code).
+    """
+
+    remote: bool
 
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]: ...
 
     def reset(self, request: Request, *, timeout: float) -> None: ...
+
+    def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
+    ) -> Sequence[int]:
+        """One concurrency slot of ``key`` for ``holder``: ``[admitted, count, wait_us]``."""
+        ...
+
+    def release_slot(self, key: str, holder: str, *, timeout: float) -> int:
+        """Free ``holder``'s slot of ``key``; 1 if it held one."""
+        ...
+
+    def clear_prefix(self, prefix: str) -> int:
+        """Forget every bucket and slot whose key starts with ``prefix``; how many went (tests)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -25,8 +51,38 @@ class SyncBackend(Protocol):
 class AsyncBackend(Protocol):
     """The async twin of ``SyncBackend``."""
 
+    remote: bool
+
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]: ...
 
     async def reset(self, request: Request, *, timeout: float) -> None: ...
 
+    async def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
+    ) -> Sequence[int]: ...
+
+    async def release_slot(self, key: str, holder: str, *, timeout: float) -> int: ...
+
+    async def clear_prefix(self, prefix: str) -> int: ...
+
     async def aclose(self) -> None: ...
+
+
+def is_remote(backend: Any) -> bool:
+    """``backend.remote``; True for a backend that does not say (the safe reading: its calls
+    may block, so they run off an event loop and within the deadline)."""
+    return bool(getattr(backend, "remote", True))
+
+
+def holds_slots(backend: Any) -> bool:
+    """Whether ``backend`` can hold concurrency slots (a minimal third-party one may not)."""
+    return callable(getattr(backend, "hold_slot", None)) and callable(
+        getattr(backend, "release_slot", None)
+    )
+
+
+def scan_pattern(prefix: str) -> str:
+    """The SCAN pattern for a limiter's keys, ``<prefix>{<tag>}...`` (glob escaped): never
+    ``*`` alone, even with an empty prefix."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+    return escaped + "{*"

@@ -160,6 +160,11 @@ class LimiterBase:
         self._shadow_log.warning("tokenlimit: shadow mode admitted a call it would refuse", would)
         return dataclasses.replace(decision, allowed=True, shadowed=True)
 
+    def _forget_all(self) -> None:
+        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds."""
+        if self._refusals is not None:
+            self._refusals.clear()
+
     def _forget(self, request: Request) -> None:
         """After ``reset``: the cached refusals for these buckets no longer hold."""
         if self._refusals is not None:

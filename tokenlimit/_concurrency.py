@@ -43,13 +43,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from . import _switch
+from ._backend import holds_slots, is_remote
 from ._decision import Decision
 from ._decorator import is_per_call, key_function, needs_a_call
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._log import ThrottledLog
-from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._request import identity_tag
-from ._scripts import hold_script, release_script
 from ._validate import check_int, check_key, check_number
 
 __all__ = ["AsyncConcurrency", "Concurrency", "Slots", "build_slots", "hold", "release"]
@@ -165,54 +164,25 @@ def _new_holder() -> str:
 
 # -- storage calls ------------------------------------------------------------------------------
 def _sync_hold(backend: Any, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
-    if isinstance(backend, MemoryBackend):
-        return backend.hold_slot(slots.key, holder, slots.max_in_flight, slots.lease_us)
-    reply: Sequence[int] = backend.run_script(
-        hold_script(), (slots.key,), slots.hold_args(holder), timeout=timeout
+    reply: Sequence[int] = backend.hold_slot(
+        slots.key, holder, slots.max_in_flight, slots.lease_us, timeout=timeout
     )
     return reply
 
 
 def _sync_release(backend: Any, slots: Slots, holder: str, timeout: float) -> int:
-    if isinstance(backend, MemoryBackend):
-        return backend.release_slot(slots.key, holder)
-    return int(backend.run_script(release_script(), (slots.key,), (holder,), timeout=timeout))
-
-
-async def _runner(backend: Any) -> Any:
-    """The ``run_script`` of an async backend (of this loop's, for a per-loop one)."""
-    run = getattr(backend, "run_script", None)
-    if run is None:
-        current = getattr(backend, "_current", None)  # _url.LoopLocalBackend: one per loop
-        if current is not None:
-            run = getattr(await current(), "run_script", None)
-    if run is None:
-        raise TypeError(f"{type(backend).__name__} does not support concurrency limits")
-    return run
+    return int(backend.release_slot(slots.key, holder, timeout=timeout))
 
 
 async def _async_hold(backend: Any, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
-    if isinstance(backend, AsyncMemoryBackend):
-        return backend.store.hold_slot(slots.key, holder, slots.max_in_flight, slots.lease_us)
-    run = await _runner(backend)
-    reply: Sequence[int] = await run(
-        hold_script(), (slots.key,), slots.hold_args(holder), timeout=timeout
+    reply: Sequence[int] = await backend.hold_slot(
+        slots.key, holder, slots.max_in_flight, slots.lease_us, timeout=timeout
     )
     return reply
 
 
 async def _async_release(backend: Any, slots: Slots, holder: str, timeout: float) -> int:
-    if isinstance(backend, AsyncMemoryBackend):
-        return backend.store.release_slot(slots.key, holder)
-    run = await _runner(backend)
-    return int(await run(release_script(), (slots.key,), (holder,), timeout=timeout))
-
-
-def supported(backend: Any) -> bool:
-    """Whether a limiter's backend can hold concurrency slots."""
-    return isinstance(backend, (MemoryBackend, AsyncMemoryBackend)) or any(
-        callable(getattr(backend, name, None)) for name in ("run_script", "_current")
-    )
+    return int(await backend.release_slot(slots.key, holder, timeout=timeout))
 
 
 def _keep(future: asyncio.Future[Any]) -> None:
@@ -255,7 +225,7 @@ class _SlotGuard:
         self._key = key if is_per_call(key) else None
         literal = _PER_CALL if self._key is not None else key
         self._slots = build_slots(limiter.prefix, literal, max_in_flight, lease, timeout)
-        if not supported(limiter.backend):
+        if not holds_slots(limiter.backend):
             raise TypeError(
                 f"{type(limiter.backend).__name__} does not support concurrency limits "
                 "(use a memory, Redis or Valkey limiter)"
@@ -491,7 +461,7 @@ class Concurrency(_SlotGuard):
 
     async def _attempt_in_thread(self, holder: str) -> Sequence[int]:
         limiter, slots = self._limiter, self._slots
-        if isinstance(limiter.backend, MemoryBackend):
+        if not is_remote(limiter.backend):  # in-process: no thread, nothing to cut short
             return _sync_hold(limiter.backend, slots, holder, limiter.timeout)
         loop = asyncio.get_running_loop()
         call = functools.partial(_sync_hold, limiter.backend, slots, holder, limiter.timeout)
@@ -501,7 +471,7 @@ class Concurrency(_SlotGuard):
         )
 
     async def _arelease(self, holder: str | None) -> None:
-        if holder is None or isinstance(self._limiter.backend, MemoryBackend):
+        if holder is None or not is_remote(self._limiter.backend):
             self._release(holder)
             return
         # Shielded: a caller cancelled here still gives the slot back.
@@ -556,7 +526,7 @@ class AsyncConcurrency(_SlotGuard):
 
     async def _attempt(self, holder: str) -> Sequence[int]:
         limiter, slots = self._limiter, self._slots
-        if isinstance(limiter.backend, AsyncMemoryBackend):  # no await: cannot be cut short
+        if not is_remote(limiter.backend):  # no await inside: cannot be cut short
             return await _async_hold(limiter.backend, slots, holder, limiter.timeout)
         attempt = asyncio.ensure_future(
             _async_hold(limiter.backend, slots, holder, limiter.timeout)
@@ -566,7 +536,7 @@ class AsyncConcurrency(_SlotGuard):
     async def _release(self, holder: str | None) -> None:
         if holder is None:  # admitted without a slot (failure_mode="open")
             return
-        if isinstance(self._limiter.backend, AsyncMemoryBackend):
+        if not is_remote(self._limiter.backend):
             await self._released_now(holder)
             return
         # Shielded: a caller cancelled here still gives the slot back.

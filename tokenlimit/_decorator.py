@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
+from ._backend import is_remote
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
-from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._plan import Chooser, LimitPlan, LimitSpec, bound_arguments
 from ._validate import check_timeout
 
@@ -260,7 +260,7 @@ async def _acquire_off_loop(
 ) -> Decision:
     """``acquire`` with a sync limiter from async code: the network call runs in a worker thread
     and the waiting is ``asyncio.sleep``, so the event loop never blocks."""
-    in_process = isinstance(limiter.backend, (MemoryBackend, AsyncMemoryBackend))
+    in_process = not is_remote(limiter.backend)
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     while True:
         if in_process:

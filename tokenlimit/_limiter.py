@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _switch
+from ._backend import is_remote
 from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
 from ._decision import Decision, fail_open_decision
 from ._errors import BackendError, ConfigTypeError
@@ -34,7 +35,7 @@ def _sync_backend(client: Any, timeout: float) -> Any:
         from ._redis import RedisBackend
 
         return RedisBackend(client, timeout=timeout)
-    if isinstance(client, MemoryBackend) or _has(client, "decide", "reset", "close"):
+    if _has(client, "decide", "reset", "close"):  # a backend: ours or a third party's
         return client
     raise ConfigTypeError(
         "client",
@@ -60,21 +61,6 @@ def _async_backend(client: Any) -> Any:
         "expected redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster or an async backend,"
         f" not {type(client).__name__} (use RateLimiter for sync clients)",
     )
-
-
-def _on_redis(backend: Any) -> bool:
-    """Whether a sync ``backend`` decides on a Redis/Valkey server (``local_cache`` applies)."""
-    from ._redis import RedisBackend
-
-    return isinstance(backend, RedisBackend)
-
-
-def _on_aredis(backend: Any) -> bool:
-    """Whether an async ``backend`` decides on a Redis/Valkey server."""
-    from ._aredis import AsyncRedisBackend
-    from ._url import LoopLocalBackend  # what from_url makes for Redis URLs (only)
-
-    return isinstance(backend, (AsyncRedisBackend, LoopLocalBackend))
 
 
 def _has(obj: Any, *names: str) -> bool:
@@ -109,7 +95,7 @@ class RateLimiter(LimiterBase):
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
-            remote=_on_redis(backend),
+            remote=is_remote(backend),
         )
 
     @classmethod
@@ -240,7 +226,7 @@ class AsyncRateLimiter(LimiterBase):
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
-            remote=_on_aredis(backend),
+            remote=is_remote(backend),
         )
 
     @classmethod

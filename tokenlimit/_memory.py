@@ -22,6 +22,8 @@ class MemoryBackend:
     bucket closest to full is forgotten first, which can only admit, never refuse, too early.
     """
 
+    remote = False
+
     def __init__(
         self, *, clock: Callable[[], float] | None = None, max_keys: int = 1_000_000
     ) -> None:
@@ -68,10 +70,18 @@ class MemoryBackend:
             self._expiry.clear()
             self._slots.clear()
 
+    def clear_prefix(self, prefix: str) -> int:
+        """Forget every bucket and slot (one store per limiter, whatever its prefix)."""
+        count = len(self)
+        self.clear()
+        return count
+
     def close(self) -> None:
         self.clear()
 
-    def hold_slot(self, key: str, holder: str, max_in_flight: int, lease_us: int) -> list[int]:
+    def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0
+    ) -> list[int]:
         """A concurrency slot for ``holder``, as the slot_hold script takes it on a server."""
         from ._concurrency import hold
 
@@ -90,7 +100,7 @@ class MemoryBackend:
                 del slots[key]
             return reply
 
-    def release_slot(self, key: str, holder: str) -> int:
+    def release_slot(self, key: str, holder: str, *, timeout: float = 0.0) -> int:
         """Give ``holder``'s slot back: 1 if its lease had not ended yet."""
         from ._concurrency import release
 
@@ -138,6 +148,8 @@ class MemoryBackend:
 class AsyncMemoryBackend:
     """``MemoryBackend`` for ``AsyncRateLimiter``: the same store, awaited without blocking."""
 
+    remote = False
+
     def __init__(self, store: MemoryBackend | None = None) -> None:
         self.store = store if store is not None else MemoryBackend()
 
@@ -148,6 +160,17 @@ class AsyncMemoryBackend:
 
     async def reset(self, request: Request, *, timeout: float = 0.0) -> None:
         self.store.reset(request)
+
+    async def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0
+    ) -> list[int]:
+        return self.store.hold_slot(key, holder, max_in_flight, lease_us)
+
+    async def release_slot(self, key: str, holder: str, *, timeout: float = 0.0) -> int:
+        return self.store.release_slot(key, holder)
+
+    async def clear_prefix(self, prefix: str) -> int:
+        return self.store.clear_prefix(prefix)
 
     async def aclose(self) -> None:
         self.store.close()

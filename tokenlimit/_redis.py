@@ -28,12 +28,13 @@ from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
 from . import _reply_policy as policy
+from ._backend import scan_pattern
 from ._errors import BackendError
 from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
 from ._reply_policy import classify
 from ._request import Request
 from ._resp import ReplyError, parse_one
-from ._scripts import Script, acquire_script, peek_script
+from ._scripts import Script, acquire_script, hold_script, peek_script, release_script
 from ._server_check import report
 from ._topology import SlotRefresher, stale_map
 
@@ -44,6 +45,8 @@ logger = logging.getLogger("tokenlimit")
 
 class RedisBackend:
     """Decisions on a ``redis.Redis`` or ``redis.cluster.RedisCluster`` client."""
+
+    remote = True
 
     def __init__(
         self, client: Redis | RedisCluster, *, owned: bool = False, timeout: float | None = None
@@ -128,6 +131,29 @@ class RedisBackend:
         except BackendError as error:
             self._failed(error, keys[0])
             raise
+
+    def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
+    ) -> Sequence[int]:
+        args = (holder, str(max_in_flight), str(lease_us))
+        return [int(x) for x in self.run_script(hold_script(), (key,), args, timeout=timeout)]
+
+    def release_slot(self, key: str, holder: str, *, timeout: float) -> int:
+        return int(self.run_script(release_script(), (key,), (holder,), timeout=timeout))
+
+    def clear_prefix(self, prefix: str) -> int:
+        """SCAN and DEL through the client (every node of a cluster): for tests, no deadline."""
+        client: Any = self.client
+        count = 0
+        batch: list[Any] = []
+        for key in client.scan_iter(match=scan_pattern(prefix), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                count += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            count += int(client.delete(*batch))
+        return count
 
     def reset(self, request: Request, *, timeout: float) -> None:
         try:

@@ -337,6 +337,8 @@ class LoopLocalBackend:
     """One owned async client per event loop: asyncio connections cannot cross loops, and
     frameworks and test runners start several."""
 
+    remote = True
+
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
@@ -382,6 +384,23 @@ class LoopLocalBackend:
     async def reset(self, request: Request, *, timeout: float) -> None:
         backend = await self._current()
         await backend.reset(request, timeout=timeout)
+
+    async def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
+    ) -> Sequence[int]:
+        backend = await self._current()
+        reply: Sequence[int] = await backend.hold_slot(
+            key, holder, max_in_flight, lease_us, timeout=timeout
+        )
+        return reply
+
+    async def release_slot(self, key: str, holder: str, *, timeout: float) -> int:
+        backend = await self._current()
+        return int(await backend.release_slot(key, holder, timeout=timeout))
+
+    async def clear_prefix(self, prefix: str) -> int:
+        backend = await self._current()
+        return int(await backend.clear_prefix(prefix))
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()

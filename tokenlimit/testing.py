@@ -28,9 +28,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import _switch
+from ._backend import is_remote
 from ._errors import ConfigError, ConfigTypeError
 from ._limiter import AsyncRateLimiter, RateLimiter
-from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._memory import MemoryBackend
 
 __all__ = [
     "FakeClock",
@@ -112,31 +113,6 @@ def async_memory_limiter(
 
 
 # -- resetting ---------------------------------------------------------------------------------
-def _pattern(prefix: str) -> str:
-    """The SCAN pattern for the limiter's bucket keys, ``<prefix>{<tag>}...`` (glob escaped):
-    never ``*`` alone, even with an empty prefix."""
-    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
-    return escaped + "{*"
-
-
-def _store(limiter: Any) -> MemoryBackend | None:
-    backend = limiter.backend
-    if isinstance(backend, MemoryBackend):
-        return backend
-    if isinstance(backend, AsyncMemoryBackend):
-        return backend.store
-    return None
-
-
-def _client(backend: Any) -> Any:
-    client = getattr(backend, "client", None)
-    if client is None:
-        raise ConfigTypeError(
-            "limiter", f"reset_all knows memory and Redis/Valkey backends, not {backend!r}"
-        )
-    return client
-
-
 def _check_limiter(limiter: Any) -> None:
     if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
         raise ConfigTypeError(
@@ -144,64 +120,42 @@ def _check_limiter(limiter: Any) -> None:
         )
 
 
-def _forget_local(limiter: RateLimiter | AsyncRateLimiter) -> None:
-    refusals = limiter._refusals
-    if refusals is not None:
-        refusals.clear()
+def _clearable(backend: Any) -> None:
+    if not callable(getattr(backend, "clear_prefix", None)):
+        raise ConfigTypeError("limiter", f"its backend cannot clear its keys: {backend!r}")
 
 
 def reset_all(limiter: RateLimiter | AsyncRateLimiter) -> int:
     """Every bucket of ``limiter`` full again; returns how many keys went (memory: buckets
     held). An ``AsyncRateLimiter`` on Redis/Valkey needs ``areset_all``. For tests only."""
     _check_limiter(limiter)
+    backend: Any = limiter.backend
     try:
-        store = _store(limiter)
-        if store is not None:
-            count = len(store)
-            store.clear()
-            return count
         if isinstance(limiter, AsyncRateLimiter):
-            raise ConfigTypeError(
-                "limiter", "an AsyncRateLimiter on a server needs 'await areset_all(limiter)'"
-            )
-        client = _client(limiter.backend)
-        count = 0
-        batch: list[Any] = []
-        for key in client.scan_iter(match=_pattern(limiter.prefix), count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                count += int(client.delete(*batch))
-                batch.clear()
-        if batch:
-            count += int(client.delete(*batch))
-        return count
+            if is_remote(backend):
+                raise ConfigTypeError(
+                    "limiter", "an AsyncRateLimiter on a server needs 'await areset_all(limiter)'"
+                )
+            store: Any = getattr(backend, "store", None)  # in-process: answers at once
+            _clearable(store)
+            return int(store.clear_prefix(limiter.prefix))
+        _clearable(backend)
+        return int(backend.clear_prefix(limiter.prefix))
     finally:
-        _forget_local(limiter)
+        limiter._forget_all()
 
 
 async def areset_all(limiter: RateLimiter | AsyncRateLimiter) -> int:
     """``reset_all`` from async code, for either limiter. For tests only."""
     _check_limiter(limiter)
-    if isinstance(limiter, RateLimiter) or _store(limiter) is not None:
+    if isinstance(limiter, RateLimiter) or not is_remote(limiter.backend):
         return reset_all(limiter)
+    backend: Any = limiter.backend
     try:
-        backend: Any = limiter.backend
-        current = getattr(backend, "_current", None)  # from_url: one client per event loop
-        if current is not None:
-            backend = await current()
-        client = _client(backend)
-        count = 0
-        batch: list[Any] = []
-        async for key in client.scan_iter(match=_pattern(limiter.prefix), count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                count += int(await client.delete(*batch))
-                batch.clear()
-        if batch:
-            count += int(await client.delete(*batch))
-        return count
+        _clearable(backend)
+        return int(await backend.clear_prefix(limiter.prefix))
     finally:
-        _forget_local(limiter)
+        limiter._forget_all()
 
 
 # -- the switch --------------------------------------------------------------------------------

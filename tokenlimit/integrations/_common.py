@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenlimit._backend import is_remote
 from tokenlimit._decision import Decision
 from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
-from tokenlimit._memory import AsyncMemoryBackend, MemoryBackend
 from tokenlimit._plan import LimitPlan
 from tokenlimit._validate import check_cost
 
@@ -457,7 +457,7 @@ def unavailable_body() -> bytes:
 
 # -- deciding ----------------------------------------------------------------------------------
 def _in_process(limiter: Any) -> bool:
-    return isinstance(limiter.backend, (MemoryBackend, AsyncMemoryBackend))
+    return not is_remote(limiter.backend)
 
 
 async def decide_async(
