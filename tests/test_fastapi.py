@@ -70,7 +70,7 @@ def used(limiter: RateLimiter, identity: str, limit: Limit = THREE) -> int:
 
 
 def bucket(identity: str, route: str = "GET /async") -> str:
-    """The bucket of a route's own limit: ``route:<methods> <path template>|<identity>``."""
+    """The bucket of a route's own limit: ``route:<method> <path template>|<identity>``."""
     return f"route:{route}|{identity}"
 
 

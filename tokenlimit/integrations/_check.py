@@ -20,6 +20,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, NamedTuple
 
+from tokenlimit._core import ThrottledLog
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit
@@ -37,12 +38,15 @@ from tokenlimit.integrations._common import (
 )
 
 __all__ = [
+    "Limiter",
     "RequestFacts",
     "Verdict",
+    "ViewLimit",
     "acheck",
     "answer",
     "bucket_key",
     "check",
+    "check_limiter",
     "check_scope",
     "unavailable",
 ]
@@ -50,11 +54,8 @@ __all__ = [
 Limiter = RateLimiter | AsyncRateLimiter
 Ledger = dict[tuple[str, tuple[Limit, ...]], Decision]  # (key, limits) -> the decision taken
 Resolve = Callable[[Awaitable[Any]], Any]  # runs an awaitable to its result from sync code
+# A bare 503 is logged by no framework: say why (throttled, so an outage does not flood the log).
 STORAGE_FAILED = "tokenlimit: storage failed, answering 503 (failure_mode='closed')"
-
-
-def _anonymous() -> None:
-    return None
 
 
 class RequestFacts(NamedTuple):
@@ -68,9 +69,9 @@ class RequestFacts(NamedTuple):
     peer: str | None  # the socket peer (None, "" or a path: a unix socket)
     forwarded_for: str | None  # every X-Forwarded-For line, joined with ", "
     api_key: str | None = None  # the raw value of the policy's api_key_header (None: not read)
-    # The signed-in user's id (None: anonymous), or an awaitable of it; read only when no API
-    # key names the client (it may query a database).
-    user: Callable[[], Any] = _anonymous
+    # Reads the signed-in user's id (None: anonymous), or an awaitable of it; called only when
+    # no API key names the client (it may query a database). None: nobody signs in here.
+    user: Callable[[], Any] | None = None
     route: str | None = None  # what a per-route limit's bucket is named after; None: app-wide
     template: str | None = None  # the matched route's template, a metrics label, never a path
     routed: bool = True  # False before routing (a middleware): the caller counts an admission
@@ -89,8 +90,23 @@ class Verdict(NamedTuple):
     error: BackendError | None = None  # the storage failure behind a 503
     repeated: bool = False  # this request had charged the bucket already: nothing was taken
 
+    def report(self, log: ThrottledLog) -> None:
+        """Write the log line, if any, through the integration's throttled log."""
+        if self.log is not None and self.error is not None:
+            log.warning(self.log, self.error)
+
 
 PASS = Verdict(200)  # exempt: nothing decided, nothing to add
+
+
+def check_limiter(limiter: Any, *, sync: bool = False) -> Limiter | None:
+    """``limiter`` if it is one an integration can use (None: the default, looked up per
+    request); ``sync``: only a ``RateLimiter`` (an async one is a common mistake there)."""
+    kinds = RateLimiter if sync else (RateLimiter, AsyncRateLimiter)
+    if limiter is not None and not isinstance(limiter, kinds):
+        wanted = "a sync RateLimiter" if sync else "a RateLimiter or AsyncRateLimiter"
+        raise ConfigTypeError("limiter", f"must be {wanted}, not {type(limiter).__name__}")
+    return limiter
 
 
 def check_scope(scope: Any) -> str | None:
@@ -154,7 +170,7 @@ def _steps(
                 known = yield known
             api_key = api_key if known else None
         user_id = None
-        if not api_key:
+        if not api_key and user is not None:
             user_id = user()
             if inspect.isawaitable(user_id):
                 user_id = yield user_id
@@ -227,3 +243,86 @@ async def acheck(
     except StopIteration as done:
         verdict: Verdict = done.value
         return verdict
+
+
+class ViewLimit:
+    """A limit written on one view (Flask's ``@ext.limit``, Django's ``@ratelimit``): checked
+    where it is written; ``policy(app)`` adds the app's identity options, once per app policy.
+    ``None`` for ``shadow`` or ``headers`` means the app's; the view's ``key``, where it names
+    no identity, falls back to the app's, then to the default identity."""
+
+    __slots__ = ("_cache", "_spec", "headers", "scope", "shadow")
+
+    def __init__(
+        self,
+        limit: Any,
+        *,
+        burst: int | None = None,
+        key: Any = None,
+        cost: int = 1,
+        scope: str | None = None,
+        shadow: bool | None = None,
+        headers: bool | None = None,
+    ) -> None:
+        if headers is not None and not isinstance(headers, bool):
+            raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
+        if shadow is not None and not isinstance(shadow, bool):
+            raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
+        Policy.build(limit, burst=burst, key=key, cost=cost)  # fail where the view is written
+        self.scope = check_scope(scope)
+        self.shadow = shadow
+        self.headers = headers
+        self._spec = (limit, burst, key, cost)
+        self._cache: tuple[Policy, Policy] | None = None
+
+    def policy(self, app: Policy) -> Policy:
+        """This view's policy under ``app``'s identity options."""
+        cached = self._cache
+        if cached is not None and cached[0] is app:
+            return cached[1]
+        limit, burst, key, cost = self._spec
+        if key is not None and app.key is not None:
+            key = _FirstKey(key, app.key)
+        policy = Policy.build(
+            limit,
+            burst=burst,
+            key=app.key if key is None else key,
+            cost=cost,
+            trusted_proxies=app.proxies,
+            headers=app.headers if self.headers is None else self.headers,
+            api_key_header=app.api_key_header,
+            ipv6_prefix=app.ipv6_prefix,
+            shadow=app.shadow if self.shadow is None else self.shadow,
+            api_key_validator=app.api_key_validator,
+        )
+        self._cache = (app, policy)
+        return policy
+
+
+class _FirstKey:
+    """The first identity that one of several key functions names; an awaitable of it once one
+    of them is async (then the rest are awaited too)."""
+
+    __slots__ = ("functions",)
+
+    def __init__(self, *functions: Callable[[Any], Any]) -> None:
+        self.functions = functions
+
+    def __call__(self, request: Any) -> Any:
+        for index, function in enumerate(self.functions):
+            named = function(request)
+            if inspect.isawaitable(named):
+                return self._rest(named, request, index + 1)
+            if custom_identity(named) is not None:
+                return named
+        return None
+
+    async def _rest(self, pending: Awaitable[Any], request: Any, start: int) -> Any:
+        named = await pending
+        for function in self.functions[start:]:
+            if custom_identity(named) is not None:
+                break
+            named = function(request)
+            if inspect.isawaitable(named):
+                named = await named
+        return named

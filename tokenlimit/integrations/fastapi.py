@@ -33,10 +33,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenlimit._config import default_async_limiter
 from tokenlimit._core import ThrottledLog
 from tokenlimit._decision import Decision
-from tokenlimit._errors import BackendError, ConfigTypeError, RateLimitExceeded
+from tokenlimit._errors import BackendError, RateLimitExceeded
 from tokenlimit._limit import Limit
-from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
-from tokenlimit.integrations._check import RequestFacts, Verdict, acheck, check_scope
+from tokenlimit.integrations._check import (
+    Limiter,
+    RequestFacts,
+    acheck,
+    check_limiter,
+    check_scope,
+)
 from tokenlimit.integrations._common import (
     Policy,
     record_request,
@@ -50,7 +55,6 @@ __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"
 LimitArg = Limit | str | Sequence[Limit | str] | Callable[[Request], Any]
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
 ApiKeyCheck = Callable[[str], Any]  # raw key -> truthy when known (or an awaitable of that)
-Limiter = RateLimiter | AsyncRateLimiter
 DEFAULT_EXEMPT = ("/health", "/metrics")
 _LEDGER = "tokenlimit.charged"  # scope key: the buckets this request charged
 
@@ -73,15 +77,6 @@ class RateLimited(HTTPException):
         return self.decision.retry_after
 
 
-def _check_limiter(limiter: Any) -> Limiter | None:
-    """``limiter`` if it is one (None: the default, resolved per request)."""
-    if limiter is not None and not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
-        raise ConfigTypeError(
-            "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {type(limiter).__name__}"
-        )
-    return limiter
-
-
 def _user_id(user: Any) -> Any:
     """The id of an authenticated ``scope["user"]`` (Starlette's AuthenticationMiddleware)."""
     try:
@@ -99,36 +94,11 @@ def _user_id(user: Any) -> Any:
     return None
 
 
-def _anonymous() -> None:
-    return None
-
-
 def _template(scope: Scope) -> str | None:
     """The matched route's template (``/items/{item_id}``), never the raw path; None before
     routing or when nothing matched."""
     path = getattr(scope.get("route"), "path", None)
     return path if isinstance(path, str) else None
-
-
-def _route_names(scope: Scope) -> tuple[str, str | None]:
-    """The matched route's bucket name, its methods and path template (``GET /items/{id}``,
-    ``*`` where the scope names no route), and its template alone (a metrics label)."""
-    route = scope.get("route")
-    known = _names.get(id(route))
-    if known is not None and known[0] is route:
-        return known[1]
-    template = _template(scope)
-    if template is None:
-        return "*", None
-    methods = getattr(route, "methods", None)
-    names = (f"{','.join(sorted(methods))} {template}" if methods else template, template)
-    if len(_names) >= 4096:  # apps built and dropped (tests): start over
-        _names.clear()
-    _names[id(route)] = (route, names)  # holding the route keeps its id its own
-    return names
-
-
-_names: dict[int, tuple[object, tuple[str, str | None]]] = {}
 
 
 class _Guarded:
@@ -139,7 +109,7 @@ class _Guarded:
 
     def __init__(self, policy: Policy, limiter: Any) -> None:
         self.policy = policy
-        self._limiter = _check_limiter(limiter)
+        self._limiter = check_limiter(limiter)
         self._log = ThrottledLog()
         header = policy.api_key_header
         self._api_key_name = header.lower().encode("latin-1") if header else None
@@ -175,18 +145,12 @@ class _Guarded:
             client[0] if client else None,
             forwarded or None,
             api_key,
-            _anonymous if user is None else functools.partial(_user_id, user),
+            None if user is None else functools.partial(_user_id, user),
             route,
             template,
             route is not None,  # a middleware checks before routing
             scope.get(_LEDGER) or scope.setdefault(_LEDGER, {}),
         )
-
-    def _report(self, verdict: Verdict) -> None:
-        # The app answers a bare 503, which no framework logs: say why, at most once per
-        # interval, so an outage is seen without flooding the log.
-        if verdict.log is not None and verdict.error is not None:
-            self._log.warning(verdict.log, verdict.error)
 
 
 class RateLimit(_Guarded):
@@ -197,7 +161,7 @@ class RateLimit(_Guarded):
     A route that returns its own ``Response`` drops the headers (FastAPI only merges them into
     responses it builds); use ``RateLimitMiddleware`` there.
 
-    Each route has its own bucket (its methods and path template), also where one
+    Each route has its own bucket (the method and path template), also where one
     ``RateLimit`` guards several routes or a whole router; ``scope="name"`` makes every limit
     of that scope share one bucket instead. The middleware's bucket is never a route's.
 
@@ -245,10 +209,12 @@ class RateLimit(_Guarded):
 
     async def __call__(self, request: Request, response: Response) -> Decision:
         scope = request.scope  # the router has matched the route before dependencies run
-        facts = self._facts(scope, request, *_route_names(scope))
+        template = _template(scope)
+        route = f"{scope['method']} {template or '*'}"  # the bucket: GET /items/{item_id}
+        facts = self._facts(scope, request, route, template)
         verdict = await acheck(self.policy, facts, self._resolve(), scope=self.scope)
         if verdict.status == 503:
-            self._report(verdict)
+            verdict.report(self._log)
             raise HTTPException(503, "rate limiter unavailable") from verdict.error
         decision = verdict.decision
         assert decision is not None  # a dependency has no exempt paths
@@ -271,12 +237,7 @@ class RateLimit(_Guarded):
 
 def _raw(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Header fields as ASGI wants them: lower-case byte names, byte values."""
-    return [(_raw_name(name), value.encode("latin-1")) for name, value in fields]
-
-
-@functools.lru_cache(maxsize=16)
-def _raw_name(name: str) -> bytes:
-    return name.lower().encode("latin-1")
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields]
 
 
 async def _answer(send: Send, status: int, body: bytes, fields: Sequence[tuple[str, str]]) -> None:
@@ -356,7 +317,7 @@ class RateLimitMiddleware(_Guarded):
         request = Request(scope) if self._wants_request else None
         verdict = await acheck(self.policy, self._facts(scope, request), limiter)
         if verdict.status != 200:
-            self._report(verdict)
+            verdict.report(self._log)
             await _answer(send, verdict.status, verdict.body, verdict.headers)
             return
         extra = _raw(verdict.headers)
