@@ -16,6 +16,7 @@ alone. So a middleware and a route never share a bucket, and one request charges
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, NamedTuple
@@ -48,6 +49,7 @@ __all__ = [
     "check",
     "check_limiter",
     "check_scope",
+    "combined",
     "unavailable",
 ]
 
@@ -138,6 +140,20 @@ def answer(policy: Policy, decision: Decision, *, repeated: bool = False) -> Ver
         return Verdict(200, headers, b"", decision, None, None, repeated)
     headers = response_headers(decision, enabled=policy.headers)
     return Verdict(429, headers, refused_body(decision), decision, None, None, repeated)
+
+
+def combined(decisions: Sequence[Decision]) -> Decision:
+    """Several checks' decisions on one request as one for its headers: the most restrictive
+    (on refusal the longest wait), with every limit listed."""
+    if len(decisions) == 1:
+        return decisions[0]
+    parts = tuple(part for d in decisions for part in (d.details or (d,)))
+    refused = [d for d in decisions if not d.allowed]
+    if refused:
+        worst = max(refused, key=lambda d: d.retry_after)
+    else:
+        worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))
+    return dataclasses.replace(worst, details=parts)
 
 
 def unavailable(error: BackendError) -> Verdict:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import re
 import threading
 from collections.abc import Awaitable, Callable
@@ -64,25 +63,27 @@ from tokenlimit._core import (
     check_deadline,
     check_failure_mode,
     check_prefix,
-    chosen_limits,
 )
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limit import Limit, coerce_limits
 from tokenlimit._metrics import MetricsSink
 from tokenlimit._url import parse_url
+from tokenlimit.integrations._check import (
+    RequestFacts,
+    Verdict,
+    ViewLimit,
+    acheck,
+    answer,
+    check,
+    combined,
+    unavailable,
+)
 from tokenlimit.integrations._common import (
     Policy,
     TrustedProxies,
-    call_key,
-    custom_identity,
-    decide_async,
-    decide_sync,
     rate_limit_headers,
     record_request,
-    refused_body,
-    retry_after_seconds,
-    unavailable_body,
 )
 
 __all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
@@ -91,7 +92,8 @@ V = TypeVar("V")
 
 MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
-_DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions taken for it so far
+_DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions its headers report
+_LEDGER = "_tokenlimit_charged"  # request attribute: the buckets it charged
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -284,19 +286,20 @@ class _State:
             raise ImproperlyConfigured(
                 f"settings.TOKENLIMIT['URL']: {error} (tokenlimit.E002)"
             ) from error
-        self.policy: Policy | None = None
+        identity: dict[str, Any] = {
+            "key": options.key,
+            "exempt": options.exempt,
+            "trusted_proxies": options.proxies,
+            "headers": options.headers,
+            "api_key_header": options.api_key_header,
+            "ipv6_prefix": options.ipv6_prefix,
+            "shadow": options.shadow,
+            "api_key_validator": options.api_key_validator,
+        }
+        self.base = Policy.build(None, **identity)  # what a view's own limit adds its own to
+        self.policy: Policy | None = None  # the middleware's
         if options.limits is not None:
-            self.policy = Policy.build(
-                options.limits,
-                key=options.key,
-                exempt=options.exempt,
-                trusted_proxies=options.proxies,
-                headers=options.headers,
-                api_key_header=options.api_key_header,
-                ipv6_prefix=options.ipv6_prefix,
-                shadow=options.shadow,
-                api_key_validator=options.api_key_validator,
-            )
+            self.policy = Policy.build(options.limits, **identity)
 
     def middleware_policy(self) -> Policy:
         if self.policy is None:
@@ -338,50 +341,56 @@ def _forget(*, setting: str, **kwargs: Any) -> None:
 setting_changed.connect(_forget, dispatch_uid="tokenlimit.integrations.django")
 
 
-# -- identity --------------------------------------------------------------------------------
-def _user_pk(user: Any) -> Any:
-    if user is not None and getattr(user, "is_authenticated", False):
-        return user.pk
-    return None
+# -- request facts and answers ---------------------------------------------------------------
+def _pk(user: Any) -> Any:
+    return user.pk if user is not None and getattr(user, "is_authenticated", False) else None
 
 
-def _api_key(policy: Policy, request: Any) -> str | None:
-    """The API key as the client sent it (None: API keys are not an identity here)."""
+def _user_id(request: Any) -> Any:
+    return _pk(getattr(request, "user", None))
+
+
+async def _auser_id(request: Any) -> Any:
+    # request.user is lazy and may query the database: never on the event loop.
+    auser = getattr(request, "auser", None)
+    if callable(auser):
+        return _pk(await auser())
+    user = getattr(request, "user", None)
+    if isinstance(user, LazyObject):
+        return await sync_to_async(_pk)(user)
+    return _pk(user)
+
+
+def _kept(request: Any, name: str, kind: type[V]) -> V:
+    """What the checks keep on ``request`` under ``name``: the ledger, the decisions."""
+    found = getattr(request, name, None)
+    if found is None:
+        found = kind()
+        setattr(request, name, found)
+    return cast("V", found)
+
+
+def _facts(request: Any, policy: Policy, route: str | None, user: Any) -> RequestFacts:
     header = policy.api_key_header
-    return (request.headers.get(header) or None) if header else None
-
-
-def _default_sync(policy: Policy, request: Any) -> str:
-    api_key = policy.vouched_key(_api_key(policy, request), _resolve)
-    user_id = None if api_key else _user_pk(getattr(request, "user", None))
-    return policy.identity(
-        api_key=api_key,
-        user_id=user_id,
-        peer=request.META.get("REMOTE_ADDR"),
-        forwarded_for=request.META.get("HTTP_X_FORWARDED_FOR"),
+    return RequestFacts(
+        request,
+        request.path_info,
+        request.META.get("REMOTE_ADDR"),
+        request.META.get("HTTP_X_FORWARDED_FOR"),
+        (request.headers.get(header) or None) if header else None,
+        functools.partial(user, request),
+        route,
+        _template(request),
+        route is not None,  # the middleware checks before the URL is resolved
+        _kept(request, _LEDGER, dict),
     )
 
 
-async def _default_async(policy: Policy, request: Any) -> str:
-    api_key = await policy.avouched_key(_api_key(policy, request))
-    user_id = None
-    if not api_key:
-        # request.user is lazy and may query the database: never on the event loop.
-        auser = getattr(request, "auser", None)
-        if callable(auser):
-            user_id = _user_pk(await auser())
-        else:
-            user = getattr(request, "user", None)
-            if isinstance(user, LazyObject):
-                user_id = await sync_to_async(_user_pk)(user)
-            else:
-                user_id = _user_pk(user)
-    return policy.identity(
-        api_key=api_key,
-        user_id=user_id,
-        peer=request.META.get("REMOTE_ADDR"),
-        forwarded_for=request.META.get("HTTP_X_FORWARDED_FOR"),
-    )
+def _template(request: Any) -> str | None:
+    """The matched URL pattern (``items/<int:item_id>``), never the raw path; None before URL
+    resolution (in the middleware, until the view has run) or when nothing matched."""
+    route = getattr(getattr(request, "resolver_match", None), "route", None)
+    return route if isinstance(route, str) else None
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
@@ -389,132 +398,56 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
 
 
 def _resolve(awaitable: Awaitable[Any]) -> Any:
-    """An async ``API_KEY_VALIDATOR``'s verdict, behind a sync middleware chain."""
+    """An async ``KEY``, validator or chooser's result, behind a sync middleware chain."""
     return async_to_sync(_awaited)(awaitable)
 
 
-def _identity_sync(policy: Policy, request: Any) -> str:
-    if policy.key is not None:
-        result: Any = policy.key(request)
-        if inspect.isawaitable(result):  # an async KEY behind a sync middleware chain
-            result = async_to_sync(_awaited)(result)
-        custom = custom_identity(result)
-        if custom is not None:
-            return custom
-    return _default_sync(policy, request)
+Entered = tuple[Verdict, Any]  # the verdict, and the 429/503 to answer at once (or None)
 
 
-async def _identity_async(policy: Policy, request: Any) -> str:
-    if policy.key is not None:
-        result = await call_key(policy.key, request)
-        if result is not None:
-            return result
-    return await _default_async(policy, request)
+def _enter_sync(policy: Policy, request: Any, route: str | None, scope: str | None) -> Entered:
+    state = _state()
+    facts = _facts(request, policy, route, _user_id)
+    verdict = check(policy, facts, state.sync, scope=scope, resolve=_resolve)
+    return verdict, _render(state, request, policy, verdict)
 
 
-def _limits_sync(policy: Policy, request: Any) -> tuple[Limit, ...]:
-    """The policy's limits, or what its chooser picks for ``request`` (tiers)."""
-    if policy.choose is None:
-        return policy.limits
-    value = policy.choose(request)
-    if inspect.isawaitable(value):  # an async chooser behind a sync middleware chain
-        value = async_to_sync(_awaited)(value)
-    return chosen_limits(policy.choose, value)
+async def _enter_async(
+    policy: Policy, request: Any, route: str | None, scope: str | None
+) -> Entered:
+    state = _state()
+    facts = _facts(request, policy, route, _auser_id)
+    verdict = await acheck(policy, facts, state.async_, scope=scope)
+    return verdict, _render(state, request, policy, verdict)
 
 
-def _bucket(scope: str | None, identity: str) -> str:
-    # The middleware's bucket is the identity itself; a decorated view's adds the view's
-    # qualified name (which cannot contain "|"), so each view has its own.
-    return identity if scope is None else f"view:{scope}|{identity}"
-
-
-# -- responses -------------------------------------------------------------------------------
-def _combined(decisions: list[Decision]) -> Decision:
-    """The middleware's and the views' decisions as one, most restrictive first, all listed."""
-    if len(decisions) == 1:
-        return decisions[0]
-    parts = tuple(part for d in decisions for part in (d.details or (d,)))
-    refused = [d for d in decisions if not d.allowed]
-    if refused:
-        worst = max(refused, key=lambda d: d.retry_after)
-    else:
-        worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))
-    return dataclasses.replace(worst, details=parts)
+def _render(state: _State, request: Any, policy: Policy, verdict: Verdict) -> Any:
+    """Keep the verdict's decision for the response's headers; the 429/503 response, or None."""
+    verdict.report(state.log)
+    if verdict.decision is not None and policy.headers and not verdict.repeated:
+        _kept(request, _DECISIONS, list).append(verdict.decision)
+    if verdict.status == 200:
+        return None
+    response = HttpResponse(verdict.body, status=verdict.status, content_type="application/json")
+    for name, value in verdict.headers:  # a 429's Retry-After, even with HEADERS off
+        response[name] = value
+    return _annotate(request, response)
 
 
 def _annotate(request: Any, response: Any) -> Any:
+    """Every limit this request was checked against, in the response's headers."""
     decisions: list[Decision] = getattr(request, _DECISIONS, None) or []
     if decisions and response is not None:
-        for name, value in rate_limit_headers(_combined(decisions)):
+        for name, value in rate_limit_headers(combined(decisions)):
             response[name] = value
     return response
 
 
-def _admitted(request: Any, policy: Policy, decision: Decision) -> Any:
-    """Record the decision; the 429 response when it is a refusal, else None."""
-    if policy.headers:
-        decisions = getattr(request, _DECISIONS, None)
-        if decisions is None:
-            decisions = []
-            setattr(request, _DECISIONS, decisions)
-        decisions.append(decision)
-    if decision.allowed:
-        return None
-    response = HttpResponse(refused_body(decision), status=429, content_type="application/json")
-    # Retry-After is HTTP's own answer to a 429: sent even with HEADERS off.
-    response["Retry-After"] = str(retry_after_seconds(decision))
+def _admitted(limiter: Any, request: Any, verdict: Verdict, response: Any) -> Any:
+    """The middleware's admission, counted now that the URL is resolved; the response."""
+    if verdict.decision is not None:
+        record_request(limiter, _template(request), "allowed")
     return _annotate(request, response)
-
-
-def _route(request: Any) -> str | None:
-    """The matched URL pattern (``items/<int:item_id>``), never the raw path; None before URL
-    resolution (in the middleware, until the view has run) or when nothing matched."""
-    route = getattr(getattr(request, "resolver_match", None), "route", None)
-    return route if isinstance(route, str) else None
-
-
-def _record(limiter: Any, scope: str | None, request: Any, decision: Decision | None) -> None:
-    """Count the check by route; the middleware counts its admissions itself, after the view,
-    when the route is known."""
-    if decision is None:
-        record_request(limiter, _route(request), "unavailable")
-    elif not decision.allowed:
-        record_request(limiter, _route(request), "refused")
-    elif scope is not None:
-        record_request(limiter, _route(request), "allowed")
-
-
-def _unavailable(state: _State, error: BackendError) -> Any:
-    # Storage failed and failure_mode is "closed": 503, with no Retry-After (nobody knows when).
-    # Django logs no 503 it did not raise itself: say why, throttled.
-    state.log.warning("tokenlimit: storage failed, answering 503 (failure_mode='closed')", error)
-    return HttpResponse(unavailable_body(), status=503, content_type="application/json")
-
-
-def _enter_sync(
-    state: _State, policy: Policy, scope: str | None, request: Any
-) -> Any:  # HttpResponse to answer at once, or None to go on
-    key = _bucket(scope, _identity_sync(policy, request))
-    limits = _limits_sync(policy, request)
-    try:
-        decision = decide_sync(state.sync, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError as error:
-        _record(state.sync, scope, request, None)
-        return _unavailable(state, error)
-    _record(state.sync, scope, request, decision)
-    return _admitted(request, policy, decision)
-
-
-async def _enter_async(state: _State, policy: Policy, scope: str | None, request: Any) -> Any:
-    key = _bucket(scope, await _identity_async(policy, request))
-    limits = await policy.alimits_for(request)
-    try:
-        decision = await decide_async(state.async_, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError as error:
-        _record(state.async_, scope, request, None)
-        return _unavailable(state, error)
-    _record(state.async_, scope, request, decision)
-    return _admitted(request, policy, decision)
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -522,7 +455,8 @@ class RateLimitMiddleware:
     """Apply ``settings.TOKENLIMIT['LIMIT']`` to every request but the exempt paths.
 
     Put it after ``AuthenticationMiddleware`` so the default identity can see the user. Sync
-    and async capable: Django picks the mode that fits the chain around it.
+    and async capable: Django picks the mode that fits the chain around it. Its bucket is the
+    identity's alone, never a view's (see ``ratelimit``).
     """
 
     sync_capable = True
@@ -539,97 +473,34 @@ class RateLimitMiddleware:
         if self._async:
             return self.__acall__(request)
         state = _state()
-        policy = state.middleware_policy()
-        if policy.is_exempt(request.path_info):
-            return self.get_response(request)
-        refused = _enter_sync(state, policy, None, request)
+        verdict, refused = _enter_sync(state.middleware_policy(), request, None, None)
         if refused is not None:
             return refused
-        response = self.get_response(request)
-        record_request(state.sync, _route(request), "allowed")  # resolved by now
-        return _annotate(request, response)
+        return _admitted(state.sync, request, verdict, self.get_response(request))
 
     async def __acall__(self, request: Any) -> Any:
         state = _state()
-        policy = state.middleware_policy()
-        if policy.is_exempt(request.path_info):
-            return await self.get_response(request)
-        refused = await _enter_async(state, policy, None, request)
+        verdict, refused = await _enter_async(state.middleware_policy(), request, None, None)
         if refused is not None:
             return refused
-        response = await self.get_response(request)
-        record_request(state.async_, _route(request), "allowed")  # resolved by now
-        return _annotate(request, response)
+        return _admitted(state.async_, request, verdict, await self.get_response(request))
 
     def process_exception(self, request: Any, exception: Exception) -> Any:
         """A view's own ``RateLimitExceeded`` (``@rate_limit`` inside it) answers 429, and a
         ``BackendError`` 503, as the middleware's own decisions do."""
+        state = _state()
+        policy = state.middleware_policy()
         if isinstance(exception, RateLimitExceeded):
-            return _admitted(request, _state().middleware_policy(), exception.decision)
+            return _render(state, request, policy, answer(policy, exception.decision))
         if isinstance(exception, BackendError):
-            return _unavailable(_state(), exception)
+            return _render(state, request, policy, unavailable(exception))
         return None
 
 
 # -- decorator -------------------------------------------------------------------------------
-class _ViewLimit:
-    """One ``ratelimit(...)``: its limits, key, cost and headers, and the policy they make
-    with the current settings (identity options, default KEY)."""
-
-    __slots__ = ("_cache", "cost", "headers", "key", "limits", "shadow")
-
-    def __init__(
-        self,
-        limits: tuple[Limit, ...] | Callable[[Any], Any],  # or a chooser (tiers)
-        key: Any,
-        cost: int,
-        headers: bool | None,
-        shadow: bool | None = None,
-    ) -> None:
-        self.limits = limits
-        self.key = key
-        self.cost = cost
-        self.headers = headers
-        self.shadow = shadow
-        self._cache: tuple[_State, Policy] | None = None
-
-    def policy(self, state: _State) -> Policy:
-        cached = self._cache
-        if cached is not None and cached[0] is state:
-            return cached[1]
-        options = state.options
-        policy = Policy.build(
-            self.limits,
-            key=self.key if self.key is not None else options.key,
-            cost=self.cost,
-            trusted_proxies=options.proxies,
-            headers=options.headers if self.headers is None else self.headers,
-            api_key_header=options.api_key_header,
-            ipv6_prefix=options.ipv6_prefix,
-            shadow=options.shadow if self.shadow is None else self.shadow,
-            api_key_validator=options.api_key_validator,
-        )
-        self._cache = (state, policy)
-        return policy
-
-    def call_sync(self, scope: str, request: Any, view: Callable[[], Any]) -> Any:
-        state = _state()
-        refused = _enter_sync(state, self.policy(state), scope, request)
-        if refused is not None:
-            return refused
-        return _annotate(request, view())
-
-    async def call_async(self, scope: str, request: Any, view: Callable[[], Any]) -> Any:
-        state = _state()
-        refused = await _enter_async(state, self.policy(state), scope, request)
-        if refused is not None:
-            return refused
-        return _annotate(request, await view())
-
-
 def _qualified(obj: Any) -> str:
-    """The view's qualified name: its bucket scope. ``as_view()`` functions all share one
-    ``__qualname__``, so they are named after their ``view_class``."""
+    """The view's dotted path: what its bucket is named after. ``as_view()`` functions all
+    share one ``__qualname__``, so they are named after their ``view_class``."""
     owner = getattr(obj, "view_class", None)
     if isinstance(owner, type):
         obj = owner
@@ -644,8 +515,18 @@ def _async_view_instance(function: Any) -> bool:
     return isinstance(owner, View) and bool(type(owner).view_is_async)
 
 
-def _limit_view_class(spec: _ViewLimit, cls: type[Any]) -> type[Any]:
-    scope = _qualified(cls)
+def _call_sync(rule: ViewLimit, route: str, request: Any, view: Callable[[], Any]) -> Any:
+    refused = _enter_sync(rule.policy(_state().base), request, route, rule.scope)[1]
+    return refused if refused is not None else _annotate(request, view())
+
+
+async def _call_async(rule: ViewLimit, route: str, request: Any, view: Callable[[], Any]) -> Any:
+    refused = (await _enter_async(rule.policy(_state().base), request, route, rule.scope))[1]
+    return refused if refused is not None else _annotate(request, await view())
+
+
+def _limit_view_class(rule: ViewLimit, cls: type[Any]) -> type[Any]:
+    route = _qualified(cls)
     original = cls.dispatch
 
     @functools.wraps(original)
@@ -655,20 +536,22 @@ def _limit_view_class(spec: _ViewLimit, cls: type[Any]) -> type[Any]:
 
         # Like View.dispatch: a coroutine for an async view, a response for a sync one.
         if type(self).view_is_async:
-            return spec.call_async(scope, request, view)
-        return spec.call_sync(scope, request, view)
+            return _call_async(rule, route, request, view)
+        return _call_sync(rule, route, request, view)
 
     cls.dispatch = dispatch
     return cls
 
 
-def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
-    scope = _qualified(function)
+def _limit_view(rule: ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
+    route = _qualified(function)
     if iscoroutinefunction(function):
 
         @functools.wraps(function)
         async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
-            return await spec.call_async(scope, request, lambda: function(request, *args, **kwargs))
+            return await _call_async(
+                rule, route, request, lambda: function(request, *args, **kwargs)
+            )
 
         return async_view
 
@@ -678,8 +561,8 @@ def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[...,
             return function(request, *args, **kwargs)
 
         if _async_view_instance(function):
-            return spec.call_async(scope, request, view)
-        return spec.call_sync(scope, request, view)
+            return _call_async(rule, route, request, view)
+        return _call_sync(rule, route, request, view)
 
     return sync_view
 
@@ -692,35 +575,36 @@ def ratelimit(
     cost: int = 1,
     headers: bool | None = None,
     shadow: bool | None = None,
+    scope: str | None = None,
 ) -> Callable[[V], V]:
     """Limit one view (function or class-based, sync or async) with its own bucket.
 
     ``limit`` is a ``Limit``, a string like ``"10/minute"`` (``burst`` overrides its count), or a
-    list of them. ``key`` takes the request and returns the identity (None: the default, as the
-    middleware does, honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
+    list of them. ``key`` takes the request and returns the identity (None or "": ``KEY``, then
+    the default, as the middleware does); ``cost`` is the tokens one request takes;
     ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
     ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too (on an ``async def``
     method only from Django 5.0, whose ``method_decorator`` first supports them). ``shadow``
     defaults to ``TOKENLIMIT['SHADOW']``: True decides, counts and sends the headers as usual but
     never answers 429 (a would-be refusal is a ``Decision`` with ``shadowed=True``).
+
+    The bucket is the view's own, ``route:<dotted.path.of.view>|<identity>``, apart from the
+    middleware's; views given the same ``scope`` share one, ``scope:<scope>|<identity>``.
     """
     if limit is None:
         raise ConfigError("limit", "is required, for example ratelimit('10/minute')")
-    if headers is not None and not isinstance(headers, bool):
-        raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
-    if shadow is not None and not isinstance(shadow, bool):
-        raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
-    checked = Policy.build(limit, burst=burst, key=key, cost=cost)
-    spec = _ViewLimit(checked.choose or checked.limits, checked.key, checked.cost, headers, shadow)
+    rule = ViewLimit(
+        limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow, headers=headers
+    )
 
     def decorate(view: V) -> V:
         if isinstance(view, type):
             if not issubclass(view, View):
                 raise ConfigTypeError("view", f"{view.__name__} is not a django.views.View")
-            return _limit_view_class(spec, view)  # type: ignore[return-value]
+            return _limit_view_class(rule, view)  # type: ignore[return-value]
         if not callable(view):
             raise ConfigTypeError("view", f"must be a view function or class, not {view!r}")
-        return _limit_view(spec, view)  # type: ignore[return-value]
+        return _limit_view(rule, view)  # type: ignore[return-value]
 
     return decorate
 
