@@ -45,6 +45,7 @@ __all__ = [
     "ViewLimit",
     "acheck",
     "answer",
+    "awaited",
     "bucket_key",
     "check",
     "check_limiter",
@@ -99,6 +100,11 @@ class Verdict(NamedTuple):
 
 
 PASS = Verdict(200)  # exempt: nothing decided, nothing to add
+
+
+async def awaited(awaitable: Awaitable[Any]) -> Any:
+    """``awaitable``'s result: what a framework's sync-from-async bridge runs."""
+    return await awaitable
 
 
 def check_limiter(limiter: Any, *, sync: bool = False) -> Limiter | None:

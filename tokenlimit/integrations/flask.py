@@ -34,7 +34,7 @@ from tokenlimit._core import ThrottledLog
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
-from tokenlimit.integrations._check import RequestFacts, ViewLimit, check
+from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check
 from tokenlimit.integrations._common import (
     Policy,
     rate_limit_headers,
@@ -311,13 +311,9 @@ class TokenLimit:
         )
 
 
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
 def _resolve(awaitable: Awaitable[Any]) -> Any:
-    """An async validator's verdict, from a sync view (as Flask runs async code)."""
-    return current_app.ensure_sync(_awaited)(awaitable)
+    """What an async key function, validator or chooser returned, as Flask runs async code."""
+    return current_app.ensure_sync(awaited)(awaitable)
 
 
 def _header(request: Any, name: str | None) -> str | None:
