@@ -28,7 +28,6 @@ __all__ = [
     "Policy",
     "TrustedProxies",
     "api_key_identity",
-    "call_key",
     "custom_identity",
     "decide_async",
     "decide_sync",
@@ -533,11 +532,3 @@ def custom_identity(result: Any) -> str | None:
     """A custom key function's answer as an identity: None or ``""`` mean "use the default
     identity", in every integration and mode."""
     return None if result is None or result == "" else str(result)
-
-
-async def call_key(function: KeyFunction, request: Any) -> str | None:
-    """Call a custom key function, sync or async."""
-    result = function(request)
-    if inspect.isawaitable(result):
-        result = await result
-    return custom_identity(result)
