@@ -9,11 +9,9 @@
     app.add_middleware(RateLimitMiddleware, limit="100/minute", exempt=["/health"])
 
 ``limit`` may also be a callable taking the request (sync or async) and returning the limit(s)
-for it, such as the caller's plan (tiers): each chosen limit has its own bucket.
-
-Decisions never block the event loop: an ``AsyncRateLimiter`` is awaited, and a sync
-``RateLimiter`` on Redis decides in a worker thread. Only Starlette is imported, so the middleware
-also serves plain Starlette apps.
+for it, such as the caller's plan (tiers). This module reads the ASGI scope and renders the
+shared check's verdict, which never blocks the event loop. Only Starlette is imported, so the
+middleware also serves plain Starlette apps.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads ``RateLimit.__call__``'s
@@ -118,13 +116,12 @@ class _Guarded:
         # Resolved per request, so ``configure()`` may run after the app is built.
         return self._limiter if self._limiter is not None else default_async_limiter()
 
-    def _facts(
-        self,
-        scope: Scope,
-        request: Request | None,
-        route: str | None = None,
-        template: str | None = None,
-    ) -> RequestFacts:
+    def _facts(self, scope: Scope, request: Request | None, *, routed: bool) -> RequestFacts:
+        """``routed``: the router has matched the route (a dependency), which names the bucket:
+        the method and the path template, ``GET /items/{item_id}``. A middleware runs before.
+        """
+        template = _template(scope) if routed else None
+        route = f"{scope['method']} {template or '*'}" if routed else None
         # One pass over the raw headers. Several X-Forwarded-For lines are one comma-separated
         # list (RFC 9110 5.3): reading only the first would let a client's own line stand in
         # for the one its proxy added.
@@ -148,7 +145,7 @@ class _Guarded:
             None if user is None else functools.partial(_user_id, user),
             route,
             template,
-            route is not None,  # a middleware checks before routing
+            routed,
             scope.get(_LEDGER) or scope.setdefault(_LEDGER, {}),
         )
 
@@ -208,10 +205,7 @@ class RateLimit(_Guarded):
         super().__init__(policy, limiter)
 
     async def __call__(self, request: Request, response: Response) -> Decision:
-        scope = request.scope  # the router has matched the route before dependencies run
-        template = _template(scope)
-        route = f"{scope['method']} {template or '*'}"  # the bucket: GET /items/{item_id}
-        facts = self._facts(scope, request, route, template)
+        facts = self._facts(request.scope, request, routed=True)
         verdict = await acheck(self.policy, facts, self._resolve(), scope=self.scope)
         if verdict.status == 503:
             verdict.report(self._log)
@@ -315,7 +309,7 @@ class RateLimitMiddleware(_Guarded):
         # A key function or limit chooser takes a Request (without ``receive``: the body is the
         # app's); made only for them.
         request = Request(scope) if self._wants_request else None
-        verdict = await acheck(self.policy, self._facts(scope, request), limiter)
+        verdict = await acheck(self.policy, self._facts(scope, request, routed=False), limiter)
         if verdict.status != 200:
             verdict.report(self._log)
             await _answer(send, verdict.status, verdict.body, verdict.headers)
