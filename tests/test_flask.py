@@ -562,6 +562,24 @@ def test_default_and_view_limit_never_charge_one_bucket_twice(memory: RateLimite
     assert statuses(client, 4) == [200, 200, 200, 429]
 
 
+def test_an_async_chooser_object_runs_from_sync_flask(memory: RateLimiter) -> None:
+    # A chooser may be an object whose __call__ is a coroutine function: Flask runs it.
+    class Plans:
+        async def __call__(self, request: Any) -> Limit:
+            return Limit.per_hour(2, name="plan")
+
+    app, ext = app_with(memory)
+
+    @app.get("/planned")
+    @ext.limit(Plans())
+    def planned() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert statuses(client, 3, "/planned") == [200, 200, 429]
+    assert hit(client, "/planned").headers["RateLimit-Policy"] == '"plan";q=2;w=3600'
+
+
 def test_decorator_order_and_wrapping_views(memory: RateLimiter) -> None:
     app = Flask(__name__)
     ext = TokenLimit(app, limiter=memory)

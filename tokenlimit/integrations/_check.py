@@ -170,6 +170,12 @@ def unavailable(error: BackendError) -> Verdict:
 Steps = Generator[Awaitable[Any], Any, Verdict]
 
 
+def _is_async(function: Callable[..., Any]) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    call = type(function).__call__
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
+
+
 def _steps(
     policy: Policy, facts: RequestFacts, limiter: Limiter, scope: str | None, asynchronous: bool
 ) -> Steps:
@@ -201,7 +207,7 @@ def _steps(
         )
     limits = policy.limits
     if policy.choose is not None:  # tiers: the limits this caller's plan gets
-        if asynchronous or inspect.iscoroutinefunction(policy.choose):
+        if asynchronous or _is_async(policy.choose):  # sync code: resolved by the shell
             limits = yield policy.alimits_for(request)
         else:
             limits = policy.limits_for(request)

@@ -33,8 +33,8 @@ from tokenlimit._config import default_sync_limiter
 from tokenlimit._core import ThrottledLog
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
-from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check
+from tokenlimit._limiter import RateLimiter
+from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
 from tokenlimit.integrations._common import (
     Policy,
     rate_limit_headers,
@@ -105,10 +105,7 @@ class TokenLimit:
         shadow: bool | None = None,
         api_key_validator: Callable[[str], Any] | None = None,
     ) -> None:
-        given: object = limiter  # checked at run time: an async limiter is a common mistake
-        if given is not None and not isinstance(given, RateLimiter):
-            kind = "an AsyncRateLimiter" if isinstance(given, AsyncRateLimiter) else repr(given)
-            raise ConfigTypeError("limiter", f"Flask needs a sync RateLimiter, not {kind}")
+        check_limiter(limiter, sync=True)  # an async limiter is a common mistake
         if user is not None and not callable(user):
             raise ConfigTypeError("user", f"must be a callable taking the request, not {user!r}")
         self._limiter = limiter
