@@ -516,22 +516,9 @@ def test_view_buckets_are_named_after_the_endpoint_or_the_scope(memory: RateLimi
     # In Flask the route is the endpoint (a blueprint's is "blueprint.view").
     app, ext = app_with(memory)
     shop = Blueprint("shop", __name__)
-
-    @shop.get("/search")
-    @ext.limit("2/hour")
-    def search() -> str:
-        return "ok"
-
-    @app.get("/search")
-    @ext.limit("2/hour")
-    def search_all() -> str:
-        return "ok"
-
-    @app.get("/report")
-    @ext.limit("2/hour", scope="reports")
-    def report() -> str:
-        return "ok"
-
+    shop.add_url_rule("/search", "search", ext.limit("2/hour")(lambda: "ok"))
+    app.add_url_rule("/search", "search_all", ext.limit("2/hour")(lambda: "ok"))
+    app.add_url_rule("/report", "report", ext.limit("2/hour", scope="reports")(lambda: "ok"))
     app.register_blueprint(shop, url_prefix="/shop")
     client = app.test_client()
     assert statuses(client, 3, "/shop/search") == [200, 200, 429]

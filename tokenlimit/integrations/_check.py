@@ -282,15 +282,7 @@ class ViewLimit:
     __slots__ = ("_cache", "_spec", "headers", "scope", "shadow")
 
     def __init__(
-        self,
-        limit: Any,
-        *,
-        burst: int | None = None,
-        key: Any = None,
-        cost: int = 1,
-        scope: str | None = None,
-        shadow: bool | None = None,
-        headers: bool | None = None,
+        self, limit: Any, *, burst: Any, key: Any, cost: Any, scope: Any, shadow: Any, headers: Any
     ) -> None:
         if headers is not None and not isinstance(headers, bool):
             raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")

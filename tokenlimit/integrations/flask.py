@@ -192,7 +192,9 @@ class TokenLimit:
         same ``scope`` share one (``scope:<scope>|<identity>``). ``shadow`` (None: the
         extension's) decides and counts without ever refusing.
         """
-        rule = ViewLimit(limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow)
+        rule = ViewLimit(
+            limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow, headers=None
+        )
 
         def decorate(view: F) -> F:
             self._mark(view, rule, "limit")
