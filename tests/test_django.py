@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import secrets
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.core.signals import setting_changed
+from django.http import HttpResponse
 from django.test import AsyncClient, Client, override_settings
 from django.views import View
 from django_project import FAKE_AUTH, FAKE_LAZY_AUTH, MIDDLEWARE, SYNC_ONLY, views
@@ -518,10 +520,10 @@ def test_decorated_view_has_its_own_bucket(mode: str) -> None:
     with tokenlimit(), override_settings(MIDDLEWARE=[FAKE_AUTH]):
         assert codes(fetch(mode, "/limited", 3)) == [200, 200, 429]
         assert codes(fetch(mode, "/limited-twin", 3)) == [200, 200, 429]
-        scope = "view:django_project.views.limited|ip:127.0.0.1"
+        scope = "route:django_project.views.limited|ip:127.0.0.1"
         assert remaining(scope, "2/minute") == 0
         assert remaining("ip:127.0.0.1", "2/minute") == 2  # the identity's own bucket untouched
-        assert remaining("view:django_project.views.LimitedView|ip:127.0.0.1", "2/minute") == 2
+        assert remaining("route:django_project.views.LimitedView|ip:127.0.0.1", "2/minute") == 2
 
 
 def test_decorator_with_the_middleware_reports_both_limits(mode: str) -> None:
@@ -549,6 +551,91 @@ def test_decorator_with_the_middleware_reports_both_limits(mode: str) -> None:
     assert sf_list(middleware_refusal["RateLimit"]) == [(MINUTE3, {"r": 0, "t": 60})]
 
 
+@contextmanager
+def local_urls(**views: Any) -> Iterator[None]:
+    """``/<name>`` for each view, as the whole URLconf (no middleware but the fake auth)."""
+    from django.urls import path
+
+    urls = types.ModuleType("local_urls")  # hashable: Django caches a resolver per urlconf
+    urls.urlpatterns = [path(name, view) for name, view in views.items()]  # type: ignore[attr-defined]
+    with override_settings(ROOT_URLCONF=urls, MIDDLEWARE=[FAKE_AUTH]):
+        yield
+
+
+def test_view_buckets_are_named_after_the_view_or_the_scope(mode: str) -> None:
+    # One rule in every integration: route:<route>|<identity>, or scope:<name>|<identity>.
+    # In Django the route is the view's dotted path; scope= shares one bucket across views.
+    @tl_django.ratelimit("2/minute", scope="reports")
+    def daily(request: Any) -> HttpResponse:
+        return HttpResponse("daily")
+
+    @tl_django.ratelimit("2/minute", scope="reports")
+    async def weekly(request: Any) -> HttpResponse:
+        return HttpResponse("weekly")
+
+    with tokenlimit(), local_urls(daily=daily, weekly=weekly):
+        responses = fetch(mode, "/daily") + fetch(mode, "/weekly") + fetch(mode, "/daily")
+        assert codes(responses) == [200, 200, 429]
+        assert remaining("scope:reports|ip:127.0.0.1", "2/minute") == 0
+    with tokenlimit(), override_settings(MIDDLEWARE=[FAKE_AUTH]):
+        assert codes(fetch(mode, "/limited", 1)) == [200]
+        assert remaining("route:django_project.views.limited|ip:127.0.0.1", "2/minute") == 1
+    with pytest.raises(ConfigError, match=r"^scope\b"):
+        tl_django.ratelimit("2/minute", scope="a|b")
+
+
+def test_a_view_key_falls_back_to_the_key_setting(mode: str) -> None:
+    # As in Flask: the view's key, then KEY, then the default identity.
+    def project(request: Any) -> str | None:
+        value = request.headers.get("X-Project")
+        return f"project:{value}" if value else None
+
+    @tl_django.ratelimit("2/minute", key=project)
+    def own(request: Any) -> HttpResponse:
+        return HttpResponse("own")
+
+    with tokenlimit(KEY="django_project.keys.atenant"), local_urls(own=own):
+        assert codes(fetch(mode, "/own", 1, headers={"X-Project": "p", "X-Tenant": "t"})) == [200]
+        assert codes(fetch(mode, "/own", 1, headers={"X-Tenant": "t"})) == [200]
+        assert codes(fetch(mode, "/own", 1)) == [200]
+        route = f"route:{own.__module__}.{own.__qualname__}"
+        for identity in ("project:p", "tenant:t", "ip:127.0.0.1"):
+            assert remaining(f"{route}|{identity}", "2/minute") == 1, identity
+
+
+def test_middleware_and_view_limits_charge_different_buckets_once_each(mode: str) -> None:
+    # The same limit in LIMIT and on the view: the app-wide bucket and the view's, each once.
+    with tokenlimit(LIMIT="2/minute"):
+        assert codes(fetch(mode, "/limited", 1)) == [200]
+        assert remaining("ip:127.0.0.1", "2/minute") == 1
+        assert remaining("route:django_project.views.limited|ip:127.0.0.1", "2/minute") == 1
+        assert codes(fetch(mode, "/limited", 2)) == [200, 429]
+
+
+def test_one_bucket_is_charged_once_per_request(mode: str) -> None:
+    # Two limits naming the same bucket on one view (stacked, or one scope twice): one token.
+    @tl_django.ratelimit("3/minute")
+    @tl_django.ratelimit("3/minute")
+    def twice(request: Any) -> HttpResponse:
+        return HttpResponse("twice")
+
+    with tokenlimit(), local_urls(twice=twice):
+        responses = fetch(mode, "/twice", 4)
+    assert codes(responses) == [200, 200, 200, 429]
+    assert [r["X-RateLimit-Remaining"] for r in responses] == ["2", "1", "0", "0"]
+    assert sf_list(responses[0]["RateLimit-Policy"]) == [(MINUTE3, {"q": 3, "w": 60})]
+
+
+def test_one_scope_twice_on_a_view_is_charged_once(mode: str) -> None:
+    @tl_django.ratelimit("3/minute", scope="s")
+    @tl_django.ratelimit("3/minute", scope="s")
+    async def scoped(request: Any) -> HttpResponse:
+        return HttpResponse("scoped")
+
+    with tokenlimit(), local_urls(scoped=scoped):
+        assert codes(fetch(mode, "/scoped", 4)) == [200, 200, 200, 429]
+
+
 def test_decorator_without_middleware_or_limit_setting(mode: str) -> None:
     with override_settings(MIDDLEWARE=[], TOKENLIMIT={"URL": "memory://"}):
         assert codes(fetch(mode, "/limited", 3)) == [200, 200, 429]
@@ -573,7 +660,7 @@ def test_decorator_key_cost_and_several_limits(mode: str) -> None:
         tenant = fetch(mode, "/by-tenant", 3, headers={"X-Tenant": "t1"})
         tenant += fetch(mode, "/by-tenant", 1, addr="10.0.0.9", headers={"X-Tenant": "t2"})
         assert codes(tenant) == [200, 200, 429, 200]
-        assert remaining("view:django_project.views.by_tenant|tenant:t1", "2/minute") == 0
+        assert remaining("route:django_project.views.by_tenant|tenant:t1", "2/minute") == 0
         # cost=2 from a burst of 4: two requests, then refused.
         expensive = fetch(mode, "/expensive", 3)
         assert codes(expensive) == [200, 200, 429]

@@ -8,14 +8,14 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import http_sfv
 import pytest
 import redis
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from starlette.applications import Starlette
@@ -67,6 +67,11 @@ def memory_limiter() -> RateLimiter:
 def used(limiter: RateLimiter, identity: str, limit: Limit = THREE) -> int:
     """Tokens taken from ``identity``'s bucket so far."""
     return limit.burst - limiter.peek(identity, limit).remaining
+
+
+def bucket(identity: str, route: str = "GET /async") -> str:
+    """The bucket of a route's own limit: ``route:<method> <path template>|<identity>``."""
+    return f"route:{route}|{identity}"
 
 
 class FromPeer:
@@ -255,8 +260,8 @@ def test_several_limits_all_or_nothing() -> None:
         ]
         assert [client.get("/async").status_code for _ in range(3)] == [200, 200, 429]
     # The refusal took nothing from either bucket. (TestClient's peer, "testclient", is no IP.)
-    assert used(limiter, "ip:unknown", short) == 3
-    assert used(limiter, "ip:unknown", long) == 3
+    assert used(limiter, bucket("ip:unknown"), short) == 3
+    assert used(limiter, bucket("ip:unknown"), long) == 3
 
 
 def test_cost() -> None:
@@ -291,7 +296,8 @@ def test_default_limiter_is_resolved_per_request() -> None:
     with TestClient(dependency_app(dependency)) as client:
         client.get("/async")
         client.get("/sync")
-    assert used(limiter, "ip:unknown") == 2
+    assert used(limiter, bucket("ip:unknown")) == 1
+    assert used(limiter, bucket("ip:unknown", "GET /sync")) == 1
 
 
 # -- exemptions -------------------------------------------------------------------------------
@@ -329,6 +335,112 @@ def test_route_dependency_wins_over_the_middleware_headers() -> None:
     assert unguarded.headers.get_list("x-ratelimit-limit") == ["100"]
 
 
+# -- buckets: one per route, shared only by scope=, never charged twice -----------------------
+def test_a_route_limit_has_a_bucket_per_route() -> None:
+    # One RateLimit on two routes: each route has its own bucket (issue 14: they shared one).
+    limiter = memory_limiter()
+    limited = RateLimit("2/minute", limiter=limiter)
+    api = FastAPI()
+
+    async def endpoint() -> dict[str, str]:  # one function behind every route: the route counts
+        return {"ok": "yes"}
+
+    for method, path in (("GET", "/search"), ("GET", "/export"), ("POST", "/search")):
+        api.add_api_route(path, endpoint, methods=[method], dependencies=[Depends(limited)])
+    with TestClient(api) as client:
+        paths = ["/search", "/search", "/export", "/search", "/export", "/export"]
+        assert [client.get(path).status_code for path in paths] == [200, 200, 200, 429, 200, 429]
+        # Another method on the same path is another route.
+        assert [client.post("/search").status_code for _ in range(3)] == [200, 200, 429]
+    two = Limit.parse("2/minute")
+    for route in ("GET /search", "GET /export", "POST /search"):
+        assert limiter.peek(bucket("ip:unknown", route), two).remaining == 0, route
+    assert limiter.peek("ip:unknown", two).remaining == 2  # the app-wide bucket is untouched
+
+
+def test_the_bucket_follows_the_route_template_not_the_path() -> None:
+    limiter = memory_limiter()
+    api = FastAPI()
+
+    @api.get("/items/{item_id}", dependencies=[Depends(RateLimit(THREE, limiter=limiter))])
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    with TestClient(api) as client:
+        assert [client.get(f"/items/{n}").status_code for n in range(4)] == [200, 200, 200, 429]
+    assert used(limiter, bucket("ip:unknown", "GET /items/{item_id}")) == 3
+
+
+def test_scope_shares_one_bucket_across_routes() -> None:
+    limiter = memory_limiter()
+    api = FastAPI()
+    reports = RateLimit(THREE, limiter=limiter, scope="reports")
+
+    @api.get("/daily", dependencies=[Depends(reports)])
+    async def daily() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/weekly", dependencies=[Depends(RateLimit(THREE, limiter=limiter, scope="reports"))])
+    async def weekly() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/other", dependencies=[Depends(RateLimit(THREE, limiter=limiter, scope="other"))])
+    async def other() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    with TestClient(api) as client:
+        paths = ["/daily", "/weekly", "/daily", "/weekly", "/other"]
+        assert [client.get(path).status_code for path in paths] == [200, 200, 200, 429, 200]
+    assert used(limiter, "scope:reports|ip:unknown") == 3
+    assert used(limiter, "scope:other|ip:unknown") == 1
+
+
+@pytest.mark.parametrize("scope", ["", "a|b", 5])
+def test_bad_scope_names_the_parameter(scope: Any) -> None:
+    with pytest.raises((ConfigError, TypeError), match=r"^scope\b"):
+        RateLimit("1/second", scope=scope)
+
+
+def test_middleware_and_route_limits_charge_different_buckets_once_each() -> None:
+    # The same Limit in the middleware and on a route: two buckets (app-wide and the route's),
+    # each charged once per request, never one bucket twice.
+    limiter = memory_limiter()
+    api = dependency_app(RateLimit(THREE, limiter=limiter))
+    api.add_middleware(RateLimitMiddleware, limit=THREE, limiter=limiter)
+    with TestClient(api) as client:
+        assert client.get("/async").status_code == 200
+        assert used(limiter, "ip:unknown") == 1
+        assert used(limiter, bucket("ip:unknown")) == 1
+        assert [client.get("/async").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_one_bucket_is_charged_once_per_request() -> None:
+    # Two limits that name the same bucket on one route (a router's and the route's own, or one
+    # scope twice) take one token per request, not two.
+    limiter = memory_limiter()
+    api = FastAPI()
+    router = APIRouter(dependencies=[Depends(RateLimit(THREE, limiter=limiter))])
+
+    @router.get("/twice", dependencies=[Depends(RateLimit(THREE, limiter=limiter))])
+    async def twice() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    shared = [Depends(RateLimit(THREE, limiter=limiter, scope="s")) for _ in range(2)]
+
+    @router.get("/scoped", dependencies=shared)
+    async def scoped() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    api.include_router(router)
+    with TestClient(api) as client:
+        assert [client.get("/twice").status_code for _ in range(4)] == [200, 200, 200, 429]
+        scoped_codes = [client.get("/scoped").status_code for _ in range(4)]
+    assert used(limiter, bucket("ip:unknown", "GET /twice")) == 3
+    # /scoped: the router's own per-route limit and the shared scope, each once.
+    assert scoped_codes == [200, 200, 200, 429]
+    assert used(limiter, "scope:s|ip:unknown") == 3
+
+
 # -- identity ---------------------------------------------------------------------------------
 def test_custom_key_sync_and_async_replaces_the_default() -> None:
     limiter = memory_limiter()
@@ -349,10 +461,10 @@ def test_custom_key_sync_and_async_replaces_the_default() -> None:
             assert "acme-secret-42" not in str(response.headers) + response.text
             client.get("/sync", headers={"x-tenant": "acme-secret-42", "x-api-key": "k"})
             client.get("/async")  # no tenant: the default identity
-    assert used(limiter, "tenant:acme-secret-42") == 3  # the custom key beat the API key
-    assert used(limiter, "ip:unknown") == 2
-    assert used(limiter, api_key_identity("k")) == 0
-    limiter.reset("tenant:acme-secret-42", THREE)
+    assert used(limiter, bucket("tenant:acme-secret-42")) == 2
+    assert used(limiter, bucket("tenant:acme-secret-42", "GET /sync")) == 2  # beat the API key
+    assert used(limiter, bucket("ip:unknown")) == 2
+    assert used(limiter, bucket(api_key_identity("k"), "GET /sync")) == 0
 
     # The middleware hands the key function a Request too.
     api = middleware_app(limit=THREE, key=by_tenant_async, limiter=limiter)
@@ -375,15 +487,12 @@ def test_custom_key_returning_empty_means_the_default_identity() -> None:
 
     peer = ("203.0.113.9", 1234)
     for key in (empty, aempty):
-        for api, path in (
-            (dependency_app(RateLimit(THREE, key=key, limiter=limiter)), "/async"),
-            (middleware_app(limit=THREE, key=key, limiter=limiter), "/x"),
-        ):
-            limiter.reset("ip:203.0.113.9", THREE)
+        for api, path, where in both_ways(limiter, key=key):
+            limiter.reset(where("ip:203.0.113.9"), THREE)
             with peer_client(api, peer) as client:
                 statuses = [client.get(path).status_code for _ in range(4)]
             assert statuses == [200, 200, 200, 429]
-            assert used(limiter, "ip:203.0.113.9") == 3
+            assert used(limiter, where("ip:203.0.113.9")) == 3
 
 
 KNOWN_KEYS = {"sk-known-1", "sk-known-2"}
@@ -396,35 +505,35 @@ def made_up_keys(client: TestClient, path: str, n: int = 6) -> list[int]:
     ]
 
 
-def both_ways(limiter: RateLimiter, **options: Any) -> list[tuple[FastAPI, str]]:
-    """The dependency's app and the middleware's, each with ``options``."""
+def both_ways(
+    limiter: RateLimiter, **options: Any
+) -> list[tuple[FastAPI, str, Callable[[str], str]]]:
+    """The dependency's app and the middleware's, each with ``options``: the app, a path, and
+    the bucket it charges for an identity (the route's own, or the identity's app-wide one)."""
     return [
-        (dependency_app(RateLimit(THREE, limiter=limiter, **options)), "/async"),
-        (middleware_app(limit=THREE, limiter=limiter, **options), "/x"),
+        (dependency_app(RateLimit(THREE, limiter=limiter, **options)), "/async", bucket),
+        (middleware_app(limit=THREE, limiter=limiter, **options), "/x", str),
     ]
 
 
 def test_made_up_api_keys_choose_no_bucket_by_default() -> None:
     # The API-key step is off unless the app vouches for keys: one client, one bucket.
     limiter = memory_limiter()
-    for api, path in both_ways(limiter):
-        limiter.reset("ip:203.0.113.9", THREE)
+    for api, path, where in both_ways(limiter):
         with peer_client(api, ("203.0.113.9", 1234)) as client:
             assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
-        assert used(limiter, "ip:203.0.113.9") == 3
+        assert used(limiter, where("ip:203.0.113.9")) == 3
 
 
 def test_api_key_header_opt_in_makes_the_key_the_identity() -> None:
     limiter = memory_limiter()
-    for api, path in both_ways(limiter, api_key_header="X-API-Key"):
+    for api, path, where in both_ways(limiter, api_key_header="X-API-Key"):
         with peer_client(api, ("203.0.113.9", 1234)) as client:
             one = [client.get(path, headers={"X-API-Key": "k-one"}) for _ in range(4)]
             two = client.get(path, headers={"X-API-Key": "k-two"})
         assert [r.status_code for r in one] + [two.status_code] == [200, 200, 200, 429, 200]
-        assert used(limiter, api_key_identity("k-one")) == 3
-        assert used(limiter, "ip:203.0.113.9") == 0
-        limiter.reset(api_key_identity("k-one"), THREE)
-        limiter.reset(api_key_identity("k-two"), THREE)
+        assert used(limiter, where(api_key_identity("k-one"))) == 3
+        assert used(limiter, where("ip:203.0.113.9")) == 0
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -442,16 +551,14 @@ def test_api_key_validator_sends_unknown_keys_to_the_ip(kind: str) -> None:
     validator = known if kind == "sync" else aknown
     limiter = memory_limiter()
     # With a validator and no header name, the header is X-API-Key.
-    for api, path in both_ways(limiter, api_key_validator=validator):
-        limiter.reset("ip:203.0.113.9", THREE)
-        limiter.reset(api_key_identity("sk-known-1"), THREE)
+    for api, path, where in both_ways(limiter, api_key_validator=validator):
         with peer_client(api, ("203.0.113.9", 1234)) as client:
             assert made_up_keys(client, path) == [200, 200, 200, 429, 429, 429]
             statuses = [
                 client.get(path, headers={"X-API-Key": "sk-known-1"}).status_code for _ in range(4)
             ]
             assert statuses == [200, 200, 200, 429]
-        assert used(limiter, api_key_identity("sk-known-1")) == 3
+        assert used(limiter, where(api_key_identity("sk-known-1"))) == 3
     assert len(seen) == 20  # once per request that carried a key
     assert "sk-known-1" in seen
     # Another header name, given explicitly.
@@ -460,7 +567,7 @@ def test_api_key_validator_sends_unknown_keys_to_the_ip(kind: str) -> None:
     )
     with peer_client(api, ("198.51.100.3", 1234)) as client:
         client.get("/async", headers={"X-Key": "sk-known-2", "X-API-Key": "sk-known-1"})
-    assert used(limiter, api_key_identity("sk-known-2")) == 1
+    assert used(limiter, bucket(api_key_identity("sk-known-2"))) == 1
     with pytest.raises(TypeError, match="api_key_validator"):
         RateLimit(THREE, api_key_validator="not callable")  # type: ignore[arg-type]
 
@@ -477,8 +584,8 @@ def test_api_key_is_hashed_everywhere(standalone: Any) -> None:
         assert [r.status_code for r in responses] == [200, 200, 200, 429, 200]
         for response in responses:
             assert raw not in str(response.headers) + response.text
-        assert used(limiter, api_key_identity(raw)) == 3
-        assert used(limiter, "ip:unknown") == 0
+        assert used(limiter, bucket(api_key_identity(raw))) == 3
+        assert used(limiter, bucket("ip:unknown")) == 0
     with redis.Redis.from_url(standalone.url) as client:
         keys = list(client.scan_iter(count=1000))
         assert keys  # the buckets are there...
@@ -520,10 +627,11 @@ def test_authenticated_user_then_ip() -> None:
         client.get("/async", headers={"x-user": "42"})
         client.get("/async", headers={"x-user": "alice", "x-api-key": "k"})  # API key first
         client.get("/async")  # anonymous: the client IP
-    assert used(limiter, "user:alice") == 2
-    assert used(limiter, "user:42") == 1
-    assert used(limiter, api_key_identity("k")) == 1
-    assert used(limiter, "ip:203.0.113.9") == 1
+    assert used(limiter, bucket("user:alice")) == 1
+    assert used(limiter, bucket("user:alice", "GET /sync")) == 1
+    assert used(limiter, bucket("user:42")) == 1
+    assert used(limiter, bucket(api_key_identity("k"))) == 1
+    assert used(limiter, bucket("ip:203.0.113.9")) == 1
 
     # The middleware sees the user when authentication runs before it (added after it).
     api = middleware_app(limit=THREE, limiter=limiter)
@@ -550,7 +658,7 @@ def charged_ip(trusted: Any, peer: tuple[str, int], forwarded_for: str | None) -
     with peer_client(api, peer) as client:
         assert client.get("/x", headers=headers).status_code == 200
     for candidate in ("203.0.113.9", "10.0.0.5", "198.51.100.7", "6.6.6.6", "10.0.0.2"):
-        if used(limiter, f"ip:{candidate}") == 1:
+        if used(limiter, bucket(f"ip:{candidate}")) == 1:
             assert used(other, f"ip:{candidate}") == 1  # both paths agree
             return candidate
     raise AssertionError("no ip: bucket was charged")
@@ -581,24 +689,18 @@ UNIX_PEERS = {"none": None, "empty": ("", 0), "path": ("/run/app.sock", 0)}
 @pytest.mark.parametrize("peer", list(UNIX_PEERS))
 def test_a_unix_socket_peer_is_a_local_proxy(peer: str, trusted: Any) -> None:
     # uvicorn --uds: the scope's client is None (other servers: "" or the socket's path).
-    for kind in ("dependency", "middleware"):
-        limiter = memory_limiter()
-        if kind == "dependency":
-            dependency = RateLimit(THREE, limiter=limiter, trusted_proxies=trusted)
-            api, path = dependency_app(dependency), "/async"
-        else:
-            api = middleware_app(limit=THREE, limiter=limiter, trusted_proxies=trusted)
-            path = "/x"
+    limiter = memory_limiter()
+    for api, path, where in both_ways(limiter, trusted_proxies=trusted):
         with peer_client(api, UNIX_PEERS[peer]) as client:
             alice = {"x-forwarded-for": "198.51.100.7"}
             bob = {"x-forwarded-for": "6.6.6.6, 203.0.113.5"}  # what bob wrote is not believed
             statuses = [client.get(path, headers=alice).status_code for _ in range(4)]
             statuses += [client.get(path, headers=bob).status_code for _ in range(3)]
-        assert statuses == [200, 200, 200, 429, 200, 200, 200], kind
-        assert used(limiter, "ip:198.51.100.7") == 3
-        assert used(limiter, "ip:203.0.113.5") == 3
-        assert used(limiter, "ip:6.6.6.6") == 0
-        assert used(limiter, "ip:unknown") == 0
+        assert statuses == [200, 200, 200, 429, 200, 200, 200], path
+        assert used(limiter, where("ip:198.51.100.7")) == 3
+        assert used(limiter, where("ip:203.0.113.5")) == 3
+        assert used(limiter, where("ip:6.6.6.6")) == 0
+        assert used(limiter, where("ip:unknown")) == 0
 
 
 def test_forwarded_for_split_over_several_lines_is_one_list() -> None:
@@ -607,8 +709,8 @@ def test_forwarded_for_split_over_several_lines_is_one_list() -> None:
     headers = [("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "198.51.100.7")]
     with peer_client(api, PROXY) as client:
         client.get("/async", headers=headers)
-    assert used(limiter, "ip:198.51.100.7") == 1
-    assert used(limiter, "ip:6.6.6.6") == 0
+    assert used(limiter, bucket("ip:198.51.100.7")) == 1
+    assert used(limiter, bucket("ip:6.6.6.6")) == 0
 
 
 def test_ipv6_clients_share_a_bucket_per_64() -> None:

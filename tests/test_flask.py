@@ -17,7 +17,7 @@ pytest.importorskip("flask")
 pytest.importorskip("asgiref")  # async views
 
 import http_sfv
-from flask import Flask, g, request
+from flask import Blueprint, Flask, g, request
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -509,6 +509,62 @@ def test_shared_scope_and_view_key_and_cost(memory: RateLimiter) -> None:
     assert hit(client, "/org/x").status_code == 200
     assert hit(client, "/org/x", ip="198.51.100.1").status_code == 429
     assert hit(client, "/org/y").status_code == 200
+
+
+def test_view_buckets_are_named_after_the_endpoint_or_the_scope(memory: RateLimiter) -> None:
+    # One rule in every integration: route:<route>|<identity>, or scope:<name>|<identity>.
+    # In Flask the route is the endpoint (a blueprint's is "blueprint.view").
+    app, ext = app_with(memory)
+    shop = Blueprint("shop", __name__)
+    shop.add_url_rule("/search", "search", ext.limit("2/hour")(lambda: "ok"))
+    app.add_url_rule("/search", "search_all", ext.limit("2/hour")(lambda: "ok"))
+    app.add_url_rule("/report", "report", ext.limit("2/hour", scope="reports")(lambda: "ok"))
+    app.register_blueprint(shop, url_prefix="/shop")
+    client = app.test_client()
+    assert statuses(client, 3, "/shop/search") == [200, 200, 429]
+    assert statuses(client, 1, "/search") + statuses(client, 1, "/report") == [200, 200]
+    two = Limit.parse("2/hour")
+    assert memory.peek(f"route:shop.search|ip:{PEER}", two).remaining == 0
+    assert memory.peek(f"route:search_all|ip:{PEER}", two).remaining == 1
+    assert memory.peek(f"scope:reports|ip:{PEER}", two).remaining == 1
+    with pytest.raises(ConfigError, match=r"^scope\b"):
+        ext.limit("1/hour", scope="a|b")
+
+
+def test_default_and_view_limit_never_charge_one_bucket_twice(memory: RateLimiter) -> None:
+    # The same Limit as the default and on a view: the view's replaces the default there, so a
+    # request takes one token, from the view's own bucket.
+    three = Limit.per_hour(3, name="three")
+    app, ext = app_with(memory, limit=three)
+
+    @app.get("/own")
+    @ext.limit(three)
+    def own() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert statuses(client, 4, "/own") == [200, 200, 200, 429]
+    assert memory.peek(f"route:own|ip:{PEER}", three).remaining == 0
+    assert memory.peek(f"ip:{PEER}", three).remaining == 3
+    assert statuses(client, 4) == [200, 200, 200, 429]
+
+
+def test_an_async_chooser_object_runs_from_sync_flask(memory: RateLimiter) -> None:
+    # A chooser may be an object whose __call__ is a coroutine function: Flask runs it.
+    class Plans:
+        async def __call__(self, request: Any) -> Limit:
+            return Limit.per_hour(2, name="plan")
+
+    app, ext = app_with(memory)
+
+    @app.get("/planned")
+    @ext.limit(Plans())
+    def planned() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert statuses(client, 3, "/planned") == [200, 200, 429]
+    assert hit(client, "/planned").headers["RateLimit-Policy"] == '"plan";q=2;w=3600'
 
 
 def test_decorator_order_and_wrapping_views(memory: RateLimiter) -> None:

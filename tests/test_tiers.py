@@ -621,15 +621,15 @@ def test_django_ratelimit_decorator_chooses(django_site: Any, mode: str) -> None
 
 
 def test_django_limit_setting_errors_are_reported() -> None:
-    from tokenlimit.integrations.django import _read
+    from tokenlimit.integrations._settings import read
 
-    _, messages = _read({"LIMIT": f"{__name__}.FREE"})
-    assert [m.id for m in messages] == ["tokenlimit.E003"]
-    assert "not callable" in messages[0].msg
-    _, messages = _read({"LIMIT": "nowhere.at_all"})
-    assert [m.id for m in messages] == ["tokenlimit.E003"]
-    options, messages = _read({"LIMIT": f"{__name__}.django_plan"})
-    assert messages == []
+    _, problems = read({"LIMIT": f"{__name__}.FREE"})
+    assert [p.id for p in problems] == ["tokenlimit.E003"]
+    assert "not callable" in problems[0].message
+    _, problems = read({"LIMIT": "nowhere.at_all"})
+    assert [p.id for p in problems] == ["tokenlimit.E003"]
+    options, problems = read({"LIMIT": f"{__name__}.django_plan"})
+    assert problems == []
     assert options.limits is django_plan
 
 

@@ -28,7 +28,6 @@ __all__ = [
     "Policy",
     "TrustedProxies",
     "api_key_identity",
-    "call_key",
     "custom_identity",
     "decide_async",
     "decide_sync",
@@ -413,7 +412,26 @@ def retry_after_seconds(decision: Decision) -> int:
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     """``X-RateLimit-*``, the IETF ``RateLimit-Policy``/``RateLimit`` fields, and on refusal
     ``Retry-After``. Nothing in them names the identity or the server."""
-    parts = decision.details or (decision,)
+    limit = decision.policy
+    if not decision.details and limit is not None:  # one limit, as most are: nothing to join
+        name, policies = _policy_field(limit)
+        states = f"{name};r={decision.remaining};t={math.ceil(decision.reset_after)}"
+    else:
+        policies, states = _fields_of(decision.details or (decision,))
+    headers = [
+        ("X-RateLimit-Limit", str(decision.limit)),
+        ("X-RateLimit-Remaining", str(decision.remaining)),
+    ]
+    if policies:
+        headers.append(("RateLimit-Policy", policies))
+        headers.append(("RateLimit", states))
+    if not decision.allowed:
+        headers.append(("Retry-After", str(retry_after_seconds(decision))))
+    return headers
+
+
+def _fields_of(parts: Sequence[Decision]) -> tuple[str, str]:
+    """``RateLimit-Policy`` and ``RateLimit`` for several limits' decisions ("" for none)."""
     policies = []
     states = []
     for part in parts:
@@ -423,16 +441,7 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
         name, policy = _policy_field(limit)
         policies.append(policy)
         states.append(f"{name};r={part.remaining};t={math.ceil(part.reset_after)}")
-    headers = [
-        ("X-RateLimit-Limit", str(decision.limit)),
-        ("X-RateLimit-Remaining", str(decision.remaining)),
-    ]
-    if policies:
-        headers.append(("RateLimit-Policy", ", ".join(policies)))
-        headers.append(("RateLimit", ", ".join(states)))
-    if not decision.allowed:
-        headers.append(("Retry-After", str(retry_after_seconds(decision))))
-    return headers
+    return ", ".join(policies), ", ".join(states)
 
 
 def response_headers(decision: Decision, *, enabled: bool) -> list[tuple[str, str]]:
@@ -510,11 +519,3 @@ def custom_identity(result: Any) -> str | None:
     """A custom key function's answer as an identity: None or ``""`` mean "use the default
     identity", in every integration and mode."""
     return None if result is None or result == "" else str(result)
-
-
-async def call_key(function: KeyFunction, request: Any) -> str | None:
-    """Call a custom key function, sync or async."""
-    result = function(request)
-    if inspect.isawaitable(result):
-        result = await result
-    return custom_identity(result)

@@ -1,49 +1,26 @@
 """Django: ``RateLimitMiddleware`` configured from ``settings.TOKENLIMIT``, a ``ratelimit(...)``
 view decorator, and system checks that report a bad setting at start-up. Sync and async alike.
 
-::
-
     INSTALLED_APPS = [..., "tokenlimit.integrations.django"]  # runs the checks at start-up
     MIDDLEWARE = [..., "django.contrib.auth.middleware.AuthenticationMiddleware",
                   "tokenlimit.integrations.django.RateLimitMiddleware"]
-    TOKENLIMIT = {
-        "URL": "redis://localhost:6379/0",  # default "memory://" (per process)
-        "LIMIT": "100/minute",              # a Limit, a string, or a list; the middleware's limit
-        "KEY": "myapp.limits.identity",     # request -> identity str, or None for the default
-        "EXEMPT": ["/health"],              # path prefixes (``request.path_info``) never limited
-        "TRUSTED_PROXIES": None,            # a hop count or a list of CIDRs for X-Forwarded-For
-        "FAILURE_MODE": "closed",           # storage down: "closed" answers 503, "open" admits
-        "HEADERS": True,                    # X-RateLimit-* and RateLimit-Policy/RateLimit fields
-        "PREFIX": "tl:",                    # Redis key prefix
-        "TIMEOUT": 0.5,                     # seconds allowed for one decision
-        "API_KEY_HEADER": None,             # "X-API-Key": read first where auth checked it
-        "API_KEY_VALIDATOR": None,          # dotted path: key -> truthy when known (async too)
-        "IPV6_PREFIX": 64,                  # IPv6 clients share one bucket per /64
-        "METRICS": "myapp.monitoring.sink", # a MetricsSink (tokenlimit.metrics.PrometheusMetrics)
-        "SHADOW": False,                    # True: decide and count, never answer 429
-    }
+    TOKENLIMIT = {"URL": "redis://localhost:6379/0", "LIMIT": "100/minute", "EXEMPT": ["/health"]}
 
-    @ratelimit("10/minute")                 # its own limit and bucket, on top of the middleware's
+    @ratelimit("10/minute")  # its own limit and bucket, on top of the middleware's
     def search(request): ...
 
-Tiers: ``LIMIT`` (a callable or its dotted path) and ``ratelimit``'s ``limit`` (a callable) may
-choose the limit(s) per request, such as the caller's plan: called with the request, it returns
-a Limit, a string or a list of them; it may be a coroutine function (awaited in async code).
-
-Sync code decides through a ``RateLimiter`` and async code through an ``AsyncRateLimiter``
-built from the same URL (one shared store for ``memory://``), so the event loop never waits on
-a socket.
+Every ``TOKENLIMIT`` entry is in docs/integrations/django.md (and ``_settings.Options``). This
+module reads each request's facts and renders the shared check's verdict; sync code decides
+through a ``RateLimiter`` and async code through an ``AsyncRateLimiter`` on the same URL, so the
+event loop never waits on a socket.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
-import re
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.apps import AppConfig
@@ -53,32 +30,25 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.http import HttpResponse
 from django.utils.functional import LazyObject
-from django.utils.module_loading import import_string
 from django.views import View
 
-from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
-from tokenlimit._config import limiter_pair
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._limit import Limit, coerce_limits
-from tokenlimit._log import ThrottledLog
-from tokenlimit._metrics import MetricsSink
-from tokenlimit._plan import LimitSpec, chosen_limits
-from tokenlimit._url import parse_url
-from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
-from tokenlimit.integrations._common import (
-    Policy,
-    TrustedProxies,
-    call_key,
-    custom_identity,
-    decide_async,
-    decide_sync,
-    rate_limit_headers,
-    record_request,
-    refused_body,
-    retry_after_seconds,
-    unavailable_body,
+from tokenlimit._plan import LimitSpec
+from tokenlimit.integrations._check import (
+    RequestFacts,
+    Verdict,
+    ViewLimit,
+    acheck,
+    answer,
+    awaited,
+    check,
+    combined,
+    unavailable,
 )
+from tokenlimit.integrations._common import Policy, rate_limit_headers, record_request
+from tokenlimit.integrations._settings import Problem, Settings, SettingsError
+from tokenlimit.integrations._settings import problems as settings_problems
 
 __all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
 
@@ -86,238 +56,50 @@ V = TypeVar("V")
 
 MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
-_DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions taken for it so far
+_DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions its headers report
+_LEDGER = "_tokenlimit_charged"  # request attribute: the buckets it charged
 
 
 # -- settings --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    """``settings.TOKENLIMIT``, validated."""
-
-    url: str = "memory://"
-    limits: tuple[Limit, ...] | Callable[[Any], Any] | None = None  # or a chooser (tiers)
-    key: Callable[[Any], Any] | None = None
-    exempt: tuple[str, ...] = ()
-    proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
-    failure_mode: str = "closed"
-    headers: bool = True
-    prefix: str = DEFAULT_PREFIX
-    timeout: float = DEFAULT_TIMEOUT
-    api_key_header: str | None = None  # None: API keys are no identity (unless validated)
-    ipv6_prefix: int = 64
-    metrics: MetricsSink | None = None
-    shadow: bool = False
-    api_key_validator: Callable[[str], Any] | None = None
-
-
-def _probe(**option: Any) -> Any:
-    """Validate one option alone, as ``Policy.build`` does it."""
-    policy = Policy.build(None, **option)
-    return getattr(policy, next(iter(option)))
-
-
-def _key_function(value: Any, param: str = "key") -> Callable[[Any], Any]:
-    """``KEY``: a dotted path to a callable (or the callable itself)."""
-    function: Any = import_string(value) if isinstance(value, str) else value
-    if not callable(function):
-        raise ConfigTypeError(param, f"{value!r} is not callable")
-    return cast("Callable[[Any], Any]", function)
-
-
-def _api_key_validator(value: Any) -> Callable[[str], Any] | None:
-    """``API_KEY_VALIDATOR``: a dotted path to ``key -> truthy when known`` (or the callable)."""
-    return None if value is None else _key_function(value, "api_key_validator")
-
-
-def _limit_setting(value: Any) -> tuple[Limit, ...] | Callable[[Any], Any]:
-    """``LIMIT``: the limit(s), or a callable taking the request and choosing them (tiers),
-    given itself or as a dotted path."""
-    if callable(value):
-        return cast("Callable[[Any], Any]", value)
-    try:
-        return coerce_limits(value)
-    except ConfigError:
-        if not (isinstance(value, str) and _DOTTED.match(value)):
-            raise
-    function: Any = import_string(value)
-    if not callable(function):
-        raise ConfigTypeError("limit", f"{value!r} is not callable")
-    return cast("Callable[[Any], Any]", function)
-
-
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # "myapp.plans.limits_for"
-
-
-def _metrics_sink(value: Any) -> MetricsSink | None:
-    """``METRICS``: a dotted path to a ``MetricsSink`` instance (or the instance itself)."""
-    sink: Any = import_string(value) if isinstance(value, str) else value
-    if sink is not None and (isinstance(sink, type) or not isinstance(sink, MetricsSink)):
-        raise ConfigTypeError(
-            "metrics", f"{value!r} is not a MetricsSink (record_decision() and record_error())"
-        )
-    return sink
-
-
-# setting -> (option, check id, validator)
-_FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    "URL": ("url", "tokenlimit.E002", lambda v: parse_url(v)[1]),
-    "LIMIT": ("limits", "tokenlimit.E003", _limit_setting),
-    "KEY": ("key", "tokenlimit.E004", _key_function),
-    "FAILURE_MODE": ("failure_mode", "tokenlimit.E005", check_failure_mode),
-    "TRUSTED_PROXIES": ("proxies", "tokenlimit.E006", TrustedProxies),
-    "EXEMPT": ("exempt", "tokenlimit.E007", lambda v: _probe(exempt=v)),
-    "HEADERS": ("headers", "tokenlimit.E008", lambda v: _probe(headers=v)),
-    "PREFIX": ("prefix", "tokenlimit.E009", check_prefix),
-    "TIMEOUT": ("timeout", "tokenlimit.E010", check_deadline),
-    "API_KEY_HEADER": ("api_key_header", "tokenlimit.E011", lambda v: _probe(api_key_header=v)),
-    "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
-    "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
-    "SHADOW": ("shadow", "tokenlimit.E014", lambda v: _probe(shadow=v)),
-    "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
-}
-
-
-def _read(raw: Any) -> tuple[_Options, list[Any]]:
-    """Validate ``settings.TOKENLIMIT``: the options, and one check message per bad setting."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        error = checks.Error(
-            f"settings.TOKENLIMIT must be a dict, not {type(raw).__name__}.",
-            hint='TOKENLIMIT = {"URL": "redis://localhost:6379/0", "LIMIT": "100/minute"}',
-            id="tokenlimit.E001",
-        )
-        return _Options(), [error]
-    values: dict[str, Any] = {}
-    messages: list[Any] = []
-    for name, value in raw.items():
-        field = _FIELDS.get(name)
-        if field is None:
-            messages.append(
-                checks.Warning(
-                    f"settings.TOKENLIMIT has an unknown entry {name!r}; it is ignored.",
-                    hint=f"Known entries: {', '.join(_FIELDS)}.",
-                    id="tokenlimit.W001",
-                )
-            )
-            continue
-        option, check_id, validate = field
-        try:
-            values[option] = validate(value)
-        except Exception as error:  # an import error from KEY, a ConfigError, ...
-            reason = str(error)
-            if isinstance(error, ConfigError):
-                reason = reason.removeprefix(f"{error.param}: ")
-            messages.append(checks.Error(f"settings.TOKENLIMIT[{name!r}]: {reason}", id=check_id))
-    return _Options(**values), messages
+def _message(problem: Problem) -> Any:
+    kind = checks.Error if problem.serious else checks.Warning
+    return kind(problem.message, hint=problem.hint, id=problem.id)
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     """The system check: every bad entry of ``settings.TOKENLIMIT``, each with its own id."""
     raw = getattr(settings, "TOKENLIMIT", None)
     middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
-    installed = MIDDLEWARE_PATH in middleware
-    messages = _read(raw)[1]
-    if isinstance(raw, dict) or (raw is None and installed):
-        raw = raw or {}
-        if installed and "LIMIT" not in raw:
-            messages.append(
-                checks.Error(
-                    "settings.TOKENLIMIT['LIMIT'] is required by RateLimitMiddleware.",
-                    hint='For example "LIMIT": "100/minute".',
-                    id="tokenlimit.E003",
-                )
-            )
-        if "URL" not in raw:
-            messages.append(
-                checks.Warning(
-                    "settings.TOKENLIMIT['URL'] is not set: memory:// limits each process "
-                    "separately.",
-                    hint='Share one limit across processes: "URL": "redis://host:6379/0".',
-                    id="tokenlimit.W002",
-                )
-            )
-    if (
-        installed
-        and _AUTH_MIDDLEWARE in middleware
-        and middleware.index(MIDDLEWARE_PATH) < middleware.index(_AUTH_MIDDLEWARE)
-    ):
-        messages.append(
-            checks.Warning(
-                "RateLimitMiddleware comes before AuthenticationMiddleware, so it cannot "
-                "see the user: signed-in users are limited by IP address.",
-                hint="Move it after AuthenticationMiddleware in settings.MIDDLEWARE.",
-                id="tokenlimit.W003",
-            )
-        )
-    return messages
+    found = settings_problems(raw, middleware, limiter=MIDDLEWARE_PATH, auth=_AUTH_MIDDLEWARE)
+    return [_message(problem) for problem in found]
 
 
 checks.register(check_settings, "tokenlimit")
 
-
-class _State:
-    """What the settings make: the validated options, the limiter twins, the middleware's
-    policy. Rebuilt when ``settings.TOKENLIMIT`` changes (``override_settings`` in tests)."""
-
-    def __init__(self, raw: Any) -> None:
-        options, messages = _read(raw)
-        errors = [m for m in messages if m.is_serious()]
-        if errors:
-            raise ImproperlyConfigured("; ".join(f"{m.msg} ({m.id})" for m in errors))
-        self.options = options
-        self.log = ThrottledLog()  # storage failures answered 503, at most once per interval
-        limiter_options = {
-            "prefix": options.prefix,
-            "timeout": options.timeout,
-            "failure_mode": options.failure_mode,
-            "metrics": options.metrics,
-        }
-        try:
-            self.sync, self.async_ = limiter_pair(options.url, limiter_options)
-        except ValueError as error:  # a URL the scheme check let through (a bad port, ...)
-            raise ImproperlyConfigured(
-                f"settings.TOKENLIMIT['URL']: {error} (tokenlimit.E002)"
-            ) from error
-        self.policy: Policy | None = None
-        if options.limits is not None:
-            self.policy = Policy.build(
-                options.limits,
-                key=options.key,
-                exempt=options.exempt,
-                trusted_proxies=options.proxies,
-                headers=options.headers,
-                api_key_header=options.api_key_header,
-                ipv6_prefix=options.ipv6_prefix,
-                shadow=options.shadow,
-                api_key_validator=options.api_key_validator,
-            )
-
-    def middleware_policy(self) -> Policy:
-        if self.policy is None:
-            raise ImproperlyConfigured(
-                "RateLimitMiddleware needs settings.TOKENLIMIT['LIMIT'] (tokenlimit.E003)"
-            )
-        return self.policy
-
-    def close(self) -> None:
-        # The async twin's clients close with their event loops (LoopLocalBackend).
-        self.sync.close()
-
-
 _lock = threading.Lock()
-_current: _State | None = None
+_current: Settings | None = None  # rebuilt when settings.TOKENLIMIT changes (override_settings)
 
 
-def _state() -> _State:
+def _state() -> Settings:
     global _current
     state = _current
     if state is None:
         with _lock:
             if _current is None:
-                _current = _State(getattr(settings, "TOKENLIMIT", None))
+                try:
+                    _current = Settings(getattr(settings, "TOKENLIMIT", None))
+                except SettingsError as error:
+                    raise ImproperlyConfigured(str(error)) from error
             state = _current
     return state
+
+
+def _middleware_policy(state: Settings) -> Policy:
+    if state.policy is None:
+        raise ImproperlyConfigured(
+            "RateLimitMiddleware needs settings.TOKENLIMIT['LIMIT'] (tokenlimit.E003)"
+        )
+    return state.policy
 
 
 def _forget(*, setting: str, **kwargs: Any) -> None:
@@ -333,183 +115,108 @@ def _forget(*, setting: str, **kwargs: Any) -> None:
 setting_changed.connect(_forget, dispatch_uid="tokenlimit.integrations.django")
 
 
-# -- identity --------------------------------------------------------------------------------
-def _user_pk(user: Any) -> Any:
-    if user is not None and getattr(user, "is_authenticated", False):
-        return user.pk
-    return None
+# -- request facts and answers ---------------------------------------------------------------
+def _pk(user: Any) -> Any:
+    return user.pk if user is not None and getattr(user, "is_authenticated", False) else None
 
 
-def _api_key(policy: Policy, request: Any) -> str | None:
-    """The API key as the client sent it (None: API keys are not an identity here)."""
+def _user_id(request: Any) -> Any:
+    return _pk(getattr(request, "user", None))
+
+
+async def _auser_id(request: Any) -> Any:
+    # request.user is lazy and may query the database: never on the event loop.
+    auser = getattr(request, "auser", None)
+    if callable(auser):
+        return _pk(await auser())
+    user = getattr(request, "user", None)
+    if isinstance(user, LazyObject):
+        return await sync_to_async(_pk)(user)
+    return _pk(user)
+
+
+def _facts(request: Any, policy: Policy, route: str | None, user: Any) -> RequestFacts:
     header = policy.api_key_header
-    return (request.headers.get(header) or None) if header else None
-
-
-def _default_sync(policy: Policy, request: Any) -> str:
-    api_key = policy.vouched_key(_api_key(policy, request), _resolve)
-    user_id = None if api_key else _user_pk(getattr(request, "user", None))
-    return policy.identity(
-        api_key=api_key,
-        user_id=user_id,
-        peer=request.META.get("REMOTE_ADDR"),
-        forwarded_for=request.META.get("HTTP_X_FORWARDED_FOR"),
+    return RequestFacts(
+        request,
+        request.path_info,
+        request.META.get("REMOTE_ADDR"),
+        request.META.get("HTTP_X_FORWARDED_FOR"),
+        (request.headers.get(header) or None) if header else None,
+        functools.partial(user, request),
+        route,
+        _template(request),
+        route is not None,  # the middleware checks before the URL is resolved
+        vars(request).setdefault(_LEDGER, {}),
     )
 
 
-async def _default_async(policy: Policy, request: Any) -> str:
-    api_key = await policy.avouched_key(_api_key(policy, request))
-    user_id = None
-    if not api_key:
-        # request.user is lazy and may query the database: never on the event loop.
-        auser = getattr(request, "auser", None)
-        if callable(auser):
-            user_id = _user_pk(await auser())
-        else:
-            user = getattr(request, "user", None)
-            if isinstance(user, LazyObject):
-                user_id = await sync_to_async(_user_pk)(user)
-            else:
-                user_id = _user_pk(user)
-    return policy.identity(
-        api_key=api_key,
-        user_id=user_id,
-        peer=request.META.get("REMOTE_ADDR"),
-        forwarded_for=request.META.get("HTTP_X_FORWARDED_FOR"),
-    )
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
-def _resolve(awaitable: Awaitable[Any]) -> Any:
-    """An async ``API_KEY_VALIDATOR``'s verdict, behind a sync middleware chain."""
-    return async_to_sync(_awaited)(awaitable)
-
-
-def _identity_sync(policy: Policy, request: Any) -> str:
-    if policy.key is not None:
-        result: Any = policy.key(request)
-        if inspect.isawaitable(result):  # an async KEY behind a sync middleware chain
-            result = async_to_sync(_awaited)(result)
-        custom = custom_identity(result)
-        if custom is not None:
-            return custom
-    return _default_sync(policy, request)
-
-
-async def _identity_async(policy: Policy, request: Any) -> str:
-    if policy.key is not None:
-        result = await call_key(policy.key, request)
-        if result is not None:
-            return result
-    return await _default_async(policy, request)
-
-
-def _limits_sync(policy: Policy, request: Any) -> tuple[Limit, ...]:
-    """The policy's limits, or what its chooser picks for ``request`` (tiers)."""
-    if policy.choose is None:
-        return policy.limits
-    value = policy.choose(request)
-    if inspect.isawaitable(value):  # an async chooser behind a sync middleware chain
-        value = async_to_sync(_awaited)(value)
-    return chosen_limits(policy.choose, value)
-
-
-def _bucket(scope: str | None, identity: str) -> str:
-    # The middleware's bucket is the identity itself; a decorated view's adds the view's
-    # qualified name (which cannot contain "|"), so each view has its own.
-    return identity if scope is None else f"view:{scope}|{identity}"
-
-
-# -- responses -------------------------------------------------------------------------------
-def _combined(decisions: list[Decision]) -> Decision:
-    """The middleware's and the views' decisions as one, most restrictive first, all listed."""
-    if len(decisions) == 1:
-        return decisions[0]
-    parts = tuple(part for d in decisions for part in (d.details or (d,)))
-    refused = [d for d in decisions if not d.allowed]
-    if refused:
-        worst = max(refused, key=lambda d: d.retry_after)
-    else:
-        worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))
-    return dataclasses.replace(worst, details=parts)
-
-
-def _annotate(request: Any, response: Any) -> Any:
-    decisions: list[Decision] = getattr(request, _DECISIONS, None) or []
-    if decisions and response is not None:
-        for name, value in rate_limit_headers(_combined(decisions)):
-            response[name] = value
-    return response
-
-
-def _admitted(request: Any, policy: Policy, decision: Decision) -> Any:
-    """Record the decision; the 429 response when it is a refusal, else None."""
-    if policy.headers:
-        decisions = getattr(request, _DECISIONS, None)
-        if decisions is None:
-            decisions = []
-            setattr(request, _DECISIONS, decisions)
-        decisions.append(decision)
-    if decision.allowed:
-        return None
-    response = HttpResponse(refused_body(decision), status=429, content_type="application/json")
-    # Retry-After is HTTP's own answer to a 429: sent even with HEADERS off.
-    response["Retry-After"] = str(retry_after_seconds(decision))
-    return _annotate(request, response)
-
-
-def _route(request: Any) -> str | None:
+def _template(request: Any) -> str | None:
     """The matched URL pattern (``items/<int:item_id>``), never the raw path; None before URL
     resolution (in the middleware, until the view has run) or when nothing matched."""
     route = getattr(getattr(request, "resolver_match", None), "route", None)
     return route if isinstance(route, str) else None
 
 
-def _record(limiter: Any, scope: str | None, request: Any, decision: Decision | None) -> None:
-    """Count the check by route; the middleware counts its admissions itself, after the view,
-    when the route is known."""
-    if decision is None:
-        record_request(limiter, _route(request), "unavailable")
-    elif not decision.allowed:
-        record_request(limiter, _route(request), "refused")
-    elif scope is not None:
-        record_request(limiter, _route(request), "allowed")
+def _resolve(awaitable: Awaitable[Any]) -> Any:
+    """An async ``KEY``, validator or chooser's result, behind a sync middleware chain."""
+    return async_to_sync(awaited)(awaitable)
 
 
-def _unavailable(state: _State, error: BackendError) -> Any:
-    # Storage failed and failure_mode is "closed": 503, with no Retry-After (nobody knows when).
-    # Django logs no 503 it did not raise itself: say why, throttled.
-    state.log.warning("tokenlimit: storage failed, answering 503 (failure_mode='closed')", error)
-    return HttpResponse(unavailable_body(), status=503, content_type="application/json")
+def _policy(rule: ViewLimit | None) -> tuple[Settings, Policy, str | None]:
+    """The settings, and the policy and scope of a view's limit (None: the middleware's)."""
+    state = _state()
+    if rule is None:
+        return state, _middleware_policy(state), None
+    return state, rule.policy(state.base), rule.scope
 
 
-def _enter_sync(
-    state: _State, policy: Policy, scope: str | None, request: Any
-) -> Any:  # HttpResponse to answer at once, or None to go on
-    key = _bucket(scope, _identity_sync(policy, request))
-    limits = _limits_sync(policy, request)
-    try:
-        decision = decide_sync(state.sync, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError as error:
-        _record(state.sync, scope, request, None)
-        return _unavailable(state, error)
-    _record(state.sync, scope, request, decision)
-    return _admitted(request, policy, decision)
+def _call_sync(rule: ViewLimit | None, route: str | None, request: Any, view: Any) -> Any:
+    """Check ``request`` in sync code, then answer 429/503 or call ``view()``."""
+    state, policy, scope = _policy(rule)
+    facts = _facts(request, policy, route, _user_id)
+    verdict = check(policy, facts, state.sync, scope=scope, resolve=_resolve)
+    refused = _render(state, request, policy, verdict)
+    return refused if refused is not None else _done(state.sync, request, route, verdict, view())
 
 
-async def _enter_async(state: _State, policy: Policy, scope: str | None, request: Any) -> Any:
-    key = _bucket(scope, await _identity_async(policy, request))
-    limits = await policy.alimits_for(request)
-    try:
-        decision = await decide_async(state.async_, key, limits, policy.cost, shadow=policy.shadow)
-    except BackendError as error:
-        _record(state.async_, scope, request, None)
-        return _unavailable(state, error)
-    _record(state.async_, scope, request, decision)
-    return _admitted(request, policy, decision)
+async def _call_async(rule: ViewLimit | None, route: str | None, request: Any, view: Any) -> Any:
+    state, policy, scope = _policy(rule)
+    facts = _facts(request, policy, route, _auser_id)
+    verdict = await acheck(policy, facts, state.async_, scope=scope)
+    refused = _render(state, request, policy, verdict)
+    if refused is not None:
+        return refused
+    return _done(state.async_, request, route, verdict, await view())
+
+
+def _render(state: Settings, request: Any, policy: Policy, verdict: Verdict) -> Any:
+    """Keep the verdict's decision for the response's headers; the 429/503 response, or None."""
+    verdict.report(state.log)
+    if verdict.decision is not None and policy.headers and not verdict.repeated:
+        vars(request).setdefault(_DECISIONS, []).append(verdict.decision)
+    if verdict.status == 200:
+        return None
+    response = HttpResponse(verdict.body, status=verdict.status, content_type="application/json")
+    for name, value in verdict.headers:  # a 429's Retry-After, even with HEADERS off
+        response[name] = value
+    return _annotate(request, response)
+
+
+def _done(limiter: Any, request: Any, route: str | None, verdict: Verdict, response: Any) -> Any:
+    """The response, with every limit the request was checked against in its headers."""
+    if route is None and verdict.decision is not None:
+        # The middleware's admission, counted now that the URL is resolved.
+        record_request(limiter, _template(request), "allowed")
+    return _annotate(request, response)
+
+
+def _annotate(request: Any, response: Any) -> Any:
+    decisions: list[Decision] = getattr(request, _DECISIONS, None) or []
+    if decisions and response is not None:
+        for name, value in rate_limit_headers(combined(decisions)):
+            response[name] = value
+    return response
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -517,7 +224,8 @@ class RateLimitMiddleware:
     """Apply ``settings.TOKENLIMIT['LIMIT']`` to every request but the exempt paths.
 
     Put it after ``AuthenticationMiddleware`` so the default identity can see the user. Sync
-    and async capable: Django picks the mode that fits the chain around it.
+    and async capable: Django picks the mode that fits the chain around it. Its bucket is the
+    identity's alone, never a view's (see ``ratelimit``).
     """
 
     sync_capable = True
@@ -528,103 +236,29 @@ class RateLimitMiddleware:
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
-        _state().middleware_policy()  # a bad setting fails at start-up, not at a request
+        _middleware_policy(_state())  # a bad setting fails at start-up, not at a request
 
     def __call__(self, request: Any) -> Any:
         if self._async:
-            return self.__acall__(request)
-        state = _state()
-        policy = state.middleware_policy()
-        if policy.is_exempt(request.path_info):
-            return self.get_response(request)
-        refused = _enter_sync(state, policy, None, request)
-        if refused is not None:
-            return refused
-        response = self.get_response(request)
-        record_request(state.sync, _route(request), "allowed")  # resolved by now
-        return _annotate(request, response)
-
-    async def __acall__(self, request: Any) -> Any:
-        state = _state()
-        policy = state.middleware_policy()
-        if policy.is_exempt(request.path_info):
-            return await self.get_response(request)
-        refused = await _enter_async(state, policy, None, request)
-        if refused is not None:
-            return refused
-        response = await self.get_response(request)
-        record_request(state.async_, _route(request), "allowed")  # resolved by now
-        return _annotate(request, response)
+            return _call_async(None, None, request, lambda: self.get_response(request))
+        return _call_sync(None, None, request, lambda: self.get_response(request))
 
     def process_exception(self, request: Any, exception: Exception) -> Any:
         """A view's own ``RateLimitExceeded`` (``@rate_limit`` inside it) answers 429, and a
         ``BackendError`` 503, as the middleware's own decisions do."""
+        state = _state()
+        policy = _middleware_policy(state)
         if isinstance(exception, RateLimitExceeded):
-            return _admitted(request, _state().middleware_policy(), exception.decision)
+            return _render(state, request, policy, answer(policy, exception.decision))
         if isinstance(exception, BackendError):
-            return _unavailable(_state(), exception)
+            return _render(state, request, policy, unavailable(exception))
         return None
 
 
 # -- decorator -------------------------------------------------------------------------------
-class _ViewLimit:
-    """One ``ratelimit(...)``: its limits, key, cost and headers, and the policy they make
-    with the current settings (identity options, default KEY)."""
-
-    __slots__ = ("_cache", "cost", "headers", "key", "limits", "shadow")
-
-    def __init__(
-        self,
-        limits: tuple[Limit, ...] | Callable[[Any], Any],  # or a chooser (tiers)
-        key: Any,
-        cost: int,
-        headers: bool | None,
-        shadow: bool | None = None,
-    ) -> None:
-        self.limits = limits
-        self.key = key
-        self.cost = cost
-        self.headers = headers
-        self.shadow = shadow
-        self._cache: tuple[_State, Policy] | None = None
-
-    def policy(self, state: _State) -> Policy:
-        cached = self._cache
-        if cached is not None and cached[0] is state:
-            return cached[1]
-        options = state.options
-        policy = Policy.build(
-            self.limits,
-            key=self.key if self.key is not None else options.key,
-            cost=self.cost,
-            trusted_proxies=options.proxies,
-            headers=options.headers if self.headers is None else self.headers,
-            api_key_header=options.api_key_header,
-            ipv6_prefix=options.ipv6_prefix,
-            shadow=options.shadow if self.shadow is None else self.shadow,
-            api_key_validator=options.api_key_validator,
-        )
-        self._cache = (state, policy)
-        return policy
-
-    def call_sync(self, scope: str, request: Any, view: Callable[[], Any]) -> Any:
-        state = _state()
-        refused = _enter_sync(state, self.policy(state), scope, request)
-        if refused is not None:
-            return refused
-        return _annotate(request, view())
-
-    async def call_async(self, scope: str, request: Any, view: Callable[[], Any]) -> Any:
-        state = _state()
-        refused = await _enter_async(state, self.policy(state), scope, request)
-        if refused is not None:
-            return refused
-        return _annotate(request, await view())
-
-
 def _qualified(obj: Any) -> str:
-    """The view's qualified name: its bucket scope. ``as_view()`` functions all share one
-    ``__qualname__``, so they are named after their ``view_class``."""
+    """The view's dotted path: what its bucket is named after. ``as_view()`` functions all
+    share one ``__qualname__``, so they are named after their ``view_class``."""
     owner = getattr(obj, "view_class", None)
     if isinstance(owner, type):
         obj = owner
@@ -639,8 +273,8 @@ def _async_view_instance(function: Any) -> bool:
     return isinstance(owner, View) and bool(type(owner).view_is_async)
 
 
-def _limit_view_class(spec: _ViewLimit, cls: type[Any]) -> type[Any]:
-    scope = _qualified(cls)
+def _limit_view_class(rule: ViewLimit, cls: type[Any]) -> type[Any]:
+    route = _qualified(cls)
     original = cls.dispatch
 
     @functools.wraps(original)
@@ -650,20 +284,22 @@ def _limit_view_class(spec: _ViewLimit, cls: type[Any]) -> type[Any]:
 
         # Like View.dispatch: a coroutine for an async view, a response for a sync one.
         if type(self).view_is_async:
-            return spec.call_async(scope, request, view)
-        return spec.call_sync(scope, request, view)
+            return _call_async(rule, route, request, view)
+        return _call_sync(rule, route, request, view)
 
     cls.dispatch = dispatch
     return cls
 
 
-def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
-    scope = _qualified(function)
+def _limit_view(rule: ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
+    route = _qualified(function)
     if iscoroutinefunction(function):
 
         @functools.wraps(function)
         async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
-            return await spec.call_async(scope, request, lambda: function(request, *args, **kwargs))
+            return await _call_async(
+                rule, route, request, lambda: function(request, *args, **kwargs)
+            )
 
         return async_view
 
@@ -673,8 +309,8 @@ def _limit_view(spec: _ViewLimit, function: Callable[..., Any]) -> Callable[...,
             return function(request, *args, **kwargs)
 
         if _async_view_instance(function):
-            return spec.call_async(scope, request, view)
-        return spec.call_sync(scope, request, view)
+            return _call_async(rule, route, request, view)
+        return _call_sync(rule, route, request, view)
 
     return sync_view
 
@@ -687,36 +323,33 @@ def ratelimit(
     cost: int = 1,
     headers: bool | None = None,
     shadow: bool | None = None,
+    scope: str | None = None,
 ) -> Callable[[V], V]:
-    """Limit one view (function or class-based, sync or async) with its own bucket.
+    """Limit one view (function or class-based, sync or async) with its own bucket,
+    ``route:<dotted.path.of.view>|<identity>``; views of one ``scope`` share
+    ``scope:<scope>|<identity>``. Neither is ever the middleware's.
 
-    ``limit`` is a number per second or a string like ``"10/minute"`` (``burst`` sets the
-    capacity), a ``Limit``, a list of them, or a callable choosing them per request. ``key``
-    takes the request and returns the identity (None: the default, as the middleware does,
-    honouring ``TOKENLIMIT['KEY']``); ``cost`` is the tokens one request takes;
-    ``headers`` defaults to ``TOKENLIMIT['HEADERS']``. On a ``View`` subclass it wraps
-    ``dispatch``; ``method_decorator(ratelimit(...), name=...)`` works too (on an ``async def``
-    method only from Django 5.0, whose ``method_decorator`` first supports them). ``shadow``
-    defaults to ``TOKENLIMIT['SHADOW']``: True decides, counts and sends the headers as usual but
-    never answers 429 (a would-be refusal is a ``Decision`` with ``shadowed=True``).
+    ``limit``: a number per second or a string like ``"10/minute"`` (``burst`` sets the
+    capacity), a ``Limit``, a list, or a chooser. ``key(request)``: the identity (None or "":
+    ``KEY``, then the default).
+    ``headers`` and ``shadow`` (decide and count, never answer 429) default to ``HEADERS`` and
+    ``SHADOW``. On a ``View`` subclass it wraps ``dispatch``; ``method_decorator`` works too (on
+    an ``async def`` method only from Django 5.0).
     """
     if limit is None:
         raise ConfigError("limit", "is required, for example ratelimit('10/minute')")
-    if headers is not None and not isinstance(headers, bool):
-        raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
-    if shadow is not None and not isinstance(shadow, bool):
-        raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
-    checked = Policy.build(limit, burst=burst, key=key, cost=cost)
-    spec = _ViewLimit(checked.choose or checked.limits, checked.key, checked.cost, headers, shadow)
+    rule = ViewLimit(
+        limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow, headers=headers
+    )
 
     def decorate(view: V) -> V:
         if isinstance(view, type):
             if not issubclass(view, View):
                 raise ConfigTypeError("view", f"{view.__name__} is not a django.views.View")
-            return _limit_view_class(spec, view)  # type: ignore[return-value]
+            return _limit_view_class(rule, view)  # type: ignore[return-value]
         if not callable(view):
             raise ConfigTypeError("view", f"must be a view function or class, not {view!r}")
-        return _limit_view(spec, view)  # type: ignore[return-value]
+        return _limit_view(rule, view)  # type: ignore[return-value]
 
     return decorate
 

@@ -9,21 +9,19 @@
     app.add_middleware(RateLimitMiddleware, limit="100/minute", exempt=["/health"])
 
 ``limit`` may also be a callable taking the request (sync or async) and returning the limit(s)
-for it, such as the caller's plan (tiers): each chosen limit has its own bucket.
-
-Decisions never block the event loop: an ``AsyncRateLimiter`` is awaited, and a sync
-``RateLimiter`` on Redis decides in a worker thread. Only Starlette is imported, so the middleware
-also serves plain Starlette apps.
+for it, such as the caller's plan (tiers). This module reads the ASGI scope and renders the
+shared check's verdict, which never blocks the event loop. Only Starlette is imported, so the
+middleware also serves plain Starlette apps.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads ``RateLimit.__call__``'s
 # annotations at runtime, and an instance has no ``__globals__`` to resolve strings against.
 
-from collections.abc import Awaitable, Callable, Iterable
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,15 +30,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenlimit._config import default_async_limiter
 from tokenlimit._decision import Decision
-from tokenlimit._errors import BackendError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._errors import BackendError, RateLimitExceeded
 from tokenlimit._log import ThrottledLog
 from tokenlimit._plan import LimitSpec
+from tokenlimit.integrations._check import (
+    Limiter,
+    RequestFacts,
+    acheck,
+    check_limiter,
+    check_scope,
+)
 from tokenlimit.integrations._common import (
     Policy,
-    call_key,
-    decide_async,
-    rate_limit_headers,
     record_request,
     refused_body,
     response_headers,
@@ -52,8 +53,8 @@ __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"
 LimitArg = float | LimitSpec  # a chooser here takes the request
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
 ApiKeyCheck = Callable[[str], Any]  # raw key -> truthy when known (or an awaitable of that)
-Limiter = RateLimiter | AsyncRateLimiter
 DEFAULT_EXEMPT = ("/health", "/metrics")
+_LEDGER = "tokenlimit.charged"  # scope key: the buckets this request charged
 
 
 class RateLimited(HTTPException):
@@ -74,19 +75,8 @@ class RateLimited(HTTPException):
         return self.decision.retry_after
 
 
-def _check_limiter(limiter: Any) -> Limiter | None:
-    """``limiter`` if it is one (None: the default, resolved per request)."""
-    if limiter is not None and not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
-        raise ConfigTypeError(
-            "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {type(limiter).__name__}"
-        )
-    return limiter
-
-
 def _user_id(user: Any) -> Any:
     """The id of an authenticated ``scope["user"]`` (Starlette's AuthenticationMiddleware)."""
-    if user is None:
-        return None
     try:
         if getattr(user, "is_authenticated", False) is not True:
             return None
@@ -102,29 +92,7 @@ def _user_id(user: Any) -> Any:
     return None
 
 
-async def _identity(policy: Policy, scope: Scope, request: Request | None) -> str:
-    """The custom key if it gives one, else API key -> user -> client IP."""
-    if policy.key is not None:
-        # The middleware passes no ``receive``: a key function must not read the body, which
-        # belongs to the app.
-        custom = await call_key(policy.key, request if request is not None else Request(scope))
-        if custom is not None:
-            return custom
-    headers = Headers(scope=scope)
-    client = scope.get("client")
-    # Several X-Forwarded-For lines are one comma-separated list (RFC 9110 5.3); reading only
-    # the first would let a client's own line stand in for the one its proxy added.
-    forwarded = ", ".join(headers.getlist("x-forwarded-for")) or None
-    raw_key = headers.get(policy.api_key_header) if policy.api_key_header else None
-    return policy.identity(
-        api_key=await policy.avouched_key(raw_key),
-        user_id=_user_id(scope.get("user")),
-        peer=client[0] if client else None,
-        forwarded_for=forwarded,
-    )
-
-
-def _route(scope: Scope) -> str | None:
+def _template(scope: Scope) -> str | None:
     """The matched route's template (``/items/{item_id}``), never the raw path; None before
     routing or when nothing matched."""
     path = getattr(scope.get("route"), "path", None)
@@ -132,36 +100,54 @@ def _route(scope: Scope) -> str | None:
 
 
 class _Guarded:
-    """What the dependency and the middleware share: a policy, a limiter, a failure log."""
+    """What the dependency and the middleware share: a policy, a limiter, a failure log, and
+    reading the request facts off an ASGI scope."""
 
-    __slots__ = ("_limiter", "_log", "policy")
+    __slots__ = ("_api_key_name", "_limiter", "_log", "policy")
 
     def __init__(self, policy: Policy, limiter: Any) -> None:
         self.policy = policy
-        self._limiter = _check_limiter(limiter)
+        self._limiter = check_limiter(limiter)
         self._log = ThrottledLog()
+        header = policy.api_key_header
+        self._api_key_name = header.lower().encode("latin-1") if header else None
 
     def _resolve(self) -> Limiter:
         # Resolved per request, so ``configure()`` may run after the app is built.
         return self._limiter if self._limiter is not None else default_async_limiter()
 
-    async def _decide(self, limiter: Limiter, scope: Scope, request: Request | None) -> Decision:
-        """Take the policy's cost for this request; ``BackendError`` in closed mode."""
-        key = await _identity(self.policy, scope, request)
-        limits = self.policy.limits
-        if self.policy.choose is not None:  # tiers: the limits this caller's plan gets
-            chooser_request = request if request is not None else Request(scope)
-            limits = await self.policy.alimits_for(chooser_request)
-        try:
-            policy = self.policy
-            return await decide_async(limiter, key, limits, policy.cost, shadow=policy.shadow)
-        except BackendError as error:
-            # The app answers a bare 503, which no framework logs: say why, at most once per
-            # interval, so an outage is seen without flooding the log.
-            self._log.warning(
-                "tokenlimit: storage failed, answering 503 (failure_mode='closed')", error
-            )
-            raise
+    def _facts(self, scope: Scope, request: Request | None, *, routed: bool) -> RequestFacts:
+        """``routed``: the router has matched the route (a dependency), which names the bucket:
+        the method and the path template, ``GET /items/{item_id}``. A middleware runs before.
+        """
+        template = _template(scope) if routed else None
+        route = f"{scope['method']} {template or '*'}" if routed else None
+        # One pass over the raw headers. Several X-Forwarded-For lines are one comma-separated
+        # list (RFC 9110 5.3): reading only the first would let a client's own line stand in
+        # for the one its proxy added.
+        forwarded: str | None = None
+        api_key: str | None = None
+        wanted = self._api_key_name
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                line = value.decode("latin-1")
+                forwarded = line if forwarded is None else f"{forwarded}, {line}"
+            elif name == wanted and api_key is None:
+                api_key = value.decode("latin-1")
+        client = scope.get("client")
+        user = scope.get("user")
+        return RequestFacts(
+            request,
+            scope["path"],
+            client[0] if client else None,
+            forwarded or None,
+            api_key,
+            None if user is None else functools.partial(_user_id, user),
+            route,
+            template,
+            routed,
+            scope.get(_LEDGER) or scope.setdefault(_LEDGER, {}),
+        )
 
 
 class RateLimit(_Guarded):
@@ -172,6 +158,10 @@ class RateLimit(_Guarded):
     A route that returns its own ``Response`` drops the headers (FastAPI only merges them into
     responses it builds); use ``RateLimitMiddleware`` there.
 
+    Each route has its own bucket (the method and path template), also where one
+    ``RateLimit`` guards several routes or a whole router; ``scope="name"`` makes every limit
+    of that scope share one bucket instead. The middleware's bucket is never a route's.
+
     ``shadow=True`` (here and on ``RateLimitMiddleware``): decide, count and send the headers as
     usual, but never answer 429; a would-be refusal is a ``Decision`` with ``shadowed=True``.
 
@@ -181,7 +171,7 @@ class RateLimit(_Guarded):
     the signed-in user; else the client IP through ``trusted_proxies``.
     """
 
-    __slots__ = ()
+    __slots__ = ("scope",)
 
     def __init__(
         self,
@@ -197,6 +187,7 @@ class RateLimit(_Guarded):
         ipv6_prefix: int = 64,
         shadow: bool = False,
         api_key_validator: ApiKeyCheck | None = None,
+        scope: str | None = None,
     ) -> None:
         policy = Policy.build(
             limit,
@@ -210,22 +201,25 @@ class RateLimit(_Guarded):
             shadow=shadow,
             api_key_validator=api_key_validator,
         )
+        self.scope = check_scope(scope)
         super().__init__(policy, limiter)
 
     async def __call__(self, request: Request, response: Response) -> Decision:
-        limiter = self._resolve()
-        route = _route(request.scope)  # the router has matched it before dependencies run
-        try:
-            decision = await self._decide(limiter, request.scope, request)
-        except BackendError as error:
-            record_request(limiter, route, "unavailable")
-            raise HTTPException(503, "rate limiter unavailable") from error
-        record_request(limiter, route, "allowed" if decision.allowed else "refused")
-        if not decision.allowed:
+        facts = self._facts(request.scope, request, routed=True)
+        verdict = await acheck(self.policy, facts, self._resolve(), scope=self.scope)
+        if verdict.status == 503:
+            verdict.report(self._log)
+            raise HTTPException(503, "rate limiter unavailable") from verdict.error
+        decision = verdict.decision
+        assert decision is not None  # a dependency has no exempt paths
+        if verdict.status == 429:
             raise RateLimited(decision, headers=self.policy.headers)
-        if self.policy.headers:
-            for name, value in rate_limit_headers(decision):
-                response.headers[name] = value
+        if not response.raw_headers:  # FastAPI's fresh sub-response: add the fields in one step
+            response.raw_headers.extend(_raw(verdict.headers))
+        else:  # set each: another RateLimit's fields on this route are replaced, not repeated
+            fields = response.headers
+            for name, value in verdict.headers:
+                fields[name] = value
         return decision
 
     def __repr__(self) -> str:
@@ -235,12 +229,12 @@ class RateLimit(_Guarded):
         return f"RateLimit({labels}, cost={self.policy.cost})"
 
 
-def _raw(fields: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def _raw(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Header fields as ASGI wants them: lower-case byte names, byte values."""
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields]
 
 
-async def _answer(send: Send, status: int, body: bytes, fields: list[tuple[str, str]]) -> None:
+async def _answer(send: Send, status: int, body: bytes, fields: Sequence[tuple[str, str]]) -> None:
     """Send a whole JSON response (the app is never called)."""
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += _raw(fields)
@@ -272,7 +266,7 @@ class RateLimitMiddleware(_Guarded):
     Flask; in front of an app without a router every request is.
     """
 
-    __slots__ = ("_router", "app")
+    __slots__ = ("_router", "_wants_request", "app")
 
     def __init__(
         self,
@@ -307,44 +301,37 @@ class RateLimitMiddleware(_Guarded):
             api_key_validator=api_key_validator,
         )
         super().__init__(policy, limiter)
+        self._wants_request = policy.key is not None or policy.choose is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or self.policy.is_exempt(scope["path"])
-            or not self._routed(scope)
-        ):
+        if scope["type"] != "http" or not self._routed(scope):
             await self.app(scope, receive, send)
             return
         limiter = self._resolve()
-        try:
-            decision = await self._decide(limiter, scope, None)
-        except BackendError:
-            # 503, not 429: nothing says when to come back, so no Retry-After either.
-            record_request(limiter, None, "unavailable")  # before routing: no template known
-            await _answer(send, 503, unavailable_body(), [])
+        # A key function or limit chooser takes a Request (without ``receive``: the body is the
+        # app's); made only for them.
+        request = Request(scope) if self._wants_request else None
+        verdict = await acheck(self.policy, self._facts(scope, request, routed=False), limiter)
+        if verdict.status != 200:
+            verdict.report(self._log)
+            await _answer(send, verdict.status, verdict.body, verdict.headers)
             return
-        fields = response_headers(decision, enabled=self.policy.headers)
-        if not decision.allowed:
-            record_request(limiter, None, "refused")
-            await _answer(send, 429, refused_body(decision), fields)
-            return
-        extra = _raw(fields)
+        extra = _raw(verdict.headers)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
+                headers = message.get("headers", ())
                 # A route's own RateLimit is the more specific answer: keep its fields alone
                 # rather than send two conflicting sets.
                 if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
-                    message = {**message, "headers": headers + extra}
+                    message = {**message, "headers": [*headers, *extra]}
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers if fields else send)
+            await self.app(scope, receive, send_with_headers if extra else send)
         finally:
-            # The router has put the matched route in the (shared) scope by now.
-            record_request(limiter, _route(scope), "allowed")
+            if verdict.decision is not None:  # admitted: counted once the route is known
+                record_request(limiter, _template(scope), "allowed")
 
     def _routed(self, scope: Scope) -> bool:
         """False when the app's router has no route for ``scope``: a 404 that costs nothing. A

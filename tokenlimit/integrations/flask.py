@@ -32,15 +32,13 @@ from flask import Flask, Response, current_app, g, request
 from tokenlimit._config import default_sync_limiter
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
-from tokenlimit._plan import LimitSpec, chosen_limits
+from tokenlimit._plan import LimitSpec
+from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
 from tokenlimit.integrations._common import (
     Policy,
-    custom_identity,
-    decide_sync,
     rate_limit_headers,
-    record_request,
     refused_body,
     retry_after_seconds,
     unavailable_body,
@@ -53,15 +51,6 @@ RequestFunction = Callable[[Any], Any]
 
 EXTENSION = "tokenlimit"
 DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this response
-
-
-@dataclass(frozen=True, slots=True)
-class _ViewLimit:
-    """A view's own limit, from ``@ext.limit``: it replaces the default for that view."""
-
-    policy: Policy
-    scope: str | None
-    shadow: bool | None  # None: the extension's
 
 
 _EXEMPT = object()  # marks views decorated with @ext.exempt
@@ -93,8 +82,8 @@ class TokenLimit:
     ``exempt``: paths free of the default.
     ``headers=False`` leaves the rate-limit headers out (a 429 still carries ``Retry-After``).
 
-    The default limit's bucket is keyed by the identity alone; a view's own limit by the
-    identity and the endpoint (or ``scope``), and it applies even under an exempt path.
+    The default limit's bucket is the identity's alone; a view's own limit has a bucket per
+    endpoint (or one per ``scope`` name, shared), and applies even under an exempt path.
 
     ``shadow=True`` (or ``TOKENLIMIT_SHADOW``): decide, count and add the headers as usual, but
     never answer 429 (a would-be refusal is a ``Decision`` with ``shadowed=True`` in ``g``);
@@ -119,10 +108,7 @@ class TokenLimit:
         shadow: bool | None = None,
         api_key_validator: Callable[[str], Any] | None = None,
     ) -> None:
-        given: object = limiter  # checked at run time: an async limiter is a common mistake
-        if given is not None and not isinstance(given, RateLimiter):
-            kind = "an AsyncRateLimiter" if isinstance(given, AsyncRateLimiter) else repr(given)
-            raise ConfigTypeError("limiter", f"Flask needs a sync RateLimiter, not {kind}")
+        check_limiter(limiter, sync=True)  # an async limiter is a common mistake
         if user is not None and not callable(user):
             raise ConfigTypeError("user", f"must be a callable taking the request, not {user!r}")
         self._limiter = limiter
@@ -141,7 +127,7 @@ class TokenLimit:
             "api_key_validator": api_key_validator,
         }
         # Weak: app factories that define their views per app must not keep old apps' views.
-        self._views: weakref.WeakKeyDictionary[Callable[..., Any], _ViewLimit | object] = (
+        self._views: weakref.WeakKeyDictionary[Callable[..., Any], ViewLimit | object] = (
             weakref.WeakKeyDictionary()
         )
         self._log = ThrottledLog()
@@ -206,15 +192,13 @@ class TokenLimit:
         """Give a view its own limit, replacing the default; its bucket is its own.
 
         ``key(request)`` chooses the identity for this view (None falls back to the extension's).
-        Views given the same ``scope`` share one bucket; by default each endpoint has its own.
-        ``shadow`` (None: the extension's) decides and counts without ever refusing.
+        Each endpoint has its own bucket (``route:<endpoint>|<identity>``); views given the
+        same ``scope`` share one (``scope:<scope>|<identity>``). ``shadow`` (None: the
+        extension's) decides and counts without ever refusing.
         """
-        if shadow is not None and not isinstance(shadow, bool):
-            raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
-        policy = Policy.build(limit, burst=burst, key=key, cost=cost)
-        if scope is not None and (not isinstance(scope, str) or not scope):
-            raise ConfigError("scope", f"must be a non-empty string, not {scope!r}")
-        rule = _ViewLimit(policy, scope, shadow)
+        rule = ViewLimit(
+            limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow, headers=None
+        )
 
         def decorate(view: F) -> F:
             self._mark(view, rule, "limit")
@@ -227,7 +211,7 @@ class TokenLimit:
         self._mark(view, _EXEMPT, "exempt")
         return view
 
-    def _mark(self, view: Callable[..., Any], rule: _ViewLimit | object, param: str) -> None:
+    def _mark(self, view: Callable[..., Any], rule: ViewLimit | object, param: str) -> None:
         if not callable(view):
             raise ConfigTypeError(param, f"decorates a view function, not {view!r}")
         # The view itself is returned unchanged (sync or async alike); the hook finds the mark
@@ -239,7 +223,7 @@ class TokenLimit:
         except TypeError:
             raise ConfigTypeError(param, f"cannot mark {view!r} (no weak reference)") from None
 
-    def _rule_for(self, view: Any) -> _ViewLimit | object | None:
+    def _rule_for(self, view: Any) -> ViewLimit | object | None:
         while view is not None:
             try:
                 found = self._views.get(view)
@@ -258,51 +242,34 @@ class TokenLimit:
             return
         state: _State = current_app.extensions[EXTENSION]
         rule = self._rule_for(current_app.view_functions.get(endpoint))
-        if rule is _EXEMPT:
+        if isinstance(rule, ViewLimit):
+            policy, route, scope = rule.policy(state.policy), endpoint, rule.scope
+        elif rule is None and state.has_default:
+            policy, route, scope = state.policy, None, None
+        else:  # exempt, or no limit here
             return
-        shadow = state.policy.shadow
-        if isinstance(rule, _ViewLimit):
-            policy = rule.policy
-            bucket = f":{rule.scope or endpoint}"
-            if rule.shadow is not None:
-                shadow = rule.shadow
-        elif state.has_default and not state.policy.is_exempt(request.path):
-            policy = state.policy
-            bucket = ""
-        else:
-            return
-        identity = self._identity(state, policy) + bucket
-        limits = policy.limits
-        if policy.choose is not None:  # tiers: the limits this caller's plan gets
-            limits = chosen_limits(policy.choose, current_app.ensure_sync(policy.choose)(request))
         limiter = state.limiter if state.limiter is not None else default_sync_limiter()
-        # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
-        route = request.url_rule.rule if request.url_rule is not None else None
-        try:
-            decision = decide_sync(limiter, identity, limits, policy.cost, shadow=shadow)
-        except BackendError:
-            record_request(limiter, route, "unavailable")
-            raise
-        record_request(limiter, route, "allowed" if decision.allowed else "refused")
-        setattr(g, DECISION, decision)
-        if not decision.allowed:
-            raise RateLimitExceeded(decision)
+        facts = self._facts(state.policy, route)
+        verdict = check(policy, facts, limiter, scope=scope, resolve=_resolve)
+        if verdict.error is not None:
+            raise verdict.error  # the 503 handler logs it
+        setattr(g, DECISION, verdict.decision)
+        if verdict.status == 429 and verdict.decision is not None:
+            raise RateLimitExceeded(verdict.decision)
 
-    def _identity(self, state: _State, policy: Policy) -> str:
-        # A view's own key, then the extension's, then the default identity.
-        chain = (policy.key,) if policy is state.policy else (policy.key, state.policy.key)
-        for function in chain:
-            if function is not None:
-                chosen = custom_identity(current_app.ensure_sync(function)(request))
-                if chosen is not None:
-                    return chosen
+    def _facts(self, policy: Policy, route: str | None) -> RequestFacts:
         forwarded = request.headers.getlist("X-Forwarded-For")  # several lines: one list
-        raw_key = _header(request, state.policy.api_key_header)
-        return state.policy.identity(
-            api_key=state.policy.vouched_key(raw_key, _resolve),
-            user_id=self._user_id(),
-            peer=request.remote_addr,
-            forwarded_for=", ".join(forwarded) if forwarded else None,
+        # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
+        template = request.url_rule.rule if request.url_rule is not None else None
+        return RequestFacts(
+            request,
+            request.path,
+            request.remote_addr,
+            ", ".join(forwarded) if forwarded else None,
+            _header(request, policy.api_key_header),
+            self._user_id,
+            route,
+            template,
         )
 
     def _user_id(self) -> Any:
@@ -347,13 +314,9 @@ class TokenLimit:
         )
 
 
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
 def _resolve(awaitable: Awaitable[Any]) -> Any:
-    """An async validator's verdict, from a sync view (as Flask runs async code)."""
-    return current_app.ensure_sync(_awaited)(awaitable)
+    """What an async key function, validator or chooser returned, as Flask runs async code."""
+    return current_app.ensure_sync(awaited)(awaitable)
 
 
 def _header(request: Any, name: str | None) -> str | None:

@@ -1,0 +1,348 @@
+"""The request check every web integration runs, free of any framework.
+
+A framework module reads ``RequestFacts`` off its request, calls ``check`` (sync code) or
+``acheck`` (async code), and renders the ``Verdict``: go on with ``headers``, or answer 429/503
+with ``headers`` and ``body``. Decided here, once for every framework: exempt paths; the
+identity (a custom key, else an API key the app vouches for, then the user, then the client IP);
+the limits (what a chooser picks per request); the bucket; shadow mode; storage failures (503
+and a log line, never a password); and the request metrics.
+
+The bucket rule: a limit given ``scope="name"`` charges ``scope:name|<identity>``, one bucket
+for every limit of that scope; any other per-route limit charges ``route:<route>|<identity>``,
+a bucket per route; an app-wide limit (a middleware, Flask's default) charges the identity
+alone. So a middleware and a route never share a bucket, and one request charges one bucket
+(the same key and limits) at most once: a second check of it reuses the first decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, NamedTuple
+
+from tokenlimit._decision import Decision
+from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError
+from tokenlimit._limit import Limit
+from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
+from tokenlimit._log import ThrottledLog
+from tokenlimit.integrations._common import (
+    Policy,
+    custom_identity,
+    decide_async,
+    decide_sync,
+    rate_limit_headers,
+    record_request,
+    refused_body,
+    response_headers,
+    unavailable_body,
+)
+
+__all__ = [
+    "Limiter",
+    "RequestFacts",
+    "Verdict",
+    "ViewLimit",
+    "acheck",
+    "answer",
+    "awaited",
+    "bucket_key",
+    "check",
+    "check_limiter",
+    "check_scope",
+    "combined",
+    "unavailable",
+]
+
+Limiter = RateLimiter | AsyncRateLimiter
+Ledger = dict[tuple[str, tuple[Limit, ...]], Decision]  # (key, limits) -> the decision taken
+Resolve = Callable[[Awaitable[Any]], Any]  # runs an awaitable to its result from sync code
+# A bare 503 is logged by no framework: say why (throttled, so an outage does not flood the log).
+STORAGE_FAILED = "tokenlimit: storage failed, answering 503 (failure_mode='closed')"
+
+
+class RequestFacts(NamedTuple):
+    """What the check needs to know about one request, as its framework module read it.
+
+    A named tuple: immutable, and the cheapest record to build once per request.
+    """
+
+    request: Any  # handed to key functions and limit choosers
+    path: str  # matched against the policy's exempt paths
+    peer: str | None  # the socket peer (None, "" or a path: a unix socket)
+    forwarded_for: str | None  # every X-Forwarded-For line, joined with ", "
+    api_key: str | None = None  # the raw value of the policy's api_key_header (None: not read)
+    # Reads the signed-in user's id (None: anonymous), or an awaitable of it; called only when
+    # no API key names the client (it may query a database). None: nobody signs in here.
+    user: Callable[[], Any] | None = None
+    route: str | None = None  # what a per-route limit's bucket is named after; None: app-wide
+    template: str | None = None  # the matched route's template, a metrics label, never a path
+    routed: bool = True  # False before routing (a middleware): the caller counts an admission
+    ledger: Ledger | None = None  # the buckets this request charged so far, kept on it
+
+
+class Verdict(NamedTuple):
+    """What to answer: ``status`` 200 goes on (``headers`` join the response), 429 refuses and
+    503 reports a storage failure, each with ``headers`` and ``body``."""
+
+    status: int
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+    decision: Decision | None = None  # None: exempt, or storage failed
+    log: str | None = None  # a line for the integration's throttled log
+    error: BackendError | None = None  # the storage failure behind a 503
+    repeated: bool = False  # this request had charged the bucket already: nothing was taken
+
+    def report(self, log: ThrottledLog) -> None:
+        """Write the log line, if any, through the integration's throttled log."""
+        if self.log is not None and self.error is not None:
+            log.warning(self.log, self.error)
+
+
+PASS = Verdict(200)  # exempt: nothing decided, nothing to add
+
+
+async def awaited(awaitable: Awaitable[Any]) -> Any:
+    """``awaitable``'s result: what a framework's sync-from-async bridge runs."""
+    return await awaitable
+
+
+def check_limiter(limiter: Any, *, sync: bool = False) -> Limiter | None:
+    """``limiter`` if it is one an integration can use (None: the default, looked up per
+    request); ``sync``: only a ``RateLimiter`` (an async one is a common mistake there)."""
+    kinds = RateLimiter if sync else (RateLimiter, AsyncRateLimiter)
+    if limiter is not None and not isinstance(limiter, kinds):
+        wanted = "a sync RateLimiter" if sync else "a RateLimiter or AsyncRateLimiter"
+        raise ConfigTypeError("limiter", f"must be {wanted}, not {type(limiter).__name__}")
+    return limiter
+
+
+def check_scope(scope: Any) -> str | None:
+    """A ``scope=`` name: None (a bucket per route) or a non-empty string without ``|``."""
+    if scope is None:
+        return None
+    if not isinstance(scope, str):
+        raise ConfigTypeError("scope", f"must be a string naming a shared bucket, not {scope!r}")
+    if not scope or "|" in scope:
+        raise ConfigError("scope", f"must be a non-empty name without '|', not {scope!r}")
+    return scope
+
+
+def bucket_key(identity: str, *, route: str | None, scope: str | None) -> str:
+    """The one bucket rule (see the module docstring)."""
+    if scope is not None:
+        return f"scope:{scope}|{identity}"
+    if route is None:
+        return identity
+    if "|" in route or "%" in route:  # escaped, so that the first "|" ends the route
+        route = route.replace("%", "%25").replace("|", "%7C")
+    return f"route:{route}|{identity}"
+
+
+def answer(policy: Policy, decision: Decision, *, repeated: bool = False) -> Verdict:
+    """The verdict for ``decision``: go on with the rate-limit headers, or refuse with 429."""
+    if decision.allowed:
+        headers = rate_limit_headers(decision) if policy.headers else ()
+        return Verdict(200, headers, b"", decision, None, None, repeated)
+    headers = response_headers(decision, enabled=policy.headers)
+    return Verdict(429, headers, refused_body(decision), decision, None, None, repeated)
+
+
+def combined(decisions: Sequence[Decision]) -> Decision:
+    """Several checks' decisions on one request as one for its headers: the most restrictive
+    (on refusal the longest wait), with every limit listed."""
+    if len(decisions) == 1:
+        return decisions[0]
+    parts = tuple(part for d in decisions for part in (d.details or (d,)))
+    refused = [d for d in decisions if not d.allowed]
+    if refused:
+        worst = max(refused, key=lambda d: d.retry_after)
+    else:
+        worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))
+    return dataclasses.replace(worst, details=parts)
+
+
+def unavailable(error: BackendError) -> Verdict:
+    """503: the storage failed (closed mode); no Retry-After, since nobody knows when."""
+    return Verdict(503, (), unavailable_body(), None, STORAGE_FAILED, error)
+
+
+Steps = Generator[Awaitable[Any], Any, Verdict]
+
+
+def _is_async(function: Callable[..., Any]) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    call = type(function).__call__
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
+
+
+def _steps(
+    policy: Policy, facts: RequestFacts, limiter: Limiter, scope: str | None, asynchronous: bool
+) -> Steps:
+    """The check, once for sync and async code: it yields each awaitable it meets (an async key
+    function, validator, user or chooser, an async decision) and the shell sends back its
+    result, by awaiting it or through the framework's way of running it from sync code."""
+    request, path, peer, forwarded_for, api_key, user, route, template, routed, ledger = facts
+    if policy.exempt and policy.is_exempt(path):
+        return PASS
+    identity = None
+    if policy.key is not None:
+        named = policy.key(request)
+        if inspect.isawaitable(named):
+            named = yield named
+        identity = custom_identity(named)
+    if identity is None:
+        if api_key and policy.api_key_validator is not None:  # only a key the app knows counts
+            known = policy.api_key_validator(api_key)
+            if inspect.isawaitable(known):
+                known = yield known
+            api_key = api_key if known else None
+        user_id = None
+        if not api_key and user is not None:
+            user_id = user()
+            if inspect.isawaitable(user_id):
+                user_id = yield user_id
+        identity = policy.identity(
+            api_key=api_key, user_id=user_id, peer=peer, forwarded_for=forwarded_for
+        )
+    limits = policy.limits
+    if policy.choose is not None:  # tiers: the limits this caller's plan gets
+        if asynchronous or _is_async(policy.choose):  # sync code: resolved by the shell
+            limits = yield policy.alimits_for(request)
+        else:
+            limits = policy.limits_for(request)
+    key = bucket_key(identity, route=route, scope=scope)
+    if ledger is not None:
+        earlier = ledger.get((key, limits))
+        if earlier is not None:
+            return answer(policy, earlier, repeated=True)
+    try:
+        if asynchronous:
+            decision = yield decide_async(limiter, key, limits, policy.cost, shadow=policy.shadow)
+        else:
+            decision = decide_sync(limiter, key, limits, policy.cost, shadow=policy.shadow)
+    except BackendError as error:
+        record_request(limiter, template, "unavailable")
+        return unavailable(error)
+    if ledger is not None:
+        ledger[(key, limits)] = decision
+    if not decision.allowed:
+        record_request(limiter, template, "refused")
+    elif routed:
+        record_request(limiter, template, "allowed")
+    return answer(policy, decision)
+
+
+def check(
+    policy: Policy,
+    facts: RequestFacts,
+    limiter: Limiter,
+    *,
+    scope: str | None = None,
+    resolve: Resolve,
+) -> Verdict:
+    """Check one request from sync code (a ``RateLimiter``); ``resolve`` runs what an async key
+    function, validator, user reader or chooser returns, as the framework runs async code."""
+    steps = _steps(policy, facts, limiter, scope, asynchronous=False)
+    try:
+        pending = next(steps)
+        while True:
+            pending = steps.send(resolve(pending))
+    except StopIteration as done:
+        verdict: Verdict = done.value
+        return verdict
+
+
+async def acheck(
+    policy: Policy, facts: RequestFacts, limiter: Limiter, *, scope: str | None = None
+) -> Verdict:
+    """Check one request from async code; a sync ``RateLimiter`` on a network store decides in
+    a worker thread, so the event loop never waits on a socket."""
+    steps = _steps(policy, facts, limiter, scope, asynchronous=True)
+    try:
+        pending = next(steps)
+        while True:
+            try:
+                result = await pending
+            except BackendError as error:  # the decision's: the check answers 503
+                pending = steps.throw(error)
+            else:
+                pending = steps.send(result)
+    except StopIteration as done:
+        verdict: Verdict = done.value
+        return verdict
+
+
+class ViewLimit:
+    """A limit written on one view (Flask's ``@ext.limit``, Django's ``@ratelimit``): checked
+    where it is written; ``policy(app)`` adds the app's identity options, once per app policy.
+    ``None`` for ``shadow`` or ``headers`` means the app's; the view's ``key``, where it names
+    no identity, falls back to the app's, then to the default identity."""
+
+    __slots__ = ("_cache", "_spec", "headers", "scope", "shadow")
+
+    def __init__(
+        self, limit: Any, *, burst: Any, key: Any, cost: Any, scope: Any, shadow: Any, headers: Any
+    ) -> None:
+        if headers is not None and not isinstance(headers, bool):
+            raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
+        if shadow is not None and not isinstance(shadow, bool):
+            raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
+        Policy.build(limit, burst=burst, key=key, cost=cost)  # fail where the view is written
+        self.scope = check_scope(scope)
+        self.shadow = shadow
+        self.headers = headers
+        self._spec = (limit, burst, key, cost)
+        self._cache: tuple[Policy, Policy] | None = None
+
+    def policy(self, app: Policy) -> Policy:
+        """This view's policy under ``app``'s identity options."""
+        cached = self._cache
+        if cached is not None and cached[0] is app:
+            return cached[1]
+        limit, burst, key, cost = self._spec
+        if key is not None and app.key is not None:
+            key = _FirstKey(key, app.key)
+        policy = Policy.build(
+            limit,
+            burst=burst,
+            key=app.key if key is None else key,
+            cost=cost,
+            trusted_proxies=app.proxies,
+            headers=app.headers if self.headers is None else self.headers,
+            api_key_header=app.api_key_header,
+            ipv6_prefix=app.ipv6_prefix,
+            shadow=app.shadow if self.shadow is None else self.shadow,
+            api_key_validator=app.api_key_validator,
+        )
+        self._cache = (app, policy)
+        return policy
+
+
+class _FirstKey:
+    """The first identity that one of several key functions names; an awaitable of it once one
+    of them is async (then the rest are awaited too)."""
+
+    __slots__ = ("functions",)
+
+    def __init__(self, *functions: Callable[[Any], Any]) -> None:
+        self.functions = functions
+
+    def __call__(self, request: Any) -> Any:
+        for index, function in enumerate(self.functions):
+            named = function(request)
+            if inspect.isawaitable(named):
+                return self._rest(named, request, index + 1)
+            if custom_identity(named) is not None:
+                return named
+        return None
+
+    async def _rest(self, pending: Awaitable[Any], request: Any, start: int) -> Any:
+        named = await pending
+        for function in self.functions[start:]:
+            if custom_identity(named) is not None:
+                break
+            named = function(request)
+            if inspect.isawaitable(named):
+                named = await named
+        return named

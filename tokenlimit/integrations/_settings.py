@@ -1,0 +1,214 @@
+"""The ``TOKENLIMIT`` settings dict (Django's ``settings.TOKENLIMIT``), free of the framework:
+one ``Problem`` per bad entry, each with its check id, for the framework to report its own way
+(Django's system checks), and the ``Settings`` a valid dict makes: the limiters and policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import pkgutil
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
+
+from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
+from tokenlimit._config import limiter_pair
+from tokenlimit._errors import ConfigError, ConfigTypeError
+from tokenlimit._limit import Limit, coerce_limits
+from tokenlimit._log import ThrottledLog
+from tokenlimit._metrics import MetricsSink
+from tokenlimit._url import parse_url
+from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
+from tokenlimit.integrations._common import Policy, TrustedProxies
+
+__all__ = ["Options", "Problem", "Settings", "SettingsError", "problems", "read"]
+
+
+class Problem(NamedTuple):
+    """One thing wrong with the settings, as a system check reports it."""
+
+    id: str  # "tokenlimit.E003"
+    message: str
+    hint: str | None = None
+    serious: bool = True  # an error; False: a warning
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """``settings.TOKENLIMIT``, validated."""
+
+    url: str = "memory://"
+    limits: tuple[Limit, ...] | Callable[[Any], Any] | None = None  # or a chooser (tiers)
+    key: Callable[[Any], Any] | None = None
+    exempt: tuple[str, ...] = ()
+    proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
+    failure_mode: str = "closed"
+    headers: bool = True
+    prefix: str = DEFAULT_PREFIX
+    timeout: float = DEFAULT_TIMEOUT
+    api_key_header: str | None = None  # None: API keys are no identity (unless validated)
+    ipv6_prefix: int = 64
+    metrics: MetricsSink | None = None
+    shadow: bool = False
+    api_key_validator: Callable[[str], Any] | None = None
+
+
+class SettingsError(ValueError):
+    """The settings cannot work; the message lists each problem with its check id."""
+
+
+class Settings:
+    """What valid settings make: the limiter twins on one URL (sync code decides through
+    ``sync``, async code through ``async_``: one store for ``memory://``), the identity options
+    a view's own limit adds its own to (``base``), the middleware's policy (None without
+    ``LIMIT``), and the throttled log of storage failures answered 503."""
+
+    def __init__(self, raw: Any) -> None:
+        options, found = read(raw)
+        errors = [problem for problem in found if problem.serious]
+        if errors:
+            raise SettingsError("; ".join(f"{p.message} ({p.id})" for p in errors))
+        limiter_options = {
+            "prefix": options.prefix,
+            "timeout": options.timeout,
+            "failure_mode": options.failure_mode,
+            "metrics": options.metrics,
+        }
+        try:
+            self.sync, self.async_ = limiter_pair(options.url, limiter_options)
+        except ValueError as error:  # a URL the scheme check let through (a bad port, ...)
+            raise SettingsError(f"settings.TOKENLIMIT['URL']: {error} (tokenlimit.E002)") from error
+        identity: dict[str, Any] = {
+            "key": options.key,
+            "exempt": options.exempt,
+            "trusted_proxies": options.proxies,
+            "headers": options.headers,
+            "api_key_header": options.api_key_header,
+            "ipv6_prefix": options.ipv6_prefix,
+            "shadow": options.shadow,
+            "api_key_validator": options.api_key_validator,
+        }
+        self.base = Policy.build(None, **identity)
+        self.policy = None if options.limits is None else Policy.build(options.limits, **identity)
+        self.log = ThrottledLog()
+
+    def close(self) -> None:
+        # The async twin's clients close with their event loops (LoopLocalBackend).
+        self.sync.close()
+
+
+def _probe(**option: Any) -> Any:
+    """Validate one option alone, as ``Policy.build`` does it."""
+    policy = Policy.build(None, **option)
+    return getattr(policy, next(iter(option)))
+
+
+def _key_function(value: Any, param: str = "key") -> Callable[[Any], Any]:
+    """``KEY``: a dotted path to a callable (or the callable itself)."""
+    function: Any = pkgutil.resolve_name(value) if isinstance(value, str) else value
+    if not callable(function):
+        raise ConfigTypeError(param, f"{value!r} is not callable")
+    return cast("Callable[[Any], Any]", function)
+
+
+def _api_key_validator(value: Any) -> Callable[[str], Any] | None:
+    """``API_KEY_VALIDATOR``: a dotted path to ``key -> truthy when known`` (or the callable)."""
+    return None if value is None else _key_function(value, "api_key_validator")
+
+
+def _limit_setting(value: Any) -> tuple[Limit, ...] | Callable[[Any], Any]:
+    """``LIMIT``: the limit(s), or a callable taking the request and choosing them (tiers),
+    given itself or as a dotted path."""
+    if callable(value):
+        return cast("Callable[[Any], Any]", value)
+    try:
+        return coerce_limits(value)
+    except ConfigError:
+        if not (isinstance(value, str) and _DOTTED.match(value)):
+            raise
+    return _key_function(value, "limit")
+
+
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # "myapp.plans.limits_for"
+
+
+def _metrics_sink(value: Any) -> MetricsSink | None:
+    """``METRICS``: a dotted path to a ``MetricsSink`` instance (or the instance itself)."""
+    sink: Any = pkgutil.resolve_name(value) if isinstance(value, str) else value
+    if sink is not None and (isinstance(sink, type) or not isinstance(sink, MetricsSink)):
+        raise ConfigTypeError(
+            "metrics", f"{value!r} is not a MetricsSink (record_decision() and record_error())"
+        )
+    return sink
+
+
+# setting -> (option, check id, validator)
+_FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "URL": ("url", "tokenlimit.E002", lambda v: parse_url(v)[1]),
+    "LIMIT": ("limits", "tokenlimit.E003", _limit_setting),
+    "KEY": ("key", "tokenlimit.E004", _key_function),
+    "FAILURE_MODE": ("failure_mode", "tokenlimit.E005", check_failure_mode),
+    "TRUSTED_PROXIES": ("proxies", "tokenlimit.E006", TrustedProxies),
+    "EXEMPT": ("exempt", "tokenlimit.E007", lambda v: _probe(exempt=v)),
+    "HEADERS": ("headers", "tokenlimit.E008", lambda v: _probe(headers=v)),
+    "PREFIX": ("prefix", "tokenlimit.E009", check_prefix),
+    "TIMEOUT": ("timeout", "tokenlimit.E010", check_deadline),
+    "API_KEY_HEADER": ("api_key_header", "tokenlimit.E011", lambda v: _probe(api_key_header=v)),
+    "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
+    "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
+    "SHADOW": ("shadow", "tokenlimit.E014", lambda v: _probe(shadow=v)),
+    "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
+}
+
+
+def read(raw: Any) -> tuple[Options, list[Problem]]:
+    """Validate ``settings.TOKENLIMIT``: the options, and one problem per bad entry."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        hint = 'TOKENLIMIT = {"URL": "redis://localhost:6379/0", "LIMIT": "100/minute"}'
+        message = f"settings.TOKENLIMIT must be a dict, not {type(raw).__name__}."
+        return Options(), [Problem("tokenlimit.E001", message, hint)]
+    values: dict[str, Any] = {}
+    found: list[Problem] = []
+    for name, value in raw.items():
+        field = _FIELDS.get(name)
+        if field is None:
+            message = f"settings.TOKENLIMIT has an unknown entry {name!r}; it is ignored."
+            hint = f"Known entries: {', '.join(_FIELDS)}."
+            found.append(Problem("tokenlimit.W001", message, hint, serious=False))
+            continue
+        option, check_id, validate = field
+        try:
+            values[option] = validate(value)
+        except Exception as error:  # an import error from KEY, a ConfigError, ...
+            reason = str(error)
+            if isinstance(error, ConfigError):
+                reason = reason.removeprefix(f"{error.param}: ")
+            found.append(Problem(check_id, f"settings.TOKENLIMIT[{name!r}]: {reason}"))
+    return Options(**values), found
+
+
+def problems(raw: Any, middleware: Sequence[str], *, limiter: str, auth: str) -> list[Problem]:
+    """Everything wrong with ``raw`` (``settings.TOKENLIMIT``) where ``middleware`` is the
+    installed list, ``limiter`` the rate-limit middleware's path and ``auth`` the one that
+    signs users in: bad entries, no ``LIMIT`` for the middleware, no ``URL``, and the limiter
+    placed where it cannot see the user."""
+    installed = limiter in middleware
+    found = read(raw)[1]
+    if isinstance(raw, dict) or (raw is None and installed):
+        raw = raw or {}
+        if installed and "LIMIT" not in raw:
+            message = "settings.TOKENLIMIT['LIMIT'] is required by RateLimitMiddleware."
+            found.append(Problem("tokenlimit.E003", message, 'For example "LIMIT": "100/minute".'))
+        if "URL" not in raw:
+            message = "settings.TOKENLIMIT['URL'] is not set: memory:// limits each process "
+            hint = 'Share one limit across processes: "URL": "redis://host:6379/0".'
+            found.append(Problem("tokenlimit.W002", message + "separately.", hint, serious=False))
+    if installed and auth in middleware and middleware.index(limiter) < middleware.index(auth):
+        message = (
+            "RateLimitMiddleware comes before AuthenticationMiddleware, so it cannot see the "
+            "user: signed-in users are limited by IP address."
+        )
+        hint = "Move it after AuthenticationMiddleware in settings.MIDDLEWARE."
+        found.append(Problem("tokenlimit.W003", message, hint, serious=False))
+    return found
