@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import inspect
 import ipaddress
 import json
 import logging
@@ -185,8 +184,9 @@ def default_identity(
 ) -> str:
     """API key, then authenticated user, then client IP.
 
-    ``api_key`` must be one the app vouches for (``Policy.vouched_key``): a key taken as the
-    caller presents it would let a client mint a fresh bucket per request with made-up keys.
+    ``api_key`` must be one the app vouches for (its header opted into, its validator passed:
+    see ``_check``): a key taken as the caller presents it would let a client mint a fresh
+    bucket per request with made-up keys.
     """
     if api_key:
         return api_key_identity(api_key)
@@ -342,38 +342,10 @@ class Policy:
                 return True
         return False
 
-    def vouched_key(
-        self, raw: str | None, resolve: Callable[[Awaitable[Any]], Any] | None = None
-    ) -> str | None:
-        """The API key ``raw`` if it is an identity here: the header is read and the validator,
-        if any, knows the key. ``resolve`` runs an async validator's verdict in sync code."""
-        if not raw or self.api_key_header is None:
-            return None
-        if self.api_key_validator is None:
-            return raw
-        verdict = self.api_key_validator(raw)
-        if inspect.isawaitable(verdict):
-            if resolve is None:
-                _close(verdict)
-                raise TypeError("api_key_validator is async: sync code needs a sync validator")
-            verdict = resolve(verdict)
-        return raw if verdict else None
-
-    async def avouched_key(self, raw: str | None) -> str | None:
-        """``vouched_key`` in async code: the validator may be a coroutine function."""
-        if not raw or self.api_key_header is None:
-            return None
-        if self.api_key_validator is None:
-            return raw
-        verdict = self.api_key_validator(raw)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
-        return raw if verdict else None
-
     def identity(
         self, *, api_key: str | None, user_id: Any, peer: str | None, forwarded_for: str | None
     ) -> str:
-        """The default identity; ``api_key`` is one ``vouched_key`` returned."""
+        """The default identity; ``api_key`` is one the app vouches for (see ``_check``)."""
         return default_identity(
             api_key=api_key if self.api_key_header else None,
             user_id=user_id,
@@ -382,12 +354,6 @@ class Policy:
             proxies=self.proxies,
             ipv6_prefix=self.ipv6_prefix,
         )
-
-
-def _close(awaitable: Awaitable[Any]) -> None:
-    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
-    if close is not None:
-        close()
 
 
 # -- responses ---------------------------------------------------------------------------------
