@@ -57,17 +57,9 @@ if sys.version_info >= (3, 12):  # pragma: no cover - the suite's interpreter is
 else:
 
     async def _bounded(exchange: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run ``exchange`` and return by the deadline, whatever it does with its cancellation.
-
-        Why not ``asyncio.timeout`` around the exchange, as on 3.12+: the deadline is a
-        cancellation, and below 3.12 code under us swallows one. redis-py sends through
-        ``asyncio.wait_for`` whenever a socket timeout is set (5 s by default since redis-py
-        8), and that ``wait_for`` drops a cancellation that lands as its inner send completes:
-        the exchange then ran on with no deadline at all (a fault-proxy test saw decisions of
-        5 s, and up to a minute with redis-py's connect retries, for a 50 ms timeout). So here
-        the exchange runs in its own task, and the caller stops waiting at the deadline in any
-        case. It costs a task per decision (~30 us), which 3.12's ``wait_for`` makes needless.
-        """
+        """Run ``exchange`` and return by the deadline, whatever it does with its cancellation:
+        below 3.12 redis-py's ``wait_for`` can swallow one, so the exchange runs in a task of
+        its own (docs/internals.md, "Deadlines")."""
         task = asyncio.ensure_future(exchange)
         try:
             done, _ = await asyncio.wait((task,), timeout=timeout)
@@ -339,11 +331,8 @@ class AsyncRedisBackend:
 
     async def _connection(self, node: Any) -> Any:
         """A connection to a cluster node, waiting (within the caller's deadline) while all of
-        the node's ``max_connections`` are in use; the caller releases it and then the node's
-        gate. redis-py's async cluster raises MaxConnectionsError at once instead, so past 100
-        concurrent decisions on one node every further one failed as a storage error while the
-        server was healthy (1,500 of 1,600 concurrent tasks in tests/test_contention.py). The
-        sync limiter's pools block the same way (see ``_url._pool_options``)."""
+        the node's ``max_connections`` are in use, where redis-py's async cluster would raise;
+        the caller releases it and then the node's gate (docs/internals.md, "Deadlines")."""
         gate = self._gates.get(node.name)
         if gate is None:
             gate = self._gates[node.name] = asyncio.Semaphore(node.max_connections)

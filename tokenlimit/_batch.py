@@ -1,54 +1,9 @@
 """Async batching: the decisions made concurrently in one event loop share one pipelined write.
 
-Why: a decision is one small script call, so its cost on the client is nearly all per-exchange
-work (a pool checkout and release, a write syscall, a read, a task). Sixty-four coroutines
-deciding at once each paid it; here they pay it once per *batch*, and the server still runs one
-atomic script per decision (EVALSHA each, no MULTI: a batch is a pipeline, not a transaction),
-each at most once.
-
-How, per (backend, event loop), in one ``Batcher``:
-
-- ``submit`` appends the decision (its command packed to bytes, its future, its deadline) to
-  the pending list and, if no flush is scheduled, schedules one with ``loop.call_soon``: every
-  decision made in the same loop iteration joins it. The caller awaits its own future, nothing
-  else: no task and no timer per decision.
-- The flush hands the batch (at most ``MAX_BATCH`` commands; more make several) to a lane: one
-  task holding one pooled connection. It writes every command in one write, then reads exactly
-  as many replies, in order (``_resp.ReplyReader``), resolving each future still pending. It
-  reads every reply whatever became of the callers, so a cancelled or timed-out caller never
-  leaves its reply behind: the connection stays in step. A caller gone before the write is not
-  sent at all. Several lanes may be in flight at once, each on its own connection.
-- After a batch a lane lingers up to ``_LINGER`` (5 ms) for the next one: the callers it just
-  answered often decide again at once, and a web app's next request often comes within a few
-  milliseconds; either batch then goes out on the same connection without a new task and a
-  pool checkout and release (in redis-py those cost as much as a dozen decisions). Then it
-  gives the connection back. A batch handed to a lingering lane is written at once, from the
-  step that hands it over. A lane lingers only on a pool with connections to spare: on a
-  ``BlockingConnectionPool`` one at least (there a caller waits for one), on a plain
-  ``ConnectionPool``, which raises "Too many connections" at once, more than half of them. It
-  would otherwise starve another lane, or fail the client's other calls, to save microseconds.
-- Lockstep would leave the server idle while the loop runs the callers just answered, and the
-  loop idle while the server runs their next batch. So when a batch comes off the wire with no
-  other batch on it, half as many commands as it held go out as soon as they are pending, from
-  the caller's own step, on the lane just freed; the rest go at the end of the loop turn on
-  another lane. Two batches then alternate, each one's server time overlapping the other's
-  client time (64 tasks on a 2-core machine: about 1.7x the lockstep rate). A lone caller's
-  decision goes out at once the same way.
-- Deadlines cost one timer per batch: it fires at the earliest deadline among the batch's
-  unresolved members, fails those whose time is up with ``BackendError`` (reason "timeout")
-  and moves on to the next. A batch is bounded by its latest deadline: past it, or on any error
-  mid-exchange, the lane closes its connection (never reused: a late reply would reach the next
-  caller, CVE-2023-28858) and every member still without a reply gets a ``BackendError``
-  (outcome unknown: its script may have run, once).
-- Cancelling a caller cancels only its own future; a lane, shared, is never cancelled by a
-  caller. The deadlines come from a plain loop callback, so callers get their answer on time
-  even while the lane's task is stuck inside redis-py: below Python 3.12 redis-py's connect
-  sends through ``asyncio.wait_for``, which can swallow a cancellation (see ``_aredis._bounded``),
-  so a lane past its deadline is cancelled again every ``_RECANCEL`` seconds until it ends.
-- An error reply concerns its own decision only, and ``_reply_policy`` says what follows it
-  (``_Lane._odd``): a NOSCRIPT'd decision is resubmitted as EVAL, in a later batch, with the same
-  deadline; after READONLY the lane closes its connection, and ``forget_replica`` the pool's
-  idle ones and *retires* those in use (closed before their next use or when given back).
+Invariants: each decision is its own script call, run at most once (a pipeline, never MULTI);
+a lane reads every reply it wrote, in order, or closes its connection; a caller's deadline is a
+timer per batch, never a cancellation of the shared lane. The design, and why, is in
+docs/internals.md ("Async batching").
 """
 
 from __future__ import annotations

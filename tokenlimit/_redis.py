@@ -691,16 +691,9 @@ _MIN_WAIT = 0.001  # a socket timeout of 0 would mean non-blocking, not "time is
 
 @functools.cache
 def _deadline_class(cls: Any) -> Any:  # one subclass per class, so instances can share it
-    """``cls``, but connecting and handshaking end by the deadline of the decision that needs it.
-
-    The pool connects inside ``get_connection()``, before ``_roundtrip`` can look at the clock:
-    a TCP connect bounded by ``socket_connect_timeout``, then a handshake of up to four round
-    trips (HELLO, CLIENT SETINFO, ...), each read bounded by ``socket_timeout`` alone. Against a
-    server that is slow but alive (each round trip a little under the limiter's timeout), a
-    fault-proxy test saw every decision take three to four times the timeout, as each one
-    timed out, closed its connection and the next had to connect again. Here the connect and
-    every read get at most what is left of the deadline set by ``_roundtrip``.
-    """
+    """``cls``, but connecting and handshaking end by the deadline of the decision that needs
+    it: the connect and every handshake read get at most what is left of the deadline set by
+    ``_roundtrip`` (docs/internals.md, "Deadlines")."""
     if getattr(cls, "_tokenlimit_deadline", False) or not available("AbstractConnection._connect"):
         return cls
     reads_take_timeout = "timeout" in inspect.signature(cls.read_response).parameters

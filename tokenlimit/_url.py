@@ -213,9 +213,8 @@ MAX_CONNECTIONS = 100
 
 def _pool_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
     """A blocking pool: a caller that finds every connection busy waits for one, within the
-    deadline. redis-py's default pool (what ``Redis.from_url`` makes) raises "Too many
-    connections" at once instead, so the 101st concurrent decision failed (a 503 from the
-    integrations) while the server was healthy; a fault-proxy test with 300 tasks saw it."""
+    deadline, where redis-py's default pool would raise "Too many connections" on a healthy
+    server (docs/internals.md, "Deadlines")."""
     return {
         **_client_options(timeout, is_async=is_async),
         "max_connections": MAX_CONNECTIONS,
