@@ -49,6 +49,7 @@ from ._decorator import is_per_call, key_function, needs_a_call
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._log import ThrottledLog
 from ._request import identity_tag
+from ._slots import hold, release
 from ._validate import check_int, check_key, check_number
 
 __all__ = ["AsyncConcurrency", "Concurrency", "Slots", "build_slots", "hold", "release"]
@@ -65,28 +66,6 @@ _PER_CALL = "tokenlimit:per-call"  # stands in for a key made at each call (neve
 
 _background: set[asyncio.Future[Any]] = set()  # releases running for cancelled callers
 _overrun = ThrottledLog()
-
-
-# -- the reference model: the memory backend runs it, the scripts mirror it ------------------
-def hold(
-    holders: dict[str, int], holder: str, max_in_flight: int, lease_us: int, now: int
-) -> list[int]:
-    """Take a slot for ``holder`` until ``now + lease_us`` if fewer than ``max_in_flight``
-    leases are running at ``now`` (µs). Returns ``[admitted, holders, µs until the earliest
-    lease ends (refused only)]``, as ``slot_hold.lua`` does."""
-    for ended in [name for name, end in holders.items() if end <= now]:
-        del holders[ended]
-    count = len(holders)
-    if count >= max_in_flight:
-        return [0, count, min(holders.values()) - now]
-    holders[holder] = now + lease_us
-    return [1, count + 1, 0]
-
-
-def release(holders: dict[str, int], holder: str, now: int) -> int:
-    """Give ``holder``'s slot back: 1 if its lease was still running, as ``slot_release.lua``."""
-    end = holders.pop(holder, None)
-    return int(end is not None and end > now)
 
 
 # -- the pure middle: arguments in, keys and decisions out ------------------------------------

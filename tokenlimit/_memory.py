@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ._model import decide
 from ._request import Request
+from ._slots import hold, release
 from ._validate import check_int
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]
@@ -83,8 +84,6 @@ class MemoryBackend:
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0
     ) -> list[int]:
         """A concurrency slot for ``holder``, as the slot_hold script takes it on a server."""
-        from ._concurrency import hold
-
         with self._lock:
             now = self.now_us()
             slots = self._slots
@@ -102,8 +101,6 @@ class MemoryBackend:
 
     def release_slot(self, key: str, holder: str, *, timeout: float = 0.0) -> int:
         """Give ``holder``'s slot back: 1 if its lease had not ended yet."""
-        from ._concurrency import release
-
         with self._lock:
             holders = self._slots.get(key)
             if holders is None:

@@ -11,8 +11,6 @@ only does its steps.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import os
 import select
@@ -30,11 +28,13 @@ from redis.cluster import RedisCluster
 from . import _reply_policy as policy
 from ._backend import scan_pattern
 from ._errors import BackendError
+from ._pools import DEADLINE, deadline_class
 from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
 from ._reply_policy import classify
 from ._request import Request
 from ._resp import ReplyError, parse_one
 from ._scripts import Script, acquire_script, hold_script, peek_script, release_script
+from ._sentinel import private_pool as private_sentinel_pool
 from ._server_check import report
 from ._topology import SlotRefresher, stale_map
 
@@ -60,7 +60,7 @@ class RedisBackend:
             pool = client.connection_pool  # type: ignore[union-attr]
             self._pool = pool if owned or timeout is None else _private_pool(pool, timeout)
             if owned:  # ours from the start (from_url): no connection exists yet
-                pool.connection_class = _deadline_class(pool.connection_class)
+                pool.connection_class = deadline_class(pool.connection_class)
         self._private = self._pool is not None and not owned and self._pool is not pool
         # The lean path (see _Lanes): one per pool, so one per node on a cluster; off where
         # redis-py lacks what it needs (_redispy) and once a socket turns out to be TLS.
@@ -501,7 +501,7 @@ class _Lanes:
                 self._waiting -= 1
             return self._take(deadline)
         conn = None
-        _deadline.at = deadline  # connecting, inside get_connection(), ends by it
+        DEADLINE.at = deadline  # connecting, inside get_connection(), ends by it
         try:
             if self._node:
                 _node_pool(self._pool)
@@ -509,7 +509,7 @@ class _Lanes:
         except (rx.RedisError, OSError) as exc:
             raise classify(exc) from exc
         finally:
-            _deadline.at = None
+            DEADLINE.at = None
             with self._lock:
                 self._waiting -= 1
                 if conn is not None and not self._closed:
@@ -663,9 +663,7 @@ def _private_pool(pool: Any, timeout: float) -> Any:
     from redis.sentinel import SentinelConnectionPool
 
     if isinstance(pool, SentinelConnectionPool):
-        from ._sentinel import private_pool
-
-        return private_pool(pool, timeout)
+        return private_sentinel_pool(pool, timeout)
     kwargs = dict(pool.connection_kwargs)
     kwargs["retry"] = Retry(NoBackoff(), 0)
     for name in ("socket_timeout", "socket_connect_timeout"):
@@ -673,7 +671,7 @@ def _private_pool(pool: Any, timeout: float) -> Any:
             kwargs[name] = timeout
     try:
         clone = type(pool)(
-            connection_class=_deadline_class(pool.connection_class),
+            connection_class=deadline_class(pool.connection_class),
             max_connections=pool.max_connections,
             **kwargs,
         )
@@ -682,44 +680,6 @@ def _private_pool(pool: Any, timeout: float) -> Any:
     if hasattr(clone, "timeout"):  # BlockingConnectionPool: never wait past the deadline
         clone.timeout = timeout
     return clone
-
-
-# The deadline of the decision this thread is making, for the connections below (or None).
-_deadline = threading.local()
-_MIN_WAIT = 0.001  # a socket timeout of 0 would mean non-blocking, not "time is up"
-
-
-@functools.cache
-def _deadline_class(cls: Any) -> Any:  # one subclass per class, so instances can share it
-    """``cls``, but connecting and handshaking end by the deadline of the decision that needs
-    it: the connect and every handshake read get at most what is left of the deadline set by
-    ``_roundtrip`` (docs/internals.md, "Deadlines")."""
-    if getattr(cls, "_tokenlimit_deadline", False) or not available("AbstractConnection._connect"):
-        return cls
-    reads_take_timeout = "timeout" in inspect.signature(cls.read_response).parameters
-
-    class DeadlineConnection(cls):  # type: ignore[misc]
-        _tokenlimit_deadline = True
-
-        def _connect(self) -> Any:
-            conn: Any = self  # redis-py's connections are untyped
-            deadline = getattr(_deadline, "at", None)
-            configured = conn.socket_connect_timeout
-            if deadline is not None:
-                conn.socket_connect_timeout = _left(deadline, configured)
-            try:
-                return super()._connect()
-            finally:
-                conn.socket_connect_timeout = configured
-
-        def read_response(self, *args: Any, **kwargs: Any) -> Any:
-            deadline = getattr(_deadline, "at", None)
-            if deadline is not None and reads_take_timeout and "timeout" not in kwargs:
-                kwargs["timeout"] = _left(deadline, self.socket_timeout)
-            return super().read_response(*args, **kwargs)
-
-    DeadlineConnection.__name__ = DeadlineConnection.__qualname__ = f"Deadline{cls.__name__}"
-    return DeadlineConnection
 
 
 def _node_pool(pool: Any) -> Any:
@@ -736,19 +696,14 @@ def _node_pool(pool: Any) -> Any:
     """
     cls = pool.connection_class
     if not getattr(cls, "_tokenlimit_deadline", False):
-        pool.connection_class = _deadline_class(cls)
+        pool.connection_class = deadline_class(cls)
     if not available("ConnectionPool._available_connections"):
         return pool
     for conn in list(pool._available_connections):
         made: Any = type(conn)
         if not getattr(made, "_tokenlimit_deadline", False):
-            conn.__class__ = _deadline_class(made)
+            conn.__class__ = deadline_class(made)
     return pool
-
-
-def _left(deadline: float, configured: float | None) -> float:
-    left = max(deadline - time.monotonic(), _MIN_WAIT)
-    return left if configured is None else min(left, configured)
 
 
 def _refresh_slot(cluster: Any, slot: int, node: tuple[str, int]) -> None:
@@ -782,11 +737,11 @@ def _roundtrip(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) 
     A connection whose replies were not all read is closed: its next reply would belong to us,
     not to the next caller.
     """
-    _deadline.at = deadline  # connecting, inside get_connection(), ends by it too
+    DEADLINE.at = deadline  # connecting, inside get_connection(), ends by it too
     try:
         return _exchange(pool, commands, deadline)
     finally:
-        _deadline.at = None
+        DEADLINE.at = None
 
 
 def _exchange(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) -> list[Any]:

@@ -5,12 +5,12 @@ The sentinels are asked for the service's primary whenever a connection to it is
 What is ours on top, and why:
 
 - Every sentinel exchange is bounded by the decision's deadline (their connections get the same
-  deadline class as the primary's, see ``_redis._deadline_class``) and never retried: redis-py
+  deadline class as the primary's, see ``_pools.deadline_class``) and never retried: redis-py
   would otherwise ask each sentinel with its own defaults (retries with backoff) while a
   decision waits. Each sentinel gets an equal share of the deadline, so that one that hangs
   leaves time to ask the others.
 - The pool blocks for a free connection within the deadline, as for ``redis://`` URLs (see
-  ``_url._pool_options``), instead of raising "Too many connections".
+  ``_pools.pool_options``), instead of raising "Too many connections".
 - A connection the limiter holds outside the pool (``_redis._Lanes``) to a server that is no
   longer the primary is dropped: at its next use if the sentinels named another primary since
   it was made, and at once, with every idle one, when a server answers READONLY (a demoted
@@ -35,7 +35,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnec
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ._errors import ConfigError
-from ._redis import _deadline_class
+from ._pools import MAX_CONNECTIONS, client_options, deadline_class, pool_options
 from ._redispy import BLOCKING_TAKES_INUSE, close_idle_blocking
 
 __all__ = [
@@ -174,32 +174,26 @@ def _sentinel_options(target: SentinelURL, timeout: float, *, is_async: bool) ->
     """Each sentinel gets its share of the deadline: they are asked in turn, and one that
     hangs (its port open, nothing answering) must leave time to ask the next. redis-py then
     asks the one that answered first from then on."""
-    from ._url import _client_options
-
     share = timeout / len(target.sentinels)
-    return {**_client_options(share, is_async=is_async), **target.sentinel}
+    return {**client_options(share, is_async=is_async), **target.sentinel}
 
 
 def _primary_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, Any]:
-    from ._url import _pool_options
-
     # The URL's options win, as for redis://.
-    return {**_pool_options(timeout, is_async=is_async), **target.primary}
+    return {**pool_options(timeout, is_async=is_async), **target.primary}
 
 
 def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSentinelPool:
     """A pool like a user's Sentinel client's (same sentinels, service, options), whose
     sentinel and primary connections never retry and end by the limiter's deadline: the
     user's own may wait for seconds, or for ever without a socket timeout."""
-    from ._url import MAX_CONNECTIONS, _client_options
-
     manager: Any = pool.sentinel_manager
     addresses = [
         (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
         for c in manager.sentinels
     ]
     share = timeout / max(1, len(addresses))
-    sentinel_kwargs = {**manager.sentinel_kwargs, **_client_options(share, is_async=False)}
+    sentinel_kwargs = {**manager.sentinel_kwargs, **client_options(share, is_async=False)}
     for name in ("socket_timeout", "socket_connect_timeout"):
         theirs = manager.sentinel_kwargs.get(name)
         if theirs is not None and theirs < share:
@@ -216,11 +210,11 @@ def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSenti
         **manager.connection_kwargs,
     )
     for client in ours.sentinels:
-        client.connection_pool.connection_class = _deadline_class(
+        client.connection_pool.connection_class = deadline_class(
             client.connection_pool.connection_class
         )
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
-    kwargs.update(_client_options(timeout, is_async=False))
+    kwargs.update(client_options(timeout, is_async=False))
     for name in ("socket_timeout", "socket_connect_timeout"):
         theirs = pool.connection_kwargs.get(name)
         if theirs is not None and theirs < timeout:
@@ -228,7 +222,7 @@ def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSenti
     return _BlockingSentinelPool(  # type: ignore[no-untyped-call]
         pool.service_name,
         ours,
-        connection_class=_deadline_class(pool.connection_class),
+        connection_class=deadline_class(pool.connection_class),
         # A blocking pool fills its queue up front: at most as many as a URL's pool gets
         # (redis-py 6's plain pools default to 2**31).
         max_connections=min(pool.max_connections, MAX_CONNECTIONS),
@@ -248,7 +242,7 @@ def sync_sentinel_client(url: str, *, timeout: float) -> Redis:
     )
     for client in manager.sentinels:
         pool = client.connection_pool
-        pool.connection_class = _deadline_class(pool.connection_class)
+        pool.connection_class = deadline_class(pool.connection_class)
     options = _primary_options(target, timeout, is_async=False)
     pool = _BlockingSentinelPool(target.service, manager, **options)  # type: ignore[no-untyped-call]
     return Redis.from_pool(pool)

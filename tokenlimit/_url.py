@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import BackendError, ConfigError, ConfigTypeError
 from ._memory import AsyncMemoryBackend, MemoryBackend
+from ._pools import client_options, pool_options
 from ._request import Request
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
@@ -207,37 +208,6 @@ def _check_server_url(scheme: str, url: str) -> None:
         raise ConfigError("url", "the database (the path) must be a number, as in /0")
 
 
-# As many connections as redis-py's default pool; a ``max_connections`` in the URL wins.
-MAX_CONNECTIONS = 100
-
-
-def _pool_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
-    """A blocking pool: a caller that finds every connection busy waits for one, within the
-    deadline, where redis-py's default pool would raise "Too many connections" on a healthy
-    server (docs/internals.md, "Deadlines")."""
-    return {
-        **_client_options(timeout, is_async=is_async),
-        "max_connections": MAX_CONNECTIONS,
-        "timeout": timeout,
-    }
-
-
-def _client_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
-    """Timeouts at the deadline and no retries (a retried decision could take tokens twice).
-    asyncio clients get asyncio's ``Retry``: redis-py 8.2 warns about, and converts, a sync one."""
-    from redis.backoff import NoBackoff
-
-    if is_async:
-        from redis.asyncio.retry import Retry as AsyncRetry
-
-        retry: Any = AsyncRetry(NoBackoff(), 0)
-    else:
-        from redis.retry import Retry
-
-        retry = Retry(NoBackoff(), 0)
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry}
-
-
 def _cluster_args(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     parts = urlsplit(url)
     userinfo, _, hosts = parts.netloc.rpartition("@")
@@ -280,7 +250,7 @@ def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any
         from redis.cluster import ClusterNode, RedisCluster
 
         nodes, options = _cluster_args(url)
-        options.update(_client_options(timeout))
+        options.update(client_options(timeout))
         options.pop("retry")  # RedisCluster refuses it; its node clients never retry anyway
         startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
         cluster = RedisCluster(startup_nodes=startup, **options)
@@ -291,7 +261,7 @@ def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any
         return RedisBackend(sync_sentinel_client(url, timeout=timeout), owned=True)
     from redis import BlockingConnectionPool, Redis
 
-    pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout))
+    pool = BlockingConnectionPool.from_url(url, **pool_options(timeout))
     return RedisBackend(Redis.from_pool(pool), owned=True)
 
 
@@ -310,7 +280,7 @@ def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> An
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         nodes, options = _cluster_args(url)
-        options.update(_client_options(timeout, is_async=True))
+        options.update(client_options(timeout, is_async=True))
         options.pop("retry")
 
         def make() -> AsyncRedisBackend:
@@ -325,7 +295,7 @@ def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> An
         from redis.asyncio import BlockingConnectionPool, Redis
 
         def make() -> AsyncRedisBackend:
-            pool = BlockingConnectionPool.from_url(url, **_pool_options(timeout, is_async=True))
+            pool = BlockingConnectionPool.from_url(url, **pool_options(timeout, is_async=True))
             return AsyncRedisBackend(Redis.from_pool(pool), owned=True)
 
     make()  # fail now, at the call that received the URL, not at the first decision
