@@ -5,7 +5,7 @@ processes shares one exact budget per identity.
 """
 
 from ._concurrency import AsyncConcurrency, Concurrency
-from ._config import configure
+from ._config import configure, default_limiter
 from ._decision import Decision
 from ._decorator import Guard, KeySpec
 from ._errors import BackendError, ConfigError, RateLimitExceeded, TokenLimitError
@@ -58,4 +58,7 @@ def rate_limit(
     per function). Refused calls raise ``RateLimitExceeded`` after waiting up to ``timeout``
     seconds. Uses ``limiter``, else the one ``configure()`` set.
     """
-    return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=limiter)
+    return Guard(
+        rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=limiter,
+        default=default_limiter,
+    )  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
@@ -28,6 +28,8 @@ MAX_PAUSE = 86_400.0  # seconds slept at once while ``acquire`` waits
 
 
 class LimiterBase:
+    is_async: ClassVar[bool] = False  # AsyncRateLimiter: True (its methods are awaited)
+
     __slots__ = (
         "_failure_mode",
         "_log",

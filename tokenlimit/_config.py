@@ -14,7 +14,7 @@ from ._limiter import AsyncRateLimiter, RateLimiter
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._url import async_backend_from_url, parse_url, sync_backend_from_url
 
-__all__ = ["configure", "default_async_limiter", "default_sync_limiter"]
+__all__ = ["configure", "default_async_limiter", "default_limiter", "default_sync_limiter"]
 
 _lock = threading.Lock()
 _sync: RateLimiter | AsyncRateLimiter | None = None
@@ -80,6 +80,11 @@ def _ensure() -> None:
             url = "memory://"
         _sync, _async = limiter_pair(url, {})
         _owned = True
+
+
+def default_limiter(for_async: bool) -> RateLimiter | AsyncRateLimiter:
+    """The limiter ``configure()`` set for sync or async code (what ``rate_limit`` uses)."""
+    return default_async_limiter() if for_async else default_sync_limiter()
 
 
 def default_sync_limiter() -> RateLimiter | AsyncRateLimiter:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 from ._backend import is_remote
+from ._base import LimiterBase
 from ._decision import Decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
@@ -124,9 +125,8 @@ class Guard:
         cost: int = 1,
         timeout: float | None = 0,
         limiter: RateLimiter | AsyncRateLimiter | None = None,
+        default: Callable[[bool], LimiterBase] | None = None,
     ) -> None:
-        from ._limiter import AsyncRateLimiter, RateLimiter
-
         self.plan = LimitPlan.of(rate, burst, limit=limit, cost=cost)
         self.timeout = check_timeout("timeout", timeout)
         given: object = key  # checked at run time, as every argument is
@@ -134,11 +134,14 @@ class Guard:
             raise ConfigTypeError("key", f"must be a str template, a callable or None, not {key!r}")
         self.key = key
         given = limiter
-        if given is not None and not isinstance(given, (RateLimiter, AsyncRateLimiter)):
+        if given is not None and not isinstance(given, LimiterBase):
             raise ConfigTypeError(
                 "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
             )
-        self._limiter = limiter
+        self._limiter: Any = limiter
+        # The default limiter, looked up at each call (configure() may change it): ``default(
+        # for_async)``, given by ``rate_limit`` (the facade), so guards never import _config.
+        self._default = default
         # The bucket a bare ``with rate_limit(...)`` uses: where it was written, the same in every
         # process running this code.
         self._site = _call_site()
@@ -159,27 +162,25 @@ class Guard:
 
     # -- limiter resolution -------------------------------------------------------------------
     def _sync_limiter(self) -> Any:
-        from ._config import default_sync_limiter
-        from ._limiter import AsyncRateLimiter
-
-        limiter = self._limiter or default_sync_limiter()
-        if isinstance(limiter, AsyncRateLimiter):
+        limiter = self._limiter or self._default_limiter(for_async=False)
+        if limiter.is_async:
             raise TypeError("an AsyncRateLimiter cannot guard a plain def or a plain 'with'")
         return limiter
 
     def _async_limiter(self) -> Any:
-        from ._config import default_async_limiter
+        return self._limiter or self._default_limiter(for_async=True)
 
-        return self._limiter or default_async_limiter()
+    def _default_limiter(self, *, for_async: bool) -> Any:
+        if self._default is None:
+            raise TypeError("this guard has neither a limiter nor a default to look up")
+        return self._default(for_async)
 
     # -- decorator ----------------------------------------------------------------------------
     def __call__(self, func: F) -> F:
-        from ._limiter import AsyncRateLimiter
-
         if not callable(func):
             raise ConfigTypeError("func", f"rate_limit decorates a callable, not {func!r}")
         is_async = inspect.iscoroutinefunction(func)
-        if not is_async and isinstance(self._limiter, AsyncRateLimiter):
+        if not is_async and self._limiter is not None and self._limiter.is_async:
             raise TypeError(
                 f"AsyncRateLimiter.limit cannot decorate the plain function {func.__qualname__}; "
                 "use RateLimiter, or make it async def"
@@ -244,10 +245,8 @@ class Guard:
         return decision
 
     async def _acheck(self, key: Any, limits: tuple[Limit, ...]) -> Decision:
-        from ._limiter import RateLimiter
-
         limiter = self._async_limiter()
-        if not isinstance(limiter, RateLimiter):
+        if limiter.is_async:
             decision: Decision = await limiter.acquire(
                 key, limits, cost=self.cost, timeout=self.timeout
             )

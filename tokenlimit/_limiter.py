@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from . import _switch
 from ._backend import is_remote
 from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
+from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
+from ._decorator import Guard
 from ._errors import BackendError, ConfigTypeError
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
@@ -21,8 +23,7 @@ from ._request import Request
 from ._validate import check_deadline, check_key, check_timeout
 
 if TYPE_CHECKING:
-    from ._concurrency import AsyncConcurrency, Concurrency
-    from ._decorator import Guard, KeySpec
+    from ._decorator import KeySpec
 
 __all__ = ["AsyncRateLimiter", "RateLimiter"]
 
@@ -165,8 +166,6 @@ class RateLimiter(LimiterBase):
         timeout: float | None = 0,
     ) -> Guard:
         """A decorator (``def`` or ``async def``) and context manager bound to this limiter."""
-        from ._decorator import Guard
-
         return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
 
     def concurrency(
@@ -182,8 +181,6 @@ class RateLimiter(LimiterBase):
         waiting up to ``timeout`` seconds; a holder that never exits loses its slot after
         ``lease`` seconds. As a decorator, ``key`` may be a template over the call's arguments
         (``"export:{user_id}"``) or a callable of them, as for ``rate_limit``."""
-        from ._concurrency import Concurrency
-
         return Concurrency(self, key, max_in_flight, lease=lease, timeout=timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -203,6 +200,8 @@ class AsyncRateLimiter(LimiterBase):
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
     """
+
+    is_async = True
 
     __slots__ = ()
 
@@ -312,8 +311,6 @@ class AsyncRateLimiter(LimiterBase):
         timeout: float | None = 0,
     ) -> Guard:
         """A decorator (``async def`` only) and ``async with`` context manager."""
-        from ._decorator import Guard
-
         return Guard(rate, burst, limit=limit, key=key, cost=cost, timeout=timeout, limiter=self)
 
     def concurrency(
@@ -326,8 +323,6 @@ class AsyncRateLimiter(LimiterBase):
     ) -> AsyncConcurrency:
         """At most ``max_in_flight`` holders of ``key`` at once: ``async with`` and a decorator
         of ``async def`` holding one slot (see ``RateLimiter.concurrency``)."""
-        from ._concurrency import AsyncConcurrency
-
         return AsyncConcurrency(self, key, max_in_flight, lease=lease, timeout=timeout)
 
     async def aclose(self) -> None:
