@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
-from ._resp import pack_bulk
 from ._validate import check_int, check_number, shown
 
 __all__ = ["Limit", "LimitSpec", "coerce_limits"]
@@ -48,9 +47,7 @@ class Limit:
     name: str | None = field(default=None, kw_only=True)
     _id: str = field(init=False, repr=False, compare=False, hash=False)
     interval_ns: int = field(init=False, repr=False, compare=False, hash=False)
-    # Made once per limit, used by every decision: the script's arguments (interval ns, burst)
-    # as RESP bulk strings, and the hash (a new key's cache lookup would hash the fields again).
-    _packed: bytes = field(init=False, repr=False, compare=False, hash=False)
+    # Made once per limit: the hash (a new key's cache lookup would hash the fields again).
     _hash: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +75,6 @@ class Limit:
         # same identity could ever meet, so a collision is not a practical concern).
         digest = hashlib.blake2b(repr((rate, burst, self.name)).encode(), digest_size=6).digest()
         object.__setattr__(self, "_id", base64.urlsafe_b64encode(digest).decode())
-        object.__setattr__(self, "_packed", pack_bulk((interval_ns, burst)))
         object.__setattr__(self, "_hash", hash((rate, burst, self.name)))
 
     def __hash__(self) -> int:  # what dataclass would make (its fields' tuple), computed once

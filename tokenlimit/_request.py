@@ -104,6 +104,20 @@ def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
     return Request(keys, tuple(args), limits, cost, pack_bulk(strings), len(strings))
 
 
+# A limit's script arguments (interval ns, burst) as RESP bulk strings, made once per limit: a
+# new key's request then costs a hash and a few joins. Bounded, as choosers may make limits.
+_LIMIT_ARGS: dict[Limit, bytes] = {}
+
+
+def _limit_args(limit: Limit) -> bytes:
+    packed = _LIMIT_ARGS.get(limit)
+    if packed is None:
+        if len(_LIMIT_ARGS) >= _CACHE_SIZE:
+            _LIMIT_ARGS.clear()
+        packed = _LIMIT_ARGS[limit] = pack_bulk((limit.interval_ns, limit.burst))
+    return packed
+
+
 def _build_one(prefix: str, identity: bytes, limit: Limit, cost: int) -> Request:
     """``_build`` for the common call, one limit and a valid cost, with the limit's part of
     the packed arguments made once per limit: a new key costs a hash and a few joins."""
@@ -111,7 +125,7 @@ def _build_one(prefix: str, identity: bytes, limit: Limit, cost: int) -> Request
     raw = bucket.encode()
     costs = b"%d" % cost
     packed = b"$1\r\n1\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
-        len(raw), raw, len(costs), costs, limit._packed
+        len(raw), raw, len(costs), costs, _limit_args(limit)
     )  # fmt: skip
     args = (str(cost), str(limit.interval_ns), str(limit.burst))
     return Request((bucket,), args, (limit,), cost, packed, 5)
