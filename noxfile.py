@@ -20,7 +20,7 @@ nox.options.error_on_missing_interpreters = False
 ROOT = Path(__file__).parent
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 
-# The redis-py releases the fast paths are tested on (tokenlimit/_redispy.py lists what they
+# The redis-py releases the fast paths are tested on (tokenlimit/_redis/driver.py lists what they
 # touch). The newest is the lock's, in `tests`; these are the others pyproject admits.
 REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from tokenlimit._batch import _LINGER
+from tokenlimit._redis.batch import _LINGER
 
 
 async def in_use_after_linger(pool: Any, *, within: float = 2.0) -> int:

@@ -1,4 +1,4 @@
-"""Async batching (``tokenlimit._batch``): decisions made concurrently in one event loop share
+"""Async batching (``tokenlimit._redis.batch``): decisions made concurrently in one event loop share
 one pipelined write, and each is still one atomic script call, run at most once, bounded by its
 own deadline, answered with its own reply, whatever happens to the callers around it.
 
@@ -25,10 +25,10 @@ from pools import in_use_after_linger
 
 from servers import Server, free_port
 from tokenlimit import AsyncRateLimiter, BackendError, Decision, Limit
-from tokenlimit._aredis import AsyncRedisBackend
-from tokenlimit._batch import give_back
+from tokenlimit._redis.aio import AsyncRedisBackend
+from tokenlimit._redis.batch import give_back
+from tokenlimit._redis.resp import ReplyError, ReplyReader
 from tokenlimit._request import build_request
-from tokenlimit._resp import ReplyError, ReplyReader
 from tokenlimit._scripts import acquire_script, peek_script
 
 SLOW = 0.001  # tokens per second: nothing refills during a test
@@ -205,7 +205,7 @@ def test_each_decision_runs_exactly_once(standalone: Any, admin: redis.Redis) ->
 
 
 def test_a_batch_never_exceeds_its_cap(standalone: Any) -> None:
-    from tokenlimit._batch import MAX_BATCH
+    from tokenlimit._redis.batch import MAX_BATCH
 
     n = MAX_BATCH * 3 + 5
 
@@ -464,7 +464,7 @@ def test_clients_of_every_kind(standalone: Any, kind: str, monkeypatch: pytest.M
     """Batches read their replies off the socket themselves: whatever the client's protocol,
     decoding, pool size or parser, every caller gets its own reply."""
     if kind == "python parser":
-        monkeypatch.setattr("tokenlimit._resp._HIREDIS", False)
+        monkeypatch.setattr("tokenlimit._redis.resp._HIREDIS", False)
     options = dict(CLIENTS[kind])
 
     async def main() -> None:
@@ -495,7 +495,7 @@ def test_a_lane_keeps_its_connection_for_decisions_that_follow_closely(
     lingering after the previous one: no pool checkout for any of them, each its own batch.
     The linger is stretched here so that a loaded machine cannot break the chain; the lane
     still gives its connection back once no decision comes."""
-    monkeypatch.setattr("tokenlimit._batch._LINGER", 0.5)
+    monkeypatch.setattr("tokenlimit._redis.batch._LINGER", 0.5)
 
     async def main() -> None:
         async with batched(standalone.url) as limiter:

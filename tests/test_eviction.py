@@ -26,8 +26,8 @@ from tokenlimit import (
     RateLimiter,
     RateLimitExceeded,
 )
+from tokenlimit._redis.server_check import eviction_warning, parse_info
 from tokenlimit._request import build_request
-from tokenlimit._server_check import eviction_warning, parse_info
 
 FLAVOURS = sorted(available_binaries())
 NEVER = 1e-6  # tokens per second: nothing refills during a test

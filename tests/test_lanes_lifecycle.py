@@ -131,7 +131,7 @@ def test_closing_under_decisions_in_flight_never_touches_a_closed_descriptor(
     be reused by anything the process opens meanwhile): each decision fails with a
     BackendError that says why, and no thread is left waiting. The closed limiter still
     decides, as a closed redis-py client still runs commands."""
-    import tokenlimit._redis
+    import tokenlimit._redis.sync
 
     assert own_server.process is not None
     threads = 6
@@ -144,7 +144,7 @@ def test_closing_under_decisions_in_flight_never_touches_a_closed_descriptor(
     fenced = _FencedOs()
     take = lanes._take
     monkeypatch.setattr(lanes, "_take", lambda deadline: fenced.took(take(deadline)))
-    monkeypatch.setattr(tokenlimit._redis, "os", fenced)
+    monkeypatch.setattr(tokenlimit._redis.sync, "os", fenced)
     failed: list[BackendError] = []
     raw: list[BaseException] = []
 

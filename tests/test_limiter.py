@@ -778,7 +778,7 @@ def test_each_decision_runs_the_script_once(standalone: Any, mode: str) -> None:
 
 
 class _ChoppyOs:
-    """``os`` for ``tokenlimit._redis``, whose sync exchange writes and reads the descriptor
+    """``os`` for ``tokenlimit._redis.sync``, whose sync exchange writes and reads the descriptor
     itself: every write first finds the send buffer full (EAGAIN), then takes 7 bytes at a time;
     every read first finds nothing after its wakeup (EAGAIN)."""
 
@@ -806,11 +806,11 @@ def test_sync_exchange_survives_short_writes_and_empty_wakeups(
 ) -> None:
     """A send buffer that takes nothing or part of the command, and a reader woken with nothing
     to read, only slow the exchange down: each decision still runs once and reads its own reply."""
-    import tokenlimit._redis
+    import tokenlimit._redis.sync
 
     url = standalone.url
     choppy = _ChoppyOs()
-    monkeypatch.setattr(tokenlimit._redis, "os", choppy)
+    monkeypatch.setattr(tokenlimit._redis.sync, "os", choppy)
     limit = Limit(SLOW, 5)
     with (
         redis.Redis.from_url(url) as admin,
@@ -850,7 +850,7 @@ def test_sync_readonly_retires_the_connections_in_an_exchange(
     is mid-exchange on another connection to it (reading its reply, or still taking the
     connection): that one is closed when its exchange ends, not kept for the next decision,
     which must look for the primary again."""
-    import tokenlimit._redis
+    import tokenlimit._redis.sync
 
     limit = Limit(SLOW, 5)
     seen: list[object] = []
@@ -872,7 +872,7 @@ def test_sync_readonly_retires_the_connections_in_an_exchange(
         conn.send_command("CLIENT", "ID")
         first = int(conn.read_response())
         if when == "reading":
-            monkeypatch.setattr(tokenlimit._redis, "os", _DemotingOs(demote_and_decide))
+            monkeypatch.setattr(tokenlimit._redis.sync, "os", _DemotingOs(demote_and_decide))
         else:
             take = lanes._take
             meanwhile = [demote_and_decide]
@@ -899,7 +899,7 @@ def test_closing_the_idle_connections_leaves_those_in_use(standalone: Any, kind:
     """What READONLY does to the pool (drop_idle): idle connections closed, one in use on
     another thread untouched, on every redis-py major (6's BlockingConnectionPool.disconnect()
     takes no argument and would close them all)."""
-    from tokenlimit._redis import _disconnect_idle
+    from tokenlimit._redis.sync import _disconnect_idle
 
     pool_class = redis.BlockingConnectionPool if kind == "blocking" else redis.ConnectionPool
     pool = pool_class.from_url(standalone.url, max_connections=4)
@@ -1085,7 +1085,7 @@ def test_an_abandoned_exchange_never_logs_an_unretrieved_exception(
     logs "Task exception was never retrieved" with a traceback whenever the task is collected
     (in a test run, from inside pytest's own code: CPython 3.11 then failed the run with
     "SystemError: AST constructor recursion depth mismatch")."""
-    from tokenlimit import _aredis
+    from tokenlimit._redis import aio as _aredis
 
     tasks: list[asyncio.Future[Any]] = []
     ensure_future = asyncio.ensure_future

@@ -1,4 +1,4 @@
-"""The redis-py internals the fast paths touch (tokenlimit/_redispy.py): all present on every
+"""The redis-py internals the fast paths touch (tokenlimit/_redis/driver.py): all present on every
 supported redis-py, and where one goes missing, decisions take redis-py's public path, stay
 exact, and the library says so once, never an AttributeError at decision time (issue 13)."""
 
@@ -12,9 +12,10 @@ import pytest
 import redis
 from conftest import Target
 
-from tokenlimit import AsyncRateLimiter, Limit, RateLimiter, _redispy
-from tokenlimit._batch import Batcher
-from tokenlimit._redis import _Lanes
+from tokenlimit import AsyncRateLimiter, Limit, RateLimiter
+from tokenlimit._redis import driver as _redispy
+from tokenlimit._redis.batch import Batcher
+from tokenlimit._redis.sync import _Lanes
 
 LIMIT = Limit(0.001, 5)  # no refill during the test: exactly 5 admissions per key
 
@@ -124,9 +125,9 @@ def test_a_tls_socket_turns_the_lean_path_off(
 ) -> None:
     """The lean path reads raw sockets, so a TLS one sends it redis-py's way for good, before
     anything is sent on it; the reply policy still runs there (NOSCRIPT after a flush)."""
-    import tokenlimit._redis
+    import tokenlimit._redis.sync
 
-    monkeypatch.setattr(tokenlimit._redis, "_is_tls", lambda sock: True)
+    monkeypatch.setattr(tokenlimit._redis.sync, "_is_tls", lambda sock: True)
     limiter = RateLimiter.from_url(target.url, timeout=5.0, prefix="tls:")
     client = target.client()
     try:
@@ -142,7 +143,7 @@ def test_a_tls_socket_turns_the_lean_path_off(
 
 @pytest.mark.parametrize("without", ["NodesManager.move_slot"], indirect=True)
 def test_cluster_without_move_slot_rereads_the_slots(without: str) -> None:
-    from tokenlimit._redis import _refresh_slot
+    from tokenlimit._redis.sync import _refresh_slot
 
     calls: list[str] = []
 
@@ -168,7 +169,7 @@ def test_async_move_slot_is_awaited_only_where_it_is_a_coroutine(
     function in 7.4: either way the slot map learns the node that MOVED names."""
     from redis.exceptions import MovedError
 
-    from tokenlimit._aredis import AsyncRedisBackend
+    from tokenlimit._redis.aio import AsyncRedisBackend
 
     moved: list[tuple[int, str, int]] = []
 

@@ -1,4 +1,4 @@
-"""The reply policy (tokenlimit/_reply_policy.py), pure: no server, the clock passed in.
+"""The reply policy (tokenlimit/_redis/replies.py), pure: no server, the clock passed in.
 
 Each rule, the counters, the deadline, and the invariant every shell relies on: a call that may
 have run is never sent again. The integration tests (test_limiter, test_cluster_changes,
@@ -17,9 +17,9 @@ import redis.exceptions as rx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokenlimit._reply_policy as policy
+import tokenlimit._redis.replies as policy
 from tokenlimit import BackendError
-from tokenlimit._reply_policy import (
+from tokenlimit._redis.replies import (
     MAX_REDIRECTS,
     TRYAGAIN_PAUSE,
     Ask,
@@ -43,7 +43,7 @@ from tokenlimit._reply_policy import (
     next_step,
     outcome_of,
 )
-from tokenlimit._resp import ReplyError
+from tokenlimit._redis.resp import ReplyError
 
 DEADLINE = 10.0
 NOW = 1.0
@@ -370,4 +370,11 @@ def test_the_policy_module_does_no_io() -> None:
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported == {"__future__", "dataclasses", "typing", "redis", "._errors", "._resp"}
+    assert imported == {
+        "__future__",
+        "dataclasses",
+        "typing",
+        "redis",
+        "tokenlimit._errors",
+        ".resp",
+    }

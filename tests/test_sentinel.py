@@ -25,8 +25,8 @@ import redis.sentinel
 import tokenlimit
 from servers import SentinelGroup, Server, available_binaries
 from tokenlimit import AsyncRateLimiter, BackendError, ConfigError, Limit, RateLimiter
+from tokenlimit._redis.sentinel import parse_sentinel_url
 from tokenlimit._scripts import acquire_script
-from tokenlimit._sentinel import parse_sentinel_url
 
 FLAVOURS = sorted(available_binaries())
 TIMEOUT = 0.5  # the limiters' deadline

@@ -33,7 +33,7 @@ def _sync_backend(client: Any, timeout: float) -> Any:
     from redis.cluster import RedisCluster
 
     if isinstance(client, (Redis, RedisCluster)):
-        from ._redis import RedisBackend
+        from ._redis.sync import RedisBackend
 
         return RedisBackend(client, timeout=timeout)
     if _has(client, "decide", "reset", "close"):  # a backend: ours or a third party's
@@ -50,7 +50,7 @@ def _async_backend(client: Any) -> Any:
     from redis.asyncio.cluster import RedisCluster
 
     if isinstance(client, (Redis, RedisCluster)):
-        from ._aredis import AsyncRedisBackend
+        from ._redis.aio import AsyncRedisBackend
 
         return AsyncRedisBackend(client)
     if isinstance(client, MemoryBackend):

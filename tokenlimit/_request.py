@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from ._limit import Limit
 from ._plan import LimitPlan
-from ._resp import pack_bulk
+from ._redis.resp import pack_bulk
 from ._validate import check_key
 
 __all__ = ["Request", "build_request", "identity_tag"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from ._resp import pack_bulk
+from ._redis.resp import pack_bulk
 
 __all__ = ["Script", "acquire_script", "hold_script", "peek_script", "release_script"]
 

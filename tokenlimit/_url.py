@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import BackendError, ConfigError, ConfigTypeError
 from ._memory import AsyncMemoryBackend, MemoryBackend
-from ._pools import client_options, pool_options
+from ._redis.pools import client_options, pool_options
 from ._request import Request
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
@@ -101,7 +101,7 @@ def _driver_error(exc: Exception) -> BackendError | None:
     ``redis+cluster://`` client connects when it is made."""
     from redis import exceptions as rx
 
-    from ._reply_policy import classify
+    from ._redis.replies import classify
 
     if isinstance(exc, rx.RedisClusterException):
         unreachable = isinstance(exc, rx.RedisClusterUnreachableError)
@@ -169,7 +169,7 @@ def _parse_url(url: Any) -> tuple[str, str]:
     elif scheme.endswith("+cluster"):
         _cluster_args(url)
     elif scheme.endswith("+sentinel"):
-        from ._sentinel import parse_sentinel_url
+        from ._redis.sentinel import parse_sentinel_url
 
         parse_sentinel_url(url)
     return scheme, url
@@ -244,7 +244,7 @@ def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any
     scheme, url = _parse_url(url)
     if scheme == "memory":
         return memory if memory is not None else MemoryBackend()
-    from ._redis import RedisBackend
+    from ._redis.sync import RedisBackend
 
     if scheme.endswith("+cluster"):
         from redis.cluster import ClusterNode, RedisCluster
@@ -256,7 +256,7 @@ def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any
         cluster = RedisCluster(startup_nodes=startup, **options)
         return RedisBackend(cluster, owned=True)
     if scheme.endswith("+sentinel"):
-        from ._sentinel import sync_sentinel_client
+        from ._redis.sentinel import sync_sentinel_client
 
         return RedisBackend(sync_sentinel_client(url, timeout=timeout), owned=True)
     from redis import BlockingConnectionPool, Redis
@@ -274,7 +274,7 @@ def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> An
     scheme, url = _parse_url(url)
     if scheme == "memory":
         return AsyncMemoryBackend(memory)
-    from ._aredis import AsyncRedisBackend
+    from ._redis.aio import AsyncRedisBackend
 
     if scheme.endswith("+cluster"):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -287,7 +287,7 @@ def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> An
             client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
             return AsyncRedisBackend(client, owned=True)
     elif scheme.endswith("+sentinel"):
-        from ._sentinel import async_sentinel_client
+        from ._redis.sentinel import async_sentinel_client
 
         def make() -> AsyncRedisBackend:
             return AsyncRedisBackend(async_sentinel_client(url, timeout=timeout), owned=True)

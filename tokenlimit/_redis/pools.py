@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from ._redispy import available
+from .driver import available
 
 __all__ = [
     "DEADLINE",

@@ -23,17 +23,18 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from . import _reply_policy as policy
-from ._backend import scan_pattern
-from ._batch import Batcher, drop_if_stale, forget_replica, give_back, header, retire
-from ._errors import BackendError
-from ._redis import address
-from ._redispy import available
-from ._reply_policy import classify
-from ._request import Request
-from ._scripts import Script, acquire_script, hold_script, peek_script, release_script
-from ._server_check import start_check
-from ._topology import AsyncSlotRefresher, stale_map
+from tokenlimit._backend import scan_pattern
+from tokenlimit._errors import BackendError
+from tokenlimit._request import Request
+from tokenlimit._scripts import Script, acquire_script, hold_script, peek_script, release_script
+
+from . import replies as policy
+from .batch import Batcher, drop_if_stale, forget_replica, give_back, header, retire
+from .driver import available
+from .replies import classify
+from .server_check import start_check
+from .sync import address
+from .topology import AsyncSlotRefresher, stale_map
 
 __all__ = ["AsyncRedisBackend"]
 

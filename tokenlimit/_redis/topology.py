@@ -22,7 +22,7 @@ from typing import Any
 
 from redis import exceptions as rx
 
-from ._errors import BackendError
+from tokenlimit._errors import BackendError
 
 __all__ = ["AsyncSlotRefresher", "SlotRefresher", "stale_map"]
 

@@ -34,9 +34,10 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from ._errors import ConfigError
-from ._pools import MAX_CONNECTIONS, client_options, deadline_class, pool_options
-from ._redispy import BLOCKING_TAKES_INUSE, close_idle_blocking
+from tokenlimit._errors import ConfigError
+
+from .driver import BLOCKING_TAKES_INUSE, close_idle_blocking
+from .pools import MAX_CONNECTIONS, client_options, deadline_class, pool_options
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",

@@ -25,18 +25,19 @@ from redis import BlockingConnectionPool, Redis
 from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
-from . import _reply_policy as policy
-from ._backend import scan_pattern
-from ._errors import BackendError
-from ._pools import DEADLINE, deadline_class
-from ._redispy import BLOCKING_TAKES_INUSE, available, close_idle_blocking
-from ._reply_policy import classify
-from ._request import Request
-from ._resp import ReplyError, parse_one
-from ._scripts import Script, acquire_script, hold_script, peek_script, release_script
-from ._sentinel import private_pool as private_sentinel_pool
-from ._server_check import report
-from ._topology import SlotRefresher, stale_map
+from tokenlimit._backend import scan_pattern
+from tokenlimit._errors import BackendError
+from tokenlimit._request import Request
+from tokenlimit._scripts import Script, acquire_script, hold_script, peek_script, release_script
+
+from . import replies as policy
+from .driver import BLOCKING_TAKES_INUSE, available, close_idle_blocking
+from .pools import DEADLINE, deadline_class
+from .replies import classify
+from .resp import ReplyError, parse_one
+from .sentinel import private_pool as private_sentinel_pool
+from .server_check import report
+from .topology import SlotRefresher, stale_map
 
 __all__ = ["RedisBackend", "address", "unread_in_kernel"]
 

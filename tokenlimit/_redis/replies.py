@@ -15,8 +15,9 @@ from typing import TypeAlias
 
 from redis import exceptions as rx
 
-from ._errors import BackendError
-from ._resp import ReplyError
+from tokenlimit._errors import BackendError
+
+from .resp import ReplyError
 
 __all__ = [
     "MAX_REDIRECTS",

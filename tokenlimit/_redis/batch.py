@@ -16,13 +16,14 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool
 
-from . import _reply_policy as policy
-from ._redis import unread_in_kernel
-from ._redispy import available
-from ._reply_policy import classify
-from ._request import Request
-from ._resp import ReplyError, ReplyReader
-from ._scripts import Script
+from tokenlimit._request import Request
+from tokenlimit._scripts import Script
+
+from . import replies as policy
+from .driver import available
+from .replies import classify
+from .resp import ReplyError, ReplyReader
+from .sync import unread_in_kernel
 
 __all__ = [
     "MAX_BATCH",
