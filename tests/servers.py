@@ -121,7 +121,11 @@ class Server:
             *self.args,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # the caller never gets the server: nothing else would stop it
+            raise
         return self
 
     def client(self, **kwargs: object) -> redis.Redis:
@@ -138,7 +142,9 @@ class Server:
                 with self.client(socket_timeout=1) as client:
                     client.ping()
                 return
-            except redis.RedisError as exc:
+            # AttributeError: redis-py 8.1's handshake, on a server still starting up, reads
+            # an error reply as the HELLO map ("'list' object has no attribute 'get'").
+            except (redis.RedisError, AttributeError) as exc:
                 last = exc
                 time.sleep(0.05)
         raise RuntimeError(f"server on port {self.port} not ready: {last}")
@@ -290,7 +296,11 @@ class SentinelServer(Server):
         )
         command = [self.binary, str(path), "--sentinel"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # the caller never gets the server: nothing else would stop it
+            raise
         return self
 
     def client(self, **kwargs: object) -> redis.Redis:
