@@ -548,11 +548,16 @@ class _Lanes:
             self._closed = True
             self._epoch += 1  # an exchange in flight gives its connection back when it ends,
             self._waiting += 1  # and so does one that saw the old epoch just before
+        self._give_back_idle(close=close)
+
+    def _give_back_idle(self, *, close: bool) -> None:
+        """Every idle held connection back to the pool (closed if ``close``); popped one at a
+        time, so no other thread can take the same one."""
         while True:
             try:
                 conn = self._free.pop()[0]
             except IndexError:
-                break
+                return
             self._give_back(conn, close=close)
 
     def forget(self) -> None:
@@ -571,12 +576,7 @@ class _Lanes:
         on another thread right now are closed when it ends (``_epoch``)."""
         with self._lock:
             self._epoch += 1
-        while True:
-            try:
-                conn = self._free.pop()[0]
-            except IndexError:
-                break
-            self._give_back(conn, close=True)
+        self._give_back_idle(close=True)
         _disconnect_idle(self._pool)
 
 
