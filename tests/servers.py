@@ -343,7 +343,7 @@ class SentinelGroup:
             return TlsServer(self.binary, args=args, workdir=workdir, tls=self.tls_files).start()
         return Server(self.binary, args=args, workdir=workdir).start()
 
-    def start(self, timeout: float = 30.0) -> SentinelGroup:
+    def start(self, timeout: float = 60.0) -> SentinelGroup:
         workdir = scratch("sentinel-")
         fast_sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
         try:
