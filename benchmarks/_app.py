@@ -9,6 +9,13 @@ redis-py ``EVALSHA`` of ``return 1`` per request (the same floor as the decision
 own ``redis.asyncio`` client. Its requests/s next to ``/plain`` bound the ratio a FastAPI
 dependency with one round trip per request can reach on this machine.
 
+``/_bench/tokenlimit`` says which tokenlimit the server imported (``run.py --baseline`` starts a
+second server on an older revision and checks it). It is declared last, after the mount, so no
+measured route is matched against it first.
+
+Only public API that the baseline revisions have too: ``AsyncRateLimiter.from_url``, ``Limit``,
+``RateLimit(limit, limiter=...)`` and ``RateLimitMiddleware(app, limit=..., limiter=...)``.
+
     TOKENLIMIT_BENCH_URL=redis://127.0.0.1:6379/0 uvicorn _app:app --app-dir benchmarks
 """
 
@@ -19,6 +26,7 @@ import os
 import redis.asyncio
 from fastapi import Depends, FastAPI
 
+import tokenlimit
 from tokenlimit import AsyncRateLimiter, Limit
 from tokenlimit.integrations.fastapi import RateLimit, RateLimitMiddleware
 
@@ -72,3 +80,8 @@ async def middleware_limited() -> dict[str, str]:
 
 
 app.mount("/mw", middleware_app)
+
+
+@app.get("/_bench/tokenlimit")
+async def which() -> dict[str, str]:
+    return {"file": tokenlimit.__file__ or "", "version": tokenlimit.__version__}

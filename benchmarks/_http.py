@@ -4,6 +4,12 @@ separate process) on ``/plain`` and ``/limited`` in interleaved rounds.
 Besides requests per second, it reads the server process's CPU time from ``/proc`` around each
 run: when the server is not near 100% of a core, the load generator (not the app) was the
 bottleneck and the ratio understates the limiter's cost; CPU microseconds per request do not.
+
+With a baseline (``run.py --baseline REV``), a second uvicorn serves the same ``_app.py`` with
+that revision's tokenlimit first on ``PYTHONPATH`` (and its own Redis database, so the two never
+share a bucket), and its routes, ``base/plain``, ``base/limited`` and ``base/mw/limited``, take
+part in the same interleaved rounds: each server's limited / plain ratio is against its own
+plain route.
 """
 
 from __future__ import annotations
@@ -19,13 +25,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _server import free_port, stop_process
+
+if TYPE_CHECKING:
+    from _baseline import Baseline
 
 HERE = Path(__file__).resolve().parent
 LOAD_TEST = HERE.parent / "tools" / "load_test.py"
 ROUTES = ("plain", "limited", "mw/limited", "floor")
+BASE = "base/"  # the baseline server's routes: base/plain, base/limited, base/mw/limited
+BASE_ROUTES = ("plain", "limited", "mw/limited")
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -46,8 +57,11 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, str]]:
 
 
 @contextlib.contextmanager
-def app_server(redis_url: str, log_path: Path) -> Iterator[tuple[str, int]]:
-    """uvicorn with one worker (no supervisor: the PID is the worker) on 127.0.0.1."""
+def app_server(
+    redis_url: str, log_path: Path, baseline: Baseline | None = None
+) -> Iterator[tuple[str, int]]:
+    """uvicorn with one worker (no supervisor: the PID is the worker) on 127.0.0.1; with a
+    baseline, its tokenlimit is the one imported."""
     port = free_port()
     command = [
         sys.executable, "-m", "uvicorn", "_app:app",
@@ -56,8 +70,14 @@ def app_server(redis_url: str, log_path: Path) -> Iterator[tuple[str, int]]:
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
     env = {**os.environ, "TOKENLIMIT_BENCH_URL": redis_url}
+    cwd = None
+    if baseline is not None:
+        env = baseline.env(env)
+        # `python -m` puts the working directory first on sys.path, before PYTHONPATH: in the
+        # repository's root that would be the current tree's tokenlimit/.
+        cwd = baseline.path
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 30
@@ -109,46 +129,77 @@ def _sample(url: str, pid: int, seconds: float, concurrency: int) -> dict[str, A
     return sample
 
 
-def measure_fastapi(
-    redis_url: str, *, rounds: int, seconds: float, concurrency: int, log_path: Path
-) -> dict[str, Any]:
-    """Interleaved rounds on both routes; the raw samples, medians and checks."""
-    samples: dict[str, list[dict[str, Any]]] = {route: [] for route in ROUTES}
-    checks: list[str] = []
-    with app_server(redis_url, log_path) as (base, pid):
-        status, headers = _get(base + "/limited")
-        if status != 200 or "x-ratelimit-limit" not in headers:
-            raise RuntimeError(f"/limited is not limited: {status} {headers}")
-        checks.append(f"/limited answers 200 with X-RateLimit-Limit {headers['x-ratelimit-limit']}")
-        status, headers = _get(base + "/mw/limited")
-        if status != 200 or "x-ratelimit-limit" not in headers:
-            raise RuntimeError(f"/mw/limited is not limited: {status} {headers}")
-        statuses = [_get(base + "/tight")[0] for _ in range(3)]
-        if statuses[0] != 200 or 429 not in statuses[1:]:
-            raise RuntimeError(f"/tight (1/s, burst 1) did not refuse: {statuses}")
-        checks.append(f"/tight (1/s, burst 1) answered {statuses}: the dependency refuses")
-        for route in ROUTES:  # warm-up: connections, imports, the script cache
-            _load(f"{base}/{route}", min(seconds, 0.5), concurrency)
-        for number in range(rounds):
-            shift = number % len(ROUTES)
-            order = ROUTES[shift:] + ROUTES[:shift]
-            for route in order:
-                samples[route].append(_sample(f"{base}/{route}", pid, seconds, concurrency))
-    medians = {r: statistics.median(s["rps"] for s in samples[r]) for r in ROUTES}
+def _check_app(base: str, label: str, checks: list[str]) -> str:
+    """The routes limit (and /tight refuses); which tokenlimit the server imported."""
+    status, headers = _get(base + "/limited")
+    if status != 200 or "x-ratelimit-limit" not in headers:
+        raise RuntimeError(f"{label}/limited is not limited: {status} {headers}")
+    checks.append(
+        f"{label}/limited answers 200 with X-RateLimit-Limit {headers['x-ratelimit-limit']}"
+    )
+    status, headers = _get(base + "/mw/limited")
+    if status != 200 or "x-ratelimit-limit" not in headers:
+        raise RuntimeError(f"{label}/mw/limited is not limited: {status} {headers}")
+    statuses = [_get(base + "/tight")[0] for _ in range(3)]
+    if statuses[0] != 200 or 429 not in statuses[1:]:
+        raise RuntimeError(f"{label}/tight (1/s, burst 1) did not refuse: {statuses}")
+    checks.append(f"{label}/tight (1/s, burst 1) answered {statuses}: the dependency refuses")
+    with urllib.request.urlopen(base + "/_bench/tokenlimit", timeout=2) as response:
+        file: str = json.load(response)["file"]
+    return file
 
-    def paired(route: str) -> float | None:
+
+def measure_fastapi(
+    redis_url: str,
+    *,
+    rounds: int,
+    seconds: float,
+    concurrency: int,
+    log_path: Path,
+    baseline: Baseline | None = None,
+) -> dict[str, Any]:
+    """Interleaved rounds on every route (of both servers); the raw samples, medians and
+    checks."""
+    checks: list[str] = []
+    with contextlib.ExitStack() as stack:
+        base, pid = stack.enter_context(app_server(redis_url, log_path))
+        targets = {route: (f"{base}/{route}", pid) for route in ROUTES}
+        imported = {"current": _check_app(base, "", checks)}
+        if baseline is not None:
+            # Database 1: the same server, but never the current tree's buckets.
+            url = redis_url.rsplit("/", 1)[0] + "/1"
+            old_log = log_path.with_name("uvicorn-" + baseline.rev + ".log")
+            old, old_pid = stack.enter_context(app_server(url, old_log, baseline))
+            file = _check_app(old, BASE.rstrip("/"), checks)
+            if not Path(file).resolve().is_relative_to(baseline.path.resolve()):
+                raise RuntimeError(f"the {baseline.name} server imported tokenlimit from {file}")
+            imported["baseline"] = file
+            for route in BASE_ROUTES:
+                targets[BASE + route] = (f"{old}/{route}", old_pid)
+        labels = tuple(targets)
+        samples: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+        for url, _ in targets.values():  # warm-up: connections, imports, the script cache
+            _load(url, min(seconds, 0.5), concurrency)
+        for number in range(rounds):
+            shift = number % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                url, server = targets[label]
+                samples[label].append(_sample(url, server, seconds, concurrency))
+    medians = {r: statistics.median(s["rps"] for s in samples[r]) for r in labels}
+
+    def paired(route: str, plain: str = "plain") -> float | None:
         ratios = [
-            lim["rps"] / plain["rps"]
-            for plain, lim in zip(samples["plain"], samples[route], strict=True)
-            if plain["rps"]
+            lim["rps"] / first["rps"]
+            for first, lim in zip(samples[plain], samples[route], strict=True)
+            if first["rps"]
         ]
         return statistics.median(ratios) if ratios else None
 
-    for route in ROUTES:
-        bad = [s for s in samples[route] if s["errors"] or s["refused"]]
+    for label in labels:
+        bad = [s for s in samples[label] if s["errors"] or s["refused"]]
         if bad:
-            checks.append(f"/{route}: {len(bad)} run(s) had refusals or errors")
-    return {
+            checks.append(f"/{label}: {len(bad)} run(s) had refusals or errors")
+    result: dict[str, Any] = {
         "concurrency": concurrency,
         "seconds": seconds,
         "rounds": rounds,
@@ -160,3 +211,8 @@ def measure_fastapi(
         "floor_paired_ratio_median": paired("floor"),
         "checks": checks,
     }
+    if baseline is not None:
+        result["imported"] = imported
+        result["base_paired_ratio_median"] = paired(BASE + "limited", BASE + "plain")
+        result["base_middleware_paired_ratio_median"] = paired(BASE + "mw/limited", BASE + "plain")
+    return result

