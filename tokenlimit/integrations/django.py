@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.apps import AppConfig
@@ -34,7 +34,6 @@ from django.views import View
 
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._check import (
     RequestFacts,
     Verdict,
@@ -46,9 +45,20 @@ from tokenlimit.integrations._check import (
     combined,
     unavailable,
 )
-from tokenlimit.integrations._common import Policy, rate_limit_headers, record_request
+from tokenlimit.integrations._common import (
+    KeyFunction,
+    Policy,
+    RequestLimit,
+    rate_limit_headers,
+    record_request,
+)
 from tokenlimit.integrations._settings import Problem, Settings, SettingsError
 from tokenlimit.integrations._settings import problems as settings_problems
+
+if TYPE_CHECKING:
+    # What a user's key function or limit chooser is handed (and annotates it with). Django is
+    # untyped here, so it tells mypy nothing: what this module reads off a request is _Request.
+    from django.http import HttpRequest
 
 __all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
 
@@ -94,7 +104,7 @@ def _state() -> Settings:
     return state
 
 
-def _middleware_policy(state: Settings) -> Policy:
+def _middleware_policy(state: Settings) -> Policy[HttpRequest]:
     if state.policy is None:
         raise ImproperlyConfigured(
             "RateLimitMiddleware needs settings.TOKENLIMIT['LIMIT'] (tokenlimit.E003)"
@@ -135,7 +145,7 @@ async def _auser_id(request: Any) -> Any:
     return _pk(user)
 
 
-def _facts(request: Any, policy: Policy, route: str | None, user: Any) -> RequestFacts:
+def _facts(request: Any, policy: Policy[HttpRequest], route: str | None, user: Any) -> RequestFacts:
     header = policy.api_key_header
     return RequestFacts(
         request,
@@ -163,7 +173,9 @@ def _resolve(awaitable: Awaitable[Any]) -> Any:
     return async_to_sync(awaited)(awaitable)
 
 
-def _policy(rule: ViewLimit | None) -> tuple[Settings, Policy, str | None]:
+def _policy(
+    rule: ViewLimit[HttpRequest] | None,
+) -> tuple[Settings, Policy[HttpRequest], str | None]:
     """The settings, and the policy and scope of a view's limit (None: the middleware's)."""
     state = _state()
     if rule is None:
@@ -171,7 +183,9 @@ def _policy(rule: ViewLimit | None) -> tuple[Settings, Policy, str | None]:
     return state, rule.policy(state.base), rule.scope
 
 
-def _call_sync(rule: ViewLimit | None, route: str | None, request: Any, view: Any) -> Any:
+def _call_sync(
+    rule: ViewLimit[HttpRequest] | None, route: str | None, request: Any, view: Any
+) -> Any:
     """Check ``request`` in sync code, then answer 429/503 or call ``view()``."""
     state, policy, scope = _policy(rule)
     facts = _facts(request, policy, route, _user_id)
@@ -180,7 +194,9 @@ def _call_sync(rule: ViewLimit | None, route: str | None, request: Any, view: An
     return refused if refused is not None else _done(state.sync, request, route, verdict, view())
 
 
-async def _call_async(rule: ViewLimit | None, route: str | None, request: Any, view: Any) -> Any:
+async def _call_async(
+    rule: ViewLimit[HttpRequest] | None, route: str | None, request: Any, view: Any
+) -> Any:
     state, policy, scope = _policy(rule)
     facts = _facts(request, policy, route, _auser_id)
     verdict = await acheck(policy, facts, state.async_, scope=scope)
@@ -190,7 +206,7 @@ async def _call_async(rule: ViewLimit | None, route: str | None, request: Any, v
     return _done(state.async_, request, route, verdict, await view())
 
 
-def _render(state: Settings, request: Any, policy: Policy, verdict: Verdict) -> Any:
+def _render(state: Settings, request: Any, policy: Policy[HttpRequest], verdict: Verdict) -> Any:
     """Keep the verdict's decision for the response's headers; the 429/503 response, or None."""
     verdict.report(state.log)
     if verdict.decision is not None and policy.headers and not verdict.repeated:
@@ -273,7 +289,7 @@ def _async_view_instance(function: Any) -> bool:
     return isinstance(owner, View) and bool(type(owner).view_is_async)
 
 
-def _limit_view_class(rule: ViewLimit, cls: type[Any]) -> type[Any]:
+def _limit_view_class(rule: ViewLimit[HttpRequest], cls: type[Any]) -> type[Any]:
     route = _qualified(cls)
     original = cls.dispatch
 
@@ -291,7 +307,7 @@ def _limit_view_class(rule: ViewLimit, cls: type[Any]) -> type[Any]:
     return cls
 
 
-def _limit_view(rule: ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
+def _limit_view(rule: ViewLimit[HttpRequest], function: Callable[..., Any]) -> Callable[..., Any]:
     route = _qualified(function)
     if iscoroutinefunction(function):
 
@@ -316,10 +332,10 @@ def _limit_view(rule: ViewLimit, function: Callable[..., Any]) -> Callable[..., 
 
 
 def ratelimit(
-    limit: float | LimitSpec | None = None,
+    limit: RequestLimit[HttpRequest] | None = None,
     burst: int | None = None,
     *,
-    key: Any = None,
+    key: KeyFunction[HttpRequest] | None = None,
     cost: int = 1,
     headers: bool | None = None,
     shadow: bool | None = None,

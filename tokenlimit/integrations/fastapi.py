@@ -105,7 +105,7 @@ class _Guarded:
 
     __slots__ = ("_api_key_name", "_limiter", "_log", "policy")
 
-    def __init__(self, policy: Policy, limiter: Any) -> None:
+    def __init__(self, policy: Policy[Request], limiter: Any) -> None:
         self.policy = policy
         self._limiter = check_limiter(limiter)
         self._log = ThrottledLog()

@@ -25,7 +25,7 @@ import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Response, current_app, g, request
 
@@ -44,6 +44,9 @@ from tokenlimit.integrations._common import (
     unavailable_body,
 )
 
+if TYPE_CHECKING:
+    from flask import Request
+
 __all__ = ["TokenLimit"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +64,7 @@ class _State:
     """What ``init_app`` resolved for one app: ``app.extensions["tokenlimit"]``."""
 
     extension: TokenLimit
-    policy: Policy  # identity, exempt paths, headers; its limits apply only when has_default
+    policy: Policy[Request]  # identity, exempt paths, headers; limits apply when has_default
     has_default: bool
     limiter: RateLimiter | None  # None: the default limiter, looked up per request
 
@@ -127,7 +130,7 @@ class TokenLimit:
             "api_key_validator": api_key_validator,
         }
         # Weak: app factories that define their views per app must not keep old apps' views.
-        self._views: weakref.WeakKeyDictionary[Callable[..., Any], ViewLimit | object] = (
+        self._views: weakref.WeakKeyDictionary[Callable[..., Any], ViewLimit[Request] | object] = (
             weakref.WeakKeyDictionary()
         )
         self._log = ThrottledLog()
@@ -148,7 +151,7 @@ class TokenLimit:
         app.register_error_handler(BackendError, self._unavailable)
 
     @staticmethod
-    def _build(options: dict[str, Any], config: Any) -> tuple[Policy, bool]:
+    def _build(options: dict[str, Any], config: Any) -> tuple[Policy[Request], bool]:
         given = dict(options)
         from_config: dict[str, str] = {}
         for name in ("limit", "exempt", "trusted_proxies", "shadow", "api_key_header"):
@@ -211,7 +214,9 @@ class TokenLimit:
         self._mark(view, _EXEMPT, "exempt")
         return view
 
-    def _mark(self, view: Callable[..., Any], rule: ViewLimit | object, param: str) -> None:
+    def _mark(
+        self, view: Callable[..., Any], rule: ViewLimit[Request] | object, param: str
+    ) -> None:
         if not callable(view):
             raise ConfigTypeError(param, f"decorates a view function, not {view!r}")
         # The view itself is returned unchanged (sync or async alike); the hook finds the mark
@@ -223,7 +228,7 @@ class TokenLimit:
         except TypeError:
             raise ConfigTypeError(param, f"cannot mark {view!r} (no weak reference)") from None
 
-    def _rule_for(self, view: Any) -> ViewLimit | object | None:
+    def _rule_for(self, view: Any) -> ViewLimit[Request] | object | None:
         while view is not None:
             try:
                 found = self._views.get(view)
@@ -257,7 +262,7 @@ class TokenLimit:
         if verdict.status == 429 and verdict.decision is not None:
             raise RateLimitExceeded(verdict.decision)
 
-    def _facts(self, policy: Policy, route: str | None) -> RequestFacts:
+    def _facts(self, policy: Policy[Request], route: str | None) -> RequestFacts:
         forwarded = request.headers.getlist("X-Forwarded-For")  # several lines: one list
         # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
         template = request.url_rule.rule if request.url_rule is not None else None
