@@ -19,15 +19,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit._log import ThrottledLog
+from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._common import (
     Policy,
+    RequestT,
     custom_identity,
     decide_async,
     decide_sync,
@@ -56,7 +58,8 @@ __all__ = [
 
 Limiter = RateLimiter | AsyncRateLimiter
 Ledger = dict[tuple[str, tuple[Limit, ...]], Decision]  # (key, limits) -> the decision taken
-Resolve = Callable[[Awaitable[Any]], Any]  # runs an awaitable to its result from sync code
+Resolve = Callable[[Awaitable[object]], object]  # runs an awaitable to its result from sync code
+T = TypeVar("T")
 # A bare 503 is logged by no framework: say why (throttled, so an outage does not flood the log).
 STORAGE_FAILED = "tokenlimit: storage failed, answering 503 (failure_mode='closed')"
 
@@ -67,14 +70,17 @@ class RequestFacts(NamedTuple):
     A named tuple: immutable, and the cheapest record to build once per request.
     """
 
-    request: Any  # handed to key functions and limit choosers
+    # The framework's request, handed to the policy's key function and limit chooser, which
+    # take the policy's RequestT. Left untyped: a NamedTuple cannot be generic before Python
+    # 3.11 (the project supports 3.10), so the framework module building both ties the two.
+    request: Any
     path: str  # matched against the policy's exempt paths
     peer: str | None  # the socket peer (None, "" or a path: a unix socket)
     forwarded_for: str | None  # every X-Forwarded-For line, joined with ", "
     api_key: str | None = None  # the raw value of the policy's api_key_header (None: not read)
     # Reads the signed-in user's id (None: anonymous), or an awaitable of it; called only when
     # no API key names the client (it may query a database). None: nobody signs in here.
-    user: Callable[[], Any] | None = None
+    user: Callable[[], object] | None = None
     route: str | None = None  # what a per-route limit's bucket is named after; None: app-wide
     template: str | None = None  # the matched route's template, a metrics label, never a path
     routed: bool = True  # False before routing (a middleware): the caller counts an admission
@@ -102,12 +108,12 @@ class Verdict(NamedTuple):
 PASS = Verdict(200)  # exempt: nothing decided, nothing to add
 
 
-async def awaited(awaitable: Awaitable[Any]) -> Any:
+async def awaited(awaitable: Awaitable[T]) -> T:
     """``awaitable``'s result: what a framework's sync-from-async bridge runs."""
     return await awaitable
 
 
-def check_limiter(limiter: Any, *, sync: bool = False) -> Limiter | None:
+def check_limiter(limiter: object, *, sync: bool = False) -> Limiter | None:
     """``limiter`` if it is one an integration can use (None: the default, looked up per
     request); ``sync``: only a ``RateLimiter`` (an async one is a common mistake there)."""
     kinds = RateLimiter if sync else (RateLimiter, AsyncRateLimiter)
@@ -117,7 +123,7 @@ def check_limiter(limiter: Any, *, sync: bool = False) -> Limiter | None:
     return limiter
 
 
-def check_scope(scope: Any) -> str | None:
+def check_scope(scope: object) -> str | None:
     """A ``scope=`` name: None (a bucket per route) or a non-empty string without ``|``."""
     if scope is None:
         return None
@@ -139,7 +145,7 @@ def bucket_key(identity: str, *, route: str | None, scope: str | None) -> str:
     return f"route:{route}|{identity}"
 
 
-def answer(policy: Policy, decision: Decision, *, repeated: bool = False) -> Verdict:
+def answer(policy: Policy[RequestT], decision: Decision, *, repeated: bool = False) -> Verdict:
     """The verdict for ``decision``: go on with the rate-limit headers, or refuse with 429."""
     if decision.allowed:
         headers = rate_limit_headers(decision) if policy.headers else ()
@@ -167,17 +173,24 @@ def unavailable(error: BackendError) -> Verdict:
     return Verdict(503, (), unavailable_body(), None, STORAGE_FAILED, error)
 
 
-Steps = Generator[Awaitable[Any], Any, Verdict]
+# The check yields each awaitable it meets and is sent back its result: an identity, a
+# validator's answer, a user id, limits or a Decision, one type per yield, which the one send
+# type of a Generator cannot tell apart.
+Steps = Generator[Awaitable[object], Any, Verdict]
 
 
-def _is_async(function: Callable[..., Any]) -> bool:
+def _is_async(function: Callable[..., object]) -> bool:
     """A coroutine function, or an object whose ``__call__`` is one."""
     call = type(function).__call__
     return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
 
 
 def _steps(
-    policy: Policy, facts: RequestFacts, limiter: Limiter, scope: str | None, asynchronous: bool
+    policy: Policy[RequestT],
+    facts: RequestFacts,
+    limiter: Limiter,
+    scope: str | None,
+    asynchronous: bool,
 ) -> Steps:
     """The check, once for sync and async code: it yields each awaitable it meets (an async key
     function, validator, user or chooser, an async decision) and the shell sends back its
@@ -216,6 +229,7 @@ def _steps(
         earlier = ledger.get((key, limits))
         if earlier is not None:
             return answer(policy, earlier, repeated=True)
+    decision: Decision  # also what the yield below is sent back
     try:
         if asynchronous:
             decision = yield decide_async(limiter, key, limits, policy.cost, shadow=policy.shadow)
@@ -234,7 +248,7 @@ def _steps(
 
 
 def check(
-    policy: Policy,
+    policy: Policy[RequestT],
     facts: RequestFacts,
     limiter: Limiter,
     *,
@@ -254,7 +268,7 @@ def check(
 
 
 async def acheck(
-    policy: Policy, facts: RequestFacts, limiter: Limiter, *, scope: str | None = None
+    policy: Policy[RequestT], facts: RequestFacts, limiter: Limiter, *, scope: str | None = None
 ) -> Verdict:
     """Check one request from async code; a sync ``RateLimiter`` on a network store decides in
     a worker thread, so the event loop never waits on a socket."""
@@ -273,7 +287,7 @@ async def acheck(
         return verdict
 
 
-class ViewLimit:
+class ViewLimit(Generic[RequestT]):
     """A limit written on one view (Flask's ``@ext.limit``, Django's ``@ratelimit``): checked
     where it is written; ``policy(app)`` adds the app's identity options, once per app policy.
     ``None`` for ``shadow`` or ``headers`` means the app's; the view's ``key``, where it names
@@ -282,7 +296,15 @@ class ViewLimit:
     __slots__ = ("_cache", "_spec", "headers", "scope", "shadow")
 
     def __init__(
-        self, limit: Any, *, burst: Any, key: Any, cost: Any, scope: Any, shadow: Any, headers: Any
+        self,
+        limit: float | LimitSpec,
+        *,
+        burst: int | None,
+        key: Callable[[RequestT], object] | None,
+        cost: int,
+        scope: str | None,
+        shadow: bool | None,
+        headers: bool | None,
     ) -> None:
         if headers is not None and not isinstance(headers, bool):
             raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
@@ -293,9 +315,9 @@ class ViewLimit:
         self.shadow = shadow
         self.headers = headers
         self._spec = (limit, burst, key, cost)
-        self._cache: tuple[Policy, Policy] | None = None
+        self._cache: tuple[Policy[RequestT], Policy[RequestT]] | None = None
 
-    def policy(self, app: Policy) -> Policy:
+    def policy(self, app: Policy[RequestT]) -> Policy[RequestT]:
         """This view's policy under ``app``'s identity options."""
         cached = self._cache
         if cached is not None and cached[0] is app:
@@ -319,16 +341,16 @@ class ViewLimit:
         return policy
 
 
-class _FirstKey:
+class _FirstKey(Generic[RequestT]):
     """The first identity that one of several key functions names; an awaitable of it once one
     of them is async (then the rest are awaited too)."""
 
     __slots__ = ("functions",)
 
-    def __init__(self, *functions: Callable[[Any], Any]) -> None:
+    def __init__(self, *functions: Callable[[RequestT], object]) -> None:
         self.functions = functions
 
-    def __call__(self, request: Any) -> Any:
+    def __call__(self, request: RequestT) -> object:
         for index, function in enumerate(self.functions):
             named = function(request)
             if inspect.isawaitable(named):
@@ -337,7 +359,7 @@ class _FirstKey:
                 return named
         return None
 
-    async def _rest(self, pending: Awaitable[Any], request: Any, start: int) -> Any:
+    async def _rest(self, pending: Awaitable[object], request: RequestT, start: int) -> object:
         named = await pending
         for function in self.functions[start:]:
             if custom_identity(named) is not None:

@@ -13,18 +13,23 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeAlias, TypeVar
 
 from tokenlimit._backend import is_remote
 from tokenlimit._decision import Decision
 from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
-from tokenlimit._plan import LimitPlan
+from tokenlimit._plan import LimitChoice, LimitPlan, LimitSpec
 from tokenlimit._validate import check_cost
 
 __all__ = [
+    "ApiKeyValidator",
+    "KeyFunction",
+    "LimitChooser",
     "Policy",
+    "RequestLimit",
+    "RequestT",
     "TrustedProxies",
     "api_key_identity",
     "custom_identity",
@@ -176,7 +181,7 @@ def api_key_identity(raw: str) -> str:
 def default_identity(
     *,
     api_key: str | None,
-    user_id: Any,
+    user_id: object,
     peer: str | None,
     forwarded_for: str | None,
     proxies: TrustedProxies,
@@ -234,7 +239,7 @@ def _ip_key(
     return ip_identity(proxies.client_ip(peer, forwarded_for), ipv6_prefix)
 
 
-def _check_exempt(exempt: Any) -> tuple[str, ...]:
+def _check_exempt(exempt: str | Iterable[str] | None) -> tuple[str, ...]:
     if exempt is None:
         return ()
     items = [exempt] if isinstance(exempt, str) else exempt
@@ -248,18 +253,37 @@ def _check_exempt(exempt: Any) -> tuple[str, ...]:
     return paths
 
 
-KeyFunction = Callable[[Any], "str | Awaitable[str | None] | None"]
-ApiKeyValidator = Callable[[str], Any]  # raw key -> truthy when known, or an awaitable of it
+RequestT = TypeVar("RequestT")
+"""The framework's request, handed to key functions and limit choosers: Flask's and Starlette's
+``Request``, Django's ``HttpRequest``."""
+
+KeyFunction: TypeAlias = Callable[[RequestT], str | Awaitable[str | None] | None]
+"""A ``key``: the request -> the caller's identity (None or ``""``: the default identity), or an
+awaitable of it."""
+
+LimitChooser: TypeAlias = Callable[[RequestT], LimitChoice | Awaitable[LimitChoice]]
+"""A ``limit`` standing in for the limits (tiers): the request -> the limit(s) for it, or an
+awaitable of them; what it picks is checked at each request."""
+
+RequestLimit: TypeAlias = float | Limit | str | Sequence[Limit | str] | LimitChooser[RequestT]
+"""An integration's ``limit``: a number of tokens per second or a string like ``"100/minute"``
+(each with ``burst``), a ``Limit``, a list of them, or a chooser taking the request."""
+
+ApiKeyValidator: TypeAlias = Callable[[str], object]
+"""An ``api_key_validator``: the raw key -> truthy when the app knows it, or an awaitable of
+that (any value: only its truth counts)."""
+
 DEFAULT_API_KEY_HEADER = "X-API-Key"  # read when a validator is given without a header name
-LimitChooser = Callable[[Any], Any]  # request -> limit(s), or an awaitable of them (tiers)
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class Policy(Generic[RequestT]):
     """The options an integration applies to a request, validated once."""
 
     limits: tuple[Limit, ...]
-    key: KeyFunction | None = None
+    # A KeyFunction, or a KEY setting: a callable named by a dotted path, whose answers
+    # ``custom_identity`` takes whatever they are.
+    key: Callable[[RequestT], object] | None = None
     cost: int = 1
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = field(default_factory=TrustedProxies)
@@ -267,25 +291,27 @@ class Policy:
     api_key_header: str | None = None  # None: API keys are no identity (a client may make them up)
     ipv6_prefix: int = 64
     shadow: bool = False  # decide and count, never refuse (see LimiterBase.as_shadow)
-    choose: LimitChooser | None = None  # tiers: picks the limits per request (``limits`` is ())
+    choose: LimitChooser[RequestT] | None = None  # tiers: picks the limits per request
     api_key_validator: ApiKeyValidator | None = None  # None: every key in the header counts
 
     @classmethod
     def build(
         cls,
-        limit: Any,
+        limit: float | LimitSpec | None,
         *,
         burst: int | None = None,
-        key: Any = None,
-        cost: Any = 1,
-        exempt: Any = None,
-        trusted_proxies: Any = None,
-        headers: Any = True,
-        api_key_header: Any = None,
-        ipv6_prefix: Any = 64,
-        shadow: Any = False,
-        api_key_validator: Any = None,
-    ) -> Policy:
+        key: Callable[[RequestT], object] | None = None,
+        cost: int = 1,
+        exempt: str | Iterable[str] | None = None,
+        trusted_proxies: int | str | Iterable[str] | TrustedProxies | None = None,
+        headers: bool = True,
+        api_key_header: str | None = None,
+        ipv6_prefix: int = 64,
+        shadow: bool = False,
+        api_key_validator: ApiKeyValidator | None = None,
+    ) -> Policy[RequestT]:
+        """The policy for these options, each checked at run time as well (a framework's config
+        or settings may hold any value): a ConfigError naming the parameter."""
         if limit is None and burst is None:  # identity options only (limits set per view)
             plan = LimitPlan((), check_cost(cost))
         else:  # ``limit`` takes every spelling ``rate_limit``'s ``rate`` does, with ``burst``
@@ -318,19 +344,18 @@ class Policy:
             if isinstance(trusted_proxies, TrustedProxies)
             else TrustedProxies(trusted_proxies)
         )
-        exempt = _check_exempt(exempt)
         return cls(
-            plan.limits, key, plan.cost, exempt, proxies, headers, api_key_header, ipv6_prefix,
-            shadow, choose=plan.choose, api_key_validator=api_key_validator,
+            plan.limits, key, plan.cost, _check_exempt(exempt), proxies, headers, api_key_header,
+            ipv6_prefix, shadow, choose=plan.choose, api_key_validator=api_key_validator,
         )  # fmt: skip
 
-    def limits_for(self, request: Any) -> tuple[Limit, ...]:
+    def limits_for(self, request: RequestT) -> tuple[Limit, ...]:
         """The limits for ``request``: the policy's own, or what its chooser picks (sync)."""
         if self.choose is None:
             return self.limits
         return LimitPlan(self.limits, self.cost, self.choose).limits_for(request)
 
-    async def alimits_for(self, request: Any) -> tuple[Limit, ...]:
+    async def alimits_for(self, request: RequestT) -> tuple[Limit, ...]:
         """``limits_for`` in async code: the chooser may be a coroutine function."""
         if self.choose is None:
             return self.limits
@@ -343,7 +368,7 @@ class Policy:
         return False
 
     def identity(
-        self, *, api_key: str | None, user_id: Any, peer: str | None, forwarded_for: str | None
+        self, *, api_key: str | None, user_id: object, peer: str | None, forwarded_for: str | None
     ) -> str:
         """The default identity; ``api_key`` is one the app vouches for (see ``_check``)."""
         return default_identity(
@@ -431,7 +456,7 @@ def unavailable_body() -> bytes:
 
 
 # -- deciding ----------------------------------------------------------------------------------
-def _in_process(limiter: Any) -> bool:
+def _in_process(limiter: RateLimiter | AsyncRateLimiter) -> bool:
     return not is_remote(limiter.backend)
 
 
@@ -473,7 +498,7 @@ def decide_sync(
 ANY_ROUTE = "*"  # the route label when no template is known (unrouted, or before routing)
 
 
-def record_request(limiter: Any, route: str | None, result: str) -> None:
+def record_request(limiter: object, route: str | None, result: str) -> None:
     """Count one check on ``route`` (a template, never a raw path) with the limiter's metrics
     sink, when it has ``record_request`` (an optional part of ``MetricsSink``)."""
     record = getattr(getattr(limiter, "metrics", None), "record_request", None)
@@ -481,7 +506,7 @@ def record_request(limiter: Any, route: str | None, result: str) -> None:
         record(route or ANY_ROUTE, result)
 
 
-def custom_identity(result: Any) -> str | None:
+def custom_identity(result: object) -> str | None:
     """A custom key function's answer as an identity: None or ``""`` mean "use the default
     identity", in every integration and mode."""
     return None if result is None or result == "" else str(result)

@@ -5,6 +5,7 @@ one ``Problem`` per bad entry, each with its check id, for the framework to repo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pkgutil
 import re
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._limit import Limit, coerce_limits
 from tokenlimit._log import ThrottledLog
 from tokenlimit._metrics import MetricsSink
+from tokenlimit._plan import Chooser
 from tokenlimit._url import parse_url
 from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
 from tokenlimit.integrations._common import Policy, TrustedProxies
@@ -37,8 +39,8 @@ class Options:
     """``settings.TOKENLIMIT``, validated."""
 
     url: str = "memory://"
-    limits: tuple[Limit, ...] | Callable[[Any], Any] | None = None  # or a chooser (tiers)
-    key: Callable[[Any], Any] | None = None
+    limits: tuple[Limit, ...] | Chooser | None = None  # or a chooser taking the request (tiers)
+    key: Callable[..., object] | None = None  # takes the request
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     failure_mode: str = "closed"
@@ -49,7 +51,7 @@ class Options:
     ipv6_prefix: int = 64
     metrics: MetricsSink | None = None
     shadow: bool = False
-    api_key_validator: Callable[[str], Any] | None = None
+    api_key_validator: Callable[[str], object] | None = None
 
 
 class SettingsError(ValueError):
@@ -62,7 +64,7 @@ class Settings:
     a view's own limit adds its own to (``base``), the middleware's policy (None without
     ``LIMIT``), and the throttled log of storage failures answered 503."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: object) -> None:
         options, found = read(raw)
         errors = [problem for problem in found if problem.serious]
         if errors:
@@ -77,18 +79,19 @@ class Settings:
             self.sync, self.async_ = limiter_pair(options.url, limiter_options)
         except ValueError as error:  # a URL the scheme check let through (a bad port, ...)
             raise SettingsError(f"settings.TOKENLIMIT['URL']: {error} (tokenlimit.E002)") from error
-        identity: dict[str, Any] = {
-            "key": options.key,
-            "exempt": options.exempt,
-            "trusted_proxies": options.proxies,
-            "headers": options.headers,
-            "api_key_header": options.api_key_header,
-            "ipv6_prefix": options.ipv6_prefix,
-            "shadow": options.shadow,
-            "api_key_validator": options.api_key_validator,
-        }
-        self.base = Policy.build(None, **identity)
-        self.policy = None if options.limits is None else Policy.build(options.limits, **identity)
+        identity = functools.partial(
+            Policy.build,
+            key=options.key,
+            exempt=options.exempt,
+            trusted_proxies=options.proxies,
+            headers=options.headers,
+            api_key_header=options.api_key_header,
+            ipv6_prefix=options.ipv6_prefix,
+            shadow=options.shadow,
+            api_key_validator=options.api_key_validator,
+        )
+        self.base = identity(None)
+        self.policy = None if options.limits is None else identity(options.limits)
         self.log = ThrottledLog()
 
     def close(self) -> None:
@@ -96,44 +99,39 @@ class Settings:
         self.sync.close()
 
 
-def _probe(**option: Any) -> Any:
-    """Validate one option alone, as ``Policy.build`` does it."""
-    policy = Policy.build(None, **option)
-    return getattr(policy, next(iter(option)))
-
-
-def _key_function(value: Any, param: str = "key") -> Callable[[Any], Any]:
+def _key_function(value: object, param: str = "key") -> Callable[..., object]:
     """``KEY``: a dotted path to a callable (or the callable itself)."""
-    function: Any = pkgutil.resolve_name(value) if isinstance(value, str) else value
+    function: object = pkgutil.resolve_name(value) if isinstance(value, str) else value
     if not callable(function):
         raise ConfigTypeError(param, f"{value!r} is not callable")
-    return cast("Callable[[Any], Any]", function)
+    return function
 
 
-def _api_key_validator(value: Any) -> Callable[[str], Any] | None:
+def _api_key_validator(value: object) -> Callable[..., object] | None:
     """``API_KEY_VALIDATOR``: a dotted path to ``key -> truthy when known`` (or the callable)."""
     return None if value is None else _key_function(value, "api_key_validator")
 
 
-def _limit_setting(value: Any) -> tuple[Limit, ...] | Callable[[Any], Any]:
+def _limit_setting(value: object) -> tuple[Limit, ...] | Chooser:
     """``LIMIT``: the limit(s), or a callable taking the request and choosing them (tiers),
     given itself or as a dotted path."""
-    if callable(value):
-        return cast("Callable[[Any], Any]", value)
-    try:
-        return coerce_limits(value)
-    except ConfigError:
-        if not (isinstance(value, str) and _DOTTED.match(value)):
-            raise
-    return _key_function(value, "limit")
+    if not callable(value):
+        try:
+            return coerce_limits(value)
+        except ConfigError:
+            if not (isinstance(value, str) and _DOTTED.match(value)):
+                raise
+        value = _key_function(value, "limit")
+    # Taken as the chooser it is named as: what it picks is checked at each request.
+    return cast("Chooser", value)
 
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # "myapp.plans.limits_for"
 
 
-def _metrics_sink(value: Any) -> MetricsSink | None:
+def _metrics_sink(value: object) -> MetricsSink | None:
     """``METRICS``: a dotted path to a ``MetricsSink`` instance (or the instance itself)."""
-    sink: Any = pkgutil.resolve_name(value) if isinstance(value, str) else value
+    sink: object = pkgutil.resolve_name(value) if isinstance(value, str) else value
     if sink is not None and (isinstance(sink, type) or not isinstance(sink, MetricsSink)):
         raise ConfigTypeError(
             "metrics", f"{value!r} is not a MetricsSink (record_decision() and record_error())"
@@ -141,26 +139,35 @@ def _metrics_sink(value: Any) -> MetricsSink | None:
     return sink
 
 
-# setting -> (option, check id, validator)
-_FIELDS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+# setting -> (option, check id, validator). A validator takes whatever the settings hold and
+# checks it at run time (some say which spellings they accept: a wrong one is an error there).
+_FIELDS: dict[str, tuple[str, str, Callable[[Any], object]]] = {
     "URL": ("url", "tokenlimit.E002", lambda v: parse_url(v)[1]),
     "LIMIT": ("limits", "tokenlimit.E003", _limit_setting),
     "KEY": ("key", "tokenlimit.E004", _key_function),
     "FAILURE_MODE": ("failure_mode", "tokenlimit.E005", check_failure_mode),
     "TRUSTED_PROXIES": ("proxies", "tokenlimit.E006", TrustedProxies),
-    "EXEMPT": ("exempt", "tokenlimit.E007", lambda v: _probe(exempt=v)),
-    "HEADERS": ("headers", "tokenlimit.E008", lambda v: _probe(headers=v)),
+    "EXEMPT": ("exempt", "tokenlimit.E007", lambda v: Policy.build(None, exempt=v).exempt),
+    "HEADERS": ("headers", "tokenlimit.E008", lambda v: Policy.build(None, headers=v).headers),
     "PREFIX": ("prefix", "tokenlimit.E009", check_prefix),
     "TIMEOUT": ("timeout", "tokenlimit.E010", check_deadline),
-    "API_KEY_HEADER": ("api_key_header", "tokenlimit.E011", lambda v: _probe(api_key_header=v)),
-    "IPV6_PREFIX": ("ipv6_prefix", "tokenlimit.E012", lambda v: _probe(ipv6_prefix=v)),
+    "API_KEY_HEADER": (
+        "api_key_header",
+        "tokenlimit.E011",
+        lambda v: Policy.build(None, api_key_header=v).api_key_header,
+    ),
+    "IPV6_PREFIX": (
+        "ipv6_prefix",
+        "tokenlimit.E012",
+        lambda v: Policy.build(None, ipv6_prefix=v).ipv6_prefix,
+    ),
     "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
-    "SHADOW": ("shadow", "tokenlimit.E014", lambda v: _probe(shadow=v)),
+    "SHADOW": ("shadow", "tokenlimit.E014", lambda v: Policy.build(None, shadow=v).shadow),
     "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
 }
 
 
-def read(raw: Any) -> tuple[Options, list[Problem]]:
+def read(raw: object) -> tuple[Options, list[Problem]]:
     """Validate ``settings.TOKENLIMIT``: the options, and one problem per bad entry."""
     if raw is None:
         raw = {}
@@ -168,7 +175,7 @@ def read(raw: Any) -> tuple[Options, list[Problem]]:
         hint = 'TOKENLIMIT = {"URL": "redis://localhost:6379/0", "LIMIT": "100/minute"}'
         message = f"settings.TOKENLIMIT must be a dict, not {type(raw).__name__}."
         return Options(), [Problem("tokenlimit.E001", message, hint)]
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {}  # option -> its validator's answer, of the option's own type
     found: list[Problem] = []
     for name, value in raw.items():
         field = _FIELDS.get(name)
@@ -188,7 +195,7 @@ def read(raw: Any) -> tuple[Options, list[Problem]]:
     return Options(**values), found
 
 
-def problems(raw: Any, middleware: Sequence[str], *, limiter: str, auth: str) -> list[Problem]:
+def problems(raw: object, middleware: Sequence[str], *, limiter: str, auth: str) -> list[Problem]:
     """Everything wrong with ``raw`` (``settings.TOKENLIMIT``) where ``middleware`` is the
     installed list, ``limiter`` the rate-limit middleware's path and ``auth`` the one that
     signs users in: bad entries, no ``LIMIT`` for the middleware, no ``URL``, and the limiter

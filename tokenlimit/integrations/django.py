@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.apps import AppConfig
@@ -34,8 +34,8 @@ from django.views import View
 
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
-from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._check import (
+    Limiter,
     RequestFacts,
     Verdict,
     ViewLimit,
@@ -46,13 +46,54 @@ from tokenlimit.integrations._check import (
     combined,
     unavailable,
 )
-from tokenlimit.integrations._common import Policy, rate_limit_headers, record_request
+from tokenlimit.integrations._common import (
+    KeyFunction,
+    Policy,
+    RequestLimit,
+    rate_limit_headers,
+    record_request,
+)
 from tokenlimit.integrations._settings import Problem, Settings, SettingsError
 from tokenlimit.integrations._settings import problems as settings_problems
+
+if TYPE_CHECKING:
+    # What a user's key function or limit chooser is handed (and annotates it with). Django is
+    # untyped here, so it tells mypy nothing: what this module reads off a request is _Request.
+    from django.http import HttpRequest
 
 __all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
 
 V = TypeVar("V")
+
+
+class _Request(Protocol):
+    """What is read off a Django ``HttpRequest`` (``user``, ``auser`` and ``resolver_match``
+    with getattr: a request may lack them)."""
+
+    path_info: str
+    META: Mapping[str, str]  # the entries read, REMOTE_ADDR and HTTP_X_FORWARDED_FOR, are str
+    headers: Mapping[str, str]
+
+
+class _User(Protocol):
+    """What is read off an authenticated ``request.user``."""
+
+    @property
+    def pk(self) -> object: ...
+
+
+class _Response(Protocol):
+    """What is done to a Django response: setting a header."""
+
+    def __setitem__(self, header: str, value: str, /) -> None: ...
+
+
+class _View(Protocol):
+    """A class-based view (a ``django.views.View`` subclass), as ``ratelimit`` wraps it."""
+
+    view_is_async: ClassVar[bool]
+    dispatch: Callable[..., Any]  # a response, or where view_is_async a coroutine of one
+
 
 MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
@@ -61,12 +102,12 @@ _LEDGER = "_tokenlimit_charged"  # request attribute: the buckets it charged
 
 
 # -- settings --------------------------------------------------------------------------------
-def _message(problem: Problem) -> Any:
+def _message(problem: Problem) -> object:
     kind = checks.Error if problem.serious else checks.Warning
     return kind(problem.message, hint=problem.hint, id=problem.id)
 
 
-def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+def check_settings(app_configs: object = None, **kwargs: object) -> list[object]:
     """The system check: every bad entry of ``settings.TOKENLIMIT``, each with its own id."""
     raw = getattr(settings, "TOKENLIMIT", None)
     middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
@@ -94,7 +135,7 @@ def _state() -> Settings:
     return state
 
 
-def _middleware_policy(state: Settings) -> Policy:
+def _middleware_policy(state: Settings) -> Policy[HttpRequest]:
     if state.policy is None:
         raise ImproperlyConfigured(
             "RateLimitMiddleware needs settings.TOKENLIMIT['LIMIT'] (tokenlimit.E003)"
@@ -102,7 +143,7 @@ def _middleware_policy(state: Settings) -> Policy:
     return state.policy
 
 
-def _forget(*, setting: str, **kwargs: Any) -> None:
+def _forget(*, setting: str, **kwargs: object) -> None:
     global _current
     if setting != "TOKENLIMIT":
         return
@@ -116,15 +157,15 @@ setting_changed.connect(_forget, dispatch_uid="tokenlimit.integrations.django")
 
 
 # -- request facts and answers ---------------------------------------------------------------
-def _pk(user: Any) -> Any:
+def _pk(user: _User | None) -> object:
     return user.pk if user is not None and getattr(user, "is_authenticated", False) else None
 
 
-def _user_id(request: Any) -> Any:
+def _user_id(request: _Request) -> object:
     return _pk(getattr(request, "user", None))
 
 
-async def _auser_id(request: Any) -> Any:
+async def _auser_id(request: _Request) -> object:
     # request.user is lazy and may query the database: never on the event loop.
     auser = getattr(request, "auser", None)
     if callable(auser):
@@ -135,7 +176,12 @@ async def _auser_id(request: Any) -> Any:
     return _pk(user)
 
 
-def _facts(request: Any, policy: Policy, route: str | None, user: Any) -> RequestFacts:
+def _facts(
+    request: _Request,
+    policy: Policy[HttpRequest],
+    route: str | None,
+    user: Callable[[_Request], object],
+) -> RequestFacts:
     header = policy.api_key_header
     return RequestFacts(
         request,
@@ -151,19 +197,21 @@ def _facts(request: Any, policy: Policy, route: str | None, user: Any) -> Reques
     )
 
 
-def _template(request: Any) -> str | None:
+def _template(request: object) -> str | None:
     """The matched URL pattern (``items/<int:item_id>``), never the raw path; None before URL
     resolution (in the middleware, until the view has run) or when nothing matched."""
     route = getattr(getattr(request, "resolver_match", None), "route", None)
     return route if isinstance(route, str) else None
 
 
-def _resolve(awaitable: Awaitable[Any]) -> Any:
+def _resolve(awaitable: Awaitable[object]) -> object:
     """An async ``KEY``, validator or chooser's result, behind a sync middleware chain."""
     return async_to_sync(awaited)(awaitable)
 
 
-def _policy(rule: ViewLimit | None) -> tuple[Settings, Policy, str | None]:
+def _policy(
+    rule: ViewLimit[HttpRequest] | None,
+) -> tuple[Settings, Policy[HttpRequest], str | None]:
     """The settings, and the policy and scope of a view's limit (None: the middleware's)."""
     state = _state()
     if rule is None:
@@ -171,7 +219,12 @@ def _policy(rule: ViewLimit | None) -> tuple[Settings, Policy, str | None]:
     return state, rule.policy(state.base), rule.scope
 
 
-def _call_sync(rule: ViewLimit | None, route: str | None, request: Any, view: Any) -> Any:
+def _call_sync(
+    rule: ViewLimit[HttpRequest] | None,
+    route: str | None,
+    request: _Request,
+    view: Callable[[], _Response],
+) -> _Response:
     """Check ``request`` in sync code, then answer 429/503 or call ``view()``."""
     state, policy, scope = _policy(rule)
     facts = _facts(request, policy, route, _user_id)
@@ -180,7 +233,12 @@ def _call_sync(rule: ViewLimit | None, route: str | None, request: Any, view: An
     return refused if refused is not None else _done(state.sync, request, route, verdict, view())
 
 
-async def _call_async(rule: ViewLimit | None, route: str | None, request: Any, view: Any) -> Any:
+async def _call_async(
+    rule: ViewLimit[HttpRequest] | None,
+    route: str | None,
+    request: _Request,
+    view: Callable[[], Awaitable[_Response]],
+) -> _Response:
     state, policy, scope = _policy(rule)
     facts = _facts(request, policy, route, _auser_id)
     verdict = await acheck(policy, facts, state.async_, scope=scope)
@@ -190,20 +248,26 @@ async def _call_async(rule: ViewLimit | None, route: str | None, request: Any, v
     return _done(state.async_, request, route, verdict, await view())
 
 
-def _render(state: Settings, request: Any, policy: Policy, verdict: Verdict) -> Any:
+def _render(
+    state: Settings, request: _Request, policy: Policy[HttpRequest], verdict: Verdict
+) -> _Response | None:
     """Keep the verdict's decision for the response's headers; the 429/503 response, or None."""
     verdict.report(state.log)
     if verdict.decision is not None and policy.headers and not verdict.repeated:
         vars(request).setdefault(_DECISIONS, []).append(verdict.decision)
     if verdict.status == 200:
         return None
-    response = HttpResponse(verdict.body, status=verdict.status, content_type="application/json")
+    response: _Response = HttpResponse(
+        verdict.body, status=verdict.status, content_type="application/json"
+    )
     for name, value in verdict.headers:  # a 429's Retry-After, even with HEADERS off
         response[name] = value
     return _annotate(request, response)
 
 
-def _done(limiter: Any, request: Any, route: str | None, verdict: Verdict, response: Any) -> Any:
+def _done(
+    limiter: Limiter, request: _Request, route: str | None, verdict: Verdict, response: _Response
+) -> _Response:
     """The response, with every limit the request was checked against in its headers."""
     if route is None and verdict.decision is not None:
         # The middleware's admission, counted now that the URL is resolved.
@@ -211,7 +275,7 @@ def _done(limiter: Any, request: Any, route: str | None, verdict: Verdict, respo
     return _annotate(request, response)
 
 
-def _annotate(request: Any, response: Any) -> Any:
+def _annotate(request: object, response: _Response) -> _Response:
     decisions: list[Decision] = getattr(request, _DECISIONS, None) or []
     if decisions and response is not None:
         for name, value in rate_limit_headers(combined(decisions)):
@@ -231,19 +295,21 @@ class RateLimitMiddleware:
     sync_capable = True
     async_capable = True
 
-    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+    # ``get_response``: the next handler. It answers a response or, in an async chain, a
+    # coroutine of one: Django picks the mode per chain, at run time.
+    def __init__(self, get_response: Callable[[_Request], Any]) -> None:
         self.get_response = get_response
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
         _middleware_policy(_state())  # a bad setting fails at start-up, not at a request
 
-    def __call__(self, request: Any) -> Any:
+    def __call__(self, request: _Request) -> _Response | Awaitable[_Response]:
         if self._async:
             return _call_async(None, None, request, lambda: self.get_response(request))
         return _call_sync(None, None, request, lambda: self.get_response(request))
 
-    def process_exception(self, request: Any, exception: Exception) -> Any:
+    def process_exception(self, request: _Request, exception: Exception) -> _Response | None:
         """A view's own ``RateLimitExceeded`` (``@rate_limit`` inside it) answers 429, and a
         ``BackendError`` 503, as the middleware's own decisions do."""
         state = _state()
@@ -256,7 +322,7 @@ class RateLimitMiddleware:
 
 
 # -- decorator -------------------------------------------------------------------------------
-def _qualified(obj: Any) -> str:
+def _qualified(obj: object) -> str:
     """The view's dotted path: what its bucket is named after. ``as_view()`` functions all
     share one ``__qualname__``, so they are named after their ``view_class``."""
     owner = getattr(obj, "view_class", None)
@@ -265,7 +331,7 @@ def _qualified(obj: Any) -> str:
     return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
-def _async_view_instance(function: Any) -> bool:
+def _async_view_instance(function: object) -> bool:
     """True for a sync method of an async class-based view: ``method_decorator`` on
     ``dispatch`` hands us ``partial(view.dispatch)``, which returns a coroutine."""
     bound = getattr(function, "func", None) if isinstance(function, functools.partial) else None
@@ -273,30 +339,36 @@ def _async_view_instance(function: Any) -> bool:
     return isinstance(owner, View) and bool(type(owner).view_is_async)
 
 
-def _limit_view_class(rule: ViewLimit, cls: type[Any]) -> type[Any]:
+def _limit_view_class(rule: ViewLimit[HttpRequest], cls: type[_View]) -> type[_View]:
     route = _qualified(cls)
     original = cls.dispatch
 
     @functools.wraps(original)
-    def dispatch(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        def view() -> Any:
-            return original(self, request, *args, **kwargs)
-
+    def dispatch(
+        self: _View, request: _Request, *args: object, **kwargs: object
+    ) -> _Response | Awaitable[_Response]:
         # Like View.dispatch: a coroutine for an async view, a response for a sync one.
         if type(self).view_is_async:
-            return _call_async(rule, route, request, view)
-        return _call_sync(rule, route, request, view)
+            return _call_async(
+                rule, route, request, lambda: original(self, request, *args, **kwargs)
+            )
+        return _call_sync(rule, route, request, lambda: original(self, request, *args, **kwargs))
 
     cls.dispatch = dispatch
     return cls
 
 
-def _limit_view(rule: ViewLimit, function: Callable[..., Any]) -> Callable[..., Any]:
+def _limit_view(
+    rule: ViewLimit[HttpRequest],
+    # A view function: its answer is a response or, for an async view (or the sync method of
+    # one that method_decorator hands over), a coroutine of one.
+    function: Callable[..., Any],
+) -> Callable[..., _Response | Awaitable[_Response]]:
     route = _qualified(function)
     if iscoroutinefunction(function):
 
         @functools.wraps(function)
-        async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+        async def async_view(request: _Request, *args: object, **kwargs: object) -> _Response:
             return await _call_async(
                 rule, route, request, lambda: function(request, *args, **kwargs)
             )
@@ -304,22 +376,21 @@ def _limit_view(rule: ViewLimit, function: Callable[..., Any]) -> Callable[..., 
         return async_view
 
     @functools.wraps(function)
-    def sync_view(request: Any, *args: Any, **kwargs: Any) -> Any:
-        def view() -> Any:
-            return function(request, *args, **kwargs)
-
+    def sync_view(
+        request: _Request, *args: object, **kwargs: object
+    ) -> _Response | Awaitable[_Response]:
         if _async_view_instance(function):
-            return _call_async(rule, route, request, view)
-        return _call_sync(rule, route, request, view)
+            return _call_async(rule, route, request, lambda: function(request, *args, **kwargs))
+        return _call_sync(rule, route, request, lambda: function(request, *args, **kwargs))
 
     return sync_view
 
 
 def ratelimit(
-    limit: float | LimitSpec | None = None,
+    limit: RequestLimit[HttpRequest] | None = None,
     burst: int | None = None,
     *,
-    key: Any = None,
+    key: KeyFunction[HttpRequest] | None = None,
     cost: int = 1,
     headers: bool | None = None,
     shadow: bool | None = None,

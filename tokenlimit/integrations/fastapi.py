@@ -18,8 +18,7 @@ middleware also serves plain Starlette apps.
 # annotations at runtime, and an instance has no ``__globals__`` to resolve strings against.
 
 import functools
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +31,6 @@ from tokenlimit._config import default_async_limiter
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, RateLimitExceeded
 from tokenlimit._log import ThrottledLog
-from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._check import (
     Limiter,
     RequestFacts,
@@ -41,7 +39,10 @@ from tokenlimit.integrations._check import (
     check_scope,
 )
 from tokenlimit.integrations._common import (
+    ApiKeyValidator,
+    KeyFunction,
     Policy,
+    RequestLimit,
     record_request,
     refused_body,
     response_headers,
@@ -50,9 +51,6 @@ from tokenlimit.integrations._common import (
 
 __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
 
-LimitArg = float | LimitSpec  # a chooser here takes the request
-KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
-ApiKeyCheck = Callable[[str], Any]  # raw key -> truthy when known (or an awaitable of that)
 DEFAULT_EXEMPT = ("/health", "/metrics")
 _LEDGER = "tokenlimit.charged"  # scope key: the buckets this request charged
 
@@ -75,7 +73,7 @@ class RateLimited(HTTPException):
         return self.decision.retry_after
 
 
-def _user_id(user: Any) -> Any:
+def _user_id(user: object) -> object:
     """The id of an authenticated ``scope["user"]`` (Starlette's AuthenticationMiddleware)."""
     try:
         if getattr(user, "is_authenticated", False) is not True:
@@ -105,7 +103,7 @@ class _Guarded:
 
     __slots__ = ("_api_key_name", "_limiter", "_log", "policy")
 
-    def __init__(self, policy: Policy, limiter: Any) -> None:
+    def __init__(self, policy: Policy[Request], limiter: Limiter | None) -> None:
         self.policy = policy
         self._limiter = check_limiter(limiter)
         self._log = ThrottledLog()
@@ -175,10 +173,10 @@ class RateLimit(_Guarded):
 
     def __init__(
         self,
-        limit: LimitArg,
+        limit: RequestLimit[Request],
         *,
         burst: int | None = None,
-        key: KeyFunc | None = None,
+        key: KeyFunction[Request] | None = None,
         cost: int = 1,
         limiter: Limiter | None = None,
         trusted_proxies: int | Iterable[str] | None = None,
@@ -186,7 +184,7 @@ class RateLimit(_Guarded):
         api_key_header: str | None = None,
         ipv6_prefix: int = 64,
         shadow: bool = False,
-        api_key_validator: ApiKeyCheck | None = None,
+        api_key_validator: ApiKeyValidator | None = None,
         scope: str | None = None,
     ) -> None:
         policy = Policy.build(
@@ -242,7 +240,7 @@ async def _answer(send: Send, status: int, body: bytes, fields: Sequence[tuple[s
     await send({"type": "http.response.body", "body": body})
 
 
-def _find_router(app: Any) -> Router | None:
+def _find_router(app: object) -> Router | None:
     """The router under ``app``, through the middleware layers (each keeps the next as
     ``.app``, as Starlette's own do); None for an app without one."""
     for _ in range(64):  # a bound, in case layers point back at each other
@@ -272,9 +270,9 @@ class RateLimitMiddleware(_Guarded):
         self,
         app: ASGIApp,
         *,
-        limit: LimitArg,
+        limit: RequestLimit[Request],
         burst: int | None = None,
-        key: KeyFunc | None = None,
+        key: KeyFunction[Request] | None = None,
         cost: int = 1,
         limiter: Limiter | None = None,
         exempt: Iterable[str] | None = DEFAULT_EXEMPT,
@@ -283,7 +281,7 @@ class RateLimitMiddleware(_Guarded):
         api_key_header: str | None = None,
         ipv6_prefix: int = 64,
         shadow: bool = False,
-        api_key_validator: ApiKeyCheck | None = None,
+        api_key_validator: ApiKeyValidator | None = None,
     ) -> None:
         self.app = app
         self._router = _find_router(app)  # the stack below is built before this layer

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from flask import Flask, Response, current_app, g, request
 
@@ -34,20 +34,26 @@ from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
-from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
 from tokenlimit.integrations._common import (
+    ApiKeyValidator,
+    KeyFunction,
     Policy,
+    RequestLimit,
     rate_limit_headers,
     refused_body,
     retry_after_seconds,
     unavailable_body,
 )
 
+if TYPE_CHECKING:
+    from flask import Request
+    from flask.config import Config
+
 __all__ = ["TokenLimit"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-RequestFunction = Callable[[Any], Any]
+F = TypeVar("F", bound=Callable[..., object])
+T = TypeVar("T")
 
 EXTENSION = "tokenlimit"
 DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this response
@@ -61,9 +67,26 @@ class _State:
     """What ``init_app`` resolved for one app: ``app.extensions["tokenlimit"]``."""
 
     extension: TokenLimit
-    policy: Policy  # identity, exempt paths, headers; its limits apply only when has_default
+    policy: Policy[Request]  # identity, exempt paths, headers; limits apply when has_default
     has_default: bool
     limiter: RateLimiter | None  # None: the default limiter, looked up per request
+
+
+class _Options(NamedTuple):
+    """What the constructor was given for the policy; ``app.config`` fills the ones left None
+    among ``limit``, ``exempt``, ``trusted_proxies``, ``shadow`` and ``api_key_header``."""
+
+    limit: RequestLimit[Request] | None
+    burst: int | None
+    key: KeyFunction[Request] | None
+    cost: int
+    exempt: str | Iterable[str] | None
+    trusted_proxies: int | str | Iterable[str] | None
+    headers: bool
+    api_key_header: str | None
+    ipv6_prefix: int
+    shadow: bool | None
+    api_key_validator: ApiKeyValidator | None
 
 
 class TokenLimit:
@@ -94,44 +117,35 @@ class TokenLimit:
         self,
         app: Flask | None = None,
         *,
-        limit: float | LimitSpec | None = None,
+        limit: RequestLimit[Request] | None = None,
         burst: int | None = None,
         limiter: RateLimiter | None = None,
-        key: RequestFunction | None = None,
+        key: KeyFunction[Request] | None = None,
         cost: int = 1,
-        exempt: Any = None,
-        trusted_proxies: Any = None,
+        exempt: str | Iterable[str] | None = None,
+        trusted_proxies: int | str | Iterable[str] | None = None,
         headers: bool = True,
         api_key_header: str | None = None,
-        user: RequestFunction | None = None,
+        user: Callable[[Request], object] | None = None,  # the user id, or an awaitable of it
         ipv6_prefix: int = 64,
         shadow: bool | None = None,
-        api_key_validator: Callable[[str], Any] | None = None,
+        api_key_validator: ApiKeyValidator | None = None,
     ) -> None:
         check_limiter(limiter, sync=True)  # an async limiter is a common mistake
         if user is not None and not callable(user):
             raise ConfigTypeError("user", f"must be a callable taking the request, not {user!r}")
         self._limiter = limiter
         self._user = user
-        self._options: dict[str, Any] = {
-            "limit": limit,
-            "burst": burst,
-            "key": key,
-            "cost": cost,
-            "exempt": exempt,
-            "trusted_proxies": trusted_proxies,
-            "headers": headers,
-            "api_key_header": api_key_header,
-            "ipv6_prefix": ipv6_prefix,
-            "shadow": shadow,
-            "api_key_validator": api_key_validator,
-        }
+        self._options = _Options(
+            limit, burst, key, cost, exempt, trusted_proxies, headers, api_key_header,
+            ipv6_prefix, shadow, api_key_validator,
+        )  # fmt: skip
         # Weak: app factories that define their views per app must not keep old apps' views.
-        self._views: weakref.WeakKeyDictionary[Callable[..., Any], ViewLimit | object] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._views: weakref.WeakKeyDictionary[
+            Callable[..., object], ViewLimit[Request] | object
+        ] = weakref.WeakKeyDictionary()
         self._log = ThrottledLog()
-        self._build(self._options, {})  # fail here, where the options were written
+        self._build(self._options, None)  # fail here, where the options were written
         if app is not None:
             self.init_app(app)
 
@@ -148,19 +162,35 @@ class TokenLimit:
         app.register_error_handler(BackendError, self._unavailable)
 
     @staticmethod
-    def _build(options: dict[str, Any], config: Any) -> tuple[Policy, bool]:
-        given = dict(options)
+    def _build(options: _Options, config: Config | None) -> tuple[Policy[Request], bool]:
         from_config: dict[str, str] = {}
-        for name in ("limit", "exempt", "trusted_proxies", "shadow", "api_key_header"):
+
+        def configured(name: str, given: T) -> T:
+            """``given``, or where it is None the app's ``TOKENLIMIT_<NAME>``."""
             setting = f"TOKENLIMIT_{name.upper()}"
-            if given[name] is None and config.get(setting) is not None:
-                given[name] = config[setting]
+            if given is None and config is not None and config.get(setting) is not None:
                 from_config[name] = setting
-        has_default = given["limit"] is not None
-        if given["shadow"] is None:
-            given["shadow"] = False
+                value: T = config[setting]  # Flask's config holds any value: checked below
+                return value
+            return given
+
+        limit = configured("limit", options.limit)
+        shadow = configured("shadow", options.shadow)
         try:
-            return Policy.build(**given), has_default
+            policy: Policy[Request] = Policy.build(
+                limit,
+                burst=options.burst,
+                key=options.key,
+                cost=options.cost,
+                exempt=configured("exempt", options.exempt),
+                trusted_proxies=configured("trusted_proxies", options.trusted_proxies),
+                headers=options.headers,
+                api_key_header=configured("api_key_header", options.api_key_header),
+                ipv6_prefix=options.ipv6_prefix,
+                shadow=False if shadow is None else shadow,
+                api_key_validator=options.api_key_validator,
+            )
+            return policy, limit is not None
         except ConfigError as error:
             if error.param not in from_config:
                 raise
@@ -181,10 +211,10 @@ class TokenLimit:
     # -- per-view decorators ------------------------------------------------------------------
     def limit(
         self,
-        limit: float | LimitSpec,
+        limit: RequestLimit[Request],
         *,
         burst: int | None = None,
-        key: RequestFunction | None = None,
+        key: KeyFunction[Request] | None = None,
         cost: int = 1,
         scope: str | None = None,
         shadow: bool | None = None,
@@ -211,7 +241,7 @@ class TokenLimit:
         self._mark(view, _EXEMPT, "exempt")
         return view
 
-    def _mark(self, view: Callable[..., Any], rule: ViewLimit | object, param: str) -> None:
+    def _mark(self, view: object, rule: ViewLimit[Request] | object, param: str) -> None:
         if not callable(view):
             raise ConfigTypeError(param, f"decorates a view function, not {view!r}")
         # The view itself is returned unchanged (sync or async alike); the hook finds the mark
@@ -223,7 +253,7 @@ class TokenLimit:
         except TypeError:
             raise ConfigTypeError(param, f"cannot mark {view!r} (no weak reference)") from None
 
-    def _rule_for(self, view: Any) -> ViewLimit | object | None:
+    def _rule_for(self, view: Callable[..., object] | None) -> ViewLimit[Request] | object | None:
         while view is not None:
             try:
                 found = self._views.get(view)
@@ -257,7 +287,7 @@ class TokenLimit:
         if verdict.status == 429 and verdict.decision is not None:
             raise RateLimitExceeded(verdict.decision)
 
-    def _facts(self, policy: Policy, route: str | None) -> RequestFacts:
+    def _facts(self, policy: Policy[Request], route: str | None) -> RequestFacts:
         forwarded = request.headers.getlist("X-Forwarded-For")  # several lines: one list
         # Matched before this hook: the template ("/items/<int:item_id>"), never the raw path.
         template = request.url_rule.rule if request.url_rule is not None else None
@@ -272,7 +302,7 @@ class TokenLimit:
             template,
         )
 
-    def _user_id(self) -> Any:
+    def _user_id(self) -> object:
         if self._user is not None:
             return current_app.ensure_sync(self._user)(request)
         user_id = g.get("user_id")
@@ -314,11 +344,11 @@ class TokenLimit:
         )
 
 
-def _resolve(awaitable: Awaitable[Any]) -> Any:
+def _resolve(awaitable: Awaitable[object]) -> object:
     """What an async key function, validator or chooser returned, as Flask runs async code."""
     return current_app.ensure_sync(awaited)(awaitable)
 
 
-def _header(request: Any, name: str | None) -> str | None:
+def _header(request: Request, name: str | None) -> str | None:
     value = request.headers.get(name) if name else None
     return None if value is None else str(value)
