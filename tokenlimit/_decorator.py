@@ -125,7 +125,7 @@ class Guard:
         cost: int = 1,
         timeout: float | None = 0,
         limiter: RateLimiter | AsyncRateLimiter | None = None,
-        default: Callable[[bool], LimiterBase] | None = None,
+        default: Callable[[bool], RateLimiter | AsyncRateLimiter] | None = None,
     ) -> None:
         self.plan = LimitPlan.of(rate, burst, limit=limit, cost=cost)
         self.timeout = check_timeout("timeout", timeout)
