@@ -7,7 +7,7 @@ party's (``tests/test_backend_seam.py`` plugs one in). Callers ask the backend w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ._request import Request
@@ -53,7 +53,12 @@ class AsyncBackend(Protocol):
 
     remote: bool
 
-    async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]: ...
+    def decide(
+        self, request: Request, *, consume: bool, timeout: float
+    ) -> Awaitable[Sequence[int]]:
+        """Awaited by the limiter: an ``async def``, or a plain method handing over another
+        backend's coroutine (``LoopLocalBackend``: one coroutine less per decision)."""
+        ...
 
     async def reset(self, request: Request, *, timeout: float) -> None: ...
 
