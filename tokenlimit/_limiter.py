@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from . import _switch
 from ._backend import AsyncBackend, SyncBackend, is_remote
@@ -23,7 +23,7 @@ from ._request import Request
 from ._validate import check_deadline, check_key, check_timeout
 
 if TYPE_CHECKING:
-    from typing import Literal, Unpack
+    from typing import ClassVar, Literal, Unpack
 
     from redis import Redis
     from redis.asyncio import Redis as AsyncRedis
