@@ -7,8 +7,8 @@ party's (``tests/test_backend_seam.py`` plugs one in). Callers ask the backend w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Sequence
+from typing import Protocol, runtime_checkable
 
 from ._request import Request
 
@@ -53,7 +53,12 @@ class AsyncBackend(Protocol):
 
     remote: bool
 
-    async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]: ...
+    def decide(
+        self, request: Request, *, consume: bool, timeout: float
+    ) -> Awaitable[Sequence[int]]:
+        """Awaited by the limiter: an ``async def``, or a plain method handing over another
+        backend's coroutine (``LoopLocalBackend``: one coroutine less per decision)."""
+        ...
 
     async def reset(self, request: Request, *, timeout: float) -> None: ...
 
@@ -68,13 +73,13 @@ class AsyncBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-def is_remote(backend: Any) -> bool:
+def is_remote(backend: object) -> bool:
     """``backend.remote``; True for a backend that does not say (the safe reading: its calls
     may block, so they run off an event loop and within the deadline)."""
     return bool(getattr(backend, "remote", True))
 
 
-def holds_slots(backend: Any) -> bool:
+def holds_slots(backend: object) -> bool:
     """Whether ``backend`` can hold concurrency slots (a minimal third-party one may not)."""
     return callable(getattr(backend, "hold_slot", None)) and callable(
         getattr(backend, "release_slot", None)

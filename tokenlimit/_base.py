@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
@@ -18,16 +18,35 @@ from ._metrics import MetricsSink
 from ._request import Request, build_request
 from ._validate import check_deadline, check_failure_mode, check_prefix
 
-__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase"]
+if TYPE_CHECKING:
+    from typing import Self
 
-_L = TypeVar("_L", bound="LimiterBase")
+    from ._plan import LimitSpec
+
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase", "LimiterOptions"]
+
+# The store a limiter decides through: a SyncBackend (RateLimiter) or an AsyncBackend
+# (AsyncRateLimiter), see _backend.py.
+_B = TypeVar("_B")
 
 DEFAULT_PREFIX = "tl:"
 DEFAULT_TIMEOUT = 0.5  # seconds: the deadline for one decision
 MAX_PAUSE = 86_400.0  # seconds slept at once while ``acquire`` waits
 
 
-class LimiterBase:
+class LimiterOptions(TypedDict, total=False):
+    """The keyword options of ``RateLimiter``/``AsyncRateLimiter`` that ``from_url``,
+    ``configure`` and ``testing.memory_limiter`` pass on."""
+
+    prefix: str
+    timeout: float
+    failure_mode: str
+    metrics: MetricsSink | None
+    local_cache: bool | int
+    shadow: bool
+
+
+class LimiterBase(Generic[_B]):
     is_async: ClassVar[bool] = False  # AsyncRateLimiter: True (its methods are awaited)
 
     __slots__ = (
@@ -45,7 +64,7 @@ class LimiterBase:
 
     def __init__(
         self,
-        backend: Any,
+        backend: _B,
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
@@ -73,7 +92,7 @@ class LimiterBase:
         self._log = ThrottledLog()
         self._shadow = shadow
         self._shadow_log = ThrottledLog()
-        self._twin: LimiterBase | None = self if shadow else None
+        self._twin: LimiterBase[_B] | None = self if shadow else None
         self.backend = backend
 
     @property
@@ -99,7 +118,7 @@ class LimiterBase:
         """Shadow mode: decide and count as usual, but admit every call (see ``as_shadow``)."""
         return self._shadow
 
-    def as_shadow(self: _L) -> _L:
+    def as_shadow(self) -> Self:
         """This limiter in shadow mode: same store, buckets, metrics and local cache, but every
         ``try_acquire``/``acquire`` admits. A would-be refusal still takes nothing (as it would
         under enforcement), comes back with ``allowed=True`` and ``shadowed=True``, is counted
@@ -124,7 +143,7 @@ class LimiterBase:
         """How many refusals are answered in-process at most (0: the cache is off)."""
         return 0 if self._refusals is None else self._refusals.max_entries
 
-    def _request(self, key: Any, limit: Any, cost: Any = 1) -> Request:
+    def _request(self, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
         return build_request(self._prefix, key, limit, cost)
 
     def _decoded(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import threading
 from itertools import islice
-from typing import Any
 
 from ._decision import Decision, decision
 from ._errors import ConfigError, ConfigTypeError
@@ -46,7 +45,7 @@ Keys = tuple[str, ...]
 _Part = tuple[Limit, float, float, float]
 
 
-def check_local_cache(value: Any) -> int:
+def check_local_cache(value: object) -> int:
     """The ``local_cache`` option as a maximum number of entries (0: off)."""
     if value is True:
         return DEFAULT_SIZE

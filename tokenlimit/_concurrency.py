@@ -40,17 +40,23 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar, cast
 
 from . import _switch
 from ._backend import holds_slots, is_remote
 from ._decision import Decision
-from ._decorator import is_per_call, key_function, needs_a_call
+from ._decorator import KeySpec, is_per_call, key_function, needs_a_call
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._log import ThrottledLog
 from ._request import identity_tag
 from ._slots import hold, release
 from ._validate import check_int, check_key, check_number
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ._backend import AsyncBackend, SyncBackend
+    from ._limiter import AsyncRateLimiter, RateLimiter
 
 __all__ = ["AsyncConcurrency", "Concurrency", "Slots", "build_slots", "hold", "release"]
 
@@ -60,11 +66,13 @@ SUFFIX = ":c"  # bucket keys end in a limit's base64url id, never in ':'
 FIRST_PAUSE = 0.005  # seconds: the first wait for a slot; doubled after each refusal...
 MAX_PAUSE = 0.25  # ...up to this (with jitter), never past the timeout or the earliest lease end
 
-F = TypeVar("F", bound=Callable[..., Any])
-_G = TypeVar("_G", bound="_SlotGuard")
+P = ParamSpec("P")
+R = TypeVar("R")
+# The limiter a guard holds slots through: Concurrency's sync one, AsyncConcurrency's async one.
+_Lim = TypeVar("_Lim", "RateLimiter", "AsyncRateLimiter")
 _PER_CALL = "tokenlimit:per-call"  # stands in for a key made at each call (never stored)
 
-_background: set[asyncio.Future[Any]] = set()  # releases running for cancelled callers
+_background: set[asyncio.Future[None]] = set()  # releases running for cancelled callers
 _overrun = ThrottledLog()
 
 
@@ -82,7 +90,9 @@ class Slots:
         return (holder, str(self.max_in_flight), str(self.lease_us))
 
 
-def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: Any) -> Slots:
+def build_slots(
+    prefix: str, key: object, max_in_flight: object, lease: object, timeout: object
+) -> Slots:
     """Validate ``concurrency()``'s arguments (errors name the parameter)."""
     storage = slots_key(prefix, key)  # first: a bad key is the error named first
     most = check_int("max_in_flight", max_in_flight, minimum=1, maximum=MAX_IN_FLIGHT)
@@ -91,12 +101,12 @@ def build_slots(prefix: str, key: Any, max_in_flight: Any, lease: Any, timeout: 
     return Slots(storage, most, max(1, math.ceil(seconds * 1e6)), wait)
 
 
-def slots_key(prefix: str, key: Any) -> str:
+def slots_key(prefix: str, key: object) -> str:
     """The storage key of ``key``'s slots: its identity's hash tag, like its token buckets."""
     return f"{prefix}{{{identity_tag(check_key(key))}}}{SUFFIX}"
 
 
-def decode(reply: Sequence[Any], slots: Slots) -> Decision:
+def decode(reply: Sequence[int], slots: Slots) -> Decision:
     """The hold script's reply as a Decision: ``limit`` is ``max_in_flight``, ``remaining`` the
     free slots; refused, ``retry_after`` is when the earliest lease ends (a slot is free by then
     at the latest, sooner if its holder leaves); admitted, ``reset_after`` is the lease."""
@@ -142,36 +152,36 @@ def _new_holder() -> str:
 
 
 # -- storage calls ------------------------------------------------------------------------------
-def _sync_hold(backend: Any, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
-    reply: Sequence[int] = backend.hold_slot(
+def _sync_hold(backend: SyncBackend, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
+    return backend.hold_slot(
         slots.key, holder, slots.max_in_flight, slots.lease_us, timeout=timeout
     )
-    return reply
 
 
-def _sync_release(backend: Any, slots: Slots, holder: str, timeout: float) -> int:
+def _sync_release(backend: SyncBackend, slots: Slots, holder: str, timeout: float) -> int:
     return int(backend.release_slot(slots.key, holder, timeout=timeout))
 
 
-async def _async_hold(backend: Any, slots: Slots, holder: str, timeout: float) -> Sequence[int]:
-    reply: Sequence[int] = await backend.hold_slot(
+async def _async_hold(
+    backend: AsyncBackend, slots: Slots, holder: str, timeout: float
+) -> Sequence[int]:
+    return await backend.hold_slot(
         slots.key, holder, slots.max_in_flight, slots.lease_us, timeout=timeout
     )
-    return reply
 
 
-async def _async_release(backend: Any, slots: Slots, holder: str, timeout: float) -> int:
+async def _async_release(backend: AsyncBackend, slots: Slots, holder: str, timeout: float) -> int:
     return int(await backend.release_slot(slots.key, holder, timeout=timeout))
 
 
-def _keep(future: asyncio.Future[Any]) -> None:
+def _keep(future: asyncio.Future[None]) -> None:
     """Hold a strong reference until ``future`` is done (the loop keeps only weak ones)."""
     _background.add(future)
     future.add_done_callback(_background.discard)
 
 
 async def _shielded(
-    attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], Any]
+    attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], object]
 ) -> Sequence[int]:
     """Await one hold; if the caller is cancelled meanwhile, let the hold finish in the
     background and give back the slot it took (the script may already have run: cancelling it
@@ -183,7 +193,7 @@ async def _shielded(
         raise
 
 
-def _orphaned(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], Any]) -> None:
+def _orphaned(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], object]) -> None:
     if attempt.cancelled() or attempt.exception() is not None:
         return  # nothing taken, or unknown: the lease ends it
     if int(attempt.result()[0]) == 1:
@@ -191,13 +201,13 @@ def _orphaned(attempt: asyncio.Future[Sequence[int]], give_back: Callable[[], An
 
 
 # -- the guards -----------------------------------------------------------------------------------
-class _SlotGuard:
+class _SlotGuard(Generic[_Lim]):
     """What both guards share: arguments, the held slots of this context, failure policy."""
 
     __slots__ = ("_held", "_key", "_limiter", "_slots")
 
     def __init__(
-        self, limiter: Any, key: Any, max_in_flight: Any, *, lease: Any, timeout: Any
+        self, limiter: _Lim, key: KeySpec, max_in_flight: int, *, lease: float, timeout: float
     ) -> None:
         # A callable or a template ("export:{user_id}") makes the key at each decorated call;
         # until then the slots carry a stand-in key, never used (``with`` refuses such a key).
@@ -209,7 +219,7 @@ class _SlotGuard:
                 f"{type(limiter.backend).__name__} does not support concurrency limits "
                 "(use a memory, Redis or Valkey limiter)"
             )
-        self._limiter = limiter
+        self._limiter: _Lim = limiter
         # The slots this guard holds in the current thread or task, innermost last: one guard
         # may be entered by many threads and tasks at once, and nested.
         self._held: contextvars.ContextVar[tuple[str | None, ...]] = contextvars.ContextVar(
@@ -246,15 +256,15 @@ class _SlotGuard:
             raise needs_a_call()
 
     def _key_of(
-        self: _G, func: Callable[..., Any]
-    ) -> Callable[[tuple[Any, ...], dict[str, Any]], _G]:
+        self, func: Callable[..., object]
+    ) -> Callable[[tuple[object, ...], dict[str, object]], Self]:
         """How a decorated call finds its guard: this one, or one for the key the call makes."""
         if self._key is None:
             return lambda args, kwargs: self
         make = key_function(self._key, func)
         return lambda args, kwargs: self._for(make(args, kwargs))
 
-    def _for(self: _G, key: Any) -> _G:
+    def _for(self, key: str | bytes) -> Self:
         """This guard for one call's own key (its bound, lease and timeout)."""
         twin = object.__new__(type(self))
         twin._key, twin._limiter, twin._held = None, self._limiter, self._held
@@ -344,10 +354,9 @@ class _SlotGuard:
             "tokenlimit: could not give a concurrency slot back (its lease will end it)", error
         )
 
-    def _check_func(self, func: Any) -> bool:
+    def _check_func(self, func: object) -> None:
         if not callable(func):
             raise ConfigTypeError("func", f"concurrency decorates a callable, not {func!r}")
-        return inspect.iscoroutinefunction(func)
 
     def __repr__(self) -> str:
         return (
@@ -356,7 +365,7 @@ class _SlotGuard:
         )
 
 
-class Concurrency(_SlotGuard):
+class Concurrency(_SlotGuard["RateLimiter"]):
     """``RateLimiter.concurrency(...)``: ``with`` (or ``async with``, off the event loop) holds
     one slot; as a decorator of a ``def`` or an ``async def``, one slot per call. Entering
     returns a ``Decision`` (``remaining``: slots left) or raises ``RateLimitExceeded``."""
@@ -381,13 +390,13 @@ class Concurrency(_SlotGuard):
     async def __aexit__(self, *exc_info: object) -> None:
         await self._arelease(self._pop())
 
-    def __call__(self, func: F) -> F:
-        is_async = self._check_func(func)
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        self._check_func(func)
         guard_for = self._key_of(func)
-        if is_async:
+        if inspect.iscoroutinefunction(func):  # ``func`` is typed as a coroutine function here
 
             @functools.wraps(func)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> object:
                 guard = guard_for(args, kwargs)
                 _, holder = await guard._ahold()
                 try:
@@ -395,10 +404,11 @@ class Concurrency(_SlotGuard):
                 finally:
                     await guard._arelease(holder)
 
-            return cast(F, async_wrapper)
+            # Called like ``func``, it returns what ``func`` does (R): a coroutine of its result.
+            return cast("Callable[P, R]", async_wrapper)
 
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             guard = guard_for(args, kwargs)
             _, holder = guard._hold()
             try:
@@ -406,7 +416,7 @@ class Concurrency(_SlotGuard):
             finally:
                 guard._release(holder)
 
-        return cast(F, wrapper)
+        return wrapper
 
     def _hold(self) -> tuple[Decision, str | None]:
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
@@ -459,7 +469,7 @@ class Concurrency(_SlotGuard):
         )
 
 
-class AsyncConcurrency(_SlotGuard):
+class AsyncConcurrency(_SlotGuard["AsyncRateLimiter"]):
     """``AsyncRateLimiter.concurrency(...)``: ``async with`` holds one slot; as a decorator of an
     ``async def``, one slot per call. Entering returns a ``Decision`` or raises
     ``RateLimitExceeded``."""
@@ -481,8 +491,9 @@ class AsyncConcurrency(_SlotGuard):
     async def __aexit__(self, *exc_info: object) -> None:
         await self._release(self._pop())
 
-    def __call__(self, func: F) -> F:
-        if not self._check_func(func):
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        self._check_func(func)
+        if not inspect.iscoroutinefunction(func):
             raise TypeError(
                 f"AsyncRateLimiter.concurrency cannot decorate the plain function "
                 f"{getattr(func, '__qualname__', func)!r}; use RateLimiter, or make it async def"
@@ -490,7 +501,7 @@ class AsyncConcurrency(_SlotGuard):
         guard_for = self._key_of(func)
 
         @functools.wraps(func)
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> object:
             guard = guard_for(args, kwargs)
             _, holder = await guard._hold()
             try:
@@ -498,7 +509,8 @@ class AsyncConcurrency(_SlotGuard):
             finally:
                 await guard._release(holder)
 
-        return cast(F, async_wrapper)
+        # Called like ``func``, it returns what ``func`` does (R): a coroutine of its result.
+        return cast("Callable[P, R]", async_wrapper)
 
     async def _hold(self) -> tuple[Decision, str | None]:
         return await self._hold_async(self._attempt)

@@ -6,13 +6,19 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ._base import DEFAULT_TIMEOUT
 from ._errors import ConfigTypeError
 from ._limiter import AsyncRateLimiter, RateLimiter
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._url import async_backend_from_url, parse_url, sync_backend_from_url
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from ._base import LimiterOptions
 
 __all__ = ["configure", "default_async_limiter", "default_limiter", "default_sync_limiter"]
 
@@ -22,7 +28,9 @@ _async: RateLimiter | AsyncRateLimiter | None = None
 _owned = False  # made here from a URL: close it when replaced
 
 
-def configure(url_or_limiter: str | RateLimiter | AsyncRateLimiter | None, **options: Any) -> None:
+def configure(
+    url_or_limiter: str | RateLimiter | AsyncRateLimiter | None, **options: Unpack[LimiterOptions]
+) -> None:
     """Set the limiter ``rate_limit`` uses when given none.
 
     A URL makes a sync and an async limiter (sharing one store for ``memory://``); a limiter is
@@ -40,7 +48,12 @@ def configure(url_or_limiter: str | RateLimiter | AsyncRateLimiter | None, **opt
         )
 
 
-def _install(sync: Any, async_: Any, *, owned: bool) -> None:
+def _install(
+    sync: RateLimiter | AsyncRateLimiter | None,
+    async_: RateLimiter | AsyncRateLimiter | None,
+    *,
+    owned: bool,
+) -> None:
     global _sync, _async, _owned
     with _lock:
         old, old_owned = _sync, _owned
@@ -50,8 +63,11 @@ def _install(sync: Any, async_: Any, *, owned: bool) -> None:
         old.close()
 
 
-def limiter_pair(url: str, options: dict[str, Any]) -> tuple[RateLimiter, AsyncRateLimiter]:
-    """A sync and an async limiter on one URL (one shared store for ``memory://``)."""
+def limiter_pair(url: str, options: Mapping[str, Any]) -> tuple[RateLimiter, AsyncRateLimiter]:
+    """A sync and an async limiter on one URL (one shared store for ``memory://``).
+
+    ``options``: the limiters' keyword options (``LimiterOptions``), as ``configure`` or the
+    integrations' settings gathered them, checked by the limiters."""
     scheme, url = parse_url(url)
     timeout = options.get("timeout", DEFAULT_TIMEOUT)
     store = MemoryBackend() if scheme == "memory" else None

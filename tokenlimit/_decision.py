@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._limit import Limit
@@ -68,7 +68,7 @@ def decision(
     return made
 
 
-def decode_reply(reply: Sequence[Any], limits: Sequence[Limit]) -> Decision:
+def decode_reply(reply: Sequence[int], limits: Sequence[Limit]) -> Decision:
     """Turn the script's integer reply into a Decision reporting the most restrictive limit."""
     if len(reply) != 2 + 4 * len(limits):
         raise ValueError(f"unexpected reply length {len(reply)} for {len(limits)} limit(s)")

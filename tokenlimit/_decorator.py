@@ -10,7 +10,7 @@ import string
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar, cast
 
 from ._backend import is_remote
 from ._base import LimiterBase
@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Guard", "KeyOf", "KeySpec", "is_per_call", "key_function", "needs_a_call"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-KeyOf = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+P = ParamSpec("P")
+R = TypeVar("R")
+KeyOf = Callable[[tuple[object, ...], dict[str, object]], str | bytes]
+"""How a decorator makes a call's key from the call's ``(args, kwargs)``."""
 KeySpec: TypeAlias = str | bytes | Callable[..., str | bytes]
 """A decorator's key: a literal, a template such as ``"user:{user_id}"`` filled from the
 call's bound arguments, or a callable taking the call's arguments."""
@@ -50,7 +52,7 @@ def _template_fields(template: str) -> set[str]:
     return names
 
 
-def is_per_call(key: Any) -> bool:
+def is_per_call(key: object) -> bool:
     """Whether ``key`` is made at each call (a callable, or a str template such as
     ``"user:{user_id}"``) rather than literal."""
     return callable(key) or (isinstance(key, str) and "{" in key)
@@ -63,7 +65,7 @@ def needs_a_call() -> ConfigError:
     )
 
 
-def key_function(key: Any, func: Callable[..., Any]) -> KeyOf:
+def key_function(key: KeySpec, func: Callable[..., object]) -> KeyOf:
     """How a decorator of ``func`` makes its key from a call's ``(args, kwargs)``: ``key``
     called with them, a str template filled from them (its fields must name parameters of
     ``func``: a ConfigError naming ``key`` now, not at the first call), or ``key`` itself."""
@@ -81,7 +83,7 @@ def key_function(key: Any, func: Callable[..., Any]) -> KeyOf:
             f"template {key!r} names {', '.join(missing)}, not parameters of {func.__qualname__}",
         )
 
-    def from_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def from_template(args: tuple[object, ...], kwargs: dict[str, object]) -> str:
         values = dict(bound_arguments(signature, args, kwargs).arguments)
         for p in params.values():
             if p.kind is p.VAR_KEYWORD:
@@ -125,7 +127,7 @@ class Guard:
         cost: int = 1,
         timeout: float | None = 0,
         limiter: RateLimiter | AsyncRateLimiter | None = None,
-        default: Callable[[bool], LimiterBase] | None = None,
+        default: Callable[[bool], RateLimiter | AsyncRateLimiter] | None = None,
     ) -> None:
         self.plan = LimitPlan.of(rate, burst, limit=limit, cost=cost)
         self.timeout = check_timeout("timeout", timeout)
@@ -138,7 +140,7 @@ class Guard:
             raise ConfigTypeError(
                 "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
             )
-        self._limiter: Any = limiter
+        self._limiter = limiter
         # The default limiter, looked up at each call (configure() may change it): ``default(
         # for_async)``, given by ``rate_limit`` (the facade), so guards never import _config.
         self._default = default
@@ -161,26 +163,27 @@ class Guard:
         return self.plan.cost
 
     # -- limiter resolution -------------------------------------------------------------------
-    def _sync_limiter(self) -> Any:
+    def _sync_limiter(self) -> RateLimiter:
         limiter = self._limiter or self._default_limiter(for_async=False)
         if limiter.is_async:
             raise TypeError("an AsyncRateLimiter cannot guard a plain def or a plain 'with'")
         return limiter
 
-    def _async_limiter(self) -> Any:
+    def _async_limiter(self) -> RateLimiter | AsyncRateLimiter:
         return self._limiter or self._default_limiter(for_async=True)
 
-    def _default_limiter(self, *, for_async: bool) -> Any:
+    def _default_limiter(self, *, for_async: bool) -> RateLimiter | AsyncRateLimiter:
         if self._default is None:
             raise TypeError("this guard has neither a limiter nor a default to look up")
         return self._default(for_async)
 
     # -- decorator ----------------------------------------------------------------------------
-    def __call__(self, func: F) -> F:
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         if not callable(func):
             raise ConfigTypeError("func", f"rate_limit decorates a callable, not {func!r}")
-        is_async = inspect.iscoroutinefunction(func)
-        if not is_async and self._limiter is not None and self._limiter.is_async:
+        # ``func`` typed as the coroutine function it is (None: a plain function).
+        coroutine_function = func if inspect.iscoroutinefunction(func) else None
+        if coroutine_function is None and self._limiter is not None and self._limiter.is_async:
             raise TypeError(
                 f"AsyncRateLimiter.limit cannot decorate the plain function {func.__qualname__}; "
                 "use RateLimiter, or make it async def"
@@ -190,25 +193,26 @@ class Guard:
         plan = self.plan.for_calls_of(func)
         limits = plan.limits  # () when a chooser picks them per call
 
-        if is_async:
+        if coroutine_function is not None:
 
             @functools.wraps(func)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> object:
                 key = key_of(args, kwargs)
                 await guard._acheck(key, limits or await plan.alimits_for(*args, **kwargs))
-                return await func(*args, **kwargs)
+                return await coroutine_function(*args, **kwargs)
 
-            return cast(F, async_wrapper)
+            # Called like ``func``, it returns what ``func`` does (R): a coroutine of its result.
+            return cast("Callable[P, R]", async_wrapper)
 
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             key = key_of(args, kwargs)
             guard._check(key, limits or plan.limits_for(*args, **kwargs))
             return func(*args, **kwargs)
 
-        return cast(F, wrapper)
+        return wrapper
 
-    def _key_function(self, func: Callable[..., Any]) -> KeyOf:
+    def _key_function(self, func: Callable[..., object]) -> KeyOf:
         if self.key is None:
             fixed = f"{func.__module__}.{func.__qualname__}"
             return lambda args, kwargs: fixed
@@ -219,9 +223,9 @@ class Guard:
         key = self.key
         if key is None:
             return self._site
-        if is_per_call(key):
+        if callable(key) or (isinstance(key, str) and "{" in key):  # is_per_call(key)
             raise needs_a_call()
-        return cast("str | bytes", key)
+        return key
 
     # A block has no call arguments: a limit chooser is called with none.
     def __enter__(self) -> Decision:
@@ -239,23 +243,23 @@ class Guard:
         return None
 
     # -- the check itself ---------------------------------------------------------------------
-    def _check(self, key: Any, limits: tuple[Limit, ...]) -> Decision:
+    def _check(self, key: str | bytes, limits: tuple[Limit, ...]) -> Decision:
         limiter = self._sync_limiter()
-        decision: Decision = limiter.acquire(key, limits, cost=self.cost, timeout=self.timeout)
-        return decision
+        return limiter.acquire(key, limits, cost=self.cost, timeout=self.timeout)
 
-    async def _acheck(self, key: Any, limits: tuple[Limit, ...]) -> Decision:
+    async def _acheck(self, key: str | bytes, limits: tuple[Limit, ...]) -> Decision:
         limiter = self._async_limiter()
         if limiter.is_async:
-            decision: Decision = await limiter.acquire(
-                key, limits, cost=self.cost, timeout=self.timeout
-            )
-            return decision
+            return await limiter.acquire(key, limits, cost=self.cost, timeout=self.timeout)
         return await _acquire_off_loop(limiter, key, limits, self.cost, self.timeout)
 
 
 async def _acquire_off_loop(
-    limiter: Any, key: Any, limits: tuple[Limit, ...], cost: int, timeout: float | None
+    limiter: RateLimiter,
+    key: str | bytes,
+    limits: tuple[Limit, ...],
+    cost: int,
+    timeout: float | None,
 ) -> Decision:
     """``acquire`` with a sync limiter from async code: the network call runs in a worker thread
     and the waiting is ``asyncio.sleep``, so the event loop never blocks."""
@@ -263,7 +267,7 @@ async def _acquire_off_loop(
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     while True:
         if in_process:
-            decision: Decision = limiter.try_acquire(key, limits, cost=cost)
+            decision = limiter.try_acquire(key, limits, cost=cost)
         else:
             decision = await asyncio.to_thread(limiter.try_acquire, key, limits, cost=cost)
         if decision.allowed:

@@ -8,7 +8,6 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
 from ._validate import check_int, check_number, shown
@@ -52,12 +51,12 @@ class Limit:
 
     def __post_init__(self) -> None:
         rate = check_number("rate", self.rate, maximum=MAX_RATE)
-        given: Any = self.burst  # None until filled in here
+        given: object = self.burst  # None until filled in here
         if given is None:
             burst = max(1, math.floor(rate))  # <= MAX_BURST, as rate <= MAX_RATE
         else:
             burst = check_int("burst", given, minimum=1, maximum=MAX_BURST)
-        name: Any = self.name
+        name: object = self.name
         if name is not None and not isinstance(name, str):
             raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
         # Whole nanoseconds per token, rounded up (never a faster rate than asked): the bucket
@@ -114,7 +113,13 @@ class Limit:
 
     @classmethod
     def _checked(
-        cls, rate: float, burst: int | None, default: int, name: str | None, param: str, given: Any
+        cls,
+        rate: float,
+        burst: int | None,
+        default: int,
+        name: str | None,
+        param: str,
+        given: object,
     ) -> Limit:
         """The limit for a constructor whose argument ``param`` (``given``) made the rate and,
         unless ``burst`` is given, the burst (``default``): an error in those names ``param``."""
@@ -174,10 +179,10 @@ class Limit:
 LimitSpec = Limit | str
 
 
-def coerce_limits(value: Any, param: str = "limit") -> tuple[Limit, ...]:
+def coerce_limits(value: object, param: str = "limit") -> tuple[Limit, ...]:
     """One ``Limit``, a string like ``"100/minute"``, or a non-empty sequence of them."""
     if isinstance(value, (Limit, str)):
-        items: Iterable[Any] = (value,)
+        items: Iterable[object] = (value,)
     elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         items = value
     else:

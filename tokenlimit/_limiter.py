@@ -6,10 +6,10 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import _switch
-from ._backend import is_remote
+from ._backend import AsyncBackend, SyncBackend, is_remote
 from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
 from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
@@ -23,12 +23,20 @@ from ._request import Request
 from ._validate import check_deadline, check_key, check_timeout
 
 if TYPE_CHECKING:
+    from typing import ClassVar, Literal, Unpack
+
+    from redis import Redis
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    from ._base import LimiterOptions
     from ._decorator import KeySpec
 
 __all__ = ["AsyncRateLimiter", "RateLimiter"]
 
 
-def _sync_backend(client: Any, timeout: float) -> Any:
+def _sync_backend(client: Redis | RedisCluster | SyncBackend, timeout: float) -> SyncBackend:
     from redis import Redis
     from redis.cluster import RedisCluster
 
@@ -45,7 +53,9 @@ def _sync_backend(client: Any, timeout: float) -> Any:
     )
 
 
-def _async_backend(client: Any) -> Any:
+def _async_backend(
+    client: AsyncRedis | AsyncRedisCluster | MemoryBackend | AsyncBackend,
+) -> AsyncBackend:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
 
@@ -64,21 +74,23 @@ def _async_backend(client: Any) -> Any:
     )
 
 
-def _has(obj: Any, *names: str) -> bool:
+def _has(obj: object, *names: str) -> bool:
     return all(callable(getattr(obj, name, None)) for name in names)
 
 
-class RateLimiter(LimiterBase):
+class RateLimiter(LimiterBase[SyncBackend]):
     """Sync limiter: ``RateLimiter(redis.Redis(...))`` or ``RateLimiter.from_url(url)``.
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
     """
 
+    is_async: ClassVar[Literal[False]]
+
     __slots__ = ()
 
     def __init__(
         self,
-        client: Any,
+        client: Redis | RedisCluster | SyncBackend,
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
@@ -100,7 +112,7 @@ class RateLimiter(LimiterBase):
         )
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RateLimiter:
+    def from_url(cls, url: str, **options: Unpack[LimiterOptions]) -> RateLimiter:
         """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]``,
         ``redis+sentinel://h:p[,h:p]/service[/db]`` or ``memory://``."""
         from ._url import sync_backend_from_url
@@ -195,19 +207,19 @@ class RateLimiter(LimiterBase):
         self.close()
 
 
-class AsyncRateLimiter(LimiterBase):
+class AsyncRateLimiter(LimiterBase[AsyncBackend]):
     """Async limiter: ``AsyncRateLimiter(redis.asyncio.Redis(...))`` or ``.from_url(url)``.
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
     """
 
-    is_async = True
+    is_async: ClassVar[Literal[True]] = True
 
     __slots__ = ()
 
     def __init__(
         self,
-        client: Any,
+        client: AsyncRedis | AsyncRedisCluster | MemoryBackend | AsyncBackend,
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
@@ -229,7 +241,7 @@ class AsyncRateLimiter(LimiterBase):
         )
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> AsyncRateLimiter:
+    def from_url(cls, url: str, **options: Unpack[LimiterOptions]) -> AsyncRateLimiter:
         """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://h:p[,h:p]``,
         ``redis+sentinel://h:p[,h:p]/service[/db]`` or ``memory://``."""
         from ._url import async_backend_from_url
@@ -276,7 +288,7 @@ class AsyncRateLimiter(LimiterBase):
             self._forget(request)
 
     @staticmethod
-    async def _choose(key: Any, choose: Chooser, cost: Any = 1) -> tuple[Limit, ...]:
+    async def _choose(key: str | bytes, choose: Chooser, cost: int = 1) -> tuple[Limit, ...]:
         """``choose(key)``, awaited if it is async: the limit(s) for this call (tiers)."""
         check_key(key)  # a bad key fails as one before the chooser sees it
         return await LimitPlan.of(limit=choose, cost=cost).alimits_for(key)

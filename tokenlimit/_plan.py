@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit, coerce_limits
@@ -59,11 +59,11 @@ class LimitPlan:
     @classmethod
     def of(
         cls,
-        rate: Any = None,
-        burst: Any = None,
+        rate: float | LimitSpec | None = None,
+        burst: int | None = None,
         *,
-        limit: Any = None,
-        cost: Any = 1,
+        limit: LimitSpec | None = None,
+        cost: int = 1,
         name: str = "rate",
     ) -> LimitPlan:
         """The plan for what an entry point received, its errors naming the parameter.
@@ -95,7 +95,7 @@ class LimitPlan:
         return cls(limits, cost)
 
     # -- choosers -----------------------------------------------------------------------------
-    def limits_for(self, *args: Any, **kwargs: Any) -> tuple[Limit, ...]:
+    def limits_for(self, *args: object, **kwargs: object) -> tuple[Limit, ...]:
         """The limits for one call: the plan's own, or what its chooser picks for these
         arguments (a sync chooser: an awaitable it returns is an error naming ``limit``)."""
         choose = self.choose
@@ -103,7 +103,7 @@ class LimitPlan:
             return self.limits
         return self._chosen(choose, self._call(choose, args, kwargs))
 
-    async def alimits_for(self, *args: Any, **kwargs: Any) -> tuple[Limit, ...]:
+    async def alimits_for(self, *args: object, **kwargs: object) -> tuple[Limit, ...]:
         """``limits_for`` in async code: the chooser may be a coroutine function."""
         choose = self.choose
         if choose is None:
@@ -113,7 +113,7 @@ class LimitPlan:
             value = await value
         return self._chosen(choose, value)
 
-    def for_calls_of(self, func: Callable[..., Any]) -> LimitPlan:
+    def for_calls_of(self, func: Callable[..., object]) -> LimitPlan:
         """This plan where it decorates ``func``: the chooser gets each call's arguments bound
         to ``func``'s parameters, defaults applied, as a key template does. An async chooser
         needs an async ``func``: a ConfigError naming ``limit`` now, not at the first call."""
@@ -132,13 +132,15 @@ class LimitPlan:
             return self
         return dataclasses.replace(self, signature=signature)
 
-    def _call(self, choose: Chooser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _call(
+        self, choose: Chooser, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> LimitChoice | Awaitable[LimitChoice]:
         if self.signature is not None:
             bound = bound_arguments(self.signature, args, kwargs)
             args, kwargs = bound.args, bound.kwargs
         return choose(*args, **kwargs)
 
-    def _chosen(self, choose: Chooser, value: Any) -> tuple[Limit, ...]:
+    def _chosen(self, choose: Chooser, value: object) -> tuple[Limit, ...]:
         if type(value) is Limit and self.cost <= value.burst:  # the common choice, at a glance
             return (value,)
         limits = chosen_limits(choose, value)
@@ -147,7 +149,7 @@ class LimitPlan:
 
 
 def bound_arguments(
-    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+    signature: inspect.Signature, args: tuple[object, ...], kwargs: dict[str, object]
 ) -> inspect.BoundArguments:
     """A call's arguments bound to ``signature``, defaults applied: what key templates are
     filled from and decorators' choosers called with. A call that does not bind raises a
@@ -157,7 +159,7 @@ def bound_arguments(
     return bound
 
 
-def _parse(value: Any, burst: Any, param: str, *, rates: bool) -> tuple[Limit, ...]:
+def _parse(value: object, burst: int | None, param: str, *, rates: bool) -> tuple[Limit, ...]:
     """The limits ``value`` spells; ``rates``: a number is tokens per second (with ``burst``)."""
     if isinstance(value, str):
         return (Limit._parse(value, burst, None, param),)
@@ -171,10 +173,10 @@ def _parse(value: Any, burst: Any, param: str, *, rates: bool) -> tuple[Limit, .
     return coerce_limits(value, param)
 
 
-def _rate(rate: Any, burst: Any, param: str) -> Limit:
+def _rate(rate: float, burst: int | None, param: str) -> Limit:
     """``Limit(rate, burst)``, an error in ``rate`` naming ``param``."""
     try:
-        return Limit(rate, burst)
+        return Limit(rate) if burst is None else Limit(rate, burst)
     except ConfigError as exc:
         if exc.param != "rate" or param == "rate":
             raise
@@ -191,11 +193,11 @@ def _fits(cost: int, limits: tuple[Limit, ...], *, chosen: bool = False) -> None
         )
 
 
-def _name(function: Callable[..., Any]) -> str:
+def _name(function: object) -> str:
     return getattr(function, "__qualname__", None) or repr(function)
 
 
-def chosen_limits(choose: Callable[..., Any], value: Any) -> tuple[Limit, ...]:
+def chosen_limits(choose: Chooser, value: object) -> tuple[Limit, ...]:
     """What the limit chooser ``choose`` returned, as limits; an error naming ``limit`` if it is
     not a ``Limit``, a string like ``"100/minute"`` or a list of them."""
     if type(value) is Limit:

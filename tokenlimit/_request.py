@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ._limit import Limit
-from ._plan import LimitPlan
+from ._plan import LimitPlan, LimitSpec
 from ._redis.resp import pack_bulk
 from ._validate import check_key
 
@@ -63,7 +63,7 @@ _CACHED_KEY_CHARS = 256
 _cache: dict[tuple[str, str, Limit | tuple[Limit, ...], int], Request] = {}
 
 
-def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
+def build_request(prefix: str, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
     """Validate one call's arguments and turn them into keys and packed script arguments."""
     if (
         type(key) is str
@@ -85,7 +85,7 @@ def build_request(prefix: str, key: Any, limit: Any, cost: Any = 1) -> Request:
     return _build(prefix, key, limit, cost)
 
 
-def _build(prefix: str, key: Any, limit: Any, cost: Any) -> Request:
+def _build(prefix: str, key: str | bytes, limit: LimitSpec, cost: int) -> Request:
     # One limit and a cost within its burst: the plan's checks, passed at a glance.
     if type(limit) is Limit and type(cost) is int and 1 <= cost <= limit.burst:
         return _build_one(prefix, check_key(key), limit, cost)

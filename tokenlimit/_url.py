@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import re
 import weakref
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import BackendError, ConfigError, ConfigTypeError
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._redis.pools import client_options, pool_options
 from ._request import Request
+
+if TYPE_CHECKING:
+    from ._backend import AsyncBackend, SyncBackend
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
 
@@ -135,7 +138,7 @@ def _scrubbed(exc: Exception, url: str) -> Exception:
     return exc  # not ours nor the driver's: a bug to see as it is
 
 
-def _guarded(url: Any, build: Callable[[], _T]) -> _T:
+def _guarded(url: object, build: Callable[[], _T]) -> _T:
     """``build()``, through which every message derived from ``url`` passes (see ``_scrubbed``);
     raised outside the ``except``, so that no context is chained either."""
     try:
@@ -147,12 +150,12 @@ def _guarded(url: Any, build: Callable[[], _T]) -> _T:
     raise error
 
 
-def parse_url(url: Any) -> tuple[str, str]:
+def parse_url(url: object) -> tuple[str, str]:
     """Return ``(scheme, url)`` after checking the scheme; raises ConfigError naming ``url``."""
     return _guarded(url, lambda: _parse_url(url))
 
 
-def _parse_url(url: Any) -> tuple[str, str]:
+def _parse_url(url: object) -> tuple[str, str]:
     if not isinstance(url, str):
         raise ConfigTypeError("url", f"must be a str, not {type(url).__name__}")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
@@ -234,13 +237,15 @@ def _cluster_args(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     return nodes, options
 
 
-def sync_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
+def sync_backend_from_url(
+    url: str, *, timeout: float, memory: MemoryBackend | None = None
+) -> SyncBackend:
     """A sync backend for ``url``; a bad URL is a ConfigError naming ``url``, a client that
     fails to connect (a cluster's does, here) a BackendError, neither with the password."""
     return _guarded(url, lambda: _sync_backend(url, timeout, memory))
 
 
-def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any:
+def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> SyncBackend:
     scheme, url = _parse_url(url)
     if scheme == "memory":
         return memory if memory is not None else MemoryBackend()
@@ -265,12 +270,14 @@ def _sync_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any
     return RedisBackend(Redis.from_pool(pool), owned=True)
 
 
-def async_backend_from_url(url: str, *, timeout: float, memory: MemoryBackend | None = None) -> Any:
+def async_backend_from_url(
+    url: str, *, timeout: float, memory: MemoryBackend | None = None
+) -> AsyncBackend:
     """The asyncio twin of ``sync_backend_from_url``."""
     return _guarded(url, lambda: _async_backend(url, timeout, memory))
 
 
-def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> Any:
+def _async_backend(url: str, timeout: float, memory: MemoryBackend | None) -> AsyncBackend:
     scheme, url = _parse_url(url)
     if scheme == "memory":
         return AsyncMemoryBackend(memory)
@@ -308,17 +315,17 @@ class LoopLocalBackend:
 
     remote = True
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    def __init__(self, factory: Callable[[], AsyncBackend]) -> None:
         self._factory = factory
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per loop: its backend, and the generator that closes it when the loop shuts down.
+        self._by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[AsyncBackend, AsyncGenerator[None, None]]
+        ] = weakref.WeakKeyDictionary()
         # The loop used last and its backend: a decision finds it without a weak-dict lookup
         # or an extra coroutine (the loop held weakly, as in the dict).
-        self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
-        self._last: Any = None
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncBackend] | None = None
 
-    async def _current(self) -> Any:
+    async def _current(self) -> AsyncBackend:
         loop = asyncio.get_running_loop()
         entry = self._by_loop.get(loop)
         if entry is None:
@@ -329,26 +336,22 @@ class LoopLocalBackend:
             closer = _close_at_shutdown(backend)
             await closer.asend(None)
             entry = self._by_loop[loop] = (backend, closer)
-        self._last_loop, self._last = weakref.ref(loop), entry[0]
+        self._last = weakref.ref(loop), entry[0]
         return entry[0]
 
     def decide(
         self, request: Request, *, consume: bool, timeout: float
-    ) -> Coroutine[Any, Any, Sequence[int]]:
+    ) -> Awaitable[Sequence[int]]:
         # A plain function handing over the loop's backend's coroutine: one coroutine less per
         # decision on the hot path (awaited by the caller all the same).
-        last = self._last_loop
-        if last is not None and last() is asyncio.get_running_loop():
-            coro: Coroutine[Any, Any, Sequence[int]] = self._last.decide(
-                request, consume=consume, timeout=timeout
-            )
-            return coro
+        last = self._last
+        if last is not None and last[0]() is asyncio.get_running_loop():
+            return last[1].decide(request, consume=consume, timeout=timeout)
         return self._decide(request, consume=consume, timeout=timeout)
 
     async def _decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         backend = await self._current()
-        result: Sequence[int] = await backend.decide(request, consume=consume, timeout=timeout)
-        return result
+        return await backend.decide(request, consume=consume, timeout=timeout)
 
     async def reset(self, request: Request, *, timeout: float) -> None:
         backend = await self._current()
@@ -358,10 +361,7 @@ class LoopLocalBackend:
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]:
         backend = await self._current()
-        reply: Sequence[int] = await backend.hold_slot(
-            key, holder, max_in_flight, lease_us, timeout=timeout
-        )
-        return reply
+        return await backend.hold_slot(key, holder, max_in_flight, lease_us, timeout=timeout)
 
     async def release_slot(self, key: str, holder: str, *, timeout: float) -> int:
         backend = await self._current()
@@ -373,14 +373,14 @@ class LoopLocalBackend:
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._last_loop is not None and self._last_loop() is loop:
-            self._last_loop, self._last = None, None
+        if self._last is not None and self._last[0]() is loop:
+            self._last = None
         entry = self._by_loop.pop(loop, None)
         if entry is not None:
             await entry[1].aclose()
 
 
-async def _close_at_shutdown(backend: Any) -> AsyncGenerator[None, None]:
+async def _close_at_shutdown(backend: AsyncBackend) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:

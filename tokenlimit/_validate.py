@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from ._errors import ConfigError, ConfigTypeError
 
@@ -26,7 +25,7 @@ FAILURE_MODES = ("open", "closed")
 MAX_DEADLINE = 86_400.0
 
 
-def shown(value: Any) -> str:
+def shown(value: object) -> str:
     """``repr(value)`` for a message, kept short: an int of more than 64 bits by its size
     (``str()`` refuses one of more than 4300 digits), a long string by its start and length."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
@@ -42,7 +41,7 @@ def _bound(limit: float) -> str:
 
 def check_number(
     param: str,
-    value: Any,
+    value: object,
     *,
     positive: bool = True,
     allow_zero: bool = False,
@@ -69,7 +68,7 @@ def check_number(
     return number
 
 
-def check_int(param: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+def check_int(param: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
     """Return ``value`` as an int from ``minimum`` to ``maximum``, or raise naming ``param``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigTypeError(param, f"must be an int, not {type(value).__name__}")
@@ -80,12 +79,12 @@ def check_int(param: str, value: Any, *, minimum: int, maximum: int | None = Non
     return int(value)
 
 
-def check_cost(value: Any) -> int:
+def check_cost(value: object) -> int:
     """A request's cost: a whole number of tokens, at least 1."""
     return check_int("cost", value, minimum=1)
 
 
-def check_timeout(param: str, value: Any) -> float | None:
+def check_timeout(param: str, value: object) -> float | None:
     """A wait budget in seconds: None (no bound) or a finite number >= 0 (any size: the waits
     are slept in bounded parts, see ``LimiterBase._pause``)."""
     if value is None:
@@ -93,7 +92,7 @@ def check_timeout(param: str, value: Any) -> float | None:
     return check_number(param, value, allow_zero=True)
 
 
-def check_key(value: Any) -> bytes:
+def check_key(value: object) -> bytes:
     """An identity: a non-empty str or bytes, returned as bytes (UTF-8, surrogates kept)."""
     if isinstance(value, str):
         raw = value.encode("utf-8", "surrogatepass")
@@ -108,7 +107,7 @@ def check_key(value: Any) -> bytes:
     return raw
 
 
-def check_prefix(prefix: Any) -> str:
+def check_prefix(prefix: object) -> str:
     """A key prefix: a str without braces (a brace would hijack the cluster hash tag)."""
     if not isinstance(prefix, str):
         raise ConfigTypeError("prefix", f"must be a str, not {type(prefix).__name__}")
@@ -117,13 +116,13 @@ def check_prefix(prefix: Any) -> str:
     return prefix
 
 
-def check_failure_mode(mode: Any) -> str:
+def check_failure_mode(mode: object) -> str:
     """``"open"`` or ``"closed"``."""
     if mode not in FAILURE_MODES:
         raise ConfigError("failure_mode", f"must be 'open' or 'closed', got {mode!r}")
     return str(mode)
 
 
-def check_deadline(timeout: Any) -> float:
+def check_deadline(timeout: object) -> float:
     """The limiter's per-decision deadline: a number of seconds > 0, at most a day."""
     return check_number("timeout", timeout, maximum=MAX_DEADLINE)

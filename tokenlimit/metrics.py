@@ -36,7 +36,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._decision import Decision, fail_open_decision
 from ._errors import ConfigError, ConfigTypeError
@@ -80,7 +80,7 @@ _registered: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, _Families]] 
 )
 
 
-def _check_buckets(buckets: Any) -> tuple[float, ...]:
+def _check_buckets(buckets: object) -> tuple[float, ...]:
     if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence):
         raise ConfigTypeError("buckets", f"must be a sequence of seconds, not {buckets!r}")
     checked: list[float] = []
@@ -98,11 +98,16 @@ def _check_buckets(buckets: Any) -> tuple[float, ...]:
 def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Families:
     from prometheus_client import Counter, Histogram
 
-    made: list[Any] = []
+    made: list[Counter | Histogram] = []
 
-    def add(kind: Any, name: str, documentation: str, *args: Any, **kwargs: Any) -> Any:
-        collector = kind(
-            name, documentation, *args, namespace=namespace, registry=registry, **kwargs
+    def counter(name: str, documentation: str, labelnames: Sequence[str]) -> Counter:
+        collector = Counter(name, documentation, labelnames, namespace=namespace, registry=registry)
+        made.append(collector)
+        return collector
+
+    def histogram(name: str, documentation: str) -> Histogram:
+        collector = Histogram(
+            name, documentation, namespace=namespace, registry=registry, buckets=buckets
         )
         made.append(collector)
         return collector
@@ -110,44 +115,35 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
     try:
         families = _Families(
             buckets=buckets,
-            decisions=add(
-                Counter,
+            decisions=counter(
                 "decisions",
                 "Rate-limit decisions made by the store, by limit and result.",
                 ["limit", "result"],
             ),
-            seconds=add(
-                Histogram,
-                "decision_seconds",
-                "Time taken by one rate-limit decision, in seconds.",
-                buckets=buckets,
+            seconds=histogram(
+                "decision_seconds", "Time taken by one rate-limit decision, in seconds."
             ),
-            errors=add(
-                Counter,
+            errors=counter(
                 "storage_errors",
                 "Rate-limit storage failures, by reason.",
                 ["reason"],
             ),
-            fail_open=add(
-                Counter,
+            fail_open=counter(
                 "fail_open",
                 "Calls admitted without a decision because storage failed (failure_mode='open').",
                 ["limit"],
             ),
-            requests=add(
-                Counter,
+            requests=counter(
                 "http_requests",
                 "Rate-limit checks made by web integrations, by route template and result.",
                 ["route", "result"],
             ),
-            shadow=add(
-                Counter,
+            shadow=counter(
                 "shadow_refusals",
                 "Calls a limiter in shadow mode admitted that enforcement would refuse, by limit.",
                 ["limit"],
             ),
-            slots=add(
-                Counter,
+            slots=counter(
                 "concurrency",
                 "Entries into concurrency limits (limiter.concurrency), by bound and outcome.",
                 ["max_in_flight", "result"],

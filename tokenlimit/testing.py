@@ -25,13 +25,18 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 from . import _switch
 from ._backend import is_remote
 from ._errors import ConfigError, ConfigTypeError
 from ._limiter import AsyncRateLimiter, RateLimiter
 from ._memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from ._base import LimiterOptions
 
 __all__ = [
     "FakeClock",
@@ -82,7 +87,7 @@ class FakeClock:
         return f"FakeClock({self._now!r})"
 
 
-def _seconds(param: str, value: Any) -> float:
+def _seconds(param: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigTypeError(param, f"must be a number of seconds, not {value!r}")
     if not math.isfinite(value) or value < 0:
@@ -98,14 +103,16 @@ def _clock(clock: Callable[[], float] | None) -> Callable[[], float]:
     return clock
 
 
-def memory_limiter(clock: Callable[[], float] | None = None, **options: Any) -> RateLimiter:
+def memory_limiter(
+    clock: Callable[[], float] | None = None, **options: Unpack[LimiterOptions]
+) -> RateLimiter:
     """A ``RateLimiter`` on an in-process store driven by ``clock`` (a new ``FakeClock`` at 0
     when None; reach it as ``limiter.backend.clock``). ``options`` go to ``RateLimiter``."""
     return RateLimiter(MemoryBackend(clock=_clock(clock)), **options)
 
 
 def async_memory_limiter(
-    clock: Callable[[], float] | None = None, **options: Any
+    clock: Callable[[], float] | None = None, **options: Unpack[LimiterOptions]
 ) -> AsyncRateLimiter:
     """The ``AsyncRateLimiter`` twin of ``memory_limiter`` (its clock:
     ``limiter.backend.store.clock``)."""
@@ -113,34 +120,49 @@ def async_memory_limiter(
 
 
 # -- resetting ---------------------------------------------------------------------------------
-def _check_limiter(limiter: Any) -> None:
+class _SyncStore(Protocol):
+    """What ``reset_all`` reads of an in-process async backend's ``store`` (``MemoryBackend``)."""
+
+    def clear_prefix(self, prefix: str) -> int: ...
+
+
+def _check_limiter(limiter: object) -> None:
     if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
         raise ConfigTypeError(
             "limiter", f"must be a RateLimiter or AsyncRateLimiter, not {limiter!r}"
         )
 
 
-def _clearable(backend: Any) -> None:
+def _clearable(backend: object) -> None:
     if not callable(getattr(backend, "clear_prefix", None)):
-        raise ConfigTypeError("limiter", f"its backend cannot clear its keys: {backend!r}")
+        raise _cannot_clear(backend)
+
+
+def _is_sync_store(store: object) -> TypeGuard[_SyncStore]:
+    return callable(getattr(store, "clear_prefix", None))
+
+
+def _cannot_clear(backend: object) -> ConfigTypeError:
+    return ConfigTypeError("limiter", f"its backend cannot clear its keys: {backend!r}")
 
 
 def reset_all(limiter: RateLimiter | AsyncRateLimiter) -> int:
     """Every bucket of ``limiter`` full again; returns how many keys went (memory: buckets
     held). An ``AsyncRateLimiter`` on Redis/Valkey needs ``areset_all``. For tests only."""
     _check_limiter(limiter)
-    backend: Any = limiter.backend
     try:
         if isinstance(limiter, AsyncRateLimiter):
-            if is_remote(backend):
+            if is_remote(limiter.backend):
                 raise ConfigTypeError(
                     "limiter", "an AsyncRateLimiter on a server needs 'await areset_all(limiter)'"
                 )
-            store: Any = getattr(backend, "store", None)  # in-process: answers at once
-            _clearable(store)
+            # In-process (AsyncMemoryBackend): its sync store answers at once.
+            store = getattr(limiter.backend, "store", None)
+            if not _is_sync_store(store):
+                raise _cannot_clear(store)
             return int(store.clear_prefix(limiter.prefix))
-        _clearable(backend)
-        return int(backend.clear_prefix(limiter.prefix))
+        _clearable(limiter.backend)
+        return int(limiter.backend.clear_prefix(limiter.prefix))
     finally:
         limiter._forget_all()
 
@@ -150,10 +172,9 @@ async def areset_all(limiter: RateLimiter | AsyncRateLimiter) -> int:
     _check_limiter(limiter)
     if isinstance(limiter, RateLimiter) or not is_remote(limiter.backend):
         return reset_all(limiter)
-    backend: Any = limiter.backend
     try:
-        _clearable(backend)
-        return int(await backend.clear_prefix(limiter.prefix))
+        _clearable(limiter.backend)
+        return int(await limiter.backend.clear_prefix(limiter.prefix))
     finally:
         limiter._forget_all()
 
