@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Iterable
 
+    from redis.asyncio.connection import AbstractConnection as AsyncAbstractConnection
     from redis.client import Redis
     from redis.cluster import ClusterNode, NodesManager
     from redis.connection import AbstractConnection
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCKING_TAKES_INUSE",
     "INTERNALS",
+    "AsyncPool",
     "Conn",
     "NodePool",
     "SyncCluster",
@@ -123,6 +125,34 @@ class SyncCluster(Protocol):
     def get_nodes(self) -> list[ClusterNode]: ...
 
     def get_redis_connection(self, node: ClusterNode) -> Redis: ...
+
+
+class AsyncPool(Protocol):
+    """An asyncio pool (``redis.asyncio.ConnectionPool`` and its subclasses). redis-py leaves
+    ``get_connection`` unannotated; it connects the connection before giving it."""
+
+    async def get_connection(self) -> OpenConnection: ...
+
+    async def release(self, connection: AsyncAbstractConnection, /) -> None: ...
+
+    async def disconnect(self, inuse_connections: bool = ...) -> None: ...
+
+
+if TYPE_CHECKING:  # views for the type checker only: nothing is ever an instance of these
+
+    class BufferedReader(asyncio.StreamReader):
+        """An ``asyncio.StreamReader`` with the buffer it reads ahead into."""
+
+        _buffer: bytearray
+
+    class OpenConnection(AsyncAbstractConnection):
+        """An asyncio connection while connected: its streams are set (redis-py types them
+        as optional, None until ``connect``)."""
+
+        _reader: BufferedReader
+        _writer: asyncio.StreamWriter
+
+        async def connect(self) -> None: ...  # unannotated in redis-py
 
 
 # -- the probes ------------------------------------------------------------------------------

@@ -19,13 +19,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from redis import exceptions as rx
 
 from tokenlimit._errors import BackendError
 
 if TYPE_CHECKING:
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
     from .driver import SyncCluster
 
 __all__ = ["AsyncSlotRefresher", "SlotRefresher", "stale_map"]
@@ -116,7 +118,7 @@ class AsyncSlotRefresher:
     closes every connection when it fails or is cancelled, and the dead node makes it fail.
     """
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: AsyncRedisCluster) -> None:
         self._cluster = cluster
         self._gate = _Gate()
         self._task: asyncio.Task[None] | None = None  # held, so it is not collected mid-run
