@@ -16,8 +16,8 @@ import functools
 import inspect
 import sys
 import time
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
@@ -36,6 +36,14 @@ from .server_check import start_check
 from .sync import address
 from .topology import AsyncSlotRefresher, stale_map
 
+if TYPE_CHECKING:
+    from redis.asyncio.cluster import ClusterNode, NodesManager
+    from redis.asyncio.connection import AbstractConnection, Connection
+    from redis.typing import KeyT
+
+    from .driver import AsyncPool
+    from .resp import Command
+
 __all__ = ["AsyncRedisBackend"]
 
 T = TypeVar("T")
@@ -46,7 +54,7 @@ _POOL_POLL = 0.001  # seconds between tries for a cluster connection held by som
 
 if sys.version_info >= (3, 12):  # pragma: no cover - the suite's interpreter is 3.11
 
-    async def _bounded(exchange: Coroutine[Any, Any, T], timeout: float) -> T:
+    async def _bounded(exchange: Awaitable[T], timeout: float) -> T:
         """Run ``exchange`` within the deadline (see the other branch for why not always so)."""
         try:
             async with asyncio.timeout(timeout):
@@ -57,7 +65,7 @@ if sys.version_info >= (3, 12):  # pragma: no cover - the suite's interpreter is
 
 else:
 
-    async def _bounded(exchange: Coroutine[Any, Any, T], timeout: float) -> T:
+    async def _bounded(exchange: Awaitable[T], timeout: float) -> T:
         """Run ``exchange`` and return by the deadline, whatever it does with its cancellation:
         below 3.12 redis-py's ``wait_for`` can swallow one, so the exchange runs in a task of
         its own (docs/internals.md, "Deadlines")."""
@@ -108,7 +116,8 @@ class AsyncRedisBackend:
 
     def __init__(self, client: Redis | RedisCluster, *, owned: bool = False) -> None:
         self.client = client
-        self.is_cluster = isinstance(client, RedisCluster)
+        cluster = client if isinstance(client, RedisCluster) else None
+        self.is_cluster = cluster is not None
         # Batches need redis-py's stream internals (_redispy); without them, and on a cluster,
         # each decision makes its own exchange through redis-py's public connection API.
         self._unbatched = self.is_cluster or not available(_STREAMS)
@@ -120,7 +129,7 @@ class AsyncRedisBackend:
         # loops, alive. A decision from another loop (sequential asyncio.run() calls) simply
         # starts a batcher there; the old one finishes its own work.
         self._batcher: Batcher | None = None
-        self._slots = AsyncSlotRefresher(client) if self.is_cluster else None
+        self._slots = None if cluster is None else AsyncSlotRefresher(cluster)
         self._check: asyncio.Task[None] | None = None  # the eviction-policy check, run once
         # Cluster: per node, how many of its connections this backend's calls may hold at once.
         self._gates: dict[str, asyncio.Semaphore] = {}
@@ -168,7 +177,7 @@ class AsyncRedisBackend:
 
     async def run_script(
         self, script: Script, keys: tuple[str, ...], args: tuple[str, ...], *, timeout: float
-    ) -> Any:
+    ) -> Any:  # the script's reply, as ``_call``'s
         """One call of another shipped script (concurrency slots), run at most once by the
         deadline, outside the batches: NOSCRIPT reloaded, cluster redirects followed."""
         call = _script_call(script, Request(keys, args, (), 0))
@@ -191,9 +200,9 @@ class AsyncRedisBackend:
 
     async def clear_prefix(self, prefix: str) -> int:
         """The async twin of ``RedisBackend.clear_prefix``."""
-        client: Any = self.client
+        client = self.client
         count = 0
-        batch: list[Any] = []
+        batch: list[KeyT] = []
         async for key in client.scan_iter(match=scan_pattern(prefix), count=1000):
             batch.append(key)
             if len(batch) >= 500:
@@ -209,7 +218,7 @@ class AsyncRedisBackend:
             self._call(request.keys[0], command, None, time.monotonic() + timeout), timeout
         )
 
-    async def _ask_info(self, key: str, timeout: float) -> tuple[str | None, Any]:
+    async def _ask_info(self, key: str, timeout: float) -> tuple[str | None, object]:
         """``INFO memory`` from the server (the cluster node) of ``key``, and its address."""
         info = self._call(key, ("INFO", "memory"), None, time.monotonic() + timeout)
         reply = await _bounded(info, timeout)
@@ -241,11 +250,11 @@ class AsyncRedisBackend:
             await self.client.aclose()
 
     # -- the shell of the reply policy ------------------------------------------------------
-    async def _call(
-        self, key: str, command: tuple[Any, ...], body: tuple[Any, ...] | None, deadline: float
-    ) -> Any:
+    async def _call(self, key: str, command: Command, body: Command | None, deadline: float) -> Any:
         """Send ``command`` (``body``, the script's, once NOSCRIPT asks for it), then do each
-        step ``_reply_policy`` gives until it is done."""
+        step ``_reply_policy`` gives until it is done, and return the reply: its shape is the
+        command's (a script's array of integers, DEL's count...), which the caller knows and
+        redis-py's ``read_response`` does not type."""
         state = policy.CallState(deadline=deadline, by_sha=body is not None)
         asking: tuple[str, int] | None = None  # after an ASK: the node to send to, after ASKING
         while True:
@@ -266,7 +275,7 @@ class AsyncRedisBackend:
                     await asyncio.sleep(seconds)
                 case policy.DropAndFail(error=error):
                     if self.is_cluster:  # the node's pool is the client's: this one connection
-                        retire((conn,))
+                        retire(() if conn is None else (conn,))
                     else:
                         await forget_replica(self.client.connection_pool)  # type: ignore[union-attr]
                     raise error
@@ -276,15 +285,15 @@ class AsyncRedisBackend:
                     return done
 
     async def _attempt(
-        self, command: tuple[Any, ...], key: str, asking: tuple[str, int] | None
-    ) -> tuple[object, Any]:
+        self, command: Command, key: str, asking: tuple[str, int] | None
+    ) -> tuple[object, AbstractConnection | None]:
         """One send of ``command`` and its reply, or the BackendError that ended it; with the
         connection it went on (None if none was had)."""
         if not self.is_cluster:
             client: Redis = self.client  # type: ignore[assignment]
-            pool = client.connection_pool
+            pool: AsyncPool = client.connection_pool
             try:
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                conn: AbstractConnection = await pool.get_connection()
             except (rx.RedisError, OSError) as exc:
                 return classify(exc), None
             try:
@@ -319,7 +328,7 @@ class AsyncRedisBackend:
 
     async def _refresh_slot(self, slot: int, node: tuple[str, int]) -> None:
         """After MOVED: the client's slot map learns that ``node`` serves ``slot`` now."""
-        manager: Any = self.client.nodes_manager  # type: ignore[union-attr]
+        manager: NodesManager = self.client.nodes_manager  # type: ignore[union-attr]
         try:
             if available("NodesManager.move_slot"):
                 moved = manager.move_slot(rx.MovedError(f"{slot} {node[0]}:{node[1]}"))
@@ -330,7 +339,7 @@ class AsyncRedisBackend:
         except (rx.RedisError, OSError) as exc:
             raise classify(exc) from exc
 
-    async def _connection(self, node: Any) -> Any:
+    async def _connection(self, node: ClusterNode) -> Connection:
         """A connection to a cluster node, waiting (within the caller's deadline) while all of
         the node's ``max_connections`` are in use, where redis-py's async cluster would raise;
         the caller releases it and then the node's gate (docs/internals.md, "Deadlines")."""
@@ -349,13 +358,13 @@ class AsyncRedisBackend:
             raise
 
 
-def _script_call(script: Script, request: Request) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
+def _script_call(script: Script, request: Request) -> tuple[str, Command, Command]:
     """``key, command, body`` of a script's call, for ``_call``."""
-    head = (len(request.keys), *request.keys, *request.args)
+    head: Command = (len(request.keys), *request.keys, *request.args)
     return request.keys[0], ("EVALSHA", script.sha, *head), ("EVAL", script.body, *head)
 
 
-async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+async def _roundtrip(conn: AbstractConnection, commands: Sequence[Command]) -> list[object]:
     """Send ``commands`` in one write and read every reply; close the connection if cut short."""
     clean = False
     try:

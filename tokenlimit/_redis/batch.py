@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, TypeGuard
 
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool
@@ -24,6 +24,13 @@ from .driver import available
 from .replies import classify
 from .resp import ReplyError, ReplyReader
 from .sync import unread_in_kernel
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from redis.asyncio.connection import AbstractConnection
+
+    from .driver import AsyncPool, OpenConnection
 
 __all__ = [
     "MAX_BATCH",
@@ -51,7 +58,7 @@ Member = tuple["asyncio.Future[list[int]]", float, bytes, "Script | None", Reque
 
 # Connections in use when their server answered READONLY (see the module doc): closed before
 # their next use. Weak: a connection the pool drops is forgotten with it.
-_RETIRED: weakref.WeakSet[Any] = weakref.WeakSet()
+_RETIRED: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
 
 _HEADERS = tuple(b"*%d\r\n" % n for n in range(64))
 
@@ -83,7 +90,7 @@ class Batcher:
         "pool",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: AsyncPool) -> None:
         self.loop = loop
         self.pool = pool
         self._pending: list[Member] = []
@@ -199,7 +206,7 @@ class _Lane:
         self.ending = False  # cleaning up: a cancellation now would only cut the cleanup short
         self.next: asyncio.Future[bool] | None = None  # while lingering: set when work comes
         self.timer: asyncio.TimerHandle | None = None
-        self.conn: Any = None  # the pooled connection, once taken
+        self.conn: OpenConnection | None = None  # the pooled connection, once taken
         self.busy = False  # a batch on the wire (counted in the batcher's _busy)
         self.demoted = False  # the server answered READONLY: a replica now (see _odd)
         self._begin(members)
@@ -281,7 +288,7 @@ class _Lane:
     # -- the exchanges ------------------------------------------------------------------------
     async def _run(self) -> None:
         pool = self.batcher.pool
-        conn: Any = None
+        conn: OpenConnection | None = None
         clean = False
         written = False  # the batch went out already (send_now)
         try:
@@ -326,7 +333,7 @@ class _Lane:
             if conn is not None:
                 await give_back(pool, conn, clean=clean)
 
-    def _write(self, conn: Any) -> None:
+    def _write(self, conn: OpenConnection) -> None:
         """The batch in one write (the replies are read by ``_read``)."""
         # Who gave up while the connection was coming is not sent (its decision not made).
         members = self.members = [m for m in self.members if not m[0].done()]
@@ -354,7 +361,7 @@ class _Lane:
         if batcher._busy == 0:
             batcher._early = max(1, len(self.members) // 2)
 
-    async def _read(self, conn: Any) -> None:
+    async def _read(self, conn: OpenConnection) -> None:
         """Exactly one reply per command written, in order."""
         members = self.members
         count = len(members)
@@ -440,7 +447,7 @@ class _Lane:
         _fail(self.members[self.read :], exc)
 
 
-def _spare_rule(pool: Any) -> tuple[int, int] | None:
+def _spare_rule(pool: object) -> tuple[int, int] | None:
     """``(max_connections, share)`` for ``Batcher.room_to_linger``: a lane may linger while
     ``share * in_use < max_connections``; None when the pool has no such bound to check."""
     limit = getattr(pool, "max_connections", None)
@@ -449,7 +456,7 @@ def _spare_rule(pool: Any) -> tuple[int, int] | None:
     return (limit, 1 if isinstance(pool, BlockingConnectionPool) else 2)
 
 
-def _healthy(conn: Any) -> bool:
+def _healthy(conn: OpenConnection | None) -> TypeGuard[OpenConnection]:
     """Whether an idle connection can take a write right now, checked without awaiting: open,
     and nothing to read on it (a stray byte or EOF means it is out of step or closing)."""
     if conn is None or not conn.is_connected:
@@ -461,13 +468,13 @@ def _healthy(conn: Any) -> bool:
     )
 
 
-def retire(conns: Any) -> None:
+def retire(conns: Iterable[AbstractConnection]) -> None:
     """Close each of ``conns`` before its next use or when it is given back (``drop_if_stale``,
     ``give_back``): their server answered READONLY, so none may serve another call on it."""
     _RETIRED.update(conns)
 
 
-async def forget_replica(pool: Any) -> None:
+async def forget_replica(pool: AsyncPool) -> None:
     """Retire the pool's connections in use and close its idle ones: their server answered
     READONLY, so the next connection must look for the primary again (on a Sentinel pool,
     connecting asks the sentinels)."""
@@ -476,7 +483,7 @@ async def forget_replica(pool: Any) -> None:
         await pool.disconnect(inuse_connections=False)
 
 
-async def give_back(pool: Any, conn: Any, *, clean: bool) -> None:
+async def give_back(pool: AsyncPool, conn: AbstractConnection, *, clean: bool) -> None:
     """Back to the pool; closed first unless every reply was read (it may still get one), or
     if it was retired (its server turned replica while it was in use)."""
     try:
@@ -490,7 +497,7 @@ async def give_back(pool: Any, conn: Any, *, clean: bool) -> None:
             await pool.release(conn)
 
 
-async def drop_if_stale(conn: Any) -> None:
+async def drop_if_stale(conn: AbstractConnection) -> None:
     """Disconnect a pooled connection the server has closed (restart, CLIENT KILL, idle timeout).
 
     redis-py's async pool skips this check when maintenance notifications are on ("auto" by

@@ -31,15 +31,32 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import redis
 import redis.asyncio
 from redis import BlockingConnectionPool
 
+if TYPE_CHECKING:
+    import queue
+    import socket
+    from collections.abc import Iterable
+
+    from redis.asyncio.connection import AbstractConnection as AsyncAbstractConnection
+    from redis.client import Redis
+    from redis.cluster import ClusterNode, NodesManager
+    from redis.connection import AbstractConnection
+    from redis.typing import EncodableT
+
 __all__ = [
     "BLOCKING_TAKES_INUSE",
     "INTERNALS",
+    "AsyncPool",
+    "Conn",
+    "NodePool",
+    "SyncCluster",
+    "SyncConnection",
+    "SyncPool",
     "available",
     "close_idle_blocking",
     "missing",
@@ -49,8 +66,98 @@ __all__ = [
 logger = logging.getLogger("tokenlimit")
 
 
+# -- the redis-py objects the fast paths reach into, as they use them ------------------------
+class SyncConnection(Protocol):
+    """A sync connection (``redis.connection.AbstractConnection``) as the lean path and the
+    exchanges use it. redis-py leaves these methods unannotated and types ``_sock`` as None:
+    this says what they take and give."""
+
+    @property
+    def _sock(self) -> socket.socket | None: ...  # None while not connected
+
+    def send_command(self, *args: EncodableT, check_health: bool = ...) -> None: ...
+
+    def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = ...
+    ) -> None: ...
+
+    def pack_commands(self, commands: Iterable[Iterable[EncodableT]]) -> list[bytes]: ...
+
+    def can_read(self, timeout: float = ...) -> bool: ...
+
+    def read_response(self) -> object: ...  # a reply: its shape is the command's
+
+    def disconnect(self) -> None: ...
+
+
+Conn = TypeVar("Conn", bound=SyncConnection)
+
+
+class NodePool(Protocol):
+    """What a cluster node's pool gets the deadline class through (``_redis.sync._node_pool``):
+    the class of the connections it makes next, and its idle ones."""
+
+    connection_class: type[AbstractConnection]
+    _available_connections: list[AbstractConnection]
+
+
+class SyncPool(NodePool, Protocol[Conn]):
+    """A sync pool (``redis.ConnectionPool`` and its subclasses): it takes back the connections
+    it gives."""
+
+    def get_connection(self) -> Conn: ...
+
+    def release(self, connection: Conn, /) -> None: ...
+
+    def disconnect(self, inuse_connections: bool = ...) -> None: ...
+
+
+class SyncCluster(Protocol):
+    """A sync ``redis.cluster.RedisCluster``, whose node lookups redis-py leaves unannotated."""
+
+    @property
+    def nodes_manager(self) -> NodesManager: ...
+
+    def get_node_from_key(self, key: str) -> ClusterNode: ...
+
+    def get_node(self, host: str, port: int) -> ClusterNode | None: ...
+
+    def get_nodes(self) -> list[ClusterNode]: ...
+
+    def get_redis_connection(self, node: ClusterNode) -> Redis: ...
+
+
+class AsyncPool(Protocol):
+    """An asyncio pool (``redis.asyncio.ConnectionPool`` and its subclasses). redis-py leaves
+    ``get_connection`` unannotated; it connects the connection before giving it."""
+
+    async def get_connection(self) -> OpenConnection: ...
+
+    async def release(self, connection: AsyncAbstractConnection, /) -> None: ...
+
+    async def disconnect(self, inuse_connections: bool = ...) -> None: ...
+
+
+if TYPE_CHECKING:  # views for the type checker only: nothing is ever an instance of these
+
+    class BufferedReader(asyncio.StreamReader):
+        """An ``asyncio.StreamReader`` with the buffer it reads ahead into."""
+
+        _buffer: bytearray
+
+    class OpenConnection(AsyncAbstractConnection):
+        """An asyncio connection while connected: its streams are set (redis-py types them
+        as optional, None until ``connect``)."""
+
+        _reader: BufferedReader
+        _writer: asyncio.StreamWriter
+
+        async def connect(self) -> None: ...  # unannotated in redis-py
+
+
+# -- the probes ------------------------------------------------------------------------------
 def _sync_socket() -> bool:
-    make: Any = redis.connection.Connection  # untyped on some redis-py versions
+    make: Callable[[], object] = redis.connection.Connection  # untyped on some versions
     return hasattr(make(), "_sock")
 
 
@@ -63,7 +170,7 @@ def _available_connections() -> bool:
 
 
 def _blocking_queue() -> bool:
-    make: Any = BlockingConnectionPool
+    make: Callable[[], object] = BlockingConnectionPool
     idle = getattr(make(), "pool", None)
     return hasattr(idle, "mutex") and hasattr(idle, "queue")
 
@@ -154,7 +261,7 @@ def close_idle_blocking(pool: BlockingConnectionPool) -> None:
     if not available("BlockingConnectionPool.pool"):
         pool.disconnect()
         return
-    idle: Any = pool.pool
+    idle: queue.LifoQueue[SyncConnection | None] = pool.pool
     with idle.mutex:
         for conn in idle.queue:
             if conn is not None:

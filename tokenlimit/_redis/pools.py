@@ -6,13 +6,19 @@ Shared by the URL factories, the Redis backends and Sentinel (docs/internals.md,
 
 from __future__ import annotations
 
-import functools
 import inspect
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from .driver import available
+
+if TYPE_CHECKING:
+    import socket
+
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.connection import AbstractConnection
+    from redis.retry import Retry
 
 __all__ = [
     "DEADLINE",
@@ -27,7 +33,22 @@ __all__ = [
 MAX_CONNECTIONS = 100
 
 
-def pool_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
+class ClientOptions(TypedDict):
+    """A client's (or its pool's) keyword arguments: see ``client_options``."""
+
+    socket_timeout: float
+    socket_connect_timeout: float
+    retry: Retry | AsyncRetry
+
+
+class PoolOptions(ClientOptions):
+    """A blocking pool's keyword arguments: see ``pool_options``."""
+
+    max_connections: int
+    timeout: float
+
+
+def pool_options(timeout: float, *, is_async: bool = False) -> PoolOptions:
     """A blocking pool: a caller that finds every connection busy waits for one, within the
     deadline, where redis-py's default pool would raise "Too many connections" on a healthy
     server (docs/internals.md, "Deadlines")."""
@@ -38,7 +59,7 @@ def pool_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
     }
 
 
-def client_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
+def client_options(timeout: float, *, is_async: bool = False) -> ClientOptions:
     """Timeouts at the deadline and no retries (a retried decision could take tokens twice).
     asyncio clients get asyncio's ``Retry``: redis-py 8.2 warns about, and converts, a sync one."""
     from redis.backoff import NoBackoff
@@ -46,7 +67,7 @@ def client_options(timeout: float, *, is_async: bool = False) -> dict[str, Any]:
     if is_async:
         from redis.asyncio.retry import Retry as AsyncRetry
 
-        retry: Any = AsyncRetry(NoBackoff(), 0)
+        retry: Retry | AsyncRetry = AsyncRetry(NoBackoff(), 0)
     else:
         from redis.retry import Retry
 
@@ -59,30 +80,50 @@ DEADLINE = threading.local()
 _MIN_WAIT = 0.001  # a socket timeout of 0 would mean non-blocking, not "time is up"
 
 
-@functools.cache
-def deadline_class(cls: Any) -> Any:  # one subclass per class, so instances can share it
+class _Timeouts(Protocol):
+    """A connection's socket timeouts (unannotated in redis-py)."""
+
+    socket_timeout: float | None
+    socket_connect_timeout: float | None
+
+
+# One subclass per class, so instances can share it. A dict rather than functools.cache,
+# whose wrapper mypy will not call with a class (python/mypy#11470).
+_DEADLINE_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def deadline_class(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     """``cls``, but connecting and handshaking end by the deadline of the decision that needs
     it: the connect and every handshake read get at most what is left of the deadline set by
     ``_roundtrip`` (docs/internals.md, "Deadlines")."""
+    made = _DEADLINE_CLASSES.get(cls)
+    if made is None:  # two threads may make one each: both then use the first stored
+        made = _DEADLINE_CLASSES.setdefault(cls, _deadline_subclass(cls))
+    return made
+
+
+def _deadline_subclass(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     if getattr(cls, "_tokenlimit_deadline", False) or not available("AbstractConnection._connect"):
         return cls
     reads_take_timeout = "timeout" in inspect.signature(cls.read_response).parameters
 
-    class DeadlineConnection(cls):  # type: ignore[misc]
+    # A base known only at run time: mypy cannot check a class made on a variable.
+    class DeadlineConnection(cls):  # type: ignore[misc, valid-type]
         _tokenlimit_deadline = True
 
-        def _connect(self) -> Any:
-            conn: Any = self  # redis-py's connections are untyped
+        def _connect(self) -> socket.socket:
+            conn: _Timeouts = self
             due = getattr(DEADLINE, "at", None)
             configured = conn.socket_connect_timeout
             if due is not None:
                 conn.socket_connect_timeout = left_of(due, configured)
             try:
-                return super()._connect()
+                sock: socket.socket = super()._connect()
+                return sock
             finally:
                 conn.socket_connect_timeout = configured
 
-        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        def read_response(self, *args: object, **kwargs: object) -> object:
             due = getattr(DEADLINE, "at", None)
             if due is not None and reads_take_timeout and "timeout" not in kwargs:
                 kwargs["timeout"] = left_of(due, self.socket_timeout)

@@ -105,7 +105,7 @@ class ReadOnly(_Erred):
 
 
 class Failed(_Erred):
-    """Any other error: an error reply (a script error may come after a write) or a failure
+    """Every other error: an error reply (a script error may come after a write) or a failure
     the driver reported (no node for the slot, a bad reply). Never sent again."""
 
     __slots__ = ()

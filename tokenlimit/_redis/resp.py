@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol, TypeAlias
 
 from redis import exceptions as rx
 
-_hiredis: Any
+_hiredis: ModuleType | None
 try:  # the C reader redis-py uses too, when installed (the [hiredis] extra); imported by name
     # so that type-checking does not depend on whether the optional extra is installed
     _hiredis = importlib.import_module("hiredis")
@@ -24,6 +25,9 @@ except ImportError:  # pragma: no cover - the suite installs it
     _hiredis = None
 
 __all__ = [
+    "Arg",
+    "Command",
+    "Reply",
     "ReplyError",
     "ReplyReader",
     "pack",
@@ -35,13 +39,16 @@ __all__ = [
 
 _CRLF = b"\r\n"
 
+Arg: TypeAlias = bytes | str | int  # one argument of a command, packed as a bulk string
+Command: TypeAlias = tuple[Arg, ...]  # a command and its arguments: ("DEL", key, ...)
 
-def pack(*args: bytes | str | int) -> bytes:
+
+def pack(*args: Arg) -> bytes:
     """One command as a RESP array of bulk strings."""
     return b"*%d\r\n" % len(args) + pack_bulk(args)
 
 
-def pack_bulk(args: Sequence[bytes | str | int]) -> bytes:
+def pack_bulk(args: Sequence[Arg]) -> bytes:
     """``args`` as consecutive RESP bulk strings (the body of a command, without its header)."""
     out = []
     for arg in args:
@@ -53,7 +60,7 @@ def pack_bulk(args: Sequence[bytes | str | int]) -> bytes:
     return b"".join(out)
 
 
-def parse_one(buf: bytes) -> object:
+def parse_one(buf: bytes) -> Reply | None:
     """The one reply that ``buf`` holds in full, or None while it is incomplete.
 
     The fast case, an array of integers (a script's reply), takes one split; anything else
@@ -96,6 +103,10 @@ class ReplyError(Exception):
         return cls(message)
 
 
+# Every kind of reply the limiter reads: an integer, an array of integers (a script's), a
+# simple string (ASKING's OK), an error. Anything else is an ``rx.InvalidResponse``.
+Reply: TypeAlias = int | list[int] | bytes | ReplyError
+
 _ERRORS: dict[str, type[rx.RedisError]] = {
     "NOSCRIPT": rx.NoScriptError,
     "MOVED": rx.MovedError,
@@ -109,14 +120,14 @@ _ERRORS: dict[str, type[rx.RedisError]] = {
 }
 
 
-def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int] | None:
+def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[Reply], int] | None:
     """Parse ``count`` replies from the start of ``buf``.
 
     Returns ``(replies, bytes used)``, or None while ``buf`` does not hold them all yet. An
     error reply is returned as a ``ReplyError`` (the connection is still in step); a reply of a
     kind the limiter never asks for raises ``rx.InvalidResponse``.
     """
-    replies: list[object] = []
+    replies: list[Reply] = []
     pos = 0
     for _ in range(count):
         end = buf.find(_CRLF, pos)
@@ -148,7 +159,7 @@ def parse_replies(buf: bytes | bytearray, count: int) -> tuple[list[object], int
     return replies, pos
 
 
-def take_replies(buf: bytes, count: int) -> tuple[list[object], bytes]:
+def take_replies(buf: bytes, count: int) -> tuple[list[Reply], bytes]:
     """Up to ``count`` complete replies from the start of ``buf``, and the bytes after them.
 
     For a stream of pipelined replies read in chunks: what is complete is parsed (the reply
@@ -158,7 +169,7 @@ def take_replies(buf: bytes, count: int) -> tuple[list[object], bytes]:
     """
     parts = buf.split(_CRLF)
     lines = len(parts) - 1  # the last part follows the last CRLF: an incomplete line or b""
-    replies: list[object] = []
+    replies: list[Reply] = []
     i = 0
     while i < lines and len(replies) < count:
         line = parts[i]
@@ -193,8 +204,21 @@ def _not_int() -> int:
 
 
 _MORE = object()  # hiredis's answer while a reply is incomplete (its default, False, is == 0)
-# hiredis before 3.2 returns RESP3 pushes as plain lists: those cannot be told from a reply.
-_HIREDIS = _hiredis is not None and hasattr(_hiredis, "PushNotification")
+# hiredis when its reader can be used, else None: before 3.2 it returns RESP3 pushes as plain
+# lists, and those cannot be told from a reply.
+_HIREDIS = _hiredis if _hiredis is not None and hasattr(_hiredis, "PushNotification") else None
+
+
+class _HiredisReader(Protocol):
+    """``hiredis.Reader``, as hiredis's own stub types what we call."""
+
+    def feed(self, buf: bytes, /) -> None: ...
+
+    # A reply of any RESP kind, or ``notEnoughData``: as hiredis's own stub types it; ``take``
+    # checks each one's type before it goes further.
+    def gets(self) -> Any: ...
+
+    def has_data(self) -> bool: ...
 
 
 class ReplyReader:
@@ -210,13 +234,13 @@ class ReplyReader:
 
     def __init__(self, *, use_hiredis: bool = True) -> None:
         self._buf = b""
-        self._hiredis: Any = None
+        self._hiredis: _HiredisReader | None = None
         if use_hiredis and _HIREDIS:
-            self._hiredis = _hiredis.Reader(
+            self._hiredis = _HIREDIS.Reader(
                 replyError=ReplyError, protocolError=rx.InvalidResponse, notEnoughData=_MORE
             )
 
-    def take(self, chunk: bytes, count: int) -> list[object]:
+    def take(self, chunk: bytes, count: int) -> list[Reply]:
         """Feed ``chunk``; return the replies complete so far, at most ``count``."""
         reader = self._hiredis
         if reader is None:

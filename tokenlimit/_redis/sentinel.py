@@ -24,7 +24,7 @@ What is ours on top, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from redis import BlockingConnectionPool, Redis
@@ -59,8 +59,8 @@ class SentinelURL:
 
     sentinels: tuple[tuple[str, int], ...]
     service: str
-    primary: dict[str, Any] = field(default_factory=dict)  # the primary's connection options
-    sentinel: dict[str, Any] = field(default_factory=dict)  # the sentinels' (auth, TLS)
+    primary: dict[str, object] = field(default_factory=dict)  # the primary's connection options
+    sentinel: dict[str, object] = field(default_factory=dict)  # the sentinels' (auth, TLS)
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -84,7 +84,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
         raise ConfigError("url", "after the service name only a database number, as in /0")
     service, db = segments[0], segments[1] if len(segments) == 2 else ""
-    sentinel: dict[str, Any] = {}
+    sentinel: dict[str, object] = {}
     query = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name in _SENTINEL_OPTIONS:
@@ -95,7 +95,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     auth = f"{userinfo}@" if userinfo else ""
     equivalent = f"{'rediss' if tls else 'redis'}://{auth}sentinel/{quote(db)}?{urlencode(query)}"
     try:
-        primary = redis_parse_url(equivalent)  # type: ignore[no-untyped-call]
+        primary: dict[str, object] = redis_parse_url(equivalent)  # type: ignore[no-untyped-call]
     except ValueError as exc:  # its messages name the option
         raise ConfigError("url", str(exc)) from None
     primary.pop("host", None)
@@ -171,7 +171,7 @@ class _AsyncBlockingSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingConne
             await client.aclose()
 
 
-def _sentinel_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, Any]:
+def _sentinel_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, object]:
     """Each sentinel gets its share of the deadline: they are asked in turn, and one that
     hangs (its port open, nothing answering) must leave time to ask the next. redis-py then
     asks the one that answered first from then on."""
@@ -179,16 +179,22 @@ def _sentinel_options(target: SentinelURL, timeout: float, *, is_async: bool) ->
     return {**client_options(share, is_async=is_async), **target.sentinel}
 
 
-def _primary_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, Any]:
+def _primary_options(target: SentinelURL, timeout: float, *, is_async: bool) -> dict[str, object]:
     # The URL's options win, as for redis://.
     return {**pool_options(timeout, is_async=is_async), **target.primary}
+
+
+class _Forced(TypedDict, total=False):
+    """``Sentinel``'s ``force_master_ip``, passed only when set (absent on some versions)."""
+
+    force_master_ip: str
 
 
 def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSentinelPool:
     """A pool like a user's Sentinel client's (same sentinels, service, options), whose
     sentinel and primary connections never retry and end by the limiter's deadline: the
     user's own may wait for seconds, or for ever without a socket timeout."""
-    manager: Any = pool.sentinel_manager
+    manager: Sentinel = pool.sentinel_manager
     addresses = [
         (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
         for c in manager.sentinels
@@ -199,7 +205,7 @@ def private_pool(pool: SentinelConnectionPool, timeout: float) -> _BlockingSenti
         theirs = manager.sentinel_kwargs.get(name)
         if theirs is not None and theirs < share:
             sentinel_kwargs[name] = theirs
-    options: dict[str, Any] = {}
+    options: _Forced = {}
     force_ip = getattr(manager, "_force_master_ip", None)  # listed in _redispy
     if force_ip is not None:
         options["force_master_ip"] = force_ip

@@ -25,7 +25,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 __all__ = ["eviction_warning", "parse_info", "report", "start_check"]
 
@@ -37,8 +36,9 @@ _warned: set[str] = set()  # servers warned about in this process
 _lock = threading.Lock()
 
 
-def parse_info(reply: bytes | str) -> dict[str, str]:
-    """``INFO``'s text as a dict of its ``field:value`` lines (sections and blanks skipped)."""
+def parse_info(reply: object) -> dict[str, str]:
+    """``INFO``'s text (bytes, or str from a client that decodes) as a dict of its
+    ``field:value`` lines (sections and blanks skipped)."""
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
     fields: dict[str, str] = {}
     for line in text.splitlines():
@@ -73,7 +73,7 @@ def eviction_warning(info: Mapping[str, object], server: str = "the server") -> 
     )
 
 
-def report(reply: bytes | str, server: str) -> str | None:
+def report(reply: object, server: str) -> str | None:
     """Log ``INFO memory``'s warning for ``server`` unless this process already did; returns
     the warning given (None: nothing to say, or said before)."""
     fields = parse_info(reply)
@@ -104,7 +104,7 @@ def _size(n: int) -> str:
     return f"{value:.4g}{units[i]}"
 
 
-def start_check(ask: Callable[[], Awaitable[tuple[str | None, Any]]]) -> asyncio.Task[None]:
+def start_check(ask: Callable[[], Awaitable[tuple[str | None, object]]]) -> asyncio.Task[None]:
     """Run ``ask()`` (an ``INFO memory`` exchange, bounded by a deadline, answering the
     server's address and the reply) in a task of its own and report the answer: the async
     decision that starts it does not wait for it. A factory, not a coroutine: a task cancelled

@@ -19,11 +19,12 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 from redis import BlockingConnectionPool, Redis
 from redis import exceptions as rx
 from redis.cluster import RedisCluster
+from redis.connection import Connection
 
 from tokenlimit._backend import scan_pattern
 from tokenlimit._errors import BackendError
@@ -31,13 +32,23 @@ from tokenlimit._request import Request
 from tokenlimit._scripts import Script, acquire_script, hold_script, peek_script, release_script
 
 from . import replies as policy
-from .driver import BLOCKING_TAKES_INUSE, available, close_idle_blocking
+from .driver import BLOCKING_TAKES_INUSE, Conn, NodePool, available, close_idle_blocking
 from .pools import DEADLINE, deadline_class
 from .replies import classify
 from .resp import ReplyError, parse_one
 from .sentinel import private_pool as private_sentinel_pool
 from .server_check import report
 from .topology import SlotRefresher, stale_map
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from redis import ConnectionPool
+    from redis.sentinel import SentinelConnectionPool
+    from redis.typing import KeyT
+
+    from .driver import SyncCluster, SyncPool
+    from .resp import Command
 
 __all__ = ["RedisBackend", "address", "unread_in_kernel"]
 
@@ -53,25 +64,29 @@ class RedisBackend:
         self, client: Redis | RedisCluster, *, owned: bool = False, timeout: float | None = None
     ) -> None:
         self.client = client
-        self.is_cluster = isinstance(client, RedisCluster)
         self._owned = owned
-        self._pool: Any = None
+        # A cluster client, or the pool of a standalone one: one of the two is None.
+        self._cluster: SyncCluster | None = None
+        self._pool: ConnectionPool | None = None
         pool = None
-        if not self.is_cluster:
-            pool = client.connection_pool  # type: ignore[union-attr]
+        if isinstance(client, RedisCluster):
+            self._cluster = client
+        else:
+            pool = client.connection_pool
             self._pool = pool if owned or timeout is None else _private_pool(pool, timeout)
             if owned:  # ours from the start (from_url): no connection exists yet
                 pool.connection_class = deadline_class(pool.connection_class)
+        self.is_cluster = self._cluster is not None
         self._private = self._pool is not None and not owned and self._pool is not pool
         # The lean path (see _Lanes): one per pool, so one per node on a cluster; off where
         # redis-py lacks what it needs (_redispy) and once a socket turns out to be TLS.
         self._lean = available("Connection._sock")
         lean_pool = self._pool if self._lean else None
-        self._lanes: _Lanes | None = None if lean_pool is None else _lanes_on(lean_pool)
-        self._node_lanes: dict[Any, _Lanes] | None = {} if self.is_cluster else None
+        self._lanes: _Lanes[Connection] | None = None if lean_pool is None else _lanes_on(lean_pool)
+        self._node_lanes: dict[ConnectionPool, _Lanes[Connection]] = {}  # a cluster's, by node
         self._acquire = acquire_script()
         self._peek = peek_script()
-        self._slots = SlotRefresher(client) if self.is_cluster else None
+        self._slots = None if self._cluster is None else SlotRefresher(self._cluster)
         self._checked = False  # the server's eviction policy, asked once (see _check_server)
 
     # -- the backend protocol -----------------------------------------------------------------
@@ -79,7 +94,7 @@ class RedisBackend:
         script = self._acquire if consume else self._peek
         deadline = time.monotonic() + timeout
         try:
-            lanes = self._lanes if self._node_lanes is None else self._lanes_for(request.keys[0])
+            lanes = self._lanes if self._cluster is None else self._lanes_for(request.keys[0])
             reply: object = None
             if lanes is not None:  # the lean path: one write, one read (see _Lanes)
                 header = b"*%d\r\n" % (request.size + 2)
@@ -94,12 +109,12 @@ class RedisBackend:
             self._check_server(request.keys[0], deadline)
         return reply
 
-    def _lanes_for(self, key: str) -> _Lanes | None:
+    def _lanes_for(self, key: str) -> _Lanes[Connection] | None:
         """The lean path to the cluster node that serves ``key`` (None: use redis-py's)."""
-        node_lanes = self._node_lanes
-        if not self._lean or node_lanes is None:
+        cluster = self._cluster
+        if not self._lean or cluster is None:
             return None
-        cluster: Any = self.client
+        node_lanes = self._node_lanes
         try:
             pool = cluster.get_redis_connection(cluster.get_node_from_key(key)).connection_pool
         except (rx.RedisError, OSError, AttributeError):
@@ -123,7 +138,7 @@ class RedisBackend:
 
     def run_script(
         self, script: Script, keys: tuple[str, ...], args: tuple[str, ...], *, timeout: float
-    ) -> Any:
+    ) -> Any:  # the script's reply, as ``_call``'s
         """One call of another shipped script (concurrency slots), run at most once by the
         deadline: redis-py's path with the pool of ``decide``, no retries, NOSCRIPT reloaded."""
         call = _script_call(script, Request(keys, args, (), 0), lean=False)
@@ -144,9 +159,9 @@ class RedisBackend:
 
     def clear_prefix(self, prefix: str) -> int:
         """SCAN and DEL through the client (every node of a cluster): for tests, no deadline."""
-        client: Any = self.client
+        client = self.client
         count = 0
-        batch: list[Any] = []
+        batch: list[KeyT] = []
         for key in client.scan_iter(match=scan_pattern(prefix), count=1000):
             batch.append(key)
             if len(batch) >= 500:
@@ -166,18 +181,19 @@ class RedisBackend:
     def _check_server(self, key: str, deadline: float) -> None:
         """Once per backend, after its first decision, on its connection and within what is
         left of its deadline: warn if the server can evict buckets (see ``_server_check``).
-        Any failure, a NOPERM included, is only logged at debug level."""
+        Every failure, a NOPERM included, is only logged at debug level."""
         if deadline - time.monotonic() < _CHECK_AT_LEAST:
             return  # no time left: ask at a later decision rather than fail this one
         self._checked = True
         try:
-            if self.is_cluster:
-                cluster: Any = self.client
+            cluster = self._cluster
+            if cluster is not None:
                 node = cluster.get_node_from_key(key)
                 pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
                 server = str(node.name)
-                lanes = (self._node_lanes or {}).get(pool)
+                lanes = self._node_lanes.get(pool)
             else:
+                assert self._pool is not None  # a standalone client's
                 pool, server, lanes = self._pool, address(self._pool), self._lanes
             # The connection the decision just used is held by its lanes: lent to the INFO.
             reply = _pooled(lanes, pool, [("INFO", "memory")], deadline)[-1]
@@ -189,30 +205,38 @@ class RedisBackend:
     def _failed(self, error: BackendError, key: str) -> None:
         """A cluster node failed us: maybe the cluster changed without a redirect to say so
         (a master crashed or hangs and its replica took over). Look again, in the background."""
-        if self._slots is not None and stale_map(error):
+        cluster, slots = self._cluster, self._slots
+        if cluster is not None and slots is not None and stale_map(error):
             try:
-                node: str | None = self.client.get_node_from_key(key).name  # type: ignore[union-attr]
+                node: str | None = cluster.get_node_from_key(key).name
             except (rx.RedisError, OSError, AttributeError):
                 node = None
-            self._slots.failed(node)
+            slots.failed(node)
 
     def close(self) -> None:
         # The lanes first: no exchange of theirs may be left on a socket the client closes.
         if self._lanes is not None:
             self._lanes.close()
-        for lanes in list((self._node_lanes or {}).values()):
+        for lanes in list(self._node_lanes.values()):
             lanes.close()
         if self._owned:
             self.client.close()
-        elif self._private:
+        elif self._private and self._pool is not None:
             # close(): a private Sentinel pool closes its sentinels' connections too.
             getattr(self._pool, "close", self._pool.disconnect)()
 
     # -- plumbing: the shell of the reply policy ---------------------------------------------
     def _call(
-        self, call: _Call, deadline: float, *, lanes: _Lanes | None = None, first: object = None
+        self,
+        call: _Call,
+        deadline: float,
+        *,
+        lanes: _Lanes[Connection] | None = None,
+        first: object = None,
     ) -> Any:
-        """Send ``call``, then do each step ``_reply_policy`` gives until it is done.
+        """Send ``call``, then do each step ``_reply_policy`` gives until it is done, and return
+        the reply: its shape is the command's (a script's array of integers, DEL's count...),
+        which the caller knows and redis-py's ``read_response`` does not type.
 
         ``lanes``: the lean path to the key's server, for the attempts before any redirect;
         ``first``: what it already answered to the call (None or ``_TLS``: nothing was sent).
@@ -236,7 +260,8 @@ class RedisBackend:
                 case policy.Redirect(node=node, slot=slot, asking=ask, refresh_slot=refresh):
                     lanes = None  # redis-py's path from here on: it can send ASKING first
                     if refresh:
-                        _refresh_slot(self.client, slot, node)
+                        assert self._cluster is not None  # MOVED comes from cluster nodes
+                        _refresh_slot(self._cluster, slot, node)
                     asking = node if ask else None
                 case policy.Pause(seconds=seconds):
                     lanes = asking = None
@@ -254,7 +279,7 @@ class RedisBackend:
         call: _Call,
         by_sha: bool,
         asking: tuple[str, int] | None,
-        lanes: _Lanes | None,
+        lanes: _Lanes[Connection] | None,
         deadline: float,
     ) -> object:
         """One send of ``call`` and its reply, or what ended it: a ``ReplyError`` (an error reply
@@ -273,26 +298,31 @@ class RedisBackend:
         except BackendError as error:
             return error
 
-    def _target(self, key: str, asking: tuple[str, int] | None) -> tuple[Any, _Lanes | None]:
+    def _target(
+        self, key: str, asking: tuple[str, int] | None
+    ) -> tuple[ConnectionPool, _Lanes[Connection] | None]:
         """The pool that serves ``key`` (or the ASK's node), and the lanes that hold some of its
         connections."""
-        if not self.is_cluster:
-            return self._pool, self._lanes
-        cluster: Any = self.client  # redis-py's cluster methods are untyped
+        pool = self._pool
+        if pool is not None:  # a standalone server
+            return pool, self._lanes
+        cluster = self._cluster
+        assert cluster is not None  # a backend has a pool or a cluster
         try:
             if asking is None:
                 node = cluster.get_node_from_key(key)
             else:
-                node = cluster.get_node(host=asking[0], port=asking[1])
-                if node is None:
+                found = cluster.get_node(host=asking[0], port=asking[1])
+                if found is None:
                     raise rx.ClusterError(f"unknown node {asking[0]}:{asking[1]}")
+                node = found
             pool = _node_pool(cluster.get_redis_connection(node).connection_pool)
         except (rx.RedisError, OSError) as exc:  # slot not covered, node lookup
             raise classify(exc) from exc
-        return pool, None if self._node_lanes is None else self._node_lanes.get(pool)
+        return pool, self._node_lanes.get(pool)
 
     def _forget_replica(
-        self, lanes: _Lanes | None, key: str, asking: tuple[str, int] | None
+        self, lanes: _Lanes[Connection] | None, key: str, asking: tuple[str, int] | None
     ) -> None:
         """DropAndFail: close the idle connections to the server that answered READONLY."""
         if lanes is None:
@@ -308,7 +338,7 @@ class RedisBackend:
     def _no_lean(self) -> None:
         """The connection turned out to be TLS: the lean path is off for good (see _Lanes)."""
         self._lanes = None
-        self._node_lanes = None if self._node_lanes is None else {}
+        self._node_lanes = {}
         self._lean = False
 
 
@@ -317,14 +347,14 @@ class _Call(NamedTuple):
     script) and as the lean path does (``packed``, ``packed_body``: empty when not lean)."""
 
     key: str
-    command: tuple[Any, ...]
-    body: tuple[Any, ...] | None = None
+    command: Command
+    body: Command | None = None
     packed: bytes = b""
     packed_body: bytes = b""
 
 
 def _script_call(script: Script, request: Request, *, lean: bool) -> _Call:
-    head = (len(request.keys), *request.keys, *request.args)
+    head: Command = (len(request.keys), *request.keys, *request.args)
     packed = packed_body = b""
     if lean:
         header = b"*%d\r\n" % (request.size + 2)
@@ -339,7 +369,7 @@ _UNSENT = object()  # _call: the next attempt is still to be made
 _CHECK_AT_LEAST = 0.005  # seconds of deadline left for the server check to be worth trying
 
 
-def address(pool: Any) -> str:
+def address(pool: object) -> str:
     """``host:port`` (or the socket path) of a standalone pool's server, for messages."""
     service = getattr(pool, "service_name", None)
     if service is not None:  # Sentinel: the primary last found, if any
@@ -355,7 +385,7 @@ _TLS = object()  # what _Lanes.call answers when the connection turns out to be 
 _CLOSE_WAIT = 1.0  # seconds _Lanes.close() waits for the exchanges it cut short to end
 
 
-class _Lanes:
+class _Lanes(Generic[Conn]):
     """Connections held out of a pool for the lean path: one write and one read per decision.
 
     A decision sends its pre-packed command straight to the socket and reads the reply with
@@ -379,10 +409,10 @@ class _Lanes:
     TLS sockets keep decrypted bytes that ``poll`` cannot see, so they go redis-py's way.
     """
 
-    def __init__(self, pool: Any, *, node: bool = False) -> None:
+    def __init__(self, pool: SyncPool[Conn], *, node: bool = False) -> None:
         self._pool = pool
         self._node = node  # a cluster node's pool, shared with the client (see _node_pool)
-        self._free: list[tuple[Any, socket.socket, Any]] = []
+        self._free: list[tuple[Conn, socket.socket, select.poll]] = []
         self._waiting = 0
         # Bumped by drop_idle(), close() and drop(): an exchange that began before it ends by
         # closing its connection, which reached a server now known to be a replica, or
@@ -390,7 +420,7 @@ class _Lanes:
         self._epoch = 0
         # Taken from the pool and not given back yet (idle here, or in an exchange): changed
         # under the lock, only when a connection comes from or goes back to the pool.
-        self._held: set[Any] = set()
+        self._held: set[Conn] = set()
         self._closed = False  # by close() or drop(): no exchange starts any more
         self._cut = False  # by close(): the exchanges in flight were cut short
         self._lock = threading.Lock()
@@ -469,7 +499,7 @@ class _Lanes:
             return
         self._give_back(conn, close=False)
 
-    def _give_back(self, conn: Any, *, close: bool) -> None:
+    def _give_back(self, conn: Conn, *, close: bool) -> None:
         """Back to the pool, closed first if ``close``. No longer held from the moment this
         thread is done with its socket, so that ``close()`` never shuts down one of the pool's."""
         if close:
@@ -480,7 +510,7 @@ class _Lanes:
                 self._given_back.notify_all()
         self._pool.release(conn)
 
-    def _take(self, deadline: float) -> tuple[Any, socket.socket, Any] | None:
+    def _take(self, deadline: float) -> tuple[Conn, socket.socket, select.poll] | None:
         free = self._free
         while free:
             try:
@@ -534,7 +564,9 @@ class _Lanes:
             self._cut = True
             for conn in self._held:  # in an exchange, or given back by its thread right now
                 with contextlib.suppress(OSError, AttributeError):  # closed meanwhile
-                    conn._sock.shutdown(socket.SHUT_RDWR)
+                    sock = conn._sock
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
             self._given_back.wait_for(lambda: not self._held, _CLOSE_WAIT)
 
     def drop(self) -> None:
@@ -580,7 +612,7 @@ class _Lanes:
         _disconnect_idle(self._pool)
 
 
-def _disconnect_idle(pool: Any) -> None:
+def _disconnect_idle(pool: SyncPool[Conn]) -> None:
     """Close the pool's idle connections, never those in use on other threads."""
     if isinstance(pool, BlockingConnectionPool) and not BLOCKING_TAKES_INUSE:
         close_idle_blocking(pool)
@@ -588,12 +620,14 @@ def _disconnect_idle(pool: Any) -> None:
         pool.disconnect(inuse_connections=False)
 
 
-class _SentinelLanes(_Lanes):
+class _SentinelLanes(_Lanes[Connection]):
     """Lanes on a Sentinel pool: a held connection to a server the sentinels no longer name
     as the primary is closed before use (redis-py's pool does so for its idle connections
     when a new connection finds a new primary; ours are held outside it)."""
 
-    def _take(self, deadline: float) -> tuple[Any, socket.socket, Any] | None:
+    _pool: SentinelConnectionPool
+
+    def _take(self, deadline: float) -> tuple[Connection, socket.socket, select.poll] | None:
         while True:
             lane = super()._take(deadline)
             primary = self._pool.master_address
@@ -602,13 +636,13 @@ class _SentinelLanes(_Lanes):
             self._give_back(lane[0], close=True)
 
 
-def _lanes_on(pool: Any) -> _Lanes:
+def _lanes_on(pool: ConnectionPool) -> _Lanes[Connection]:
     from redis.sentinel import SentinelConnectionPool
 
     return _SentinelLanes(pool) if isinstance(pool, SentinelConnectionPool) else _Lanes(pool)
 
 
-def unread_in_kernel(transport: Any) -> bool:
+def unread_in_kernel(transport: asyncio.BaseTransport) -> bool:
     """Whether an idle asyncio connection has bytes or an EOF in the kernel that its event loop
     has not read yet: the same zero-timeout poll ``_Lanes`` makes before a send.
 
@@ -638,9 +672,15 @@ def _is_tls(sock: socket.socket) -> bool:
     return isinstance(sock, ssl.SSLSocket)
 
 
+class _Forgets(Protocol):
+    """Lanes of any connection type, as the fork hook sees them."""
+
+    def forget(self) -> None: ...
+
+
 # After a fork the child must not share the parent's sockets (redis-py's pools check the pid;
 # held lanes bypass that check, so they are dropped here instead).
-_ALL_LANES: weakref.WeakSet[_Lanes] = weakref.WeakSet()
+_ALL_LANES: weakref.WeakSet[_Forgets] = weakref.WeakSet()
 
 
 def _forget_all_lanes() -> None:
@@ -652,7 +692,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_all_lanes)
 
 
-def _private_pool(pool: Any, timeout: float) -> Any:
+def _private_pool(pool: ConnectionPool, timeout: float) -> ConnectionPool:
     """A pool like the client's, but whose connections never retry and time out at the deadline.
 
     Connecting through a client's own pool would follow its retry policy (redis-py 6+ retries
@@ -683,7 +723,10 @@ def _private_pool(pool: Any, timeout: float) -> Any:
     return clone
 
 
-def _node_pool(pool: Any) -> Any:
+_P = TypeVar("_P", bound=NodePool)
+
+
+def _node_pool(pool: _P) -> _P:
     """A cluster node's pool, whose connections connect by the deadline of our decisions.
 
     A cluster client's node pools are its own (there is no single pool to clone, and nodes
@@ -701,13 +744,13 @@ def _node_pool(pool: Any) -> Any:
     if not available("ConnectionPool._available_connections"):
         return pool
     for conn in list(pool._available_connections):
-        made: Any = type(conn)
+        made = type(conn)
         if not getattr(made, "_tokenlimit_deadline", False):
             conn.__class__ = deadline_class(made)
     return pool
 
 
-def _refresh_slot(cluster: Any, slot: int, node: tuple[str, int]) -> None:
+def _refresh_slot(cluster: SyncCluster, slot: int, node: tuple[str, int]) -> None:
     """After MOVED: the client's slot map learns that ``node`` serves ``slot`` now."""
     manager = cluster.nodes_manager
     try:
@@ -720,8 +763,8 @@ def _refresh_slot(cluster: Any, slot: int, node: tuple[str, int]) -> None:
 
 
 def _pooled(
-    lanes: _Lanes | None, pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float
-) -> list[Any]:
+    lanes: _Lanes[Conn] | None, pool: SyncPool[Conn], commands: Sequence[Command], deadline: float
+) -> list[object]:
     """``_roundtrip`` on a pool whose connections ``lanes`` may hold: counted as waiting, so
     an idle held connection goes back to the pool for it now and a busy one when its exchange
     ends. Without this a pool whose every connection is held (a pool of one after a decision,
@@ -732,7 +775,7 @@ def _pooled(
         return _roundtrip(pool, commands, deadline)
 
 
-def _roundtrip(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) -> list[Any]:
+def _roundtrip(pool: SyncPool[Conn], commands: Sequence[Command], deadline: float) -> list[object]:
     """Send ``commands`` in one write on one pooled connection and read every reply by deadline.
 
     A connection whose replies were not all read is closed: its next reply would belong to us,
@@ -745,7 +788,7 @@ def _roundtrip(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) 
         DEADLINE.at = None
 
 
-def _exchange(pool: Any, commands: Sequence[tuple[Any, ...]], deadline: float) -> list[Any]:
+def _exchange(pool: SyncPool[Conn], commands: Sequence[Command], deadline: float) -> list[object]:
     try:
         conn = pool.get_connection()
     except (rx.RedisError, OSError) as exc:

@@ -18,11 +18,17 @@ import inspect
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypedDict
 
 from redis import exceptions as rx
 
 from tokenlimit._errors import BackendError
+
+if TYPE_CHECKING:
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    from .driver import SyncCluster
 
 __all__ = ["AsyncSlotRefresher", "SlotRefresher", "stale_map"]
 
@@ -62,7 +68,13 @@ class _Gate:
             self._next = time.monotonic() + INTERVAL
 
 
-def _options(initialize: Any, failed: str | None) -> dict[str, Any]:
+class _Initialize(TypedDict, total=False):
+    """What ``NodesManager.initialize`` is told, where it takes it."""
+
+    last_failed_node_name: str
+
+
+def _options(initialize: Callable[..., object], failed: str | None) -> _Initialize:
     """Ask redis-py to try the failed node last, where it knows how (redis-py 7+)."""
     try:
         known = "last_failed_node_name" in inspect.signature(initialize).parameters
@@ -74,7 +86,7 @@ def _options(initialize: Any, failed: str | None) -> dict[str, Any]:
 class SlotRefresher:
     """For a sync ``RedisCluster``: refreshes in a short-lived daemon thread."""
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: SyncCluster) -> None:
         self._cluster = cluster
         self._gate = _Gate()
 
@@ -106,7 +118,7 @@ class AsyncSlotRefresher:
     closes every connection when it fails or is cancelled, and the dead node makes it fail.
     """
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: AsyncRedisCluster) -> None:
         self._cluster = cluster
         self._gate = _Gate()
         self._task: asyncio.Task[None] | None = None  # held, so it is not collected mid-run
