@@ -1112,3 +1112,38 @@ def test_an_abandoned_exchange_never_logs_an_unretrieved_exception(
     # before anything here retrieves it.
     assert task._log_traceback is False  # type: ignore[attr-defined]
     assert isinstance(task.exception(), redis.ConnectionError)
+
+
+@pytest.mark.cluster
+def test_a_standalone_url_on_a_cluster_node_fails_naming_the_cluster_url(cluster: Any) -> None:
+    """A plain client pointed at one node of a cluster: keys of other nodes get MOVED, which a
+    standalone client cannot follow; the decision fails with a BackendError naming the fix."""
+    host, port = cluster.host_ports()[0]
+    url = f"redis://{host}:{port}"
+    keys = [f"user:{i}" for i in range(30)]  # some are served by the other primaries
+    limiter = RateLimiter.from_url(url)
+    try:
+        errors = []
+        for key in keys:
+            try:
+                limiter.try_acquire(key, "10/second")
+            except BackendError as error:
+                errors.append(error)
+        assert errors, "every key was on the first node"
+        assert {e.reason for e in errors} == {"cluster"}
+        assert all("redis+cluster://" in str(e) for e in errors)
+    finally:
+        limiter.close()
+
+    async def decide(limiter: AsyncRateLimiter) -> list[BackendError]:
+        found = []
+        for key in keys:
+            try:
+                await limiter.try_acquire(key, "10/second")
+            except BackendError as error:
+                found.append(error)
+        return found
+
+    found = run_async(url, decide)
+    assert found
+    assert {e.reason for e in found} == {"cluster"}

@@ -142,6 +142,17 @@ def test_at_most_max_redirects_are_followed(redirect: Callable[[], Moved | Ask])
     assert step.error.__cause__ is outcome.error.__cause__
 
 
+@pytest.mark.parametrize("redirect", [_moved, _ask])
+def test_a_standalone_client_follows_no_redirect(redirect: Callable[[], Moved | Ask]) -> None:
+    outcome = redirect()
+    step, state = next_step(outcome, _state(cluster=False), NOW)
+    assert isinstance(step, Fail)
+    assert step.error.reason == "cluster"
+    assert "redis+cluster://" in str(step.error)
+    assert step.error.__cause__ is outcome.error.__cause__
+    assert state == _state(cluster=False)
+
+
 def test_a_redirect_at_the_deadline_fails_as_a_timeout() -> None:
     step, _ = next_step(_moved(), _state(), DEADLINE)
     assert isinstance(step, Fail)

@@ -255,7 +255,9 @@ class AsyncRedisBackend:
         step ``_reply_policy`` gives until it is done, and return the reply: its shape is the
         command's (a script's array of integers, DEL's count...), which the caller knows and
         redis-py's ``read_response`` does not type."""
-        state = policy.CallState(deadline=deadline, by_sha=body is not None)
+        state = policy.CallState(
+            deadline=deadline, by_sha=body is not None, cluster=self.is_cluster
+        )
         asking: tuple[str, int] | None = None  # after an ASK: the node to send to, after ASKING
         while True:
             sent = command if state.by_sha or body is None else body

@@ -427,7 +427,7 @@ class _Lane:
         if not isinstance(reply, ReplyError):
             reply = rx.InvalidResponse(f"tokenlimit: unexpected reply {reply!r:.40}")
         outcome = policy.outcome_of(reply)
-        state = policy.CallState(deadline=deadline, by_sha=script is not None)
+        state = policy.CallState(deadline=deadline, by_sha=script is not None, cluster=False)
         step, _ = policy.next_step(outcome, state, self.batcher.loop.time())
         if isinstance(step, policy.DropAndFail):
             self.demoted = True  # whoever waits for this reply: the lane stops (_run)
@@ -439,7 +439,7 @@ class _Lane:
                 self.batcher.submit(future, deadline, command, None, request)
             case policy.Fail(error=error) | policy.DropAndFail(error=error):
                 future.set_exception(error)
-            case _:  # a redirect or a pause: not followed here
+            case _:  # a pause: not followed here
                 future.set_exception(outcome.error)
 
     def _fail(self, exc: BaseException) -> None:

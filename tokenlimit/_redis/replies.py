@@ -179,6 +179,7 @@ class CallState:
     deadline: float  # on the clock of ``next_step``'s ``now``
     by_sha: bool = True  # the call names a script by SHA1 (EVALSHA): a NOSCRIPT may be answered
     redirects: int = 0  # MOVED/ASK followed since the call began or last met TRYAGAIN
+    cluster: bool = True  # the client can follow a redirect (a standalone one cannot)
 
 
 def next_step(outcome: Outcome, state: CallState, now: float) -> tuple[Step, CallState]:
@@ -194,6 +195,9 @@ def next_step(outcome: Outcome, state: CallState, now: float) -> tuple[Step, Cal
             if now >= state.deadline:
                 return Fail(error=_late("no time left to send the script's body")), state
             return _RESEND, replace(state, by_sha=False)
+        case _Redirected(error=error) if not state.cluster:
+            wrong = "a cluster node answered a standalone client: use redis+cluster://"
+            return Fail(error=_cluster(wrong, error)), state
         case _Redirected(slot=slot, host=host, port=port, error=error):
             redirects = state.redirects + 1
             if redirects > MAX_REDIRECTS:

@@ -241,7 +241,9 @@ class RedisBackend:
         ``lanes``: the lean path to the key's server, for the attempts before any redirect;
         ``first``: what it already answered to the call (None or ``_TLS``: nothing was sent).
         """
-        state = policy.CallState(deadline=deadline, by_sha=call.body is not None)
+        state = policy.CallState(
+            deadline=deadline, by_sha=call.body is not None, cluster=self._cluster is not None
+        )
         asking: tuple[str, int] | None = None  # after an ASK: the node to send to, after ASKING
         if first is _TLS:
             self._no_lean()
@@ -259,8 +261,7 @@ class RedisBackend:
                     pass
                 case policy.Redirect(node=node, slot=slot, asking=ask, refresh_slot=refresh):
                     lanes = None  # redis-py's path from here on: it can send ASKING first
-                    if refresh:
-                        assert self._cluster is not None  # MOVED comes from cluster nodes
+                    if refresh and self._cluster is not None:  # the policy redirects no other
                         _refresh_slot(self._cluster, slot, node)
                     asking = node if ask else None
                 case policy.Pause(seconds=seconds):
