@@ -32,6 +32,7 @@ from tokenlimit import (
     configure,
     rate_limit,
 )
+from tokenlimit._url import parse_url
 
 OK = Limit(0.001, 3)
 TYPE = (TypeError, ConfigError)
@@ -194,6 +195,33 @@ def test_upper_case_schemes_work_everywhere() -> None:
         RateLimiter.from_url(url).close()
         AsyncRateLimiter.from_url(url)
         configure(url)
+
+
+def test_valkey_schemes_name_the_redis_ones(target: Target) -> None:
+    """``valkey://`` is ``redis://``, ``valkey+cluster://`` is ``redis+cluster://`` (and the TLS
+    and Sentinel spellings alike): the same server, the same buckets, sync and async."""
+    assert target.url.startswith("redis")
+    alias = "valkey" + target.url[len("redis") :]
+    assert parse_url(alias) == parse_url(target.url)
+    assert parse_url("VALKEYS+sentinel://h:26379/primary")[0] == "rediss+sentinel"
+    with RateLimiter.from_url(alias) as via_alias, RateLimiter.from_url(target.url) as plain:
+        assert via_alias.try_acquire("valkey-alias", "1/minute").allowed
+        assert not plain.try_acquire("valkey-alias", "1/minute").allowed
+
+    async def main() -> bool:
+        limiter = AsyncRateLimiter.from_url(alias)
+        try:
+            return (await limiter.try_acquire("valkey-alias", "1/minute")).allowed
+        finally:
+            await limiter.aclose()
+
+    assert asyncio.run(main()) is False
+
+
+def test_an_unknown_scheme_lists_the_valkey_spellings() -> None:
+    with pytest.raises(ConfigError, match="valkey://") as info:
+        RateLimiter.from_url("valkey-cluster://127.0.0.1:6379")
+    assert info.value.param == "url"
 
 
 # -- keys a decorator computes per call: refused at that call, before anything is taken ----------

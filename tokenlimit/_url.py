@@ -1,5 +1,6 @@
 """Backends from URLs: ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``,
-``rediss+cluster://``, ``redis+sentinel://``, ``rediss+sentinel://`` and ``memory://``. Clients
+``rediss+cluster://``, ``redis+sentinel://``, ``rediss+sentinel://`` and ``memory://``; each
+``redis`` scheme may also be spelled ``valkey`` (``valkeys://``, ``valkey+cluster://``...). Clients
 made here are owned by the limiter: they never retry a command (a retried decision could take
 tokens twice) and time out at its deadline."""
 
@@ -34,6 +35,10 @@ _SCHEMES = (
     "rediss+sentinel",
     "memory",
 )
+# Valkey speaks the same protocol: its schemes are other names for the redis ones.
+_ALIASES = {
+    scheme.replace("redis", "valkey", 1): scheme for scheme in _SCHEMES if "redis" in scheme
+}
 
 
 # -- secrets: no message about a URL may carry any piece of its password ---------------------------
@@ -158,13 +163,16 @@ def parse_url(url: object) -> tuple[str, str]:
 def _parse_url(url: object) -> tuple[str, str]:
     if not isinstance(url, str):
         raise ConfigTypeError("url", f"must be a str, not {type(url).__name__}")
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    given = url.partition("://")[0] if "://" in url else ""
+    scheme = _ALIASES.get(given.lower(), given.lower())
     if scheme not in _SCHEMES:
         # The scheme only: a URL may carry a password, and this message reaches logs.
         raise ConfigError(
-            "url", f"scheme must be one of {', '.join(_SCHEMES)}; got {scheme or 'none'!r}"
+            "url",
+            f"scheme must be one of {', '.join(_SCHEMES)} (or valkey for redis, as in "
+            f"valkey://, valkeys+cluster://); got {given.lower() or 'none'!r}",
         )
-    url = scheme + url[len(scheme) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
+    url = scheme + url[len(given) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
     if scheme not in ("unix", "memory"):
         _check_at_signs(url)
     if scheme in ("redis", "rediss", "unix"):
