@@ -49,3 +49,28 @@ def test_except_importerror_still_catches_it() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "MissingExtraError absent_framework_for_tests"
+
+
+@pytest.mark.parametrize(
+    ("module", "framework", "extra"),
+    [
+        ("tokenlimit.integrations.fastapi", "starlette", "fastapi"),
+        ("tokenlimit.integrations.flask", "flask", "flask"),
+        ("tokenlimit.integrations.django", "django", "django"),
+    ],
+)
+def test_each_integration_without_its_framework_names_its_extra(
+    module: str, framework: str, extra: str
+) -> None:
+    """Run in a fresh interpreter with the framework hidden, as on a machine without it."""
+    code = (
+        f"import sys; sys.modules[{framework!r}] = None\n"
+        "from tokenlimit import ConfigError\n"
+        "try:\n"
+        f"    import {module}\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith(f"{module}: needs ")
+    assert out.stdout.strip().endswith(f"pip install 'tokenlimit[{extra}]'")

@@ -22,18 +22,9 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
-from django.apps import AppConfig
-from django.conf import settings
-from django.core import checks
-from django.core.exceptions import ImproperlyConfigured
-from django.core.signals import setting_changed
-from django.http import HttpResponse
-from django.utils.functional import LazyObject
-from django.views import View
-
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
+from tokenlimit._extras import needs_extra
 from tokenlimit.integrations._check import (
     Limiter,
     RequestFacts,
@@ -55,6 +46,22 @@ from tokenlimit.integrations._common import (
 )
 from tokenlimit.integrations._settings import Problem, Settings, SettingsError
 from tokenlimit.integrations._settings import problems as settings_problems
+
+with needs_extra("django", "django", feature=__name__):
+    from asgiref.sync import (
+        async_to_sync,
+        iscoroutinefunction,
+        markcoroutinefunction,
+        sync_to_async,
+    )
+    from django.apps import AppConfig
+    from django.conf import settings
+    from django.core import checks
+    from django.core.exceptions import ImproperlyConfigured
+    from django.core.signals import setting_changed
+    from django.http import HttpResponse
+    from django.utils.functional import LazyObject
+    from django.views import View
 
 if TYPE_CHECKING:
     # What a user's key function or limit chooser is handed (and annotates it with). Django is

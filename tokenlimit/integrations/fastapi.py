@@ -20,16 +20,10 @@ middleware also serves plain Starlette apps.
 import functools
 from collections.abc import Iterable, Sequence
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Match, Router
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from tokenlimit._config import default_async_limiter
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, RateLimitExceeded
+from tokenlimit._extras import needs_extra
 from tokenlimit._log import ThrottledLog
 from tokenlimit.integrations._check import (
     Limiter,
@@ -48,6 +42,14 @@ from tokenlimit.integrations._common import (
     response_headers,
     unavailable_body,
 )
+
+with needs_extra("fastapi", "fastapi", feature=__name__):
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Match, Router
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
 

@@ -27,11 +27,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-from flask import Flask, Response, current_app, g, request
-
 from tokenlimit._config import default_sync_limiter
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
+from tokenlimit._extras import needs_extra
 from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
 from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
@@ -45,6 +44,9 @@ from tokenlimit.integrations._common import (
     retry_after_seconds,
     unavailable_body,
 )
+
+with needs_extra("flask", "flask", feature=__name__):
+    from flask import Flask, Response, current_app, g, request
 
 if TYPE_CHECKING:
     from flask import Request
