@@ -41,6 +41,10 @@ SPELLINGS: list[Any] = [
     pytest.param(([SLOW],), {}, 3, id="list"),
     pytest.param((["3/3000s"],), {}, 3, id="list-of-strings"),
     pytest.param((_chooser,), {}, 3, id="chooser"),
+    # the ``limits`` syntax flask-limiter and slowapi users bring: several limits in one string
+    pytest.param(("3/3000s;100/day",), {}, 3, id="limits-semicolon"),
+    pytest.param(("100/year, 3 per 3000 seconds",), {}, 3, id="limits-comma-per"),
+    pytest.param(("3/month",), {}, 3, id="month"),
 ]
 
 
@@ -334,3 +338,37 @@ def test_a_chosen_limit_is_checked_against_the_cost(kind: str) -> None:
     assert info.value.param == "cost"
     assert "chosen burst 1" in str(info.value)
     assert Policy.build(lambda request: Limit.per_hour(2), cost=2).limits_for(object())
+
+
+def test_units_count_as_the_limits_package_counts_them() -> None:
+    """A migrated "1000/month" keeps its rate: a month is 30 days, a year 360, as in ``limits``."""
+    day = 86400
+    for text, seconds in [("1/week", 7 * day), ("1/month", 30 * day), ("1/mo", 30 * day),
+                          ("1/year", 360 * day), ("2/3 years", 3 * 360 * day / 2),
+                          ("1 per minute", 60), ("1/2 hours", 7200)]:  # fmt: skip
+        assert Limit.parse(text).rate == pytest.approx(1 / seconds), text
+
+
+def test_several_limits_in_one_string_are_all_checked() -> None:
+    lim = RateLimiter.from_url("memory://")
+    decision = lim.try_acquire("k", "5/second;2/day")
+    assert len(decision.details) == 2
+    assert admitted(lambda: lim.acquire("k", "5/second | 2/day", timeout=0)) == 1  # 2 per day
+
+
+@pytest.mark.parametrize(
+    ("call", "param", "says"),
+    [
+        (lambda: Limit.parse("10/hour;100/day"), "limit", "several limits"),
+        (lambda: Limit.parse("10/fortnight"), "limit", "units: second, minute"),
+        (lambda: rate_limit("10/hour;100/day", burst=3), "burst", "is 2"),
+        (lambda: RateLimiter.from_url("memory://").try_acquire("k", "10/hour;;x"), "limit", "x"),
+    ],
+)
+def test_several_limits_errors_say_what_to_write(
+    call: Callable[[], Any], param: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert info.value.param == param
+    assert says in str(info.value)

@@ -12,14 +12,23 @@ from dataclasses import dataclass, field
 from ._errors import ConfigError, ConfigTypeError
 from ._validate import check_int, check_number, shown
 
-__all__ = ["Limit", "LimitSpec", "coerce_limits"]
+__all__ = ["Limit", "LimitSpec", "coerce_limits", "split_limits"]
 
 _UNITS = {
     "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
     "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
     "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+    # As the ``limits`` package counts them, so a migrated "1000/month" keeps its rate.
+    "mo": 2592000, "month": 2592000, "months": 2592000,
+    "y": 31104000, "yr": 31104000, "year": 31104000, "years": 31104000,
 }  # fmt: skip
+_SEPARATOR = re.compile(r"\s*[;,|]\s*")  # "10/hour;100/day": several limits, the ``limits`` way
+_EXPECTED = (
+    "expected '<count>/<unit>' such as '100/minute', '10 per hour' or '2/5 seconds' "
+    "(units: second, minute, hour, day, week, month, year)"
+)
 _PATTERN = re.compile(
     r"^\s*(?P<n>\d+)\s*(?:/|per)\s*(?P<k>\d+)?\s*(?P<unit>[a-z]+)\s*$", re.IGNORECASE
 )
@@ -82,7 +91,10 @@ class Limit:
     # -- constructors -------------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str, *, burst: int | None = None, name: str | None = None) -> Limit:
-        """Parse ``"100/minute"``, ``"10 per second"``, ``"5/10s"``; burst defaults to the count."""
+        """Parse ``"100/minute"``, ``"10 per second"``, ``"5/10s"``; burst defaults to the count.
+
+        One limit: ``"10/hour;100/day"`` is two, which ``limit=`` arguments accept as they are.
+        """
         return cls._parse(text, burst, name, "limit")
 
     @classmethod
@@ -94,10 +106,13 @@ class Limit:
         match = _PATTERN.match(text)
         unit = match and _UNITS.get(match["unit"].lower())
         if not match or not unit:
-            raise ConfigError(
-                param,
-                f"cannot parse {shown(text)}; expected '<count>/<unit>' such as '100/minute'",
-            )
+            if _SEPARATOR.search(text.strip(" ;,|")):
+                raise ConfigError(
+                    param,
+                    f"{shown(text)} is several limits: give it where a limit is expected "
+                    "(limit=, rate_limit(...)), or a list of Limit objects",
+                )
+            raise ConfigError(param, f"cannot parse {shown(text)}; {_EXPECTED}")
         try:
             count = int(match["n"])
             periods = int(match["k"] or 1)
@@ -179,6 +194,11 @@ class Limit:
 LimitSpec = Limit | str
 
 
+def split_limits(text: str) -> list[str]:
+    """The limits a string spells: ``"10/hour;100/day"`` (or ``,`` or ``|``) is two."""
+    return [part for part in _SEPARATOR.split(text.strip()) if part]
+
+
 def coerce_limits(value: object, param: str = "limit") -> tuple[Limit, ...]:
     """One ``Limit``, a string like ``"100/minute"``, or a non-empty sequence of them."""
     if isinstance(value, (Limit, str)):
@@ -194,7 +214,8 @@ def coerce_limits(value: object, param: str = "limit") -> tuple[Limit, ...]:
         if isinstance(item, Limit):
             limits.append(item)
         elif isinstance(item, str):
-            limits.append(Limit._parse(item, None, None, param))
+            parts = split_limits(item) or [item]  # "" fails to parse, naming itself
+            limits.extend(Limit._parse(part, None, None, param) for part in parts)
         else:
             raise ConfigTypeError(param, f"expected a Limit or a string, got {item!r}")
     if not limits:

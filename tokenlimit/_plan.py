@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from ._errors import ConfigError, ConfigTypeError
-from ._limit import Limit, coerce_limits
+from ._limit import Limit, coerce_limits, split_limits
 from ._validate import check_cost, shown
 
 __all__ = [
@@ -162,6 +162,15 @@ def bound_arguments(
 def _parse(value: object, burst: int | None, param: str, *, rates: bool) -> tuple[Limit, ...]:
     """The limits ``value`` spells; ``rates``: a number is tokens per second (with ``burst``)."""
     if isinstance(value, str):
+        parts = split_limits(value)
+        if len(parts) > 1:
+            if burst is not None:
+                raise ConfigError(
+                    "burst",
+                    f"goes with one limit, and {shown(value)} is {len(parts)}: "
+                    "give each its own, as in [Limit.parse('10/hour', burst=5), '100/day']",
+                )
+            return coerce_limits(value, param)
         return (Limit._parse(value, burst, None, param),)
     if rates and isinstance(value, (int, float)):  # a bool too: Limit refuses it by name
         return (_rate(value, burst, param),)
