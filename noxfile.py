@@ -51,6 +51,7 @@ INTEGRATION_TESTS = [
     "tests/test_examples_fastapi.py",
     "tests/test_examples_flask.py",
     "tests/test_examples_django.py",
+    "tests/test_examples_drf.py",
     "tests/test_identity.py",
     "tests/test_docs.py",
     "tests/test_warnings.py",
