@@ -200,6 +200,15 @@ def test_drf_spellings_give_the_burst_drf_allows_at_once(
         assert limits == (Limit(count / seconds, count),)
 
 
+def test_a_rate_setting_takes_every_spelling_a_limit_takes() -> None:
+    # Two limits at once (all or nothing), as anywhere in tokenlimit.
+    with project(rest={"DEFAULT_THROTTLE_RATES": {"user": ["2/min", "100/day"]}}):
+        assert codes(get("/user", 3, user=1)) == [200, 200, 429]
+        assert remaining("scope:user|user:1", "100/day") == 98
+    with project(rest={"DEFAULT_THROTTLE_RATES": {"user": Limit.per_minute(5, burst=1)}}):
+        assert codes(get("/user", 2, user=2)) == [200, 429]
+
+
 def test_burst_and_cost() -> None:
     with project():
         assert codes(get("/burst2", 3)) == [200, 200, 429]  # "10/min" with burst 2

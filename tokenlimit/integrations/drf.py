@@ -22,7 +22,6 @@ which DRF answers with a 503.
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
 from typing import Any, ClassVar
 
 from tokenlimit._config import default_sync_limiter
@@ -88,41 +87,45 @@ def _renamed(cls: type[Any], error: ConfigError) -> ConfigError:
 def _rule_for(cls: type[TokenBucketThrottle], scope: str | None) -> ViewLimit | None:
     """The limit ``cls`` applies under ``scope``, and its bucket's scope; None: not throttled
     (the scope's setting is None)."""
-    rate = cls.rate
-    if rate is None:
-        if scope is None:
-            raise ImproperlyConfigured(
-                f"{cls.__qualname__} needs a rate or a scope: set `rate = '100/min'`, or "
-                f"`scope` with a rate in {_RATES}"
-            )
-        rates = api_settings.DEFAULT_THROTTLE_RATES or {}
-        if scope not in rates:
-            raise ImproperlyConfigured(
-                f"{cls.__qualname__}: no rate for the scope {scope!r}: set "
-                f"{_RATES}[{scope!r}] (such as '100/min'), or the throttle's `rate`"
-            )
-        rate = rates[scope]
-        if rate is None:  # DRF: a scope whose rate is None is not throttled
-            return None
-        try:
-            return _rule(rate, cls.burst, cls.cost, scope)
-        except ConfigError as error:
-            reason = str(error).removeprefix(f"{error.param}: ")
-            raise ImproperlyConfigured(
-                f"{cls.__qualname__}: {_RATES}[{scope!r}] = {rate!r}: {reason}"
-            ) from error
+    if cls.rate is not None:
+        return _rule(cls.rate, cls.burst, cls.cost, scope or f"{cls.__module__}.{cls.__qualname__}")
     if scope is None:
-        scope = f"{cls.__module__}.{cls.__qualname__}"
+        raise ImproperlyConfigured(
+            f"{cls.__qualname__} needs a rate or a scope: set `rate = '100/min'`, or "
+            f"`scope` with a rate in {_RATES}"
+        )
+    rates = api_settings.DEFAULT_THROTTLE_RATES or {}
+    if scope not in rates:
+        raise ImproperlyConfigured(
+            f"{cls.__qualname__}: no rate for the scope {scope!r}: set "
+            f"{_RATES}[{scope!r}] (such as '100/min'), or the throttle's `rate`"
+        )
+    rate = rates[scope]
+    if rate is None:  # DRF: a scope whose rate is None is not throttled
+        return None
+    try:
+        return _rule(rate, cls.burst, cls.cost, scope)
+    except ConfigError as error:
+        reason = str(error).removeprefix(f"{error.param}: ")
+        raise ImproperlyConfigured(
+            f"{cls.__qualname__}: {_RATES}[{scope!r}] = {rate!r}: {reason}"
+        ) from error
+
+
+def _rule(rate: Any, burst: Any, cost: Any, scope: str) -> ViewLimit:
+    """The rule for a rate in any spelling, made once per (rate, burst, cost, scope)."""
     if isinstance(rate, list):
         rate = tuple(rate)
-    if not isinstance(rate, Hashable):
-        return _rule.__wrapped__(rate, cls.burst, cls.cost, scope)
-    return _rule(rate, cls.burst, cls.cost, scope)
+    try:
+        hash((rate, burst))
+    except TypeError:  # not a spelling that can be cached: made (or refused) each time
+        return _made.__wrapped__(rate, burst, cost, scope)
+    return _made(rate, burst, cost, scope)
 
 
 @functools.lru_cache(maxsize=256)
-def _rule(rate: Any, burst: Any, cost: Any, scope: str) -> ViewLimit:
-    """One rule per limit and scope, made once: ``ViewLimit`` keeps its policy per settings."""
+def _made(rate: Any, burst: Any, cost: Any, scope: str) -> ViewLimit:
+    """``ViewLimit`` keeps its policy per settings: one per rule saves parsing per request."""
     return ViewLimit(rate, burst=burst, key=None, cost=cost, scope=scope, shadow=None, headers=None)
 
 
@@ -211,7 +214,7 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
         _check_class(cls)
 
     def __init__(self) -> None:  # DRF makes one throttle per request
-        self.decision: Decision | None = None  # the refusal ``wait`` reports
+        self.decision: Decision | None = None  # after a refusal: tokenlimit's Decision
 
     # -- what a subclass changes ----------------------------------------------------------------
     def _scope_of(self, view: Any) -> str | None:
