@@ -39,6 +39,7 @@ from tokenlimit.integrations._check import (
     check_scope,
 )
 from tokenlimit.integrations._common import Policy, TrustedProxies
+from tokenlimit.integrations._settings import Settings
 
 with needs_extra("drf", "djangorestframework", feature=__name__):
     from django.conf import settings
@@ -77,7 +78,7 @@ def _check_class(cls: type[TokenBucketThrottle]) -> None:
         raise _renamed(cls, error) from None
 
 
-def _renamed(cls: type[Any], error: ConfigError) -> ConfigError:
+def _renamed(cls: type, error: ConfigError) -> ConfigError:
     """``error`` naming the class attribute (``UploadThrottle.rate``), not the parameter."""
     attribute = "rate" if error.param == "limit" else error.param
     reason = str(error).removeprefix(f"{error.param}: ")
@@ -112,7 +113,7 @@ def _rule_for(cls: type[TokenBucketThrottle], scope: str | None) -> ViewLimit | 
         ) from error
 
 
-def _rule(rate: Any, burst: Any, cost: Any, scope: str) -> ViewLimit:
+def _rule(rate: object, burst: object, cost: object, scope: str) -> ViewLimit:
     """The rule for a rate in any spelling, made once per (rate, burst, cost, scope)."""
     if isinstance(rate, list):
         rate = tuple(rate)
@@ -124,19 +125,18 @@ def _rule(rate: Any, burst: Any, cost: Any, scope: str) -> ViewLimit:
 
 
 @functools.lru_cache(maxsize=256)
-def _made(rate: Any, burst: Any, cost: Any, scope: str) -> ViewLimit:
+def _made(rate: object, burst: object, cost: object, scope: str) -> ViewLimit:
     """``ViewLimit`` keeps its policy per settings: one per rule saves parsing per request."""
     return ViewLimit(rate, burst=burst, key=None, cost=cost, scope=scope, shadow=None, headers=None)
 
 
 # -- the store and the identity ----------------------------------------------------------------
-def _limiter(cls: type[TokenBucketThrottle], state: Any) -> RateLimiter:
+def _limiter(cls: type[TokenBucketThrottle], state: Settings) -> RateLimiter:
     """The throttle's ``limiter``, else ``settings.TOKENLIMIT``'s, else the default one."""
     if cls.limiter is not None:
         return cls.limiter
     if getattr(settings, "TOKENLIMIT", None) is not None:
-        limiter: RateLimiter = state.sync
-        return limiter
+        return state.sync
     default = default_sync_limiter()
     if not isinstance(default, RateLimiter):
         raise ConfigTypeError(
@@ -203,13 +203,13 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
       exists, else the default one (``tokenlimit.configure()``, ``TOKENLIMIT_URL``).
     """
 
-    rate: ClassVar[Any] = None
+    rate: ClassVar[object] = None
     burst: ClassVar[int | None] = None
     scope: ClassVar[str | None] = None
     cost: ClassVar[int] = 1
     limiter: ClassVar[RateLimiter | None] = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         _check_class(cls)
 
@@ -217,21 +217,21 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
         self.decision: Decision | None = None  # after a refusal: tokenlimit's Decision
 
     # -- what a subclass changes ----------------------------------------------------------------
-    def _scope_of(self, view: Any) -> str | None:
+    def _scope_of(self, view: object) -> str | None:
         """The scope this request is throttled under (None: the rate's own, or an error)."""
         return type(self).scope
 
-    def _user_of(self, request: Any) -> Any:
+    def _user_of(self, request: object) -> object:
         """The signed-in user's id for the identity (None: anonymous), read off DRF's
         ``request.user`` (its authentication has run before the throttles)."""
         return _pk(getattr(request, "user", None))
 
-    def _applies(self, request: Any, view: Any) -> bool:
+    def _applies(self, request: object, view: object) -> bool:
         """Whether this throttle looks at the request at all."""
         return True
 
     # -- DRF's API ------------------------------------------------------------------------------
-    def allow_request(self, request: Any, view: Any) -> bool:
+    def allow_request(self, request: Any, view: object) -> bool:
         """Take ``cost`` tokens from the bucket, or refuse (``wait`` says how long for).
         The storage failing in closed mode raises ``ThrottleUnavailable`` (503)."""
         if not self._applies(request, view):
@@ -279,11 +279,11 @@ class AnonTokenBucketThrottle(TokenBucketThrottle):
 
     scope = "anon"
 
-    def _applies(self, request: Any, view: Any) -> bool:
+    def _applies(self, request: object, view: object) -> bool:
         user = getattr(request, "user", None)
         return not (user and getattr(user, "is_authenticated", False))
 
-    def _user_of(self, request: Any) -> Any:
+    def _user_of(self, request: object) -> object:
         return None
 
 
@@ -301,8 +301,8 @@ class ScopedTokenBucketThrottle(TokenBucketThrottle):
 
     scope_attr: ClassVar[str] = "throttle_scope"
 
-    def _applies(self, request: Any, view: Any) -> bool:
+    def _applies(self, request: object, view: object) -> bool:
         return bool(getattr(view, type(self).scope_attr, None))
 
-    def _scope_of(self, view: Any) -> str | None:
+    def _scope_of(self, view: object) -> str | None:
         return str(getattr(view, type(self).scope_attr))
