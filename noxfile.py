@@ -33,6 +33,7 @@ OLDEST_FRAMEWORKS = [
     "flask==2.3.*",
     "werkzeug==2.3.*",
     "django==4.2.*",
+    "djangorestframework==3.15.*",
 ]
 LIMITER_TESTS = [
     "tests/test_limiter.py",
@@ -46,9 +47,11 @@ INTEGRATION_TESTS = [
     "tests/test_fastapi.py",
     "tests/test_flask.py",
     "tests/test_django.py",
+    "tests/test_drf.py",
     "tests/test_examples_fastapi.py",
     "tests/test_examples_flask.py",
     "tests/test_examples_django.py",
+    "tests/test_examples_drf.py",
     "tests/test_identity.py",
     "tests/test_docs.py",
     "tests/test_warnings.py",
@@ -133,7 +136,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
-    install(session, ".[fastapi,flask,django,prometheus]", "asgiref", "pytest", "mypy")
+    install(session, ".[fastapi,flask,django,drf,prometheus]", "asgiref", "pytest", "mypy")
     session.run("mypy")
 
 

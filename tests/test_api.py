@@ -120,7 +120,7 @@ def test_limit_parameters_are_typed_with_the_plan_types(function: Any) -> None:
 def test_import_does_not_import_web_frameworks(tmp_path: Path) -> None:
     # Make every framework importable (as a stub that records being imported), so that the check
     # means something even where the real frameworks are not installed.
-    frameworks = ["fastapi", "flask", "django", "starlette"]
+    frameworks = ["fastapi", "flask", "django", "starlette", "rest_framework"]
     for name in frameworks:
         pkg = tmp_path / name
         pkg.mkdir()

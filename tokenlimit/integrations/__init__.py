@@ -1,4 +1,5 @@
-"""Framework integrations: ``tokenlimit.integrations.fastapi``, ``.flask`` and ``.django``.
+"""Framework integrations: ``tokenlimit.integrations.fastapi``, ``.flask``, ``.django`` and
+``.drf`` (Django REST framework's throttles).
 
 Each is importable only when its framework is installed; ``import tokenlimit`` imports none.
 """
