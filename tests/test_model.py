@@ -463,12 +463,15 @@ def test_interval_is_whole_nanoseconds_rounded_up() -> None:
     assert Limit.per_minute(20).interval_ns == 3_000_000_000  # 1/3 per s: not rounded off
     assert Limit(1e9, 1).interval_ns == 1  # the fastest rate
     assert Limit(999_999_999.9, 3).interval_ns == 2  # just under 1 ns per token: 2 ns
-    slowest = Limit(1.1102230246251567e-07, 1)  # one token per 2^53 - 1 ns (~104 days)
-    assert slowest.interval_ns == 2**53 - 1
+    assert Limit(1.1102230246251567e-07, 1).interval_ns == 2**53 - 1  # ~104 days
+    year = Limit.parse("1/year")  # past 2^53 ns: rounded up to a whole number a double holds
+    assert year.interval_ns == int(float(year.interval_ns))
+    assert abs(year.interval_ns - 31_104_000 * 10**9) <= 4  # the double's spacing there
+    assert Limit(1e-12, 1).interval_ns == 10**21  # the slowest rate
 
 
 @pytest.mark.parametrize(
-    ("rate", "burst"), [(2e9, 1), (2e9, None), (1.7e308, 5), (1e-8, 1), (1.1102230246251565e-07, 1)]
+    ("rate", "burst"), [(2e9, 1), (2e9, None), (1.7e308, 5), (1e-13, 1), (2e-12, 3), (5e-324, 1)]
 )
 def test_rates_beyond_whole_nanoseconds_are_refused(rate: float, burst: int | None) -> None:
     with pytest.raises(ConfigError) as info:

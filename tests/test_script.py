@@ -316,7 +316,11 @@ EXTREME_LIMITS = [
     (1e6, 10**6),
     (1e12, 1),  # refused up front: faster than one token per ns
     (1.7e308, 5),
-    (1e-9, 1),  # refused up front: over 2^53 ns per token
+    (1e-9, 1),  # 1e18 ns per token: past 2^53, a whole number a double holds
+    (1 / 31_104_000, 1),  # "1/year": rounded up to a whole number a double holds
+    (1 / 31_104_000, 3),
+    (1e-12, 1),  # the slowest rate: one token per 1e12 s
+    (1e-13, 1),  # refused up front: slower than one token per 1e12 s
     (1e7, 2**53),  # refused up front: burst
 ]
 
@@ -498,8 +502,12 @@ def _bad_calls(request: Request) -> list[tuple[list[str], list[str], str]]:
     for value in BAD_WHOLE:
         calls.append((keys, [value, *args[1:]], "tokenlimit: bad cost"))
     for limit_index in range(len(keys)):
-        # the interval is whole ns now, validated like cost and burst
-        for value in [*BAD_WHOLE, "1e-400", "00", "1.0", "+5", "1_000"]:
+        # the interval is whole ns, validated like cost and burst, except that past 2^53 it
+        # may go up to 1e21 when a double holds it exactly (2^53 and 2^54 do)
+        exact = ("9007199254740992", "18014398509481984")
+        long = ["9007199254740993", "18014398509481985", "2000000000000000000000"]
+        for value in [*(v for v in BAD_WHOLE if v not in exact), *long, "1e-400", "00", "1.0",
+                      "+5", "1_000"]:  # fmt: skip
             bad = list(args)
             bad[1 + 2 * limit_index] = value
             calls.append((keys, bad, "tokenlimit: bad interval"))
@@ -569,6 +577,32 @@ def test_script_rejects_bad_arguments_and_touches_nothing(
         assert [reply[2 + 4 * i : 4 + 4 * i] for i in range(len(limits))] == [
             [1, limit.burst - 3] for limit in limits
         ]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("interval", "ok"),
+    [
+        (2**60, True),  # a double holds it
+        (2**60 + 1, False),  # it does not: the script would read another number
+        (10**21, True),  # the longest interval (one token per 1e12 s)
+        (10**21 + 2**20, False),  # past it
+    ],
+)
+def test_script_takes_long_intervals_only_if_exact(target: Target, interval: int, ok: bool) -> None:
+    key = build_request(PREFIX, fresh_id("long"), Limit(0.5, 5), 1).keys[0]
+    client = target.client()
+    try:
+        node = node_client(client, key)
+        call = lambda: node.eval(acquire_script().body, 1, key, "1", str(interval), "1")  # noqa: E731
+        if ok:
+            assert call()[1] == 1
+            assert node.get(key) is not None
+        else:
+            with pytest.raises(redis.ResponseError, match="tokenlimit: bad interval"):
+                call()
+            assert node.get(key) is None
     finally:
         client.close()
 

@@ -38,8 +38,16 @@ _PATTERN = re.compile(
 MAX_BURST = 1_000_000_000
 MAX_RATE = 1e9  # one token per nanosecond
 _MAX_FILL_SECONDS = 1e12
-_MAX_INTERVAL_NS = 2**53  # the script checks every whole number against 2^53
-MIN_RATE = 1e9 / _MAX_INTERVAL_NS  # below it, the nanoseconds per token reach 2^53
+_EXACT = 2**53  # every whole number up to it is a double
+MIN_RATE = 1e9 / (_MAX_FILL_SECONDS * 1e9)  # one token per 1e12 s
+
+
+def _held_by_a_double(n: int) -> int:
+    """The least whole number >= ``n`` that a double holds exactly."""
+    if n <= _EXACT:
+        return n
+    nearest = float(n)
+    return int(nearest) if int(nearest) >= n else int(math.nextafter(nearest, math.inf))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +76,12 @@ class Limit:
         name: object = self.name
         if name is not None and not isinstance(name, str):
             raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
-        # Whole nanoseconds per token, rounded up (never a faster rate than asked): the bucket
-        # arithmetic is then sums of integers, exact in doubles (see _model.py). MIN_RATE first:
-        # below it 1e9 / rate may be inf, which ceil() refuses.
-        if rate < MIN_RATE or math.ceil(1e9 / rate) >= _MAX_INTERVAL_NS:
-            raise ConfigError("rate", f"too small: at least one token per 104 days, got {rate!r}/s")
-        interval_ns = math.ceil(1e9 / rate)
+        # Whole nanoseconds per token, rounded up (never a faster rate than asked), and past 2^53
+        # up again to a whole number a double holds: the script reads it exactly (_model.py).
+        # MIN_RATE first: below it 1e9 / rate may be inf, which ceil() refuses.
+        if rate < MIN_RATE:
+            raise ConfigError("rate", f"too small: at least one token per 1e12 s, got {rate!r}/s")
+        interval_ns = _held_by_a_double(math.ceil(1e9 / rate))
         if burst * interval_ns > _MAX_FILL_SECONDS * 1e9:  # as the script checks it
             raise ConfigError("rate", f"too small: filling {burst} tokens would take over 1e12 s")
         object.__setattr__(self, "rate", rate)

@@ -6,7 +6,8 @@ full it is, ``burst * interval`` being empty. One short integer is compact in Re
 keeps it in its ``int`` encoding; Valkey 9 in a small embedded string), and exact:
 every interval is a whole number of nanoseconds (``Limit.interval_ns``, rounded up so the rate
 is never exceeded), so debts are sums of integers, exact in doubles up to 2^53 ns (104 days).
-Beyond that (very long fill times) the rounding is far below the slack of 1e-6 token.
+Beyond that (long fill times; intervals past 2^53 ns are rounded up to a whole number a double
+holds, so both sides read the same one) the rounding is far below the slack of 1e-6 token.
 
 Lua has only doubles and a TAT of ~1.8e18 ns does not fit in one exactly, so both sides split
 it into whole seconds and nanoseconds and only ever subtract like from like. Every operation is

@@ -17,13 +17,18 @@ local NS = 1000000000
 
 -- Python validates first; the script validates again (tonumber("nan") is a number, "0x10"
 -- parses as 16, "1e400" as inf), so a bad call is an error reply and touches nothing.
-local function whole(s, what)
+-- `big`: past 2^53 too, up to MAX_FILL_NS, if the double holds the number exactly (intervals:
+-- Python rounds a long one up to such a number).
+local function whole(s, what, big)
     if type(s) ~= 'string' or not string.match(s, '^%d+$') then
         return nil, 'tokenlimit: bad ' .. what
     end
     local v = tonumber(s)
+    if v == nil or v < 1 then
+        return nil, 'tokenlimit: bad ' .. what
+    end
     -- ">=": tonumber rounds 2^53 + 1 down to 2^53, so 2^53 itself may stand for a larger value
-    if v == nil or v < 1 or v >= MAX_EXACT then
+    if v >= MAX_EXACT and not (big and v <= MAX_FILL_NS and string.format('%.0f', v) == s) then
         return nil, 'tokenlimit: bad ' .. what
     end
     return v
@@ -71,7 +76,7 @@ end
 if #KEYS == 1 and #ARGV == 3 then
     local cost, e1 = whole(ARGV[1], 'cost')
     if not cost then return redis.error_reply(e1) end
-    local interval, e2 = whole(ARGV[2], 'interval')
+    local interval, e2 = whole(ARGV[2], 'interval', true)
     if not interval then return redis.error_reply(e2) end
     local burst, e3 = whole(ARGV[3], 'burst')
     if not burst then return redis.error_reply(e3) end
@@ -113,7 +118,7 @@ local function decide()
     if not cost then return redis.error_reply(err) end
     local intervals, bursts = {}, {}
     for i = 1, n do
-        local interval, e1 = whole(ARGV[2 * i], 'interval')
+        local interval, e1 = whole(ARGV[2 * i], 'interval', true)
         if not interval then return redis.error_reply(e1) end
         local burst, e2 = whole(ARGV[2 * i + 1], 'burst')
         if not burst then return redis.error_reply(e2) end
