@@ -31,6 +31,7 @@ from servers import free_port
 from tokenlimit import ConfigError, Limit, RateLimiter
 from tokenlimit.integrations import django as tl_django
 from tokenlimit.integrations._common import api_key_identity
+from tokenlimit.integrations._django import settings_state as tl_django_state
 
 django_project.setup()
 
@@ -105,7 +106,7 @@ def sf_list(value: str) -> list[tuple[Any, dict[str, Any]]]:
 
 def remaining(identity: str, limit: str = "3/minute") -> int:
     """Tokens left in the bucket of ``identity`` (the settings' store; consumes nothing)."""
-    return tl_django._state().sync.peek(identity, Limit.parse(limit)).remaining
+    return tl_django_state().sync.peek(identity, Limit.parse(limit)).remaining
 
 
 def assert_burst(responses: list[Any], *, burst: int, interval: int, label: str) -> None:

@@ -23,8 +23,8 @@ import tokenlimit
 from servers import free_port
 from tokenlimit import AsyncRateLimiter, ConfigError, Limit, RateLimiter
 from tokenlimit._config import default_sync_limiter
-from tokenlimit.integrations import django as tl_django
 from tokenlimit.integrations._common import api_key_identity
+from tokenlimit.integrations._django import settings_state as tl_django_state
 
 django_project.setup()  # rest_framework reads the settings as it is imported
 
@@ -75,7 +75,7 @@ def codes(responses: list[Any]) -> list[int]:
 
 def remaining(key: str, limit: str) -> int:
     """Tokens left in a bucket of the settings' store (consumes nothing)."""
-    return tl_django._state().sync.peek(key, Limit.parse(limit)).remaining
+    return tl_django_state().sync.peek(key, Limit.parse(limit)).remaining
 
 
 # -- the three throttles -----------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_wait_is_the_exact_retry_after() -> None:
         assert wait is not None
         assert 15 < wait <= 20  # the next of "3/m"'s tokens, not rounded
         assert wait != int(wait)
-        later = tl_django._state().sync.peek("scope:user|user:1", Limit.parse("3/m"))
+        later = tl_django_state().sync.peek("scope:user|user:1", Limit.parse("3/m"))
         assert 0 <= wait - later.retry_after < 5
 
 
@@ -196,7 +196,7 @@ def test_drf_spellings_give_the_burst_drf_allows_at_once(
     with project(rest={"DEFAULT_THROTTLE_RATES": {"user": spelling}}):
         rule = drf._rule_for(UserTokenBucketThrottle, "user")
         assert rule is not None
-        limits = rule.policy(tl_django._state().base).limits
+        limits = rule.policy(tl_django_state().base).limits
         assert limits == (Limit(count / seconds, count),)
 
 

@@ -57,6 +57,7 @@ def test_except_importerror_still_catches_it() -> None:
         ("tokenlimit.integrations.fastapi", "starlette", "fastapi"),
         ("tokenlimit.integrations.flask", "flask", "flask"),
         ("tokenlimit.integrations.django", "django", "django"),
+        ("tokenlimit.integrations.drf", "rest_framework", "drf"),
     ],
 )
 def test_each_integration_without_its_framework_names_its_extra(

@@ -18,8 +18,7 @@ event loop never waits on a socket.
 from __future__ import annotations
 
 import functools
-import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from tokenlimit._decision import Decision
@@ -27,12 +26,10 @@ from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateL
 from tokenlimit._extras import needs_extra
 from tokenlimit.integrations._check import (
     Limiter,
-    RequestFacts,
     Verdict,
     ViewLimit,
     acheck,
     answer,
-    awaited,
     check,
     combined,
     unavailable,
@@ -44,49 +41,34 @@ from tokenlimit.integrations._common import (
     rate_limit_headers,
     record_request,
 )
-from tokenlimit.integrations._settings import Problem, Settings, SettingsError
+from tokenlimit.integrations._settings import Problem, Settings
 from tokenlimit.integrations._settings import problems as settings_problems
 
 with needs_extra("django", "django", feature=__name__):
-    from asgiref.sync import (
-        async_to_sync,
-        iscoroutinefunction,
-        markcoroutinefunction,
-        sync_to_async,
-    )
+    from asgiref.sync import iscoroutinefunction, markcoroutinefunction
     from django.apps import AppConfig
     from django.conf import settings
     from django.core import checks
     from django.core.exceptions import ImproperlyConfigured
-    from django.core.signals import setting_changed
     from django.http import HttpResponse
-    from django.utils.functional import LazyObject
     from django.views import View
 
+    from tokenlimit.integrations._django import (
+        DjangoRequest,
+        auser_id,
+        request_facts,
+        resolve,
+        settings_state,
+        template,
+        user_pk,
+    )
+
 if TYPE_CHECKING:
-    # What a user's key function or limit chooser is handed (and annotates it with). Django is
-    # untyped here, so it tells mypy nothing: what this module reads off a request is _Request.
-    from django.http import HttpRequest
+    from django.http import HttpRequest  # what users' key functions and choosers are handed
 
 __all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
 
 V = TypeVar("V")
-
-
-class _Request(Protocol):
-    """What is read off a Django ``HttpRequest`` (``user``, ``auser`` and ``resolver_match``
-    with getattr: a request may lack them)."""
-
-    path_info: str
-    META: Mapping[str, str]  # the entries read, REMOTE_ADDR and HTTP_X_FORWARDED_FOR, are str
-    headers: Mapping[str, str]
-
-
-class _User(Protocol):
-    """What is read off an authenticated ``request.user``."""
-
-    @property
-    def pk(self) -> object: ...
 
 
 class _Response(Protocol):
@@ -105,7 +87,6 @@ class _View(Protocol):
 MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 _DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions its headers report
-_LEDGER = "_tokenlimit_charged"  # request attribute: the buckets it charged
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -124,23 +105,6 @@ def check_settings(app_configs: object = None, **kwargs: object) -> list[object]
 
 checks.register(check_settings, "tokenlimit")
 
-_lock = threading.Lock()
-_current: Settings | None = None  # rebuilt when settings.TOKENLIMIT changes (override_settings)
-
-
-def _state() -> Settings:
-    global _current
-    state = _current
-    if state is None:
-        with _lock:
-            if _current is None:
-                try:
-                    _current = Settings(getattr(settings, "TOKENLIMIT", None))
-                except SettingsError as error:
-                    raise ImproperlyConfigured(str(error)) from error
-            state = _current
-    return state
-
 
 def _middleware_policy(state: Settings) -> Policy[HttpRequest]:
     if state.policy is None:
@@ -150,77 +114,16 @@ def _middleware_policy(state: Settings) -> Policy[HttpRequest]:
     return state.policy
 
 
-def _forget(*, setting: str, **kwargs: object) -> None:
-    global _current
-    if setting != "TOKENLIMIT":
-        return
-    with _lock:
-        old, _current = _current, None
-    if old is not None:
-        old.close()
-
-
-setting_changed.connect(_forget, dispatch_uid="tokenlimit.integrations.django")
-
-
 # -- request facts and answers ---------------------------------------------------------------
-def _pk(user: _User | None) -> object:
-    return user.pk if user is not None and getattr(user, "is_authenticated", False) else None
-
-
-def _user_id(request: _Request) -> object:
-    return _pk(getattr(request, "user", None))
-
-
-async def _auser_id(request: _Request) -> object:
-    # request.user is lazy and may query the database: never on the event loop.
-    auser = getattr(request, "auser", None)
-    if callable(auser):
-        return _pk(await auser())
-    user = getattr(request, "user", None)
-    if isinstance(user, LazyObject):
-        return await sync_to_async(_pk)(user)
-    return _pk(user)
-
-
-def _facts(
-    request: _Request,
-    policy: Policy[HttpRequest],
-    route: str | None,
-    user: Callable[[_Request], object],
-) -> RequestFacts:
-    header = policy.api_key_header
-    return RequestFacts(
-        request,
-        request.path_info,
-        request.META.get("REMOTE_ADDR"),
-        request.META.get("HTTP_X_FORWARDED_FOR"),
-        (request.headers.get(header) or None) if header else None,
-        functools.partial(user, request),
-        route,
-        _template(request),
-        route is not None,  # the middleware checks before the URL is resolved
-        vars(request).setdefault(_LEDGER, {}),
-    )
-
-
-def _template(request: object) -> str | None:
-    """The matched URL pattern (``items/<int:item_id>``), never the raw path; None before URL
-    resolution (in the middleware, until the view has run) or when nothing matched."""
-    route = getattr(getattr(request, "resolver_match", None), "route", None)
-    return route if isinstance(route, str) else None
-
-
-def _resolve(awaitable: Awaitable[object]) -> object:
-    """An async ``KEY``, validator or chooser's result, behind a sync middleware chain."""
-    return async_to_sync(awaited)(awaitable)
+def _user_id(request: DjangoRequest) -> object:
+    return user_pk(getattr(request, "user", None))
 
 
 def _policy(
     rule: ViewLimit[HttpRequest] | None,
 ) -> tuple[Settings, Policy[HttpRequest], str | None]:
     """The settings, and the policy and scope of a view's limit (None: the middleware's)."""
-    state = _state()
+    state = settings_state()
     if rule is None:
         return state, _middleware_policy(state), None
     return state, rule.policy(state.base), rule.scope
@@ -229,13 +132,14 @@ def _policy(
 def _call_sync(
     rule: ViewLimit[HttpRequest] | None,
     route: str | None,
-    request: _Request,
+    request: DjangoRequest,
     view: Callable[[], _Response],
 ) -> _Response:
     """Check ``request`` in sync code, then answer 429/503 or call ``view()``."""
     state, policy, scope = _policy(rule)
-    facts = _facts(request, policy, route, _user_id)
-    verdict = check(policy, facts, state.sync, scope=scope, resolve=_resolve)
+    user = functools.partial(_user_id, request)
+    facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
+    verdict = check(policy, facts, state.sync, scope=scope, resolve=resolve)
     refused = _render(state, request, policy, verdict)
     return refused if refused is not None else _done(state.sync, request, route, verdict, view())
 
@@ -243,11 +147,12 @@ def _call_sync(
 async def _call_async(
     rule: ViewLimit[HttpRequest] | None,
     route: str | None,
-    request: _Request,
+    request: DjangoRequest,
     view: Callable[[], Awaitable[_Response]],
 ) -> _Response:
     state, policy, scope = _policy(rule)
-    facts = _facts(request, policy, route, _auser_id)
+    user = functools.partial(auser_id, request)
+    facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
     verdict = await acheck(policy, facts, state.async_, scope=scope)
     refused = _render(state, request, policy, verdict)
     if refused is not None:
@@ -256,7 +161,7 @@ async def _call_async(
 
 
 def _render(
-    state: Settings, request: _Request, policy: Policy[HttpRequest], verdict: Verdict
+    state: Settings, request: DjangoRequest, policy: Policy[HttpRequest], verdict: Verdict
 ) -> _Response | None:
     """Keep the verdict's decision for the response's headers; the 429/503 response, or None."""
     verdict.report(state.log)
@@ -273,12 +178,16 @@ def _render(
 
 
 def _done(
-    limiter: Limiter, request: _Request, route: str | None, verdict: Verdict, response: _Response
+    limiter: Limiter,
+    request: DjangoRequest,
+    route: str | None,
+    verdict: Verdict,
+    response: _Response,
 ) -> _Response:
     """The response, with every limit the request was checked against in its headers."""
     if route is None and verdict.decision is not None:
         # The middleware's admission, counted now that the URL is resolved.
-        record_request(limiter, _template(request), "allowed")
+        record_request(limiter, template(request), "allowed")
     return _annotate(request, response)
 
 
@@ -304,22 +213,22 @@ class RateLimitMiddleware:
 
     # ``get_response``: the next handler. It answers a response or, in an async chain, a
     # coroutine of one: Django picks the mode per chain, at run time.
-    def __init__(self, get_response: Callable[[_Request], Any]) -> None:
+    def __init__(self, get_response: Callable[[DjangoRequest], Any]) -> None:
         self.get_response = get_response
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
-        _middleware_policy(_state())  # a bad setting fails at start-up, not at a request
+        _middleware_policy(settings_state())  # a bad setting fails at start-up, not at a request
 
-    def __call__(self, request: _Request) -> _Response | Awaitable[_Response]:
+    def __call__(self, request: DjangoRequest) -> _Response | Awaitable[_Response]:
         if self._async:
             return _call_async(None, None, request, lambda: self.get_response(request))
         return _call_sync(None, None, request, lambda: self.get_response(request))
 
-    def process_exception(self, request: _Request, exception: Exception) -> _Response | None:
+    def process_exception(self, request: DjangoRequest, exception: Exception) -> _Response | None:
         """A view's own ``RateLimitExceeded`` (``@rate_limit`` inside it) answers 429, and a
         ``BackendError`` 503, as the middleware's own decisions do."""
-        state = _state()
+        state = settings_state()
         policy = _middleware_policy(state)
         if isinstance(exception, RateLimitExceeded):
             return _render(state, request, policy, answer(policy, exception.decision))
@@ -352,7 +261,7 @@ def _limit_view_class(rule: ViewLimit[HttpRequest], cls: type[_View]) -> type[_V
 
     @functools.wraps(original)
     def dispatch(
-        self: _View, request: _Request, *args: object, **kwargs: object
+        self: _View, request: DjangoRequest, *args: object, **kwargs: object
     ) -> _Response | Awaitable[_Response]:
         # Like View.dispatch: a coroutine for an async view, a response for a sync one.
         if type(self).view_is_async:
@@ -375,7 +284,7 @@ def _limit_view(
     if iscoroutinefunction(function):
 
         @functools.wraps(function)
-        async def async_view(request: _Request, *args: object, **kwargs: object) -> _Response:
+        async def async_view(request: DjangoRequest, *args: object, **kwargs: object) -> _Response:
             return await _call_async(
                 rule, route, request, lambda: function(request, *args, **kwargs)
             )
@@ -384,7 +293,7 @@ def _limit_view(
 
     @functools.wraps(function)
     def sync_view(
-        request: _Request, *args: object, **kwargs: object
+        request: DjangoRequest, *args: object, **kwargs: object
     ) -> _Response | Awaitable[_Response]:
         if _async_view_instance(function):
             return _call_async(rule, route, request, lambda: function(request, *args, **kwargs))

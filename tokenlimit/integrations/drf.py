@@ -22,7 +22,7 @@ which DRF answers with a 503.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from tokenlimit._config import default_sync_limiter
 from tokenlimit._decision import Decision
@@ -32,13 +32,12 @@ from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
 from tokenlimit._validate import check_cost, check_int
 from tokenlimit.integrations._check import (
-    RequestFacts,
     ViewLimit,
     check,
     check_limiter,
     check_scope,
 )
-from tokenlimit.integrations._common import Policy, TrustedProxies
+from tokenlimit.integrations._common import Policy, RequestLimit, TrustedProxies
 from tokenlimit.integrations._settings import Settings
 
 with needs_extra("drf", "djangorestframework", feature=__name__):
@@ -48,7 +47,16 @@ with needs_extra("drf", "djangorestframework", feature=__name__):
     from rest_framework.settings import api_settings
     from rest_framework.throttling import BaseThrottle
 
-    from tokenlimit.integrations.django import _LEDGER, _pk, _resolve, _state, _template
+    from tokenlimit.integrations._django import (
+        request_facts,
+        resolve,
+        settings_state,
+        user_pk,
+    )
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
+    from rest_framework.request import Request
 
 __all__ = [
     "AnonTokenBucketThrottle",
@@ -85,7 +93,7 @@ def _renamed(cls: type, error: ConfigError) -> ConfigError:
     return type(error)(f"{cls.__qualname__}.{attribute}", reason)
 
 
-def _rule_for(cls: type[TokenBucketThrottle], scope: str | None) -> ViewLimit | None:
+def _rule_for(cls: type[TokenBucketThrottle], scope: str | None) -> ViewLimit[Request] | None:
     """The limit ``cls`` applies under ``scope``, and its bucket's scope; None: not throttled
     (the scope's setting is None)."""
     if cls.rate is not None:
@@ -113,7 +121,9 @@ def _rule_for(cls: type[TokenBucketThrottle], scope: str | None) -> ViewLimit | 
         ) from error
 
 
-def _rule(rate: object, burst: object, cost: object, scope: str) -> ViewLimit:
+def _rule(
+    rate: RequestLimit[Request], burst: int | None, cost: int, scope: str
+) -> ViewLimit[Request]:
     """The rule for a rate in any spelling, made once per (rate, burst, cost, scope)."""
     if isinstance(rate, list):
         rate = tuple(rate)
@@ -125,7 +135,9 @@ def _rule(rate: object, burst: object, cost: object, scope: str) -> ViewLimit:
 
 
 @functools.lru_cache(maxsize=256)
-def _made(rate: object, burst: object, cost: object, scope: str) -> ViewLimit:
+def _made(
+    rate: RequestLimit[Request], burst: int | None, cost: int, scope: str
+) -> ViewLimit[Request]:
     """``ViewLimit`` keeps its policy per settings: one per rule saves parsing per request."""
     return ViewLimit(rate, burst=burst, key=None, cost=cost, scope=scope, shadow=None, headers=None)
 
@@ -147,7 +159,7 @@ def _limiter(cls: type[TokenBucketThrottle], state: Settings) -> RateLimiter:
     return default
 
 
-def _identity_options(base: Policy) -> Policy:
+def _identity_options(base: Policy[HttpRequest]) -> Policy[HttpRequest]:
     """``settings.TOKENLIMIT``'s identity options; without its ``TRUSTED_PROXIES``, DRF's
     ``NUM_PROXIES`` as the hop count when it is one (its default, None, believes the whole
     ``X-Forwarded-For`` a client sends: not followed, since the client would choose its
@@ -162,7 +174,7 @@ def _identity_options(base: Policy) -> Policy:
 
 
 @functools.lru_cache(maxsize=8)
-def _with_hops(base: Policy, hops: int) -> Policy:
+def _with_hops(base: Policy[HttpRequest], hops: int) -> Policy[HttpRequest]:
     return Policy.build(
         None,
         key=base.key,
@@ -203,7 +215,7 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
       exists, else the default one (``tokenlimit.configure()``, ``TOKENLIMIT_URL``).
     """
 
-    rate: ClassVar[object] = None
+    rate: ClassVar[RequestLimit[Request] | None] = None
     burst: ClassVar[int | None] = None
     scope: ClassVar[str | None] = None
     cost: ClassVar[int] = 1
@@ -224,14 +236,14 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
     def _user_of(self, request: object) -> object:
         """The signed-in user's id for the identity (None: anonymous), read off DRF's
         ``request.user`` (its authentication has run before the throttles)."""
-        return _pk(getattr(request, "user", None))
+        return user_pk(getattr(request, "user", None))
 
     def _applies(self, request: object, view: object) -> bool:
         """Whether this throttle looks at the request at all."""
         return True
 
     # -- DRF's API ------------------------------------------------------------------------------
-    def allow_request(self, request: Any, view: object) -> bool:
+    def allow_request(self, request: Request, view: object) -> bool:
         """Take ``cost`` tokens from the bucket, or refuse (``wait`` says how long for).
         The storage failing in closed mode raises ``ThrottleUnavailable`` (503)."""
         if not self._applies(request, view):
@@ -240,24 +252,12 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
         rule = _rule_for(cls, self._scope_of(view))
         if rule is None:
             return True
-        state = _state()
+        state = settings_state()
         policy = rule.policy(_identity_options(state.base))
         http = getattr(request, "_request", request)  # DRF's Request wraps Django's
-        meta = http.META
-        header = policy.api_key_header
-        facts = RequestFacts(
-            request,
-            http.path_info,
-            meta.get("REMOTE_ADDR"),
-            meta.get("HTTP_X_FORWARDED_FOR"),
-            (http.headers.get(header) or None) if header else None,
-            functools.partial(self._user_of, request),
-            None,
-            _template(http),
-            True,
-            vars(http).setdefault(_LEDGER, {}),
-        )
-        verdict = check(policy, facts, _limiter(cls, state), scope=rule.scope, resolve=_resolve)
+        user = functools.partial(self._user_of, request)
+        facts = request_facts(request, http, policy, user, route=None, routed=True)
+        verdict = check(policy, facts, _limiter(cls, state), scope=rule.scope, resolve=resolve)
         if verdict.status == 503:
             verdict.report(_log)
             raise ThrottleUnavailable()
