@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +117,8 @@ def assert_burst(responses: list[Any], *, burst: int, interval: int, label: str)
         left = burst - 1 - i
         assert response["X-RateLimit-Limit"] == str(burst)
         assert response["X-RateLimit-Remaining"] == str(left)
+        reset = int(response["X-RateLimit-Reset"])  # Unix seconds when full again
+        assert abs(reset - (time.time() + interval * (i + 1))) <= 5  # the responses' ages
         assert sf_list(response["RateLimit-Policy"]) == [
             (label, {"q": burst, "w": burst * interval})
         ]

@@ -49,7 +49,8 @@ from tokenlimit.integrations.fastapi import (
 
 SLOW = 0.01  # tokens per second: one token per 100 s, so nothing refills during a test
 THREE = Limit(SLOW, 3)  # label "3-per-300s": q=3, w=300; each token adds 100 s to t
-LIMIT_FIELDS = ("x-ratelimit-limit", "x-ratelimit-remaining", "ratelimit-policy", "ratelimit")
+LIMIT_FIELDS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
+                "ratelimit-policy", "ratelimit")  # fmt: skip
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -153,10 +154,14 @@ def test_dependency_admits_exactly_the_burst(
     api = dependency_app(RateLimit(THREE, limiter=any_limiter))
     with TestClient(api) as client:
         for n in (1, 2, 3):
+            before = time.time()
             response = client.get(route)
             assert response.status_code == 200
             assert response.headers["x-ratelimit-limit"] == "3"
             assert response.headers["x-ratelimit-remaining"] == str(3 - n)
+            # when the bucket is full again, in Unix seconds: n tokens owed at 100 s each
+            reset = int(response.headers["x-ratelimit-reset"])
+            assert before + 100 * n - 1 <= reset <= time.time() + 100 * n + 1
             assert sf_list(response.headers["ratelimit-policy"]) == [
                 ("3-per-300s", {"q": 3, "w": 300})
             ]

@@ -7,6 +7,7 @@ import json
 import math
 import secrets
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +27,8 @@ from servers import free_port
 from tokenlimit import AsyncRateLimiter, ConfigError, Limit, RateLimiter
 from tokenlimit.integrations.flask import TokenLimit
 
-RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "RateLimit-Policy", "RateLimit")
+RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                "RateLimit-Policy", "RateLimit")  # fmt: skip
 PEER = "203.0.113.7"
 
 
@@ -76,6 +78,8 @@ def test_allowed_then_refused_at_exactly_the_burst(limiter: RateLimiter) -> None
     assert first.status_code == 200
     assert first.headers["X-RateLimit-Limit"] == "3"
     assert first.headers["X-RateLimit-Remaining"] == "2"
+    # Unix seconds when full again: one token owed, 1200 s at 3 per hour
+    assert abs(int(first.headers["X-RateLimit-Reset"]) - (time.time() + 1200)) <= 5
     assert sf_list(first.headers["RateLimit-Policy"]) == [("api", {"q": 3, "w": 3600})]
     assert sf_list(first.headers["RateLimit"]) == [("api", {"r": 2, "t": 1200})]
     assert "Retry-After" not in first.headers

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeAlias, TypeVar
@@ -402,7 +403,9 @@ def retry_after_seconds(decision: Decision) -> int:
 
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     """``X-RateLimit-*``, the IETF ``RateLimit-Policy``/``RateLimit`` fields, and on refusal
-    ``Retry-After``. Nothing in them names the identity or the server."""
+    ``Retry-After``. Nothing in them names the identity or the server. ``X-RateLimit-Reset``
+    is when the bucket is full again, in whole Unix seconds (rounded up), as GitHub,
+    flask-limiter and slowapi send it; the IETF field carries the same moment as a delta."""
     limit = decision.policy
     if not decision.details and limit is not None:  # one limit, as most are: nothing to join
         name, policies = _policy_field(limit)
@@ -412,6 +415,7 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     headers = [
         ("X-RateLimit-Limit", str(decision.limit)),
         ("X-RateLimit-Remaining", str(decision.remaining)),
+        ("X-RateLimit-Reset", str(math.ceil(time.time() + decision.reset_after))),
     ]
     if policies:
         headers.append(("RateLimit-Policy", policies))
