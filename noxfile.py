@@ -25,7 +25,7 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer
 # anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
-# Starlette 0.37's test client passes).
+# Starlette 0.37's test client passes, requests 2.28 requires urllib3 < 1.27).
 OLDEST_FRAMEWORKS = [
     "fastapi==0.110.*",
     "anyio==4.3.*",
@@ -33,6 +33,8 @@ OLDEST_FRAMEWORKS = [
     "flask==2.3.*",
     "werkzeug==2.3.*",
     "django==4.2.*",
+    "requests==2.28.*",
+    "urllib3<2",
 ]
 LIMITER_TESTS = [
     "tests/test_limiter.py",
@@ -49,6 +51,11 @@ INTEGRATION_TESTS = [
     "tests/test_examples_fastapi.py",
     "tests/test_examples_flask.py",
     "tests/test_examples_django.py",
+    "tests/test_httpx.py",
+    "tests/test_requests_adapter.py",
+    "tests/test_outbound.py",
+    "tests/test_outbound_fleet.py",
+    "tests/test_examples_partner.py",
     "tests/test_identity.py",
     "tests/test_docs.py",
     "tests/test_warnings.py",
@@ -133,7 +140,10 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
-    install(session, ".[fastapi,flask,django,prometheus]", "asgiref", "pytest", "mypy")
+    install(
+        session, ".[fastapi,flask,django,prometheus,httpx,requests]", "asgiref", "pytest", "mypy",
+        "types-requests",
+    )  # fmt: skip
     session.run("mypy")
 
 
