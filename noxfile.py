@@ -25,11 +25,12 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer
 # anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
-# Starlette 0.37's test client passes, requests 2.28 requires urllib3 < 1.27).
+# Starlette 0.37's test client passes, requests 2.28 requires urllib3 < 1.27). httpx 0.25 and
+# requests 2.28 are also the floors of the httpx and requests extras.
 OLDEST_FRAMEWORKS = [
     "fastapi==0.110.*",
     "anyio==4.3.*",
-    "httpx<0.28",
+    "httpx==0.25.*",
     "flask==2.3.*",
     "werkzeug==2.3.*",
     "django==4.2.*",
