@@ -25,15 +25,18 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer
 # anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
-# Starlette 0.37's test client passes).
+# Starlette 0.37's test client passes, requests 2.28 requires urllib3 < 1.27). httpx 0.25 and
+# requests 2.28 are also the floors of the httpx and requests extras.
 OLDEST_FRAMEWORKS = [
     "fastapi==0.110.*",
     "anyio==4.3.*",
-    "httpx<0.28",
+    "httpx==0.25.*",
     "flask==2.3.*",
     "werkzeug==2.3.*",
     "django==4.2.*",
     "djangorestframework==3.15.*",
+    "requests==2.28.*",
+    "urllib3<2",
 ]
 LIMITER_TESTS = [
     "tests/test_limiter.py",
@@ -52,6 +55,11 @@ INTEGRATION_TESTS = [
     "tests/test_examples_flask.py",
     "tests/test_examples_django.py",
     "tests/test_examples_drf.py",
+    "tests/test_httpx.py",
+    "tests/test_requests_adapter.py",
+    "tests/test_outbound.py",
+    "tests/test_outbound_fleet.py",
+    "tests/test_examples_partner.py",
     "tests/test_identity.py",
     "tests/test_docs.py",
     "tests/test_warnings.py",
@@ -136,7 +144,10 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
-    install(session, ".[fastapi,flask,django,drf,prometheus]", "asgiref", "pytest", "mypy")
+    install(
+        session, ".[fastapi,flask,django,drf,prometheus,httpx,requests]", "asgiref", "pytest",
+        "mypy", "types-requests",
+    )  # fmt: skip
     session.run("mypy")
 
 

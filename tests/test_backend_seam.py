@@ -41,6 +41,10 @@ class Recording:
         self._seen("reset")
         self.store.reset(request)
 
+    def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
+        self._seen("hold_back")
+        return self.store.hold_back(request, hold_us)
+
     def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]:
@@ -72,6 +76,9 @@ class AsyncRecording:
 
     async def reset(self, request: Request, *, timeout: float) -> None:
         self.sync.reset(request, timeout=timeout)
+
+    async def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
+        return self.sync.hold_back(request, hold_us, timeout=timeout)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
@@ -120,6 +127,8 @@ def test_a_third_party_backend_serves_every_sync_entry_point() -> None:
     assert limiter.peek("k", LIMIT).remaining == 0
     limiter.reset("k", LIMIT)
     assert limiter.try_acquire("k", LIMIT).remaining == 2
+    assert not limiter.hold_back("held", LIMIT, 5).allowed
+    assert not limiter.try_acquire("held", LIMIT).allowed
     with limiter.concurrency("job", 1), pytest.raises(RateLimitExceeded):
         limiter.concurrency("job", 1).__enter__()
 
@@ -132,9 +141,9 @@ def test_a_third_party_backend_serves_every_sync_entry_point() -> None:
         work()
     assert reset_all(limiter) > 0
     limiter.close()
-    assert {"decide", "reset", "hold_slot", "release_slot", "clear_prefix", "close"} <= set(
-        backend.calls
-    )
+    assert {
+        "decide", "reset", "hold_back", "hold_slot", "release_slot", "clear_prefix", "close"
+    } <= set(backend.calls)  # fmt: skip
 
 
 def test_a_remote_third_party_backend_runs_off_the_event_loop() -> None:
@@ -166,6 +175,7 @@ def test_a_third_party_async_backend_serves_the_async_limiter() -> None:
         limiter = AsyncRateLimiter(backend)
         decisions = [await limiter.try_acquire("k", LIMIT) for _ in range(4)]
         assert [d.allowed for d in decisions] == [True] * 3 + [False]
+        assert not (await limiter.hold_back("held", LIMIT, 5)).allowed
         async with limiter.concurrency("job", 1):
             with pytest.raises(RateLimitExceeded):
                 async with limiter.concurrency("job", 1):
@@ -174,7 +184,7 @@ def test_a_third_party_async_backend_serves_the_async_limiter() -> None:
         await limiter.aclose()
 
     asyncio.run(main())
-    assert "hold_slot" in backend.sync.calls
+    assert {"hold_slot", "hold_back"} <= set(backend.sync.calls)
 
 
 def test_a_minimal_backend_decides_and_says_what_it_cannot_do() -> None:

@@ -2,7 +2,7 @@
 
 Memory, Redis/Valkey standalone, cluster and Sentinel backends implement it, and so may a third
 party's (``tests/test_backend_seam.py`` plugs one in). Callers ask the backend what it can do
-(``remote``, ``hold_slot``) and never look at its class.
+(``remote``, ``hold_slot``, ``hold_back``) and never look at its class.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from typing import Protocol, runtime_checkable
 
 from ._request import Request
 
-__all__ = ["AsyncBackend", "SyncBackend", "holds_slots", "is_remote", "scan_pattern"]
+__all__ = [
+    "AsyncBackend",
+    "SyncBackend",
+    "can_hold_back",
+    "holds_slots",
+    "is_remote",
+    "scan_pattern",
+]
 
 
 @runtime_checkable
@@ -29,6 +36,12 @@ class SyncBackend(Protocol):
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]: ...
 
     def reset(self, request: Request, *, timeout: float) -> None: ...
+
+    def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
+        """Refuse every caller of ``request``'s buckets for ``hold_us`` µs (1 to a day), all in
+        one atomic step and never adding tokens (``_model.hold``); the reply is ``decide``'s
+        for a peek of one token right after. Optional, as ``hold_slot`` (``can_hold_back``)."""
+        ...
 
     def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
@@ -62,6 +75,10 @@ class AsyncBackend(Protocol):
 
     async def reset(self, request: Request, *, timeout: float) -> None: ...
 
+    async def hold_back(
+        self, request: Request, hold_us: int, *, timeout: float
+    ) -> Sequence[int]: ...
+
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]: ...
@@ -84,6 +101,11 @@ def holds_slots(backend: object) -> bool:
     return callable(getattr(backend, "hold_slot", None)) and callable(
         getattr(backend, "release_slot", None)
     )
+
+
+def can_hold_back(backend: object) -> bool:
+    """Whether ``backend`` can hold buckets back (``hold_back``; a minimal one may not)."""
+    return callable(getattr(backend, "hold_back", None))
 
 
 def scan_pattern(prefix: str) -> str:

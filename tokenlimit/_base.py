@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
+from ._backend import can_hold_back
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
@@ -145,6 +146,14 @@ class LimiterBase(Generic[_B]):
 
     def _request(self, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
         return build_request(self._prefix, key, limit, cost)
+
+    def _check_can_hold(self) -> None:
+        """``hold_back`` needs a backend that can hold buckets back (a minimal one may not)."""
+        if not can_hold_back(self.backend):
+            raise TypeError(
+                f"{type(self.backend).__name__} cannot hold buckets back (hold_back); "
+                "use a memory, Redis or Valkey limiter"
+            )
 
     def _decoded(
         self, request: Request, reply: Sequence[int], started: float, *, consume: bool

@@ -20,7 +20,7 @@ from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
 from ._plan import Chooser, LimitPlan, LimitSpec
 from ._request import Request
-from ._validate import check_deadline, check_key, check_timeout
+from ._validate import check_deadline, check_hold, check_key, check_timeout
 
 if TYPE_CHECKING:
     from typing import ClassVar, Literal, Unpack
@@ -150,6 +150,27 @@ class RateLimiter(LimiterBase[SyncBackend]):
             self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
             self._forget(request)
+
+    def hold_back(self, key: str | bytes, limit: LimitSpec, seconds: float) -> Decision:
+        """Refuse every caller of the bucket(s), in every process sharing the store, for
+        ``seconds`` (> 0, at most a day: ``ConfigError`` naming ``seconds`` otherwise).
+
+        Each limit's next token is then due ``seconds`` from now and the bucket refills at its
+        rate after that; one already emptier is left as it is (a hold never adds tokens). All
+        limits in one atomic step. Returns what ``peek`` would answer right after. Storage
+        failures follow ``failure_mode``; ``shadow=True`` holds back all the same (it only
+        admits its own calls)."""
+        hold_us = check_hold(seconds)
+        request = self._request(key, limit)
+        self._check_can_hold()
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
+            return fail_open_decision(request.limits)
+        started = time.perf_counter()
+        try:
+            reply = self.backend.hold_back(request, hold_us, timeout=self._timeout)
+        except BackendError as error:
+            return self._failed(request, error)
+        return self._decoded(request, reply, started, consume=False)
 
     def _decide(self, request: Request, *, consume: bool) -> Decision:
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
@@ -286,6 +307,22 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             await self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
             self._forget(request)
+
+    async def hold_back(self, key: str | bytes, limit: LimitSpec, seconds: float) -> Decision:
+        """Refuse every caller of the bucket(s) for ``seconds`` (see ``RateLimiter.hold_back``)."""
+        hold_us = check_hold(seconds)
+        if callable(limit):
+            limit = await self._choose(key, limit)
+        request = self._request(key, limit)
+        self._check_can_hold()
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
+            return fail_open_decision(request.limits)
+        started = time.perf_counter()
+        try:
+            reply = await self.backend.hold_back(request, hold_us, timeout=self._timeout)
+        except BackendError as error:
+            return self._failed(request, error)
+        return self._decoded(request, reply, started, consume=False)
 
     @staticmethod
     async def _choose(key: str | bytes, choose: Chooser, cost: int = 1) -> tuple[Limit, ...]:

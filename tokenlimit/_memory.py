@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ._model import decide
+from ._model import hold as hold_buckets
 from ._request import Request
 from ._slots import hold, release
 from ._validate import check_int
@@ -63,6 +64,22 @@ class MemoryBackend:
         with self._lock:
             for key in request.keys:
                 self._states.pop(key, None)
+
+    def hold_back(self, request: Request, hold_us: int, *, timeout: float = 0.0) -> list[int]:
+        """Hold the buckets back ``hold_us`` µs, as the holdback script does on a server."""
+        with self._lock:
+            now = self.now_us()
+            self._sweep(now)
+            states = [self._states.get(key) for key in request.keys]
+            outcome = hold_buckets(states, request.params, hold_us, now)
+            assert outcome.new_states is not None  # a hold always says every bucket's state
+            for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
+                if new != old:
+                    self._store(key, new)
+        reply = [outcome.now, int(outcome.allowed)]
+        for result in outcome.results:
+            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
+        return reply
 
     def clear(self) -> None:
         """Forget every bucket."""
@@ -157,6 +174,9 @@ class AsyncMemoryBackend:
 
     async def reset(self, request: Request, *, timeout: float = 0.0) -> None:
         self.store.reset(request)
+
+    async def hold_back(self, request: Request, hold_us: int, *, timeout: float = 0.0) -> list[int]:
+        return self.store.hold_back(request, hold_us)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0

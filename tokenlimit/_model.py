@@ -24,10 +24,21 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["NS", "SLACK", "LimitResult", "Outcome", "decide", "join_tat", "split_tat"]
+__all__ = [
+    "MAX_HOLD_US",
+    "NS",
+    "SLACK",
+    "LimitResult",
+    "Outcome",
+    "decide",
+    "hold",
+    "join_tat",
+    "split_tat",
+]
 
 SLACK = 1e-6
 NS = 1_000_000_000  # nanoseconds per second
+MAX_HOLD_US = 86_400_000_000  # the longest hold: one day (holdback.lua MAX_HOLD_US)
 
 
 class LimitResult(NamedTuple):
@@ -41,7 +52,9 @@ class Outcome(NamedTuple):
     now: int  # µs
     allowed: bool
     results: tuple[LimitResult, ...]
-    new_states: tuple[int, ...] | None  # TAT ns per bucket; None: nothing written
+    # TAT ns per bucket; None: nothing written. After ``hold``, a bucket left as it was keeps
+    # its state as given.
+    new_states: tuple[int, ...] | None
 
 
 def split_tat(tat: int) -> tuple[float, float]:
@@ -107,3 +120,49 @@ def decide(
         results.append(LimitResult(oks[i], remaining, retry, math.ceil(after / 1000)))
         new_states.append(join_tat(now_s, now_ns, after))
     return Outcome(now, all_ok, tuple(results), tuple(new_states) if write else None)
+
+
+def _debt(state: int | None, now_s: float, now_ns: float) -> float:
+    """ns until the bucket whose TAT is ``state`` is full again, at least 0 (``debt_of``)."""
+    if state is None:
+        return 0.0
+    tat_s, tat_ns = split_tat(state)
+    debt = (tat_s - now_s) * NS + (tat_ns - now_ns)
+    return debt if debt >= 0 else 0.0
+
+
+def hold(
+    states: Sequence[int | None], params: Sequence[tuple[int, int]], hold_us: int, now: int
+) -> Outcome:
+    """Hold every ``(interval_ns, burst)`` bucket back for ``hold_us`` µs from ``now`` (µs).
+
+    Each debt becomes at least ``hold + (burst - 1) * interval``: one token is due exactly
+    ``hold_us`` from now, and the bucket refills at its rate from then. A larger debt stays as
+    it is, so a hold can refuse more, never admit more. The results are a read-only check of one
+    token right after the hold (what ``decide(..., 1, now, consume=False)`` would then say);
+    ``new_states`` holds every bucket's TAT, a raised one written, the others as given.
+    """
+    now_s = float(now // 1_000_000)
+    now_ns = float(now % 1_000_000) * 1000
+    held_ns = float(hold_us * 1000)
+    results: list[LimitResult] = []
+    new_states: list[int] = []
+    all_ok = True
+    for state, (interval_ns, burst) in zip(states, params, strict=True):
+        interval = float(interval_ns)
+        tau = burst * interval
+        after = _debt(state, now_s, now_ns)
+        held = held_ns + (burst - 1) * interval
+        if state is None or after < held:
+            after = held
+            new_states.append(join_tat(now_s, now_ns, after))
+        else:
+            new_states.append(state)
+        need = after + interval
+        ok = need <= tau + interval * SLACK
+        all_ok = all_ok and ok
+        remaining = math.floor((tau - after) / interval + SLACK)
+        remaining = min(max(remaining, 0), burst)
+        retry = 0 if ok else math.ceil((need - tau) / 1000)
+        results.append(LimitResult(ok, remaining, retry, math.ceil(after / 1000)))
+    return Outcome(now, all_ok, tuple(results), tuple(new_states))

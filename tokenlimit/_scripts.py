@@ -1,4 +1,9 @@
-"""The shipped Lua scripts, loaded as package data and identified by their SHA1."""
+"""The shipped Lua scripts, loaded as package data and identified by their SHA1.
+
+A bucket script is composed of parts: ``acquire.lua`` or ``peek.lua`` (one line setting
+``consume``), then ``gcra.lua`` (the helpers every bucket script shares), then ``bucket.lua``
+(the decision); the hold-back script is ``gcra.lua`` then ``holdback.lua``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,14 @@ from importlib import resources
 
 from ._redis.resp import pack_bulk
 
-__all__ = ["Script", "acquire_script", "hold_script", "peek_script", "release_script"]
+__all__ = [
+    "Script",
+    "acquire_script",
+    "hold_script",
+    "holdback_script",
+    "peek_script",
+    "release_script",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,11 +34,10 @@ class Script:
     eval: bytes = b""
 
 
-def _load(name: str, *, bucket: bool = True) -> Script:
+def _load(name: str, *parts: str) -> Script:
+    """The script ``name``: its parts' files, in order, as one body."""
     folder = resources.files("tokenlimit") / "_scripts"
-    body = (folder / f"{name}.lua").read_bytes()
-    if bucket:  # the bucket scripts: a line setting ``consume``, then bucket.lua's arithmetic
-        body = body + (folder / "bucket.lua").read_bytes()
+    body = b"".join((folder / f"{part}.lua").read_bytes() for part in parts)
     sha = hashlib.sha1(body).hexdigest()
     return Script(name, body, sha, pack_bulk(("EVALSHA", sha)), pack_bulk(("EVAL", body)))
 
@@ -34,22 +45,28 @@ def _load(name: str, *, bucket: bool = True) -> Script:
 @cache
 def acquire_script() -> Script:
     """Consumes: all limits or none."""
-    return _load("acquire")
+    return _load("acquire", "acquire", "gcra", "bucket")
 
 
 @cache
 def peek_script() -> Script:
     """The read-only variant: the same arithmetic, never a write."""
-    return _load("peek")
+    return _load("peek", "peek", "gcra", "bucket")
 
 
 @cache
 def hold_script() -> Script:
     """Concurrency limits: take one of a key's slots, or say when the earliest lease ends."""
-    return _load("slot_hold", bucket=False)
+    return _load("slot_hold", "slot_hold")
 
 
 @cache
 def release_script() -> Script:
     """Concurrency limits: give a slot back."""
-    return _load("slot_release", bucket=False)
+    return _load("slot_release", "slot_release")
+
+
+@cache
+def holdback_script() -> Script:
+    """Hold a request's buckets back: refuse every caller until a given time (never admit)."""
+    return _load("holdback", "gcra", "holdback")

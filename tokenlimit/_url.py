@@ -365,6 +365,10 @@ class LoopLocalBackend:
         backend = await self._current()
         await backend.reset(request, timeout=timeout)
 
+    async def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
+        backend = await self._current()
+        return await backend.hold_back(request, hold_us, timeout=timeout)
+
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]:

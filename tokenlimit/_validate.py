@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 from ._errors import ConfigError, ConfigTypeError
+from ._model import MAX_HOLD_US
 
 __all__ = [
     "FAILURE_MODES",
     "check_cost",
     "check_deadline",
     "check_failure_mode",
+    "check_hold",
     "check_key",
     "check_number",
     "check_prefix",
@@ -23,6 +25,7 @@ _SHOWN_CHARS = 60
 FAILURE_MODES = ("open", "closed")
 # A day: the deadline becomes socket, poll and lock timeouts, which overflow past ~24 days.
 MAX_DEADLINE = 86_400.0
+MAX_HOLD = MAX_HOLD_US / 1e6  # seconds: the longest hold_back, one day
 
 
 def shown(value: object) -> str:
@@ -126,3 +129,10 @@ def check_failure_mode(mode: object) -> str:
 def check_deadline(timeout: object) -> float:
     """The limiter's per-decision deadline: a number of seconds > 0, at most a day."""
     return check_number("timeout", timeout, maximum=MAX_DEADLINE)
+
+
+def check_hold(seconds: object) -> int:
+    """A ``hold_back`` duration: a finite number of seconds > 0 and at most ``MAX_HOLD`` (a
+    day), named ``seconds`` in errors; returned in whole µs, to the nearest and at least 1."""
+    number = check_number("seconds", seconds, maximum=MAX_HOLD)
+    return max(1, round(number * 1_000_000))

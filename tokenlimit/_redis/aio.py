@@ -26,7 +26,14 @@ from redis.asyncio.cluster import RedisCluster
 from tokenlimit._backend import scan_pattern
 from tokenlimit._errors import BackendError
 from tokenlimit._request import Request
-from tokenlimit._scripts import Script, acquire_script, hold_script, peek_script, release_script
+from tokenlimit._scripts import (
+    Script,
+    acquire_script,
+    hold_script,
+    holdback_script,
+    peek_script,
+    release_script,
+)
 
 from . import replies as policy
 from .batch import Batcher, drop_if_stale, forget_replica, give_back, header, retire
@@ -187,6 +194,13 @@ class AsyncRedisBackend:
             if self._slots is not None and stale_map(error):
                 self._slots.failed(self._name(keys[0]))
             raise
+
+    async def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
+        """The holdback script on ``request``'s keys: ``ARGV[1]`` is the hold in µs where a
+        decision has its cost, then the same limits; run at most once, by the deadline."""
+        args = (str(hold_us), *request.args[1:])
+        reply = await self.run_script(holdback_script(), request.keys, args, timeout=timeout)
+        return [int(x) for x in reply]
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float

@@ -29,7 +29,14 @@ from redis.connection import Connection
 from tokenlimit._backend import scan_pattern
 from tokenlimit._errors import BackendError
 from tokenlimit._request import Request
-from tokenlimit._scripts import Script, acquire_script, hold_script, peek_script, release_script
+from tokenlimit._scripts import (
+    Script,
+    acquire_script,
+    hold_script,
+    holdback_script,
+    peek_script,
+    release_script,
+)
 
 from . import replies as policy
 from .driver import BLOCKING_TAKES_INUSE, Conn, NodePool, available, close_idle_blocking
@@ -147,6 +154,13 @@ class RedisBackend:
         except BackendError as error:
             self._failed(error, keys[0])
             raise
+
+    def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
+        """The holdback script on ``request``'s keys: ``ARGV[1]`` is the hold in µs where a
+        decision has its cost, then the same limits; run at most once, by the deadline."""
+        args = (str(hold_us), *request.args[1:])
+        reply = self.run_script(holdback_script(), request.keys, args, timeout=timeout)
+        return [int(x) for x in reply]
 
     def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
