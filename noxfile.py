@@ -25,7 +25,8 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer
 # anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
-# Starlette 0.37's test client passes).
+# Starlette 0.37's test client passes; Celery 5.3 with the kombu of its time, on the lock's
+# redis-py).
 OLDEST_FRAMEWORKS = [
     "fastapi==0.110.*",
     "anyio==4.3.*",
@@ -33,6 +34,8 @@ OLDEST_FRAMEWORKS = [
     "flask==2.3.*",
     "werkzeug==2.3.*",
     "django==4.2.*",
+    "celery==5.3.*",
+    "kombu==5.3.*",
 ]
 LIMITER_TESTS = [
     "tests/test_limiter.py",
@@ -49,6 +52,9 @@ INTEGRATION_TESTS = [
     "tests/test_examples_fastapi.py",
     "tests/test_examples_flask.py",
     "tests/test_examples_django.py",
+    "tests/test_celery.py",
+    "tests/test_celery_worker.py",
+    "tests/test_examples_celery.py",
     "tests/test_identity.py",
     "tests/test_docs.py",
     "tests/test_warnings.py",
@@ -101,8 +107,8 @@ def compat(session: nox.Session, redis_py: str) -> None:
 
 @nox.session
 def frameworks(session: nox.Session) -> None:
-    """The integrations' tests on the oldest FastAPI/Starlette, Flask and Django that pyproject
-    admits (the newest are the lock's, in `tests`)."""
+    """The integrations' tests on the oldest FastAPI/Starlette, Flask, Django and Celery that
+    pyproject admits (the newest are the lock's, in `tests`)."""
     names = tuple(_name(requirement) for requirement in OLDEST_FRAMEWORKS)
     install(session, ".[test,hiredis]", *OLDEST_FRAMEWORKS, unpinned=(*names, "starlette"))
     versions(session)
@@ -133,7 +139,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
-    install(session, ".[fastapi,flask,django,prometheus]", "asgiref", "pytest", "mypy")
+    install(session, ".[fastapi,flask,django,prometheus,celery]", "asgiref", "pytest", "mypy")
     session.run("mypy")
 
 
