@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("celery")
 
 import conftest
+import kombu.pools
 import redis
 from conftest import FLAVOURS
 
@@ -80,6 +81,10 @@ def celery_env(
         gc.collect()
         _stop(worker)
         celery_app.app.close()
+        # kombu's process-wide pools hold the client's broker connections, and close them in
+        # any child this process forks later (multiprocessing's after-fork hooks), reading a
+        # reply on a socket shared with this process: close them here, once.
+        kombu.pools.reset()
         celery_app.limiter.close()
         celery_app.store.close()
         os.environ.pop("TOKENLIMIT_CELERY_URL", None)

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol
 
 from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._extras import needs_extra
@@ -41,7 +41,7 @@ from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit._plan import LimitPlan, LimitSpec
 from tokenlimit._validate import check_number, check_timeout
 
-__all__ = ["RateLimitedTask", "TaskLimit", "countdown"]
+__all__ = ["RateLimitedTask"]
 
 # A task option's name for each parameter the shared parsers name in their errors.
 _OPTION = {
@@ -110,7 +110,7 @@ class TaskLimit:
             check_timeout("rate_limit_eager_timeout", task.rate_limit_eager_timeout),
         )
 
-    def limits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Limit, ...]:
+    def limits(self, args: tuple[object, ...], kwargs: dict[str, object]) -> tuple[Limit, ...]:
         """The limits one run takes: the plan's own, or its chooser's for these arguments."""
         return self.plan.limits or self.plan.limits_for(*args, **kwargs)
 
@@ -129,6 +129,13 @@ class TaskLimit:
         return limiter
 
 
+class _Request(Protocol):
+    """What the check reads of Celery's ``Task.request`` (``celery.app.task.Context``)."""
+
+    called_directly: bool  # no worker: a plain call of the task
+    is_eager: bool  # apply(), task_always_eager
+
+
 def _renamed(exc: ConfigError) -> ConfigError:
     """``exc`` naming the task option its parameter stands for."""
     option = _OPTION.get(exc.param)
@@ -137,13 +144,13 @@ def _renamed(exc: ConfigError) -> ConfigError:
     return type(exc)(option, str(exc).removeprefix(f"{exc.param}: "))
 
 
-def _call_target(task_class: type) -> Callable[..., Any]:
+def _call_target(task_class: type) -> Callable[..., object]:
     """A callable with the signature the task is called with: its ``run`` without ``self``
     (a plain ``@app.task`` function is a staticmethod; a ``bind=True`` one and a class's own
     ``run`` take ``self``). Only its signature is used."""
     run = next(klass.__dict__["run"] for klass in task_class.__mro__ if "run" in klass.__dict__)
     if isinstance(run, staticmethod):
-        function: Callable[..., Any] = run.__func__
+        function: Callable[..., object] = run.__func__
         return function
     return MethodType(run, task_class)
 
@@ -186,7 +193,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]  # Celery ships no type hints
     _tokenlimit_for: ClassVar[type | None] = None  # the class _tokenlimit was checked for
 
     @classmethod
-    def on_bound(cls, app: Any) -> None:
+    def on_bound(cls, app: object) -> None:
         super().on_bound(app)
         cls._tokenlimit = TaskLimit.of(cls)
         cls._tokenlimit_for = cls
@@ -198,19 +205,19 @@ class RateLimitedTask(Task):  # type: ignore[misc]  # Celery ships no type hints
             cls._tokenlimit_for = cls
         return cls._tokenlimit
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: object, **kwargs: object) -> object:
         spec = self._task_limit()
         if spec is not None:
             self._admit(spec, args, kwargs)
         return super().__call__(*args, **kwargs)
 
-    def _admit(self, spec: TaskLimit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _admit(self, spec: TaskLimit, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         """Return when this run may go ahead; raise ``Retry`` having sent the task again, or
         ``RateLimitExceeded`` where there is no queue (eager, direct call)."""
         key = self.name if spec.key_of is None else spec.key_of(args, kwargs)
         limits = spec.limits(args, kwargs)
         limiter = spec.sync_limiter()
-        request = self.request
+        request: _Request = self.request
         if request.called_directly or request.is_eager:
             limiter.acquire(key, limits, cost=spec.plan.cost, timeout=spec.eager_timeout)
             return
@@ -218,7 +225,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]  # Celery ships no type hints
         if not decision.allowed:
             raise self._defer(spec, request, decision)
 
-    def _defer(self, spec: TaskLimit, request: Any, decision: Decision) -> Retry:
+    def _defer(self, spec: TaskLimit, request: _Request, decision: Decision) -> Retry:
         """Send this task again after the wait ``decision`` names, as ``Task.retry`` does but
         keeping ``request.retries``: the message carries the same id, arguments and options."""
         wait = countdown(decision.retry_after, jitter=spec.jitter, cap=spec.max_countdown)
