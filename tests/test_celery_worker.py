@@ -25,6 +25,7 @@ from conftest import FLAVOURS
 
 TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
+VALKEY = "valkey" if "valkey" in FLAVOURS else FLAVOURS[0]  # the suite's embedded server
 
 
 def _stop(worker: subprocess.Popen[bytes], grace: float = 15.0) -> None:
@@ -47,7 +48,7 @@ def celery_env(
     testbed: conftest.TestBed, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """The test app's module, and a worker of 4 processes serving it; stopped at the end."""
-    target = testbed.get("standalone", FLAVOURS[0])
+    target = testbed.get("standalone", VALKEY)
     target.flush()
     server = target.url.rsplit("/", 1)[0]
     os.environ["TOKENLIMIT_CELERY_URL"] = server

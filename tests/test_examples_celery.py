@@ -18,10 +18,11 @@ from conftest import FLAVOURS
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "celery_demo.py"
 pytestmark = pytest.mark.slow
+VALKEY = "valkey" if "valkey" in FLAVOURS else FLAVOURS[0]  # the suite's embedded server
 
 
 def test_celery_demo_keeps_each_vendor_within_its_budget(testbed: conftest.TestBed) -> None:
-    target = testbed.get("standalone", FLAVOURS[0])
+    target = testbed.get("standalone", VALKEY)
     target.flush()
     out = subprocess.run(
         [sys.executable, str(DEMO), "--tasks", "10", "--concurrency", "3"],
