@@ -42,6 +42,7 @@ def _record(task: Any, kind: str, **facts: Any) -> None:
         "at": seconds + micros / 1e6,
         "retries": task.request.retries,
         "pid": os.getpid(),
+        "redis_py": redis.__version__,  # the worker's, to compare with tokenlimit's
         **facts,
     }
     store.rpush("runs", json.dumps(entry))

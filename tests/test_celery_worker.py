@@ -18,7 +18,9 @@ import pytest
 
 pytest.importorskip("celery")
 
+import celery
 import conftest
+import kombu
 import kombu.pools
 import redis
 from conftest import FLAVOURS
@@ -119,6 +121,7 @@ def test_tasks_enqueued_at_once_share_one_budget(celery_env: Any) -> None:
     assert set(ids) == {result.id for result in results}
     assert {run["retries"] for run in runs} == {0}  # refusals took none of max_retries=0
     assert len({run["pid"] for run in runs}) > 1  # several processes shared the budget
+    assert {run["redis_py"] for run in runs} == {redis.__version__}  # on tokenlimit's redis-py
 
     # Within the policy over every window: k admissions between two of them, dt apart, never
     # exceed burst + rate * dt. The slack covers the moment between a decision and the
@@ -135,7 +138,8 @@ def test_tasks_enqueued_at_once_share_one_budget(celery_env: Any) -> None:
     after_burst = (n - app.BURST) / elapsed  # admissions per second once the burst is spent
     deferrals = int(app.store.get("deferrals") or 0)
     print(
-        f"\n{n} tasks, policy {app.RATE:g}/s burst {app.BURST}: {elapsed:.2f}s from first to "
+        f"\nCelery {celery.__version__}, kombu {kombu.__version__}, redis-py {redis.__version__}: "
+        f"{n} tasks, policy {app.RATE:g}/s burst {app.BURST}: {elapsed:.2f}s from first to "
         f"last admission, {after_burst:.2f} admissions/s after the burst, worst window "
         f"{worst:+.2f} tokens vs burst + rate x dt, {deferrals} deferrals"
     )
