@@ -25,8 +25,9 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 REDIS_PY = ["6.2", "6.4", "7.4", "8.0", "8.1"]
 # The oldest framework releases pyproject admits, with the dependencies of their time (a newer
 # anyio warns on Starlette 0.37, Werkzeug 3 drops what Flask 2.3 imports, httpx 0.28 what
-# Starlette 0.37's test client passes, requests 2.28 requires urllib3 < 1.27). httpx 0.25 and
-# requests 2.28 are also the floors of the httpx and requests extras.
+# Starlette 0.37's test client passes, requests 2.28 requires urllib3 < 1.27; Celery 5.3 with
+# the kombu of its time, on the lock's redis-py). httpx 0.25 and requests 2.28 are also the
+# floors of the httpx and requests extras.
 OLDEST_FRAMEWORKS = [
     "fastapi==0.110.*",
     "anyio==4.3.*",
@@ -37,6 +38,8 @@ OLDEST_FRAMEWORKS = [
     "djangorestframework==3.15.*",
     "requests==2.28.*",
     "urllib3<2",
+    "celery==5.3.*",
+    "kombu==5.3.*",
 ]
 LIMITER_TESTS = [
     "tests/test_limiter.py",
@@ -60,6 +63,9 @@ INTEGRATION_TESTS = [
     "tests/test_outbound.py",
     "tests/test_outbound_fleet.py",
     "tests/test_examples_partner.py",
+    "tests/test_celery.py",
+    "tests/test_celery_worker.py",
+    "tests/test_examples_celery.py",
     "tests/test_identity.py",
     "tests/test_docs.py",
     "tests/test_warnings.py",
@@ -112,8 +118,8 @@ def compat(session: nox.Session, redis_py: str) -> None:
 
 @nox.session
 def frameworks(session: nox.Session) -> None:
-    """The integrations' tests on the oldest FastAPI/Starlette, Flask and Django that pyproject
-    admits (the newest are the lock's, in `tests`)."""
+    """The integrations' tests on the oldest FastAPI/Starlette, Flask, Django and Celery that
+    pyproject admits (the newest are the lock's, in `tests`)."""
     names = tuple(_name(requirement) for requirement in OLDEST_FRAMEWORKS)
     install(session, ".[test,hiredis]", *OLDEST_FRAMEWORKS, unpinned=(*names, "starlette"))
     versions(session)
@@ -145,8 +151,8 @@ def types(session: nox.Session) -> None:
     """mypy --strict, configured in pyproject.toml."""
     # The integrations are type-checked against their frameworks.
     install(
-        session, ".[fastapi,flask,django,drf,prometheus,httpx,requests]", "asgiref", "pytest",
-        "mypy", "types-requests",
+        session, ".[fastapi,flask,django,drf,celery,prometheus,httpx,requests]", "asgiref",
+        "pytest", "mypy", "types-requests",
     )  # fmt: skip
     session.run("mypy")
 
@@ -154,11 +160,13 @@ def types(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """The examples run for real on an embedded Valkey: the README's main job (the FastAPI demo
-    on two uvicorn workers under load) and the multi-process demo, each for 2 seconds."""
-    install(session, ".[demo]")
+    on two uvicorn workers under load) and the multi-process demo, each for 2 seconds, and the
+    Celery demo (a 4-process worker, 10 tasks per vendor)."""
+    install(session, ".[demo,celery]")
     out = f"{session.create_tmp()}/demo-output"
     session.run("python", "examples/demo.py", "--seconds", "2", "--out", out)
     session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
+    session.run("python", "examples/celery_demo.py", "--tasks", "10")
 
 
 @nox.session(default=False)

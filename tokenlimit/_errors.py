@@ -30,6 +30,11 @@ class RateLimitExceeded(TokenLimitError):
         self.decision = decision
         super().__init__(message or f"rate limit exceeded; retry after {decision.retry_after:.3f}s")
 
+    def __reduce__(self) -> tuple[type[RateLimitExceeded], tuple[Decision, str]]:
+        # Pickled whole (a refusal crossing processes: Celery's pool, multiprocessing), not
+        # rebuilt from ``args``, which hold only the message.
+        return (type(self), (self.decision, str(self)))
+
     @property
     def retry_after(self) -> float:
         """Seconds until this cost could be admitted."""
