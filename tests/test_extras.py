@@ -58,6 +58,9 @@ def test_except_importerror_still_catches_it() -> None:
         ("tokenlimit.integrations.flask", "flask", "flask"),
         ("tokenlimit.integrations.django", "django", "django"),
         ("tokenlimit.integrations.drf", "rest_framework", "drf"),
+        ("tokenlimit.integrations.celery", "celery", "celery"),
+        ("tokenlimit.integrations.httpx", "httpx", "httpx"),
+        ("tokenlimit.integrations.requests", "requests", "requests"),
     ],
 )
 def test_each_integration_without_its_framework_names_its_extra(
