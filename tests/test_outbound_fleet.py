@@ -31,9 +31,10 @@ from fake_partner import THROTTLE_BODY, Partner, running_partner
 
 CLIENTS = str(Path(__file__).resolve().parent / "partner_clients.py")
 RATE, BURST = 20, 5  # the partner's limit
-# The fleet's limit: the partner's rate, and its burst less one token, which absorbs the
-# network's jitter (requests admitted 50 ms apart may arrive closer together).
-FLEET_BURST = BURST - 1
+# The fleet's limit: the partner's rate, and its burst less two tokens, which absorb 100 ms of
+# jitter between taking a token and the request's arrival (a loaded test machine delays some
+# processes more than others, so requests admitted 50 ms apart may arrive together).
+FLEET_BURST = BURST - 2
 # (kind, processes, extra arguments): each kind of client, several processes of it.
 FLEETS = [
     ("httpx", 4, []),
