@@ -11,6 +11,12 @@ tree; only the finished ``Sample`` crosses the pipe, so the exchange is outside 
 The parent wraps each of the child's cases in a ``Case`` whose ``run(seconds)`` asks the child
 for one timed run, so they take part in the interleaved rounds like every other case.
 
+The same child also measures the current tree (``Current``, ``tokenlimit@current``): the parent
+holds every library's adapters and key lists and imports all the peers, so it is not a process
+like the baseline's child (a garbage collection alone costs more there). Two children of the
+same kind, one per version, make the before/after comparison like for like; the parent's own
+tokenlimit cases stay for the comparison with the peers.
+
 The protocol is JSON lines: the parent writes ``{"op": ..., ...}`` on the child's stdin, the child
 answers each with one line on its stdout, ``{"result": ...}`` or ``{"error": "..."}``. The child
 exits when its stdin closes (also when the parent dies) or on ``{"op": "close"}``.
@@ -66,8 +72,38 @@ class Baseline:
         env["PYTHONPATH"] = str(self.path) + (os.pathsep + rest if rest else "")
         return env
 
+    @property
+    def label(self) -> str:
+        """What its rows' version column adds."""
+        return f"git {self.rev}"
+
     def to_json(self) -> dict[str, str]:
         return {"requested": self.requested, "rev": self.rev, "subject": self.subject}
+
+
+@dataclass(frozen=True)
+class Current:
+    """The tokenlimit the parent imported (the current tree), to be measured in a child too.
+
+    The child inherits the parent's environment, so the same interpreter and search path give it
+    the same ``tokenlimit``; ``path`` is that package's directory, and the child stops unless it
+    imported its ``__init__.py`` from there."""
+
+    path: Path
+    name: str = "tokenlimit@current"
+
+    @classmethod
+    def imported(cls) -> Current:
+        import tokenlimit
+
+        return cls(Path(tokenlimit.__file__ or "?").resolve().parent)
+
+    @property
+    def label(self) -> str:
+        return "this tree, in a child process"
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        return dict(os.environ if base is None else base)
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -107,14 +143,15 @@ def extracted(requested: str) -> Iterator[Baseline]:
 
 
 class BaselineChild:
-    """The child process measuring the baseline's deciders; ``run`` returns its ``Sample``."""
+    """A child process measuring one version's deciders, the baseline's or (``Current``) the
+    current tree's; ``run`` returns its ``Sample``."""
 
-    def __init__(self, baseline: Baseline, url: str, tasks: int) -> None:
-        self.baseline = baseline
-        self.name = baseline.name
+    def __init__(self, side: Baseline | Current, url: str, tasks: int) -> None:
+        self.side = side
+        self.name = side.name
         command = [
             sys.executable, str(Path(__file__).resolve()), "--child", url,
-            "--tasks", str(tasks), "--expect", str(baseline.path),
+            "--tasks", str(tasks), "--expect", str(side.path),
         ]  # fmt: skip
         self.process: subprocess.Popen[str] | None = subprocess.Popen(
             command,
@@ -122,7 +159,7 @@ class BaselineChild:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env=baseline.env(),
+            env=side.env(),
         )
         try:
             hello = self.call("hello")
@@ -188,7 +225,7 @@ class BaselineChild:
 
 # -- the child's side ----------------------------------------------------------------------------
 class Child:
-    """Holds the baseline's adapter, its event loop and its cases; answers the parent."""
+    """Holds one version's adapter, its event loop and its cases; answers the parent."""
 
     def __init__(self, url: str, tasks: int, expect: Path) -> None:
         self.url = url
@@ -281,7 +318,7 @@ class Child:
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="the baseline's side of run.py --baseline")
+    parser = argparse.ArgumentParser(description="one version's side of run.py --baseline")
     parser.add_argument("--child", required=True, metavar="REDIS_URL")
     parser.add_argument("--tasks", type=int, required=True)
     parser.add_argument("--expect", type=Path, required=True, help="where tokenlimit must be")

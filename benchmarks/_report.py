@@ -332,15 +332,23 @@ def _before_after(base: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         "",
         f"## Before and after ({base['rev']} -> current)",
         "",
-        f"- current: tokenlimit {base['current']}, imported from `{base['current_file']}`",
+        f"- current: tokenlimit {base['current']}, as `{base['current_name']}`: imported from "
+        f"`{base['current_file']}` in a child process (the tables above time "
+        f"`{base['parent_file']}` in the run's own process, next to the peers)",
         f"- baseline: `{base['rev']}` ({base['subject']}), as `{base['name']}`: "
         f"`git archive {base['rev']} tokenlimit`, imported from `{base['file']}` in a child "
-        "process that times the same deciders with the same loops; its cases ran in the same "
-        f"{settings['rounds']} interleaved rounds as the current tree's, on keys of their own.",
+        "process of the same kind",
         "",
-        "vs floor: median decisions/s over the EVALSHA floor's in the same mode. current / "
-        "baseline: the two paired round by round (median, min-max); below 1.00x the current "
-        "tree made fewer decisions per second than the baseline.",
+        "Both children time the same deciders with the same loops, on keys of their own; each "
+        f"workload's two cases ran back to back in each of the {settings['rounds']} interleaved "
+        "rounds, each side first in every other round. The run's own process, which holds every "
+        "library's adapters and keys, is not a process like theirs, so this table compares the "
+        "two children only.",
+        "",
+        "vs floor: median decisions/s over the EVALSHA floor's in the same mode (the floor is "
+        "timed in the run's own process). current / baseline: the two children paired round by "
+        "round (median, min-max); below 1.00x the current tree made fewer decisions per second "
+        "than the baseline.",
         "",
     ]
     rows = []

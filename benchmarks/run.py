@@ -11,7 +11,9 @@ interleaved rounds (for each round, for each case: run for S seconds), and write
 
 ``--baseline REV`` also measures tokenlimit as of the git revision REV, in a child process (see
 ``_baseline.py``) and a second uvicorn worker, in the same interleaved rounds as the current
-tree; the report then compares the two ("Before and after").
+tree; the current tree's decisions are then measured a second time in a child process of the
+same kind (``tokenlimit@current``), and the report compares the two children ("Before and
+after").
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from _adapters import (
     TokenlimitAdapter,
     make_adapters,
 )
-from _baseline import Baseline, BaselineChild, extracted, resolve
+from _baseline import Baseline, BaselineChild, Current, extracted, resolve
 from _measure import Case, KeyCursor, run_async, run_sync
 from _memory import floor_cost, measure_memory, sync_fill
 from _report import environment, find, render
@@ -67,6 +69,8 @@ class Bench:
         self.notes: list[str] = []
         self._aclient: redis.asyncio.Redis | None = None
         self.baseline: BaselineChild | None = None
+        self.current: BaselineChild | None = None  # the current tree, in a child like the baseline
+        self.pairs: list[tuple[Case, Case]] = []  # (current child's, baseline's): one workload
 
     # -- the cases ----------------------------------------------------------------------------
     def _sync_case(
@@ -115,8 +119,8 @@ class Bench:
         for case in cases:
             case.connections = self._connections() - before
 
-    def _keys(self, mode: str, workload: str, baseline: bool = False) -> list[str]:
-        prefix = ("b" if baseline else "") + ("s:" if mode == "sync" else "a:")
+    def _keys(self, mode: str, workload: str, tag: str = "") -> list[str]:
+        prefix = tag + ("s:" if mode == "sync" else "a:")
         if workload == KEYS.name:
             return [f"{prefix}k{i}" for i in range(self.args.keys)]
         return [f"{prefix}{workload}"]
@@ -138,30 +142,39 @@ class Bench:
                 for case in cases:
                     case.connections = self._connections() - before
 
-    def add_baseline(self, child: BaselineChild) -> None:
-        """The baseline's cases: made, self-checked and timed in the child, with keys of their
-        own (its state may not read as the current tree's), rounds and checks as above."""
+    def add_children(self, current: BaselineChild, baseline: BaselineChild) -> None:
+        """The two children's cases, the current tree's and the baseline's, side by side: each
+        workload's pair runs back to back in every round (in turn first, see ``rounds``)."""
         for mode in MODES:
-            before = self._connections()
-            keys = {w.name: self._keys(mode, w.name, baseline=True) for w in WORKLOADS}
-            try:
-                status = child.prepare(mode, keys)
-                if status == "ok":
-                    decide = functools.partial(child.decide, mode)
-                    status = self._self_check(decide, f"selfcheck-base-{mode}") or "ok"
-            except Exception as exc:
-                status = f"error: {type(exc).__name__}: {exc}"[:120]
-            cases = []
-            for workload in WORKLOADS:
-                case = Case(child.name, workload.name, mode, status=status)
-                if status == "ok":
-                    case.run = functools.partial(child.run, mode, workload.name)
-                self.cases.append(case)
-                cases.append(case)
-            self.warm_up(cases)
-            if mode == "async64":
-                for case in cases:
-                    case.connections = self._connections() - before
+            ours = self._child_cases(current, mode, "c")
+            theirs = self._child_cases(baseline, mode, "b")
+            for pair in zip(ours, theirs, strict=True):
+                self.cases.extend(pair)
+                self.pairs.append(pair)
+
+    def _child_cases(self, child: BaselineChild, mode: str, tag: str) -> list[Case]:
+        """A child's cases in one mode: made, self-checked and timed in the child, with keys of
+        their own (one side's state may not read as another's), rounds and checks as above."""
+        before = self._connections()
+        keys = {w.name: self._keys(mode, w.name, tag) for w in WORKLOADS}
+        try:
+            status = child.prepare(mode, keys)
+            if status == "ok":
+                decide = functools.partial(child.decide, mode)
+                status = self._self_check(decide, f"selfcheck-{tag}-{mode}") or "ok"
+        except Exception as exc:
+            status = f"error: {type(exc).__name__}: {exc}"[:120]
+        cases = []
+        for workload in WORKLOADS:
+            case = Case(child.name, workload.name, mode, status=status)
+            if status == "ok":
+                case.run = functools.partial(child.run, mode, workload.name)
+            cases.append(case)
+        self.warm_up(cases)
+        if mode == "async64":
+            for case in cases:
+                case.connections = self._connections() - before
+        return cases
 
     def _deciders(self, adapter: Adapter | Missing, mode: str) -> tuple[dict[str, Any], str]:
         """The library's decider per workload in this mode, and "ok" or why there are none."""
@@ -222,7 +235,13 @@ class Bench:
         runnable = [c for c in self.cases if c.run is not None and c.status == "ok"]
         for number in range(self.args.rounds):
             shift = number % len(runnable) if runnable else 0
-            for case in runnable[shift:] + runnable[:shift]:  # rotate: no fixed position
+            order = runnable[shift:] + runnable[:shift]  # rotate: no fixed position
+            if number % 2:  # the two children's pairs: each side first in every other round
+                where = {id(case): i for i, case in enumerate(order)}
+                for a, b in self.pairs:
+                    if id(a) in where and id(b) in where:
+                        order[where[id(a)]], order[where[id(b)]] = b, a
+            for case in order:
                 if case.status != "ok":
                     continue
                 assert case.run is not None
@@ -264,8 +283,9 @@ class Bench:
         if self._aclient is not None:
             self.loop.run_until_complete(self._aclient.aclose())
             self._aclient = None
-        if self.baseline is not None:  # done with the rounds: its clients go too
-            self.baseline.close()
+        for child in (self.current, self.baseline):  # done with the rounds: their clients too
+            if child is not None:
+                child.close()
 
     def memory(self) -> dict[str, Any]:
         """One sync client per library (one connection), K decisions on K distinct keys."""
@@ -289,8 +309,9 @@ class Bench:
         return results
 
     def close(self) -> None:
-        if self.baseline is not None:
-            self.baseline.close()
+        for child in (self.current, self.baseline):
+            if child is not None:
+                child.close()
         for adapter in self.adapters:
             if isinstance(adapter, Missing):
                 continue
@@ -390,8 +411,11 @@ BEFORE_AFTER = (
 )
 
 
-def _compared(baseline: Baseline, env: dict[str, Any], child: BaselineChild) -> dict[str, Any]:
-    """Which code each side imported: the current tree here, the baseline in its child."""
+def _compared(
+    baseline: Baseline, env: dict[str, Any], child: BaselineChild, current: BaselineChild
+) -> dict[str, Any]:
+    """Which code each side imported: the baseline in its child, the current tree here and in
+    its own child (the same files)."""
     import tokenlimit
 
     return {
@@ -400,18 +424,21 @@ def _compared(baseline: Baseline, env: dict[str, Any], child: BaselineChild) -> 
         "file": child.file,
         "version": child.version,
         "current": env["tokenlimit"],
-        "current_file": str(Path(tokenlimit.__file__ or "?").resolve()),
+        "current_name": current.name,
+        "current_file": current.file,
+        "parent_file": str(Path(tokenlimit.__file__ or "?").resolve()),
     }
 
 
-def before_after(cases: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    """Per workload and mode: the current tree and the baseline against the same EVALSHA floor,
+def before_after(cases: list[dict[str, Any]], current: str, baseline: str) -> list[dict[str, Any]]:
+    """Per workload and mode, from the two children (alike processes, the parent's own
+    tokenlimit cases aside): the current tree and the baseline against the same EVALSHA floor,
     and current / baseline paired round by round (both ran in every round)."""
     rows = []
     for workload, mode in BEFORE_AFTER:
         floor = find(cases, "evalsha", "floor", mode)["median"]
-        now = find(cases, TokenlimitAdapter.name, workload.name, mode)
-        then = find(cases, name, workload.name, mode)
+        now = find(cases, current, workload.name, mode)
+        then = find(cases, baseline, workload.name, mode)
         paired = [
             a["rate"] / b["rate"]
             for a, b in zip(now["samples"], then["samples"], strict=False)
@@ -467,13 +494,15 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
             env["load_average_start"] = _load_average()
             bench.adapters = make_adapters(url)
             if baseline is not None:
+                bench.current = current = BaselineChild(Current.imported(), url, args.tasks)
                 bench.baseline = child = BaselineChild(baseline, url, args.tasks)
-                compared = _compared(baseline, env, child)
+                compared = _compared(baseline, env, child, current)
             bench.add_floors()
             for adapter in bench.adapters:
                 bench.add_library(adapter)
                 if bench.baseline is not None and adapter.name == TokenlimitAdapter.name:
-                    bench.add_baseline(bench.baseline)  # next to the current tree's cases
+                    assert bench.current is not None  # next to the current tree's cases:
+                    bench.add_children(bench.current, bench.baseline)
             bench.rounds()
             bench.verify()
             memory = bench.memory() if not args.no_memory else {}
@@ -515,7 +544,7 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
         if isinstance(a, BaselineChild):
             mine = [c for c in bench.cases if c.library == a.name]
             status = "ok" if any(c.status == "ok" for c in mine) else mine[0].status
-            version = f"{a.version} (git {a.baseline.rev})"
+            version = f"{a.version} ({a.side.label})"
             algorithm, note = TokenlimitAdapter.algorithm, TokenlimitAdapter.async_note
         else:
             status = a.reason if isinstance(a, Missing) else "ok"
@@ -534,7 +563,7 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
 
     libraries: list[Any] = list(bench.adapters)
     if bench.baseline is not None:
-        libraries.insert(1, bench.baseline)  # after tokenlimit
+        libraries[1:1] = [bench.current, bench.baseline]  # after tokenlimit
     data: dict[str, Any] = {
         "environment": env,
         "settings": {
@@ -554,7 +583,7 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
         "fastapi": http,
     }
     if compared is not None:
-        compared["ratios"] = before_after(cases, compared["name"])
+        compared["ratios"] = before_after(cases, compared["current_name"], compared["name"])
         compared["fastapi"] = _fastapi_before_after(http)
         data["baseline"] = compared
     data["ratios"] = ratios(cases)
