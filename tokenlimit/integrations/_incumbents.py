@@ -7,7 +7,6 @@ unlimited: Flask refuses them at ``init_app`` and Django's system check warns.
 from __future__ import annotations
 
 import difflib
-import os.path
 from collections.abc import Iterable, Mapping
 
 __all__ = ["DJANGO_RATELIMIT", "FLASK_LIMITER", "flask_limiter_message", "unknown_message"]
@@ -79,7 +78,8 @@ def unknown_message(key: str, known: Iterable[str], elsewhere: Mapping[str, str]
         return f"is not read from app.config: {elsewhere[key]}"
     known = list(known)
     # Compared past the prefix they all share ("TOKENLIMIT_"), which would make any two alike.
-    shared = len(os.path.commonprefix([key, *known]))
+    head = key.partition("_")[0] + "_"
+    shared = len(head) if all(name.startswith(head) for name in known) else 0
     tails = {name[shared:]: name for name in known}
     close = difflib.get_close_matches(key[shared:], list(tails), n=1, cutoff=0.6)
     if close:
