@@ -1,10 +1,11 @@
 # The demo API (examples/fastapi_demo) under uvicorn with two workers, limited through Redis/Valkey.
 #
 #   docker build -t tokenlimit-demo .
-#   docker run --rm -p 8000:8000 -e REDIS_URL=redis://host.docker.internal:6379/0 tokenlimit-demo
+#   docker run --rm -p 8000:8000 -e TOKENLIMIT_URL=redis://host.docker.internal:6379/0 tokenlimit-demo
 #
-# or `docker compose up --build` (docker-compose.yml: Valkey + this image). Without REDIS_URL the
-# limiter falls back to memory://, which each worker keeps to itself: set it.
+# or `docker compose up --build` (docker-compose.yml: Valkey + this image). Without TOKENLIMIT_URL
+# the limiter falls back to memory://, which each worker keeps to itself: set it. (The demo still
+# accepts REDIS_URL, the name it read before.)
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -30,5 +31,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
 
-# REDIS_URL comes from the environment (docker run -e / compose).
+# TOKENLIMIT_URL comes from the environment (docker run -e / compose).
 CMD ["uvicorn", "examples.fastapi_demo.app:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

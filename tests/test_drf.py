@@ -441,3 +441,11 @@ def test_drf_user_rate_throttle_over_admits_where_ours_admits_the_burst(standalo
     # that happens to serialise a few rounds does not fail the test.
     assert max(drf_counts) > 10, drf_counts
     assert min(drf_counts) >= 10, drf_counts  # never fewer: it only loses history
+
+
+def test_enabled_false_throttles_nothing() -> None:
+    with project(ENABLED=False):
+        assert codes(get("/user", 5, user=7)) == [200] * 5
+        assert remaining("scope:user|user:7", "3/m") == 3
+    with project(ENABLED=True):
+        assert codes(get("/user", 4, user=7)) == [200, 200, 200, 429]

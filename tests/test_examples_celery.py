@@ -26,7 +26,7 @@ def test_celery_demo_keeps_each_vendor_within_its_budget(testbed: conftest.TestB
     target.flush()
     out = subprocess.run(
         [sys.executable, str(DEMO), "--tasks", "10", "--concurrency", "3"],
-        env={**os.environ, "REDIS_URL": target.url},
+        env={**os.environ, "TOKENLIMIT_URL": target.url},
         capture_output=True,
         text=True,
         timeout=180,

@@ -42,9 +42,9 @@ print(json.dumps({
 
 def run(*args: str, redis_url: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "settings"}
-    env.pop("REDIS_URL", None)
+    env.pop("TOKENLIMIT_URL", None)
     if redis_url is not None:
-        env["REDIS_URL"] = redis_url
+        env["TOKENLIMIT_URL"] = redis_url
     return subprocess.run(
         [sys.executable, *args],
         cwd=PROJECT,

@@ -76,9 +76,11 @@ def test_metrics_page_counts_decisions_without_keys() -> None:
     assert "secret-key" not in page.text
 
 
-def test_redis_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["TOKENLIMIT_URL", "REDIS_URL"])  # REDIS_URL: the old name
+def test_url_from_the_environment(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A server that is not there: the demo must be using it, and answers 503 (closed mode).
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.delenv("TOKENLIMIT_URL", raising=False)
+    monkeypatch.setenv(name, f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(demo.create_app()) as client:
         response = client.get("/v1/hello")
         assert response.status_code == 503

@@ -47,8 +47,8 @@ def test_default_limit_and_exempt_health(app: Flask) -> None:
     assert ok.headers["RateLimit-Policy"] == '"burst";q=10;w=1, "minute";q=100;w=60'
 
 
-def test_factory_reads_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", "memory://")
+def test_factory_reads_tokenlimit_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENLIMIT_URL", "memory://")
     app = flask_app.create_app()
     assert app.config["TOKENLIMIT_URL"] == "memory://"
     assert app.test_client().get("/").status_code == 200

@@ -977,3 +977,43 @@ def test_event_loop_keeps_ticking_during_a_slow_sync_decision(form: str) -> None
     during = [t for t in ticks if started <= t <= finished]
     assert finished - started >= 0.3
     assert len(during) >= 5  # a blocked loop would tick once, if at all
+
+
+# -- request.state.tokenlimit -----------------------------------------------------------------
+def test_request_state_holds_the_request_decision() -> None:
+    limiter = memory_limiter()
+    route_limit = RateLimit(Limit(SLOW, 2), limiter=limiter)
+
+    def shown(request: Request) -> dict[str, Any] | None:
+        decision = request.state.tokenlimit
+        if decision is None:
+            return None
+        return {"limit": decision.limit, "remaining": decision.remaining,
+                "parts": len(decision.details) or 1}  # fmt: skip
+
+    def make(*, middleware: bool) -> FastAPI:
+        api = FastAPI()
+        if middleware:
+            api.add_middleware(RateLimitMiddleware, limit=THREE, limiter=limiter)
+
+        @api.get("/plain")
+        async def plain(request: Request) -> dict[str, Any] | None:
+            return shown(request)
+
+        @api.get("/own", dependencies=[Depends(route_limit), Depends(route_limit)])
+        def own(request: Request) -> dict[str, Any] | None:  # charged once: the same bucket
+            return shown(request)
+
+        @api.get("/health")
+        async def health(request: Request) -> dict[str, Any] | None:
+            return shown(request)
+
+        return api
+
+    with TestClient(make(middleware=False)) as client:  # the dependency alone
+        assert client.get("/own").json() == {"limit": 2, "remaining": 1, "parts": 1}
+    with TestClient(make(middleware=True)) as client:
+        assert client.get("/plain").json() == {"limit": 3, "remaining": 2, "parts": 1}
+        # The middleware's 3 (1 left) and the route's 2 (0 left): the route's is the worst.
+        assert client.get("/own").json() == {"limit": 2, "remaining": 0, "parts": 2}
+        assert client.get("/health").json() is None  # exempt: nothing decided

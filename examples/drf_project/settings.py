@@ -1,4 +1,4 @@
-"""Settings: DRF's throttle classes and rates, with tokenlimit deciding through ``REDIS_URL``."""
+"""Settings: DRF's throttle classes and rates; tokenlimit decides through ``TOKENLIMIT_URL``."""
 
 import os
 
@@ -8,7 +8,7 @@ ALLOWED_HOSTS = ["*"]
 ROOT_URLCONF = "urls"
 USE_TZ = True
 DATABASES: dict[str, dict[str, str]] = {}
-REDIS_URL = os.environ.get("REDIS_URL", "memory://")
+STORE = os.environ.get("TOKENLIMIT_URL", "memory://")
 
 # The app entry runs tokenlimit's system checks (`manage.py check` validates TOKENLIMIT).
 INSTALLED_APPS = ["tokenlimit.integrations.django"]
@@ -28,7 +28,7 @@ REST_FRAMEWORK = {
 }
 
 TOKENLIMIT = {
-    "URL": REDIS_URL,
+    "URL": STORE,
     "FAILURE_MODE": "closed",  # Redis down: 503 (use "open" to admit instead)
     "TRUSTED_PROXIES": None,  # behind one reverse proxy: 1
 }
@@ -37,7 +37,7 @@ TOKENLIMIT = {
 CACHES = {
     "default": (
         {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-        if REDIS_URL.startswith("memory://")
-        else {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        if STORE.startswith("memory://")
+        else {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": STORE}
     )
 }

@@ -4,9 +4,9 @@ Two tiers: the API key ``demo-pro`` is on the Pro plan (50 per second, bursts of
 and every other caller are on Free (5 per second, bursts of 10). A plan lookup chooses the limit
 per request, and each plan has its own bucket, so an upgrade takes effect at once.
 
-    REDIS_URL=redis://localhost:6379/0 python -m uvicorn examples.fastapi_demo.app:app
+    TOKENLIMIT_URL=redis://localhost:6379/0 python -m uvicorn examples.fastapi_demo.app:app
 
-Without ``REDIS_URL`` the limiter is ``memory://`` (one process only). Try it:
+Without ``TOKENLIMIT_URL`` the limiter is ``memory://`` (one process only). Try it:
 
     curl -i localhost:8000/v1/hello                                         # per client IP
     curl -i -H 'X-API-Key: k-123' localhost:8000/v1/hello                   # per API key
@@ -97,8 +97,9 @@ def _metrics() -> PrometheusMetrics | None:
 
 
 def create_app(url: str | None = None) -> FastAPI:
-    """The demo app on ``url``, else ``$REDIS_URL``, else ``memory://``."""
-    url = url or os.environ.get("REDIS_URL") or "memory://"
+    """The demo app on ``url``, else ``$TOKENLIMIT_URL``, else ``memory://``."""
+    # REDIS_URL: the name this demo (and its Docker setups) read before; still accepted.
+    url = url or os.environ.get("TOKENLIMIT_URL") or os.environ.get("REDIS_URL") or "memory://"
     metrics = _metrics()
     options: dict[str, Any] = {"metrics": metrics} if metrics is not None else {}
     limiter = AsyncRateLimiter.from_url(url, **options)

@@ -53,6 +53,7 @@ __all__ = [
     "check_limiter",
     "check_scope",
     "combined",
+    "merged",
     "unavailable",
 ]
 
@@ -166,6 +167,13 @@ def combined(decisions: Sequence[Decision]) -> Decision:
     else:
         worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))
     return dataclasses.replace(worst, details=parts)
+
+
+def merged(earlier: Decision | None, decision: Decision) -> Decision:
+    """The request's decision so far (``earlier``, None for none) with ``decision`` added:
+    what a framework shows the view (Flask's ``g.tokenlimit``, Django's ``request.tokenlimit``,
+    Starlette's ``request.state.tokenlimit``). ``combined`` of all of them, one at a time."""
+    return decision if earlier is None else combined((earlier, decision))
 
 
 def unavailable(error: BackendError) -> Verdict:

@@ -1,11 +1,16 @@
 """The ``TOKENLIMIT`` settings dict (Django's ``settings.TOKENLIMIT``), free of the framework:
 one ``Problem`` per bad entry, each with its check id, for the framework to report its own way
-(Django's system checks), and the ``Settings`` a valid dict makes: the limiters and policies."""
+(Django's system checks), and the ``Settings`` a valid dict makes: the limiters and policies.
+
+The store: ``URL``, else the ``TOKENLIMIT_URL`` environment variable (as ``rate_limit``'s
+default limiter reads it), else ``memory://`` (per process: W002 says so).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pkgutil
 import re
 from collections.abc import Callable, Sequence
@@ -21,6 +26,7 @@ from tokenlimit._plan import Chooser
 from tokenlimit._url import parse_url
 from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
 from tokenlimit.integrations._common import Policy, TrustedProxies
+from tokenlimit.integrations._incumbents import DJANGO_RATELIMIT
 
 __all__ = ["Options", "Problem", "Settings", "SettingsError", "problems", "read"]
 
@@ -52,6 +58,7 @@ class Options:
     metrics: MetricsSink | None = None
     shadow: bool = False
     api_key_validator: Callable[[str], object] | None = None
+    enabled: bool = True  # False: the middleware, decorator and throttles check nothing
 
 
 class SettingsError(ValueError):
@@ -92,6 +99,7 @@ class Settings:
         )
         self.base = identity(None)
         self.policy = None if options.limits is None else identity(options.limits)
+        self.enabled = options.enabled
         self.log = ThrottledLog()
 
     def close(self) -> None:
@@ -124,6 +132,13 @@ def _limit_setting(value: object) -> tuple[Limit, ...] | Chooser:
         value = _key_function(value, "limit")
     # Taken as the chooser it is named as: what it picks is checked at each request.
     return cast("Chooser", value)
+
+
+def _enabled(value: object) -> bool:
+    """``ENABLED``: True or False only (a string such as "false" is truthy)."""
+    if not isinstance(value, bool):
+        raise ConfigTypeError("enabled", f"must be True or False, not {value!r}")
+    return value
 
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # "myapp.plans.limits_for"
@@ -164,7 +179,9 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], object]]] = {
     "METRICS": ("metrics", "tokenlimit.E013", _metrics_sink),
     "SHADOW": ("shadow", "tokenlimit.E014", lambda v: Policy.build(None, shadow=v).shadow),
     "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
+    "ENABLED": ("enabled", "tokenlimit.E016", _enabled),
 }
+ENV_URL = "TOKENLIMIT_URL"  # the environment's store, where settings name none
 
 
 def read(raw: object) -> tuple[Options, list[Problem]]:
@@ -192,14 +209,29 @@ def read(raw: object) -> tuple[Options, list[Problem]]:
             if isinstance(error, ConfigError):
                 reason = reason.removeprefix(f"{error.param}: ")
             found.append(Problem(check_id, f"settings.TOKENLIMIT[{name!r}]: {reason}"))
+    url = os.environ.get(ENV_URL)
+    if "URL" not in raw and url:
+        try:
+            values["url"] = parse_url(url)[1]
+        except ConfigError as error:
+            reason = str(error).removeprefix(f"{error.param}: ")
+            found.append(Problem("tokenlimit.E002", f"the environment's {ENV_URL}: {reason}"))
     return Options(**values), found
 
 
-def problems(raw: object, middleware: Sequence[str], *, limiter: str, auth: str) -> list[Problem]:
+def problems(
+    raw: object,
+    middleware: Sequence[str],
+    *,
+    limiter: str,
+    auth: str,
+    incumbent: Sequence[str] = (),
+) -> list[Problem]:
     """Everything wrong with ``raw`` (``settings.TOKENLIMIT``) where ``middleware`` is the
     installed list, ``limiter`` the rate-limit middleware's path and ``auth`` the one that
-    signs users in: bad entries, no ``LIMIT`` for the middleware, no ``URL``, and the limiter
-    placed where it cannot see the user."""
+    signs users in: bad entries, no ``LIMIT`` for the middleware, no ``URL``, the limiter
+    placed where it cannot see the user, and ``incumbent``, django-ratelimit's settings left
+    in place (which tokenlimit does not read)."""
     installed = limiter in middleware
     found = read(raw)[1]
     if isinstance(raw, dict) or (raw is None and installed):
@@ -207,10 +239,13 @@ def problems(raw: object, middleware: Sequence[str], *, limiter: str, auth: str)
         if installed and "LIMIT" not in raw:
             message = "settings.TOKENLIMIT['LIMIT'] is required by RateLimitMiddleware."
             found.append(Problem("tokenlimit.E003", message, 'For example "LIMIT": "100/minute".'))
-        if "URL" not in raw:
-            message = "settings.TOKENLIMIT['URL'] is not set: memory:// limits each process "
+        if "URL" not in raw and not os.environ.get(ENV_URL):
+            message = (
+                f"settings.TOKENLIMIT['URL'] is not set, nor is {ENV_URL} in the environment: "
+                "memory:// limits each process separately."
+            )
             hint = 'Share one limit across processes: "URL": "redis://host:6379/0".'
-            found.append(Problem("tokenlimit.W002", message + "separately.", hint, serious=False))
+            found.append(Problem("tokenlimit.W002", message, hint, serious=False))
     if installed and auth in middleware and middleware.index(limiter) < middleware.index(auth):
         message = (
             "RateLimitMiddleware comes before AuthenticationMiddleware, so it cannot see the "
@@ -218,4 +253,8 @@ def problems(raw: object, middleware: Sequence[str], *, limiter: str, auth: str)
         )
         hint = "Move it after AuthenticationMiddleware in settings.MIDDLEWARE."
         found.append(Problem("tokenlimit.W003", message, hint, serious=False))
+    for name in incumbent:
+        message = f"settings.{name} is django-ratelimit's setting, which tokenlimit does not read."
+        hint = f"Use {DJANGO_RATELIMIT.get(name, 'the TOKENLIMIT entries')} (docs/migrating.md)."
+        found.append(Problem("tokenlimit.W004", message, hint, serious=False))
     return found

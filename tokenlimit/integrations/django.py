@@ -18,6 +18,7 @@ event loop never waits on a socket.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -32,6 +33,7 @@ from tokenlimit.integrations._check import (
     answer,
     check,
     combined,
+    merged,
     unavailable,
 )
 from tokenlimit.integrations._common import (
@@ -41,6 +43,7 @@ from tokenlimit.integrations._common import (
     rate_limit_headers,
     record_request,
 )
+from tokenlimit.integrations._incumbents import DJANGO_RATELIMIT
 from tokenlimit.integrations._settings import Problem, Settings
 from tokenlimit.integrations._settings import problems as settings_problems
 
@@ -87,6 +90,7 @@ class _View(Protocol):
 MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 _DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions its headers report
+PUBLIC = "tokenlimit"  # request attribute: the request's Decision, as the docs name it
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -99,7 +103,13 @@ def check_settings(app_configs: object = None, **kwargs: object) -> list[object]
     """The system check: every bad entry of ``settings.TOKENLIMIT``, each with its own id."""
     raw = getattr(settings, "TOKENLIMIT", None)
     middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
-    found = settings_problems(raw, middleware, limiter=MIDDLEWARE_PATH, auth=_AUTH_MIDDLEWARE)
+    # django-ratelimit's settings, unless it is installed (and may still use them).
+    theirs: list[str] = []
+    if importlib.util.find_spec("django_ratelimit") is None:
+        theirs = [name for name in DJANGO_RATELIMIT if hasattr(settings, name)]
+    found = settings_problems(
+        raw, middleware, limiter=MIDDLEWARE_PATH, auth=_AUTH_MIDDLEWARE, incumbent=theirs
+    )
     return [_message(problem) for problem in found]
 
 
@@ -120,13 +130,12 @@ def _user_id(request: DjangoRequest) -> object:
 
 
 def _policy(
-    rule: ViewLimit[HttpRequest] | None,
-) -> tuple[Settings, Policy[HttpRequest], str | None]:
-    """The settings, and the policy and scope of a view's limit (None: the middleware's)."""
-    state = settings_state()
+    state: Settings, rule: ViewLimit[HttpRequest] | None
+) -> tuple[Policy[HttpRequest], str | None]:
+    """The policy and scope of a view's limit (None: the middleware's)."""
     if rule is None:
-        return state, _middleware_policy(state), None
-    return state, rule.policy(state.base), rule.scope
+        return _middleware_policy(state), None
+    return rule.policy(state.base), rule.scope
 
 
 def _call_sync(
@@ -136,7 +145,11 @@ def _call_sync(
     view: Callable[[], _Response],
 ) -> _Response:
     """Check ``request`` in sync code, then answer 429/503 or call ``view()``."""
-    state, policy, scope = _policy(rule)
+    state = settings_state()
+    if not state.enabled:
+        vars(request).setdefault(PUBLIC, None)
+        return view()
+    policy, scope = _policy(state, rule)
     user = functools.partial(_user_id, request)
     facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
     verdict = check(policy, facts, state.sync, scope=scope, resolve=resolve)
@@ -150,7 +163,11 @@ async def _call_async(
     request: DjangoRequest,
     view: Callable[[], Awaitable[_Response]],
 ) -> _Response:
-    state, policy, scope = _policy(rule)
+    state = settings_state()
+    if not state.enabled:
+        vars(request).setdefault(PUBLIC, None)
+        return await view()
+    policy, scope = _policy(state, rule)
     user = functools.partial(auser_id, request)
     facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
     verdict = await acheck(policy, facts, state.async_, scope=scope)
@@ -163,10 +180,16 @@ async def _call_async(
 def _render(
     state: Settings, request: DjangoRequest, policy: Policy[HttpRequest], verdict: Verdict
 ) -> _Response | None:
-    """Keep the verdict's decision for the response's headers; the 429/503 response, or None."""
+    """Keep the verdict's decision for the response's headers and for the view (``PUBLIC``);
+    the 429/503 response, or None."""
     verdict.report(state.log)
-    if verdict.decision is not None and policy.headers and not verdict.repeated:
-        vars(request).setdefault(_DECISIONS, []).append(verdict.decision)
+    kept = vars(request)
+    if verdict.decision is not None and not verdict.repeated:
+        kept[PUBLIC] = merged(kept.get(PUBLIC), verdict.decision)
+        if policy.headers:
+            kept.setdefault(_DECISIONS, []).append(verdict.decision)
+    else:
+        kept.setdefault(PUBLIC, None)
     if verdict.status == 200:
         return None
     response: _Response = HttpResponse(

@@ -253,6 +253,8 @@ class TokenBucketThrottle(BaseThrottle):  # type: ignore[misc]
         if rule is None:
             return True
         state = settings_state()
+        if not state.enabled:  # TOKENLIMIT["ENABLED"] = False
+            return True
         policy = rule.policy(_identity_options(state.base))
         http = getattr(request, "_request", request)  # DRF's Request wraps Django's
         user = functools.partial(self._user_of, request)

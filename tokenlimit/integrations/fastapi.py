@@ -31,6 +31,7 @@ from tokenlimit.integrations._check import (
     acheck,
     check_limiter,
     check_scope,
+    merged,
 )
 from tokenlimit.integrations._common import (
     ApiKeyValidator,
@@ -55,6 +56,7 @@ __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"
 
 DEFAULT_EXEMPT = ("/health", "/metrics")
 _LEDGER = "tokenlimit.charged"  # scope key: the buckets this request charged
+PUBLIC = "tokenlimit"  # scope["state"] key: the request's Decision, ``request.state.tokenlimit``
 
 
 class RateLimited(HTTPException):
@@ -154,7 +156,9 @@ class RateLimit(_Guarded):
     """A FastAPI dependency taking tokens per request: ``Depends(RateLimit("10/second"))``.
 
     Allowed: the rate-limit headers go on the response and the ``Decision`` is the dependency's
-    value. Refused: ``RateLimited`` (429). Storage down in closed mode: ``HTTPException(503)``.
+    value; ``request.state.tokenlimit`` is the request's decision (with the middleware's and
+    other dependencies' limits, the most restrictive). Refused: ``RateLimited`` (429). Storage down
+    in closed mode: ``HTTPException(503)``.
     A route that returns its own ``Response`` drops the headers (FastAPI only merges them into
     responses it builds); use ``RateLimitMiddleware`` there.
 
@@ -214,6 +218,9 @@ class RateLimit(_Guarded):
         assert decision is not None  # a dependency has no exempt paths
         if verdict.status == 429:
             raise RateLimited(decision, headers=self.policy.headers)
+        if not verdict.repeated:
+            state = request.scope.setdefault("state", {})
+            state[PUBLIC] = merged(state.get(PUBLIC), decision)
         if not response.raw_headers:  # FastAPI's fresh sub-response: add the fields in one step
             response.raw_headers.extend(_raw(verdict.headers))
         else:  # set each: another RateLimit's fields on this route are replaced, not repeated
@@ -261,9 +268,10 @@ class RateLimitMiddleware(_Guarded):
     """Pure ASGI middleware: one default limit for every HTTP request outside ``exempt``.
 
     ``exempt`` paths match exactly or as a prefix ending at ``/`` (``/metrics`` covers
-    ``/metrics/x``, not ``/metricsx``). Lifespan and websocket traffic passes untouched. In a
-    Starlette or FastAPI app, a request that matches no route (a 404) is not charged, as in
-    Flask; in front of an app without a router every request is.
+    ``/metrics/x``, not ``/metricsx``). An admitted request's ``Decision`` is
+    ``request.state.tokenlimit`` (None on an exempt path). Lifespan and websocket traffic
+    passes untouched. In a Starlette or FastAPI app, a request that matches no route (a 404)
+    is not charged, as in Flask; in front of an app without a router every request is.
     """
 
     __slots__ = ("_router", "_wants_request", "app")
@@ -316,6 +324,7 @@ class RateLimitMiddleware(_Guarded):
             verdict.report(self._log)
             await _answer(send, verdict.status, verdict.body, verdict.headers)
             return
+        scope.setdefault("state", {})[PUBLIC] = verdict.decision
         extra = _raw(verdict.headers)
 
         async def send_with_headers(message: Message) -> None:

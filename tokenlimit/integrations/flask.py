@@ -16,12 +16,20 @@ class after ``init_app`` to render them differently: the headers are still added
 ``app.config`` supplies what the constructor leaves out (the constructor wins):
 ``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` (the limiter, when ``limiter=`` is not given;
 else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``,
-``TOKENLIMIT_TRUSTED_PROXIES``, ``TOKENLIMIT_API_KEY_HEADER`` and ``TOKENLIMIT_SHADOW``.
+``TOKENLIMIT_TRUSTED_PROXIES``, ``TOKENLIMIT_API_KEY_HEADER``, ``TOKENLIMIT_SHADOW`` and
+``TOKENLIMIT_HEADERS``: checked at ``init_app`` and read again at the app's first request, so
+config loaded after ``init_app`` counts. ``TOKENLIMIT_ENABLED = False`` (read at each request)
+turns the extension off for the app. Any other ``TOKENLIMIT_*`` key, or flask-limiter's
+``RATELIMIT_*``, is a ``ConfigError`` naming the key to write instead.
+
+The view sees the request's ``Decision`` as ``flask.g.tokenlimit`` (None where the extension
+decided nothing).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +41,7 @@ from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateL
 from tokenlimit._extras import needs_extra
 from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
+from tokenlimit._validate import check_failure_mode
 from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
 from tokenlimit.integrations._common import (
     ApiKeyValidator,
@@ -44,6 +53,7 @@ from tokenlimit.integrations._common import (
     retry_after_seconds,
     unavailable_body,
 )
+from tokenlimit.integrations._incumbents import flask_limiter_message, unknown_message
 
 with needs_extra("flask", "flask", feature=__name__):
     from flask import Flask, Response, current_app, g, request
@@ -58,7 +68,33 @@ F = TypeVar("F", bound=Callable[..., object])
 T = TypeVar("T")
 
 EXTENSION = "tokenlimit"
-DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this response
+DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this response's headers
+PUBLIC = "tokenlimit"  # flask.g attribute: the request's Decision, as the docs name it
+ENABLED = "TOKENLIMIT_ENABLED"
+# Every app.config key read here: any other TOKENLIMIT_* key is a ConfigError, since a typo in
+# one (TOKENLIMIT_LIMITS) would leave the app unlimited without a word.
+CONFIG_KEYS = (
+    "TOKENLIMIT_URL",
+    "TOKENLIMIT_FAILURE_MODE",
+    "TOKENLIMIT_LIMIT",
+    "TOKENLIMIT_EXEMPT",
+    "TOKENLIMIT_TRUSTED_PROXIES",
+    "TOKENLIMIT_API_KEY_HEADER",
+    "TOKENLIMIT_SHADOW",
+    "TOKENLIMIT_HEADERS",
+    ENABLED,
+)
+# Django's TOKENLIMIT entries that Flask takes as arguments instead.
+_ELSEWHERE = {
+    "TOKENLIMIT_KEY": "pass key= to TokenLimit(...)",
+    "TOKENLIMIT_COST": "pass cost= to TokenLimit(...)",
+    "TOKENLIMIT_IPV6_PREFIX": "pass ipv6_prefix= to TokenLimit(...)",
+    "TOKENLIMIT_API_KEY_VALIDATOR": "pass api_key_validator= to TokenLimit(...)",
+    "TOKENLIMIT_PREFIX": "pass limiter=RateLimiter.from_url(url, prefix=...)",
+    "TOKENLIMIT_TIMEOUT": "pass limiter=RateLimiter.from_url(url, timeout=...)",
+    "TOKENLIMIT_METRICS": "pass limiter=RateLimiter.from_url(url, metrics=...)",
+}
+_settling = threading.Lock()  # one thread reads an app's config again at its first request
 
 
 _EXEMPT = object()  # marks views decorated with @ext.exempt
@@ -66,17 +102,21 @@ _EXEMPT = object()  # marks views decorated with @ext.exempt
 
 @dataclass(frozen=True, slots=True)
 class _State:
-    """What ``init_app`` resolved for one app: ``app.extensions["tokenlimit"]``."""
+    """What one app's config made of the extension: ``app.extensions["tokenlimit"]``, made at
+    ``init_app`` and again, replacing it, at the app's first request (``settled``)."""
 
     extension: TokenLimit
     policy: Policy[Request]  # identity, exempt paths, headers; limits apply when has_default
     has_default: bool
     limiter: RateLimiter | None  # None: the default limiter, looked up per request
+    source: tuple[object, object] | None  # the limiter's TOKENLIMIT_URL and _FAILURE_MODE
+    settled: bool
 
 
 class _Options(NamedTuple):
     """What the constructor was given for the policy; ``app.config`` fills the ones left None
-    among ``limit``, ``exempt``, ``trusted_proxies``, ``shadow`` and ``api_key_header``."""
+    among ``limit``, ``exempt``, ``trusted_proxies``, ``headers``, ``shadow`` and
+    ``api_key_header``."""
 
     limit: RequestLimit[Request] | None
     burst: int | None
@@ -84,7 +124,7 @@ class _Options(NamedTuple):
     cost: int
     exempt: str | Iterable[str] | None
     trusted_proxies: int | str | Iterable[str] | None
-    headers: bool
+    headers: bool | None
     api_key_header: str | None
     ipv6_prefix: int
     shadow: bool | None
@@ -105,7 +145,8 @@ class TokenLimit:
     where authentication runs first, or ``api_key_validator(key)`` returning truthy for a known
     key (the header is then ``X-API-Key`` unless named); it is hashed. By default it is off.
     ``exempt``: paths free of the default.
-    ``headers=False`` leaves the rate-limit headers out (a 429 still carries ``Retry-After``).
+    ``headers=False`` (or ``TOKENLIMIT_HEADERS``) leaves the rate-limit headers out (a 429
+    still carries ``Retry-After``).
 
     The default limit's bucket is the identity's alone; a view's own limit has a bucket per
     endpoint (or one per ``scope`` name, shared), and applies even under an exempt path.
@@ -126,7 +167,7 @@ class TokenLimit:
         cost: int = 1,
         exempt: str | Iterable[str] | None = None,
         trusted_proxies: int | str | Iterable[str] | None = None,
-        headers: bool = True,
+        headers: bool | None = None,
         api_key_header: str | None = None,
         user: Callable[[Request], object] | None = None,  # the user id, or an awaitable of it
         ipv6_prefix: int = 64,
@@ -153,15 +194,43 @@ class TokenLimit:
 
     # -- setup --------------------------------------------------------------------------------
     def init_app(self, app: Flask) -> None:
-        """Register the hooks and error handlers on ``app``, reading its ``TOKENLIMIT_*`` config."""
+        """Register the hooks and error handlers on ``app``, checking its ``TOKENLIMIT_*``
+        config (read again at its first request)."""
         if EXTENSION in app.extensions:
             raise RuntimeError("a TokenLimit extension is already registered on this app")
-        policy, has_default = self._build(self._options, app.config)
-        app.extensions[EXTENSION] = _State(self, policy, has_default, self._app_limiter(app))
+        app.extensions[EXTENSION] = self._state(app.config, None)
         app.before_request(self._before_request)
         app.after_request(self._after_request)
         app.register_error_handler(RateLimitExceeded, self._refused)
         app.register_error_handler(BackendError, self._unavailable)
+
+    def _state(self, config: Config, earlier: _State | None) -> _State:
+        """What ``config`` makes of the extension, each bad key a ConfigError naming it;
+        ``earlier`` (init_app's) lends its limiter when the config names the same store."""
+        _check_keys(config)
+        _enabled(config.get(ENABLED, True))
+        policy, has_default = self._build(self._options, config)
+        limiter, source = self._limiter, None
+        if limiter is None:
+            source = (config.get("TOKENLIMIT_URL"), config.get("TOKENLIMIT_FAILURE_MODE"))
+            if earlier is not None and earlier.source == source:
+                limiter = earlier.limiter
+            else:
+                limiter = _limiter_from(*source)
+        return _State(self, policy, has_default, limiter, source, earlier is not None)
+
+    def _settle(self, app: Flask) -> _State:
+        """Read ``app``'s config again, once, at its first request: config loaded after
+        ``init_app`` (a URL, a limit) counts, and a bad key fails every request until fixed."""
+        with _settling:
+            state: _State = app.extensions[EXTENSION]
+            if state.settled:
+                return state
+            settled = self._state(app.config, state)
+            app.extensions[EXTENSION] = settled
+        if state.source is not None and state.limiter not in (None, settled.limiter):
+            state.limiter.close()  # made at init_app from a URL the config no longer names
+        return settled
 
     @staticmethod
     def _build(options: _Options, config: Config | None) -> tuple[Policy[Request], bool]:
@@ -178,6 +247,7 @@ class TokenLimit:
 
         limit = configured("limit", options.limit)
         shadow = configured("shadow", options.shadow)
+        headers = configured("headers", options.headers)
         try:
             policy: Policy[Request] = Policy.build(
                 limit,
@@ -186,7 +256,7 @@ class TokenLimit:
                 cost=options.cost,
                 exempt=configured("exempt", options.exempt),
                 trusted_proxies=configured("trusted_proxies", options.trusted_proxies),
-                headers=options.headers,
+                headers=True if headers is None else headers,
                 api_key_header=configured("api_key_header", options.api_key_header),
                 ipv6_prefix=options.ipv6_prefix,
                 shadow=False if shadow is None else shadow,
@@ -198,17 +268,6 @@ class TokenLimit:
                 raise
             # Name the setting the bad value came from.
             raise type(error)(from_config[error.param], str(error)) from None
-
-    def _app_limiter(self, app: Flask) -> RateLimiter | None:
-        if self._limiter is not None:
-            return self._limiter
-        url = app.config.get("TOKENLIMIT_URL")
-        if url is None:
-            return None
-        if not isinstance(url, str):
-            raise ConfigTypeError("TOKENLIMIT_URL", f"must be a URL string, not {url!r}")
-        mode = app.config.get("TOKENLIMIT_FAILURE_MODE", "closed")
-        return RateLimiter.from_url(url, failure_mode=mode)
 
     # -- per-view decorators ------------------------------------------------------------------
     def limit(
@@ -271,21 +330,29 @@ class TokenLimit:
         endpoint = request.endpoint
         # Like Flask-Limiter: unrouted requests (404/405) and static files are not limited.
         if endpoint is None or endpoint.rpartition(".")[2] == "static":
+            setattr(g, PUBLIC, None)
             return
         state: _State = current_app.extensions[EXTENSION]
+        if not state.settled:
+            state = self._settle(current_app)
+        enabled = current_app.config.get(ENABLED, True)
+        if enabled is not True and not _enabled(enabled):  # the app's kill switch
+            setattr(g, PUBLIC, None)
+            return
         rule = self._rule_for(current_app.view_functions.get(endpoint))
         if isinstance(rule, ViewLimit):
             policy, route, scope = rule.policy(state.policy), endpoint, rule.scope
         elif rule is None and state.has_default:
             policy, route, scope = state.policy, None, None
         else:  # exempt, or no limit here
+            setattr(g, PUBLIC, None)
             return
         limiter = state.limiter if state.limiter is not None else default_sync_limiter()
         facts = self._facts(state.policy, route)
         verdict = check(policy, facts, limiter, scope=scope, resolve=_resolve)
         if verdict.error is not None:
             raise verdict.error  # the 503 handler logs it
-        setattr(g, DECISION, verdict.decision)
+        _keep(verdict.decision)
         if verdict.status == 429 and verdict.decision is not None:
             raise RateLimitExceeded(verdict.decision)
 
@@ -331,7 +398,7 @@ class TokenLimit:
 
     # -- error handlers -----------------------------------------------------------------------
     def _refused(self, error: RateLimitExceeded) -> Response:
-        setattr(g, DECISION, error.decision)  # after_request adds the headers
+        _keep(error.decision)  # after_request adds the headers
         response = current_app.response_class(
             refused_body(error.decision), status=429, mimetype="application/json"
         )
@@ -340,10 +407,56 @@ class TokenLimit:
 
     def _unavailable(self, error: BackendError) -> Response:
         self._log.warning("tokenlimit: storage failed, answering 503", error)
-        setattr(g, DECISION, None)  # nothing known: no rate-limit headers, no Retry-After
+        _keep(None)  # nothing known: no rate-limit headers, no Retry-After
         return current_app.response_class(
             unavailable_body(), status=503, mimetype="application/json"
         )
+
+
+def _keep(decision: Decision | None) -> None:
+    """The request's decision, on ``g``: for the response's headers, and for the view."""
+    setattr(g, DECISION, decision)
+    setattr(g, PUBLIC, decision)
+
+
+def _enabled(value: object) -> bool:
+    """``TOKENLIMIT_ENABLED``: True or False (None: not set), never a string such as "false",
+    which would be truthy."""
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise ConfigTypeError(ENABLED, f"must be True or False, not {value!r}")
+    return value
+
+
+def _check_keys(config: Config) -> None:
+    """Refuse flask-limiter's ``RATELIMIT_*`` keys (unless flask-limiter runs beside us, as
+    during a move) and unknown ``TOKENLIMIT_*`` ones: either would leave the app unlimited."""
+    keys = [key for key in config if isinstance(key, str)]
+    if "flask_limiter" not in sys.modules:
+        theirs = flask_limiter_message(keys)
+        if theirs is not None:
+            raise ConfigError(*theirs)
+    for key in keys:
+        if key.startswith("TOKENLIMIT_") and key not in CONFIG_KEYS:
+            raise ConfigError(key, unknown_message(key, CONFIG_KEYS, _ELSEWHERE))
+
+
+def _limiter_from(url: object, mode: object) -> RateLimiter | None:
+    """The limiter ``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` name (None: no URL)."""
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise ConfigTypeError("TOKENLIMIT_URL", f"must be a URL string, not {url!r}")
+    try:
+        return RateLimiter.from_url(
+            url, failure_mode=check_failure_mode("closed" if mode is None else mode)
+        )
+    except ConfigError as error:
+        setting = {"url": "TOKENLIMIT_URL", "failure_mode": "TOKENLIMIT_FAILURE_MODE"}
+        if error.param not in setting:
+            raise
+        raise type(error)(setting[error.param], str(error)) from None
 
 
 def _resolve(awaitable: Awaitable[object]) -> object:
