@@ -195,6 +195,41 @@ def test_middleware_admits_exactly_the_burst(url: str) -> None:
         assert client.get("/health").status_code == 200
 
 
+def test_headers_name_limits_as_written(url: str) -> None:
+    """The IETF fields name each limit as the app wrote it ("10/second" with burst 20, a name
+    with quotes, a backslash and non-ASCII), always a valid structured field; a limit spelled
+    twice (the middleware's string, a route's numbers) is one bucket per place, each named as
+    written there."""
+    limiter = AsyncRateLimiter.from_url(url, timeout=5)
+    odd = Limit(SLOW, 2, name='plan "gold" \\ caf\u00e9')
+    api = FastAPI()
+    api.add_middleware(RateLimitMiddleware, limit="10/second", burst=20, limiter=limiter)
+
+    @api.get("/odd", dependencies=[Depends(RateLimit(odd, limiter=limiter))])
+    async def odd_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/numbers", dependencies=[Depends(RateLimit(10, burst=20, limiter=limiter))])
+    async def numbers_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/plain")
+    async def plain_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    with TestClient(api) as client:
+        plain = client.get("/plain")
+        assert sf_list(plain.headers["ratelimit-policy"]) == [("10/second", {"q": 20, "w": 2})]
+        assert sf_list(plain.headers["ratelimit"]) == [("10/second", {"r": 19, "t": 1})]
+        numbers = client.get("/numbers")  # the route's own fields win over the middleware's
+        assert sf_list(numbers.headers["ratelimit-policy"]) == [("20-per-2s", {"q": 20, "w": 2})]
+        odd_fields = client.get("/odd").headers
+        assert sf_list(odd_fields["ratelimit-policy"]) == [
+            ('plan "gold" \\ caf?', {"q": 2, "w": 200})
+        ]
+        assert sf_list(odd_fields["ratelimit"]) == [('plan "gold" \\ caf?', {"r": 1, "t": 100})]
+
+
 def test_retry_after_is_whole_seconds_rounded_up() -> None:
     limiter = memory_limiter()
     seen: list[RateLimited] = []

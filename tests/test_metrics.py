@@ -133,6 +133,23 @@ def test_decisions_by_limit_and_result(url: str, registry: CollectorRegistry) ->
     assert_no_secrets(exposition(registry), *identity_secrets(IDENTITY))
 
 
+def test_limits_are_labelled_as_written(registry: CollectorRegistry) -> None:
+    """``limit`` is the string the limit was written as (or its name), never per identity:
+    two spellings of one limit share the bucket and each counts under its own label."""
+    written, numbers = Limit.parse("2/hour", burst=3), Limit(2 / 3600, 3)
+    with RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry)) as limiter:
+        for identity in ("user:1", "user:2"):
+            limiter.try_acquire(identity, written)
+            limiter.try_acquire(identity, numbers)
+            limiter.try_acquire(identity, written)
+            limiter.try_acquire(identity, numbers)  # the fourth token of a bucket of 3
+    assert decisions(registry) == {
+        ("2/hour", "allowed"): 4,
+        ("3-per-5400s", "allowed"): 2,
+        ("3-per-5400s", "refused"): 2,
+    }
+
+
 def test_async_limiter_counts_the_same(url: str, registry: CollectorRegistry) -> None:
     sink = PrometheusMetrics(registry)
 
