@@ -504,8 +504,9 @@ ANY_ROUTE = "*"  # the route label when no template is known (unrouted, or befor
 
 
 def record_request(limiter: object, route: str | None, result: str) -> None:
-    """Count one check on ``route`` (a template, never a raw path) with the limiter's metrics
-    sink, when it has ``record_request`` (an optional part of ``MetricsSink``)."""
+    """Count one request on ``route`` (a template, never a raw path) with the limiter's metrics
+    sink, when it has ``record_request`` (an optional part of ``MetricsSink``); ``_check``
+    decides when (once per request)."""
     record = getattr(getattr(limiter, "metrics", None), "record_request", None)
     if record is not None:
         record(route or ANY_ROUTE, result)

@@ -32,6 +32,7 @@ from tokenlimit.integrations._check import (
     answer,
     check,
     combined,
+    finish,
     unavailable,
 )
 from tokenlimit.integrations._common import (
@@ -39,7 +40,6 @@ from tokenlimit.integrations._common import (
     Policy,
     RequestLimit,
     rate_limit_headers,
-    record_request,
 )
 from tokenlimit.integrations._settings import Problem, Settings
 from tokenlimit.integrations._settings import problems as settings_problems
@@ -54,6 +54,7 @@ with needs_extra("django", "django", feature=__name__):
     from django.views import View
 
     from tokenlimit.integrations._django import (
+        LEDGER,
         DjangoRequest,
         auser_id,
         request_facts,
@@ -138,7 +139,8 @@ def _call_sync(
     """Check ``request`` in sync code, then answer 429/503 or call ``view()``."""
     state, policy, scope = _policy(rule)
     user = functools.partial(_user_id, request)
-    facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
+    # Both the middleware and the decorator see the request's end: each counts it there.
+    facts = request_facts(request, request, policy, user, route=route, routed=False)
     verdict = check(policy, facts, state.sync, scope=scope, resolve=resolve)
     refused = _render(state, request, policy, verdict)
     return refused if refused is not None else _done(state.sync, request, route, verdict, view())
@@ -152,7 +154,8 @@ async def _call_async(
 ) -> _Response:
     state, policy, scope = _policy(rule)
     user = functools.partial(auser_id, request)
-    facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
+    # Both the middleware and the decorator see the request's end: each counts it there.
+    facts = request_facts(request, request, policy, user, route=route, routed=False)
     verdict = await acheck(policy, facts, state.async_, scope=scope)
     refused = _render(state, request, policy, verdict)
     if refused is not None:
@@ -184,10 +187,10 @@ def _done(
     verdict: Verdict,
     response: _Response,
 ) -> _Response:
-    """The response, with every limit the request was checked against in its headers."""
-    if route is None and verdict.decision is not None:
-        # The middleware's admission, counted now that the URL is resolved.
-        record_request(limiter, template(request), "allowed")
+    """The response, with every limit the request was checked against in its headers; the
+    request counted now that the URL is resolved, unless a check inside counted it."""
+    if verdict.decision is not None:
+        finish(limiter, vars(request).get(LEDGER), template(request))
     return _annotate(request, response)
 
 

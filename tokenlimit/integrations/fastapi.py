@@ -26,18 +26,19 @@ from tokenlimit._errors import BackendError, RateLimitExceeded
 from tokenlimit._extras import needs_extra
 from tokenlimit._log import ThrottledLog
 from tokenlimit.integrations._check import (
+    Ledger,
     Limiter,
     RequestFacts,
     acheck,
     check_limiter,
     check_scope,
+    finish,
 )
 from tokenlimit.integrations._common import (
     ApiKeyValidator,
     KeyFunction,
     Policy,
     RequestLimit,
-    record_request,
     refused_body,
     response_headers,
     unavailable_body,
@@ -146,7 +147,7 @@ class _Guarded:
             route,
             template,
             routed,
-            scope.get(_LEDGER) or scope.setdefault(_LEDGER, {}),
+            scope.get(_LEDGER) or scope.setdefault(_LEDGER, Ledger()),
         )
 
 
@@ -331,7 +332,7 @@ class RateLimitMiddleware(_Guarded):
             await self.app(scope, receive, send_with_headers if extra else send)
         finally:
             if verdict.decision is not None:  # admitted: counted once the route is known
-                record_request(limiter, _template(scope), "allowed")
+                finish(limiter, scope[_LEDGER], _template(scope))
 
     def _routed(self, scope: Scope) -> bool:
         """False when the app's router has no route for ``scope``: a 404 that costs nothing. A
