@@ -23,11 +23,13 @@ pytest.importorskip("prometheus_client")
 import django_project
 from django.core import checks
 from django.test import AsyncClient, Client, override_settings
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
 
 import tokenlimit
 from servers import free_port
@@ -438,8 +440,8 @@ def test_fastapi_middleware_counts_admissions_by_template(registry: CollectorReg
 
 
 def layered_fastapi_app(limiter: RateLimiter | AsyncRateLimiter) -> FastAPI:
-    """The middleware (3 an hour) around a route with its own limit (2 an hour), ``/health``
-    exempt."""
+    """The middleware (3 an hour) around a route with its own limit (2 an hour) and its own
+    WebSocket route limit (2 an hour), ``/health`` exempt."""
     app = FastAPI()
     install_handlers(app)
     app.add_middleware(RateLimitMiddleware, limit=HOURLY, limiter=limiter)
@@ -448,6 +450,11 @@ def layered_fastapi_app(limiter: RateLimiter | AsyncRateLimiter) -> FastAPI:
     @app.get("/items/{item_id}", dependencies=[Depends(own)])
     async def item(item_id: int) -> dict[str, int]:
         return {"item": item_id}
+
+    @app.websocket("/rooms/{room}", dependencies=[Depends(own)])
+    async def room(websocket: WebSocket, room: str) -> None:
+        await websocket.accept()
+        await websocket.close()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -475,6 +482,26 @@ def test_fastapi_middleware_and_route_count_each_request_once(
         ("hourly", "allowed"): 3,
         ("items", "allowed"): 2,
         ("items", "refused"): 1,
+    }
+
+
+def test_fastapi_websocket_connections_count_once(registry: CollectorRegistry) -> None:
+    """A WebSocket handshake checked by the middleware and the route counts once, when the
+    app answers it; the route's refusal counts as one refusal."""
+    limiter = RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry))
+    with TestClient(layered_fastapi_app(limiter)) as client:
+        for room in ("a", "b"):
+            with (
+                client.websocket_connect(f"/rooms/{room}") as ws,
+                pytest.raises(WebSocketDisconnect),
+            ):
+                ws.receive_text()  # accepted, then closed by the app
+        with pytest.raises(WebSocketDenialResponse) as refused:
+            client.websocket_connect("/rooms/c").__enter__()
+    assert refused.value.status_code == 429
+    assert requests(registry) == {
+        ("/rooms/{room}", "allowed"): 2,
+        ("/rooms/{room}", "refused"): 1,
     }
 
 

@@ -21,9 +21,9 @@ Series (``tokenlimit`` is the ``namespace``):
   ``server``, ``cluster``, ``protocol``; anything else is ``other``).
 - ``tokenlimit_fail_open_total{limit}``: calls admitted without a decision because storage failed
   and ``failure_mode="open"``.
-- ``tokenlimit_http_requests_total{route, result}``: one per request an integration checks,
-  however many checks it passes, by route template (``/items/{item_id}``, never
-  ``/items/42``) and final result, ``allowed``/``refused``/``unavailable``.
+- ``tokenlimit_http_requests_total{route, result}``: one per request (or WebSocket handshake) an
+  integration checks, however many checks it passes, by route template (``/items/{item_id}``,
+  never ``/items/42``) and final result, ``allowed``/``refused``/``unavailable``.
 
 No label ever holds a key. Importing this module does not import ``prometheus_client`` and
 registers nothing; each ``PrometheusMetrics`` registers on the registry it is given.
