@@ -72,8 +72,8 @@ STORAGE_FAILED = "tokenlimit: storage failed, answering 503 (failure_mode='close
 
 class Ledger(dict[tuple[str, tuple[Limit, ...]], Decision]):
     """What one request did so far, kept on it: the buckets it charged, (key, limits) -> the
-    decision taken, and its count in the request metrics. As cheap to make as a dict: the
-    flags are class defaults until set."""
+    decision taken, and its count in the request metrics. Made per request, so without an
+    ``__init__``: the flags are class defaults until set."""
 
     counted: str | None = None  # the result counted for the request (None: not counted yet)
     deferred: bool = False  # an outer layer admitted it and counts it at the end (finish)
@@ -118,7 +118,7 @@ class RequestFacts(NamedTuple):
     # False: the caller sees the request's end (a middleware, a view decorator) and counts an
     # admission then (finish); True: an admission is counted now, unless an outer layer will.
     routed: bool = True
-    ledger: Ledger | None = None  # the buckets this request charged so far, kept on it
+    ledger: Ledger | None = None  # what this request charged and counted so far, kept on it
 
 
 class Verdict(NamedTuple):
