@@ -261,6 +261,45 @@ def test_limit_name_distinguishes_buckets(mem: RateLimiter) -> None:
     assert mem.try_acquire("k", Limit(0.001, 1)).allowed
 
 
+def test_limit_label_is_what_was_written() -> None:
+    """A string's limit is labelled as written, a name wins, numbers get a made-up label; the
+    label is no part of the limit's identity (==, hash, bucket id)."""
+    from tokenlimit._limit import coerce_limits
+
+    written = Limit.parse(" 10/second ", burst=20)
+    numbers = Limit(10, 20)
+    assert (written.label, numbers.label) == ("10/second", "20-per-2s")
+    assert Limit.parse("10/second", burst=20, name="api").label == "api"
+    assert Limit(10, 20, name="api").label == "api"
+    assert Limit.per_minute(100).label == "100-per-60s"  # numbers: made from them
+    assert written == numbers
+    assert hash(written) == hash(numbers)
+    assert written._id == numbers._id  # one bucket key
+    assert repr(written) == repr(numbers)
+    split = coerce_limits("10/hour; 100 per day")
+    assert [lim.label for lim in split] == ["10/hour", "100 per day"]
+
+
+def test_two_spellings_share_a_bucket_each_with_its_label(limiter: RateLimiter) -> None:
+    """Equal limits spelled apart charge one bucket, and each decision (also a refusal the
+    local cache answers, and several limits at once) reports the caller's own label."""
+    written, numbers = Limit.parse("2/minute"), Limit(2 / 60, 2)
+    first = limiter.try_acquire("k", written)
+    second = limiter.try_acquire("k", numbers)
+    assert (first.remaining, second.remaining) == (1, 0)
+    assert first.policy is written
+    assert second.policy is numbers
+    for spelling in (written, numbers, written, numbers):  # refused: server, then local cache
+        refused = limiter.try_acquire("k", spelling)
+        assert not refused.allowed
+        assert refused.policy is not None
+        assert refused.policy.label == spelling.label
+    hourly = Limit.per_hour(5)
+    for pair in ((written, hourly), (numbers, hourly)):
+        refused = limiter.try_acquire("k", pair)
+        assert [part.policy for part in refused.details] == list(pair)
+
+
 @pytest.mark.parametrize("attr", ["rate", "burst", "name"])
 def test_limit_is_frozen(attr: str) -> None:
     lim = Limit(1, 1)

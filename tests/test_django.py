@@ -37,7 +37,8 @@ from tokenlimit.integrations._django import settings_state as tl_django_state
 django_project.setup()
 
 MODES = ["sync", "async"]
-MINUTE3 = "3-per-60s"  # the label of "3/minute": burst 3, one token every 20 s
+MINUTE3 = "3/minute"  # the label of "3/minute", as written: burst 3, one token every 20 s
+MINUTE2 = "2/minute"  # the views' own limit
 
 
 @pytest.fixture(autouse=True)
@@ -492,7 +493,7 @@ def test_exceptions_from_a_view_become_429_and_503(mode: str) -> None:
 @pytest.mark.parametrize("path", ["/limited", "/alimited"])
 def test_decorator_on_function_views(url: str, mode: str, path: str) -> None:
     with tokenlimit(URL=url, TIMEOUT=5.0), override_settings(MIDDLEWARE=[FAKE_AUTH]):
-        assert_burst(fetch(mode, path, 3), burst=2, interval=30, label="2-per-60s")
+        assert_burst(fetch(mode, path, 3), burst=2, interval=30, label=MINUTE2)
 
 
 @pytest.mark.parametrize(
@@ -517,7 +518,7 @@ def test_decorator_on_function_views(url: str, mode: str, path: str) -> None:
 )
 def test_decorator_on_class_based_views(mode: str, path: str) -> None:
     with tokenlimit(), override_settings(MIDDLEWARE=[FAKE_AUTH]):
-        assert_burst(fetch(mode, path, 3), burst=2, interval=30, label="2-per-60s")
+        assert_burst(fetch(mode, path, 3), burst=2, interval=30, label=MINUTE2)
 
 
 def test_decorated_view_has_its_own_bucket(mode: str) -> None:
@@ -537,18 +538,18 @@ def test_decorator_with_the_middleware_reports_both_limits(mode: str) -> None:
     first = responses[0]
     assert sf_list(first["RateLimit-Policy"]) == [
         (MINUTE3, {"q": 3, "w": 60}),
-        ("2-per-60s", {"q": 2, "w": 60}),
+        (MINUTE2, {"q": 2, "w": 60}),
     ]
     assert sf_list(first["RateLimit"]) == [
         (MINUTE3, {"r": 2, "t": 20}),
-        ("2-per-60s", {"r": 1, "t": 30}),
+        (MINUTE2, {"r": 1, "t": 30}),
     ]
     assert (first["X-RateLimit-Limit"], first["X-RateLimit-Remaining"]) == ("2", "1")
     view_refusal = responses[2]  # the view refuses; the middleware had admitted it
     assert view_refusal["Retry-After"] == "30"
     assert sf_list(view_refusal["RateLimit"]) == [
         (MINUTE3, {"r": 0, "t": 60}),
-        ("2-per-60s", {"r": 0, "t": 60}),
+        (MINUTE2, {"r": 0, "t": 60}),
     ]
     middleware_refusal = responses[3]  # now the middleware's bucket is empty too
     assert middleware_refusal["Retry-After"] == "20"
@@ -672,7 +673,7 @@ def test_decorator_key_cost_and_several_limits(mode: str) -> None:
         multi = fetch(mode, "/multi", 3)
         assert codes(multi) == [200, 200, 429]
         assert sf_list(multi[0]["RateLimit-Policy"]) == [
-            ("2-per-60s", {"q": 2, "w": 60}),
+            (MINUTE2, {"q": 2, "w": 60}),
             ("hourly", {"q": 100, "w": 3600}),
         ]
 

@@ -25,8 +25,9 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import WebSocketDenialResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import tokenlimit
 from servers import free_port
@@ -39,6 +40,7 @@ from tokenlimit import (
     MemoryBackend,
     RateLimiter,
 )
+from tokenlimit.integrations import fastapi as tl_fastapi
 from tokenlimit.integrations._common import api_key_identity
 from tokenlimit.integrations.fastapi import (
     RateLimit,
@@ -193,6 +195,41 @@ def test_middleware_admits_exactly_the_burst(url: str) -> None:
         assert sf_list(refused.headers["ratelimit-policy"]) == [("3-per-300s", {"q": 3, "w": 300})]
         assert sf_list(refused.headers["ratelimit"]) == [("3-per-300s", {"r": 0, "t": 300})]
         assert client.get("/health").status_code == 200
+
+
+def test_headers_name_limits_as_written(url: str) -> None:
+    """The IETF fields name each limit as the app wrote it ("10/second" with burst 20, a name
+    with quotes, a backslash and non-ASCII), always a valid structured field; a limit spelled
+    twice (the middleware's string, a route's numbers) is one bucket per place, each named as
+    written there."""
+    limiter = AsyncRateLimiter.from_url(url, timeout=5)
+    odd = Limit(SLOW, 2, name='plan "gold" \\ caf\u00e9')
+    api = FastAPI()
+    api.add_middleware(RateLimitMiddleware, limit="10/second", burst=20, limiter=limiter)
+
+    @api.get("/odd", dependencies=[Depends(RateLimit(odd, limiter=limiter))])
+    async def odd_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/numbers", dependencies=[Depends(RateLimit(10, burst=20, limiter=limiter))])
+    async def numbers_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @api.get("/plain")
+    async def plain_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    with TestClient(api) as client:
+        plain = client.get("/plain")
+        assert sf_list(plain.headers["ratelimit-policy"]) == [("10/second", {"q": 20, "w": 2})]
+        assert sf_list(plain.headers["ratelimit"]) == [("10/second", {"r": 19, "t": 1})]
+        numbers = client.get("/numbers")  # the route's own fields win over the middleware's
+        assert sf_list(numbers.headers["ratelimit-policy"]) == [("20-per-2s", {"q": 20, "w": 2})]
+        odd_fields = client.get("/odd").headers
+        assert sf_list(odd_fields["ratelimit-policy"]) == [
+            ('plan "gold" \\ caf?', {"q": 2, "w": 200})
+        ]
+        assert sf_list(odd_fields["ratelimit"]) == [('plan "gold" \\ caf?', {"r": 1, "t": 100})]
 
 
 def test_retry_after_is_whole_seconds_rounded_up() -> None:
@@ -809,7 +846,7 @@ def test_install_handlers_answers_errors_raised_inside_routes() -> None:
 
 
 # -- plain Starlette, lifespan and websockets -------------------------------------------------
-def test_starlette_app_lifespan_and_websocket_pass_untouched() -> None:
+def test_starlette_app_lifespan_passes_untouched_and_websockets_share_the_bucket() -> None:
     events: list[str] = []
 
     @asynccontextmanager
@@ -823,26 +860,211 @@ def test_starlette_app_lifespan_and_websocket_pass_untouched() -> None:
 
     async def echo(websocket: WebSocket) -> None:
         await websocket.accept()
-        await websocket.send_text(await websocket.receive_text())
+        for _ in range(3):
+            await websocket.send_text(await websocket.receive_text())
         await websocket.close()
 
     limiter = memory_limiter()
     api = Starlette(
         routes=[Route("/", home), WebSocketRoute("/ws", echo)],
-        middleware=[Middleware(RateLimitMiddleware, limit=Limit(SLOW, 1), limiter=limiter)],
+        middleware=[Middleware(RateLimitMiddleware, limit=Limit(SLOW, 2), limiter=limiter)],
         lifespan=lifespan,
     )
     with TestClient(api) as client:
         assert events == ["startup"]
         home_response = client.get("/")
         assert home_response.text == "home"
-        assert home_response.headers["x-ratelimit-remaining"] == "0"
-        assert client.get("/").status_code == 429
-        for n in range(3):  # the HTTP bucket is empty, websockets are not limited
-            with client.websocket_connect("/ws") as ws:
+        assert home_response.headers["x-ratelimit-remaining"] == "1"
+        with client.websocket_connect("/ws") as ws:  # the last token of the identity's bucket
+            for n in range(3):  # messages take nothing
                 ws.send_text(f"hi {n}")
                 assert ws.receive_text() == f"hi {n}"
+        assert client.get("/").status_code == 429
+        with pytest.raises(WebSocketDenialResponse) as refused:
+            client.websocket_connect("/ws").__enter__()
+        assert refused.value.status_code == 429
     assert events == ["startup", "shutdown"]
+
+
+def without_denial(app: ASGIApp) -> ASGIApp:
+    """``app`` behind a server without the ASGI ``websocket.http.response`` extension."""
+
+    async def served(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            extensions = dict(scope.get("extensions") or {})
+            extensions.pop("websocket.http.response", None)
+            scope = {**scope, "extensions": extensions}
+        await app(scope, receive, send)
+
+    return served
+
+
+def websocket_app(
+    *, middleware: dict[str, Any] | None = None, dependency: RateLimit | None = None
+) -> FastAPI:
+    """``/rooms/{room}``: a WebSocket echoing the text it gets, then its ``Decision``'s
+    ``remaining`` when ``dependency`` guards it; ``/ws-free`` unguarded; ``/health``."""
+    api = FastAPI()
+    install_handlers(api)
+    if middleware is not None:
+        api.add_middleware(RateLimitMiddleware, **middleware)
+    guard = [] if dependency is None else [Depends(dependency)]
+
+    @api.websocket("/rooms/{room}", dependencies=guard)
+    async def room(websocket: WebSocket, room: str) -> None:
+        await websocket.accept()
+        await websocket.send_text(f"{room}: {await websocket.receive_text()}")
+        await websocket.close()
+
+    @api.websocket("/health")
+    async def health(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    if dependency is not None:
+
+        @api.websocket("/decision")
+        async def decision(
+            websocket: WebSocket, decided: Annotated[Decision, Depends(dependency)]
+        ) -> None:
+            await websocket.accept()
+            await websocket.send_json({"remaining": decided.remaining})
+            await websocket.close()
+
+    return api
+
+
+def talk(client: TestClient, path: str, text: str = "hi") -> str:
+    """Connect to ``path``, send ``text`` and return the answer."""
+    with client.websocket_connect(path) as ws:
+        ws.send_text(text)
+        return ws.receive_text()
+
+
+def denied(client: TestClient, path: str) -> WebSocketDenialResponse:
+    """The HTTP response a refused handshake to ``path`` gets."""
+    with pytest.raises(WebSocketDenialResponse) as caught, client.websocket_connect(path):
+        pass
+    return caught.value
+
+
+def closed(client: TestClient, path: str) -> WebSocketDisconnect:
+    """The close a refused handshake to ``path`` gets, where no HTTP answer can be sent."""
+    with pytest.raises(WebSocketDisconnect) as caught, client.websocket_connect(path):
+        pass
+    return caught.value
+
+
+def test_middleware_limits_websocket_connections(url: str) -> None:
+    """A token per handshake from the identity's bucket, whatever the messages: admitted, the
+    accept carries the headers; refused, a 429 before accept. Exempt and unrouted paths take
+    nothing."""
+    limiter = AsyncRateLimiter.from_url(url, timeout=5)
+    api = websocket_app(middleware={"limit": TWO, "limiter": limiter})
+    with TestClient(api) as client:
+        closed(client, "/nowhere")  # no such route: closed by the router, not charged
+        with client.websocket_connect("/health"):  # exempt
+            pass
+        for n in (1, 2):
+            with client.websocket_connect("/rooms/a") as ws:
+                accepted = {name.decode(): value.decode() for name, value in ws.extra_headers}
+                assert accepted["x-ratelimit-remaining"] == str(2 - n)
+                assert sf_list(accepted["ratelimit-policy"]) == [("2-per-200s", {"q": 2, "w": 200})]
+                ws.send_text("hi")
+                assert ws.receive_text() == "a: hi"
+        refused = denied(client, "/rooms/b")
+    assert refused.status_code == 429
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.json() == {"detail": "rate limit exceeded", "retry_after": 100}
+    assert refused.headers["retry-after"] == "100"
+    assert sf_list(refused.headers["ratelimit"]) == [("2-per-200s", {"r": 0, "t": 200})]
+
+
+def test_without_the_denial_extension_a_refused_handshake_is_closed_with_1008() -> None:
+    limiter = memory_limiter()
+    api = websocket_app(middleware={"limit": Limit(SLOW, 1), "limiter": limiter})
+    with TestClient(without_denial(api)) as client:
+        assert talk(client, "/rooms/a") == "a: hi"
+        refusal = closed(client, "/rooms/a")
+    assert (refusal.code, refusal.reason) == (1008, "rate limit exceeded; retry after 100 s")
+    assert used(limiter, "ip:unknown", Limit(SLOW, 1)) == 1
+
+
+@pytest.mark.parametrize("denial", [True, False])
+def test_dependency_limits_a_websocket_route(denial: bool) -> None:
+    """``Depends(RateLimit(...))`` on a WebSocket route: a bucket per route (``WEBSOCKET
+    <template>``), the ``Decision`` as its value, a refused handshake answered 429 (or closed
+    with 1008 where the server takes no HTTP answer)."""
+    limiter = memory_limiter()
+    api = websocket_app(dependency=RateLimit(TWO, limiter=limiter))
+    with TestClient(api if denial else without_denial(api)) as client:
+        assert talk(client, "/rooms/a") == "a: hi"
+        assert talk(client, "/rooms/b") == "b: hi"
+        if denial:
+            refused = denied(client, "/rooms/c")
+            assert refused.status_code == 429
+            assert refused.json() == {"detail": "rate limit exceeded", "retry_after": 100}
+            assert refused.headers["retry-after"] == "100"
+        else:
+            refusal = closed(client, "/rooms/c")
+            assert refusal.code == 1008
+            assert refusal.reason == "rate limit exceeded; retry after 100 s"
+        with client.websocket_connect("/decision") as ws:
+            assert ws.receive_json() == {"remaining": 1}
+    assert used(limiter, bucket("ip:unknown", "WEBSOCKET /rooms/{room}"), TWO) == 2
+    assert used(limiter, bucket("ip:unknown", "WEBSOCKET /decision"), TWO) == 1
+
+
+def test_dependency_closes_with_1008_where_starlette_cannot_answer_a_handshake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before Starlette 0.41 an exception raised before ``accept`` cannot become an HTTP
+    answer: the dependency then closes with 1008, extension or not."""
+    monkeypatch.setattr(tl_fastapi, "_HTTP_BEFORE_ACCEPT", False)
+    api = websocket_app(dependency=RateLimit(Limit(SLOW, 1), limiter=memory_limiter()))
+    with TestClient(api) as client:
+        assert talk(client, "/rooms/a") == "a: hi"
+        refusal = closed(client, "/rooms/a")
+    assert (refusal.code, refusal.reason) == (1008, "rate limit exceeded; retry after 100 s")
+
+
+def test_websocket_handshake_with_storage_down_is_503_or_1011() -> None:
+    dead = RateLimiter.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    apps = [
+        websocket_app(middleware={"limit": TWO, "limiter": dead}),
+        websocket_app(dependency=RateLimit(TWO, limiter=dead)),
+    ]
+    for api in apps:
+        with TestClient(api) as client:
+            assert denied(client, "/rooms/a").status_code == 503
+        with TestClient(without_denial(api)) as client:
+            refusal = closed(client, "/rooms/a")
+        assert (refusal.code, refusal.reason) == (1011, "rate limiter unavailable")
+    dead.close()
+
+
+def test_websocket_key_function_gets_the_websocket() -> None:
+    """The same identity rules: a key function (here and in a dependency) is handed the
+    ``WebSocket``, and names the middleware's bucket alone."""
+    limiter = memory_limiter()
+    seen: list[str] = []
+
+    def key(connection: HTTPConnection) -> str | None:
+        seen.append(type(connection).__name__)
+        return connection.query_params.get("user")
+
+    one = Limit(SLOW, 1)
+    api = websocket_app(
+        middleware={"limit": one, "limiter": limiter, "key": key},
+        dependency=RateLimit(TWO, limiter=limiter, key=key),
+    )
+    with TestClient(api) as client:
+        assert talk(client, "/rooms/a?user=ann") == "a: hi"
+        assert talk(client, "/rooms/a?user=bob") == "a: hi"
+        assert denied(client, "/rooms/a?user=ann").status_code == 429
+    assert set(seen) == {"WebSocket"}
+    assert used(limiter, "ann", one) == 1
+    assert used(limiter, bucket("ann", "WEBSOCKET /rooms/{room}"), TWO) == 1
 
 
 TWO = Limit(SLOW, 2)

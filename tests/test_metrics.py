@@ -23,11 +23,13 @@ pytest.importorskip("prometheus_client")
 import django_project
 from django.core import checks
 from django.test import AsyncClient, Client, override_settings
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
 
 import tokenlimit
 from servers import free_port
@@ -131,6 +133,23 @@ def test_decisions_by_limit_and_result(url: str, registry: CollectorRegistry) ->
     assert value(registry, "tokenlimit_storage_errors_total", reason="connection") == 0
     assert "tokenlimit_fail_open_total{" not in exposition(registry)
     assert_no_secrets(exposition(registry), *identity_secrets(IDENTITY))
+
+
+def test_limits_are_labelled_as_written(registry: CollectorRegistry) -> None:
+    """``limit`` is the string the limit was written as (or its name), never per identity:
+    two spellings of one limit share the bucket and each counts under its own label."""
+    written, numbers = Limit.parse("2/hour", burst=3), Limit(2 / 3600, 3)
+    with RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry)) as limiter:
+        for identity in ("user:1", "user:2"):
+            limiter.try_acquire(identity, written)
+            limiter.try_acquire(identity, numbers)
+            limiter.try_acquire(identity, written)
+            limiter.try_acquire(identity, numbers)  # the fourth token of a bucket of 3
+    assert decisions(registry) == {
+        ("2/hour", "allowed"): 4,
+        ("3-per-5400s", "allowed"): 2,
+        ("3-per-5400s", "refused"): 2,
+    }
 
 
 def test_async_limiter_counts_the_same(url: str, registry: CollectorRegistry) -> None:
@@ -420,6 +439,90 @@ def test_fastapi_middleware_counts_admissions_by_template(registry: CollectorReg
     assert_no_secrets(exposition(registry), "/items/1", "/nowhere")
 
 
+def layered_fastapi_app(limiter: RateLimiter | AsyncRateLimiter) -> FastAPI:
+    """The middleware (3 an hour) around a route with its own limit (2 an hour) and its own
+    WebSocket route limit (2 an hour), ``/health`` exempt."""
+    app = FastAPI()
+    install_handlers(app)
+    app.add_middleware(RateLimitMiddleware, limit=HOURLY, limiter=limiter)
+    own = RateLimit(Limit.per_hour(2, name="items"), limiter=limiter)
+
+    @app.get("/items/{item_id}", dependencies=[Depends(own)])
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    @app.websocket("/rooms/{room}", dependencies=[Depends(own)])
+    async def room(websocket: WebSocket, room: str) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def test_fastapi_middleware_and_route_count_each_request_once(
+    url: str, registry: CollectorRegistry
+) -> None:
+    """Checked by the middleware and the route: one count per request, with its outcome (a
+    route's refusal is a refusal, not the middleware's admission)."""
+    limiter = AsyncRateLimiter.from_url(url, timeout=5.0, metrics=PrometheusMetrics(registry))
+    with TestClient(layered_fastapi_app(limiter)) as client:
+        codes = [client.get(f"/items/{n}").status_code for n in (1, 2, 3)]
+        assert client.get("/health").status_code == 200
+    assert codes == [200, 200, 429]
+    assert requests(registry) == {
+        ("/items/{item_id}", "allowed"): 2,
+        ("/items/{item_id}", "refused"): 1,
+    }
+    # Both checks decided each request: the middleware's 3 admissions, the route's 2 and 1.
+    assert decisions(registry) == {
+        ("hourly", "allowed"): 3,
+        ("items", "allowed"): 2,
+        ("items", "refused"): 1,
+    }
+
+
+def test_fastapi_websocket_connections_count_once(registry: CollectorRegistry) -> None:
+    """A WebSocket handshake checked by the middleware and the route counts once, when the
+    app answers it; the route's refusal counts as one refusal."""
+    limiter = RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry))
+    with TestClient(layered_fastapi_app(limiter)) as client:
+        for room in ("a", "b"):
+            with (
+                client.websocket_connect(f"/rooms/{room}") as ws,
+                pytest.raises(WebSocketDisconnect),
+            ):
+                ws.receive_text()  # accepted, then closed by the app
+        with pytest.raises(WebSocketDenialResponse) as refused:
+            client.websocket_connect("/rooms/c").__enter__()
+    assert refused.value.status_code == 429
+    assert requests(registry) == {
+        ("/rooms/{room}", "allowed"): 2,
+        ("/rooms/{room}", "refused"): 1,
+    }
+
+
+def test_fastapi_dependencies_alone_count_once(registry: CollectorRegistry) -> None:
+    """Without the middleware: a route's limit counts its requests; a second limit on the route
+    (a router's and the route's own) admitting too adds no count."""
+    limiter = RateLimiter.from_url("memory://", metrics=PrometheusMetrics(registry))
+    app = FastAPI()
+    router = APIRouter(dependencies=[Depends(RateLimit(HOURLY, limiter=limiter))])
+
+    @router.get("/items/{item_id}", dependencies=[Depends(RateLimit("2/hour", limiter=limiter))])
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    app.include_router(router)
+    with TestClient(app) as client:
+        assert [client.get(f"/items/{n}").status_code for n in (1, 2)] == [200, 200]
+    assert requests(registry) == {("/items/{item_id}", "allowed"): 2}
+    assert decisions(registry) == {("hourly", "allowed"): 2, ("2/hour", "allowed"): 2}
+
+
 def test_fastapi_storage_down_counts_unavailable(registry: CollectorRegistry) -> None:
     sink = PrometheusMetrics(registry)
     for middleware in (False, True):
@@ -536,6 +639,27 @@ def test_django_decorator_counts_by_url_pattern(mode: str, registry: CollectorRe
     assert requests(registry) == {
         (f"{prefix}/<int:item_id>", "allowed"): 2,
         (f"{prefix}/<int:item_id>", "refused"): 1,
+    }
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_django_middleware_and_decorator_count_each_request_once(
+    mode: str, url: str, registry: CollectorRegistry
+) -> None:
+    """The middleware (3 an hour) around a view's own limit (2 a minute): one count per
+    request, the view's refusal a refusal."""
+    sink = PrometheusMetrics(registry)
+    prefix = "limited" if mode == "sync" else "alimited"
+    with django_site(URL=url, LIMIT=HOURLY, TIMEOUT=5.0, METRICS=sink):
+        assert django_get(mode, [f"/{prefix}/{n}" for n in (1, 2, 3)]) == [200, 200, 429]
+    assert requests(registry) == {
+        (f"{prefix}/<int:item_id>", "allowed"): 2,
+        (f"{prefix}/<int:item_id>", "refused"): 1,
+    }
+    assert decisions(registry) == {
+        ("hourly", "allowed"): 3,
+        ("2/minute", "allowed"): 2,
+        ("2/minute", "refused"): 1,
     }
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from itertools import islice
 
 from ._decision import Decision, decision
@@ -72,10 +73,13 @@ class _Entry:
         self.parts = parts
 
 
-def _aged(parts: tuple[_Part, ...], elapsed: float) -> Decision:
-    """The refusal the server would give ``elapsed`` seconds after the cached one."""
+def _aged(parts: tuple[_Part, ...], elapsed: float, limits: Sequence[Limit] = ()) -> Decision:
+    """The refusal the server would give ``elapsed`` seconds after the cached one, reported
+    under ``limits`` (the caller's, equal to the cached ones but perhaps labelled apart)."""
     details = []
-    for lim, retry, reset, ok_at in parts:
+    for index, (lim, retry, reset, ok_at) in enumerate(parts):
+        if index < len(limits):
+            lim = limits[index]
         ok = elapsed >= ok_at
         debt = reset - elapsed  # seconds until full; it shrinks as time passes
         if debt < 0.0:
@@ -124,8 +128,11 @@ class RefusalCache:
     def max_entries(self) -> int:
         return self._max
 
-    def get(self, keys: Keys, cost: int, now: float) -> Decision | None:
-        """The refusal for ``cost`` on ``keys`` at local time ``now``, or None: ask the server."""
+    def get(
+        self, keys: Keys, cost: int, now: float, limits: Sequence[Limit] = ()
+    ) -> Decision | None:
+        """The refusal for ``cost`` on ``keys`` at local time ``now``, or None: ask the server.
+        ``limits``: the caller's, which the refusal reports (else the cached refusal's)."""
         entry = self._entries.get(keys)
         if entry is None:
             return None
@@ -135,7 +142,7 @@ class RefusalCache:
         if entry.cost != cost:  # another cost has other numbers; only this one is known exactly
             return None
         # now < sent when a call that started later put this entry first: no time has passed.
-        return _aged(entry.parts, max(now - entry.sent, 0.0))
+        return _aged(entry.parts, max(now - entry.sent, 0.0), limits)
 
     def put(self, keys: Keys, cost: int, sent: float, decision: Decision) -> None:
         """Remember the server's refusal ``decision`` of ``cost`` sent at local time ``sent``."""

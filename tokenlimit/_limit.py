@@ -55,7 +55,9 @@ class Limit:
     """A bucket of ``burst`` tokens refilled at ``rate`` tokens per second.
 
     ``burst`` defaults to one second's worth of ``rate`` (at least 1). Two limits that differ in
-    rate, burst or name never share a bucket.
+    rate, burst or name never share a bucket. ``label`` names the limit in headers and metrics
+    and is not part of its identity: a string's limits are labelled as written (``"10/second"``),
+    so two spellings of one rate and burst share their bucket, each reported by its own label.
     """
 
     rate: float
@@ -65,6 +67,9 @@ class Limit:
     interval_ns: int = field(init=False, repr=False, compare=False, hash=False)
     # Made once per limit: the hash (a new key's cache lookup would hash the fields again).
     _hash: int = field(init=False, repr=False, compare=False, hash=False)
+    # What headers and metrics call it (None: made from the numbers when first asked). Never in
+    # _id, _hash or ==: a label never sets a bucket apart.
+    _label: str | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         rate = check_number("rate", self.rate, maximum=MAX_RATE)
@@ -92,6 +97,7 @@ class Limit:
         digest = hashlib.blake2b(repr((rate, burst, self.name)).encode(), digest_size=6).digest()
         object.__setattr__(self, "_id", base64.urlsafe_b64encode(digest).decode())
         object.__setattr__(self, "_hash", hash((rate, burst, self.name)))
+        object.__setattr__(self, "_label", self.name)
 
     def __hash__(self) -> int:  # what dataclass would make (its fields' tuple), computed once
         return self._hash
@@ -145,13 +151,17 @@ class Limit:
         given: object,
     ) -> Limit:
         """The limit for a constructor whose argument ``param`` (``given``) made the rate and,
-        unless ``burst`` is given, the burst (``default``): an error in those names ``param``."""
+        unless ``burst`` is given, the burst (``default``): an error in those names ``param``.
+        Unnamed, a limit given as a string is labelled with it as written."""
         try:
-            return cls(rate, default if burst is None else burst, name=name)
+            limit = cls(rate, default if burst is None else burst, name=name)
         except ConfigError as exc:
             if exc.param == "rate" or (exc.param == "burst" and burst is None):
                 raise ConfigError(param, f"{shown(given)} is out of range ({exc})") from None
             raise
+        if name is None and isinstance(given, str):
+            object.__setattr__(limit, "_label", given.strip())
+        return limit
 
     @classmethod
     def per_second(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
@@ -191,12 +201,20 @@ class Limit:
 
     @property
     def label(self) -> str:
-        """A short name for headers and metrics: ``name`` if set, else e.g. ``"100-per-60s"``."""
-        if self.name is not None:
-            return self.name
-        window = self.burst / self.rate
-        seconds = f"{window:.0f}" if window == round(window) else f"{window:.6g}"
-        return f"{self.burst}-per-{seconds}s"
+        """A short name for headers and metrics: ``name`` if set, else the string the limit was
+        written as (``"100/minute"``), else one made from it (``"100-per-60s"``)."""
+        label = self._label
+        if label is None:
+            label = _derived(self)
+            object.__setattr__(self, "_label", label)
+        return label
+
+
+def _derived(limit: Limit) -> str:
+    """The label of a limit given by numbers: its burst and the seconds it takes to fill."""
+    window = limit.burst / limit.rate
+    seconds = f"{window:.0f}" if window == round(window) else f"{window:.6g}"
+    return f"{limit.burst}-per-{seconds}s"
 
 
 LimitSpec = Limit | str

@@ -178,7 +178,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         started = time.perf_counter()
         refusals = self._refusals
         if refusals is not None:
-            local = refusals.get(request.keys, request.cost, started)
+            local = refusals.get(request.keys, request.cost, started, request.limits)
             if local is not None:
                 return self._answered(request, local, started, consume=consume)
         try:
@@ -336,7 +336,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         started = time.perf_counter()
         refusals = self._refusals
         if refusals is not None:
-            local = refusals.get(request.keys, request.cost, started)
+            local = refusals.get(request.keys, request.cost, started, request.limits)
             if local is not None:
                 # Yield once, as a round trip would: a caller that retries refusals in a loop
                 # must not hold the event loop (the benchmark's 64 tasks starved the batch

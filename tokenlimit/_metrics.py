@@ -16,10 +16,11 @@ class MetricsSink(Protocol):
     """Receives one call per decision and per storage failure. Never per-key data.
 
     A sink may also have ``record_request(route, result)``: the web integrations then call it
-    once per check with the route template and ``"allowed"``, ``"refused"`` or
-    ``"unavailable"``. It is optional, so sinks written before it keep working. So is
-    ``record_slot(max_in_flight, result)``: concurrency limits call it once per entry with
-    ``"held"``, ``"refused"`` or ``"shadowed"`` (their storage failures go to ``record_error``).
+    once per request with the route template and its final result, ``"allowed"``,
+    ``"refused"`` or ``"unavailable"``. It is optional, so sinks written before it keep
+    working. So is ``record_slot(max_in_flight, result)``: concurrency limits call it once per
+    entry with ``"held"``, ``"refused"`` or ``"shadowed"`` (their storage failures go to
+    ``record_error``).
 
     In shadow mode a would-be refusal reaches ``record_decision`` as what the caller got, an
     admitted ``Decision`` (``allowed`` True) with ``shadowed=True``; a storage failure reaches

@@ -75,7 +75,7 @@ def build_request(prefix: str, key: str | bytes, limit: LimitSpec, cost: int = 1
     ):
         entry = (prefix, key, limit, cost)
         request = _cache.get(entry)
-        if request is None:
+        if request is None or not _spelled_alike(request.limits, limit):
             request = _build(prefix, key, limit, cost)
             if len(key) <= _CACHED_KEY_CHARS:  # checked on a miss only: hits cost nothing more
                 if len(_cache) >= _CACHE_SIZE:
@@ -83,6 +83,19 @@ def build_request(prefix: str, key: str | bytes, limit: LimitSpec, cost: int = 1
                 _cache[entry] = request
         return request
     return _build(prefix, key, limit, cost)
+
+
+def _spelled_alike(cached: tuple[Limit, ...], limit: Limit | tuple[Limit, ...]) -> bool:
+    """Whether a cached request's limits carry ``limit``'s labels. Equal limits share a cache
+    entry (and a bucket) but may be labelled apart: a decision reports the caller's own."""
+    if isinstance(limit, Limit):
+        first = cached[0]
+        return first is limit or first.label == limit.label
+    if cached is limit:  # an integration's policy passes one tuple, kept by _build
+        return True
+    return len(cached) == len(limit) and all(
+        mine.label == theirs.label for mine, theirs in zip(cached, limit, strict=True)
+    )
 
 
 def _build(prefix: str, key: str | bytes, limit: LimitSpec, cost: int) -> Request:
@@ -94,6 +107,8 @@ def _build(prefix: str, key: str | bytes, limit: LimitSpec, cost: int) -> Reques
     if plan.choose is not None:  # tiers: cached by the limits it chose, never by the chooser
         return build_request(prefix, key, plan.limits_for(key), plan.cost)
     limits, cost = plan.limits, plan.cost
+    if type(limit) is tuple and limit == limits:  # kept: a later call is told apart by identity
+        limits = limit
     head = f"{prefix}{{{identity_tag(identity)}}}"
     keys = tuple(head + lim._id for lim in limits)
     args = [str(cost)]

@@ -21,8 +21,9 @@ Series (``tokenlimit`` is the ``namespace``):
   ``server``, ``cluster``, ``protocol``; anything else is ``other``).
 - ``tokenlimit_fail_open_total{limit}``: calls admitted without a decision because storage failed
   and ``failure_mode="open"``.
-- ``tokenlimit_http_requests_total{route, result}``: one per check an integration makes, by route
-  template (``/items/{item_id}``, never ``/items/42``) and ``allowed``/``refused``/``unavailable``.
+- ``tokenlimit_http_requests_total{route, result}``: one per request (or WebSocket handshake) an
+  integration checks, however many checks it passes, by route template (``/items/{item_id}``,
+  never ``/items/42``) and final result, ``allowed``/``refused``/``unavailable``.
 
 No label ever holds a key. Importing this module does not import ``prometheus_client`` and
 registers nothing; each ``PrometheusMetrics`` registers on the registry it is given.
@@ -135,7 +136,7 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
             ),
             requests=counter(
                 "http_requests",
-                "Rate-limit checks made by web integrations, by route template and result.",
+                "Requests checked by web integrations, by route template and final result.",
                 ["route", "result"],
             ),
             shadow=counter(
@@ -250,7 +251,8 @@ class PrometheusMetrics:
 
     # -- integrations -------------------------------------------------------------------------
     def record_request(self, route: str, result: str) -> None:
-        """Count one integration check: ``route`` is a template (bounded), never a raw path."""
+        """Count one request an integration checked: ``route`` is a template (bounded), never
+        a raw path."""
         if not isinstance(route, str):
             raise ConfigTypeError("route", f"must be a route template str, not {route!r}")
         if result not in REQUEST_RESULTS:

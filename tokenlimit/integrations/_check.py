@@ -7,6 +7,10 @@ identity (a custom key, else an API key the app vouches for, then the user, then
 the limits (what a chooser picks per request); the bucket; shadow mode; storage failures (503
 and a log line, never a password); and the request metrics.
 
+The request metrics count each request once, with its outcome: a refusal or a storage failure
+when a check meets it; an admission at the end, by the outermost layer that sees the end (a
+middleware; Django's view decorator; a check that is the only one), never by a check inside it.
+
 The bucket rule: a limit given ``scope="name"`` charges ``scope:name|<identity>``, one bucket
 for every limit of that scope; any other per-route limit charges ``route:<route>|<identity>``,
 a bucket per route; an app-wide limit (a middleware, Flask's default) charges the identity
@@ -41,6 +45,7 @@ from tokenlimit.integrations._common import (
 )
 
 __all__ = [
+    "Ledger",
     "Limiter",
     "RequestFacts",
     "Verdict",
@@ -53,16 +58,43 @@ __all__ = [
     "check_limiter",
     "check_scope",
     "combined",
+    "finish",
     "merged",
+    "tally",
     "unavailable",
 ]
 
 Limiter = RateLimiter | AsyncRateLimiter
-Ledger = dict[tuple[str, tuple[Limit, ...]], Decision]  # (key, limits) -> the decision taken
 Resolve = Callable[[Awaitable[object]], object]  # runs an awaitable to its result from sync code
 T = TypeVar("T")
 # A bare 503 is logged by no framework: say why (throttled, so an outage does not flood the log).
 STORAGE_FAILED = "tokenlimit: storage failed, answering 503 (failure_mode='closed')"
+
+
+class Ledger(dict[tuple[str, tuple[Limit, ...]], Decision]):
+    """What one request did so far, kept on it: the buckets it charged, (key, limits) -> the
+    decision taken, and its count in the request metrics. Made per request, so without an
+    ``__init__``: the flags are class defaults until set."""
+
+    counted: str | None = None  # the result counted for the request (None: not counted yet)
+    deferred: bool = False  # an outer layer admitted it and counts it at the end (finish)
+
+
+def tally(limiter: object, ledger: Ledger | None, route: str | None, result: str) -> None:
+    """Count the request under ``result``, once: only a refusal or failure after a counted
+    admission counts again (several checks that see no end, and no outer layer)."""
+    if ledger is not None:
+        counted = ledger.counted
+        if counted is not None and (counted != "allowed" or result == "allowed"):
+            return
+        ledger.counted = result
+    record_request(limiter, route, result)
+
+
+def finish(limiter: object, ledger: Ledger | None, route: str | None) -> None:
+    """The end of a request an outer layer admitted: count it as admitted, unless a check
+    inside counted it already (a refusal, or an admission)."""
+    tally(limiter, ledger, route, "allowed")
 
 
 class RequestFacts(NamedTuple):
@@ -84,8 +116,10 @@ class RequestFacts(NamedTuple):
     user: Callable[[], object] | None = None
     route: str | None = None  # what a per-route limit's bucket is named after; None: app-wide
     template: str | None = None  # the matched route's template, a metrics label, never a path
-    routed: bool = True  # False before routing (a middleware): the caller counts an admission
-    ledger: Ledger | None = None  # the buckets this request charged so far, kept on it
+    # False: the caller sees the request's end (a middleware, a view decorator) and counts an
+    # admission then (finish); True: an admission is counted now, unless an outer layer will.
+    routed: bool = True
+    ledger: Ledger | None = None  # what this request charged and counted so far, kept on it
 
 
 class Verdict(NamedTuple):
@@ -244,14 +278,17 @@ def _steps(
         else:
             decision = decide_sync(limiter, key, limits, policy.cost, shadow=policy.shadow)
     except BackendError as error:
-        record_request(limiter, template, "unavailable")
+        tally(limiter, ledger, template, "unavailable")
         return unavailable(error)
     if ledger is not None:
         ledger[(key, limits)] = decision
     if not decision.allowed:
-        record_request(limiter, template, "refused")
-    elif routed:
-        record_request(limiter, template, "allowed")
+        tally(limiter, ledger, template, "refused")
+    elif not routed:
+        if ledger is not None:
+            ledger.deferred = True
+    elif ledger is None or not ledger.deferred:
+        tally(limiter, ledger, template, "allowed")
     return answer(policy, decision)
 
 

@@ -390,9 +390,10 @@ def _sf_string(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _policy_field(limit: Limit) -> tuple[str, str]:
-    """A limit's sf-string name and its ``RateLimit-Policy`` item: the same on every response."""
-    name = _sf_string(limit.label)
+def _policy_field(limit: Limit, label: str) -> tuple[str, str]:
+    """A limit's sf-string name and its ``RateLimit-Policy`` item: the same on every response.
+    Cached by the label too: equal limits (one bucket) may be spelled, so labelled, apart."""
+    name = _sf_string(label)
     return name, f"{name};q={limit.burst};w={max(1, math.ceil(limit.fill_time))}"
 
 
@@ -408,7 +409,7 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     flask-limiter and slowapi send it; the IETF field carries the same moment as a delta."""
     limit = decision.policy
     if not decision.details and limit is not None:  # one limit, as most are: nothing to join
-        name, policies = _policy_field(limit)
+        name, policies = _policy_field(limit, limit.label)
         states = f"{name};r={decision.remaining};t={math.ceil(decision.reset_after)}"
     else:
         policies, states = _fields_of(decision.details or (decision,))
@@ -433,7 +434,7 @@ def _fields_of(parts: Sequence[Decision]) -> tuple[str, str]:
         limit = part.policy
         if limit is None:
             continue
-        name, policy = _policy_field(limit)
+        name, policy = _policy_field(limit, limit.label)
         policies.append(policy)
         states.append(f"{name};r={part.remaining};t={math.ceil(part.reset_after)}")
     return ", ".join(policies), ", ".join(states)
@@ -503,8 +504,9 @@ ANY_ROUTE = "*"  # the route label when no template is known (unrouted, or befor
 
 
 def record_request(limiter: object, route: str | None, result: str) -> None:
-    """Count one check on ``route`` (a template, never a raw path) with the limiter's metrics
-    sink, when it has ``record_request`` (an optional part of ``MetricsSink``)."""
+    """Count one request on ``route`` (a template, never a raw path) with the limiter's metrics
+    sink, when it has ``record_request`` (an optional part of ``MetricsSink``); ``_check``
+    decides when (once per request)."""
     record = getattr(getattr(limiter, "metrics", None), "record_request", None)
     if record is not None:
         record(route or ANY_ROUTE, result)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from tokenlimit._extras import needs_extra
-from tokenlimit.integrations._check import RequestFacts, awaited
+from tokenlimit.integrations._check import Ledger, RequestFacts, awaited
 from tokenlimit.integrations._settings import Settings, SettingsError
 
 with needs_extra("django", "django", feature="tokenlimit.integrations.django"):
@@ -141,5 +141,5 @@ def request_facts(
         route,
         template(http),
         routed,
-        vars(http).setdefault(LEDGER, {}),
+        vars(http).setdefault(LEDGER, Ledger()),
     )

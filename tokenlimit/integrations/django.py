@@ -33,6 +33,7 @@ from tokenlimit.integrations._check import (
     answer,
     check,
     combined,
+    finish,
     merged,
     unavailable,
 )
@@ -41,7 +42,6 @@ from tokenlimit.integrations._common import (
     Policy,
     RequestLimit,
     rate_limit_headers,
-    record_request,
 )
 from tokenlimit.integrations._incumbents import DJANGO_RATELIMIT
 from tokenlimit.integrations._settings import Problem, Settings
@@ -57,6 +57,7 @@ with needs_extra("django", "django", feature=__name__):
     from django.views import View
 
     from tokenlimit.integrations._django import (
+        LEDGER,
         DjangoRequest,
         auser_id,
         request_facts,
@@ -151,7 +152,8 @@ def _call_sync(
         return view()
     policy, scope = _policy(state, rule)
     user = functools.partial(_user_id, request)
-    facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
+    # Both the middleware and the decorator see the request's end: each counts it there.
+    facts = request_facts(request, request, policy, user, route=route, routed=False)
     verdict = check(policy, facts, state.sync, scope=scope, resolve=resolve)
     refused = _render(state, request, policy, verdict)
     return refused if refused is not None else _done(state.sync, request, route, verdict, view())
@@ -169,7 +171,8 @@ async def _call_async(
         return await view()
     policy, scope = _policy(state, rule)
     user = functools.partial(auser_id, request)
-    facts = request_facts(request, request, policy, user, route=route, routed=route is not None)
+    # Both the middleware and the decorator see the request's end: each counts it there.
+    facts = request_facts(request, request, policy, user, route=route, routed=False)
     verdict = await acheck(policy, facts, state.async_, scope=scope)
     refused = _render(state, request, policy, verdict)
     if refused is not None:
@@ -207,10 +210,10 @@ def _done(
     verdict: Verdict,
     response: _Response,
 ) -> _Response:
-    """The response, with every limit the request was checked against in its headers."""
-    if route is None and verdict.decision is not None:
-        # The middleware's admission, counted now that the URL is resolved.
-        record_request(limiter, template(request), "allowed")
+    """The response, with every limit the request was checked against in its headers; the
+    request counted now that the URL is resolved, unless a check inside counted it."""
+    if verdict.decision is not None:
+        finish(limiter, vars(request).get(LEDGER), template(request))
     return _annotate(request, response)
 
 

@@ -9,15 +9,18 @@
     app.add_middleware(RateLimitMiddleware, limit="100/minute", exempt=["/health"])
 
 ``limit`` may also be a callable taking the request (sync or async) and returning the limit(s)
-for it, such as the caller's plan (tiers). This module reads the ASGI scope and renders the
-shared check's verdict, which never blocks the event loop. Only Starlette is imported, so the
-middleware also serves plain Starlette apps.
+for it, such as the caller's plan (tiers). Both also limit WebSocket connections, a token per
+handshake: refused before ``accept`` with the 429 response where the server offers the ASGI
+``websocket.http.response`` extension, else closed with code 1008. This module reads the ASGI
+scope and renders the shared check's verdict, which never blocks the event loop. Only Starlette
+is imported, so the middleware also serves plain Starlette apps.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads ``RateLimit.__call__``'s
 # annotations at runtime, and an instance has no ``__globals__`` to resolve strings against.
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 
 from tokenlimit._config import default_async_limiter
@@ -26,11 +29,14 @@ from tokenlimit._errors import BackendError, RateLimitExceeded
 from tokenlimit._extras import needs_extra
 from tokenlimit._log import ThrottledLog
 from tokenlimit.integrations._check import (
+    Ledger,
     Limiter,
     RequestFacts,
+    Verdict,
     acheck,
     check_limiter,
     check_scope,
+    finish,
     merged,
 )
 from tokenlimit.integrations._common import (
@@ -38,25 +44,35 @@ from tokenlimit.integrations._common import (
     KeyFunction,
     Policy,
     RequestLimit,
-    record_request,
     refused_body,
     response_headers,
+    retry_after_seconds,
     unavailable_body,
 )
 
 with needs_extra("fastapi", "fastapi", feature=__name__):
+    import starlette
     from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.exceptions import HTTPException, WebSocketException
+    from starlette.requests import HTTPConnection, Request
     from starlette.responses import Response
     from starlette.routing import Match, Router
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.websockets import WebSocket
 
 __all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
 
 DEFAULT_EXEMPT = ("/health", "/metrics")
 _LEDGER = "tokenlimit.charged"  # scope key: the buckets this request charged
 PUBLIC = "tokenlimit"  # scope["state"] key: the request's Decision, ``request.state.tokenlimit``
+_DENIAL = "websocket.http.response"  # the ASGI extension for an HTTP answer to a handshake
+# Close codes for a handshake refused where no HTTP answer can be sent (RFC 6455 7.4.1).
+POLICY_VIOLATION = 1008  # refused: 429's counterpart
+INTERNAL_ERROR = 1011  # storage failed (closed mode): 503's counterpart
+# Starlette sends the handler's response for an HTTPException raised before a WebSocket's
+# accept from 0.41 on; before, it sends nothing, so a dependency closes with a code instead.
+_RELEASE = re.match(r"(\d+)\.(\d+)", starlette.__version__)
+_HTTP_BEFORE_ACCEPT = _RELEASE is not None and (int(_RELEASE[1]), int(_RELEASE[2])) >= (0, 41)
 
 
 class RateLimited(HTTPException):
@@ -118,12 +134,13 @@ class _Guarded:
         # Resolved per request, so ``configure()`` may run after the app is built.
         return self._limiter if self._limiter is not None else default_async_limiter()
 
-    def _facts(self, scope: Scope, request: Request | None, *, routed: bool) -> RequestFacts:
+    def _facts(self, scope: Scope, request: HTTPConnection | None, *, routed: bool) -> RequestFacts:
         """``routed``: the router has matched the route (a dependency), which names the bucket:
-        the method and the path template, ``GET /items/{item_id}``. A middleware runs before.
+        the method and the path template, ``GET /items/{item_id}`` (``WEBSOCKET /ws`` for a
+        WebSocket route). A middleware runs before.
         """
         template = _template(scope) if routed else None
-        route = f"{scope['method']} {template or '*'}" if routed else None
+        route = f"{scope.get('method', 'WEBSOCKET')} {template or '*'}" if routed else None
         # One pass over the raw headers. Several X-Forwarded-For lines are one comma-separated
         # list (RFC 9110 5.3): reading only the first would let a client's own line stand in
         # for the one its proxy added.
@@ -148,7 +165,7 @@ class _Guarded:
             route,
             template,
             routed,
-            scope.get(_LEDGER) or scope.setdefault(_LEDGER, {}),
+            scope.get(_LEDGER) or scope.setdefault(_LEDGER, Ledger()),
         )
 
 
@@ -168,6 +185,11 @@ class RateLimit(_Guarded):
 
     ``shadow=True`` (here and on ``RateLimitMiddleware``): decide, count and send the headers as
     usual, but never answer 429; a would-be refusal is a ``Decision`` with ``shadowed=True``.
+
+    On a ``@app.websocket`` route it takes a token per handshake (the bucket ``WEBSOCKET
+    <template>``): refused, the handshake is answered 429 where the server offers the ASGI
+    ``websocket.http.response`` extension (and Starlette is 0.41 or later), else closed with
+    code 1008 before ``accept``; ``key`` and a chooser are then given the ``WebSocket``.
 
     Identity (both): ``key(request)`` if given and not None/""; else an API key, only where the
     app vouches for it: ``api_key_header="X-API-Key"`` where authentication runs first, or
@@ -208,9 +230,19 @@ class RateLimit(_Guarded):
         self.scope = check_scope(scope)
         super().__init__(policy, limiter)
 
-    async def __call__(self, request: Request, response: Response) -> Decision:
-        facts = self._facts(request.scope, request, routed=True)
+    # ``HTTPConnection``: FastAPI hands a route's ``Request`` and a WebSocket route's
+    # ``WebSocket`` alike.
+    async def __call__(self, request: HTTPConnection, response: Response) -> Decision:
+        scope = request.scope
+        facts = self._facts(scope, request, routed=True)
         verdict = await acheck(self.policy, facts, self._resolve(), scope=self.scope)
+        if (
+            verdict.status != 200
+            and scope["type"] == "websocket"
+            and not (_HTTP_BEFORE_ACCEPT and _can_deny(scope))
+        ):
+            verdict.report(self._log)
+            raise WebSocketException(*_close_code(verdict)) from verdict.error
         if verdict.status == 503:
             verdict.report(self._log)
             raise HTTPException(503, "rate limiter unavailable") from verdict.error
@@ -241,12 +273,31 @@ def _raw(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields]
 
 
-async def _answer(send: Send, status: int, body: bytes, fields: Sequence[tuple[str, str]]) -> None:
-    """Send a whole JSON response (the app is never called)."""
+async def _answer(
+    send: Send, status: int, body: bytes, fields: Sequence[tuple[str, str]], kind: str = "http"
+) -> None:
+    """Send a whole JSON response (the app is never called); ``kind`` ``"websocket"``: as the
+    answer to a WebSocket handshake (the ``websocket.http.response`` extension)."""
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += _raw(fields)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    prefix = "" if kind == "http" else "websocket."
+    await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})
+
+
+def _can_deny(scope: Scope) -> bool:
+    """Whether the server takes an HTTP response to a WebSocket handshake (else it is closed
+    with a code)."""
+    return _DENIAL in (scope.get("extensions") or ())
+
+
+def _close_code(verdict: Verdict) -> tuple[int, str]:
+    """The close code and reason that refuse a WebSocket handshake without an HTTP answer."""
+    if verdict.status == 503:
+        return INTERNAL_ERROR, "rate limiter unavailable"
+    assert verdict.decision is not None
+    retry = retry_after_seconds(verdict.decision)
+    return POLICY_VIOLATION, f"rate limit exceeded; retry after {retry} s"
 
 
 def _find_router(app: object) -> Router | None:
@@ -265,13 +316,17 @@ def _find_router(app: object) -> Router | None:
 
 
 class RateLimitMiddleware(_Guarded):
-    """Pure ASGI middleware: one default limit for every HTTP request outside ``exempt``.
+    """Pure ASGI middleware: one default limit for every HTTP request and WebSocket handshake
+    outside ``exempt``.
 
     ``exempt`` paths match exactly or as a prefix ending at ``/`` (``/metrics`` covers
     ``/metrics/x``, not ``/metricsx``). An admitted request's ``Decision`` is
-    ``request.state.tokenlimit`` (None on an exempt path). Lifespan and websocket traffic
-    passes untouched. In a Starlette or FastAPI app, a request that matches no route (a 404)
-    is not charged, as in Flask; in front of an app without a router every request is.
+    ``request.state.tokenlimit`` (None on an exempt path). Lifespan traffic passes untouched.
+    In a Starlette or FastAPI app, a request that matches no route (a 404) is not charged, as in
+    Flask; in front of an app without a router every request is. A WebSocket connection takes one token when it
+    connects (its messages take none): refused, the handshake is answered 429 where the server
+    offers the ASGI ``websocket.http.response`` extension, else closed with code 1008 before
+    ``accept``; admitted, the ``websocket.accept`` carries the rate-limit headers.
     """
 
     __slots__ = ("_router", "_wants_request", "app")
@@ -312,7 +367,14 @@ class RateLimitMiddleware(_Guarded):
         self._wants_request = policy.key is not None or policy.choose is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._routed(scope):
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket" and self._routed(scope):
+                await self._connect(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        if not self._routed(scope):
             await self.app(scope, receive, send)
             return
         limiter = self._resolve()
@@ -340,7 +402,41 @@ class RateLimitMiddleware(_Guarded):
             await self.app(scope, receive, send_with_headers if extra else send)
         finally:
             if verdict.decision is not None:  # admitted: counted once the route is known
-                record_request(limiter, _template(scope), "allowed")
+                finish(limiter, scope[_LEDGER], _template(scope))
+
+    async def _connect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection: one token for its handshake, counted once the app has
+        answered the handshake (accepted, or closed it)."""
+        limiter = self._resolve()
+        socket = WebSocket(scope, receive, send) if self._wants_request else None
+        verdict = await acheck(self.policy, self._facts(scope, socket, routed=False), limiter)
+        if verdict.status != 200:
+            verdict.report(self._log)
+            if _can_deny(scope):
+                await _answer(send, verdict.status, verdict.body, verdict.headers, "websocket")
+            else:
+                code, reason = _close_code(verdict)
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+            return
+        if verdict.decision is None:  # exempt
+            await self.app(scope, receive, send)
+            return
+        extra = _raw(verdict.headers)
+        ledger = scope[_LEDGER]
+
+        async def send_answered(message: Message) -> None:
+            if message["type"] == "websocket.accept" and extra:
+                headers = message.get("headers") or ()
+                if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
+                    message = {**message, "headers": [*headers, *extra]}
+            if not ledger.counted:
+                finish(limiter, ledger, _template(scope))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_answered)
+        finally:
+            finish(limiter, ledger, _template(scope))  # never answered: counted now
 
     def _routed(self, scope: Scope) -> bool:
         """False when the app's router has no route for ``scope``: a 404 that costs nothing. A
