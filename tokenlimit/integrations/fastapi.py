@@ -323,10 +323,11 @@ class RateLimitMiddleware(_Guarded):
     ``/metrics/x``, not ``/metricsx``). An admitted request's ``Decision`` is
     ``request.state.tokenlimit`` (None on an exempt path). Lifespan traffic passes untouched.
     In a Starlette or FastAPI app, a request that matches no route (a 404) is not charged, as in
-    Flask; in front of an app without a router every request is. A WebSocket connection takes one token when it
-    connects (its messages take none): refused, the handshake is answered 429 where the server
-    offers the ASGI ``websocket.http.response`` extension, else closed with code 1008 before
-    ``accept``; admitted, the ``websocket.accept`` carries the rate-limit headers.
+    Flask; in front of an app without a router every request is. A WebSocket connection takes
+    one token when it connects (its messages take none): refused, the handshake is answered 429
+    where the server offers the ASGI ``websocket.http.response`` extension, else closed with
+    code 1008 before ``accept``; admitted, the ``websocket.accept`` carries the rate-limit
+    headers.
     """
 
     __slots__ = ("_router", "_wants_request", "app")
