@@ -14,9 +14,10 @@ error handlers answer 429 and 503 with a small JSON body. Register your own hand
 class after ``init_app`` to render them differently: the headers are still added.
 
 ``app.config`` supplies what the constructor leaves out (the constructor wins):
-``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` (the limiter, when ``limiter=`` is not given;
-else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``,
-``TOKENLIMIT_TRUSTED_PROXIES``, ``TOKENLIMIT_API_KEY_HEADER`` and ``TOKENLIMIT_SHADOW``.
+``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE`` and ``TOKENLIMIT_EXPECTED_PROCESSES`` (the
+limiter, when ``limiter=`` is not given; else the one ``tokenlimit.configure()`` set),
+``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``, ``TOKENLIMIT_TRUSTED_PROXIES``,
+``TOKENLIMIT_API_KEY_HEADER`` and ``TOKENLIMIT_SHADOW``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this 
 
 
 _EXEMPT = object()  # marks views decorated with @ext.exempt
+# The limiter's options read from app.config, by the parameter a ConfigError names.
+_LIMITER_SETTINGS = {
+    "failure_mode": "TOKENLIMIT_FAILURE_MODE",
+    "expected_processes": "TOKENLIMIT_EXPECTED_PROCESSES",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +214,15 @@ class TokenLimit:
         if not isinstance(url, str):
             raise ConfigTypeError("TOKENLIMIT_URL", f"must be a URL string, not {url!r}")
         mode = app.config.get("TOKENLIMIT_FAILURE_MODE", "closed")
-        return RateLimiter.from_url(url, failure_mode=mode)
+        processes = app.config.get("TOKENLIMIT_EXPECTED_PROCESSES")
+        try:
+            return RateLimiter.from_url(url, failure_mode=mode, expected_processes=processes)
+        except ConfigError as error:
+            setting = _LIMITER_SETTINGS.get(error.param)
+            if setting is None:
+                raise
+            # Name the setting the bad value came from.
+            raise type(error)(setting, str(error).removeprefix(f"{error.param}: ")) from None
 
     # -- per-view decorators ------------------------------------------------------------------
     def limit(
