@@ -115,6 +115,7 @@ class Flaky:
         self.store = MemoryBackend(clock=clock)
         self.down = False
         self.calls = 0
+        self.releases = 0
 
     def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
         self.calls += 1
@@ -132,6 +133,20 @@ class Flaky:
         if self.down:
             raise BackendError("storage is down", reason="connection")
         self.store.reset(request)
+
+    def hold_slot(
+        self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
+    ) -> Sequence[int]:
+        self.calls += 1
+        if self.down:
+            raise BackendError("storage is down", reason="connection")
+        return self.store.hold_slot(key, holder, max_in_flight, lease_us)
+
+    def release_slot(self, key: str, holder: str, *, timeout: float) -> int:
+        self.releases += 1
+        if self.down:
+            raise BackendError("storage is down", reason="connection")
+        return self.store.release_slot(key, holder)
 
     def close(self) -> None:
         pass
@@ -235,6 +250,27 @@ def test_shadow_mode_admits_what_the_share_would_refuse() -> None:
         backend.down = True
         got = [shadow.try_acquire("k", limit) for _ in range(2)]
         assert [(d.allowed, d.shadowed) for d in got] == [(True, False), (True, True)]
+
+
+def test_concurrency_limits_hold_a_share_of_the_slots_locally() -> None:
+    with flaky_limiter(2) as (limiter, backend, clock, recorder):
+        guard = limiter.concurrency("jobs", 5, lease=60)
+        with guard as held:
+            assert (held.limit, held.remaining) == (5, 4)  # on the server
+            backend.down = True
+            with guard as first, guard as second:  # the share: 5 // 2 slots
+                assert (first.limit, first.remaining, second.remaining) == (2, 1, 0)
+                with pytest.raises(tokenlimit.RateLimitExceeded, match="all 2 slots"), guard:
+                    pass
+            with guard:  # given back locally: free again
+                pass
+            assert backend.releases == 0  # nothing local went to the server
+            assert recorder.switches == ["local"]
+            backend.down = False
+            clock.advance(PROBE_INTERVAL)
+            with guard as again:
+                assert (again.limit, again.remaining) == (5, 3)  # the server's, as left
+            assert recorder.switches == ["local", "shared"]
 
 
 def test_async_limiter_on_the_fake_clock() -> None:
@@ -449,6 +485,32 @@ def test_a_hung_server_costs_one_deadline_per_probe_interval_async(proxy: FaultP
     # A probe holds the seven calls beside it only if they wait for it: they do not.
     assert 1 <= slow <= allowed_slow_calls(elapsed), (slow, calls, elapsed)
     assert calls > 10 * slow
+
+
+def test_concurrency_on_a_real_server_falls_back_to_local_slots(proxy: FaultProxy) -> None:
+    async def main() -> None:
+        async with AsyncRateLimiter.from_url(
+            proxy.url, timeout=TIMEOUT, failure_mode="local", expected_processes=3
+        ) as limiter:
+            await aconnected(limiter)
+            guard = limiter.concurrency("jobs", 7, lease=30)
+            proxy.refuse()
+            async with guard as one, guard as two:  # the share: 7 // 3 slots
+                assert (one.limit, one.remaining, two.remaining) == (2, 1, 0)
+                with pytest.raises(tokenlimit.RateLimitExceeded):
+                    async with guard:
+                        pass
+            proxy.heal()
+            deadline = time.monotonic() + 10 * PROBE_INTERVAL
+            while True:
+                async with guard as held:
+                    if held.limit == 7:
+                        break
+                assert time.monotonic() < deadline, "still local long after the server came back"
+                await asyncio.sleep(0.05)
+            assert held.remaining == 6
+
+    asyncio.run(main())
 
 
 def test_a_users_client_falls_back_too(proxy: FaultProxy) -> None:

@@ -28,6 +28,7 @@ from ._validate import (
 if TYPE_CHECKING:
     from typing import Self
 
+    from ._limit import Limit
     from ._plan import LimitSpec
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase", "LimiterOptions"]
@@ -247,12 +248,14 @@ class LimiterBase(Generic[_B]):
         return fail_open_decision(request.limits)
 
     # -- failure_mode="local" (see _fallback.py) ---------------------------------------------
-    def _went_local(self, fallback: LocalFallback, request: Request, error: BackendError) -> None:
+    def _went_local(
+        self, fallback: LocalFallback, limits: Sequence[Limit], error: BackendError
+    ) -> None:
         """The server failed a call: count the error (not as failing open: the call is decided
         locally), and the switch to local when this is one."""
         metrics = self._metrics
         if metrics is not None:
-            metrics.record_error(request.limits, error.reason, False)
+            metrics.record_error(limits, error.reason, False)
         if fallback.failed():
             self._log.warning(
                 f"tokenlimit: storage failed, deciding in this process at 1/"

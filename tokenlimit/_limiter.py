@@ -177,7 +177,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         except BackendError as error:
             if fallback is None:
                 return self._failed(request, error)
-            self._went_local(fallback, request, error)
+            self._went_local(fallback, request.limits, error)
             return self._held_locally(fallback, request, hold_us)
         if fallback is not None and fallback.local:
             self._back_to_shared(fallback)
@@ -210,7 +210,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         try:
             reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
-            self._went_local(fallback, request, error)
+            self._went_local(fallback, request.limits, error)
             return self._local(fallback, request, started, consume=consume)
         if fallback.local:
             self._back_to_shared(fallback)
@@ -357,7 +357,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         except BackendError as error:
             if fallback is None:
                 return self._failed(request, error)
-            self._went_local(fallback, request, error)
+            self._went_local(fallback, request.limits, error)
             return self._held_locally(fallback, request, hold_us)
         if fallback is not None and fallback.local:
             self._back_to_shared(fallback)
@@ -403,7 +403,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         try:
             reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
-            self._went_local(fallback, request, error)
+            self._went_local(fallback, request.limits, error)
             return self._local(fallback, request, started, consume=consume)
         if fallback.local:
             self._back_to_shared(fallback)
