@@ -89,6 +89,17 @@ def test_the_option_is_kept_and_shown() -> None:
     assert (default.failure_mode, default.expected_processes) == ("local", 3)
 
 
+def test_the_twins_of_one_url_share_their_local_buckets() -> None:
+    """Django serves sync and async views from one process: one share, not one per twin."""
+    from tokenlimit._config import limiter_pair
+
+    sync, async_ = limiter_pair("memory://", {"failure_mode": "local", "expected_processes": 2})
+    assert sync._fallback is not None
+    assert async_._fallback is sync._fallback
+    closed = limiter_pair("memory://", {})
+    assert closed[0]._fallback is closed[1]._fallback is None
+
+
 # -- the shares -------------------------------------------------------------------------------
 def test_a_share_divides_rate_and_burst_rounding_the_burst_down_to_at_least_one() -> None:
     limit = Limit(10, 20)
