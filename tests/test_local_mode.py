@@ -437,18 +437,22 @@ HUNG_FOR = 2.5 * PROBE_INTERVAL
 SLOW_CALL = TIMEOUT * 0.8  # a call this slow tried the server (a local decision takes µs)
 
 
-def allowed_slow_calls(elapsed: float) -> int:
-    return int(elapsed / PROBE_INTERVAL) + 2
+def allowed_tries(elapsed: float) -> int:
+    """Tries of the server the rule allows in ``elapsed`` seconds after the switch."""
+    return int(elapsed / PROBE_INTERVAL) + 1
 
 
 def test_a_hung_server_costs_one_deadline_per_probe_interval_sync(proxy: FaultProxy) -> None:
-    limit = Limit(SLOW, 1_000_000)
+    limit, recorder = Limit(SLOW, 1_000_000), Recorder()
     with RateLimiter.from_url(
-        proxy.url, timeout=TIMEOUT, failure_mode="local", expected_processes=2
+        proxy.url, timeout=TIMEOUT, failure_mode="local", expected_processes=2, metrics=recorder
     ) as limiter:
         connected(limiter)
+        recorder.errors.clear()  # a connect that missed its deadline while warming up
+        recorder.switches.clear()
         proxy.blackhole()
         assert limiter.try_acquire("k", limit).limit == 500_000  # this call switched
+        assert recorder.errors == [("timeout", False)]
         started = time.monotonic()
         slow = calls = 0
         while time.monotonic() - started < HUNG_FOR:
@@ -460,20 +464,27 @@ def test_a_hung_server_costs_one_deadline_per_probe_interval_sync(proxy: FaultPr
             slow += time.monotonic() - before > SLOW_CALL
             time.sleep(0.002)
         elapsed = time.monotonic() - started
-    assert 1 <= slow <= allowed_slow_calls(elapsed), (slow, calls, elapsed)
-    assert calls > 10 * slow  # most calls never waited for the server
+    tries = len(recorder.errors) - 1  # each failed try of the server, after the switch
+    assert 1 <= tries <= allowed_tries(elapsed), (tries, elapsed)
+    # Only those waited for the server (the bound allows one call slowed by the machine).
+    assert 1 <= slow <= allowed_tries(elapsed) + 1, (slow, calls, elapsed)
+    assert calls > 10 * slow
+    assert recorder.switches == ["local"]
 
 
 def test_a_hung_server_costs_one_deadline_per_probe_interval_async(proxy: FaultProxy) -> None:
-    limit = Limit(SLOW, 1_000_000)
+    limit, recorder = Limit(SLOW, 1_000_000), Recorder()
 
     async def main() -> tuple[int, int, float]:
         async with AsyncRateLimiter.from_url(
-            proxy.url, timeout=TIMEOUT, failure_mode="local", expected_processes=2
+            proxy.url, timeout=TIMEOUT, failure_mode="local", expected_processes=2, metrics=recorder
         ) as limiter:
             await aconnected(limiter)
+            recorder.errors.clear()  # a connect that missed its deadline while warming up
+            recorder.switches.clear()
             proxy.blackhole()
             assert (await limiter.try_acquire("k", limit)).limit == 500_000  # switched
+            assert [failed_open for _, failed_open in recorder.errors] == [False]
             started = time.monotonic()
             slow = calls = 0
 
@@ -493,9 +504,12 @@ def test_a_hung_server_costs_one_deadline_per_probe_interval_async(proxy: FaultP
             return slow, calls, time.monotonic() - started
 
     slow, calls, elapsed = asyncio.run(main())
-    # A probe holds the seven calls beside it only if they wait for it: they do not.
-    assert 1 <= slow <= allowed_slow_calls(elapsed), (slow, calls, elapsed)
+    tries = len(recorder.errors) - 1
+    assert 1 <= tries <= allowed_tries(elapsed), (tries, elapsed)
+    # A probe would hold the seven calls beside it only if they waited for it: they do not.
+    assert 1 <= slow <= allowed_tries(elapsed) + 1, (slow, calls, elapsed)
     assert calls > 10 * slow
+    assert recorder.switches == ["local"]
 
 
 def test_concurrency_on_a_real_server_falls_back_to_local_slots(proxy: FaultProxy) -> None:
