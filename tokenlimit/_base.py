@@ -14,14 +14,21 @@ from ._backend import can_hold_back
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
-from ._log import ThrottledLog
+from ._fallback import LocalFallback
+from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
 from ._request import Request, build_request
-from ._validate import check_deadline, check_failure_mode, check_prefix
+from ._validate import (
+    check_deadline,
+    check_expected_processes,
+    check_failure_mode,
+    check_prefix,
+)
 
 if TYPE_CHECKING:
     from typing import Self
 
+    from ._limit import Limit
     from ._plan import LimitSpec
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase", "LimiterOptions"]
@@ -42,6 +49,7 @@ class LimiterOptions(TypedDict, total=False):
     prefix: str
     timeout: float
     failure_mode: str
+    expected_processes: int | None
     metrics: MetricsSink | None
     local_cache: bool | int
     shadow: bool
@@ -52,6 +60,7 @@ class LimiterBase(Generic[_B]):
 
     __slots__ = (
         "_failure_mode",
+        "_fallback",
         "_log",
         "_metrics",
         "_prefix",
@@ -70,6 +79,7 @@ class LimiterBase(Generic[_B]):
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: str = "closed",
+        expected_processes: int | None = None,
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         remote: bool = False,
@@ -83,6 +93,9 @@ class LimiterBase(Generic[_B]):
         self._prefix = check_prefix(prefix)
         self._timeout = check_deadline(timeout)
         self._failure_mode = check_failure_mode(failure_mode)
+        processes = check_expected_processes(self._failure_mode, expected_processes)
+        # None unless failure_mode="local": the one check a decision pays for that mode.
+        self._fallback = None if processes is None else LocalFallback(processes)
         if metrics is not None and not isinstance(metrics, MetricsSink):
             raise ConfigTypeError(
                 "metrics", "must have record_decision() and record_error() (see MetricsSink)"
@@ -108,6 +121,12 @@ class LimiterBase(Generic[_B]):
     @property
     def failure_mode(self) -> str:
         return self._failure_mode
+
+    @property
+    def expected_processes(self) -> int | None:
+        """With ``failure_mode="local"``: the processes sharing the limits (each decides at
+        1/N of them while storage is down); else None."""
+        return None if self._fallback is None else self._fallback.processes
 
     @property
     def metrics(self) -> MetricsSink | None:
@@ -191,14 +210,20 @@ class LimiterBase(Generic[_B]):
         return dataclasses.replace(decision, allowed=True, shadowed=True)
 
     def _forget_all(self) -> None:
-        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds."""
+        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, and
+        the local buckets (``failure_mode="local"``) are full again."""
         if self._refusals is not None:
             self._refusals.clear()
+        if self._fallback is not None:
+            self._fallback.clear()
 
     def _forget(self, request: Request) -> None:
-        """After ``reset``: the cached refusals for these buckets no longer hold."""
+        """After ``reset``: the cached refusals for these buckets no longer hold, and their
+        local buckets are full again."""
         if self._refusals is not None:
             self._refusals.forget(request.keys, time.perf_counter())
+        if self._fallback is not None:
+            self._fallback.forget(request)
 
     @staticmethod
     def _pause(decision: Decision, deadline: float) -> float:
@@ -222,9 +247,62 @@ class LimiterBase(Generic[_B]):
         self._log.warning(f"tokenlimit: storage failed, admitting ({mode})", error)
         return fail_open_decision(request.limits)
 
+    # -- failure_mode="local" (see _fallback.py) ---------------------------------------------
+    def _went_local(
+        self, fallback: LocalFallback, limits: Sequence[Limit], error: BackendError
+    ) -> None:
+        """The server failed a call: count the error (not as failing open: the call is decided
+        locally), and the switch to local when this is one."""
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.record_error(limits, error.reason, False)
+        if fallback.failed():
+            self._log.warning(
+                f"tokenlimit: storage failed, deciding in this process at 1/"
+                f"{fallback.processes} of each limit (failure_mode='local')",
+                error,
+            )
+            self._record_switch("local")
+
+    def _back_to_shared(self, fallback: LocalFallback) -> None:
+        """The server answered: decide on the shared buckets again (counted once per switch)."""
+        if fallback.answered():
+            logger.info("tokenlimit: storage answers again, back to the shared buckets")
+            self._record_switch("shared")
+
+    def _record_switch(self, to: str) -> None:
+        record = getattr(self._metrics, "record_switch", None)
+        if record is not None:
+            record(to)
+
+    def _local(
+        self, fallback: LocalFallback, request: Request, started: float, *, consume: bool
+    ) -> Decision:
+        """Decide ``request`` on this process's share of its limits, recorded as a decision
+        (and, for sinks that count them, as a local one)."""
+        local = fallback.localized(request)
+        decision = decode_reply(fallback.store.decide(local, consume=consume), local.limits)
+        if self._shadow and consume and not decision.allowed:
+            decision = self._shadowed(request, decision)
+        metrics = self._metrics
+        if consume and metrics is not None:
+            metrics.record_decision(request.limits, decision, time.perf_counter() - started)
+            record = getattr(metrics, "record_local_decision", None)
+            if record is not None:
+                record(request.limits, decision)
+        return decision
+
+    def _held_locally(self, fallback: LocalFallback, request: Request, hold_us: int) -> Decision:
+        """``hold_back`` on this process's share of the limits (the local buckets)."""
+        local = fallback.localized(request)
+        return decode_reply(fallback.store.hold_back(local, hold_us), local.limits)
+
     def __repr__(self) -> str:
         shadow = ", shadow=True" if self._shadow else ""
+        processes = (
+            "" if self._fallback is None else f", expected_processes={self.expected_processes}"
+        )
         return (
             f"{type(self).__name__}({type(self.backend).__name__}, prefix={self._prefix!r}, "
-            f"timeout={self._timeout!r}, failure_mode={self._failure_mode!r}{shadow})"
+            f"timeout={self._timeout!r}, failure_mode={self._failure_mode!r}{processes}{shadow})"
         )

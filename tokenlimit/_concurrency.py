@@ -25,6 +25,10 @@ Decisions where the design brief is silent:
   back is then a no-op, logged (throttled) as a warning.
 - A shadow limiter (``shadow=True``) admits a would-be refusal at once, without a slot and
   marked ``shadowed``; ``tokenlimit.testing.disabled()`` admits without touching storage.
+- ``failure_mode="local"``: while storage is down, a holder takes one of this process's share
+  of the slots (``max_in_flight // expected_processes``, at least 1) in the limiter's local
+  store, tried and switched as decisions are (_fallback.py); its holder id starts with
+  ``LOCAL``, so leaving gives the slot back where it was taken.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from typing import Self
 
     from ._backend import AsyncBackend, SyncBackend
+    from ._fallback import LocalFallback
     from ._limiter import AsyncRateLimiter, RateLimiter
 
 __all__ = ["AsyncConcurrency", "Concurrency", "Slots", "build_slots", "hold", "release"]
@@ -71,6 +76,7 @@ R = TypeVar("R")
 # The limiter a guard holds slots through: Concurrency's sync one, AsyncConcurrency's async one.
 _Lim = TypeVar("_Lim", "RateLimiter", "AsyncRateLimiter")
 _PER_CALL = "tokenlimit:per-call"  # stands in for a key made at each call (never stored)
+LOCAL = "local:"  # starts the id of a holder of a local slot (failure_mode="local")
 
 _background: set[asyncio.Future[None]] = set()  # releases running for cancelled callers
 _overrun = ThrottledLog()
@@ -120,7 +126,7 @@ def decode(reply: Sequence[int], slots: Slots) -> Decision:
 def refused(decision: Decision, slots: Slots) -> RateLimitExceeded:
     return RateLimitExceeded(
         decision,
-        f"concurrency limit exceeded: all {slots.max_in_flight} slots are held; "
+        f"concurrency limit exceeded: all {decision.limit} slots are held; "
         f"the earliest lease ends in {decision.retry_after:.3f}s",
     )
 
@@ -301,10 +307,10 @@ class _SlotGuard(Generic[_Lim]):
         return dataclasses.replace(decision, allowed=True, shadowed=True), None
 
     def _settle(
-        self, reply: Sequence[int], holder: str, wait: _Wait
+        self, reply: Sequence[int], holder: str, wait: _Wait, slots: Slots | None = None
     ) -> tuple[Decision, str | None] | float:
         """One hold's reply: the caller's outcome, or how long to sleep before trying again."""
-        decision = decode(reply, self._slots)
+        decision = decode(reply, slots or self._slots)
         if decision.allowed:
             self._record("held")
             return decision, holder
@@ -316,6 +322,31 @@ class _SlotGuard(Generic[_Lim]):
         except RateLimitExceeded:
             self._record("refused")
             raise
+
+    # -- failure_mode="local" ----------------------------------------------------------------
+    def _held_locally(
+        self, fallback: LocalFallback, holder: str, wait: _Wait
+    ) -> tuple[Decision, str | None] | float:
+        """One try at this process's share of the slots, in the limiter's local store."""
+        share = max(1, self._slots.max_in_flight // fallback.processes)
+        slots = dataclasses.replace(self._slots, max_in_flight=share)
+        local = LOCAL + holder
+        reply = fallback.store.hold_slot(slots.key, local, share, slots.lease_us)
+        return self._settle(reply, local, wait, slots)
+
+    def _after_error(
+        self, fallback: LocalFallback | None, error: BackendError, holder: str, wait: _Wait
+    ) -> tuple[Decision, str | None] | float:
+        """The server failed a try: hold a local slot (``"local"``), or the failure mode."""
+        if fallback is None:
+            return self._failed(error)
+        self._limiter._went_local(fallback, (), error)
+        return self._held_locally(fallback, holder, wait)
+
+    def _release_locally(self, holder: str) -> None:
+        fallback = self._limiter._fallback
+        assert fallback is not None  # only a limiter in local mode gives out local holders
+        self._released(fallback.store.release_slot(self._slots.key, holder))
 
     def _record(self, result: str) -> None:
         """One entry's outcome, to the metrics sink if it counts concurrency limits."""
@@ -330,12 +361,19 @@ class _SlotGuard(Generic[_Lim]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return self._without_slot()
         holder, wait = _new_holder(), _Wait(self._slots)
+        fallback = self._limiter._fallback
         while True:
-            try:
-                reply = await attempt(holder)
-            except BackendError as error:
-                return self._failed(error)
-            settled = self._settle(reply, holder, wait)
+            if fallback is not None and fallback.local and fallback.skips_server():
+                settled = self._held_locally(fallback, holder, wait)
+            else:
+                try:
+                    reply = await attempt(holder)
+                except BackendError as error:
+                    settled = self._after_error(fallback, error, holder, wait)
+                else:
+                    if fallback is not None and fallback.local:
+                        self._limiter._back_to_shared(fallback)
+                    settled = self._settle(reply, holder, wait)
             if isinstance(settled, tuple):
                 return settled
             await asyncio.sleep(settled)
@@ -423,18 +461,28 @@ class Concurrency(_SlotGuard["RateLimiter"]):
             return self._without_slot()
         limiter, slots = self._limiter, self._slots
         holder, wait = _new_holder(), _Wait(slots)
+        fallback = limiter._fallback
         while True:
-            try:
-                reply = _sync_hold(limiter.backend, slots, holder, limiter.timeout)
-            except BackendError as error:
-                return self._failed(error)
-            settled = self._settle(reply, holder, wait)
+            if fallback is not None and fallback.local and fallback.skips_server():
+                settled = self._held_locally(fallback, holder, wait)
+            else:
+                try:
+                    reply = _sync_hold(limiter.backend, slots, holder, limiter.timeout)
+                except BackendError as error:
+                    settled = self._after_error(fallback, error, holder, wait)
+                else:
+                    if fallback is not None and fallback.local:
+                        limiter._back_to_shared(fallback)
+                    settled = self._settle(reply, holder, wait)
             if isinstance(settled, tuple):
                 return settled
             time.sleep(settled)
 
     def _release(self, holder: str | None) -> None:
         if holder is None:  # admitted without a slot (failure_mode="open")
+            return
+        if holder.startswith(LOCAL):
+            self._release_locally(holder)
             return
         limiter = self._limiter
         try:
@@ -460,7 +508,7 @@ class Concurrency(_SlotGuard["RateLimiter"]):
         )
 
     async def _arelease(self, holder: str | None) -> None:
-        if holder is None or not is_remote(self._limiter.backend):
+        if holder is None or holder.startswith(LOCAL) or not is_remote(self._limiter.backend):
             self._release(holder)
             return
         # Shielded: a caller cancelled here still gives the slot back.
@@ -526,6 +574,9 @@ class AsyncConcurrency(_SlotGuard["AsyncRateLimiter"]):
 
     async def _release(self, holder: str | None) -> None:
         if holder is None:  # admitted without a slot (failure_mode="open")
+            return
+        if holder.startswith(LOCAL):
+            self._release_locally(holder)
             return
         if not is_remote(self._limiter.backend):
             await self._released_now(holder)

@@ -77,7 +77,11 @@ def limiter_pair(url: str, options: Mapping[str, Any]) -> tuple[RateLimiter, Asy
         if store is not None
         else async_backend_from_url(url, timeout=timeout)
     )
-    return sync, AsyncRateLimiter(async_backend, **options)
+    async_ = AsyncRateLimiter(async_backend, **options)
+    # failure_mode="local": one share per process, whichever twin decides (Django serves sync
+    # and async views from one process), so the twins keep one set of local buckets.
+    async_._fallback = sync._fallback
+    return sync, async_
 
 
 def _ensure() -> None:

@@ -15,6 +15,7 @@ from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
 from ._decorator import Guard
 from ._errors import BackendError, ConfigTypeError
+from ._fallback import LocalFallback
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
@@ -95,6 +96,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: str = "closed",
+        expected_processes: int | None = None,
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
@@ -105,6 +107,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
             prefix=prefix,
             timeout=timeout,
             failure_mode=failure_mode,
+            expected_processes=expected_processes,
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
@@ -165,11 +168,19 @@ class RateLimiter(LimiterBase[SyncBackend]):
         self._check_can_hold()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
+        fallback = self._fallback
+        if fallback is not None and fallback.local and fallback.skips_server():
+            return self._held_locally(fallback, request, hold_us)
         started = time.perf_counter()
         try:
             reply = self.backend.hold_back(request, hold_us, timeout=self._timeout)
         except BackendError as error:
-            return self._failed(request, error)
+            if fallback is None:
+                return self._failed(request, error)
+            self._went_local(fallback, request.limits, error)
+            return self._held_locally(fallback, request, hold_us)
+        if fallback is not None and fallback.local:
+            self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=False)
 
     def _decide(self, request: Request, *, consume: bool) -> Decision:
@@ -181,10 +192,28 @@ class RateLimiter(LimiterBase[SyncBackend]):
             local = refusals.get(request.keys, request.cost, started, request.limits)
             if local is not None:
                 return self._answered(request, local, started, consume=consume)
+        if self._fallback is not None:  # failure_mode="local"
+            return self._decide_or_fall_back(self._fallback, request, started, consume=consume)
         try:
             reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
             return self._failed(request, error)
+        return self._decoded(request, reply, started, consume=consume)
+
+    def _decide_or_fall_back(
+        self, fallback: LocalFallback, request: Request, started: float, *, consume: bool
+    ) -> Decision:
+        """``_decide`` with ``failure_mode="local"``: on the server, or locally while it is
+        down (see _fallback.py for when each)."""
+        if fallback.local and fallback.skips_server():
+            return self._local(fallback, request, started, consume=consume)
+        try:
+            reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
+        except BackendError as error:
+            self._went_local(fallback, request.limits, error)
+            return self._local(fallback, request, started, consume=consume)
+        if fallback.local:
+            self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=consume)
 
     # -- decorator / context manager ----------------------------------------------------------
@@ -245,6 +274,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: str = "closed",
+        expected_processes: int | None = None,
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
@@ -255,6 +285,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             prefix=prefix,
             timeout=timeout,
             failure_mode=failure_mode,
+            expected_processes=expected_processes,
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
@@ -317,11 +348,19 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         self._check_can_hold()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
+        fallback = self._fallback
+        if fallback is not None and fallback.local and fallback.skips_server():
+            return self._held_locally(fallback, request, hold_us)
         started = time.perf_counter()
         try:
             reply = await self.backend.hold_back(request, hold_us, timeout=self._timeout)
         except BackendError as error:
-            return self._failed(request, error)
+            if fallback is None:
+                return self._failed(request, error)
+            self._went_local(fallback, request.limits, error)
+            return self._held_locally(fallback, request, hold_us)
+        if fallback is not None and fallback.local:
+            self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=False)
 
     @staticmethod
@@ -343,10 +382,31 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
                 # reader until other decisions missed their deadline).
                 await asyncio.sleep(0)
                 return self._answered(request, local, started, consume=consume)
+        if self._fallback is not None:  # failure_mode="local"
+            return await self._decide_or_fall_back(
+                self._fallback, request, started, consume=consume
+            )
         try:
             reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
             return self._failed(request, error)
+        return self._decoded(request, reply, started, consume=consume)
+
+    async def _decide_or_fall_back(
+        self, fallback: LocalFallback, request: Request, started: float, *, consume: bool
+    ) -> Decision:
+        """``_decide`` with ``failure_mode="local"`` (see ``RateLimiter._decide_or_fall_back``)."""
+        if fallback.local and fallback.skips_server():
+            # Yield once, as a round trip would (see the refusal cache above).
+            await asyncio.sleep(0)
+            return self._local(fallback, request, started, consume=consume)
+        try:
+            reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
+        except BackendError as error:
+            self._went_local(fallback, request.limits, error)
+            return self._local(fallback, request, started, consume=consume)
+        if fallback.local:
+            self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=consume)
 
     def limit(

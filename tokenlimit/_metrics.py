@@ -22,6 +22,13 @@ class MetricsSink(Protocol):
     entry with ``"held"``, ``"refused"`` or ``"shadowed"`` (their storage failures go to
     ``record_error``).
 
+    With ``failure_mode="local"``, two more optional methods: ``record_switch(to)``, called with
+    ``"local"`` when the limiter starts deciding in-process because storage failed and with
+    ``"shared"`` when the server answers again; and ``record_local_decision(limits, decision)``,
+    called for each decision made locally, which also reaches ``record_decision`` (as what the
+    caller got). The storage failure behind a switch, and each failed try of the server while
+    local, reaches ``record_error`` with ``failed_open`` False: the call was decided, locally.
+
     In shadow mode a would-be refusal reaches ``record_decision`` as what the caller got, an
     admitted ``Decision`` (``allowed`` True) with ``shadowed=True``; a storage failure reaches
     ``record_error`` with ``failed_open`` True.

@@ -11,6 +11,7 @@ __all__ = [
     "FAILURE_MODES",
     "check_cost",
     "check_deadline",
+    "check_expected_processes",
     "check_failure_mode",
     "check_hold",
     "check_key",
@@ -22,7 +23,8 @@ __all__ = [
 
 MAX_KEY_BYTES = 1 << 20  # identities are hashed, so length costs only CPU; refuse the absurd
 _SHOWN_CHARS = 60
-FAILURE_MODES = ("open", "closed")
+FAILURE_MODES = ("open", "closed", "local")
+MAX_PROCESSES = 1_000_000  # expected_processes at most
 # A day: the deadline becomes socket, poll and lock timeouts, which overflow past ~24 days.
 MAX_DEADLINE = 86_400.0
 MAX_HOLD = MAX_HOLD_US / 1e6  # seconds: the longest hold_back, one day
@@ -120,10 +122,29 @@ def check_prefix(prefix: object) -> str:
 
 
 def check_failure_mode(mode: object) -> str:
-    """``"open"`` or ``"closed"``."""
+    """``"open"``, ``"closed"`` or ``"local"``."""
     if mode not in FAILURE_MODES:
-        raise ConfigError("failure_mode", f"must be 'open' or 'closed', got {mode!r}")
+        raise ConfigError("failure_mode", f"must be 'open', 'closed' or 'local', got {mode!r}")
     return str(mode)
+
+
+def check_expected_processes(failure_mode: str, processes: object) -> int | None:
+    """``expected_processes``: required with ``failure_mode="local"`` (an int from 1 to
+    ``MAX_PROCESSES``), refused with any other mode, where nothing would read it."""
+    if failure_mode != "local":
+        if processes is not None:
+            raise ConfigError(
+                "expected_processes",
+                f"is only used with failure_mode='local' (failure_mode is {failure_mode!r})",
+            )
+        return None
+    if processes is None:
+        raise ConfigError(
+            "expected_processes",
+            "is required with failure_mode='local': how many processes share the limits, "
+            "on every host (each enforces 1/N of every limit while storage is down)",
+        )
+    return check_int("expected_processes", processes, minimum=1, maximum=MAX_PROCESSES)
 
 
 def check_deadline(timeout: object) -> float:

@@ -21,6 +21,12 @@ Series (``tokenlimit`` is the ``namespace``):
   ``server``, ``cluster``, ``protocol``; anything else is ``other``).
 - ``tokenlimit_fail_open_total{limit}``: calls admitted without a decision because storage failed
   and ``failure_mode="open"``.
+- ``tokenlimit_failure_mode_switches_total{to}``: with ``failure_mode="local"``, switches to
+  deciding in-process because storage failed (``to="local"``) and back to the shared buckets
+  once the server answers again (``to="shared"``).
+- ``tokenlimit_local_decisions_total{limit, result}``: decisions made in-process while storage
+  was down (``failure_mode="local"``), each at the process's share of the limit. They count
+  in ``decisions_total`` too, under the same ``limit`` label.
 - ``tokenlimit_http_requests_total{route, result}``: one per request (or WebSocket handshake) an
   integration checks, however many checks it passes, by route template (``/items/{item_id}``,
   never ``/items/42``) and final result, ``allowed``/``refused``/``unavailable``.
@@ -55,6 +61,7 @@ DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 STORAGE_ERROR_REASONS = ("timeout", "connection", "server", "cluster", "protocol")
 REQUEST_RESULTS = ("allowed", "refused", "unavailable")
 SLOT_RESULTS = ("held", "refused", "shadowed")
+SWITCHES = ("local", "shared")  # failure_mode="local": where decisions are made from now on
 _NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
@@ -70,6 +77,8 @@ class _Families:
     requests: Counter
     shadow: Counter
     slots: Counter
+    switches: Counter
+    local: Counter
 
 
 # One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
@@ -149,6 +158,18 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
                 "Entries into concurrency limits (limiter.concurrency), by bound and outcome.",
                 ["max_in_flight", "result"],
             ),
+            switches=counter(
+                "failure_mode_switches",
+                "Switches to deciding in-process while storage is down (to='local') and back "
+                "(to='shared'), with failure_mode='local'.",
+                ["to"],
+            ),
+            local=counter(
+                "local_decisions",
+                "Rate-limit decisions made in-process while storage was down "
+                "(failure_mode='local'), by limit and result.",
+                ["limit", "result"],
+            ),
         )
     except ValueError as error:  # "Duplicated timeseries": names taken by another collector
         for collector in made:
@@ -160,6 +181,8 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
         ) from None
     for reason in (*STORAGE_ERROR_REASONS, "other"):  # present at 0, so rate() works at once
         families.errors.labels(reason=reason)
+    for to in SWITCHES:
+        families.switches.labels(to=to)
     return families
 
 
@@ -248,6 +271,21 @@ class PrometheusMetrics:
             # Under the limit the fail-open Decision reports, as record_decision would.
             policy = fail_open_decision(limits).policy
             self._families.fail_open.labels(limit=_label(policy, limits)).inc()
+
+    # -- failure_mode="local" -------------------------------------------------------------------
+    def record_switch(self, to: str) -> None:
+        """Count one switch: to ``"local"`` decisions (storage failed) or back to ``"shared"``."""
+        if to not in SWITCHES:
+            raise ConfigError("to", f"must be one of {SWITCHES}, got {to!r}")
+        self._families.switches.labels(to=to).inc()
+
+    def record_local_decision(self, limits: Sequence[Limit], decision: Decision) -> None:
+        """Count one decision made in-process while storage was down (``record_decision``
+        counted it already as a decision)."""
+        self._families.local.labels(
+            limit=_label(decision.policy, limits),
+            result="allowed" if decision.allowed else "refused",
+        ).inc()
 
     # -- integrations -------------------------------------------------------------------------
     def record_request(self, route: str, result: str) -> None:

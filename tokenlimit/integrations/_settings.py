@@ -24,7 +24,12 @@ from tokenlimit._log import ThrottledLog
 from tokenlimit._metrics import MetricsSink
 from tokenlimit._plan import Chooser
 from tokenlimit._url import parse_url
-from tokenlimit._validate import check_deadline, check_failure_mode, check_prefix
+from tokenlimit._validate import (
+    check_deadline,
+    check_expected_processes,
+    check_failure_mode,
+    check_prefix,
+)
 from tokenlimit.integrations._common import Policy, TrustedProxies
 from tokenlimit.integrations._incumbents import DJANGO_RATELIMIT
 
@@ -50,6 +55,7 @@ class Options:
     exempt: tuple[str, ...] = ()
     proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     failure_mode: str = "closed"
+    expected_processes: int | None = None  # with failure_mode "local" (required there)
     headers: bool = True
     prefix: str = DEFAULT_PREFIX
     timeout: float = DEFAULT_TIMEOUT
@@ -80,6 +86,7 @@ class Settings:
             "prefix": options.prefix,
             "timeout": options.timeout,
             "failure_mode": options.failure_mode,
+            "expected_processes": options.expected_processes,
             "metrics": options.metrics,
         }
         try:
@@ -180,6 +187,11 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], object]]] = {
     "SHADOW": ("shadow", "tokenlimit.E014", lambda v: Policy.build(None, shadow=v).shadow),
     "API_KEY_VALIDATOR": ("api_key_validator", "tokenlimit.E015", _api_key_validator),
     "ENABLED": ("enabled", "tokenlimit.E016", _enabled),
+    "EXPECTED_PROCESSES": (
+        "expected_processes",
+        "tokenlimit.E017",
+        lambda v: check_expected_processes("local", v),
+    ),
 }
 ENV_URL = "TOKENLIMIT_URL"  # the environment's store, where settings name none
 
@@ -216,7 +228,32 @@ def read(raw: object) -> tuple[Options, list[Problem]]:
         except ConfigError as error:
             reason = str(error).removeprefix(f"{error.param}: ")
             found.append(Problem("tokenlimit.E002", f"the environment's {ENV_URL}: {reason}"))
+    found.extend(_local_mode_problems(raw, values))
     return Options(**values), found
+
+
+def _local_mode_problems(raw: dict[Any, Any], values: dict[str, Any]) -> list[Problem]:
+    """FAILURE_MODE "local" needs EXPECTED_PROCESSES, which no other mode reads."""
+    if "FAILURE_MODE" in raw and "failure_mode" not in values:
+        return []  # a bad FAILURE_MODE is its own problem (E005)
+    if "EXPECTED_PROCESSES" in raw and "expected_processes" not in values:
+        return []  # and so is a bad EXPECTED_PROCESSES (E017)
+    mode = values.get("failure_mode", "closed")
+    given = "expected_processes" in values
+    if mode == "local" and not given:
+        message = "settings.TOKENLIMIT['EXPECTED_PROCESSES'] is required with FAILURE_MODE 'local'."
+        hint = (
+            "How many processes share the limits, on every host (e.g. 4 hosts x 8 workers: "
+            "32): each enforces 1/N of every limit while storage is down."
+        )
+        return [Problem("tokenlimit.E017", message, hint)]
+    if mode != "local" and given:
+        message = (
+            "settings.TOKENLIMIT['EXPECTED_PROCESSES'] is only used with FAILURE_MODE 'local' "
+            f"(FAILURE_MODE is {mode!r})."
+        )
+        return [Problem("tokenlimit.E017", message, "Remove it, or set FAILURE_MODE to 'local'.")]
+    return []
 
 
 def problems(

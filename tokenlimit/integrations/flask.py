@@ -14,9 +14,9 @@ error handlers answer 429 and 503 with a small JSON body. Register your own hand
 class after ``init_app`` to render them differently: the headers are still added.
 
 ``app.config`` supplies what the constructor leaves out (the constructor wins):
-``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` (the limiter, when ``limiter=`` is not given;
-else the one ``tokenlimit.configure()`` set), ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``,
-``TOKENLIMIT_TRUSTED_PROXIES``, ``TOKENLIMIT_API_KEY_HEADER``, ``TOKENLIMIT_SHADOW`` and
+``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE`` and ``TOKENLIMIT_EXPECTED_PROCESSES`` (the
+limiter, when ``limiter=`` is not given; else the one ``tokenlimit.configure()`` set),
+``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``, ``TOKENLIMIT_TRUSTED_PROXIES``, ``TOKENLIMIT_API_KEY_HEADER``, ``TOKENLIMIT_SHADOW`` and
 ``TOKENLIMIT_HEADERS``: checked at ``init_app`` and read again at the app's first request, so
 config loaded after ``init_app`` counts. ``TOKENLIMIT_ENABLED = False`` (read at each request)
 turns the extension off for the app. Any other ``TOKENLIMIT_*`` key, or flask-limiter's
@@ -41,7 +41,7 @@ from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateL
 from tokenlimit._extras import needs_extra
 from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
-from tokenlimit._validate import check_failure_mode
+from tokenlimit._validate import check_expected_processes, check_failure_mode
 from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
 from tokenlimit.integrations._common import (
     ApiKeyValidator,
@@ -76,6 +76,7 @@ ENABLED = "TOKENLIMIT_ENABLED"
 CONFIG_KEYS = (
     "TOKENLIMIT_URL",
     "TOKENLIMIT_FAILURE_MODE",
+    "TOKENLIMIT_EXPECTED_PROCESSES",
     "TOKENLIMIT_LIMIT",
     "TOKENLIMIT_EXEMPT",
     "TOKENLIMIT_TRUSTED_PROXIES",
@@ -98,6 +99,12 @@ _settling = threading.Lock()  # one thread reads an app's config again at its fi
 
 
 _EXEMPT = object()  # marks views decorated with @ext.exempt
+# The limiter's options read from app.config, by the parameter a ConfigError names.
+_LIMITER_SETTINGS = {
+    "url": "TOKENLIMIT_URL",
+    "failure_mode": "TOKENLIMIT_FAILURE_MODE",
+    "expected_processes": "TOKENLIMIT_EXPECTED_PROCESSES",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +116,8 @@ class _State:
     policy: Policy[Request]  # identity, exempt paths, headers; limits apply when has_default
     has_default: bool
     limiter: RateLimiter | None  # None: the default limiter, looked up per request
-    source: tuple[object, object] | None  # the limiter's TOKENLIMIT_URL and _FAILURE_MODE
+    # the limiter's TOKENLIMIT_URL, _FAILURE_MODE and _EXPECTED_PROCESSES
+    source: tuple[object, object, object] | None
     settled: bool
 
 
@@ -212,7 +220,11 @@ class TokenLimit:
         policy, has_default = self._build(self._options, config)
         limiter, source = self._limiter, None
         if limiter is None:
-            source = (config.get("TOKENLIMIT_URL"), config.get("TOKENLIMIT_FAILURE_MODE"))
+            source = (
+                config.get("TOKENLIMIT_URL"),
+                config.get("TOKENLIMIT_FAILURE_MODE"),
+                config.get("TOKENLIMIT_EXPECTED_PROCESSES"),
+            )
             if earlier is not None and earlier.source == source:
                 limiter = earlier.limiter
             else:
@@ -442,21 +454,22 @@ def _check_keys(config: Config) -> None:
             raise ConfigError(key, unknown_message(key, CONFIG_KEYS, _ELSEWHERE))
 
 
-def _limiter_from(url: object, mode: object) -> RateLimiter | None:
-    """The limiter ``TOKENLIMIT_URL`` and ``TOKENLIMIT_FAILURE_MODE`` name (None: no URL)."""
+def _limiter_from(url: object, mode: object, processes: object) -> RateLimiter | None:
+    """The limiter ``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE`` and
+    ``TOKENLIMIT_EXPECTED_PROCESSES`` name (None: no URL)."""
     if url is None:
         return None
     if not isinstance(url, str):
         raise ConfigTypeError("TOKENLIMIT_URL", f"must be a URL string, not {url!r}")
     try:
-        return RateLimiter.from_url(
-            url, failure_mode=check_failure_mode("closed" if mode is None else mode)
-        )
+        failure_mode = check_failure_mode("closed" if mode is None else mode)
+        expected = check_expected_processes(failure_mode, processes)
+        return RateLimiter.from_url(url, failure_mode=failure_mode, expected_processes=expected)
     except ConfigError as error:
-        setting = {"url": "TOKENLIMIT_URL", "failure_mode": "TOKENLIMIT_FAILURE_MODE"}
-        if error.param not in setting:
+        setting = _LIMITER_SETTINGS.get(error.param)
+        if setting is None:
             raise
-        raise type(error)(setting[error.param], str(error)) from None
+        raise type(error)(setting, str(error)) from None
 
 
 def _resolve(awaitable: Awaitable[object]) -> object:
