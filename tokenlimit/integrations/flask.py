@@ -17,9 +17,10 @@ class after ``init_app`` to render them differently: the headers are still added
 ``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE`` and ``TOKENLIMIT_EXPECTED_PROCESSES`` (the
 limiter, when ``limiter=`` is not given; else the one ``tokenlimit.configure()`` set),
 ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``, ``TOKENLIMIT_TRUSTED_PROXIES``,
-``TOKENLIMIT_API_KEY_HEADER``, ``TOKENLIMIT_SHADOW`` and ``TOKENLIMIT_HEADERS``: checked at ``init_app`` and read again at the app's first request, so
-config loaded after ``init_app`` counts. ``TOKENLIMIT_ENABLED = False`` (read at each request)
-turns the extension off for the app. Any other ``TOKENLIMIT_*`` key, or flask-limiter's
+``TOKENLIMIT_API_KEY_HEADER``, ``TOKENLIMIT_SHADOW`` and ``TOKENLIMIT_HEADERS``: checked at
+``init_app`` and read again at the app's first request, so config loaded after ``init_app``
+counts. ``TOKENLIMIT_ENABLED = False`` (read at each request) turns the extension off for the
+app. Any other ``TOKENLIMIT_*`` key, or flask-limiter's
 ``RATELIMIT_*``, is a ``ConfigError`` naming the key to write instead.
 
 The view sees the request's ``Decision`` as ``flask.g.tokenlimit`` (None where the extension
