@@ -23,8 +23,12 @@ FLASK_LIMITER: Mapping[str, str] = {
     "RATELIMIT_HEADERS_ENABLED": "use TOKENLIMIT_HEADERS",
     "RATELIMIT_STRATEGY": "tokenlimit always uses a token bucket: remove it",
     "RATELIMIT_SWALLOW_ERRORS": 'use TOKENLIMIT_FAILURE_MODE = "open"',
-    "RATELIMIT_IN_MEMORY_FALLBACK": "use TOKENLIMIT_FAILURE_MODE",
-    "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": "use TOKENLIMIT_FAILURE_MODE",
+    "RATELIMIT_IN_MEMORY_FALLBACK": (
+        'use TOKENLIMIT_FAILURE_MODE = "local" with TOKENLIMIT_EXPECTED_PROCESSES'
+    ),
+    "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": (
+        'use TOKENLIMIT_FAILURE_MODE = "local" with TOKENLIMIT_EXPECTED_PROCESSES'
+    ),
     "RATELIMIT_KEY_FUNC": "pass key= to TokenLimit(...)",
     "RATELIMIT_KEY_PREFIX": "pass limiter=RateLimiter.from_url(url, prefix=...)",
     "RATELIMIT_DEFAULTS_COST": "pass cost= to TokenLimit(...)",
