@@ -136,7 +136,8 @@ def test_a_fleet_at_the_partners_limit_gets_no_429(
     # within the policy: at most the burst plus the rate over the span the partner saw, and
     # every worker took part
     span = served[-1][0] - served[0][0]
-    assert len(served) <= FLEET_BURST + RATE * span + 1
+    # (at the partner's end: arrivals may bunch by the jitter the margin absorbs, 0.25 s)
+    assert len(served) <= FLEET_BURST + RATE * (span + 0.25) + 1
     assert len(served) >= RATE * 1.0  # about 2 s of sending: at least half the budget used
     assert {worker for _, _, worker in served} == fleet.names
     print(f"[{kind}] {count} processes: {len(served)} x 200 in {span:.2f}s, 0 x 429")
@@ -146,11 +147,16 @@ def test_a_fleet_at_the_partners_limit_gets_no_429(
 def test_one_429_with_retry_after_holds_back_the_whole_fleet(
     partner: Partner, valkey: str, kind: str, count: int, extra: list[str]
 ) -> None:
-    fleet = Fleet(kind, count, partner, valkey, 3.5, *extra)
+    fleet = Fleet(kind, count, partner, valkey, 5.0, *extra)
     try:
         fleet.go()
-        time.sleep(0.8)
-        partner.throttle(2)  # the next request gets 429 with Retry-After: 2
+        # Once every worker is sending (a busy machine may start one late), the partner's next
+        # request gets 429 with Retry-After: 2.
+        deadline = time.monotonic() + 2.0
+        while {w for _, _, w in partner.requests()} != fleet.names:
+            assert time.monotonic() < deadline, partner.requests()
+            time.sleep(0.05)
+        partner.throttle(2)
         reports = fleet.results()
     finally:
         fleet.stop()
