@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
-from ._backend import can_hold_back
+from ._backend import can_hold_back, can_refund
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
@@ -152,6 +152,14 @@ class LimiterBase(Generic[_B]):
         if not can_hold_back(self.backend):
             raise TypeError(
                 f"{type(self.backend).__name__} cannot hold buckets back (hold_back); "
+                "use a memory, Redis or Valkey limiter"
+            )
+
+    def _check_can_refund(self) -> None:
+        """``refund`` needs a backend that can give tokens back (a minimal one may not)."""
+        if not can_refund(self.backend):
+            raise TypeError(
+                f"{type(self.backend).__name__} cannot give tokens back (refund); "
                 "use a memory, Redis or Valkey limiter"
             )
 

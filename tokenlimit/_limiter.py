@@ -172,6 +172,28 @@ class RateLimiter(LimiterBase[SyncBackend]):
             return self._failed(request, error)
         return self._decoded(request, reply, started, consume=False)
 
+    def refund(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
+        """Give back up to ``cost`` tokens that a call took from the bucket(s), for every
+        process sharing the store: each limit gains ``cost`` tokens, never above a full bucket
+        (``burst``), and an absent bucket (full) stays absent. All limits in one atomic step.
+
+        For a call admitted before its outcome was known that turned out not to count (the
+        integrations' ``deduct_when``). ``cost`` as for ``try_acquire``: a whole number of
+        tokens from 1 to the smallest burst (``ConfigError`` naming ``cost`` otherwise).
+        Returns what ``peek`` would answer right after. Storage failures follow
+        ``failure_mode`` (open: logged, nothing given back)."""
+        request = self._request(key, limit, cost)
+        self._check_can_refund()
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
+            return fail_open_decision(request.limits)
+        started = time.perf_counter()
+        try:
+            reply = self.backend.refund(request, timeout=self._timeout)
+        except BackendError as error:
+            return self._failed(request, error)
+        self._forget(request)  # the refusals cached for these buckets may no longer hold
+        return self._decoded(request, reply, started, consume=False)
+
     def _decide(self, request: Request, *, consume: bool) -> Decision:
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
@@ -322,6 +344,22 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             reply = await self.backend.hold_back(request, hold_us, timeout=self._timeout)
         except BackendError as error:
             return self._failed(request, error)
+        return self._decoded(request, reply, started, consume=False)
+
+    async def refund(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
+        """Give back up to ``cost`` tokens a call took (see ``RateLimiter.refund``)."""
+        if callable(limit):
+            limit = await self._choose(key, limit, cost)
+        request = self._request(key, limit, cost)
+        self._check_can_refund()
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
+            return fail_open_decision(request.limits)
+        started = time.perf_counter()
+        try:
+            reply = await self.backend.refund(request, timeout=self._timeout)
+        except BackendError as error:
+            return self._failed(request, error)
+        self._forget(request)  # the refusals cached for these buckets may no longer hold
         return self._decoded(request, reply, started, consume=False)
 
     @staticmethod
