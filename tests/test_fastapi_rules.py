@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+import fastapi
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -26,6 +27,9 @@ SLOW = 0.01  # tokens per second: nothing refills during a test
 THREE = Limit(SLOW, 3)
 LOGINS = "5/15 minutes"  # five failed logins per 15 minutes per username
 LIMIT_FIELDS = ("x-ratelimit-limit", "x-ratelimit-remaining", "ratelimit-policy", "ratelimit")
+# FastAPI 0.118 raises a validation error inside its dependencies' exit stack; before, after it
+# closed, so a dependency with yield saw the request end as if the route had answered (200).
+VALIDATION_SEEN = 422 if tuple(map(int, fastapi.__version__.split(".")[:2])) >= (0, 118) else 200
 
 
 @pytest.fixture(params=["async", "sync"])
@@ -268,8 +272,9 @@ def test_the_dependency_sees_the_status_the_route_sets_or_declares() -> None:
         assert client.get("/plain").status_code == 200
         assert client.get("/typed/x").status_code == 422
         assert client.get("/boom").status_code == 500
-    assert seen == [401, 201, 200, 422, 500]
-    kept = {"/set": 1, "/declared": 0, "/plain": 0, "/typed/{n}": 1, "/boom": 1}
+    assert seen == [401, 201, 200, VALIDATION_SEEN, 500]
+    kept = {"/set": 1, "/declared": 0, "/plain": 0, "/typed/{n}": int(VALIDATION_SEEN == 422)}
+    kept["/boom"] = 1
     for route, tokens in kept.items():
         assert used(limiter, f"route:GET {route}|ip:unknown") == tokens, route
 

@@ -283,17 +283,14 @@ def _steps(
         record_request(limiter, template, "refused")
     elif routed:
         record_request(limiter, template, "allowed")
-    charge = None
+    deduct_when = policy.deduct_when
     # An admission that took tokens owes at least one interval (reset_after > 0); a fail-open
     # one, or a shadowed would-be refusal, took nothing and must give nothing back.
-    if (
-        policy.deduct_when is not None
-        and decision.allowed
-        and not decision.shadowed
-        and decision.reset_after > 0
-    ):
-        charge = Charge(limiter, key, limits, policy.cost, policy.deduct_when)
-    return answer(policy, decision, charge=charge)
+    if deduct_when is None or not decision.allowed or decision.shadowed:
+        return answer(policy, decision)
+    if decision.reset_after <= 0:
+        return answer(policy, decision)
+    return answer(policy, decision, charge=Charge(limiter, key, limits, policy.cost, deduct_when))
 
 
 def check(

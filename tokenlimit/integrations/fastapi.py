@@ -195,7 +195,8 @@ class RateLimit(_Guarded):
     ``deduct_when(response)`` (sync or async, given a ``ResponseInfo``): the token is taken
     before the route runs, and given back after it unless this returns true. As a dependency
     cannot see the response, this one then has ``yield``: it sees an ``HTTPException`` the
-    route raised (its status; any other exception is 500), else the status the route set on
+    route raised (its status; a validation error is 422 from FastAPI 0.118, which raises it
+    within the dependencies' exit; any other exception is 500), else the status the route set on
     the injected ``Response`` (``response.status_code = 401``) or its ``status_code=``, else
     200. A route that *returns* a ``Response`` with its own status shows it only to the
     middleware: raise ``HTTPException`` there, or give ``RateLimitMiddleware`` the predicate.
