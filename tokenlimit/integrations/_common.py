@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from tokenlimit._backend import is_remote
 from tokenlimit._decision import Decision
@@ -289,7 +289,7 @@ def check_methods(methods: object, param: str = "methods") -> frozenset[str] | N
     return frozenset(found)
 
 
-def check_predicate(param: str, predicate: object, takes: str) -> Callable[[Any], object] | None:
+def check_predicate(param: str, predicate: object, takes: str) -> Callable[..., object] | None:
     """``exempt_when=`` or ``deduct_when=``: None, or a callable of one argument, ``takes``
     (flask-limiter's ``exempt_when`` takes none, so one written for it fails here)."""
     if predicate is None:
@@ -325,10 +325,11 @@ RequestLimit: TypeAlias = float | Limit | str | Sequence[Limit | str] | LimitCho
 """An integration's ``limit``: a number of tokens per second or a string like ``"100/minute"``
 (each with ``burst``), a ``Limit``, a list of them, or a chooser taking the request."""
 
-ResponsePredicate: TypeAlias = Callable[[Any], object]
-"""A ``deduct_when``: the response (each framework's own, or what it can show of one) -> truthy
-when the request counts against the limit, or an awaitable of that where the framework is
-async. Every response it is given has ``status_code`` and ``headers``."""
+ResponsePredicate: TypeAlias = Callable[..., object]
+"""A ``deduct_when`` as the shared check holds it: one argument, the response (each framework's
+own, or what it can show of one; the frameworks' signatures name it), -> truthy when the
+request counts against the limit, or an awaitable of that where the framework is async. Every
+response it is given has ``status_code`` and ``headers``."""
 
 ApiKeyValidator: TypeAlias = Callable[[str], object]
 """An ``api_key_validator``: the raw key -> truthy when the app knows it, or an awaitable of

@@ -43,7 +43,6 @@ from tokenlimit.integrations._common import (
     KeyFunction,
     Policy,
     RequestLimit,
-    ResponsePredicate,
     rate_limit_headers,
     record_request,
 )
@@ -385,7 +384,7 @@ def ratelimit(
     scope: str | None = None,
     methods: Iterable[str] | None = None,
     exempt_when: Callable[[HttpRequest], object] | None = None,
-    deduct_when: ResponsePredicate | None = None,
+    deduct_when: Callable[[HttpResponse], object] | None = None,
     **others: object,
 ) -> Callable[[V], V]:
     """Limit one view (function or class-based, sync or async) with its own bucket,

@@ -47,7 +47,6 @@ from tokenlimit.integrations._common import (
     KeyFunction,
     Policy,
     RequestLimit,
-    ResponsePredicate,
     rate_limit_headers,
     record_request,
     refused_body,
@@ -212,9 +211,7 @@ class RateLimit(_Guarded):
 
     __slots__ = ("scope",)
 
-    def __new__(
-        cls, *args: object, deduct_when: ResponsePredicate | None = None, **options: object
-    ) -> "RateLimit":
+    def __new__(cls, *args: object, deduct_when: object = None, **options: object) -> "RateLimit":
         # With deduct_when the dependency must outlive the route: FastAPI runs a dependency
         # whose __call__ is an async generator to the end of the request.
         if deduct_when is not None and cls is RateLimit:
@@ -238,7 +235,7 @@ class RateLimit(_Guarded):
         scope: str | None = None,
         methods: Iterable[str] | None = None,
         exempt_when: Callable[[Request], object] | None = None,
-        deduct_when: ResponsePredicate | None = None,
+        deduct_when: Callable[[ResponseInfo], object] | None = None,
     ) -> None:
         policy = Policy.build(
             limit,
@@ -389,7 +386,7 @@ class RateLimitMiddleware(_Guarded):
         api_key_validator: ApiKeyValidator | None = None,
         methods: Iterable[str] | None = None,
         exempt_when: Callable[[Request], object] | None = None,
-        deduct_when: ResponsePredicate | None = None,
+        deduct_when: Callable[[ResponseInfo], object] | None = None,
     ) -> None:
         self.app = app
         self._router = _find_router(app)  # the stack below is built before this layer

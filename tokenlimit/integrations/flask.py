@@ -47,7 +47,6 @@ from tokenlimit.integrations._common import (
     KeyFunction,
     Policy,
     RequestLimit,
-    ResponsePredicate,
     rate_limit_headers,
     refused_body,
     retry_after_seconds,
@@ -102,7 +101,7 @@ class _Options(NamedTuple):
     api_key_validator: ApiKeyValidator | None
     methods: Iterable[str] | None
     exempt_when: Callable[[Request], object] | None
-    deduct_when: ResponsePredicate | None
+    deduct_when: Callable[[Response], object] | None
 
 
 class TokenLimit:
@@ -154,7 +153,7 @@ class TokenLimit:
         api_key_validator: ApiKeyValidator | None = None,
         methods: Iterable[str] | None = None,
         exempt_when: Callable[[Request], object] | None = None,
-        deduct_when: ResponsePredicate | None = None,
+        deduct_when: Callable[[Response], object] | None = None,
     ) -> None:
         check_limiter(limiter, sync=True)  # an async limiter is a common mistake
         if user is not None and not callable(user):
@@ -249,7 +248,7 @@ class TokenLimit:
         shadow: bool | None = None,
         methods: Iterable[str] | None = None,
         exempt_when: Callable[[Request], object] | None = None,
-        deduct_when: ResponsePredicate | None = None,
+        deduct_when: Callable[[Response], object] | None = None,
     ) -> Callable[[M], M]:
         """Give a view its own limit, replacing the default; its bucket is its own.
 
@@ -293,7 +292,7 @@ class TokenLimit:
         shadow: bool | None = None,
         methods: Iterable[str] | None = None,
         exempt_when: Callable[[Request], object] | None = None,
-        deduct_when: ResponsePredicate | None = None,
+        deduct_when: Callable[[Response], object] | None = None,
     ) -> Callable[[M], M]:
         """``.limit(limit, scope=scope, ...)``, spelled as flask-limiter's ``shared_limit``:
         every view it decorates draws from one bucket, ``scope:<scope>|<identity>``."""
