@@ -25,7 +25,7 @@ declared (``status_code=``, else 200).
 
 import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from tokenlimit._config import default_async_limiter
 from tokenlimit._decision import Decision
@@ -62,6 +62,9 @@ with needs_extra("fastapi", "fastapi", feature=__name__):
     from starlette.responses import Response
     from starlette.routing import Match, Router
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "RateLimit",
@@ -177,7 +180,22 @@ class _Guarded:
         )
 
 
-class RateLimit(_Guarded):
+class _RouteLimit(_Guarded):
+    """Where ``RateLimit`` instances are made: one given ``deduct_when`` is a
+    ``_SettlingRateLimit``. Apart from ``RateLimit``, so that ``inspect.signature(RateLimit)``
+    (help, IDEs) reads its ``__init__``."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: object, deduct_when: object = None, **options: object) -> "Self":
+        # With deduct_when the dependency must outlive the route: FastAPI runs a dependency
+        # whose __call__ is an async generator to the end of the request.
+        if deduct_when is not None and cls is RateLimit:
+            return cast("Self", object.__new__(_SettlingRateLimit))
+        return object.__new__(cls)
+
+
+class RateLimit(_RouteLimit):
     """A FastAPI dependency taking tokens per request: ``Depends(RateLimit("10/second"))``.
 
     Allowed: the rate-limit headers go on the response and the ``Decision`` is the dependency's
@@ -210,13 +228,6 @@ class RateLimit(_Guarded):
     """
 
     __slots__ = ("scope",)
-
-    def __new__(cls, *args: object, deduct_when: object = None, **options: object) -> "RateLimit":
-        # With deduct_when the dependency must outlive the route: FastAPI runs a dependency
-        # whose __call__ is an async generator to the end of the request.
-        if deduct_when is not None and cls is RateLimit:
-            cls = _SettlingRateLimit
-        return object.__new__(cls)
 
     def __init__(
         self,
