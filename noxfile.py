@@ -51,8 +51,11 @@ LIMITER_TESTS = [
 ]
 INTEGRATION_TESTS = [
     "tests/test_fastapi.py",
+    "tests/test_fastapi_rules.py",
     "tests/test_flask.py",
+    "tests/test_flask_rules.py",
     "tests/test_django.py",
+    "tests/test_django_rules.py",
     "tests/test_drf.py",
     "tests/test_examples_fastapi.py",
     "tests/test_examples_flask.py",

@@ -94,7 +94,7 @@ LIMIT_TAKERS = [
     rate_limit,
     tokenlimit.Guard.__init__,
     *(getattr(cls, name) for cls in (RateLimiter, AsyncRateLimiter)
-      for name in ("try_acquire", "acquire", "peek", "reset", "hold_back", "limit")),
+      for name in ("try_acquire", "acquire", "peek", "reset", "hold_back", "refund", "limit")),
 ]  # fmt: skip
 
 
@@ -1011,10 +1011,10 @@ def test_guard_is_usable_directly_at_script_top_level() -> None:
 
 def test_the_twins_have_the_same_public_methods() -> None:
     """``RateLimiter`` and ``AsyncRateLimiter`` offer the same names (``close``/``aclose`` and
-    the context-manager protocols aside), ``hold_back`` among them."""
+    the context-manager protocols aside), ``hold_back`` and ``refund`` among them."""
 
     def public(cls: type) -> set[str]:
         return {name for name in dir(cls) if not name.startswith("_")} - {"close", "aclose"}
 
     assert public(RateLimiter) == public(AsyncRateLimiter)
-    assert "hold_back" in public(RateLimiter)
+    assert {"hold_back", "refund"} <= public(RateLimiter)

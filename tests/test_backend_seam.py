@@ -45,6 +45,10 @@ class Recording:
         self._seen("hold_back")
         return self.store.hold_back(request, hold_us)
 
+    def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        self._seen("refund")
+        return self.store.refund(request)
+
     def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]:
@@ -79,6 +83,9 @@ class AsyncRecording:
 
     async def hold_back(self, request: Request, hold_us: int, *, timeout: float) -> Sequence[int]:
         return self.sync.hold_back(request, hold_us, timeout=timeout)
+
+    async def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        return self.sync.refund(request, timeout=timeout)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
@@ -129,6 +136,7 @@ def test_a_third_party_backend_serves_every_sync_entry_point() -> None:
     assert limiter.try_acquire("k", LIMIT).remaining == 2
     assert not limiter.hold_back("held", LIMIT, 5).allowed
     assert not limiter.try_acquire("held", LIMIT).allowed
+    assert limiter.refund("k", LIMIT).remaining == 3  # the one taken since the reset
     with limiter.concurrency("job", 1), pytest.raises(RateLimitExceeded):
         limiter.concurrency("job", 1).__enter__()
 
@@ -142,7 +150,8 @@ def test_a_third_party_backend_serves_every_sync_entry_point() -> None:
     assert reset_all(limiter) > 0
     limiter.close()
     assert {
-        "decide", "reset", "hold_back", "hold_slot", "release_slot", "clear_prefix", "close"
+        "decide", "reset", "hold_back", "refund", "hold_slot", "release_slot", "clear_prefix",
+        "close",
     } <= set(backend.calls)  # fmt: skip
 
 
@@ -176,6 +185,7 @@ def test_a_third_party_async_backend_serves_the_async_limiter() -> None:
         decisions = [await limiter.try_acquire("k", LIMIT) for _ in range(4)]
         assert [d.allowed for d in decisions] == [True] * 3 + [False]
         assert not (await limiter.hold_back("held", LIMIT, 5)).allowed
+        assert (await limiter.refund("k", LIMIT)).remaining == 1
         async with limiter.concurrency("job", 1):
             with pytest.raises(RateLimitExceeded):
                 async with limiter.concurrency("job", 1):
@@ -184,7 +194,7 @@ def test_a_third_party_async_backend_serves_the_async_limiter() -> None:
         await limiter.aclose()
 
     asyncio.run(main())
-    assert {"hold_slot", "hold_back"} <= set(backend.sync.calls)
+    assert {"hold_slot", "hold_back", "refund"} <= set(backend.sync.calls)
 
 
 def test_a_minimal_backend_decides_and_says_what_it_cannot_do() -> None:

@@ -140,6 +140,12 @@ class Flaky:
             raise BackendError("storage is down", reason="connection")
         return self.store.hold_back(request, hold_us)
 
+    def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        self.calls += 1
+        if self.down:
+            raise BackendError("storage is down", reason="connection")
+        return self.store.refund(request)
+
     def reset(self, request: Request, *, timeout: float) -> None:
         if self.down:
             raise BackendError("storage is down", reason="connection")
@@ -251,6 +257,19 @@ def test_hold_back_holds_the_local_share_while_down() -> None:
         assert (held.allowed, held.limit) == (False, 5)
         assert held.retry_after == pytest.approx(30)
         assert not limiter.try_acquire("k", limit).allowed
+        assert recorder.switches == ["local"]
+
+
+def test_refund_gives_back_to_the_local_share_while_down() -> None:
+    """A token taken locally (deduct_when's charge) goes back to the local bucket, not to a
+    server that is down; once the server answers, refunds are the server's again."""
+    limit = Limit(SLOW, 4)
+    with flaky_limiter(2) as (limiter, backend, _, recorder):
+        backend.down = True
+        assert [limiter.try_acquire("k", limit).allowed for _ in range(3)] == [True, True, False]
+        given = limiter.refund("k", limit)
+        assert (given.limit, given.remaining) == (2, 1)
+        assert limiter.try_acquire("k", limit).allowed
         assert recorder.switches == ["local"]
 
 

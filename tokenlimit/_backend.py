@@ -2,7 +2,7 @@
 
 Memory, Redis/Valkey standalone, cluster and Sentinel backends implement it, and so may a third
 party's (``tests/test_backend_seam.py`` plugs one in). Callers ask the backend what it can do
-(``remote``, ``hold_slot``, ``hold_back``) and never look at its class.
+(``remote``, ``hold_slot``, ``hold_back``, ``refund``) and never look at its class.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __all__ = [
     "AsyncBackend",
     "SyncBackend",
     "can_hold_back",
+    "can_refund",
     "holds_slots",
     "is_remote",
     "scan_pattern",
@@ -41,6 +42,12 @@ class SyncBackend(Protocol):
         """Refuse every caller of ``request``'s buckets for ``hold_us`` µs (1 to a day), all in
         one atomic step and never adding tokens (``_model.hold``); the reply is ``decide``'s
         for a peek of one token right after. Optional, as ``hold_slot`` (``can_hold_back``)."""
+        ...
+
+    def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        """Give ``request.cost`` tokens back to each of ``request``'s buckets, never above full
+        and leaving an absent one absent, all in one atomic step (``_model.refund``); the reply
+        is ``decide``'s for a peek of one token right after. Optional (``can_refund``)."""
         ...
 
     def hold_slot(
@@ -79,6 +86,8 @@ class AsyncBackend(Protocol):
         self, request: Request, hold_us: int, *, timeout: float
     ) -> Sequence[int]: ...
 
+    async def refund(self, request: Request, *, timeout: float) -> Sequence[int]: ...
+
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]: ...
@@ -106,6 +115,11 @@ def holds_slots(backend: object) -> bool:
 def can_hold_back(backend: object) -> bool:
     """Whether ``backend`` can hold buckets back (``hold_back``; a minimal one may not)."""
     return callable(getattr(backend, "hold_back", None))
+
+
+def can_refund(backend: object) -> bool:
+    """Whether ``backend`` can give tokens back (``refund``; a minimal one may not)."""
+    return callable(getattr(backend, "refund", None))
 
 
 def scan_pattern(prefix: str) -> str:

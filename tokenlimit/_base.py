@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
-from ._backend import can_hold_back
+from ._backend import can_hold_back, can_refund
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
@@ -174,6 +174,14 @@ class LimiterBase(Generic[_B]):
                 "use a memory, Redis or Valkey limiter"
             )
 
+    def _check_can_refund(self) -> None:
+        """``refund`` needs a backend that can give tokens back (a minimal one may not)."""
+        if not can_refund(self.backend):
+            raise TypeError(
+                f"{type(self.backend).__name__} cannot give tokens back (refund); "
+                "use a memory, Redis or Valkey limiter"
+            )
+
     def _decoded(
         self, request: Request, reply: Sequence[int], started: float, *, consume: bool
     ) -> Decision:
@@ -296,6 +304,11 @@ class LimiterBase(Generic[_B]):
         """``hold_back`` on this process's share of the limits (the local buckets)."""
         local = fallback.localized(request)
         return decode_reply(fallback.store.hold_back(local, hold_us), local.limits)
+
+    def _refunded_locally(self, fallback: LocalFallback, request: Request) -> Decision:
+        """``refund`` on this process's share of the limits (the local buckets)."""
+        local = fallback.localized(request)
+        return decode_reply(fallback.store.refund(local), local.limits)
 
     def __repr__(self) -> str:
         shadow = ", shadow=True" if self._shadow else ""

@@ -183,6 +183,36 @@ class RateLimiter(LimiterBase[SyncBackend]):
             self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=False)
 
+    def refund(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
+        """Give back up to ``cost`` tokens that a call took from the bucket(s), for every
+        process sharing the store: each limit gains ``cost`` tokens, never above a full bucket
+        (``burst``), and an absent bucket (full) stays absent. All limits in one atomic step.
+
+        For a call admitted before its outcome was known that turned out not to count (the
+        integrations' ``deduct_when``). ``cost`` as for ``try_acquire``: a whole number of
+        tokens from 1 to the smallest burst (``ConfigError`` naming ``cost`` otherwise).
+        Returns what ``peek`` would answer right after. Storage failures follow
+        ``failure_mode`` (open: logged, nothing given back)."""
+        request = self._request(key, limit, cost)
+        self._check_can_refund()
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
+            return fail_open_decision(request.limits)
+        fallback = self._fallback  # failure_mode="local": tokens taken locally go back there
+        if fallback is not None and fallback.local and fallback.skips_server():
+            return self._refunded_locally(fallback, request)
+        started = time.perf_counter()
+        try:
+            reply = self.backend.refund(request, timeout=self._timeout)
+        except BackendError as error:
+            if fallback is None:
+                return self._failed(request, error)
+            self._went_local(fallback, request.limits, error)
+            return self._refunded_locally(fallback, request)
+        if fallback is not None and fallback.local:
+            self._back_to_shared(fallback)
+        self._forget(request)  # the refusals cached for these buckets may no longer hold
+        return self._decoded(request, reply, started, consume=False)
+
     def _decide(self, request: Request, *, consume: bool) -> Decision:
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
@@ -361,6 +391,30 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             return self._held_locally(fallback, request, hold_us)
         if fallback is not None and fallback.local:
             self._back_to_shared(fallback)
+        return self._decoded(request, reply, started, consume=False)
+
+    async def refund(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
+        """Give back up to ``cost`` tokens a call took (see ``RateLimiter.refund``)."""
+        if callable(limit):
+            limit = await self._choose(key, limit, cost)
+        request = self._request(key, limit, cost)
+        self._check_can_refund()
+        if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
+            return fail_open_decision(request.limits)
+        fallback = self._fallback  # failure_mode="local": tokens taken locally go back there
+        if fallback is not None and fallback.local and fallback.skips_server():
+            return self._refunded_locally(fallback, request)
+        started = time.perf_counter()
+        try:
+            reply = await self.backend.refund(request, timeout=self._timeout)
+        except BackendError as error:
+            if fallback is None:
+                return self._failed(request, error)
+            self._went_local(fallback, request.limits, error)
+            return self._refunded_locally(fallback, request)
+        if fallback is not None and fallback.local:
+            self._back_to_shared(fallback)
+        self._forget(request)  # the refusals cached for these buckets may no longer hold
         return self._decoded(request, reply, started, consume=False)
 
     @staticmethod

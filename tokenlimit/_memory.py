@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ._model import decide
 from ._model import hold as hold_buckets
+from ._model import refund as refund_buckets
 from ._request import Request
 from ._slots import hold, release
 from ._validate import check_int
@@ -75,6 +76,21 @@ class MemoryBackend:
             assert outcome.new_states is not None  # a hold always says every bucket's state
             for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
                 if new != old:
+                    self._store(key, new)
+        reply = [outcome.now, int(outcome.allowed)]
+        for result in outcome.results:
+            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
+        return reply
+
+    def refund(self, request: Request, *, timeout: float = 0.0) -> list[int]:
+        """Give ``request.cost`` tokens back, as the refund script does on a server."""
+        with self._lock:
+            now = self.now_us()
+            self._sweep(now)
+            states = [self._states.get(key) for key in request.keys]
+            outcome = refund_buckets(states, request.params, request.cost, now)
+            for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
+                if new is not None and new != old:
                     self._store(key, new)
         reply = [outcome.now, int(outcome.allowed)]
         for result in outcome.results:
@@ -177,6 +193,9 @@ class AsyncMemoryBackend:
 
     async def hold_back(self, request: Request, hold_us: int, *, timeout: float = 0.0) -> list[int]:
         return self.store.hold_back(request, hold_us)
+
+    async def refund(self, request: Request, *, timeout: float = 0.0) -> list[int]:
+        return self.store.refund(request)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0

@@ -30,9 +30,11 @@ __all__ = [
     "SLACK",
     "LimitResult",
     "Outcome",
+    "Refunded",
     "decide",
     "hold",
     "join_tat",
+    "refund",
     "split_tat",
 ]
 
@@ -55,6 +57,17 @@ class Outcome(NamedTuple):
     # TAT ns per bucket; None: nothing written. After ``hold``, a bucket left as it was keeps
     # its state as given.
     new_states: tuple[int, ...] | None
+
+
+class Refunded(NamedTuple):
+    """What ``refund`` answers: the read-only check of one token after it (as ``Outcome``'s
+    fields), and every bucket's TAT, as given where it did not move (None: absent, and left so).
+    """
+
+    now: int  # µs
+    allowed: bool
+    results: tuple[LimitResult, ...]
+    new_states: tuple[int | None, ...]
 
 
 def split_tat(tat: int) -> tuple[float, float]:
@@ -150,7 +163,6 @@ def hold(
     all_ok = True
     for state, (interval_ns, burst) in zip(states, params, strict=True):
         interval = float(interval_ns)
-        tau = burst * interval
         after = _debt(state, now_s, now_ns)
         held = held_ns + (burst - 1) * interval
         if state is None or after < held:
@@ -158,11 +170,50 @@ def hold(
             new_states.append(join_tat(now_s, now_ns, after))
         else:
             new_states.append(state)
-        need = after + interval
-        ok = need <= tau + interval * SLACK
-        all_ok = all_ok and ok
-        remaining = math.floor((tau - after) / interval + SLACK)
-        remaining = min(max(remaining, 0), burst)
-        retry = 0 if ok else math.ceil((need - tau) / 1000)
-        results.append(LimitResult(ok, remaining, retry, math.ceil(after / 1000)))
+        result = _one_token(after, interval, burst)
+        all_ok = all_ok and result.allowed
+        results.append(result)
     return Outcome(now, all_ok, tuple(results), tuple(new_states))
+
+
+def _one_token(after: float, interval: float, burst: int) -> LimitResult:
+    """A read-only check of one token against a bucket owing ``after`` ns (what ``decide``
+    answers for cost 1 without consuming): the reply of ``hold`` and ``refund``."""
+    tau = burst * interval
+    need = after + interval
+    ok = need <= tau + interval * SLACK
+    remaining = math.floor((tau - after) / interval + SLACK)
+    remaining = min(max(remaining, 0), burst)
+    retry = 0 if ok else math.ceil((need - tau) / 1000)
+    return LimitResult(ok, remaining, retry, math.ceil(after / 1000))
+
+
+def refund(
+    states: Sequence[int | None], params: Sequence[tuple[int, int]], cost: int, now: int
+) -> Refunded:
+    """Give ``cost`` tokens back to every ``(interval_ns, burst)`` bucket at ``now`` (µs).
+
+    Each debt shrinks by ``cost * interval``, never below 0: ``TAT = max(now, TAT - cost *
+    interval)``, so no bucket ever holds more than ``burst``. An absent bucket is full and stays
+    absent; one already full is left as it is. The results are a read-only check of one token
+    right after (what ``decide(..., 1, now, consume=False)`` would then say).
+    """
+    now_s = float(now // 1_000_000)
+    now_ns = float(now % 1_000_000) * 1000
+    results: list[LimitResult] = []
+    new_states: list[int | None] = []
+    all_ok = True
+    for state, (interval_ns, burst) in zip(states, params, strict=True):
+        interval = float(interval_ns)
+        debt = _debt(state, now_s, now_ns)
+        after = debt - cost * interval
+        if after < 0:
+            after = 0.0
+        if state is not None and after < debt:
+            new_states.append(join_tat(now_s, now_ns, after))
+        else:
+            new_states.append(state)
+        result = _one_token(after, interval, burst)
+        all_ok = all_ok and result.allowed
+        results.append(result)
+    return Refunded(now, all_ok, tuple(results), tuple(new_states))

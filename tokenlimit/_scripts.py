@@ -2,7 +2,8 @@
 
 A bucket script is composed of parts: ``acquire.lua`` or ``peek.lua`` (one line setting
 ``consume``), then ``gcra.lua`` (the helpers every bucket script shares), then ``bucket.lua``
-(the decision); the hold-back script is ``gcra.lua`` then ``holdback.lua``.
+(the decision); the hold-back script is ``gcra.lua`` then ``holdback.lua``, and the refund
+script ``gcra.lua`` then ``refund.lua``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "hold_script",
     "holdback_script",
     "peek_script",
+    "refund_script",
     "release_script",
 ]
 
@@ -70,3 +72,9 @@ def release_script() -> Script:
 def holdback_script() -> Script:
     """Hold a request's buckets back: refuse every caller until a given time (never admit)."""
     return _load("holdback", "gcra", "holdback")
+
+
+@cache
+def refund_script() -> Script:
+    """Give a request's tokens back: its buckets gain ``cost`` tokens, never above full."""
+    return _load("refund", "gcra", "refund")

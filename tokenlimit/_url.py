@@ -384,6 +384,10 @@ class LoopLocalBackend:
         backend = await self._current()
         return await backend.hold_back(request, hold_us, timeout=timeout)
 
+    async def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        backend = await self._current()
+        return await backend.refund(request, timeout=timeout)
+
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]:

@@ -32,6 +32,7 @@ from tokenlimit._scripts import (
     hold_script,
     holdback_script,
     peek_script,
+    refund_script,
     release_script,
 )
 
@@ -200,6 +201,12 @@ class AsyncRedisBackend:
         decision has its cost, then the same limits; run at most once, by the deadline."""
         args = (str(hold_us), *request.args[1:])
         reply = await self.run_script(holdback_script(), request.keys, args, timeout=timeout)
+        return [int(x) for x in reply]
+
+    async def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        """The refund script on ``request``'s keys and arguments (those of its decision); run
+        at most once, by the deadline."""
+        reply = await self.run_script(refund_script(), request.keys, request.args, timeout=timeout)
         return [int(x) for x in reply]
 
     async def hold_slot(

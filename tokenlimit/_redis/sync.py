@@ -35,6 +35,7 @@ from tokenlimit._scripts import (
     hold_script,
     holdback_script,
     peek_script,
+    refund_script,
     release_script,
 )
 
@@ -160,6 +161,12 @@ class RedisBackend:
         decision has its cost, then the same limits; run at most once, by the deadline."""
         args = (str(hold_us), *request.args[1:])
         reply = self.run_script(holdback_script(), request.keys, args, timeout=timeout)
+        return [int(x) for x in reply]
+
+    def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
+        """The refund script on ``request``'s keys and arguments (those of its decision); run
+        at most once, by the deadline."""
+        reply = self.run_script(refund_script(), request.keys, request.args, timeout=timeout)
         return [int(x) for x in reply]
 
     def hold_slot(

@@ -2,10 +2,13 @@
 
 A framework module reads ``RequestFacts`` off its request, calls ``check`` (sync code) or
 ``acheck`` (async code), and renders the ``Verdict``: go on with ``headers``, or answer 429/503
-with ``headers`` and ``body``. Decided here, once for every framework: exempt paths; the
-identity (a custom key, else an API key the app vouches for, then the user, then the client IP);
-the limits (what a chooser picks per request); the bucket; shadow mode; storage failures (503
-and a log line, never a password); and the request metrics.
+with ``headers`` and ``body``. Decided here, once for every framework: exempt paths, methods
+and ``exempt_when``; the identity (a custom key, else an API key the app vouches for, then the
+user, then the client IP); the limits (what a chooser picks per request); the bucket; shadow
+mode; storage failures (503 and a log line, never a password); the request metrics; and, with
+``deduct_when``, the ``Charge`` the framework settles once the response is known (``settle``,
+``asettle``): the tokens are taken before the view runs, so concurrent requests can never all
+pass, and given back when the response does not count.
 
 The request metrics count each request once, with its outcome: a refusal or a storage failure
 when a check meets it; an admission at the end, by the outermost layer that sees the end (a
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from tokenlimit._decision import Decision
@@ -34,17 +37,21 @@ from tokenlimit._plan import LimitSpec
 from tokenlimit.integrations._common import (
     Policy,
     RequestT,
+    ResponsePredicate,
     custom_identity,
     decide_async,
     decide_sync,
     rate_limit_headers,
     record_request,
+    refund_async,
+    refund_sync,
     refused_body,
     response_headers,
     unavailable_body,
 )
 
 __all__ = [
+    "Charge",
     "Ledger",
     "Limiter",
     "RequestFacts",
@@ -52,6 +59,7 @@ __all__ = [
     "ViewLimit",
     "acheck",
     "answer",
+    "asettle",
     "awaited",
     "bucket_key",
     "check",
@@ -60,6 +68,7 @@ __all__ = [
     "combined",
     "finish",
     "merged",
+    "settle",
     "tally",
     "unavailable",
 ]
@@ -69,6 +78,7 @@ Resolve = Callable[[Awaitable[object]], object]  # runs an awaitable to its resu
 T = TypeVar("T")
 # A bare 503 is logged by no framework: say why (throttled, so an outage does not flood the log).
 STORAGE_FAILED = "tokenlimit: storage failed, answering 503 (failure_mode='closed')"
+REFUND_FAILED = "tokenlimit: storage failed giving tokens back (deduct_when): the charge stands"
 
 
 class Ledger(dict[tuple[str, tuple[Limit, ...]], Decision]):
@@ -120,6 +130,18 @@ class RequestFacts(NamedTuple):
     # admission then (finish); True: an admission is counted now, unless an outer layer will.
     routed: bool = True
     ledger: Ledger | None = None  # what this request charged and counted so far, kept on it
+    method: str | None = None  # upper case, as every framework gives it; for ``methods=``
+
+
+class Charge(NamedTuple):
+    """What an admitted request took where the policy has ``deduct_when``: given back by
+    ``settle``/``asettle`` when ``deduct_when(response)`` is false."""
+
+    limiter: Limiter
+    key: str
+    limits: tuple[Limit, ...]
+    cost: int
+    deduct_when: ResponsePredicate
 
 
 class Verdict(NamedTuple):
@@ -133,6 +155,7 @@ class Verdict(NamedTuple):
     log: str | None = None  # a line for the integration's throttled log
     error: BackendError | None = None  # the storage failure behind a 503
     repeated: bool = False  # this request had charged the bucket already: nothing was taken
+    charge: Charge | None = None  # to settle after the response (only with deduct_when)
 
     def report(self, log: ThrottledLog) -> None:
         """Write the log line, if any, through the integration's throttled log."""
@@ -180,11 +203,17 @@ def bucket_key(identity: str, *, route: str | None, scope: str | None) -> str:
     return f"route:{route}|{identity}"
 
 
-def answer(policy: Policy[RequestT], decision: Decision, *, repeated: bool = False) -> Verdict:
+def answer(
+    policy: Policy[RequestT],
+    decision: Decision,
+    *,
+    repeated: bool = False,
+    charge: Charge | None = None,
+) -> Verdict:
     """The verdict for ``decision``: go on with the rate-limit headers, or refuse with 429."""
     if decision.allowed:
         headers = rate_limit_headers(decision) if policy.headers else ()
-        return Verdict(200, headers, b"", decision, None, None, repeated)
+        return Verdict(200, headers, b"", decision, None, None, repeated, charge)
     headers = response_headers(decision, enabled=policy.headers)
     return Verdict(429, headers, refused_body(decision), decision, None, None, repeated)
 
@@ -237,9 +266,19 @@ def _steps(
     """The check, once for sync and async code: it yields each awaitable it meets (an async key
     function, validator, user or chooser, an async decision) and the shell sends back its
     result, by awaiting it or through the framework's way of running it from sync code."""
-    request, path, peer, forwarded_for, api_key, user, route, template, routed, ledger = facts
+    request, path, peer, forwarded_for, api_key, user, route, template, routed, ledger, method = (
+        facts
+    )
     if policy.exempt and policy.is_exempt(path):
         return PASS
+    if policy.methods is not None and method not in policy.methods:
+        return PASS
+    if policy.exempt_when is not None:
+        exempt = policy.exempt_when(request)
+        if inspect.isawaitable(exempt):
+            exempt = yield exempt
+        if exempt:
+            return PASS
     identity = None
     if policy.key is not None:
         named = policy.key(request)
@@ -289,7 +328,14 @@ def _steps(
             ledger.deferred = True
     elif ledger is None or not ledger.deferred:
         tally(limiter, ledger, template, "allowed")
-    return answer(policy, decision)
+    deduct_when = policy.deduct_when
+    # An admission that took tokens owes at least one interval (reset_after > 0); a fail-open
+    # one, or a shadowed would-be refusal, took nothing and must give nothing back.
+    if deduct_when is None or not decision.allowed or decision.shadowed:
+        return answer(policy, decision)
+    if decision.reset_after <= 0:
+        return answer(policy, decision)
+    return answer(policy, decision, charge=Charge(limiter, key, limits, policy.cost, deduct_when))
 
 
 def check(
@@ -332,13 +378,49 @@ async def acheck(
         return verdict
 
 
+def settle(
+    charge: Charge, response: object, *, resolve: Resolve, log: ThrottledLog
+) -> Decision | None:
+    """After the response, from sync code: the tokens stay taken if ``deduct_when(response)`` is
+    true, else they go back. The bucket's state after a give-back, for the response's headers;
+    None to keep the admission's (the charge stands; or storage failed: logged, never raised;
+    or the bucket is still empty, as a ``hold_back`` may leave it)."""
+    counts = charge.deduct_when(response)
+    if inspect.isawaitable(counts):
+        counts = resolve(counts)
+    if counts:
+        return None
+    try:
+        after = refund_sync(charge.limiter, charge.key, charge.limits, charge.cost)
+    except BackendError as error:
+        log.warning(REFUND_FAILED, error)
+        return None
+    return after if after.allowed else None
+
+
+async def asettle(charge: Charge, response: object, *, log: ThrottledLog) -> Decision | None:
+    """``settle`` from async code: ``deduct_when`` may be a coroutine function."""
+    counts = charge.deduct_when(response)
+    if inspect.isawaitable(counts):
+        counts = await counts
+    if counts:
+        return None
+    try:
+        after = await refund_async(charge.limiter, charge.key, charge.limits, charge.cost)
+    except BackendError as error:
+        log.warning(REFUND_FAILED, error)
+        return None
+    return after if after.allowed else None
+
+
 class ViewLimit(Generic[RequestT]):
     """A limit written on one view (Flask's ``@ext.limit``, Django's ``@ratelimit``): checked
     where it is written; ``policy(app)`` adds the app's identity options, once per app policy.
     ``None`` for ``shadow`` or ``headers`` means the app's; the view's ``key``, where it names
-    no identity, falls back to the app's, then to the default identity."""
+    no identity, falls back to the app's, then to the default identity. ``methods``,
+    ``exempt_when`` and ``deduct_when`` are the view's own (the app's do not apply to it)."""
 
-    __slots__ = ("_cache", "_spec", "headers", "scope", "shadow")
+    __slots__ = ("_cache", "_own", "_spec", "headers", "scope", "shadow")
 
     def __init__(
         self,
@@ -350,12 +432,24 @@ class ViewLimit(Generic[RequestT]):
         scope: str | None,
         shadow: bool | None,
         headers: bool | None,
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[RequestT], object] | None = None,
+        deduct_when: ResponsePredicate | None = None,
     ) -> None:
         if headers is not None and not isinstance(headers, bool):
             raise ConfigTypeError("headers", f"must be True, False or None, not {headers!r}")
         if shadow is not None and not isinstance(shadow, bool):
             raise ConfigTypeError("shadow", f"must be True, False or None, not {shadow!r}")
-        Policy.build(limit, burst=burst, key=key, cost=cost)  # fail where the view is written
+        # Fail where the view is written; what this checks of the view's own options is kept.
+        self._own: Policy[RequestT] = Policy.build(
+            limit,
+            burst=burst,
+            key=key,
+            cost=cost,
+            methods=methods,
+            exempt_when=exempt_when,
+            deduct_when=deduct_when,
+        )
         self.scope = check_scope(scope)
         self.shadow = shadow
         self.headers = headers
@@ -381,6 +475,9 @@ class ViewLimit(Generic[RequestT]):
             ipv6_prefix=app.ipv6_prefix,
             shadow=app.shadow if self.shadow is None else self.shadow,
             api_key_validator=app.api_key_validator,
+            methods=self._own.methods,
+            exempt_when=self._own.exempt_when,
+            deduct_when=self._own.deduct_when,
         )
         self._cache = (app, policy)
         return policy

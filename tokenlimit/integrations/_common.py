@@ -1,12 +1,14 @@
 """What every framework integration shares, free of any framework: the default identity
 (an API key the app vouches for, then user, then client IP through trusted proxies), exempt
-paths, response headers, the 429/503 bodies, and deciding without blocking an event loop."""
+paths, methods and predicates, response headers, the 429/503 bodies, and deciding (or giving
+tokens back) without blocking an event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import hashlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -31,8 +33,11 @@ __all__ = [
     "Policy",
     "RequestLimit",
     "RequestT",
+    "ResponsePredicate",
     "TrustedProxies",
     "api_key_identity",
+    "check_methods",
+    "check_predicate",
     "custom_identity",
     "decide_async",
     "decide_sync",
@@ -40,6 +45,8 @@ __all__ = [
     "ip_identity",
     "rate_limit_headers",
     "record_request",
+    "refund_async",
+    "refund_sync",
     "refused_body",
     "response_headers",
     "retry_after_seconds",
@@ -254,6 +261,54 @@ def _check_exempt(exempt: str | Iterable[str] | None) -> tuple[str, ...]:
     return paths
 
 
+# What ``methods=`` may name: RFC 9110's methods and PATCH (RFC 5789).
+HTTP_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+def check_methods(methods: object, param: str = "methods") -> frozenset[str] | None:
+    """``methods=``: None (every method), or a list of HTTP method names, any case; the set of
+    their upper-case forms (what every framework's request says)."""
+    if methods is None:
+        return None
+    example = "a list like ['POST']"
+    if isinstance(methods, (str, bytes)):
+        raise ConfigTypeError(param, f"must be {example}, not the string {methods!r}")
+    if not isinstance(methods, Iterable):
+        raise ConfigTypeError(param, f"must be {example}, not {methods!r}")
+    names = list(methods)
+    if not names:
+        raise ConfigError(param, f"must name at least one method ({example}), or be None")
+    found = set()
+    for name in names:
+        if not isinstance(name, str) or name.upper() not in HTTP_METHODS:
+            known = ", ".join(sorted(HTTP_METHODS))
+            raise ConfigError(param, f"{name!r} is not an HTTP method (one of {known})")
+        found.add(name.upper())
+    return frozenset(found)
+
+
+def check_predicate(param: str, predicate: object, takes: str) -> Callable[..., object] | None:
+    """``exempt_when=`` or ``deduct_when=``: None, or a callable of one argument, ``takes``
+    (flask-limiter's ``exempt_when`` takes none, so one written for it fails here)."""
+    if predicate is None:
+        return None
+    if not callable(predicate):
+        raise ConfigTypeError(param, f"must be a callable taking {takes}, not {predicate!r}")
+    try:
+        signature = inspect.signature(predicate)
+    except (TypeError, ValueError):  # a builtin without one: taken as it is
+        return predicate
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise ConfigTypeError(
+            param, f"must take one argument, {takes}; {predicate!r} takes {signature}"
+        ) from None
+    return predicate
+
+
 RequestT = TypeVar("RequestT")
 """The framework's request, handed to key functions and limit choosers: Flask's and Starlette's
 ``Request``, Django's ``HttpRequest``."""
@@ -269,6 +324,12 @@ awaitable of them; what it picks is checked at each request."""
 RequestLimit: TypeAlias = float | Limit | str | Sequence[Limit | str] | LimitChooser[RequestT]
 """An integration's ``limit``: a number of tokens per second or a string like ``"100/minute"``
 (each with ``burst``), a ``Limit``, a list of them, or a chooser taking the request."""
+
+ResponsePredicate: TypeAlias = Callable[..., object]
+"""A ``deduct_when`` as the shared check holds it: one argument, the response (each framework's
+own, or what it can show of one; the frameworks' signatures name it), -> truthy when the
+request counts against the limit, or an awaitable of that where the framework is async. Every
+response it is given has ``status_code`` and ``headers``."""
 
 ApiKeyValidator: TypeAlias = Callable[[str], object]
 """An ``api_key_validator``: the raw key -> truthy when the app knows it, or an awaitable of
@@ -294,6 +355,9 @@ class Policy(Generic[RequestT]):
     shadow: bool = False  # decide and count, never refuse (see LimiterBase.as_shadow)
     choose: LimitChooser[RequestT] | None = None  # tiers: picks the limits per request
     api_key_validator: ApiKeyValidator | None = None  # None: every key in the header counts
+    methods: frozenset[str] | None = None  # None: every method is checked
+    exempt_when: Callable[[RequestT], object] | None = None  # the request -> truthy: skip it
+    deduct_when: ResponsePredicate | None = None  # None: every admitted request counts
 
     @classmethod
     def build(
@@ -310,6 +374,9 @@ class Policy(Generic[RequestT]):
         ipv6_prefix: int = 64,
         shadow: bool = False,
         api_key_validator: ApiKeyValidator | None = None,
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[RequestT], object] | None = None,
+        deduct_when: ResponsePredicate | None = None,
     ) -> Policy[RequestT]:
         """The policy for these options, each checked at run time as well (a framework's config
         or settings may hold any value): a ConfigError naming the parameter."""
@@ -348,6 +415,9 @@ class Policy(Generic[RequestT]):
         return cls(
             plan.limits, key, plan.cost, _check_exempt(exempt), proxies, headers, api_key_header,
             ipv6_prefix, shadow, choose=plan.choose, api_key_validator=api_key_validator,
+            methods=check_methods(methods),
+            exempt_when=check_predicate("exempt_when", exempt_when, "the request"),
+            deduct_when=check_predicate("deduct_when", deduct_when, "the response"),
         )  # fmt: skip
 
     def limits_for(self, request: RequestT) -> tuple[Limit, ...]:
@@ -482,6 +552,26 @@ async def decide_async(
     if _in_process(limiter):
         return limiter.try_acquire(key, limits, cost=cost)
     return await asyncio.to_thread(limiter.try_acquire, key, limits, cost=cost)
+
+
+async def refund_async(
+    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+) -> Decision:
+    """``refund`` from async code; a sync limiter's network call runs off the loop."""
+    if isinstance(limiter, AsyncRateLimiter):
+        return await limiter.refund(key, limits, cost=cost)
+    if _in_process(limiter):
+        return limiter.refund(key, limits, cost=cost)
+    return await asyncio.to_thread(limiter.refund, key, limits, cost=cost)
+
+
+def refund_sync(
+    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+) -> Decision:
+    """``refund`` from sync code (an async limiter cannot serve it)."""
+    if not isinstance(limiter, RateLimiter):
+        raise TypeError("a sync view needs a RateLimiter, not an AsyncRateLimiter")
+    return limiter.refund(key, limits, cost=cost)
 
 
 def decide_sync(

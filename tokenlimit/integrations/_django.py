@@ -44,6 +44,7 @@ class DjangoRequest(Protocol):
     with getattr: a request may lack them)."""
 
     path_info: str
+    method: str | None  # upper case; None only for a request made by hand
     META: Mapping[str, str]  # the entries read, REMOTE_ADDR and HTTP_X_FORWARDED_FOR, are str
     headers: Mapping[str, str]
 
@@ -142,4 +143,5 @@ def request_facts(
         template(http),
         routed,
         vars(http).setdefault(LEDGER, Ledger()),
+        http.method,
     )

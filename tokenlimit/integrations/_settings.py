@@ -30,7 +30,12 @@ from tokenlimit._validate import (
     check_failure_mode,
     check_prefix,
 )
-from tokenlimit.integrations._common import Policy, TrustedProxies
+from tokenlimit.integrations._common import (
+    Policy,
+    TrustedProxies,
+    check_methods,
+    check_predicate,
+)
 from tokenlimit.integrations._incumbents import DJANGO_RATELIMIT
 
 __all__ = ["Options", "Problem", "Settings", "SettingsError", "problems", "read"]
@@ -65,6 +70,9 @@ class Options:
     shadow: bool = False
     api_key_validator: Callable[[str], object] | None = None
     enabled: bool = True  # False: the middleware, decorator and throttles check nothing
+    methods: frozenset[str] | None = None  # the middleware's only
+    exempt_when: Callable[..., object] | None = None  # takes the request; the middleware's only
+    deduct_when: Callable[..., object] | None = None  # takes the response; the middleware's only
 
 
 class SettingsError(ValueError):
@@ -105,8 +113,17 @@ class Settings:
             api_key_validator=options.api_key_validator,
         )
         self.base = identity(None)
-        self.policy = None if options.limits is None else identity(options.limits)
         self.enabled = options.enabled
+        self.policy = (
+            None
+            if options.limits is None
+            else identity(
+                options.limits,
+                methods=options.methods,
+                exempt_when=options.exempt_when,
+                deduct_when=options.deduct_when,
+            )
+        )
         self.log = ThrottledLog()
 
     def close(self) -> None:
@@ -125,6 +142,18 @@ def _key_function(value: object, param: str = "key") -> Callable[..., object]:
 def _api_key_validator(value: object) -> Callable[..., object] | None:
     """``API_KEY_VALIDATOR``: a dotted path to ``key -> truthy when known`` (or the callable)."""
     return None if value is None else _key_function(value, "api_key_validator")
+
+
+def _predicate(param: str, takes: str) -> Callable[[object], Callable[..., object] | None]:
+    """A validator for ``EXEMPT_WHEN``/``DEDUCT_WHEN``: a dotted path to a callable of one
+    argument, ``takes`` (or the callable itself), or None."""
+
+    def validate(value: object) -> Callable[..., object] | None:
+        if value is None:
+            return None
+        return check_predicate(param, _key_function(value, param), takes)
+
+    return validate
 
 
 def _limit_setting(value: object) -> tuple[Limit, ...] | Chooser:
@@ -192,8 +221,15 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], object]]] = {
         "tokenlimit.E017",
         lambda v: check_expected_processes("local", v),
     ),
+    "METHODS": ("methods", "tokenlimit.E018", check_methods),
+    "EXEMPT_WHEN": ("exempt_when", "tokenlimit.E019", _predicate("exempt_when", "the request")),
+    "DEDUCT_WHEN": ("deduct_when", "tokenlimit.E020", _predicate("deduct_when", "the response")),
 }
 ENV_URL = "TOKENLIMIT_URL"  # the environment's store, where settings name none
+
+# Entries other libraries spell differently: an error naming ours, where an unknown entry would
+# only be warned about and the setting it meant silently not applied.
+_OURS = {"METHOD": ("tokenlimit.E021", "'METHODS': ['POST'] (a list of methods)")}
 
 
 def read(raw: object) -> tuple[Options, list[Problem]]:
@@ -208,6 +244,11 @@ def read(raw: object) -> tuple[Options, list[Problem]]:
     found: list[Problem] = []
     for name, value in raw.items():
         field = _FIELDS.get(name)
+        if field is None and name in _OURS:
+            check_id, ours = _OURS[name]
+            message = f"settings.TOKENLIMIT[{name!r}] is not a tokenlimit setting: use {ours}."
+            found.append(Problem(check_id, message))
+            continue
         if field is None:
             message = f"settings.TOKENLIMIT has an unknown entry {name!r}; it is ignored."
             hint = f"Known entries: {', '.join(_FIELDS)}."

@@ -9,6 +9,9 @@ view decorator, and system checks that report a bad setting at start-up. Sync an
     @ratelimit("10/minute")  # its own limit and bucket, on top of the middleware's
     def search(request): ...
 
+    @ratelimit_exempt  # free of the middleware's limit
+    def health(request): ...
+
 Every ``TOKENLIMIT`` entry is in docs/integrations/django.md (and ``_settings.Options``). This
 module reads each request's facts and renders the shared check's verdict; sync code decides
 through a ``RateLimiter`` and async code through an ``AsyncRateLimiter`` on the same URL, so the
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from tokenlimit._decision import Decision
@@ -31,10 +34,12 @@ from tokenlimit.integrations._check import (
     ViewLimit,
     acheck,
     answer,
+    asettle,
     check,
     combined,
     finish,
     merged,
+    settle,
     unavailable,
 )
 from tokenlimit.integrations._common import (
@@ -54,6 +59,8 @@ with needs_extra("django", "django", feature=__name__):
     from django.core import checks
     from django.core.exceptions import ImproperlyConfigured
     from django.http import HttpResponse
+    from django.urls import Resolver404, get_resolver
+    from django.urls import resolve as resolve_url
     from django.views import View
 
     from tokenlimit.integrations._django import (
@@ -70,7 +77,13 @@ with needs_extra("django", "django", feature=__name__):
 if TYPE_CHECKING:
     from django.http import HttpRequest  # what users' key functions and choosers are handed
 
-__all__ = ["RateLimitMiddleware", "TokenLimitConfig", "check_settings", "ratelimit"]
+__all__ = [
+    "RateLimitMiddleware",
+    "TokenLimitConfig",
+    "check_settings",
+    "ratelimit",
+    "ratelimit_exempt",
+]
 
 V = TypeVar("V")
 
@@ -92,6 +105,8 @@ MIDDLEWARE_PATH = "tokenlimit.integrations.django.RateLimitMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 _DECISIONS = "_tokenlimit_decisions"  # request attribute: the decisions its headers report
 PUBLIC = "tokenlimit"  # request attribute: the request's Decision, as the docs name it
+EXEMPT = "tokenlimit_exempt"  # view (or view class) attribute set by ratelimit_exempt
+_exempt_views = False  # whether any view was marked: the middleware looks only then
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -156,7 +171,13 @@ def _call_sync(
     facts = request_facts(request, request, policy, user, route=route, routed=False)
     verdict = check(policy, facts, state.sync, scope=scope, resolve=resolve)
     refused = _render(state, request, policy, verdict)
-    return refused if refused is not None else _done(state.sync, request, route, verdict, view())
+    if refused is not None:
+        return refused
+    response = view()
+    if verdict.charge is not None:  # deduct_when: keep the tokens, or give them back
+        after = settle(verdict.charge, response, resolve=resolve, log=state.log)
+        _settled(request, verdict, after)
+    return _done(state.sync, request, route, verdict, response)
 
 
 async def _call_async(
@@ -177,7 +198,19 @@ async def _call_async(
     refused = _render(state, request, policy, verdict)
     if refused is not None:
         return refused
-    return _done(state.async_, request, route, verdict, await view())
+    response = await view()
+    if verdict.charge is not None:  # deduct_when: keep the tokens, or give them back
+        _settled(request, verdict, await asettle(verdict.charge, response, log=state.log))
+    return _done(state.async_, request, route, verdict, response)
+
+
+def _settled(request: DjangoRequest, verdict: Verdict, after: Decision | None) -> None:
+    """After a give-back, the response's headers report the bucket as it now is."""
+    decisions: list[Decision] = getattr(request, _DECISIONS, None) or []
+    if after is not None:
+        for index, decision in enumerate(decisions):
+            if decision is verdict.decision:
+                decisions[index] = after
 
 
 def _render(
@@ -227,7 +260,9 @@ def _annotate(request: object, response: _Response) -> _Response:
 
 # -- middleware ------------------------------------------------------------------------------
 class RateLimitMiddleware:
-    """Apply ``settings.TOKENLIMIT['LIMIT']`` to every request but the exempt paths.
+    """Apply ``settings.TOKENLIMIT['LIMIT']`` to every request but the ``EXEMPT`` paths and the
+    views marked ``ratelimit_exempt``; ``METHODS``, ``EXEMPT_WHEN`` and ``DEDUCT_WHEN`` narrow
+    what it checks and what counts.
 
     Put it after ``AuthenticationMiddleware`` so the default identity can see the user. Sync
     and async capable: Django picks the mode that fits the chain around it. Its bucket is the
@@ -245,8 +280,12 @@ class RateLimitMiddleware:
         if self._async:
             markcoroutinefunction(self)
         _middleware_policy(settings_state())  # a bad setting fails at start-up, not at a request
+        _load_views()
 
     def __call__(self, request: DjangoRequest) -> _Response | Awaitable[_Response]:
+        if _exempt_views and _routes_to_exempt_view(request):
+            passed: _Response | Awaitable[_Response] = self.get_response(request)
+            return passed
         if self._async:
             return _call_async(None, None, request, lambda: self.get_response(request))
         return _call_sync(None, None, request, lambda: self.get_response(request))
@@ -261,6 +300,38 @@ class RateLimitMiddleware:
         if isinstance(exception, BackendError):
             return _render(state, request, policy, unavailable(exception))
         return None
+
+
+def _load_views() -> None:
+    """Import the root URLconf, and with it the views, so that every ``ratelimit_exempt`` mark
+    is known before the first request (Django would import it only during that request)."""
+    try:
+        get_resolver().url_patterns  # noqa: B018  # the import is the point
+    except Exception:  # a broken URLconf: Django reports it at the first request, as without us
+        return
+
+
+def _routes_to_exempt_view(request: DjangoRequest) -> bool:
+    """Whether ``request``'s URL resolves to a view marked ``ratelimit_exempt`` (resolved here:
+    the middleware decides before Django resolves it)."""
+    try:
+        match = resolve_url(request.path_info, getattr(request, "urlconf", None))
+    except Resolver404:
+        return False
+    view = match.func
+    owner = getattr(view, "view_class", None)  # as_view()'s function: its class may be marked
+    return bool(getattr(view, EXEMPT, False) or getattr(owner, EXEMPT, False))
+
+
+def ratelimit_exempt(view: V) -> V:
+    """Free a view (function, ``as_view()`` or ``View`` subclass) from ``RateLimitMiddleware``;
+    its own ``ratelimit`` still applies. For paths, ``EXEMPT`` does the same without a lookup."""
+    global _exempt_views
+    if not callable(view):
+        raise ConfigTypeError("view", f"must be a view function or class, not {view!r}")
+    setattr(view, EXEMPT, True)
+    _exempt_views = True
+    return view
 
 
 # -- decorator -------------------------------------------------------------------------------
@@ -337,6 +408,10 @@ def ratelimit(
     headers: bool | None = None,
     shadow: bool | None = None,
     scope: str | None = None,
+    methods: Iterable[str] | None = None,
+    exempt_when: Callable[[HttpRequest], object] | None = None,
+    deduct_when: Callable[[HttpResponse], object] | None = None,
+    **others: object,
 ) -> Callable[[V], V]:
     """Limit one view (function or class-based, sync or async) with its own bucket,
     ``route:<dotted.path.of.view>|<identity>``; views of one ``scope`` share
@@ -348,11 +423,28 @@ def ratelimit(
     ``headers`` and ``shadow`` (decide and count, never answer 429) default to ``HEADERS`` and
     ``SHADOW``. On a ``View`` subclass it wraps ``dispatch``; ``method_decorator`` works too (on
     an ``async def`` method only from Django 5.0).
+
+    ``methods=["POST"]``: only those methods are checked and charged; ``exempt_when(request)``
+    true: neither; ``deduct_when(response)`` (the view's response; sync, or async for an
+    async view): the token is taken before the view and given back after it unless this
+    returns true (a view that raises keeps it). django-ratelimit's ``method=`` and ``group=``
+    are errors naming these spellings.
     """
+    for name in others:
+        raise _not_ours(name)
     if limit is None:
         raise ConfigError("limit", "is required, for example ratelimit('10/minute')")
     rule = ViewLimit(
-        limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow, headers=headers
+        limit,
+        burst=burst,
+        key=key,
+        cost=cost,
+        scope=scope,
+        shadow=shadow,
+        headers=headers,
+        methods=methods,
+        exempt_when=exempt_when,
+        deduct_when=deduct_when,
     )
 
     def decorate(view: V) -> V:
@@ -365,6 +457,20 @@ def ratelimit(
         return _limit_view(rule, view)  # type: ignore[return-value]
 
     return decorate
+
+
+# django-ratelimit's spellings of what ``ratelimit`` takes under another name.
+_OURS = {
+    "method": "methods=['POST'] (a list of methods)",
+    "group": "scope='name' (views of one scope share a bucket)",
+}
+
+
+def _not_ours(name: str) -> TypeError:
+    """The error for a keyword ``ratelimit`` does not take: naming ours where we know it."""
+    if name in _OURS:
+        return ConfigTypeError(name, f"ratelimit spells it {_OURS[name]}")
+    return TypeError(f"ratelimit() got an unexpected keyword argument {name!r}")
 
 
 # -- app -------------------------------------------------------------------------------------

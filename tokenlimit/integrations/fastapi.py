@@ -14,6 +14,12 @@ handshake: refused before ``accept`` with the 429 response where the server offe
 ``websocket.http.response`` extension, else closed with code 1008. This module reads the ASGI
 scope and renders the shared check's verdict, which never blocks the event loop. Only Starlette
 is imported, so the middleware also serves plain Starlette apps.
+
+``deduct_when`` sees a ``ResponseInfo`` (``status_code`` and ``headers``): the middleware reads
+it off the response as it starts; a dependency cannot see the response, so ``RateLimit`` with
+``deduct_when`` is a dependency with ``yield``, which sees what the route raised (an
+``HTTPException``'s status, or 500) or else the status it set on the injected ``Response`` or
+declared (``status_code=``, else 200).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads ``RateLimit.__call__``'s
@@ -21,7 +27,8 @@ is imported, so the middleware also serves plain Starlette apps.
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from tokenlimit._config import default_async_limiter
 from tokenlimit._decision import Decision
@@ -29,11 +36,13 @@ from tokenlimit._errors import BackendError, RateLimitExceeded
 from tokenlimit._extras import needs_extra
 from tokenlimit._log import ThrottledLog
 from tokenlimit.integrations._check import (
+    Charge,
     Ledger,
     Limiter,
     RequestFacts,
     Verdict,
     acheck,
+    asettle,
     check_limiter,
     check_scope,
     finish,
@@ -44,6 +53,7 @@ from tokenlimit.integrations._common import (
     KeyFunction,
     Policy,
     RequestLimit,
+    rate_limit_headers,
     refused_body,
     response_headers,
     retry_after_seconds,
@@ -53,6 +63,7 @@ from tokenlimit.integrations._common import (
 with needs_extra("fastapi", "fastapi", feature=__name__):
     import starlette
     from starlette.applications import Starlette
+    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException, WebSocketException
     from starlette.requests import HTTPConnection, Request
     from starlette.responses import Response
@@ -60,7 +71,16 @@ with needs_extra("fastapi", "fastapi", feature=__name__):
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
     from starlette.websockets import WebSocket
 
-__all__ = ["RateLimit", "RateLimitMiddleware", "RateLimited", "install_handlers"]
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = [
+    "RateLimit",
+    "RateLimitMiddleware",
+    "RateLimited",
+    "ResponseInfo",
+    "install_handlers",
+]
 
 DEFAULT_EXEMPT = ("/health", "/metrics")
 _LEDGER = "tokenlimit.charged"  # scope key: the buckets this request charged
@@ -73,6 +93,14 @@ INTERNAL_ERROR = 1011  # storage failed (closed mode): 503's counterpart
 # accept from 0.41 on; before, it sends nothing, so a dependency closes with a code instead.
 _RELEASE = re.match(r"(\d+)\.(\d+)", starlette.__version__)
 _HTTP_BEFORE_ACCEPT = _RELEASE is not None and (int(_RELEASE[1]), int(_RELEASE[2])) >= (0, 41)
+
+
+class ResponseInfo(NamedTuple):
+    """What ``deduct_when`` is given in FastAPI and Starlette: the response's status code and
+    headers, as far as the middleware or the dependency can see them (never the body)."""
+
+    status_code: int
+    headers: Mapping[str, str]
 
 
 class RateLimited(HTTPException):
@@ -166,10 +194,26 @@ class _Guarded:
             template,
             routed,
             scope.get(_LEDGER) or scope.setdefault(_LEDGER, Ledger()),
+            scope.get("method"),  # a WebSocket handshake has none
         )
 
 
-class RateLimit(_Guarded):
+class _RouteLimit(_Guarded):
+    """Where ``RateLimit`` instances are made: one given ``deduct_when`` is a
+    ``_SettlingRateLimit``. Apart from ``RateLimit``, so that ``inspect.signature(RateLimit)``
+    (help, IDEs) reads its ``__init__``."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: object, deduct_when: object = None, **options: object) -> "Self":
+        # With deduct_when the dependency must outlive the route: FastAPI runs a dependency
+        # whose __call__ is an async generator to the end of the request.
+        if deduct_when is not None and cls is RateLimit:
+            return cast("Self", object.__new__(_SettlingRateLimit))
+        return object.__new__(cls)
+
+
+class RateLimit(_RouteLimit):
     """A FastAPI dependency taking tokens per request: ``Depends(RateLimit("10/second"))``.
 
     Allowed: the rate-limit headers go on the response and the ``Decision`` is the dependency's
@@ -182,6 +226,17 @@ class RateLimit(_Guarded):
     Each route has its own bucket (the method and path template), also where one
     ``RateLimit`` guards several routes or a whole router; ``scope="name"`` makes every limit
     of that scope share one bucket instead. The middleware's bucket is never a route's.
+
+    ``methods=["POST"]``: only those methods are checked and charged; ``exempt_when(request)``
+    (sync or async) true: neither. The value is then None, and no headers are added.
+    ``deduct_when(response)`` (sync or async, given a ``ResponseInfo``): the token is taken
+    before the route runs, and given back after it unless this returns true. As a dependency
+    cannot see the response, this one then has ``yield``: it sees an ``HTTPException`` the
+    route raised (its status; a validation error is 422 from FastAPI 0.118, which raises it
+    within the dependencies' exit; any other exception is 500), else the status the route set on
+    the injected ``Response`` (``response.status_code = 401``) or its ``status_code=``, else
+    200. A route that *returns* a ``Response`` with its own status shows it only to the
+    middleware: raise ``HTTPException`` there, or give ``RateLimitMiddleware`` the predicate.
 
     ``shadow=True`` (here and on ``RateLimitMiddleware``): decide, count and send the headers as
     usual, but never answer 429; a would-be refusal is a ``Decision`` with ``shadowed=True``.
@@ -214,6 +269,9 @@ class RateLimit(_Guarded):
         shadow: bool = False,
         api_key_validator: ApiKeyValidator | None = None,
         scope: str | None = None,
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[Request], object] | None = None,
+        deduct_when: Callable[[ResponseInfo], object] | None = None,
     ) -> None:
         policy = Policy.build(
             limit,
@@ -226,16 +284,27 @@ class RateLimit(_Guarded):
             ipv6_prefix=ipv6_prefix,
             shadow=shadow,
             api_key_validator=api_key_validator,
+            methods=methods,
+            exempt_when=exempt_when,
+            deduct_when=deduct_when,
         )
         self.scope = check_scope(scope)
         super().__init__(policy, limiter)
 
     # ``HTTPConnection``: FastAPI hands a route's ``Request`` and a WebSocket route's
     # ``WebSocket`` alike.
-    async def __call__(self, request: HTTPConnection, response: Response) -> Decision:
-        scope = request.scope
-        facts = self._facts(scope, request, routed=True)
+    async def __call__(self, request: HTTPConnection, response: Response) -> Decision | None:
+        facts = self._facts(request.scope, request, routed=True)
         verdict = await acheck(self.policy, facts, self._resolve(), scope=self.scope)
+        return self._rendered(request, verdict, response)
+
+    def _rendered(
+        self, request: HTTPConnection, verdict: Verdict, response: Response
+    ) -> Decision | None:
+        """The dependency's value for ``verdict``, its headers set on ``response``; raises
+        the 429 or 503 (for a WebSocket handshake that cannot be answered over HTTP, the close
+        code instead)."""
+        scope = request.scope
         if (
             verdict.status != 200
             and scope["type"] == "websocket"
@@ -247,7 +316,8 @@ class RateLimit(_Guarded):
             verdict.report(self._log)
             raise HTTPException(503, "rate limiter unavailable") from verdict.error
         decision = verdict.decision
-        assert decision is not None  # a dependency has no exempt paths
+        if decision is None:  # not checked: another method, or exempt_when said so
+            return None
         if verdict.status == 429:
             raise RateLimited(decision, headers=self.policy.headers)
         if not verdict.repeated:
@@ -266,6 +336,45 @@ class RateLimit(_Guarded):
         if self.policy.choose is not None:
             labels = f"chosen by {getattr(self.policy.choose, '__qualname__', self.policy.choose)}"
         return f"RateLimit({labels}, cost={self.policy.cost})"
+
+
+class _SettlingRateLimit(RateLimit):
+    """``RateLimit`` with ``deduct_when``: a dependency with ``yield``, settling its charge
+    with what the route's outcome shows (see ``RateLimit``)."""
+
+    __slots__ = ()
+
+    # An async generator where RateLimit's is a coroutine: FastAPI tells them apart.
+    async def __call__(  # type: ignore[override]
+        self, request: Request, response: Response
+    ) -> AsyncIterator[Decision | None]:
+        facts = self._facts(request.scope, request, routed=True)
+        verdict = await acheck(self.policy, facts, self._resolve(), scope=self.scope)
+        decision = self._rendered(request, verdict, response)
+        charge = verdict.charge
+        if charge is None:  # refused, exempt, or nothing was taken
+            yield decision
+            return
+        try:
+            yield decision
+        except HTTPException as error:  # the route's, or a later dependency's (a 429 too)
+            await self._settle(charge, error.status_code, Headers(error.headers))
+            raise
+        except Exception as error:
+            await self._settle(charge, _status_of(error), Headers())
+            raise
+        route_status = getattr(request.scope.get("route"), "status_code", None)
+        await self._settle(charge, response.status_code or route_status or 200, response.headers)
+
+    async def _settle(self, charge: Charge, status: int, headers: Mapping[str, str]) -> None:
+        await asettle(charge, ResponseInfo(status, headers), log=self._log)
+
+
+def _status_of(error: Exception) -> int:
+    """The status FastAPI answers ``error`` (not an ``HTTPException``) with by default."""
+    from fastapi.exceptions import RequestValidationError
+
+    return 422 if isinstance(error, RequestValidationError) else 500
 
 
 def _raw(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -320,14 +429,17 @@ class RateLimitMiddleware(_Guarded):
     outside ``exempt``.
 
     ``exempt`` paths match exactly or as a prefix ending at ``/`` (``/metrics`` covers
-    ``/metrics/x``, not ``/metricsx``). An admitted request's ``Decision`` is
+    ``/metrics/x``, not ``/metricsx``): a router's prefix frees the router, a route's path the
+    route (their own ``RateLimit`` still applies). An admitted request's ``Decision`` is
     ``request.state.tokenlimit`` (None on an exempt path). Lifespan traffic passes untouched.
     In a Starlette or FastAPI app, a request that matches no route (a 404) is not charged, as in
-    Flask; in front of an app without a router every request is. A WebSocket connection takes
-    one token when it connects (its messages take none): refused, the handshake is answered 429
-    where the server offers the ASGI ``websocket.http.response`` extension, else closed with
-    code 1008 before ``accept``; admitted, the ``websocket.accept`` carries the rate-limit
-    headers.
+    Flask; in front of an app without a router every request is. ``methods``, ``exempt_when``
+    and ``deduct_when`` as on ``RateLimit``; here ``deduct_when`` sees every response's real
+    status and headers as it starts (an exception that escapes the app is a 500). A WebSocket
+    connection takes one token when it connects (its messages take none): refused, the
+    handshake is answered 429 where the server offers the ASGI ``websocket.http.response``
+    extension, else closed with code 1008 before ``accept``; admitted, the
+    ``websocket.accept`` carries the rate-limit headers.
     """
 
     __slots__ = ("_router", "_wants_request", "app")
@@ -348,6 +460,9 @@ class RateLimitMiddleware(_Guarded):
         ipv6_prefix: int = 64,
         shadow: bool = False,
         api_key_validator: ApiKeyValidator | None = None,
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[Request], object] | None = None,
+        deduct_when: Callable[[ResponseInfo], object] | None = None,
     ) -> None:
         self.app = app
         self._router = _find_router(app)  # the stack below is built before this layer
@@ -363,9 +478,14 @@ class RateLimitMiddleware(_Guarded):
             ipv6_prefix=ipv6_prefix,
             shadow=shadow,
             api_key_validator=api_key_validator,
+            methods=methods,
+            exempt_when=exempt_when,
+            deduct_when=deduct_when,
         )
         super().__init__(policy, limiter)
-        self._wants_request = policy.key is not None or policy.choose is not None
+        self._wants_request = (
+            policy.key is not None or policy.choose is not None or policy.exempt_when is not None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -379,8 +499,8 @@ class RateLimitMiddleware(_Guarded):
             await self.app(scope, receive, send)
             return
         limiter = self._resolve()
-        # A key function or limit chooser takes a Request (without ``receive``: the body is the
-        # app's); made only for them.
+        # A key function, limit chooser or exempt_when takes a Request (without ``receive``:
+        # the body is the app's); made only for them.
         request = Request(scope) if self._wants_request else None
         verdict = await acheck(self.policy, self._facts(scope, request, routed=False), limiter)
         if verdict.status != 200:
@@ -389,18 +509,31 @@ class RateLimitMiddleware(_Guarded):
             return
         scope.setdefault("state", {})[PUBLIC] = verdict.decision
         extra = _raw(verdict.headers)
+        charge = verdict.charge
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal extra, started
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
+                if charge is not None:
+                    started = True
+                    info = ResponseInfo(message["status"], Headers(raw=list(headers)))
+                    after = await asettle(charge, info, log=self._log)
+                    if after is not None and extra:  # the bucket as the give-back left it
+                        extra = _raw(rate_limit_headers(after))
                 # A route's own RateLimit is the more specific answer: keep its fields alone
                 # rather than send two conflicting sets.
-                if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
+                if extra and not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
                     message = {**message, "headers": [*headers, *extra]}
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers if extra else send)
+            await self.app(scope, receive, send_with_headers if extra or charge else send)
+        except Exception:
+            if charge is not None and not started:  # Starlette's outermost layer answers 500
+                await asettle(charge, ResponseInfo(500, Headers()), log=self._log)
+            raise
         finally:
             if verdict.decision is not None:  # admitted: counted once the route is known
                 finish(limiter, scope[_LEDGER], _template(scope))

@@ -43,7 +43,15 @@ from tokenlimit._extras import needs_extra
 from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
 from tokenlimit._validate import check_expected_processes, check_failure_mode
-from tokenlimit.integrations._check import RequestFacts, ViewLimit, awaited, check, check_limiter
+from tokenlimit.integrations._check import (
+    Charge,
+    RequestFacts,
+    ViewLimit,
+    awaited,
+    check,
+    check_limiter,
+    settle,
+)
 from tokenlimit.integrations._common import (
     ApiKeyValidator,
     KeyFunction,
@@ -57,7 +65,7 @@ from tokenlimit.integrations._common import (
 from tokenlimit.integrations._incumbents import flask_limiter_message, unknown_message
 
 with needs_extra("flask", "flask", feature=__name__):
-    from flask import Flask, Response, current_app, g, request
+    from flask import Blueprint, Flask, Response, current_app, g, request
 
 if TYPE_CHECKING:
     from flask import Request
@@ -65,12 +73,14 @@ if TYPE_CHECKING:
 
 __all__ = ["TokenLimit"]
 
-F = TypeVar("F", bound=Callable[..., object])
+# What ``.limit(...)`` and ``.exempt`` mark: a view function or a Blueprint.
+M = TypeVar("M", bound="Callable[..., object] | Blueprint")
 T = TypeVar("T")
 
 EXTENSION = "tokenlimit"
 DECISION = "tokenlimit_decision"  # flask.g attribute: the Decision behind this response's headers
 PUBLIC = "tokenlimit"  # flask.g attribute: the request's Decision, as the docs name it
+CHARGE = "_tokenlimit_charge"  # flask.g attribute: what deduct_when settles after the view
 ENABLED = "TOKENLIMIT_ENABLED"
 # Every app.config key read here: any other TOKENLIMIT_* key is a ConfigError, since a typo in
 # one (TOKENLIMIT_LIMITS) would leave the app unlimited without a word.
@@ -138,6 +148,9 @@ class _Options(NamedTuple):
     ipv6_prefix: int
     shadow: bool | None
     api_key_validator: ApiKeyValidator | None
+    methods: Iterable[str] | None
+    exempt_when: Callable[[Request], object] | None
+    deduct_when: Callable[[Response], object] | None
 
 
 class TokenLimit:
@@ -163,6 +176,12 @@ class TokenLimit:
     ``shadow=True`` (or ``TOKENLIMIT_SHADOW``): decide, count and add the headers as usual, but
     never answer 429 (a would-be refusal is a ``Decision`` with ``shadowed=True`` in ``g``);
     ``.limit(shadow=...)`` overrides it for one view.
+
+    ``methods=["POST"]``: the default limit checks and charges only those methods;
+    ``exempt_when(request)`` true: the request is neither checked nor charged, and gets no
+    headers; ``deduct_when(response)`` (the view's Flask response): the token is taken before
+    the view and given back after it unless this returns true. These three are the default
+    limit's; ``.limit(...)`` takes its own.
     """
 
     def __init__(
@@ -182,6 +201,9 @@ class TokenLimit:
         ipv6_prefix: int = 64,
         shadow: bool | None = None,
         api_key_validator: ApiKeyValidator | None = None,
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[Request], object] | None = None,
+        deduct_when: Callable[[Response], object] | None = None,
     ) -> None:
         check_limiter(limiter, sync=True)  # an async limiter is a common mistake
         if user is not None and not callable(user):
@@ -190,12 +212,13 @@ class TokenLimit:
         self._user = user
         self._options = _Options(
             limit, burst, key, cost, exempt, trusted_proxies, headers, api_key_header,
-            ipv6_prefix, shadow, api_key_validator,
+            ipv6_prefix, shadow, api_key_validator, methods, exempt_when, deduct_when,
         )  # fmt: skip
         # Weak: app factories that define their views per app must not keep old apps' views.
         self._views: weakref.WeakKeyDictionary[
             Callable[..., object], ViewLimit[Request] | object
         ] = weakref.WeakKeyDictionary()
+        self._blueprints: dict[str, ViewLimit[Request] | object] = {}  # by blueprint name
         self._log = ThrottledLog()
         self._build(self._options, None)  # fail here, where the options were written
         if app is not None:
@@ -274,6 +297,9 @@ class TokenLimit:
                 ipv6_prefix=options.ipv6_prefix,
                 shadow=False if shadow is None else shadow,
                 api_key_validator=options.api_key_validator,
+                methods=options.methods,
+                exempt_when=options.exempt_when,
+                deduct_when=options.deduct_when,
             )
             return policy, limit is not None
         except ConfigError as error:
@@ -292,32 +318,74 @@ class TokenLimit:
         cost: int = 1,
         scope: str | None = None,
         shadow: bool | None = None,
-    ) -> Callable[[F], F]:
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[Request], object] | None = None,
+        deduct_when: Callable[[Response], object] | None = None,
+    ) -> Callable[[M], M]:
         """Give a view its own limit, replacing the default; its bucket is its own.
 
         ``key(request)`` chooses the identity for this view (None falls back to the extension's).
         Each endpoint has its own bucket (``route:<endpoint>|<identity>``); views given the
         same ``scope`` share one (``scope:<scope>|<identity>``). ``shadow`` (None: the
-        extension's) decides and counts without ever refusing.
+        extension's) decides and counts without ever refusing. ``methods``, ``exempt_when``
+        and ``deduct_when`` as for the default limit, for this limit only.
+
+        ``ext.limit(...)(blueprint)`` gives every view of a Blueprint (and of the blueprints
+        nested in it) this limit, each in a bucket per endpoint unless ``scope`` is given; a
+        view's own ``.limit`` or ``.exempt`` wins over its blueprint's.
         """
         rule = ViewLimit(
-            limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow, headers=None
+            limit,
+            burst=burst,
+            key=key,
+            cost=cost,
+            scope=scope,
+            shadow=shadow,
+            headers=None,
+            methods=methods,
+            exempt_when=exempt_when,
+            deduct_when=deduct_when,
         )
 
-        def decorate(view: F) -> F:
+        def decorate(view: M) -> M:
             self._mark(view, rule, "limit")
             return view
 
         return decorate
 
-    def exempt(self, view: F) -> F:
-        """Free a view from the default limit."""
+    def shared_limit(
+        self,
+        limit: RequestLimit[Request],
+        scope: str,
+        *,
+        burst: int | None = None,
+        key: KeyFunction[Request] | None = None,
+        cost: int = 1,
+        shadow: bool | None = None,
+        methods: Iterable[str] | None = None,
+        exempt_when: Callable[[Request], object] | None = None,
+        deduct_when: Callable[[Response], object] | None = None,
+    ) -> Callable[[M], M]:
+        """``.limit(limit, scope=scope, ...)``, spelled as flask-limiter's ``shared_limit``:
+        every view it decorates draws from one bucket, ``scope:<scope>|<identity>``."""
+        return self.limit(
+            limit, burst=burst, key=key, cost=cost, scope=scope, shadow=shadow,
+            methods=methods, exempt_when=exempt_when, deduct_when=deduct_when,
+        )  # fmt: skip
+
+    def exempt(self, view: M) -> M:
+        """Free a view, or every view of a Blueprint, from the default limit."""
         self._mark(view, _EXEMPT, "exempt")
         return view
 
     def _mark(self, view: object, rule: ViewLimit[Request] | object, param: str) -> None:
+        if isinstance(view, Blueprint):  # found by name at each request (request.blueprints)
+            if view.name in self._blueprints:
+                raise ConfigError(param, f"blueprint {view.name!r} has a limit or exemption")
+            self._blueprints[view.name] = rule
+            return
         if not callable(view):
-            raise ConfigTypeError(param, f"decorates a view function, not {view!r}")
+            raise ConfigTypeError(param, f"decorates a view function or Blueprint, not {view!r}")
         # The view itself is returned unchanged (sync or async alike); the hook finds the mark
         # by the function Flask dispatches to, or one it wraps, whatever the decorator order.
         try:
@@ -353,6 +421,11 @@ class TokenLimit:
             setattr(g, PUBLIC, None)
             return
         rule = self._rule_for(current_app.view_functions.get(endpoint))
+        if rule is None and self._blueprints:  # the innermost marked blueprint's
+            for name in request.blueprints:
+                rule = self._blueprints.get(name)
+                if rule is not None:
+                    break
         if isinstance(rule, ViewLimit):
             policy, route, scope = rule.policy(state.policy), endpoint, rule.scope
         elif rule is None and state.has_default:
@@ -366,6 +439,8 @@ class TokenLimit:
         if verdict.error is not None:
             raise verdict.error  # the 503 handler logs it
         _keep(verdict.decision)
+        if verdict.charge is not None:
+            setattr(g, CHARGE, verdict.charge)
         if verdict.status == 429 and verdict.decision is not None:
             raise RateLimitExceeded(verdict.decision)
 
@@ -382,6 +457,7 @@ class TokenLimit:
             self._user_id,
             route,
             template,
+            method=request.method,
         )
 
     def _user_id(self) -> object:
@@ -399,6 +475,11 @@ class TokenLimit:
         return None
 
     def _after_request(self, response: Response) -> Response:
+        charge: Charge | None = g.pop(CHARGE, None)
+        if charge is not None:  # deduct_when: keep the tokens, or give them back
+            after = settle(charge, response, resolve=_resolve, log=self._log)
+            if after is not None:
+                setattr(g, DECISION, after)
         decision: Decision | None = g.get(DECISION)
         state: _State | None = current_app.extensions.get(EXTENSION)
         if decision is None or state is None or not state.policy.headers:
