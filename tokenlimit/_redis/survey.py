@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLUSTER_NEEDED",
     "CONCURRENCY",
+    "IN_SCRIPTS",
     "NEEDED",
     "OPTIONAL",
     "Acl",
@@ -53,13 +54,14 @@ __all__ = [
 # What a limiter sends, with what each is for (docs/reliability.md, "Least privilege and TLS";
 # tests/test_security.py shows each needed one to be needed). A script's own commands are
 # checked against the caller's ACL too, so TIME, GET and SET count as much as EVALSHA.
+IN_SCRIPTS = "inside the scripts"
 NEEDED = (
     ("EVALSHA", "every decision"),
     ("EVAL", "decisions after the server lost its script cache"),
     ("DEL", "reset"),
-    ("TIME", "inside the scripts"),
-    ("GET", "inside the scripts"),
-    ("SET", "inside the scripts"),
+    ("TIME", IN_SCRIPTS),
+    ("GET", IN_SCRIPTS),
+    ("SET", IN_SCRIPTS),
 )
 CLUSTER_NEEDED = (("ASKING", "decisions on a slot being migrated"),)
 OPTIONAL = (("INFO", "the eviction-policy warning, skipped without it"),)
