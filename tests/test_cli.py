@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Target
+from conftest import FLAVOURS, Target
 
 import tokenlimit
-from servers import SentinelGroup, available_binaries, free_port
+from servers import SentinelGroup, TlsServer, available_binaries, free_port, scratch, tls_files
 from tokenlimit import RateLimiter
 from tokenlimit._cli import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, main
 from tokenlimit._redis import survey
@@ -173,6 +174,32 @@ def test_check_finds_the_primary_through_sentinel(capsys: pytest.CaptureFixture[
     assert group.replica is not None
     assert doc["topology"]["primary"] == f"127.0.0.1:{group.primary.port}"
     assert doc["topology"]["replicas"] == [f"127.0.0.1:{group.replica.port}"]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_check_over_tls_verifies_the_certificate(
+    flavour: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("TLS: no openssl command to make a throwaway CA and certificate")
+    tls = tls_files(scratch("cli-tls-"))
+    server = TlsServer(available_binaries()[flavour], tls=tls)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        logs = "".join(p.read_text(errors="replace") for p in server.workdir.glob("*.log"))
+        if "tls" in (logs + str(exc)).lower():
+            pytest.skip(f"TLS: {flavour} was built without TLS")
+        raise
+    try:
+        url = f"rediss://127.0.0.1:{server.port}/0"
+        code, out, err = run(capsys, "check", f"{url}?ssl_ca_certs={tls['ca']}")
+        assert (code, err) == (0, ""), out
+        code, _, err = run(capsys, "check", url)  # the system's CAs never signed it
+        assert code == EXIT_UNREACHABLE
+        assert "certificate" in one_line(err).lower()
+    finally:
+        server.stop()
 
 
 # -- peek and reset -----------------------------------------------------------------------------
