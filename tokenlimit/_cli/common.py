@@ -59,7 +59,7 @@ class Problem(Exception):
 class Output:
     """Rows for people, printed as they come (a slow step shows where it got to), or one JSON
     document at the end; the closing line on stderr. Every string is scrubbed of the URL's
-    password first, and made one line."""
+    password; a row and the closing line are kept to one line each."""
 
     def __init__(self, command: str, url: str, *, as_json: bool) -> None:
         self.url = url
@@ -68,18 +68,23 @@ class Output:
         self.warnings: list[str] = []
 
     def clean(self, value: object) -> object:
+        """``value`` (a string, or JSON data holding strings) without the URL's password."""
         if isinstance(value, str):
-            return " ".join(scrub(value, self.url).split())
+            return scrub(value, self.url)
         if isinstance(value, dict):
             return {key: self.clean(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.clean(item) for item in value]
         return value
 
+    def line(self, text: str) -> str:
+        """``text`` scrubbed, on one line (a server's error may hold line breaks)."""
+        return " ".join(scrub(text, self.url).splitlines())
+
     def row(self, name: str, text: str, *more: str) -> None:
         """``name`` then ``text``, and each of ``more`` on a line of its own under the text."""
         if not self.as_json:
-            lines = [f"{name:<12} {self.clean(text)}", *(f"{'':<15}{self.clean(m)}" for m in more)]
+            lines = [f"{name:<12} {self.line(text)}", *(f"{'':<15}{self.line(m)}" for m in more)]
             print("\n".join(lines), flush=True)
 
     def warn(self, text: str) -> None:
@@ -94,11 +99,11 @@ class Output:
         """Print the JSON document (``--json``) and the problem's line; return the exit code."""
         code = EXIT_OK if problem is None else problem.code
         if self.as_json:
-            message = None if problem is None else str(problem)
+            message = None if problem is None else self.line(str(problem))
             self.set(ok=problem is None, exit=code, problem=message, warnings=self.warnings)
             print(json.dumps(self.clean(self.doc), indent=2), flush=True)
         if problem is not None:
-            print(f"tokenlimit: {self.clean(str(problem))}", file=sys.stderr, flush=True)
+            print(f"tokenlimit: {self.line(str(problem))}", file=sys.stderr, flush=True)
         return code
 
 
