@@ -303,7 +303,7 @@ def _decisions(
     # What a decision falls back to once the server has lost its script cache (a restart, a
     # failover): EVAL of the script's body; here the read-only one's.
     request = build_request(prefix, key, SCRATCH)
-    client.eval(peek_script().body, len(request.keys), *request.keys, *request.args)  # type: ignore[arg-type]
+    client.eval(peek_script().body.decode(), len(request.keys), *request.keys, *request.args)
     limiter.reset(key, SCRATCH)
     times = latency(samples)
     out.row(
