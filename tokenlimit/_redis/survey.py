@@ -41,6 +41,7 @@ __all__ = [
     "Node",
     "Shard",
     "acl_of",
+    "cluster_slots",
     "denied_command",
     "denies_keys",
     "info_of",
@@ -48,6 +49,7 @@ __all__ = [
     "nodes_of",
     "replicas_of",
     "shards_of",
+    "shipped_scripts",
     "uncovered",
 ]
 
@@ -268,6 +270,7 @@ def denies_keys(message: str) -> bool:
 
 # -- scripts ------------------------------------------------------------------------------------
 def shipped_scripts() -> tuple[Script, ...]:
+    """Every script the limiter may send: decisions, hold-backs, concurrency slots."""
     return (acquire_script(), peek_script(), holdback_script(), hold_script(), release_script())
 
 
