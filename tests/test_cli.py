@@ -22,7 +22,7 @@ from conftest import FLAVOURS, Target
 
 import tokenlimit
 from servers import SentinelGroup, TlsServer, available_binaries, free_port, scratch, tls_files
-from tokenlimit import RateLimiter
+from tokenlimit import Limit, RateLimiter
 from tokenlimit._cli import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, main
 from tokenlimit._redis import survey
 
@@ -245,6 +245,14 @@ def test_peek_and_reset_see_what_an_integration_charged(
         assert "full again" in out
         assert "remaining    5" in out
         assert remaining_after_a_request() == "4"  # the app sees the refilled bucket
+
+        # A bucket is a key and a limit: the same key under a named limit is another bucket.
+        limiter.try_acquire("job:7", Limit.parse("5/minute", name="search"), cost=2)
+        raw = ["--key", "job:7", "--limit", "5/minute", "--json"]
+        code, out, _ = run(capsys, "peek", target.url, *raw, "--name", "search")
+        assert (code, json.loads(out)["remaining"]) == (0, 3)
+        code, out, _ = run(capsys, "peek", target.url, *raw)  # unnamed: untouched
+        assert (code, json.loads(out)["remaining"]) == (0, 5)
 
 
 @pytest.mark.parametrize(

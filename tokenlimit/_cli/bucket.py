@@ -8,8 +8,8 @@ support can see and refill exactly what a customer is charged:
 - ``--route R``: ``route:R|<identity>``; ``--scope S``: ``scope:S|<identity>``; neither: the
   identity alone (a middleware's, an app-wide default's).
 
-A bucket belongs to a key and a limit, so ``--limit`` (and ``--burst``) name the limit(s) as the
-app does.
+A bucket belongs to a key and a limit, so ``--limit`` (with ``--burst`` and ``--name``) names
+the limit(s) as the app does.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "number per second",
     )
     parser.add_argument("--burst", type=int, help="the limit's burst=, if the app gives one")
+    parser.add_argument("--name", help="the limit's name=, if the app names it")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--api-key", help="an API key (hashed, as the integrations hash it)")
     who.add_argument("--user", help="a signed-in user's id")
@@ -56,10 +57,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def limits_of(args: argparse.Namespace) -> tuple[Limit, ...]:
-    """``--limit`` in every spelling a limit takes, with ``--burst``."""
+    """``--limit`` in every spelling a limit takes, with ``--burst`` and ``--name`` (both part
+    of the bucket, as the rate is)."""
     text: str = args.limit
     rate: float | str = float(text) if _NUMBER.fullmatch(text.strip()) else text
-    return LimitPlan.of(rate, args.burst, name="limit").limits
+    limits = LimitPlan.of(rate, args.burst, name="limit").limits
+    if args.name is None:
+        return limits
+    if len(limits) > 1:
+        raise Problem(EXIT_USAGE, "--name goes with one limit: give each limit on its own")
+    return (Limit(limits[0].rate, limits[0].burst, name=args.name),)
 
 
 def key_of(args: argparse.Namespace) -> str:
