@@ -87,6 +87,13 @@ def test_slot_map_gaps_and_acl_refusals_are_read_from_replies() -> None:
     assert survey.denies_keys("User u has no permissions to access the 'tl:{x}y' key")
     assert not survey.denies_keys("User u has no permissions to run the 'del' command")
 
+    class Redis5:  # a server from before ACLs
+        def acl_whoami(self) -> str:
+            raise redis.ResponseError("unknown command 'ACL', with args beginning with: 'WHOAMI'")
+
+    old = survey.acl_of(survey.Node(Redis5(), "h:1"), "k", ["EVALSHA"])  # type: ignore[arg-type]
+    assert not old.enabled
+
 
 # -- check --------------------------------------------------------------------------------------
 def test_check_passes_and_leaves_nothing(
@@ -101,7 +108,8 @@ def test_check_passes_and_leaves_nothing(
         assert "slots 0-" in out
     assert re.search(r"100 on a scratch key: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
 
-    code, out, _ = run(capsys, "check", target.url, "--json")
+    valkey = target.url.replace("redis", "valkey", 1)  # valkey://, valkey+cluster://
+    code, out, _ = run(capsys, "check", valkey, "--json")
     doc = json.loads(out)
     assert (code, doc["ok"], doc["exit"], doc["problem"]) == (0, True, 0, None)
     assert doc["acl"]["denied"] == []
@@ -245,6 +253,8 @@ def test_peek_and_reset_see_what_an_integration_charged(
         assert "full again" in out
         assert "remaining    5" in out
         assert remaining_after_a_request() == "4"  # the app sees the refilled bucket
+        code, out, _ = run(capsys, "reset", target.url, *who, "--json")
+        assert (code, json.loads(out)["reset"], json.loads(out)["remaining"]) == (0, True, 5)
 
         # A bucket is a key and a limit: the same key under a named limit is another bucket.
         limiter.try_acquire("job:7", Limit.parse("5/minute", name="search"), cost=2)
