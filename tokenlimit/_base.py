@@ -188,7 +188,7 @@ class LimiterBase(Generic[_B]):
         decision = decode_reply(reply, request.limits)
         if not decision.allowed and self._refusals is not None:
             # ``started`` was read before the request was sent: see _cache.py for why.
-            self._refusals.put(request.keys, request.cost, started, decision)
+            self._refusals.put(request.keys, request.cost, started, decision, request.limits)
         if self._shadow and consume and not decision.allowed:
             decision = self._shadowed(request, decision)
         # A peek decides nothing: counting it would let a dashboard that polls inflate refusals.

@@ -64,22 +64,32 @@ def check_local_cache(value: object) -> int:
 class _Entry:
     """One cached refusal: the cost it was for, when it was sent and until when it holds."""
 
-    __slots__ = ("cost", "parts", "sent", "until")
+    __slots__ = ("cost", "limits", "parts", "sent", "until")
 
-    def __init__(self, cost: int, sent: float, until: float, parts: tuple[_Part, ...]) -> None:
+    def __init__(
+        self,
+        cost: int,
+        sent: float,
+        until: float,
+        parts: tuple[_Part, ...],
+        limits: Sequence[Limit],
+    ) -> None:
         self.cost = cost
         self.sent = sent
         self.until = until
         self.parts = parts
+        self.limits = limits  # the refused caller's: another caller's may be labelled apart
 
 
-def _aged(parts: tuple[_Part, ...], elapsed: float, limits: Sequence[Limit] = ()) -> Decision:
-    """The refusal the server would give ``elapsed`` seconds after the cached one, reported
-    under ``limits`` (the caller's, equal to the cached ones but perhaps labelled apart)."""
+def _relabelled(parts: tuple[_Part, ...], limits: Sequence[Limit]) -> tuple[_Part, ...]:
+    """``parts`` reported under ``limits``: equal to theirs, one each, perhaps labelled apart."""
+    return tuple((lim, *part[1:]) for lim, part in zip(limits, parts, strict=True))
+
+
+def _aged(parts: tuple[_Part, ...], elapsed: float) -> Decision:
+    """The refusal the server would give ``elapsed`` seconds after the cached one."""
     details = []
-    for index, (lim, retry, reset, ok_at) in enumerate(parts):
-        if index < len(limits):
-            lim = limits[index]
+    for lim, retry, reset, ok_at in parts:
         ok = elapsed >= ok_at
         debt = reset - elapsed  # seconds until full; it shrinks as time passes
         if debt < 0.0:
@@ -129,10 +139,11 @@ class RefusalCache:
         return self._max
 
     def get(
-        self, keys: Keys, cost: int, now: float, limits: Sequence[Limit] = ()
+        self, keys: Keys, cost: int, now: float, limits: Sequence[Limit] | None = None
     ) -> Decision | None:
         """The refusal for ``cost`` on ``keys`` at local time ``now``, or None: ask the server.
-        ``limits``: the caller's, which the refusal reports (else the cached refusal's)."""
+        ``limits``: the caller's (the ones ``keys`` were made of), which the refusal reports
+        (None: the refused caller's)."""
         entry = self._entries.get(keys)
         if entry is None:
             return None
@@ -141,11 +152,22 @@ class RefusalCache:
             return None
         if entry.cost != cost:  # another cost has other numbers; only this one is known exactly
             return None
+        parts = entry.parts
+        if limits is not None and limits is not entry.limits:
+            parts = _relabelled(parts, limits)
         # now < sent when a call that started later put this entry first: no time has passed.
-        return _aged(entry.parts, max(now - entry.sent, 0.0), limits)
+        return _aged(parts, max(now - entry.sent, 0.0))
 
-    def put(self, keys: Keys, cost: int, sent: float, decision: Decision) -> None:
-        """Remember the server's refusal ``decision`` of ``cost`` sent at local time ``sent``."""
+    def put(
+        self,
+        keys: Keys,
+        cost: int,
+        sent: float,
+        decision: Decision,
+        limits: Sequence[Limit] | None = None,
+    ) -> None:
+        """Remember the server's refusal ``decision`` of ``cost`` sent at local time ``sent``
+        for a caller with ``limits`` (the ones ``keys`` were made of; None: the decision's)."""
         if decision.allowed:
             return
         parts: list[_Part] = []
@@ -165,7 +187,10 @@ class RefusalCache:
         window = (window - _ROUNDING) * (1.0 - _DRIFT)
         if window <= 0.0:  # the server admits (within its slack) already
             return
-        entry = _Entry(cost, sent, sent + window, tuple(parts))
+        made = tuple(parts)
+        entry = _Entry(
+            cost, sent, sent + window, made, tuple(p[0] for p in made) if limits is None else limits
+        )
         with self._lock:
             if sent <= self._forgotten:  # sent before a reset here: the server may be full
                 return

@@ -75,7 +75,11 @@ def build_request(prefix: str, key: str | bytes, limit: LimitSpec, cost: int = 1
     ):
         entry = (prefix, key, limit, cost)
         request = _cache.get(entry)
-        if request is None or not _spelled_alike(request.limits, limit):
+        if request is None or (
+            request.limits[0] is not limit  # the caller's own Limit: labelled as it wants
+            and request.limits is not limit  # the caller's own tuple, kept by _build
+            and not _spelled_alike(request.limits, limit)
+        ):
             request = _build(prefix, key, limit, cost)
             if len(key) <= _CACHED_KEY_CHARS:  # checked on a miss only: hits cost nothing more
                 if len(_cache) >= _CACHE_SIZE:

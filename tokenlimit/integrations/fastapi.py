@@ -509,34 +509,59 @@ class RateLimitMiddleware(_Guarded):
             return
         scope.setdefault("state", {})[PUBLIC] = verdict.decision
         extra = _raw(verdict.headers)
-        charge = verdict.charge
+        try:
+            if verdict.charge is not None:
+                await self._settling(verdict.charge, extra, scope, receive, send)
+            elif extra:
+
+                async def send_with_headers(message: Message) -> None:
+                    if message["type"] == "http.response.start":
+                        headers = message.get("headers", ())
+                        # A route's own RateLimit is the more specific answer: keep its fields
+                        # alone rather than send two conflicting sets.
+                        if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
+                            message = {**message, "headers": [*headers, *extra]}
+                    await send(message)
+
+                await self.app(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            if verdict.decision is not None:  # admitted: counted once the route is known
+                finish(limiter, scope[_LEDGER], _template(scope))
+
+    async def _settling(
+        self,
+        charge: Charge,
+        extra: list[tuple[bytes, bytes]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """The app, for a request whose charge ``deduct_when`` settles as its response starts
+        (given back when the response does not count; the headers then show the bucket as the
+        give-back left it)."""
         started = False
 
-        async def send_with_headers(message: Message) -> None:
+        async def send_settled(message: Message) -> None:
             nonlocal extra, started
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
-                if charge is not None:
-                    started = True
-                    info = ResponseInfo(message["status"], Headers(raw=list(headers)))
-                    after = await asettle(charge, info, log=self._log)
-                    if after is not None and extra:  # the bucket as the give-back left it
-                        extra = _raw(rate_limit_headers(after))
-                # A route's own RateLimit is the more specific answer: keep its fields alone
-                # rather than send two conflicting sets.
+                started = True
+                info = ResponseInfo(message["status"], Headers(raw=list(headers)))
+                after = await asettle(charge, info, log=self._log)
+                if after is not None and extra:  # the bucket as the give-back left it
+                    extra = _raw(rate_limit_headers(after))
                 if extra and not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
                     message = {**message, "headers": [*headers, *extra]}
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers if extra or charge else send)
+            await self.app(scope, receive, send_settled)
         except Exception:
-            if charge is not None and not started:  # Starlette's outermost layer answers 500
+            if not started:  # Starlette's outermost layer answers 500
                 await asettle(charge, ResponseInfo(500, Headers()), log=self._log)
             raise
-        finally:
-            if verdict.decision is not None:  # admitted: counted once the route is known
-                finish(limiter, scope[_LEDGER], _template(scope))
 
     async def _connect(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket connection: one token for its handshake, counted once the app has
