@@ -132,6 +132,9 @@ def request_facts(
     """The check's facts: ``request`` goes to the policy's key function and chooser, the rest
     is read off ``http``, Django's request (the same one, or the one DRF's wraps)."""
     header = policy.api_key_header
+    ledger = vars(http).get(LEDGER)
+    if ledger is None:  # made once per request, shared by the middleware and the views
+        ledger = vars(http)[LEDGER] = Ledger()
     return RequestFacts(
         request,
         http.path_info,
@@ -142,6 +145,6 @@ def request_facts(
         route,
         template(http),
         routed,
-        vars(http).setdefault(LEDGER, Ledger()),
+        ledger,
         http.method,
     )

@@ -183,6 +183,9 @@ class _Guarded:
                 api_key = value.decode("latin-1")
         client = scope.get("client")
         user = scope.get("user")
+        ledger = scope.get(_LEDGER)
+        if ledger is None:  # made once per request (an empty one is falsy, so test for None)
+            ledger = scope[_LEDGER] = Ledger()
         return RequestFacts(
             request,
             scope["path"],
@@ -193,7 +196,7 @@ class _Guarded:
             route,
             template,
             routed,
-            scope.get(_LEDGER) or scope.setdefault(_LEDGER, Ledger()),
+            ledger,
             scope.get("method"),  # a WebSocket handshake has none
         )
 
