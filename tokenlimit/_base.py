@@ -15,6 +15,7 @@ from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._fallback import LocalFallback
+from ._hash_secret import hasher_for
 from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
 from ._request import Request, build_request
@@ -53,6 +54,7 @@ class LimiterOptions(TypedDict, total=False):
     metrics: MetricsSink | None
     local_cache: bool | int
     shadow: bool
+    hash_secret: str | bytes | None
 
 
 class LimiterBase(Generic[_B]):
@@ -61,6 +63,7 @@ class LimiterBase(Generic[_B]):
     __slots__ = (
         "_failure_mode",
         "_fallback",
+        "_hasher",
         "_log",
         "_metrics",
         "_prefix",
@@ -84,10 +87,12 @@ class LimiterBase(Generic[_B]):
         local_cache: bool | int = True,
         remote: bool = False,
         shadow: bool = False,
+        hash_secret: str | bytes | None = None,
     ) -> None:
         """``remote``: the backend is a server (Redis, Valkey). Only then is ``local_cache``
         used: the in-process memory backend gains nothing from it, and may run on an injected
-        clock that the cache's real one would contradict."""
+        clock that the cache's real one would contradict. ``hash_secret``: see _hash_secret.py
+        (kept only as the keyed hash state it makes, never in clear)."""
         size = check_local_cache(local_cache)
         self._refusals = RefusalCache(size) if size and remote else None
         self._prefix = check_prefix(prefix)
@@ -107,6 +112,7 @@ class LimiterBase(Generic[_B]):
         self._shadow = shadow
         self._shadow_log = ThrottledLog()
         self._twin: LimiterBase[_B] | None = self if shadow else None
+        self._hasher = hasher_for(hash_secret)
         self.backend = backend
 
     @property
@@ -163,8 +169,13 @@ class LimiterBase(Generic[_B]):
         """How many refusals are answered in-process at most (0: the cache is off)."""
         return 0 if self._refusals is None else self._refusals.max_entries
 
+    @property
+    def hashes_with_secret(self) -> bool:
+        """Whether identities are hashed with a secret (``hash_secret=``) into bucket keys."""
+        return self._hasher is not None
+
     def _request(self, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
-        return build_request(self._prefix, key, limit, cost)
+        return build_request(self._prefix, key, limit, cost, self._hasher)
 
     def _check_can_hold(self) -> None:
         """``hold_back`` needs a backend that can hold buckets back (a minimal one may not)."""
@@ -312,6 +323,8 @@ class LimiterBase(Generic[_B]):
 
     def __repr__(self) -> str:
         shadow = ", shadow=True" if self._shadow else ""
+        if self._hasher is not None:  # that there is one, never what it is
+            shadow += ", hash_secret=<set>"
         processes = (
             "" if self._fallback is None else f", expected_processes={self.expected_processes}"
         )

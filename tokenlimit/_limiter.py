@@ -83,6 +83,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
     """Sync limiter: ``RateLimiter(redis.Redis(...))`` or ``RateLimiter.from_url(url)``.
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
+    ``hash_secret=``: keys the hash of identities into bucket keys (docs/reliability.md).
     """
 
     is_async: ClassVar[Literal[False]]
@@ -100,6 +101,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
+        hash_secret: str | bytes | None = None,
     ) -> None:
         backend = _sync_backend(client, check_deadline(timeout))
         super().__init__(
@@ -111,6 +113,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
+            hash_secret=hash_secret,
             remote=is_remote(backend),
         )
 
@@ -291,6 +294,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
     """Async limiter: ``AsyncRateLimiter(redis.asyncio.Redis(...))`` or ``.from_url(url)``.
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
+    ``hash_secret=``: keys the hash of identities into bucket keys (docs/reliability.md).
     """
 
     is_async: ClassVar[Literal[True]] = True
@@ -308,6 +312,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
+        hash_secret: str | bytes | None = None,
     ) -> None:
         backend = _async_backend(client)
         super().__init__(
@@ -319,6 +324,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
+            hash_secret=hash_secret,
             remote=is_remote(backend),
         )
 
