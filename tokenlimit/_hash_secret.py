@@ -36,8 +36,10 @@ def hasher_for(secret: object, param: str = "hash_secret") -> hashlib.blake2b | 
     if isinstance(secret, str):
         try:
             raw = secret.strip().encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(param, "must be encodable as UTF-8") from None
+        except UnicodeEncodeError:  # raised below, not here: its context would hold the secret
+            raw = None
+        if raw is None:
+            raise ConfigError(param, "must be encodable as UTF-8")
     elif isinstance(secret, bytes):
         raw = secret
     else:
