@@ -30,6 +30,7 @@ from tokenlimit._hash_secret import hasher_for
 from tokenlimit._request import build_request
 from tokenlimit.integrations._common import api_key_identity
 from tokenlimit.integrations._django import settings_state
+from tokenlimit.integrations._settings import read
 from tokenlimit.integrations.flask import TokenLimit
 from tokenlimit.testing import async_memory_limiter, memory_limiter
 
@@ -364,6 +365,7 @@ def test_django_reads_hash_secret_then_the_environment(
         with RateLimiter.from_url(standalone.url, timeout=5.0, hash_secret=SECRET) as keyed:
             assert keyed.peek("ip:198.51.100.7", Limit.parse("3/hour")).remaining == 2
             keyed.reset("ip:198.51.100.7", Limit.parse("3/hour"))
+    assert SECRET not in repr(read({"HASH_SECRET": SECRET})[0])  # Options, as a log shows it
     # HASH_SECRET None: unkeyed, whatever the environment says.
     settings = {**base, "TOKENLIMIT": {**base["TOKENLIMIT"], "HASH_SECRET": None}}
     with override_settings(**settings):
