@@ -235,7 +235,8 @@ def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
     from prometheus_client.multiprocess import MultiProcessCollector
 
     merged = CollectorRegistry()
-    MultiProcessCollector(merged, path=directory)
+    # prometheus_client leaves this constructor unannotated (0.26, the lock's release).
+    MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
     return merged
 
 
