@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BUCKETS",
+    "GAUGE_MULTIPROCESS_MODE",
     "MULTIPROCESS_ENV",
     "PrometheusMetrics",
     "exposition",
