@@ -15,6 +15,7 @@ from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._fallback import LocalFallback
+from ._leasing import lease_table
 from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
 from ._request import Request, build_request
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from ._limit import Limit
     from ._plan import LimitSpec
+    from ._settle import LoopSettler, ThreadSettler
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase", "LimiterOptions"]
 
@@ -61,10 +63,12 @@ class LimiterBase(Generic[_B]):
     __slots__ = (
         "_failure_mode",
         "_fallback",
+        "_leases",
         "_log",
         "_metrics",
         "_prefix",
         "_refusals",
+        "_settler",
         "_shadow",
         "_shadow_log",
         "_timeout",
@@ -108,6 +112,9 @@ class LimiterBase(Generic[_B]):
         self._shadow_log = ThrottledLog()
         self._twin: LimiterBase[_B] | None = self if shadow else None
         self.backend = backend
+        # Leased tokens (Limit(..., lease=N)): see _leasing.py. The twins set the settler.
+        self._leases = lease_table(backend)
+        self._settler: ThreadSettler | LoopSettler | None = None
 
     @property
     def prefix(self) -> str:
