@@ -12,8 +12,8 @@ test_contention.py.
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -46,7 +46,7 @@ def _flat(results: Sequence[tuple[bool, int, int, int]]) -> list[int]:
     return [int(x) for r in results for x in r]
 
 
-# -- the model -----------------------------------------------------------------------------------
+# -- the model ------------------------------------------------------------------------------------
 
 
 def test_a_lease_takes_what_every_bucket_holds_up_to_want() -> None:
@@ -94,7 +94,8 @@ def test_a_lease_gives_back_first_never_above_full() -> None:
     # a refused lease still keeps what was given back; an absent bucket stays absent
     owed = [T0_NS + 5 * 10**9]
     refused = lease(owed, params, 5, 5, 2, T0)
-    assert not refused.allowed and refused.new_states == (T0_NS + 3 * 10**9,)
+    assert not refused.allowed
+    assert refused.new_states == (T0_NS + 3 * 10**9,)
     absent = lease([None], params, 5, 5, 2, T0 + 0)
     assert absent.granted == 5  # a full bucket: nothing to give back to
     capped = lease([T0_NS + 10**9], params, 1, 1, 5, T0)  # back > debt: full, not fuller
@@ -187,7 +188,7 @@ def test_script_refuses_bad_arguments_touching_nothing(target: Target, args: lis
         client.close()
 
 
-# -- the lease table, on an injected clock ----------------------------------------------------------
+# -- the lease table, on an injected clock --------------------------------------------------------
 
 
 def _request(limits: Limit | list[Limit], cost: int = 1, key: str = "k") -> Request:
@@ -211,11 +212,12 @@ def test_a_new_key_leases_its_cost_alone_then_grows_while_used_up() -> None:
     assert (refill.want, refill.back, refill.plain) == (1, 0, True)  # an ordinary decision
     _grant(table, request, 1, now)
     wants = []
-    for step in range(1, 9):  # used up within the hold each time: 2, 4, ... up to the cap
+    for _step in range(1, 9):  # used up within the hold each time: 2, 4, ... up to the cap
         now += 0.001
         assert table.take(request, now) is None
         refill = table.claim(request, now)
-        assert refill is not None and not refill.plain
+        assert refill is not None
+        assert not refill.plain
         wants.append(refill.want)
         _grant(table, request, refill.want, now)
         for _ in range(refill.want - 1):
@@ -230,12 +232,14 @@ def test_a_lease_shrinks_to_what_was_used_and_gives_the_rest_back() -> None:
     now = 0.0
     for size in (1, 2, 4, 8, 16):
         refill = table.claim(request, now)
-        assert refill is not None and refill.want == size
+        assert refill is not None
+        assert refill.want == size
         _grant(table, request, size, now)
         for _ in range(size - 1):
             table.take(request, now)
     refill = table.claim(request, now)
-    assert refill is not None and refill.want == 32
+    assert refill is not None
+    assert refill.want == 32
     _grant(table, request, 32, now)
     for _ in range(4):  # 5 of 32 used, then the hold ends
         assert table.take(request, now) is not None
@@ -265,13 +269,15 @@ def test_a_refusal_neither_grows_nor_holds() -> None:
     assert refill is not None
     assert _grant(table, request, 0, 0.0) is None  # refused: decoded by the limiter
     refill = table.claim(request, 0.001)
-    assert refill is not None and refill.want == 1
+    assert refill is not None
+    assert refill.want == 1
     assert table.held() == 0
 
 
 def test_expired_and_drained_tokens_are_detached_once() -> None:
     table = LeaseTable(lambda: 0.0)
-    a, b = _request(Limit(100, 100, lease=10), key="a"), _request(Limit(100, 100, lease=10), key="b")
+    a = _request(Limit(100, 100, lease=10), key="a")
+    b = _request(Limit(100, 100, lease=10), key="b")
     for request, now in ((a, 0.0), (b, 0.05)):
         table.claim(request, now)
         _grant(table, request, 1, now)
@@ -281,7 +287,8 @@ def test_expired_and_drained_tokens_are_detached_once() -> None:
     assert [(r.keys, n) for r, n in table.expired(HOLD)] == [(a.keys, 1)]
     assert table.expired(HOLD) == []
     assert [(r.keys, n) for r, n in table.drain()] == [(b.keys, 1)]
-    assert table.held() == 0 and table.next_due() is None
+    assert table.held() == 0
+    assert table.next_due() is None
     assert table.returned == 2
 
 
@@ -293,12 +300,14 @@ def test_local_decisions_count_held_tokens_and_age_the_reset() -> None:
     reply = [0, 1, 1, 12, 0, 800_000, 1, 42, 0, 8_000_000]  # what the store left per limit
     decision, due = table.granted(request, reply, 8, 0.0)
     assert due == pytest.approx(HOLD)
-    assert decision is not None and decision.allowed
+    assert decision is not None
+    assert decision.allowed
     assert [d.remaining for d in decision.details] == [18, 48]  # 6 tokens still held here
     local = table.take(request, 0.05)
     assert local is not None
     assert [d.remaining for d in local.details] == [16, 46]
-    assert local.remaining == 16 and local.policy is limits[0]
+    assert local.remaining == 16
+    assert local.policy is limits[0]
     assert local.reset_after == pytest.approx(0.75)
 
 
@@ -343,17 +352,19 @@ def test_lease_must_be_an_int(bad: object) -> None:
 
 def test_a_lease_never_sets_a_bucket_apart() -> None:
     leased, plain = Limit(10, 10, lease=5), Limit(10, 10)
-    assert leased == plain and hash(leased) == hash(plain)
+    assert leased == plain
+    assert hash(leased) == hash(plain)
     assert Limit.parse("10/second", lease=5) == Limit.per_second(10, lease=5) == plain
     assert Limit.per_minute(60, lease=3).lease == 3
     # same bucket keys; the request cache keeps each caller's own lease
     a = build_request(PREFIX, "same", leased)
     b = build_request(PREFIX, "same", plain)
     assert a.keys == b.keys
-    assert a.limits[0].lease == 5 and b.limits[0].lease is None
+    assert a.limits[0].lease == 5
+    assert b.limits[0].lease is None
 
 
-# -- the limiters on the memory backend (a fake clock) ------------------------------------------------
+# -- the limiters on the memory backend (a fake clock) --------------------------------------------
 
 
 class CountingMemory(MemoryBackend):
@@ -479,7 +490,8 @@ def test_metrics_count_each_leased_decision_once_and_shadow_still_admits() -> No
     assert sink.decisions == results == [True] * 20 + [False] * 5
     shadow = limiter.as_shadow()
     decision = shadow.try_acquire("k", limit)
-    assert decision.allowed and decision.shadowed
+    assert decision.allowed
+    assert decision.shadowed
     limiter.close()
 
 
@@ -512,7 +524,8 @@ def test_a_failed_refill_follows_failure_mode(mode: str) -> None:
             limiter.try_acquire("k", limit)
     else:
         assert limiter.try_acquire("k", limit).allowed  # failed open, as any decision
-    assert limiter._leases is not None and limiter._leases.held() == 0
+    assert limiter._leases is not None
+    assert limiter._leases.held() == 0
     limiter.close()
 
 
@@ -523,7 +536,8 @@ def test_peek_and_unleased_calls_never_touch_the_leases() -> None:
     limiter.peek("k", Limit(1, 5, lease=5))
     limiter.try_acquire("k", Limit(1, 5))
     assert store.calls == ["decide", "decide"]
-    assert limiter._leases is not None and not limiter._leases._leases
+    assert limiter._leases is not None
+    assert not limiter._leases._leases
     limiter.close()
 
 
@@ -542,7 +556,7 @@ def test_async_memory_limiter_leases_and_gives_back_on_aclose() -> None:
     assert RateLimiter(store).peek("k", Limit(0.001, 100)).remaining == 60
 
 
-# -- the limiters on every real server ----------------------------------------------------------------
+# -- the limiters on every real server ------------------------------------------------------------
 
 
 def test_threads_on_a_server_admit_exactly_the_burst_and_lose_nothing(target: Target) -> None:
@@ -601,9 +615,6 @@ def test_a_process_gone_idle_gives_its_tokens_back_within_the_hold(target: Targe
         held = limiter._leases.held()
         assert held > 0
         assert other.peek("idle", Limit(1e-4, 100)).remaining == 90 - held
-        deadline = math.inf
-        import time
-
         deadline = time.monotonic() + 5.0  # a generous margin over the 100 ms hold
         while other.peek("idle", Limit(1e-4, 100)).remaining != 90:
             assert time.monotonic() < deadline, "the settler gave nothing back"
