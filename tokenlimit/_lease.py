@@ -162,8 +162,8 @@ class LeaseTable:
         self, request: Request, reply: Sequence[int], granted: int, now: float
     ) -> tuple[Decision | None, float | None]:
         """The store answered a claimed refill: ``reply`` as ``decide``'s, ``granted`` tokens
-        taken (0: refused). Returns the caller's decision when admitted (None: decode the
-        refusal as usual) and, when tokens are now held, when their hold ends."""
+        taken (0: refused). Returns the caller's decision when tokens are now held, and when
+        their hold ends; else ``(None, None)``: the reply is the decision, decoded as usual."""
         cost = request.cost
         with self._lock:
             lease = self._leases.get(request.keys)
@@ -175,18 +175,18 @@ class LeaseTable:
                 lease.due = now
                 lease.used = 0
                 return None, None
-            n = len(request.limits)
-            lease.remaining = tuple(int(reply[3 + 4 * i]) for i in range(n))
-            lease.resets = tuple(int(reply[5 + 4 * i]) / 1e6 for i in range(n))
-            lease.request = request
-            lease.tokens = tokens = granted - cost
             lease.used = cost
             lease.due = due = now + self.hold
+            if granted == cost:  # nothing held: the store's own decision (decoded as usual)
+                return None, None
+            n = len(request.limits)
+            lease.remaining = remaining = tuple(int(reply[3 + 4 * i]) for i in range(n))
+            lease.resets = resets = tuple(int(reply[5 + 4 * i]) / 1e6 for i in range(n))
+            lease.request = request
+            lease.tokens = tokens = granted - cost
             self.granted_extra += tokens
-            if tokens:
-                self._holding.add(request.keys)
-            remaining, resets = lease.remaining, lease.resets
-        return _held(request.limits, remaining, resets, tokens, 0.0), (due if tokens else None)
+            self._holding.add(request.keys)
+        return _held(request.limits, remaining, resets, tokens, 0.0), due
 
     def failed(self, request: Request, now: float) -> None:
         """The refill failed: what it gave back may or may not have reached the store (so it

@@ -182,7 +182,7 @@ def _granted(
     if fallback is not None and fallback.local:  # failure_mode="local": the store is back
         limiter._back_to_shared(fallback)
     decision, due = table.granted(request, reply, granted, now)
-    if decision is None:  # refused: decoded, cached, shadowed and counted as any refusal
+    if decision is None:  # nothing held: decoded, cached, shadowed, counted as any decision
         return limiter._decoded(request, reply, started, consume=True), None
     return _admitted(limiter, request, decision, started), due
 

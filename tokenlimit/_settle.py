@@ -76,7 +76,8 @@ class ThreadSettler:
             self._give_back(request, tokens)
 
     def close(self) -> None:
-        """Stop the thread, then give every held token back."""
+        """Stop the thread, then give every held token back. A limiter used after ``close``
+        (its client reconnects) starts a thread again at its next held lease."""
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -85,6 +86,9 @@ class ThreadSettler:
             thread.join(5.0)
         for request, tokens in self._table.drain():
             self._give_back(request, tokens)
+        with self._cond:
+            self._closed = False
+            self._thread = None
 
     def _forked(self) -> None:
         """In a forked child: no thread, and a lock no thread of the parent's holds."""
@@ -105,9 +109,12 @@ class LoopSettler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_at = math.inf
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def due(self, when: float) -> None:
         """A lease holding tokens ends its hold at ``when``; called on the running loop."""
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         if self._handle is not None and self._loop is loop and self._wake_at <= when:
             return
@@ -120,6 +127,8 @@ class LoopSettler:
     def _fire(self) -> None:
         self._handle = None
         self._wake_at = math.inf
+        if self._closed:
+            return
         assert self._loop is not None
         task = self._loop.create_task(self.settle())
         self._tasks.add(task)  # held until done: the loop keeps only weak references
@@ -135,14 +144,20 @@ class LoopSettler:
             self.due(next_due)
 
     async def aclose(self) -> None:
-        """Stop waking, finish the give-backs under way, then give every held token back."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for request, tokens in self._table.drain():
-            await self._give_back(request, tokens)
+        """Stop waking, finish the give-backs under way, then give every held token back. As
+        ``aclose`` closes only the running loop's client, the limiter may decide again after
+        it (in another loop): the settler then wakes again at its next held lease."""
+        self._closed = True  # no wake-up scheduled meanwhile: the drain below takes all
+        try:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            for request, tokens in self._table.drain():
+                await self._give_back(request, tokens)
+        finally:
+            self._closed = False
 
 
 _SETTLERS: weakref.WeakSet[ThreadSettler] = weakref.WeakSet()
