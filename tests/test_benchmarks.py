@@ -48,7 +48,9 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     assert data["fastapi"]["leased_paired_ratio_median"], data["fastapi"]
     lease = data["lease"]
     assert set(lease["server_cost"]) == {
-        f"{lib} {mode}" for lib in ("tokenlimit", "tokenlimit+lease") for mode in ("sync", "async64")
+        f"{lib} {mode}"
+        for lib in ("tokenlimit", "tokenlimit+lease")
+        for mode in ("sync", "async64")
     }
     fleet = lease["fleet"]
     assert fleet["admitted"] > 0, fleet
