@@ -36,7 +36,7 @@ from tokenlimit._lease import HOLD, LeaseTable, lease_cap, with_cost
 from tokenlimit._model import decide, lease, refund
 from tokenlimit._request import Request, build_request
 from tokenlimit._scripts import lease_script
-from tokenlimit.testing import FakeClock
+from tokenlimit.testing import FakeClock, reset_all
 
 T0 = 1_700_000_000_000_000  # a realistic server time in µs
 T0_NS = T0 * 1000
@@ -623,3 +623,24 @@ def test_a_process_gone_idle_gives_its_tokens_back_within_the_hold(target: Targe
     finally:
         limiter.close()
         other.close()
+
+
+def test_reset_drops_held_tokens_so_a_full_bucket_admits_its_burst_once() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(CountingMemory(clock))
+    limit = Limit(0.001, 20, lease=8)
+    for _ in range(5):
+        assert limiter.try_acquire("k", limit).allowed
+    assert limiter._leases is not None
+    assert limiter._leases.held() > 0
+    limiter.reset("k", limit)
+    assert limiter._leases.held() == 0  # not spent on top of the full bucket
+    assert sum(limiter.try_acquire("k", limit).allowed for _ in range(30)) == 20
+    limiter.reset("k", limit)
+    for _ in range(5):
+        assert limiter.try_acquire("k", limit).allowed
+    assert limiter._leases.held() > 0
+    reset_all(limiter)
+    assert limiter._leases.held() == 0
+    assert sum(limiter.try_acquire("k", limit).allowed for _ in range(30)) == 20
+    limiter.close()

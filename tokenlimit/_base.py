@@ -225,20 +225,25 @@ class LimiterBase(Generic[_B]):
         return dataclasses.replace(decision, allowed=True, shadowed=True)
 
     def _forget_all(self) -> None:
-        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, and
-        the local buckets (``failure_mode="local"``) are full again."""
+        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, the
+        local buckets (``failure_mode="local"``) are full again, and no leased token is held."""
         if self._refusals is not None:
             self._refusals.clear()
         if self._fallback is not None:
             self._fallback.clear()
+        if self._leases is not None:
+            self._leases.clear()
 
-    def _forget(self, request: Request) -> None:
-        """After ``reset``: the cached refusals for these buckets no longer hold, and their
-        local buckets are full again."""
+    def _forget(self, request: Request, *, leases: bool = False) -> None:
+        """After ``reset`` (``leases``: its held tokens are dropped, the bucket being full) or
+        ``refund``: the cached refusals for these buckets no longer hold, and their local
+        buckets are full again."""
         if self._refusals is not None:
             self._refusals.forget(request.keys, time.perf_counter())
         if self._fallback is not None:
             self._fallback.forget(request)
+        if leases and self._leases is not None:
+            self._leases.clear(request.keys)
 
     @staticmethod
     def _pause(decision: Decision, deadline: float) -> float:

@@ -246,6 +246,15 @@ class LeaseTable:
         with self._lock:
             return sum(lease.tokens for lease in self._leases.values())
 
+    def clear(self, keys: tuple[str, ...] | None = None) -> None:
+        """Drop the held tokens of ``keys`` (every key: None) without giving them back: their
+        buckets were reset (full again), so these tokens must not be spent on top."""
+        with self._lock:
+            leases = self._leases.values() if keys is None else [self._leases.get(keys)]
+            for lease in leases:
+                if lease is not None:
+                    lease.tokens = 0
+
     def forget(self) -> None:
         """Drop every lease without giving anything back (a forked child: the tokens are its
         parent's, which gives them back itself)."""

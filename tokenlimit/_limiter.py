@@ -156,7 +156,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         try:
             self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
-            self._forget(request)
+            self._forget(request, leases=True)
 
     def hold_back(self, key: str | bytes, limit: LimitSpec, seconds: float) -> Decision:
         """Refuse every caller of the bucket(s), in every process sharing the store, for
@@ -378,7 +378,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         try:
             await self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
-            self._forget(request)
+            self._forget(request, leases=True)
 
     async def hold_back(self, key: str | bytes, limit: LimitSpec, seconds: float) -> Decision:
         """Refuse every caller of the bucket(s) for ``seconds`` (see ``RateLimiter.hold_back``)."""
