@@ -16,6 +16,7 @@ from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._fallback import LocalFallback
 from ._hash_secret import hasher_for
+from ._leasing import lease_table
 from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
 from ._request import Request, build_request
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from ._limit import Limit
     from ._plan import LimitSpec
+    from ._settle import LoopSettler, ThreadSettler
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase", "LimiterOptions"]
 
@@ -64,10 +66,12 @@ class LimiterBase(Generic[_B]):
         "_failure_mode",
         "_fallback",
         "_hasher",
+        "_leases",
         "_log",
         "_metrics",
         "_prefix",
         "_refusals",
+        "_settler",
         "_shadow",
         "_shadow_log",
         "_timeout",
@@ -114,6 +118,9 @@ class LimiterBase(Generic[_B]):
         self._twin: LimiterBase[_B] | None = self if shadow else None
         self._hasher = hasher_for(hash_secret)
         self.backend = backend
+        # Leased tokens (Limit(..., lease=N)): see _leasing.py. The twins set the settler.
+        self._leases = lease_table(backend)
+        self._settler: ThreadSettler | LoopSettler | None = None
 
     @property
     def prefix(self) -> str:
@@ -229,20 +236,25 @@ class LimiterBase(Generic[_B]):
         return dataclasses.replace(decision, allowed=True, shadowed=True)
 
     def _forget_all(self) -> None:
-        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, and
-        the local buckets (``failure_mode="local"``) are full again."""
+        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, the
+        local buckets (``failure_mode="local"``) are full again, and no leased token is held."""
         if self._refusals is not None:
             self._refusals.clear()
         if self._fallback is not None:
             self._fallback.clear()
+        if self._leases is not None:
+            self._leases.clear()
 
-    def _forget(self, request: Request) -> None:
-        """After ``reset``: the cached refusals for these buckets no longer hold, and their
-        local buckets are full again."""
+    def _forget(self, request: Request, *, leases: bool = False) -> None:
+        """After ``reset`` (``leases``: its held tokens are dropped, the bucket being full) or
+        ``refund``: the cached refusals for these buckets no longer hold, and their local
+        buckets are full again."""
         if self._refusals is not None:
             self._refusals.forget(request.keys, time.perf_counter())
         if self._fallback is not None:
             self._fallback.forget(request)
+        if leases and self._leases is not None:
+            self._leases.clear(request.keys)
 
     @staticmethod
     def _pause(decision: Decision, deadline: float) -> float:

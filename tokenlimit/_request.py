@@ -107,15 +107,17 @@ def build_request(
 
 
 def _spelled_alike(cached: tuple[Limit, ...], limit: Limit | tuple[Limit, ...]) -> bool:
-    """Whether a cached request's limits carry ``limit``'s labels. Equal limits share a cache
-    entry (and a bucket) but may be labelled apart: a decision reports the caller's own."""
+    """Whether a cached request's limits carry ``limit``'s labels and leases. Equal limits
+    share a cache entry (and a bucket) but may be labelled or leased apart: a decision reports
+    the caller's own label, and leases by the caller's own ``lease``."""
     if isinstance(limit, Limit):
         first = cached[0]
-        return first is limit or first.label == limit.label
+        return first is limit or (first.label == limit.label and first.lease == limit.lease)
     if cached is limit:  # an integration's policy passes one tuple, kept by _build
         return True
     return len(cached) == len(limit) and all(
-        mine.label == theirs.label for mine, theirs in zip(cached, limit, strict=True)
+        mine.label == theirs.label and mine.lease == theirs.lease
+        for mine, theirs in zip(cached, limit, strict=True)
     )
 
 
