@@ -16,6 +16,7 @@ __all__ = [
     "AsyncBackend",
     "SyncBackend",
     "can_hold_back",
+    "can_override",
     "can_refund",
     "holds_slots",
     "is_remote",
@@ -64,6 +65,11 @@ class SyncBackend(Protocol):
         """Forget every bucket and slot whose key starts with ``prefix``; how many went (tests)."""
         ...
 
+    def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
+        """Set, clear or list the live overrides held at ``key``, as ``_scripts/override.lua``
+        (its arguments and reply). Optional (``can_override``): without it, no overrides."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -96,6 +102,10 @@ class AsyncBackend(Protocol):
 
     async def clear_prefix(self, prefix: str) -> int: ...
 
+    async def overrides(
+        self, key: str, args: Sequence[str], *, timeout: float
+    ) -> Sequence[object]: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -120,6 +130,11 @@ def can_hold_back(backend: object) -> bool:
 def can_refund(backend: object) -> bool:
     """Whether ``backend`` can give tokens back (``refund``; a minimal one may not)."""
     return callable(getattr(backend, "refund", None))
+
+
+def can_override(backend: object) -> bool:
+    """Whether ``backend`` holds live overrides (``overrides``; a minimal one may not)."""
+    return callable(getattr(backend, "overrides", None))
 
 
 def scan_pattern(prefix: str) -> str:

@@ -10,13 +10,21 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
-from ._backend import can_hold_back, can_refund
+from ._backend import can_hold_back, can_override, can_refund
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._fallback import LocalFallback
 from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
+from ._overrides import (
+    REFRESH,
+    LiveOverrides,
+    Override,
+    check_override,
+    decode_listing,
+    overrides_key,
+)
 from ._request import Request, build_request
 from ._validate import (
     check_deadline,
@@ -53,6 +61,7 @@ class LimiterOptions(TypedDict, total=False):
     metrics: MetricsSink | None
     local_cache: bool | int
     shadow: bool
+    overrides: bool
 
 
 class LimiterBase(Generic[_B]):
@@ -63,6 +72,8 @@ class LimiterBase(Generic[_B]):
         "_fallback",
         "_log",
         "_metrics",
+        "_overrides",
+        "_overrides_log",
         "_prefix",
         "_refusals",
         "_shadow",
@@ -84,10 +95,14 @@ class LimiterBase(Generic[_B]):
         local_cache: bool | int = True,
         remote: bool = False,
         shadow: bool = False,
+        overrides: bool = True,
     ) -> None:
         """``remote``: the backend is a server (Redis, Valkey). Only then is ``local_cache``
         used: the in-process memory backend gains nothing from it, and may run on an injected
-        clock that the cache's real one would contradict."""
+        clock that the cache's real one would contradict.
+
+        ``overrides``: follow the store's live overrides (``set_override``; read at most once
+        a second). False: never read them, and ``set_override`` raises."""
         size = check_local_cache(local_cache)
         self._refusals = RefusalCache(size) if size and remote else None
         self._prefix = check_prefix(prefix)
@@ -108,6 +123,13 @@ class LimiterBase(Generic[_B]):
         self._shadow_log = ThrottledLog()
         self._twin: LimiterBase[_B] | None = self if shadow else None
         self.backend = backend
+        if not isinstance(overrides, bool):
+            raise ConfigTypeError("overrides", f"must be True or False, not {overrides!r}")
+        # None when off or the backend holds none: the one check a decision pays for them.
+        self._overrides = (
+            LiveOverrides(self._override_changed) if overrides and can_override(backend) else None
+        )
+        self._overrides_log = ThrottledLog()
 
     @property
     def prefix(self) -> str:
@@ -165,6 +187,71 @@ class LimiterBase(Generic[_B]):
 
     def _request(self, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
         return build_request(self._prefix, key, limit, cost)
+
+    # -- live overrides (see _overrides.py) ----------------------------------------------------
+    def _live_overrides(self) -> LiveOverrides:
+        """The limiter's overrides, for the calls that change or list them."""
+        live = self._overrides
+        if live is None:
+            why = (
+                "was made with overrides=False"
+                if can_override(self.backend)
+                else f"uses {type(self.backend).__name__}, which holds no overrides"
+            )
+            raise TypeError(
+                f"this limiter {why}; live overrides need a memory, Redis or Valkey one"
+            )
+        return live
+
+    def _override_args(
+        self,
+        name: object,
+        limit: object,
+        seconds: object,
+        burst: int | None,
+        block: object,
+        reason: object,
+    ) -> tuple[str, ...]:
+        label, payload, ttl_ms = check_override(name, limit, seconds, block, reason, burst)
+        return ("set", label, payload, str(ttl_ms))
+
+    @property
+    def _overrides_at(self) -> str:
+        return overrides_key(self._prefix)
+
+    def _read_overrides(
+        self, live: LiveOverrides, reply: Sequence[object]
+    ) -> tuple[bool, tuple[Override, ...]]:
+        """Put a listing the server just sent in force (the next read is due ``REFRESH``
+        later): ``(changed, overrides)``."""
+        changed, found = decode_listing(reply)
+        now = time.perf_counter()
+        live.update(found, now)
+        live.due = now + REFRESH
+        return changed, found
+
+    def _written(self, live: LiveOverrides, name: str, reply: Sequence[object]) -> Override:
+        """After ``set_override``: the listing in force, and the override just written."""
+        for item in self._read_overrides(live, reply)[1]:
+            if item.name == name:
+                return item
+        raise BackendError(f"the store did not keep the override of {name!r}", reason="server")
+
+    def _override_unread(self, live: LiveOverrides, error: BackendError, now: float) -> None:
+        """The server's overrides could not be read: the last ones stay, expiring on time."""
+        self._overrides_log.warning(
+            "tokenlimit: cannot read live overrides, keeping the last known", error
+        )
+        live.expire(now)
+
+    def _override_changed(self, name: str, override: Override | None) -> None:
+        """An override started, changed or ended: refusals cached under the old numbers no
+        longer hold; the sink's gauge follows (``record_override``, optional)."""
+        if self._refusals is not None:
+            self._refusals.clear()
+        record = getattr(self._metrics, "record_override", None)
+        if record is not None:
+            record(name, override is not None)
 
     def _check_can_hold(self) -> None:
         """``hold_back`` needs a backend that can hold buckets back (a minimal one may not)."""

@@ -19,6 +19,7 @@ from ._fallback import LocalFallback
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
+from ._overrides import LiveOverrides, Override, check_name
 from ._plan import Chooser, LimitPlan, LimitSpec
 from ._request import Request
 from ._validate import check_deadline, check_hold, check_key, check_timeout
@@ -100,6 +101,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
+        overrides: bool = True,
     ) -> None:
         backend = _sync_backend(client, check_deadline(timeout))
         super().__init__(
@@ -112,6 +114,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
             local_cache=local_cache,
             shadow=shadow,
             remote=is_remote(backend),
+            overrides=overrides,
         )
 
     @classmethod
@@ -217,6 +220,15 @@ class RateLimiter(LimiterBase[SyncBackend]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
         started = time.perf_counter()
+        live = self._overrides
+        if live is not None:
+            if started >= live.due and live.claim(started):
+                self._refresh_overrides(live, started)
+            if live.table:
+                made = live.apply(request, started)
+                if isinstance(made, Decision):  # a blocked limit: refused without the server
+                    return self._answered(request, made, started, consume=consume)
+                request = made
         refusals = self._refusals
         if refusals is not None:
             local = refusals.get(request.keys, request.cost, started, request.limits)
@@ -245,6 +257,49 @@ class RateLimiter(LimiterBase[SyncBackend]):
         if fallback.local:
             self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=consume)
+
+    # -- live overrides (brownout; see _overrides.py) --------------------------------------
+    def set_override(
+        self,
+        name: str,
+        limit: str | Limit | None = None,
+        *,
+        seconds: float,
+        burst: int | None = None,
+        block: bool = False,
+        reason: str = "",
+    ) -> Override:
+        """Decide the limit labelled ``name`` at ``limit`` (``"5/second"``, with ``burst``, or
+        a ``Limit``), or refuse all its calls (``block=True``), for ``seconds`` (at most a
+        week), in every process sharing the store: each applies it within a second of its next
+        decision. The bucket stays the limit's own. Replaces an override of the same name.
+        Raises ``BackendError`` if the store cannot be written: nothing is then changed."""
+        live = self._live_overrides()
+        args = self._override_args(name, limit, seconds, burst, block, reason)
+        reply = self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        return self._written(live, args[1], reply)
+
+    def clear_override(self, name: str) -> bool:
+        """End the override of the limit labelled ``name`` in every process sharing the store
+        (within a second of their next decision); False if there was none."""
+        live = self._live_overrides()
+        args = ("clear", check_name(name))
+        reply = self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        return self._read_overrides(live, reply)[0]
+
+    def list_overrides(self) -> tuple[Override, ...]:
+        """The overrides in force in the store now (read from it, not this process's copy)."""
+        live = self._live_overrides()
+        reply = self.backend.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+        return self._read_overrides(live, reply)[1]
+
+    def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        try:
+            reply = self.backend.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+        except BackendError as error:
+            self._override_unread(live, error, now)
+        else:
+            self._read_overrides(live, reply)
 
     # -- decorator / context manager ----------------------------------------------------------
     def limit(
@@ -308,6 +363,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
+        overrides: bool = True,
     ) -> None:
         backend = _async_backend(client)
         super().__init__(
@@ -320,6 +376,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             local_cache=local_cache,
             shadow=shadow,
             remote=is_remote(backend),
+            overrides=overrides,
         )
 
     @classmethod
@@ -427,6 +484,16 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
         started = time.perf_counter()
+        live = self._overrides
+        if live is not None:
+            if started >= live.due and live.claim(started):
+                await self._refresh_overrides(live, started)
+            if live.table:
+                made = live.apply(request, started)
+                if isinstance(made, Decision):  # a blocked limit: refused without the server
+                    await asyncio.sleep(0)  # yield, as a round trip would (see below)
+                    return self._answered(request, made, started, consume=consume)
+                request = made
         refusals = self._refusals
         if refusals is not None:
             local = refusals.get(request.keys, request.cost, started, request.limits)
@@ -462,6 +529,51 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         if fallback.local:
             self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=consume)
+
+    # -- live overrides (brownout; see _overrides.py) --------------------------------------
+    async def set_override(
+        self,
+        name: str,
+        limit: str | Limit | None = None,
+        *,
+        seconds: float,
+        burst: int | None = None,
+        block: bool = False,
+        reason: str = "",
+    ) -> Override:
+        """Decide the limit labelled ``name`` at ``limit`` (``"5/second"``, with ``burst``, or
+        a ``Limit``), or refuse all its calls (``block=True``), for ``seconds`` (at most a
+        week), in every process sharing the store: each applies it within a second of its next
+        decision. The bucket stays the limit's own. Replaces an override of the same name.
+        Raises ``BackendError`` if the store cannot be written: nothing is then changed."""
+        live = self._live_overrides()
+        args = self._override_args(name, limit, seconds, burst, block, reason)
+        reply = await self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        return self._written(live, args[1], reply)
+
+    async def clear_override(self, name: str) -> bool:
+        """End the override of the limit labelled ``name`` in every process sharing the store
+        (within a second of their next decision); False if there was none."""
+        live = self._live_overrides()
+        args = ("clear", check_name(name))
+        reply = await self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        return self._read_overrides(live, reply)[0]
+
+    async def list_overrides(self) -> tuple[Override, ...]:
+        """The overrides in force in the store now (read from it, not this process's copy)."""
+        live = self._live_overrides()
+        reply = await self.backend.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+        return self._read_overrides(live, reply)[1]
+
+    async def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        try:
+            reply = await self.backend.overrides(
+                self._overrides_at, ("list",), timeout=self._timeout
+            )
+        except BackendError as error:
+            self._override_unread(live, error, now)
+        else:
+            self._read_overrides(live, reply)
 
     def limit(
         self,

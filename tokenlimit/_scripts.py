@@ -3,7 +3,7 @@
 A bucket script is composed of parts: ``acquire.lua`` or ``peek.lua`` (one line setting
 ``consume``), then ``gcra.lua`` (the helpers every bucket script shares), then ``bucket.lua``
 (the decision); the hold-back script is ``gcra.lua`` then ``holdback.lua``, and the refund
-script ``gcra.lua`` then ``refund.lua``.
+script ``gcra.lua`` then ``refund.lua``. ``override.lua`` (live overrides) stands alone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "acquire_script",
     "hold_script",
     "holdback_script",
+    "override_script",
     "peek_script",
     "refund_script",
     "release_script",
@@ -78,3 +79,9 @@ def holdback_script() -> Script:
 def refund_script() -> Script:
     """Give a request's tokens back: its buckets gain ``cost`` tokens, never above full."""
     return _load("refund", "gcra", "refund")
+
+
+@cache
+def override_script() -> Script:
+    """Live overrides: set, clear or list a prefix's overrides (expired ones dropped)."""
+    return _load("override", "override")

@@ -388,6 +388,10 @@ class LoopLocalBackend:
         backend = await self._current()
         return await backend.refund(request, timeout=timeout)
 
+    async def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
+        backend = await self._current()
+        return await backend.overrides(key, args, timeout=timeout)
+
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
     ) -> Sequence[int]:

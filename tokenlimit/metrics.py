@@ -50,7 +50,7 @@ from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["DEFAULT_BUCKETS", "PrometheusMetrics"]
 
@@ -79,6 +79,7 @@ class _Families:
     slots: Counter
     switches: Counter
     local: Counter
+    overrides: Gauge
 
 
 # One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
@@ -106,12 +107,25 @@ def _check_buckets(buckets: object) -> tuple[float, ...]:
 
 
 def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Families:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
-    made: list[Counter | Histogram] = []
+    made: list[Counter | Gauge | Histogram] = []
 
     def counter(name: str, documentation: str, labelnames: Sequence[str]) -> Counter:
         collector = Counter(name, documentation, labelnames, namespace=namespace, registry=registry)
+        made.append(collector)
+        return collector
+
+    def gauge(name: str, documentation: str, labelnames: Sequence[str]) -> Gauge:
+        # Under prometheus_client's multiprocess mode: the largest value among live workers.
+        collector = Gauge(
+            name,
+            documentation,
+            labelnames,
+            namespace=namespace,
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         made.append(collector)
         return collector
 
@@ -163,6 +177,12 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
                 "Switches to deciding in-process while storage is down (to='local') and back "
                 "(to='shared'), with failure_mode='local'.",
                 ["to"],
+            ),
+            overrides=gauge(
+                "override_active",
+                "1 while a live override (set_override, `tokenlimit override set`) changes or "
+                "blocks the limit in this process, else 0.",
+                ["limit"],
             ),
             local=counter(
                 "local_decisions",
@@ -286,6 +306,11 @@ class PrometheusMetrics:
             limit=_label(decision.policy, limits),
             result="allowed" if decision.allowed else "refused",
         ).inc()
+
+    # -- live overrides -----------------------------------------------------------------------
+    def record_override(self, limit: str, active: bool) -> None:
+        """An override of the limit labelled ``limit`` started (``active``) or ended."""
+        self._families.overrides.labels(limit=limit).set(1 if active else 0)
 
     # -- integrations -------------------------------------------------------------------------
     def record_request(self, route: str, result: str) -> None:

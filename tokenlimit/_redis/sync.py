@@ -34,6 +34,7 @@ from tokenlimit._scripts import (
     acquire_script,
     hold_script,
     holdback_script,
+    override_script,
     peek_script,
     refund_script,
     release_script,
@@ -168,6 +169,11 @@ class RedisBackend:
         at most once, by the deadline."""
         reply = self.run_script(refund_script(), request.keys, request.args, timeout=timeout)
         return [int(x) for x in reply]
+
+    def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
+        """The override script at ``key`` (live overrides); run at most once, by the deadline."""
+        reply = self.run_script(override_script(), (key,), tuple(args), timeout=timeout)
+        return list(reply)
 
     def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float
