@@ -81,3 +81,37 @@ def admit_many_async(
         results.put(("ok", admitted))
     except BaseException as exc:
         results.put(("error", repr(exc)))
+
+
+def admit_timeline(
+    url: str,
+    key: str,
+    rate: float,
+    burst: int,
+    name: str,
+    until: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """Try ``key`` under ``Limit(rate, burst, name=name)`` every ~2 ms until wall-clock time
+    ``until``; report the wall-clock times of the admitted calls (``("ok", [t, ...])``)."""
+    try:
+        import time
+
+        from tokenlimit import Limit, RateLimiter
+
+        limit = Limit(rate, burst, name=name)
+        limiter = RateLimiter.from_url(url, timeout=5)
+        admitted: list[float] = []
+        try:
+            limiter.peek(key, limit)
+            barrier.wait(timeout=60)
+            while (now := time.time()) < until:
+                if limiter.try_acquire(key, limit).allowed:
+                    admitted.append(now)
+                time.sleep(0.002)
+        finally:
+            limiter.close()
+        results.put(("ok", admitted))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))
