@@ -238,10 +238,21 @@ class LimiterBase(Generic[_B]):
         raise BackendError(f"the store did not keep the override of {name!r}", reason="server")
 
     def _override_unread(self, live: LiveOverrides, error: BackendError, now: float) -> None:
-        """The server's overrides could not be read: the last ones stay, expiring on time."""
-        self._overrides_log.warning(
-            "tokenlimit: cannot read live overrides, keeping the last known", error
-        )
+        """The server's overrides could not be read: the last ones stay, expiring on time. A
+        user whose ACL refuses the override script is asked again a minute later, not every
+        second."""
+        text = str(error).lower()  # Valkey and Redis 7.2+, then Redis 7.0's words
+        if "no permissions" in text or "can't run this command" in text:
+            live.due = now + 60.0
+            self._overrides_log.warning(
+                "tokenlimit: live overrides are off for a minute, as the ACL user may not run "
+                "the override script (grant +hgetall +hset +hdel +pexpire)",
+                error,
+            )
+        else:
+            self._overrides_log.warning(
+                "tokenlimit: cannot read live overrides, keeping the last known", error
+            )
         live.expire(now)
 
     def _override_changed(self, name: str, override: Override | None) -> None:
