@@ -14,6 +14,8 @@ from ._request import Request
 
 __all__ = [
     "AsyncBackend",
+    "AsyncOverrideStore",
+    "OverrideStore",
     "SyncBackend",
     "can_hold_back",
     "can_override",
@@ -65,11 +67,6 @@ class SyncBackend(Protocol):
         """Forget every bucket and slot whose key starts with ``prefix``; how many went (tests)."""
         ...
 
-    def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
-        """Set, clear or list the live overrides held at ``key``, as ``_scripts/override.lua``
-        (its arguments and reply). Optional (``can_override``): without it, no overrides."""
-        ...
-
     def close(self) -> None: ...
 
 
@@ -102,11 +99,21 @@ class AsyncBackend(Protocol):
 
     async def clear_prefix(self, prefix: str) -> int: ...
 
+    async def aclose(self) -> None: ...
+
+
+class OverrideStore(Protocol):
+    """A ``SyncBackend`` that holds live overrides (``can_override``)."""
+
+    def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]: ...
+
+
+class AsyncOverrideStore(Protocol):
+    """An ``AsyncBackend`` that holds live overrides (``can_override``)."""
+
     async def overrides(
         self, key: str, args: Sequence[str], *, timeout: float
     ) -> Sequence[object]: ...
-
-    async def aclose(self) -> None: ...
 
 
 def is_remote(backend: object) -> bool:
@@ -133,7 +140,10 @@ def can_refund(backend: object) -> bool:
 
 
 def can_override(backend: object) -> bool:
-    """Whether ``backend`` holds live overrides (``overrides``; a minimal one may not)."""
+    """Whether ``backend`` holds live overrides: a method ``overrides(key, args, *, timeout)``
+    (awaited on an async backend) that sets, clears or lists the overrides held at ``key`` as
+    ``_scripts/override.lua`` does, its arguments and reply. Not part of the Protocols: a
+    backend written before it still is one, and its limiters have no overrides."""
     return callable(getattr(backend, "overrides", None))
 
 

@@ -6,10 +6,10 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from . import _switch
-from ._backend import AsyncBackend, SyncBackend, is_remote
+from ._backend import AsyncBackend, AsyncOverrideStore, OverrideStore, SyncBackend, is_remote
 from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
 from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
@@ -276,7 +276,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         Raises ``BackendError`` if the store cannot be written: nothing is then changed."""
         live = self._live_overrides()
         args = self._override_args(name, limit, seconds, burst, block, reason)
-        reply = self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        reply = self._override_store.overrides(self._overrides_at, args, timeout=self._timeout)
         return self._written(live, args[1], reply)
 
     def clear_override(self, name: str) -> bool:
@@ -284,18 +284,24 @@ class RateLimiter(LimiterBase[SyncBackend]):
         (within a second of their next decision); False if there was none."""
         live = self._live_overrides()
         args = ("clear", check_name(name))
-        reply = self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        reply = self._override_store.overrides(self._overrides_at, args, timeout=self._timeout)
         return self._read_overrides(live, reply)[0]
 
     def list_overrides(self) -> tuple[Override, ...]:
         """The overrides in force in the store now (read from it, not this process's copy)."""
         live = self._live_overrides()
-        reply = self.backend.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+        reply = self._override_store.overrides(self._overrides_at, ("list",), timeout=self._timeout)
         return self._read_overrides(live, reply)[1]
+
+    @property
+    def _override_store(self) -> OverrideStore:
+        return cast("OverrideStore", self.backend)  # overrides are on: can_override said so
 
     def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
         try:
-            reply = self.backend.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+            reply = self._override_store.overrides(
+                self._overrides_at, ("list",), timeout=self._timeout
+            )
         except BackendError as error:
             self._override_unread(live, error, now)
         else:
@@ -548,7 +554,9 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         Raises ``BackendError`` if the store cannot be written: nothing is then changed."""
         live = self._live_overrides()
         args = self._override_args(name, limit, seconds, burst, block, reason)
-        reply = await self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        reply = await self._override_store.overrides(
+            self._overrides_at, args, timeout=self._timeout
+        )
         return self._written(live, args[1], reply)
 
     async def clear_override(self, name: str) -> bool:
@@ -556,18 +564,26 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         (within a second of their next decision); False if there was none."""
         live = self._live_overrides()
         args = ("clear", check_name(name))
-        reply = await self.backend.overrides(self._overrides_at, args, timeout=self._timeout)
+        reply = await self._override_store.overrides(
+            self._overrides_at, args, timeout=self._timeout
+        )
         return self._read_overrides(live, reply)[0]
 
     async def list_overrides(self) -> tuple[Override, ...]:
         """The overrides in force in the store now (read from it, not this process's copy)."""
         live = self._live_overrides()
-        reply = await self.backend.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+        reply = await self._override_store.overrides(
+            self._overrides_at, ("list",), timeout=self._timeout
+        )
         return self._read_overrides(live, reply)[1]
+
+    @property
+    def _override_store(self) -> AsyncOverrideStore:
+        return cast("AsyncOverrideStore", self.backend)  # overrides are on: can_override said so
 
     async def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
         try:
-            reply = await self.backend.overrides(
+            reply = await self._override_store.overrides(
                 self._overrides_at, ("list",), timeout=self._timeout
             )
         except BackendError as error:

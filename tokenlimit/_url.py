@@ -10,7 +10,7 @@ import asyncio
 import re
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import BackendError, ConfigError, ConfigTypeError
@@ -19,7 +19,7 @@ from ._redis.pools import client_options, pool_options
 from ._request import Request
 
 if TYPE_CHECKING:
-    from ._backend import AsyncBackend, SyncBackend
+    from ._backend import AsyncBackend, AsyncOverrideStore, SyncBackend
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
 
@@ -389,7 +389,7 @@ class LoopLocalBackend:
         return await backend.refund(request, timeout=timeout)
 
     async def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
-        backend = await self._current()
+        backend = cast("AsyncOverrideStore", await self._current())  # a Redis one: it holds them
         return await backend.overrides(key, args, timeout=timeout)
 
     async def hold_slot(
