@@ -584,7 +584,7 @@ def test_live_overrides_need_only_their_hash_commands(acl_server: AclServer) -> 
     with RateLimiter.from_url(acl_server.url, timeout=5.0) as lim:
         for _ in range(3):
             assert lim.try_acquire("k2", Limit(SLOW, 5, name="a")).allowed
-        with pytest.raises(BackendError, match="(?i)hset|can't run this command"):
+        with pytest.raises(BackendError, match=r"(?i)hset|can't run this command"):
             lim.set_override("a", "1/second", seconds=30)
     assert [obj for _, obj in acl_server.denials()].count("hgetall") == 1
 

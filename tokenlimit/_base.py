@@ -48,6 +48,7 @@ _B = TypeVar("_B")
 DEFAULT_PREFIX = "tl:"
 DEFAULT_TIMEOUT = 0.5  # seconds: the deadline for one decision
 MAX_PAUSE = 86_400.0  # seconds slept at once while ``acquire`` waits
+_UNREAD_BACKOFF = 5.0  # seconds to the next overrides read after one failed
 
 
 class LimiterOptions(TypedDict, total=False):
@@ -250,8 +251,11 @@ class LimiterBase(Generic[_B]):
                 error,
             )
         else:
-            self._overrides_log.warning(
-                "tokenlimit: cannot read live overrides, keeping the last known", error
+            # The decisions meet the same failure and report it (log, metrics, failure mode);
+            # the next read waits longer, so an outage costs few extra deadlines.
+            live.due = now + _UNREAD_BACKOFF
+            logger.debug(
+                "tokenlimit: cannot read live overrides, keeping the last known: %s", error
             )
         live.expire(now)
 
