@@ -726,13 +726,14 @@ MODES = ["sync-url", "async-url", "sync-client", "async-client"]
 
 
 def _decide_n(url: str, mode: str, n: int, limit: Limit) -> None:
-    """Make ``n`` consuming decisions (try_acquire and acquire) the way ``mode`` says."""
+    """Make ``n`` consuming decisions (try_acquire and acquire) the way ``mode`` says, with
+    the overrides read (a script run once a second) off: callers count the decisions' runs."""
     if mode.startswith("sync"):
         client = redis.Redis.from_url(url) if mode == "sync-client" else None
         if client is not None:
-            limiter = RateLimiter(client)
+            limiter = RateLimiter(client, overrides=False)
         else:
-            limiter = RateLimiter.from_url(url, timeout=5.0)
+            limiter = RateLimiter.from_url(url, timeout=5.0, overrides=False)
         try:
             for i in range(n):
                 call = limiter.try_acquire if i % 2 else limiter.acquire
@@ -746,9 +747,9 @@ def _decide_n(url: str, mode: str, n: int, limit: Limit) -> None:
     async def main() -> None:
         aclient = redis.asyncio.Redis.from_url(url) if mode == "async-client" else None
         if aclient is not None:
-            limiter = AsyncRateLimiter(aclient)
+            limiter = AsyncRateLimiter(aclient, overrides=False)
         else:
-            limiter = AsyncRateLimiter.from_url(url, timeout=5.0)
+            limiter = AsyncRateLimiter.from_url(url, timeout=5.0, overrides=False)
         try:
             for i in range(n):
                 call = limiter.try_acquire if i % 2 else limiter.acquire
@@ -814,7 +815,8 @@ def test_sync_exchange_survives_short_writes_and_empty_wakeups(
     limit = Limit(SLOW, 5)
     with (
         redis.Redis.from_url(url) as admin,
-        RateLimiter.from_url(url, timeout=5.0, local_cache=False) as limiter,  # all to the server
+        # All to the server, and only decisions (no overrides read): 7 script runs.
+        RateLimiter.from_url(url, timeout=5.0, local_cache=False, overrides=False) as limiter,
     ):
         before = script_runs(admin)
         decisions = [limiter.try_acquire("choppy", limit) for _ in range(7)]

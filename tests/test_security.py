@@ -50,7 +50,7 @@ from tokenlimit import (
     rate_limit,
 )
 from tokenlimit._request import build_request, identity_tag
-from tokenlimit._scripts import acquire_script, peek_script
+from tokenlimit._scripts import acquire_script, override_script, peek_script
 
 SLOW = 0.001  # tokens per second: no refill worth speaking of during a test
 MAX_KEY_BYTES = 40  # "tl:" + "{" + 16-character tag + "}" + 8-character limit id = 29
@@ -289,12 +289,13 @@ def exercise(url: str, identity: str | bytes, flush: Callable[[], None]) -> None
 HANDSHAKE = {"HELLO", "CLIENT SETINFO", "AUTH"}  # redis-py's, on every new connection
 DISCOVERY = {"CLUSTER SLOTS", "CLUSTER SHARDS", "COMMAND"}  # redis-py's cluster client
 DECISIONS = {"EVALSHA", "EVAL", "DEL", "INFO"}
-SCRIPT_CALLS = {"TIME", "GET", "SET"}
+SCRIPT_CALLS = {"TIME", "GET", "SET", "HGETALL"}  # HGETALL: the live overrides' table
 
 
 def check_traffic(commands: list[Command], *, cluster: bool) -> dict[str, int]:
     """Assert that ``commands`` hold only what tokenlimit may send; count them by name."""
-    scripts = {s.sha.encode(): s for s in (acquire_script(), peek_script())}
+    shipped = (acquire_script(), peek_script(), override_script())
+    scripts = {s.sha.encode(): s for s in shipped}
     bodies = {s.body for s in scripts.values()}
     allowed = DECISIONS | HANDSHAKE | (DISCOVERY if cluster else set())
     counts: dict[str, int] = {}
@@ -319,7 +320,7 @@ def check_traffic(commands: list[Command], *, cluster: bool) -> dict[str, int]:
             keys = cmd.args[3 : 3 + numkeys] if name != "DEL" else cmd.args[1:]
             assert keys, cmd
             for key in keys:
-                assert key.startswith(b"tl:{"), key
+                assert key.startswith(b"tl:{") or key == b"tl:overrides", key
                 assert len(key) <= MAX_KEY_BYTES, key
     return counts
 
@@ -485,7 +486,11 @@ MINIMAL_RULES = ("+evalsha", "+eval", "+del", "+time", "+get", "+set")
 # Not needed, but asked for: the eviction check's INFO (a refusal is only logged at debug
 # level) and redis-py's CLIENT SETINFO handshake (ignored when refused; the subcommand exists
 # on Valkey 8+ and Redis 7.2+). Granted, the server's ACL LOG stays empty.
-QUIET_RULES = ("+info", "+client|setinfo")
+QUIET_RULES = ("+info", "+client|setinfo", "+hgetall")
+# Live overrides: every limiter reads its prefix's table (HGETALL, in QUIET_RULES: refused, the
+# limiter asks again a minute later and decides as usual); setting and clearing them (an
+# operator's tool) writes it.
+OVERRIDE_RULES = ("+hset", "+hdel", "+pexpire")
 USER, PASSWORD = "limiter", "pw-7d2f"
 
 
@@ -526,13 +531,13 @@ def acl_server(request: pytest.FixtureRequest) -> Iterator[AclServer]:
     admin = server.client(socket_timeout=5)
     try:
         known = set()
-        for rule in (*MINIMAL_RULES, *QUIET_RULES, *CONCURRENCY_RULES):
+        for rule in (*MINIMAL_RULES, *QUIET_RULES, *CONCURRENCY_RULES, *OVERRIDE_RULES):
             try:
                 admin.execute_command("ACL", "SETUSER", "probe", rule)
                 known.add(rule)
             except redis.ResponseError:  # e.g. CLIENT SETINFO before Redis 7.2
                 pass
-        assert set(MINIMAL_RULES + CONCURRENCY_RULES) <= known
+        assert set(MINIMAL_RULES + CONCURRENCY_RULES + OVERRIDE_RULES) <= known
         yield AclServer(server, admin, known)
     finally:
         admin.close()
@@ -549,7 +554,7 @@ def test_minimal_rules_suffice_and_each_is_needed(acl_server: AclServer) -> None
     acl_server.grant(MINIMAL_RULES)
     exercise(acl_server.url, f"user:{uuid.uuid4().hex}", acl_server.admin.script_flush)
     refused = {obj for _, obj in acl_server.denials()}
-    assert refused <= {"info", "client|setinfo"}, refused  # only the optional ones
+    assert refused <= {"info", "client|setinfo", "hgetall"}, refused  # only the optional ones
     assert "info" in refused  # the eviction check asked, was refused, and nothing broke
     lim_ = Limit(SLOW, 2)
     for rule in MINIMAL_RULES:
@@ -565,6 +570,23 @@ def test_minimal_rules_suffice_and_each_is_needed(acl_server: AclServer) -> None
         assert error.reason == "server", rule
         assert isinstance(error.__cause__, redis.ResponseError), rule
         assert rule[1:] in {obj for _, obj in acl_server.denials()}, rule  # the one refused
+
+
+def test_live_overrides_need_only_their_hash_commands(acl_server: AclServer) -> None:
+    acl_server.grant(MINIMAL_RULES + QUIET_RULES + OVERRIDE_RULES)
+    with RateLimiter.from_url(acl_server.url, timeout=5.0) as lim:
+        lim.set_override("a", "1/second", seconds=30)
+        assert lim.try_acquire("k", Limit(SLOW, 5, name="a")).limit == 1
+        assert [o.name for o in lim.list_overrides()] == ["a"]
+        assert lim.clear_override("a")
+    assert acl_server.denials() == []
+    acl_server.grant(MINIMAL_RULES)  # no HGETALL: decisions as usual, the read refused once
+    with RateLimiter.from_url(acl_server.url, timeout=5.0) as lim:
+        for _ in range(3):
+            assert lim.try_acquire("k2", Limit(SLOW, 5, name="a")).allowed
+        with pytest.raises(BackendError, match=r"(?i)hset|can't run this command"):
+            lim.set_override("a", "1/second", seconds=30)
+    assert [obj for _, obj in acl_server.denials()].count("hgetall") == 1
 
 
 def test_the_acl_confines_the_user_to_its_prefix(acl_server: AclServer) -> None:

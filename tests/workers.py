@@ -105,3 +105,37 @@ def lease_then_hang(url: str, key: str, rate: float, burst: int, lease: int, res
         time.sleep(3600)
     except BaseException as exc:
         results.put(("error", repr(exc), 0))
+
+
+def admit_timeline(
+    url: str,
+    key: str,
+    rate: float,
+    burst: int,
+    name: str,
+    until: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """Try ``key`` under ``Limit(rate, burst, name=name)`` every ~2 ms until wall-clock time
+    ``until``; report the wall-clock times of the admitted calls (``("ok", [t, ...])``)."""
+    try:
+        import time
+
+        from tokenlimit import Limit, RateLimiter
+
+        limit = Limit(rate, burst, name=name)
+        limiter = RateLimiter.from_url(url, timeout=5)
+        admitted: list[float] = []
+        try:
+            limiter.peek(key, limit)
+            barrier.wait(timeout=60)
+            while (now := time.time()) < until:
+                if limiter.try_acquire(key, limit).allowed:
+                    admitted.append(now)
+                time.sleep(0.002)
+        finally:
+            limiter.close()
+        results.put(("ok", admitted))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))

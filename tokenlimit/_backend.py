@@ -15,10 +15,13 @@ from ._request import Request
 __all__ = [
     "AsyncBackend",
     "AsyncLeaser",
+    "AsyncOverrideStore",
+    "OverrideStore",
     "SyncBackend",
     "SyncLeaser",
     "can_hold_back",
     "can_lease",
+    "can_override",
     "can_refund",
     "holds_slots",
     "is_remote",
@@ -123,6 +126,20 @@ class AsyncLeaser(Protocol):
     ) -> Sequence[int]: ...
 
 
+class OverrideStore(Protocol):
+    """A ``SyncBackend`` that holds live overrides (``can_override``)."""
+
+    def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]: ...
+
+
+class AsyncOverrideStore(Protocol):
+    """An ``AsyncBackend`` that holds live overrides (``can_override``)."""
+
+    async def overrides(
+        self, key: str, args: Sequence[str], *, timeout: float
+    ) -> Sequence[object]: ...
+
+
 def is_remote(backend: object) -> bool:
     """``backend.remote``; True for a backend that does not say (the safe reading: its calls
     may block, so they run off an event loop and within the deadline)."""
@@ -149,6 +166,14 @@ def can_refund(backend: object) -> bool:
 def can_lease(backend: object) -> bool:
     """Whether ``backend`` can lease tokens (``lease``; a minimal one may not)."""
     return callable(getattr(backend, "lease", None))
+
+
+def can_override(backend: object) -> bool:
+    """Whether ``backend`` holds live overrides: a method ``overrides(key, args, *, timeout)``
+    (awaited on an async backend) that sets, clears or lists the overrides held at ``key`` as
+    ``_scripts/override.lua`` does, its arguments and reply. Not part of the Protocols: a
+    backend written before it still is one, and its limiters have no overrides."""
+    return callable(getattr(backend, "overrides", None))
 
 
 def scan_pattern(prefix: str) -> str:

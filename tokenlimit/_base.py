@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
-from ._backend import can_hold_back, can_refund
+from ._backend import can_hold_back, can_override, can_refund
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
@@ -19,6 +19,14 @@ from ._hash_secret import hasher_for
 from ._leasing import lease_table
 from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
+from ._overrides import (
+    REFRESH,
+    LiveOverrides,
+    Override,
+    check_override,
+    decode_listing,
+    overrides_key,
+)
 from ._request import Request, build_request
 from ._validate import (
     check_deadline,
@@ -43,6 +51,7 @@ _B = TypeVar("_B")
 DEFAULT_PREFIX = "tl:"
 DEFAULT_TIMEOUT = 0.5  # seconds: the deadline for one decision
 MAX_PAUSE = 86_400.0  # seconds slept at once while ``acquire`` waits
+_UNREAD_BACKOFF = 5.0  # seconds to the next overrides read after one failed
 
 
 class LimiterOptions(TypedDict, total=False):
@@ -57,6 +66,7 @@ class LimiterOptions(TypedDict, total=False):
     local_cache: bool | int
     shadow: bool
     hash_secret: str | bytes | None
+    overrides: bool
 
 
 class LimiterBase(Generic[_B]):
@@ -69,6 +79,8 @@ class LimiterBase(Generic[_B]):
         "_leases",
         "_log",
         "_metrics",
+        "_overrides",
+        "_overrides_log",
         "_prefix",
         "_refusals",
         "_settler",
@@ -92,11 +104,15 @@ class LimiterBase(Generic[_B]):
         remote: bool = False,
         shadow: bool = False,
         hash_secret: str | bytes | None = None,
+        overrides: bool = True,
     ) -> None:
         """``remote``: the backend is a server (Redis, Valkey). Only then is ``local_cache``
         used: the in-process memory backend gains nothing from it, and may run on an injected
         clock that the cache's real one would contradict. ``hash_secret``: see _hash_secret.py
-        (kept only as the keyed hash state it makes, never in clear)."""
+        (kept only as the keyed hash state it makes, never in clear).
+
+        ``overrides``: follow the store's live overrides (``set_override``; read at most once
+        a second). False: never read them, and ``set_override`` raises."""
         size = check_local_cache(local_cache)
         self._refusals = RefusalCache(size) if size and remote else None
         self._prefix = check_prefix(prefix)
@@ -121,6 +137,13 @@ class LimiterBase(Generic[_B]):
         # Leased tokens (Limit(..., lease=N)): see _leasing.py. The twins set the settler.
         self._leases = lease_table(backend)
         self._settler: ThreadSettler | LoopSettler | None = None
+        if not isinstance(overrides, bool):
+            raise ConfigTypeError("overrides", f"must be True or False, not {overrides!r}")
+        # None when off or the backend holds none: the one check a decision pays for them.
+        self._overrides = (
+            LiveOverrides(self._override_changed) if overrides and can_override(backend) else None
+        )
+        self._overrides_log = ThrottledLog()
 
     @property
     def prefix(self) -> str:
@@ -183,6 +206,85 @@ class LimiterBase(Generic[_B]):
 
     def _request(self, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
         return build_request(self._prefix, key, limit, cost, self._hasher)
+
+    # -- live overrides (see _overrides.py) ----------------------------------------------------
+    def _live_overrides(self) -> LiveOverrides:
+        """The limiter's overrides, for the calls that change or list them."""
+        live = self._overrides
+        if live is None:
+            why = (
+                "was made with overrides=False"
+                if can_override(self.backend)
+                else f"uses {type(self.backend).__name__}, which holds no overrides"
+            )
+            raise TypeError(
+                f"this limiter {why}; live overrides need a memory, Redis or Valkey one"
+            )
+        return live
+
+    def _override_args(
+        self,
+        name: object,
+        limit: object,
+        seconds: object,
+        burst: int | None,
+        block: object,
+        reason: object,
+    ) -> tuple[str, ...]:
+        label, payload, ttl_ms = check_override(name, limit, seconds, block, reason, burst)
+        return ("set", label, payload, str(ttl_ms))
+
+    @property
+    def _overrides_at(self) -> str:
+        return overrides_key(self._prefix)
+
+    def _read_overrides(
+        self, live: LiveOverrides, reply: Sequence[object]
+    ) -> tuple[bool, tuple[Override, ...]]:
+        """Put a listing the server just sent in force (the next read is due ``REFRESH``
+        later): ``(changed, overrides)``."""
+        changed, found = decode_listing(reply)
+        now = time.perf_counter()
+        live.update(found, now)
+        live.due = now + REFRESH
+        return changed, found
+
+    def _written(self, live: LiveOverrides, name: str, reply: Sequence[object]) -> Override:
+        """After ``set_override``: the listing in force, and the override just written."""
+        for item in self._read_overrides(live, reply)[1]:
+            if item.name == name:
+                return item
+        raise BackendError(f"the store did not keep the override of {name!r}", reason="server")
+
+    def _override_unread(self, live: LiveOverrides, error: BackendError, now: float) -> None:
+        """The server's overrides could not be read: the last ones stay, expiring on time. A
+        user whose ACL refuses the override script is asked again a minute later, not every
+        second."""
+        text = str(error).lower()  # Valkey and Redis 7.2+, then Redis 7.0's words
+        if "no permissions" in text or "can't run this command" in text:
+            live.due = now + 60.0
+            self._overrides_log.warning(
+                "tokenlimit: live overrides are off for a minute, as the ACL user may not run "
+                "the override script (grant +hgetall +hset +hdel +pexpire)",
+                error,
+            )
+        else:
+            # The decisions meet the same failure and report it (log, metrics, failure mode);
+            # the next read waits longer, so an outage costs few extra deadlines.
+            live.due = now + _UNREAD_BACKOFF
+            logger.debug(
+                "tokenlimit: cannot read live overrides, keeping the last known: %s", error
+            )
+        live.expire(now)
+
+    def _override_changed(self, name: str, override: Override | None) -> None:
+        """An override started, changed or ended: refusals cached under the old numbers no
+        longer hold; the sink's gauge follows (``record_override``, optional)."""
+        if self._refusals is not None:
+            self._refusals.clear()
+        record = getattr(self._metrics, "record_override", None)
+        if record is not None:
+            record(name, override is not None)
 
     def _check_can_hold(self) -> None:
         """``hold_back`` needs a backend that can hold buckets back (a minimal one may not)."""

@@ -6,10 +6,10 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from . import _switch
-from ._backend import AsyncBackend, SyncBackend, is_remote
+from ._backend import AsyncBackend, AsyncOverrideStore, OverrideStore, SyncBackend, is_remote
 from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
 from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
@@ -20,6 +20,7 @@ from ._leasing import async_settler, decide_leased, decide_leased_async, thread_
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
+from ._overrides import LiveOverrides, Override, check_name
 from ._plan import Chooser, LimitPlan, LimitSpec
 from ._request import Request
 from ._settle import LoopSettler, ThreadSettler
@@ -104,6 +105,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         local_cache: bool | int = True,
         shadow: bool = False,
         hash_secret: str | bytes | None = None,
+        overrides: bool = True,
     ) -> None:
         backend = _sync_backend(client, check_deadline(timeout))
         super().__init__(
@@ -117,6 +119,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
             shadow=shadow,
             hash_secret=hash_secret,
             remote=is_remote(backend),
+            overrides=overrides,
         )
         if self._leases is not None:
             self._settler = thread_settler(self, self._leases)
@@ -224,6 +227,15 @@ class RateLimiter(LimiterBase[SyncBackend]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
         started = time.perf_counter()
+        live = self._overrides
+        if live is not None:
+            if started >= live.due and live.claim(started):
+                self._refresh_overrides(live, started)
+            if live.table:
+                made = live.apply(request, started)
+                if isinstance(made, Decision):  # a blocked limit: refused without the server
+                    return self._answered(request, made, started, consume=consume)
+                request = made
         if request.limits[0].lease and consume:  # leased tokens (_leasing.py)
             return decide_leased(self, request, started)
         refusals = self._refusals
@@ -254,6 +266,55 @@ class RateLimiter(LimiterBase[SyncBackend]):
         if fallback.local:
             self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=consume)
+
+    # -- live overrides (brownout; see _overrides.py) --------------------------------------
+    def set_override(
+        self,
+        name: str,
+        limit: str | Limit | None = None,
+        *,
+        seconds: float,
+        burst: int | None = None,
+        block: bool = False,
+        reason: str = "",
+    ) -> Override:
+        """Decide the limit labelled ``name`` at ``limit`` (``"5/second"``, with ``burst``, or
+        a ``Limit``), or refuse all its calls (``block=True``), for ``seconds`` (at most a
+        week), in every process sharing the store: each applies it within a second of its next
+        decision. The bucket stays the limit's own. Replaces an override of the same name.
+        Raises ``BackendError`` if the store cannot be written: nothing is then changed."""
+        live = self._live_overrides()
+        args = self._override_args(name, limit, seconds, burst, block, reason)
+        reply = self._override_store.overrides(self._overrides_at, args, timeout=self._timeout)
+        return self._written(live, args[1], reply)
+
+    def clear_override(self, name: str) -> bool:
+        """End the override of the limit labelled ``name`` in every process sharing the store
+        (within a second of their next decision); False if there was none."""
+        live = self._live_overrides()
+        args = ("clear", check_name(name))
+        reply = self._override_store.overrides(self._overrides_at, args, timeout=self._timeout)
+        return self._read_overrides(live, reply)[0]
+
+    def list_overrides(self) -> tuple[Override, ...]:
+        """The overrides in force in the store now (read from it, not this process's copy)."""
+        live = self._live_overrides()
+        reply = self._override_store.overrides(self._overrides_at, ("list",), timeout=self._timeout)
+        return self._read_overrides(live, reply)[1]
+
+    @property
+    def _override_store(self) -> OverrideStore:
+        return cast("OverrideStore", self.backend)  # overrides are on: can_override said so
+
+    def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        try:
+            reply = self._override_store.overrides(
+                self._overrides_at, ("list",), timeout=self._timeout
+            )
+        except BackendError as error:
+            self._override_unread(live, error, now)
+        else:
+            self._read_overrides(live, reply)
 
     # -- decorator / context manager ----------------------------------------------------------
     def limit(
@@ -322,6 +383,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         local_cache: bool | int = True,
         shadow: bool = False,
         hash_secret: str | bytes | None = None,
+        overrides: bool = True,
     ) -> None:
         backend = _async_backend(client)
         super().__init__(
@@ -335,6 +397,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             shadow=shadow,
             hash_secret=hash_secret,
             remote=is_remote(backend),
+            overrides=overrides,
         )
         if self._leases is not None:
             self._settler = async_settler(self, self._leases)
@@ -444,6 +507,16 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
         started = time.perf_counter()
+        live = self._overrides
+        if live is not None:
+            if started >= live.due and live.claim(started):
+                await self._refresh_overrides(live, started)
+            if live.table:
+                made = live.apply(request, started)
+                if isinstance(made, Decision):  # a blocked limit: refused without the server
+                    await asyncio.sleep(0)  # yield, as a round trip would (see below)
+                    return self._answered(request, made, started, consume=consume)
+                request = made
         if request.limits[0].lease and consume:  # leased tokens (_leasing.py)
             return await decide_leased_async(self, request, started)
         refusals = self._refusals
@@ -481,6 +554,61 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         if fallback.local:
             self._back_to_shared(fallback)
         return self._decoded(request, reply, started, consume=consume)
+
+    # -- live overrides (brownout; see _overrides.py) --------------------------------------
+    async def set_override(
+        self,
+        name: str,
+        limit: str | Limit | None = None,
+        *,
+        seconds: float,
+        burst: int | None = None,
+        block: bool = False,
+        reason: str = "",
+    ) -> Override:
+        """Decide the limit labelled ``name`` at ``limit`` (``"5/second"``, with ``burst``, or
+        a ``Limit``), or refuse all its calls (``block=True``), for ``seconds`` (at most a
+        week), in every process sharing the store: each applies it within a second of its next
+        decision. The bucket stays the limit's own. Replaces an override of the same name.
+        Raises ``BackendError`` if the store cannot be written: nothing is then changed."""
+        live = self._live_overrides()
+        args = self._override_args(name, limit, seconds, burst, block, reason)
+        reply = await self._override_store.overrides(
+            self._overrides_at, args, timeout=self._timeout
+        )
+        return self._written(live, args[1], reply)
+
+    async def clear_override(self, name: str) -> bool:
+        """End the override of the limit labelled ``name`` in every process sharing the store
+        (within a second of their next decision); False if there was none."""
+        live = self._live_overrides()
+        args = ("clear", check_name(name))
+        reply = await self._override_store.overrides(
+            self._overrides_at, args, timeout=self._timeout
+        )
+        return self._read_overrides(live, reply)[0]
+
+    async def list_overrides(self) -> tuple[Override, ...]:
+        """The overrides in force in the store now (read from it, not this process's copy)."""
+        live = self._live_overrides()
+        reply = await self._override_store.overrides(
+            self._overrides_at, ("list",), timeout=self._timeout
+        )
+        return self._read_overrides(live, reply)[1]
+
+    @property
+    def _override_store(self) -> AsyncOverrideStore:
+        return cast("AsyncOverrideStore", self.backend)  # overrides are on: can_override said so
+
+    async def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        try:
+            reply = await self._override_store.overrides(
+                self._overrides_at, ("list",), timeout=self._timeout
+            )
+        except BackendError as error:
+            self._override_unread(live, error, now)
+        else:
+            self._read_overrides(live, reply)
 
     def limit(
         self,

@@ -39,6 +39,8 @@ class MemoryBackend:
         # Concurrency limits: key -> {holder id: end of its lease, µs} (see _concurrency).
         self._slots: dict[str, dict[str, int]] = {}
         self._slots_swept = 1024  # sweep every key's ended leases once this many keys exist
+        # Live overrides (see _overrides.py): key -> {label: (expiry, ms of the clock, payload)}.
+        self._overrides: dict[str, dict[str, tuple[int, str]]] = {}
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -115,12 +117,37 @@ class MemoryBackend:
         reply.append(outcome.granted)
         return reply
 
+    def overrides(self, key: str, args: Sequence[str], *, timeout: float = 0.0) -> list[object]:
+        """Set, clear or list live overrides, as the override script does on a server."""
+        with self._lock:
+            now = int(self._clock() * 1000)
+            table = self._overrides.setdefault(key, {})
+            changed = 0
+            op = args[0] if args else ""
+            if op == "set" and len(args) == 4:
+                table[args[1]] = (now + int(args[3]), args[2])
+                changed = 1
+            elif op == "clear" and len(args) == 2:
+                changed = int(table.pop(args[1], None) is not None)
+            elif op != "list" or len(args) != 1:
+                raise ValueError(f"bad override operation {op!r}")
+            reply: list[object] = [changed]
+            for name, (expiry, payload) in list(table.items()):
+                if expiry <= now:
+                    del table[name]
+                else:
+                    reply.extend((name, payload, expiry - now))
+            if not table:
+                del self._overrides[key]
+            return reply
+
     def clear(self) -> None:
-        """Forget every bucket."""
+        """Forget every bucket (and override)."""
         with self._lock:
             self._states.clear()
             self._expiry.clear()
             self._slots.clear()
+            self._overrides.clear()
 
     def clear_prefix(self, prefix: str) -> int:
         """Forget every bucket and slot (one store per limiter, whatever its prefix)."""
@@ -219,6 +246,11 @@ class AsyncMemoryBackend:
         self, request: Request, want: int, back: int, *, timeout: float = 0.0
     ) -> list[int]:
         return self.store.lease(request, want, back)
+
+    async def overrides(
+        self, key: str, args: Sequence[str], *, timeout: float = 0.0
+    ) -> list[object]:
+        return self.store.overrides(key, args)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0

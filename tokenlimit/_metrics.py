@@ -29,6 +29,9 @@ class MetricsSink(Protocol):
     caller got). The storage failure behind a switch, and each failed try of the server while
     local, reaches ``record_error`` with ``failed_open`` False: the call was decided, locally.
 
+    Live overrides call the optional ``record_override(limit, active)`` when an override of
+    the limit labelled ``limit`` starts or changes (``active`` True) and when it ends (False).
+
     In shadow mode a would-be refusal reaches ``record_decision`` as what the caller got, an
     admitted ``Decision`` (``allowed`` True) with ``shadowed=True``; a storage failure reaches
     ``record_error`` with ``failed_open`` True.

@@ -4,6 +4,7 @@ A bucket script is composed of parts: ``acquire.lua`` or ``peek.lua`` (one line 
 ``consume``), then ``gcra.lua`` (the helpers every bucket script shares), then ``bucket.lua``
 (the decision); the hold-back script is ``gcra.lua`` then ``holdback.lua``, and the refund
 script ``gcra.lua`` then ``refund.lua``, and the lease script ``gcra.lua`` then ``lease.lua``.
+``override.lua`` (live overrides) stands alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "hold_script",
     "holdback_script",
     "lease_script",
+    "override_script",
     "peek_script",
     "refund_script",
     "release_script",
@@ -85,3 +87,8 @@ def refund_script() -> Script:
 def lease_script() -> Script:
     """Leased tokens: give held tokens back, then take up to a lease from every bucket."""
     return _load("lease", "gcra", "lease")
+
+
+def override_script() -> Script:
+    """Live overrides: set, clear or list a prefix's overrides (expired ones dropped)."""
+    return _load("override", "override")

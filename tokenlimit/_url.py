@@ -19,7 +19,7 @@ from ._redis.pools import client_options, pool_options
 from ._request import Request
 
 if TYPE_CHECKING:
-    from ._backend import AsyncBackend, AsyncLeaser, SyncBackend
+    from ._backend import AsyncBackend, AsyncLeaser, AsyncOverrideStore, SyncBackend
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
 
@@ -393,6 +393,10 @@ class LoopLocalBackend:
     ) -> Sequence[int]:
         backend = await self._current()
         return await cast("AsyncLeaser", backend).lease(request, want, back, timeout=timeout)
+
+    async def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
+        backend = cast("AsyncOverrideStore", await self._current())  # a Redis one: it holds them
+        return await backend.overrides(key, args, timeout=timeout)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float

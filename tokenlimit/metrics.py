@@ -49,14 +49,14 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._decision import Decision, fail_open_decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -87,7 +87,7 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # 1 open, 2 half-open: >= 1 in any worker is a breaker not closed) and
 # tokenlimit_override_active{limit} (1 once any worker applies the override; they all do within
 # the poll bound). The default, "all", would add a `pid` label: a series per worker process.
-GAUGE_MULTIPROCESS_MODE = "livemax"
+GAUGE_MULTIPROCESS_MODE: Final = "livemax"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +104,7 @@ class _Families:
     slots: Counter
     switches: Counter
     local: Counter
+    overrides: Gauge
 
 
 # One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
@@ -131,12 +132,25 @@ def _check_buckets(buckets: object) -> tuple[float, ...]:
 
 
 def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Families:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
-    made: list[Counter | Histogram] = []
+    made: list[Counter | Gauge | Histogram] = []
 
     def counter(name: str, documentation: str, labelnames: Sequence[str]) -> Counter:
         collector = Counter(name, documentation, labelnames, namespace=namespace, registry=registry)
+        made.append(collector)
+        return collector
+
+    def gauge(name: str, documentation: str, labelnames: Sequence[str]) -> Gauge:
+        # Under prometheus_client's multiprocess mode: the largest value among live workers.
+        collector = Gauge(
+            name,
+            documentation,
+            labelnames,
+            namespace=namespace,
+            registry=registry,
+            multiprocess_mode=GAUGE_MULTIPROCESS_MODE,
+        )
         made.append(collector)
         return collector
 
@@ -188,6 +202,12 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
                 "Switches to deciding in-process while storage is down (to='local') and back "
                 "(to='shared'), with failure_mode='local'.",
                 ["to"],
+            ),
+            overrides=gauge(
+                "override_active",
+                "1 while a live override (set_override, `tokenlimit override set`) changes or "
+                "blocks the limit in this process, else 0.",
+                ["limit"],
             ),
             local=counter(
                 "local_decisions",
@@ -349,6 +369,11 @@ class PrometheusMetrics:
             limit=_label(decision.policy, limits),
             result="allowed" if decision.allowed else "refused",
         ).inc()
+
+    # -- live overrides -----------------------------------------------------------------------
+    def record_override(self, limit: str, active: bool) -> None:
+        """An override of the limit labelled ``limit`` started (``active``) or ended."""
+        self._families.overrides.labels(limit=limit).set(1 if active else 0)
 
     # -- integrations -------------------------------------------------------------------------
     def record_request(self, route: str, result: str) -> None:

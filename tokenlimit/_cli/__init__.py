@@ -1,5 +1,6 @@
-"""The ``tokenlimit`` command line (also ``python -m tokenlimit``): ``check``, ``peek``, ``reset``
-and ``bench`` against a server, for operators and support. Each command is a module here.
+"""The ``tokenlimit`` command line (also ``python -m tokenlimit``): ``check``, ``peek``, ``reset``,
+``bench`` and ``override`` against a server, for operators and support. Each command is a
+module here.
 
 Output is for people by default, one JSON document with ``--json``. Everything printed passes
 through the URL's redaction (``_url.scrub``), and every failure ends as one line on stderr with
@@ -27,7 +28,7 @@ from tokenlimit import __version__
 from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
 from tokenlimit._url import parse_url, scrub
 
-from . import bench, bucket, check
+from . import bench, bucket, check, override
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -54,6 +55,7 @@ _COMMANDS: dict[str, _Command] = {
     "peek": bucket.peek,
     "reset": bucket.reset,
     "bench": bench.run,
+    "override": override.run,
 }
 
 
@@ -70,24 +72,26 @@ class _Parser(argparse.ArgumentParser):
         raise _Usage(self.format_usage(), f"{self.prog}: error: {message}")
 
 
+_URL_HELP = (
+    "redis://, rediss://, redis+cluster://, redis+sentinel://... (or valkey://...); "
+    "default $TOKENLIMIT_URL, which keeps a password off the command line"
+)
+
+
 def _parser() -> _Parser:
-    common = _Parser(add_help=False)
-    common.add_argument(
-        "url",
-        nargs="?",
-        help="redis://, rediss://, redis+cluster://, redis+sentinel://... (or valkey://...); "
-        "default $TOKENLIMIT_URL, which keeps a password off the command line",
-    )
-    common.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    common.add_argument(
+    options = _Parser(add_help=False)
+    options.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    options.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
         help=f"seconds for one decision or command, as the limiter's timeout= ({DEFAULT_TIMEOUT})",
     )
-    common.add_argument(
+    options.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help=f"the limiter's prefix= ({DEFAULT_PREFIX!r})"
     )
+    common = _Parser(add_help=False, parents=[options])
+    common.add_argument("url", nargs="?", help=_URL_HELP)
     parser = _Parser(
         prog="tokenlimit",
         description="Check a Redis or Valkey server for tokenlimit, read or refill one "
@@ -130,6 +134,22 @@ def _parser() -> _Parser:
     ).add_argument(
         "--seconds", type=float, default=10.0, help="the whole run, both sides (default 10)"
     )
+    overrides = commands.add_parser(
+        "override",
+        help="change or block a named limit for every process, for a while (brownout)",
+        description="Live overrides: every limiter sharing the server decides the limit "
+        "labelled NAME (as metrics show it) at another rate, or refuses it, within a second "
+        "of its next decision, until the override is cleared or ends on its own.",
+    )
+    actions = overrides.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (
+        ("set", "set or replace an override: NAME LIMIT --for 15m, or NAME --block --for 15m"),
+        ("clear", "end the override of NAME now"),
+        ("list", "the overrides in force, with the time each has left"),
+    ):
+        sub = actions.add_parser(action, parents=[options], help=what, description=what)
+        sub.add_argument("--url", help=_URL_HELP)
+        override.add_options(sub, action)
     return parser
 
 
@@ -171,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version
         return done.code if isinstance(done.code, int) else EXIT_OK
     given = args.url or os.environ.get("TOKENLIMIT_URL") or ""
-    out = Output(args.command, given, as_json=args.json)
+    command = args.command if args.command != "override" else f"override {args.action}"
+    out = Output(command, given, as_json=args.json)
     try:
         problem = None
         try:

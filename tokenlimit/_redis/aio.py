@@ -32,6 +32,7 @@ from tokenlimit._scripts import (
     hold_script,
     holdback_script,
     lease_script,
+    override_script,
     peek_script,
     refund_script,
     release_script,
@@ -218,6 +219,11 @@ class AsyncRedisBackend:
         args = (request.args[0], str(want), str(back), *request.args[1:])
         reply = await self.run_script(lease_script(), request.keys, args, timeout=timeout)
         return [int(x) for x in reply]
+
+    async def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
+        """The override script at ``key`` (live overrides); run at most once, by the deadline."""
+        reply = await self.run_script(override_script(), (key,), tuple(args), timeout=timeout)
+        return list(reply)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float

@@ -66,7 +66,12 @@ NEEDED = (
     ("SET", IN_SCRIPTS),
 )
 CLUSTER_NEEDED = (("ASKING", "decisions on a slot being migrated"),)
-OPTIONAL = (("INFO", "the eviction-policy warning, skipped without it"),)
+OPTIONAL = (
+    ("INFO", "the eviction-policy warning, skipped without it"),
+    ("HGETALL", "live overrides, which every limiter reads once a second (inside a script)"),
+    ("HSET", "setting live overrides (inside a script)"),
+    ("HDEL", "clearing and expiring live overrides (inside a script)"),
+)
 CONCURRENCY = tuple(
     (name, "limiter.concurrency()")
     for name in ("ZADD", "ZCARD", "ZRANGE", "ZREM", "ZREMRANGEBYSCORE", "ZSCORE", "PEXPIRE")
@@ -215,6 +220,9 @@ def _dry_run_args(command: str, key: str) -> tuple[str, ...]:
         "GET": ("GET", key),
         "SET": ("SET", key, "1", "PX", "1000"),
         "INFO": ("INFO", "memory"),
+        "HGETALL": ("HGETALL", key),
+        "HSET": ("HSET", key, "f", "1"),
+        "HDEL": ("HDEL", key, "f"),
         "ZADD": ("ZADD", key, "1", "m"),
         "ZRANGE": ("ZRANGE", key, "0", "0", "WITHSCORES"),
         "ZREM": ("ZREM", key, "m"),
