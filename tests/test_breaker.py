@@ -678,3 +678,35 @@ def test_a_hung_cluster_costs_the_deadline_n_times_then_nothing(cluster: Any) ->
     # by the machine).
     assert len(waited) <= 0.8 / COOL.cool_down + 2, waited
     assert len(calls) > 3 + 5 * len(waited)
+
+
+# -- the integrations' settings ----------------------------------------------------------------
+def test_django_settings_take_a_breaker() -> None:
+    from tokenlimit.integrations._settings import Settings, read
+
+    made = Settings({"URL": "memory://", "BREAKER": {"FAILURES": 5, "COOL_DOWN": 0.25}})
+    assert made.sync.breaker == Breaker(failures=5, cool_down=0.25)
+    assert made.sync._circuit is made.async_._circuit
+    assert Settings({"URL": "memory://", "BREAKER": False}).sync.breaker is None
+    assert Settings({"URL": "memory://"}).sync.breaker == Breaker()
+    for bad, says in [
+        ({"FAILURES": 0}, "failures: must be >= 1"),
+        ({"COOLDOWN": 1}, "unknown entries ['COOLDOWN']"),
+        ("on", "must be True, False or a tokenlimit.Breaker"),
+    ]:
+        (problem,) = read({"URL": "memory://", "BREAKER": bad})[1]
+        assert problem.id == "tokenlimit.E022"
+        assert says in problem.message
+
+
+def test_flask_names_where_the_breaker_goes() -> None:
+    pytest.importorskip("flask")
+    from flask import Flask
+
+    from tokenlimit.integrations.flask import TokenLimit
+
+    app = Flask(__name__)
+    app.config.update(TOKENLIMIT_URL="memory://", TOKENLIMIT_BREAKER=False)
+    with pytest.raises(ConfigError, match=r"breaker=\.\.\.") as caught:
+        TokenLimit(app, limit="10/minute")
+    assert caught.value.param == "TOKENLIMIT_BREAKER"
