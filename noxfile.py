@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "compat", "frameworks", "lint", "types", "examples"]
+nox.options.sessions = ["tests", "compat", "frameworks", "lint", "types", "examples", "ops"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
 
@@ -170,6 +170,15 @@ def examples(session: nox.Session) -> None:
     session.run("python", "examples/demo.py", "--seconds", "2", "--out", out)
     session.run("python", "examples/multiprocess_demo.py", "--seconds", "2")
     session.run("python", "examples/celery_demo.py", "--tasks", "10")
+
+
+@nox.session(python=False)
+def ops(session: nox.Session) -> None:
+    """docs/ops/alerts.yml through promtool: a valid rule file, and its unit tests
+    (alerts_test.yml). promtool comes with Debian's `prometheus` package (`.ci/run` installs
+    it); tests/test_ops_docs.py checks the series the rules and the dashboard name."""
+    session.run("promtool", "check", "rules", "docs/ops/alerts.yml", external=True)
+    session.run("promtool", "test", "rules", "docs/ops/alerts_test.yml", external=True)
 
 
 @nox.session(default=False)

@@ -321,10 +321,30 @@ class PyrateAdapter(Adapter):
 PEERS: tuple[type[Adapter], ...] = (LimitsAdapter, ThrottledAdapter, PyrateAdapter)
 
 
-def make_adapters(url: str) -> list[Adapter | Missing]:
-    """tokenlimit first (it must work), then each peer, or a ``Missing`` when it won't import."""
+LEASE = 1000  # tokens one lease may take (issue 18): 1 ms of the hot workload's rate
+
+
+class TokenlimitLeasedAdapter(TokenlimitAdapter):
+    """tokenlimit with leased tokens: ``Limit(rate, burst, lease=LEASE)`` (at most the burst),
+    so a hot key is decided mostly in-process, from tokens taken on the server first."""
+
+    name = "tokenlimit+lease"
+    algorithm = f"token bucket (GCRA state), try_acquire, lease={LEASE}"
+
+    @staticmethod
+    def _limit(workload: Workload) -> Any:
+        from tokenlimit import Limit
+
+        return Limit(workload.rate, workload.amount, lease=min(LEASE, workload.amount))
+
+
+def make_adapters(url: str, *, peers: bool = True, leases: bool = True) -> list[Adapter | Missing]:
+    """tokenlimit first (it must work), with leases next, then each peer, or a ``Missing`` when
+    it won't import."""
     found: list[Adapter | Missing] = [TokenlimitAdapter(url)]
-    for cls in PEERS:
+    if leases:
+        found.append(TokenlimitLeasedAdapter(url))
+    for cls in PEERS if peers else ():
         try:
             found.append(cls(url))
         except ImportError as exc:

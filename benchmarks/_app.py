@@ -4,6 +4,9 @@ limit that never refuses, keyed by the default identity: here the client IP), ``
 the same through ``RateLimitMiddleware`` on a mounted sub-app (so ``/plain`` stays bare), and
 ``/tight`` (1/second, burst 1) only proves, once, that the dependency really refuses.
 
+``/leased`` is ``/limited`` with one global key and leased tokens (issue 18: ``lease=1000``),
+declared only where the imported tokenlimit has leases (a baseline revision may not).
+
 ``/floor`` is what any limiter that asks the server costs at least: a dependency that makes one
 redis-py ``EVALSHA`` of ``return 1`` per request (the same floor as the decision tables), on its
 own ``redis.asyncio`` client. Its requests/s next to ``/plain`` bound the ratio a FastAPI
@@ -34,6 +37,16 @@ limiter = AsyncRateLimiter.from_url(os.environ["TOKENLIMIT_BENCH_URL"])
 HOT = Limit(1_000_000, burst=1_000_000)
 hot = RateLimit(HOT, limiter=limiter)
 tight = RateLimit(Limit(1, burst=1), limiter=limiter)
+try:
+    LEASED = Limit(1_000_000, burst=1_000_000, lease=1000)
+except TypeError:  # a tokenlimit before issue 18
+    LEASED = None
+
+
+def global_key(request: object) -> str:
+    """One bucket for the whole API: a global limit."""
+    return "global"
+
 
 floor_client = redis.asyncio.Redis.from_url(os.environ["TOKENLIMIT_BENCH_URL"])
 FLOOR_SCRIPT = "return 1"
@@ -58,6 +71,14 @@ async def plain() -> dict[str, str]:
 @app.get("/limited", dependencies=[Depends(hot)])
 async def limited() -> dict[str, str]:
     return {"hello": "world"}
+
+
+if LEASED is not None:
+    leased = RateLimit(LEASED, limiter=limiter, key=global_key)
+
+    @app.get("/leased", dependencies=[Depends(leased)])
+    async def leased_route() -> dict[str, str]:
+        return {"hello": "world"}
 
 
 @app.get("/floor", dependencies=[Depends(one_round_trip)])

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 LOAD_TEST = HERE.parent / "tools" / "load_test.py"
-ROUTES = ("plain", "limited", "mw/limited", "floor")
+ROUTES = ("plain", "limited", "mw/limited", "leased", "floor")
 BASE = "base/"  # the baseline server's routes: base/plain, base/limited, base/mw/limited
 BASE_ROUTES = ("plain", "limited", "mw/limited")
 
@@ -140,6 +140,10 @@ def _check_app(base: str, label: str, checks: list[str]) -> str:
     status, headers = _get(base + "/mw/limited")
     if status != 200 or "x-ratelimit-limit" not in headers:
         raise RuntimeError(f"{label}/mw/limited is not limited: {status} {headers}")
+    if not label:  # the current tree's server: its leased global limit
+        status, headers = _get(base + "/leased")
+        if status != 200 or "x-ratelimit-limit" not in headers:
+            raise RuntimeError(f"/leased is not limited: {status} {headers}")
     statuses = [_get(base + "/tight")[0] for _ in range(3)]
     if statuses[0] != 200 or 429 not in statuses[1:]:
         raise RuntimeError(f"{label}/tight (1/s, burst 1) did not refuse: {statuses}")
@@ -208,6 +212,7 @@ def measure_fastapi(
         "ratio_of_medians": medians["limited"] / medians["plain"] if medians["plain"] else None,
         "paired_ratio_median": paired("limited"),
         "middleware_paired_ratio_median": paired("mw/limited"),
+        "leased_paired_ratio_median": paired("leased"),
         "floor_paired_ratio_median": paired("floor"),
         "checks": checks,
     }

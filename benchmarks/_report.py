@@ -309,6 +309,9 @@ def render(data: dict[str, Any]) -> str:
                 f"- `RateLimitMiddleware` (mounted sub-app), for comparison: requests/s "
                 f"{_x(http.get('middleware_paired_ratio_median'))}, server CPU "
                 f"{_x(http.get('middleware_cpu_ratio'))}",
+                f"- `/leased`, the dependency on one global key with `lease=1000` (issue 18): "
+                f"requests/s {_x(http.get('leased_paired_ratio_median'))}, server CPU "
+                f"{_x(http.get('leased_cpu_ratio'))}",
                 "- floor, a dependency making one redis-py `EVALSHA` of `return 1` and nothing "
                 f"else: requests/s {_x(http.get('floor_paired_ratio_median'))}, server CPU "
                 f"{_x(http.get('floor_cpu_ratio'))}: the most a dependency with one round trip "
@@ -316,7 +319,8 @@ def render(data: dict[str, Any]) -> str:
                 *[f"- check: {c}" for c in http["checks"]],
             ]
 
-    out += ["", "## Targets (issue 5)", ""]
+    out += _lease_section(data)
+    out += ["", "## Targets (issues 5 and 18)", ""]
     out += _table(
         ["target", "measured", "result"],
         [[t["target"], t["measured"], t["result"]] for t in data["targets"]],
@@ -324,6 +328,74 @@ def render(data: dict[str, Any]) -> str:
     if data.get("notes"):
         out += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
     return "\n".join(out) + "\n"
+
+
+def _lease_section(data: dict[str, Any]) -> list[str]:
+    """Leased tokens (issue 18): rates against the floor and unleased, server cost, the fleet."""
+    lease = data.get("lease") or {}
+    if not lease.get("ratios"):
+        return []
+    out = [
+        "",
+        "## Leased tokens (issue 18)",
+        "",
+        "`tokenlimit+lease`: the same limits with `lease=1000` (at most the burst): one script "
+        "call takes up to that many tokens from the bucket, the process hands them out, and "
+        "gives back what it has not used 100 ms later (or with its next refill).",
+        "",
+    ]
+    out += _table(
+        ["workload", "mode", "leased decisions/s", "/ EVALSHA floor", "/ unleased tokenlimit"],
+        [
+            [r["workload"], r["mode"], _n(r["leased"]), _x(r["vs_floor"]), _x(r["vs_unleased"])]
+            for r in lease["ratios"]
+        ],
+    )
+    cost = lease.get("server_cost") or {}
+    if cost:
+        out += [
+            "",
+            "Server cost on the hot key, all allowed (`INFO commandstats` of EVALSHA and EVAL "
+            "around each sample, give-backs included):",
+            "",
+        ]
+        rows = []
+        for name, c in cost.items():
+            admitted = c.get("admitted") or 0
+            rows.append(
+                [
+                    name,
+                    f"{c['usec'] / admitted:.3f}" if admitted else "-",
+                    f"{c['calls'] / admitted:.4f}" if admitted else "-",
+                    _n(admitted),
+                ]
+            )
+        out += _table(["case", "server µs / admitted", "script calls / admitted", "admitted"], rows)
+    fleet = lease.get("fleet") or {}
+    if fleet:
+        out += ["", "Fleet simulation (`_fleet.py`):", ""]
+        if "error" in fleet:
+            out.append(f"- not measured: {fleet['error']}")
+        else:
+            limit = fleet["limit"]
+            out += [
+                f"- {fleet['processes']} processes, one key, `Limit({limit['rate']:g}, "
+                f"{limit['burst']}, lease={limit['lease']})`, {fleet['seconds']:g} s: "
+                f"{fleet['admitted']:,} admitted of an allowance of {fleet['allowance']:,.0f} "
+                f"(burst + rate x {fleet['window']:.2f} s): {fleet['admitted_share']:.4f}x, "
+                f"{'ABOVE the allowance' if fleet['over'] else 'never above'}",
+                f"- {fleet['decisions']:,} decisions, {fleet['script_calls']:,} script calls on "
+                f"the server; {fleet['granted_extra']:,} tokens leased beyond the callers' own, "
+                f"{fleet['returned']:,} given back unused",
+            ]
+    dead = lease.get("killed") or {}
+    if dead:
+        out.append(
+            f"- SIGKILL: a process deciding back to back (`lease={dead['lease']}`, no refill) "
+            f"killed after {dead['admitted']:,} admissions lost {dead['lost']} tokens "
+            "(at most one lease, plus one for an admission not yet counted at the kill)"
+        )
+    return out
 
 
 def _before_after(base: dict[str, Any], settings: dict[str, Any]) -> list[str]:

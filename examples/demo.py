@@ -82,23 +82,27 @@ def redis_server() -> Iterator[tuple[str, str]]:
 
 @contextlib.contextmanager
 def demo_service(redis_url: str, workers: int, log_path: Path) -> Iterator[str]:
-    """The demo app under ``uvicorn --workers N`` on 127.0.0.1; yields its base URL and stops
-    it (SIGTERM to the supervisor, which stops its workers; SIGKILL to the group if it hangs)."""
+    """The demo app under uvicorn with N workers on 127.0.0.1 (its launcher,
+    ``python -m fastapi_demo``, which also gives the workers one Prometheus multiprocess
+    directory); yields its base URL and stops it (SIGTERM to the launcher, which stops its
+    workers; SIGKILL to the group if it hangs)."""
     port = _free_port()
     command = [
-        sys.executable, "-m", "uvicorn", "fastapi_demo.app:app",
-        # examples/ on sys.path (not the checkout): tokenlimit is the installed package.
-        "--app-dir", str(HERE),
+        sys.executable, "-m", "fastapi_demo",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
-    env = {**os.environ, "TOKENLIMIT_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(TOKENLIMIT_URL=redis_url, PYTHONUNBUFFERED="1")
     log = log_path.open("wb")
     process = subprocess.Popen(
         command,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
+        # examples/ as the working directory puts it on sys.path (not the checkout):
+        # tokenlimit is the installed package.
+        cwd=HERE,
         # Its own process group: Ctrl-C reaches the demo, which stops uvicorn in order.
         start_new_session=os.name == "posix",
     )
@@ -160,8 +164,8 @@ def check_policy(base: str) -> str:
 
 
 def scrape_metrics(base: str, pids: set[str], attempts: int = 60) -> dict[str, str]:
-    """/metrics from each worker (each keeps its own counters): fresh connections until every
-    PID has answered, or ``attempts`` run out. PID -> page."""
+    """/metrics from each worker (each serves every worker's counts, merged): fresh connections
+    until every PID has answered, or ``attempts`` run out. PID -> page."""
     import httpx
 
     pages: dict[str, str] = {}
@@ -213,25 +217,23 @@ def metric_lines(page: str) -> list[str]:
     return lines
 
 
-def decision_seconds(pages: dict[str, str]) -> float | None:
+def decision_seconds(page: str) -> float | None:
     """Mean time the workers spent per decision (``tokenlimit_decision_seconds``), if shown."""
     sums = {"_sum": 0.0, "_count": 0.0}
-    for page in pages.values():
-        for sample in tokenlimit_samples(page):
-            suffix = sample.name.removeprefix("tokenlimit_decision_seconds")
-            if suffix in sums:
-                sums[suffix] += sample.value
+    for sample in tokenlimit_samples(page):
+        suffix = sample.name.removeprefix("tokenlimit_decision_seconds")
+        if suffix in sums:
+            sums[suffix] += sample.value
     return sums["_sum"] / sums["_count"] if sums["_count"] else None
 
 
-def decision_totals(pages: dict[str, str]) -> dict[str, float]:
-    """allowed / refused decisions counted by every worker's ``tokenlimit_decisions_total``."""
+def decision_totals(page: str) -> dict[str, float]:
+    """allowed / refused decisions in one page's ``tokenlimit_decisions_total``."""
     totals = {"allowed": 0.0, "refused": 0.0}
-    for page in pages.values():
-        for sample in tokenlimit_samples(page):
-            result = sample.labels.get("result")
-            if sample.name == "tokenlimit_decisions_total" and result in totals:
-                totals[result] += sample.value
+    for sample in tokenlimit_samples(page):
+        result = sample.labels.get("result")
+        if sample.name == "tokenlimit_decisions_total" and result in totals:
+            totals[result] += sample.value
     return totals
 
 
@@ -240,7 +242,6 @@ def report(
     *,
     allowed_max: int,
     pages: dict[str, str],
-    workers_seen: set[str],
     probes: int,
 ) -> tuple[bool, list[str]]:
     """(ok, lines): the verdict and the report's closing section."""
@@ -253,20 +254,26 @@ def report(
     lines.append(f"{'total':<12} {result.allowed:>9} {result.refused:>9} {result.errors:>9}")
 
     lines.append("")
-    lines.append("/metrics, non-zero tokenlimit samples (each worker counts its own):")
-    for pid, page in pages.items():
-        for line in metric_lines(page) or ["(no tokenlimit metrics)"]:
-            lines.append(f"  [{pid}] {line}")
-    mean = decision_seconds(pages)
+    page = next(iter(pages.values()), "")
+    lines.append(
+        f"/metrics, non-zero tokenlimit samples (every worker's, merged; {len(pages)} of the "
+        f"workers answered the scrape):"
+    )
+    for line in metric_lines(page) or ["(no tokenlimit metrics)"]:
+        lines.append(f"  {line}")
+    mean = decision_seconds(page)
     if mean is not None:
         lines.append(f"  mean time per decision, as the workers measured it: {mean * 1000:.2f} ms")
-    totals = decision_totals(pages)
-    if set(pages) >= workers_seen and totals["allowed"] + totals["refused"] > 0:
+    totals = decision_totals(page)
+    if totals["allowed"] + totals["refused"] > 0:
         expected = (result.allowed + probes, result.refused)
+        every = [decision_totals(other) for other in pages.values()]
         counted = (int(totals["allowed"]), int(totals["refused"]))
-        agree = "match" if counted == expected else "DIFFER FROM"
+        agree = (
+            "match" if counted == expected and all(t == totals for t in every) else "DIFFER FROM"
+        )
         lines.append(
-            f"  summed over workers: allowed {counted[0]}, refused {counted[1]}: {agree} the "
+            f"  allowed {counted[0]}, refused {counted[1]} on every worker's page: {agree} the "
             f"client's counts ({expected[0]} allowed incl. {probes} probe, {expected[1]} refused)"
         )
 
@@ -340,9 +347,7 @@ def run(args: argparse.Namespace) -> int:
     # The client's window (first request sent -> last answer) contains the server's, so
     # burst + rate x elapsed bounds what the limiter may admit.
     allowed_max = BURST + math.floor(RATE * result.elapsed)
-    ok, closing = report(
-        result, allowed_max=allowed_max, pages=pages, workers_seen=workers_seen, probes=1
-    )
+    ok, closing = report(result, allowed_max=allowed_max, pages=pages, probes=1)
     _say(load_test.format_summary(result, tally=False))
     for line in closing:
         _say(line)
@@ -353,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         "ok": ok,
         "workers": args.workers,
         "worker_pids_seen": sorted(workers_seen),
-        "metrics_decisions": decision_totals(pages),
+        "metrics_decisions": decision_totals(next(iter(pages.values()), "")),
         "storage": source,
     }
     load_test.write_json(result, json_path, extra={"demo": demo})

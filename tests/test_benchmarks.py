@@ -33,13 +33,26 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     assert "| floor: PING |" in report
     for workload in ("one hot key, all allowed", "one hot key, mostly refused", "100k distinct"):
         assert f"| tokenlimit | {workload}" in report
-    assert "## Targets (issue 5)" in report
+        assert f"| tokenlimit+lease | {workload}" in report
+    assert "## Targets (issues 5 and 18)" in report
+    assert "## Leased tokens (issue 18)" in report
     data = json.loads((tmp_path / "latest.json").read_text())
-    ours = [c for c in data["cases"] if c["library"] == "tokenlimit"]
-    assert len(ours) == 6
+    ours = [c for c in data["cases"] if c["library"] in ("tokenlimit", "tokenlimit+lease")]
+    assert len(ours) == 12
     for case in ours:
         assert case["status"] == "ok", case
         assert case["samples"], case
         assert "ok" in case["check"], case
     assert data["memory"]["tokenlimit"]["dbsize"] > 0
     assert "error" not in data["fastapi"], data["fastapi"]
+    assert data["fastapi"]["leased_paired_ratio_median"], data["fastapi"]
+    lease = data["lease"]
+    assert set(lease["server_cost"]) == {
+        f"{lib} {mode}"
+        for lib in ("tokenlimit", "tokenlimit+lease")
+        for mode in ("sync", "async64")
+    }
+    fleet = lease["fleet"]
+    assert fleet["admitted"] > 0, fleet
+    assert not fleet["over"], fleet  # never above the allowance
+    assert 0 <= lease["killed"]["lost"] <= lease["killed"]["lease"] + 1, lease["killed"]

@@ -695,7 +695,7 @@ def test_django_settings_take_a_breaker() -> None:
         ("on", "must be True, False or a tokenlimit.Breaker"),
     ]:
         (problem,) = read({"URL": "memory://", "BREAKER": bad})[1]
-        assert problem.id == "tokenlimit.E022"
+        assert problem.id == "tokenlimit.E023"
         assert says in problem.message
 
 

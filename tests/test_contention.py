@@ -101,6 +101,76 @@ def test_processes_and_tasks_admit_exactly_the_burst(target: Target) -> None:
     assert elapsed < 20
 
 
+LEASE = 10
+
+
+@pytest.mark.slow
+def test_leased_processes_and_tasks_never_admit_above_the_burst(target: Target) -> None:
+    """The same race with ``lease=10`` (issue 18): every process hands out tokens it took
+    from the server first, so the fleet admits at most the burst; every process closes, giving
+    its unused tokens back, so the bucket then holds exactly what was not admitted."""
+    ctx = _context()
+    key = f"contention:{uuid.uuid4().hex}"
+    barrier = ctx.Barrier(SYNC_PROCESSES + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=workers.admit_many,
+            args=(target.url, key, RATE, BURST, SYNC_CALLS, barrier, results, True, LEASE),
+        )
+        for _ in range(SYNC_PROCESSES)
+    ]
+    procs.append(
+        ctx.Process(
+            target=workers.admit_many_async,
+            args=(target.url, key, RATE, BURST, ASYNC_TASKS, barrier, results, True, LEASE),
+        )
+    )
+    before = _evalsha_calls(target)
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = [results.get(timeout=60) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    assert [status for status, _ in outcomes] == ["ok"] * len(procs), outcomes
+    admitted = sum(count for _, count in outcomes)
+    ran = _evalsha_calls(target) - before
+    with RateLimiter.from_url(target.url, timeout=5, local_cache=False) as limiter:
+        left = limiter.peek(key, Limit(RATE, BURST)).remaining
+    print(f"\n{target.flavour}-{target.kind}: leased, {admitted} admitted, {left} left, {ran} runs")
+    assert admitted <= BURST
+    assert admitted + left == BURST  # nothing over, nothing lost: every lease went back
+    assert admitted >= BURST - SYNC_PROCESSES * LEASE  # what can be held at the end of a race
+
+
+def test_a_killed_process_loses_at_most_its_lease(target: Target) -> None:
+    """SIGKILL while holding leased tokens: those (at most ``lease``) are gone until they
+    refill; everything else it took was admitted."""
+    ctx = _context()
+    key = f"killed:{uuid.uuid4().hex}"
+    results = ctx.Queue()
+    proc = ctx.Process(
+        target=workers.lease_then_hang, args=(target.url, key, RATE, BURST, LEASE, results)
+    )
+    proc.start()
+    try:
+        status, admitted, held = results.get(timeout=60)
+        assert status == "ok", admitted
+    finally:
+        proc.kill()
+        proc.join()
+    with RateLimiter.from_url(target.url, timeout=5, local_cache=False) as limiter:
+        left = limiter.peek(key, Limit(RATE, BURST)).remaining
+    lost = BURST - admitted - left
+    assert 0 < held <= LEASE
+    assert lost == held  # exactly what it held, no more
+
+
 def test_async_cluster_waits_for_a_node_connection(cluster: Target) -> None:
     """More concurrent decisions than a node has connections: they wait for one (within the
     deadline) instead of failing as storage errors. redis-py's async cluster raises

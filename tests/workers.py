@@ -14,16 +14,17 @@ def admit_many(
     barrier: Any,
     results: Any,
     local_cache: bool = True,
+    lease: int | None = None,
 ) -> None:
     """Build an own limiter, wait for every worker, then try ``calls`` times; report the count.
 
     Puts ``("ok", admitted)`` or ``("error", repr(exc))`` on ``results``; with ``local_cache``
-    off, every call is a decision on the server.
+    off and no ``lease``, every call is a decision on the server (``lease``: the limit's).
     """
     try:
         from tokenlimit import Limit, RateLimiter
 
-        limit = Limit(rate, burst)
+        limit = Limit(rate, burst, lease=lease)
         limiter = RateLimiter.from_url(url, timeout=5, local_cache=local_cache)
         try:
             limiter.peek(key, limit)  # connect (and load the scripts) before the race
@@ -48,6 +49,7 @@ def admit_many_async(
     barrier: Any,
     results: Any,
     local_cache: bool = True,
+    lease: int | None = None,
 ) -> None:
     """Like ``admit_many``, but ``tasks`` concurrent asyncio tasks each try once, in one
     ``AsyncRateLimiter``. Puts ``("ok", admitted)`` or ``("error", repr(exc))`` on ``results``.
@@ -57,7 +59,7 @@ def admit_many_async(
 
         from tokenlimit import AsyncRateLimiter, Limit
 
-        limit = Limit(rate, burst)
+        limit = Limit(rate, burst, lease=lease)
 
         async def main() -> int:
             limiter = AsyncRateLimiter.from_url(url, timeout=5, local_cache=local_cache)
@@ -81,3 +83,25 @@ def admit_many_async(
         results.put(("ok", admitted))
     except BaseException as exc:
         results.put(("error", repr(exc)))
+
+
+def lease_then_hang(url: str, key: str, rate: float, burst: int, lease: int, results: Any) -> None:
+    """Admit on a leased limit until this process holds tokens, report ``("ok", admitted,
+    held)``, then hang until killed. Its hold is made long: a process killed before its hold
+    ends (the settler would otherwise give them back after 100 ms, racing the kill)."""
+    try:
+        import time
+
+        from tokenlimit import Limit, RateLimiter
+
+        limit = Limit(rate, burst, lease=lease)
+        limiter = RateLimiter.from_url(url, timeout=5)
+        assert limiter._leases is not None
+        limiter._leases.hold = 3600.0
+        admitted = 0
+        while limiter._leases.held() < lease // 2:
+            admitted += limiter.try_acquire(key, limit).allowed
+        results.put(("ok", admitted, limiter._leases.held()))
+        time.sleep(3600)
+    except BaseException as exc:
+        results.put(("error", repr(exc), 0))

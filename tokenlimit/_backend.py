@@ -2,7 +2,7 @@
 
 Memory, Redis/Valkey standalone, cluster and Sentinel backends implement it, and so may a third
 party's (``tests/test_backend_seam.py`` plugs one in). Callers ask the backend what it can do
-(``remote``, ``hold_slot``, ``hold_back``, ``refund``) and never look at its class.
+(``remote``, ``hold_slot``, ``hold_back``, ``refund``, ``lease``) and never look at its class.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from ._request import Request
 
 __all__ = [
     "AsyncBackend",
+    "AsyncLeaser",
     "SyncBackend",
+    "SyncLeaser",
     "can_hold_back",
+    "can_lease",
     "can_refund",
     "holds_slots",
     "is_remote",
@@ -99,6 +102,27 @@ class AsyncBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class SyncLeaser(Protocol):
+    """A backend that can lease tokens (optional, ``can_lease``; outside ``SyncBackend`` so
+    that a third party's backend without it still is one): leased limits then decide as
+    unleased ones."""
+
+    def lease(self, request: Request, want: int, back: int, *, timeout: float) -> Sequence[int]:
+        """Give ``back`` tokens back to ``request``'s buckets, then take as many as all of them
+        hold, at least ``request.cost`` and at most ``want``, the same from each, all in one
+        atomic step (``_model.lease``); the reply is ``decide``'s for the cost, then the tokens
+        granted (0: refused)."""
+        ...
+
+
+class AsyncLeaser(Protocol):
+    """The async twin of ``SyncLeaser``."""
+
+    async def lease(
+        self, request: Request, want: int, back: int, *, timeout: float
+    ) -> Sequence[int]: ...
+
+
 def is_remote(backend: object) -> bool:
     """``backend.remote``; True for a backend that does not say (the safe reading: its calls
     may block, so they run off an event loop and within the deadline)."""
@@ -120,6 +144,11 @@ def can_hold_back(backend: object) -> bool:
 def can_refund(backend: object) -> bool:
     """Whether ``backend`` can give tokens back (``refund``; a minimal one may not)."""
     return callable(getattr(backend, "refund", None))
+
+
+def can_lease(backend: object) -> bool:
+    """Whether ``backend`` can lease tokens (``lease``; a minimal one may not)."""
+    return callable(getattr(backend, "lease", None))
 
 
 def scan_pattern(prefix: str) -> str:

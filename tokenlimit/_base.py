@@ -25,6 +25,8 @@ from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
 from ._fallback import LocalFallback
+from ._hash_secret import hasher_for
+from ._leasing import lease_table
 from ._log import ThrottledLog, logger
 from ._metrics import MetricsSink
 from ._request import Request, build_request
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
     from ._limit import Limit
     from ._plan import LimitSpec
+    from ._settle import LoopSettler, ThreadSettler
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "LimiterBase", "LimiterOptions"]
 
@@ -64,6 +67,7 @@ class LimiterOptions(TypedDict, total=False):
     local_cache: bool | int
     shadow: bool
     breaker: bool | Breaker
+    hash_secret: str | bytes | None
 
 
 def _failures(count: int) -> str:
@@ -78,10 +82,13 @@ class LimiterBase(Generic[_B]):
         "_circuit",
         "_failure_mode",
         "_fallback",
+        "_hasher",
+        "_leases",
         "_log",
         "_metrics",
         "_prefix",
         "_refusals",
+        "_settler",
         "_shadow",
         "_shadow_log",
         "_timeout",
@@ -102,10 +109,12 @@ class LimiterBase(Generic[_B]):
         remote: bool = False,
         shadow: bool = False,
         breaker: bool | Breaker = True,
+        hash_secret: str | bytes | None = None,
     ) -> None:
         """``remote``: the backend is a server (Redis, Valkey). Only then is ``local_cache``
         used: the in-process memory backend gains nothing from it, and may run on an injected
-        clock that the cache's real one would contradict."""
+        clock that the cache's real one would contradict. ``hash_secret``: see _hash_secret.py
+        (kept only as the keyed hash state it makes, never in clear)."""
         size = check_local_cache(local_cache)
         self._refusals = RefusalCache(size) if size and remote else None
         self._prefix = check_prefix(prefix)
@@ -130,7 +139,11 @@ class LimiterBase(Generic[_B]):
         self._shadow = shadow
         self._shadow_log = ThrottledLog()
         self._twin: LimiterBase[_B] | None = self if shadow else None
+        self._hasher = hasher_for(hash_secret)
         self.backend = backend
+        # Leased tokens (Limit(..., lease=N)): see _leasing.py. The twins set the settler.
+        self._leases = lease_table(backend)
+        self._settler: ThreadSettler | LoopSettler | None = None
 
     @property
     def prefix(self) -> str:
@@ -191,8 +204,13 @@ class LimiterBase(Generic[_B]):
         """How many refusals are answered in-process at most (0: the cache is off)."""
         return 0 if self._refusals is None else self._refusals.max_entries
 
+    @property
+    def hashes_with_secret(self) -> bool:
+        """Whether identities are hashed with a secret (``hash_secret=``) into bucket keys."""
+        return self._hasher is not None
+
     def _request(self, key: str | bytes, limit: LimitSpec, cost: int = 1) -> Request:
-        return build_request(self._prefix, key, limit, cost)
+        return build_request(self._prefix, key, limit, cost, self._hasher)
 
     def _check_can_hold(self) -> None:
         """``hold_back`` needs a backend that can hold buckets back (a minimal one may not)."""
@@ -246,20 +264,25 @@ class LimiterBase(Generic[_B]):
         return dataclasses.replace(decision, allowed=True, shadowed=True)
 
     def _forget_all(self) -> None:
-        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, and
-        the local buckets (``failure_mode="local"``) are full again."""
+        """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, the
+        local buckets (``failure_mode="local"``) are full again, and no leased token is held."""
         if self._refusals is not None:
             self._refusals.clear()
         if self._fallback is not None:
             self._fallback.clear()
+        if self._leases is not None:
+            self._leases.clear()
 
-    def _forget(self, request: Request) -> None:
-        """After ``reset``: the cached refusals for these buckets no longer hold, and their
-        local buckets are full again."""
+    def _forget(self, request: Request, *, leases: bool = False) -> None:
+        """After ``reset`` (``leases``: its held tokens are dropped, the bucket being full) or
+        ``refund``: the cached refusals for these buckets no longer hold, and their local
+        buckets are full again."""
         if self._refusals is not None:
             self._refusals.forget(request.keys, time.perf_counter())
         if self._fallback is not None:
             self._fallback.forget(request)
+        if leases and self._leases is not None:
+            self._leases.clear(request.keys)
 
     @staticmethod
     def _pause(decision: Decision, deadline: float) -> float:
@@ -406,6 +429,8 @@ class LimiterBase(Generic[_B]):
 
     def __repr__(self) -> str:
         shadow = ", shadow=True" if self._shadow else ""
+        if self._hasher is not None:  # that there is one, never what it is
+            shadow += ", hash_secret=<set>"
         processes = (
             "" if self._fallback is None else f", expected_processes={self.expected_processes}"
         )

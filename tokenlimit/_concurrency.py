@@ -17,7 +17,8 @@ Decisions where the design brief is silent:
   once to the slots already held (lowering it admits no one until enough holders leave; raising
   it admits at once), and callers passing different values for one key each enforce their own
   bound against the same holders. The key is ``{prefix}{tag}:c``: the same hash tag as the
-  identity's buckets (one slot on a cluster), a suffix that no bucket key can end with.
+  identity's buckets (one slot on a cluster; keyed by the limiter's hash secret as they are),
+  a suffix that no bucket key can end with.
 - A slot taken by a call whose outcome is unknown (a timeout after the script was sent) is not
   given back by a second call: its lease ends it. A cancelled async caller lets its in-flight
   acquire finish in the background and gives back what it took.
@@ -40,6 +41,7 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import inspect
 import math
 import random
@@ -100,19 +102,25 @@ class Slots:
 
 
 def build_slots(
-    prefix: str, key: object, max_in_flight: object, lease: object, timeout: object
+    prefix: str,
+    key: object,
+    max_in_flight: object,
+    lease: object,
+    timeout: object,
+    hasher: hashlib.blake2b | None = None,
 ) -> Slots:
     """Validate ``concurrency()``'s arguments (errors name the parameter)."""
-    storage = slots_key(prefix, key)  # first: a bad key is the error named first
+    storage = slots_key(prefix, key, hasher)  # first: a bad key is the error named first
     most = check_int("max_in_flight", max_in_flight, minimum=1, maximum=MAX_IN_FLIGHT)
     seconds = check_number("lease", lease, maximum=MAX_LEASE)  # 30 days
     wait = check_number("timeout", timeout, allow_zero=True)
     return Slots(storage, most, max(1, math.ceil(seconds * 1e6)), wait)
 
 
-def slots_key(prefix: str, key: object) -> str:
-    """The storage key of ``key``'s slots: its identity's hash tag, like its token buckets."""
-    return f"{prefix}{{{identity_tag(check_key(key))}}}{SUFFIX}"
+def slots_key(prefix: str, key: object, hasher: hashlib.blake2b | None = None) -> str:
+    """The storage key of ``key``'s slots: its identity's hash tag, like its token buckets
+    (``hasher``: the limiter's keyed hash, None without a hash secret)."""
+    return f"{prefix}{{{identity_tag(check_key(key), hasher)}}}{SUFFIX}"
 
 
 def decode(reply: Sequence[int], slots: Slots) -> Decision:
@@ -222,7 +230,9 @@ class _SlotGuard(Generic[_Lim]):
         # until then the slots carry a stand-in key, never used (``with`` refuses such a key).
         self._key = key if is_per_call(key) else None
         literal = _PER_CALL if self._key is not None else key
-        self._slots = build_slots(limiter.prefix, literal, max_in_flight, lease, timeout)
+        self._slots = build_slots(
+            limiter.prefix, literal, max_in_flight, lease, timeout, limiter._hasher
+        )
         if not holds_slots(limiter.backend):
             raise TypeError(
                 f"{type(limiter.backend).__name__} does not support concurrency limits "
@@ -277,7 +287,8 @@ class _SlotGuard(Generic[_Lim]):
         """This guard for one call's own key (its bound, lease and timeout)."""
         twin = object.__new__(type(self))
         twin._key, twin._limiter, twin._held = None, self._limiter, self._held
-        twin._slots = dataclasses.replace(self._slots, key=slots_key(self._limiter.prefix, key))
+        key = slots_key(self._limiter.prefix, key, self._limiter._hasher)
+        twin._slots = dataclasses.replace(self._slots, key=key)
         return twin
 
     def _without_slot(self) -> tuple[Decision, None]:

@@ -1,5 +1,8 @@
 """The default limiter behind ``rate_limit``: ``configure(...)``, else ``TOKENLIMIT_URL``, else
-``memory://`` with a warning that it is per process."""
+``memory://`` with a warning that it is per process.
+
+The limiters made here from a URL take ``hash_secret`` from ``TOKENLIMIT_HASH_SECRET`` when the
+option is not given (a limiter passed to ``configure`` is used as it was made)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._base import DEFAULT_TIMEOUT
 from ._errors import ConfigTypeError
+from ._hash_secret import ENV_HASH_SECRET, env_hash_secret, hasher_for
 from ._limiter import AsyncRateLimiter, RateLimiter
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._url import async_backend_from_url, parse_url, sync_backend_from_url
@@ -41,7 +45,7 @@ def configure(
     elif isinstance(url_or_limiter, (RateLimiter, AsyncRateLimiter)):
         _install(url_or_limiter, url_or_limiter, owned=False)
     elif isinstance(url_or_limiter, str):
-        _install(*limiter_pair(url_or_limiter, options), owned=True)
+        _install(*limiter_pair(url_or_limiter, with_env_secret(options)), owned=True)
     else:
         raise ConfigTypeError(
             "url_or_limiter", f"must be a URL or a limiter, not {type(url_or_limiter).__name__}"
@@ -86,6 +90,19 @@ def limiter_pair(url: str, options: Mapping[str, Any]) -> tuple[RateLimiter, Asy
     return sync, async_
 
 
+def with_env_secret(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with ``hash_secret`` from ``TOKENLIMIT_HASH_SECRET`` where they give none
+    (an explicit ``hash_secret=None`` keeps hashing unkeyed). A bad value in the environment is
+    a ``ConfigError`` naming the variable."""
+    merged = dict(options)
+    if "hash_secret" not in merged:
+        secret = env_hash_secret()
+        if secret is not None:
+            hasher_for(secret, ENV_HASH_SECRET)  # checked here: the error names the variable
+            merged["hash_secret"] = secret
+    return merged
+
+
 def _ensure() -> None:
     global _sync, _async, _owned
     with _lock:
@@ -100,7 +117,7 @@ def _ensure() -> None:
                 stacklevel=4,
             )
             url = "memory://"
-        _sync, _async = limiter_pair(url, {})
+        _sync, _async = limiter_pair(url, with_env_secret({}))
         _owned = True
 
 

@@ -63,6 +63,11 @@ class Limit:
     rate: float
     burst: int = None  # type: ignore[assignment]  # filled in __post_init__
     name: str | None = field(default=None, kw_only=True)
+    # Leased tokens (issue 18): how many tokens one process may take from the bucket at once
+    # and hand out locally (None: every decision goes to the store). How a process consumes,
+    # not what the bucket is: never in _id, _hash or ==, so a leased and an unleased caller of
+    # the same limit share one bucket.
+    lease: int | None = field(default=None, kw_only=True, compare=False, hash=False)
     _id: str = field(init=False, repr=False, compare=False, hash=False)
     interval_ns: int = field(init=False, repr=False, compare=False, hash=False)
     # Made once per limit: the hash (a new key's cache lookup would hash the fields again).
@@ -81,6 +86,11 @@ class Limit:
         name: object = self.name
         if name is not None and not isinstance(name, str):
             raise ConfigTypeError("name", f"must be a str or None, not {type(name).__name__}")
+        lease: object = self.lease
+        if lease is not None:
+            lease = check_int("lease", lease, minimum=1)
+            if lease > burst:  # more than the bucket can ever hold at once
+                raise ConfigError("lease", f"must be at most the burst ({burst}), got {lease}")
         # Whole nanoseconds per token, rounded up (never a faster rate than asked), and past 2^53
         # up again to a whole number a double holds: the script reads it exactly (_model.py).
         # MIN_RATE first: below it 1e9 / rate may be inf, which ceil() refuses.
@@ -92,6 +102,7 @@ class Limit:
         object.__setattr__(self, "rate", rate)
         object.__setattr__(self, "interval_ns", interval_ns)
         object.__setattr__(self, "burst", burst)
+        object.__setattr__(self, "lease", lease)
         # The limit is part of every bucket's key (48 bits; only limits checked against the
         # same identity could ever meet, so a collision is not a practical concern).
         digest = hashlib.blake2b(repr((rate, burst, self.name)).encode(), digest_size=6).digest()
@@ -104,15 +115,24 @@ class Limit:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: str, *, burst: int | None = None, name: str | None = None) -> Limit:
+    def parse(
+        cls,
+        text: str,
+        *,
+        burst: int | None = None,
+        name: str | None = None,
+        lease: int | None = None,
+    ) -> Limit:
         """Parse ``"100/minute"``, ``"10 per second"``, ``"5/10s"``; burst defaults to the count.
 
         One limit: ``"10/hour;100/day"`` is two, which ``limit=`` arguments accept as they are.
         """
-        return cls._parse(text, burst, name, "limit")
+        return cls._parse(text, burst, name, "limit", lease)
 
     @classmethod
-    def _parse(cls, text: str, burst: int | None, name: str | None, param: str) -> Limit:
+    def _parse(
+        cls, text: str, burst: int | None, name: str | None, param: str, lease: int | None = None
+    ) -> Limit:
         if not isinstance(text, str):
             raise ConfigTypeError(
                 "limit", f"must be a str like '100/minute', not {type(text).__name__}"
@@ -138,7 +158,7 @@ class Limit:
             rate = count / (periods * unit)
         except OverflowError:  # a quotient beyond a double
             raise ConfigError(param, f"{shown(text)} is out of range") from None
-        return cls._checked(rate, burst, count, name, param, text)
+        return cls._checked(rate, burst, count, name, param, text, lease)
 
     @classmethod
     def _checked(
@@ -149,12 +169,13 @@ class Limit:
         name: str | None,
         param: str,
         given: object,
+        lease: int | None = None,
     ) -> Limit:
         """The limit for a constructor whose argument ``param`` (``given``) made the rate and,
         unless ``burst`` is given, the burst (``default``): an error in those names ``param``.
         Unnamed, a limit given as a string is labelled with it as written."""
         try:
-            limit = cls(rate, default if burst is None else burst, name=name)
+            limit = cls(rate, default if burst is None else burst, name=name, lease=lease)
         except ConfigError as exc:
             if exc.param == "rate" or (exc.param == "burst" and burst is None):
                 raise ConfigError(param, f"{shown(given)} is out of range ({exc})") from None
@@ -164,29 +185,59 @@ class Limit:
         return limit
 
     @classmethod
-    def per_second(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+    def per_second(
+        cls,
+        n: float,
+        burst: int | None = None,
+        *,
+        name: str | None = None,
+        lease: int | None = None,
+    ) -> Limit:
         """``n`` per second; burst defaults to ``n``."""
-        return cls._per(n, 1, burst, name)
+        return cls._per(n, 1, burst, name, lease)
 
     @classmethod
-    def per_minute(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+    def per_minute(
+        cls,
+        n: float,
+        burst: int | None = None,
+        *,
+        name: str | None = None,
+        lease: int | None = None,
+    ) -> Limit:
         """``n`` per minute; burst defaults to ``n``."""
-        return cls._per(n, 60, burst, name)
+        return cls._per(n, 60, burst, name, lease)
 
     @classmethod
-    def per_hour(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+    def per_hour(
+        cls,
+        n: float,
+        burst: int | None = None,
+        *,
+        name: str | None = None,
+        lease: int | None = None,
+    ) -> Limit:
         """``n`` per hour; burst defaults to ``n``."""
-        return cls._per(n, 3600, burst, name)
+        return cls._per(n, 3600, burst, name, lease)
 
     @classmethod
-    def per_day(cls, n: float, burst: int | None = None, *, name: str | None = None) -> Limit:
+    def per_day(
+        cls,
+        n: float,
+        burst: int | None = None,
+        *,
+        name: str | None = None,
+        lease: int | None = None,
+    ) -> Limit:
         """``n`` per day; burst defaults to ``n``."""
-        return cls._per(n, 86400, burst, name)
+        return cls._per(n, 86400, burst, name, lease)
 
     @classmethod
-    def _per(cls, n: float, seconds: int, burst: int | None, name: str | None) -> Limit:
+    def _per(
+        cls, n: float, seconds: int, burst: int | None, name: str | None, lease: int | None
+    ) -> Limit:
         count = check_number("n", n)
-        return cls._checked(count / seconds, burst, max(1, math.floor(count)), name, "n", n)
+        return cls._checked(count / seconds, burst, max(1, math.floor(count)), name, "n", n, lease)
 
     # -- derived values -----------------------------------------------------------------------
     @property

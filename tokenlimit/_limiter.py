@@ -16,11 +16,13 @@ from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
 from ._decorator import Guard
 from ._errors import BackendError, ConfigTypeError
+from ._leasing import async_settler, decide_leased, decide_leased_async, thread_settler
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
 from ._plan import Chooser, LimitPlan, LimitSpec
 from ._request import Request
+from ._settle import LoopSettler, ThreadSettler
 from ._validate import check_deadline, check_hold, check_key, check_timeout
 
 if TYPE_CHECKING:
@@ -83,6 +85,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
     """Sync limiter: ``RateLimiter(redis.Redis(...))`` or ``RateLimiter.from_url(url)``.
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
+    ``hash_secret=``: keys the hash of identities into bucket keys (docs/reliability.md).
     """
 
     is_async: ClassVar[Literal[False]]
@@ -101,6 +104,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         local_cache: bool | int = True,
         shadow: bool = False,
         breaker: bool | Breaker = True,
+        hash_secret: str | bytes | None = None,
     ) -> None:
         backend = _sync_backend(client, check_deadline(timeout))
         super().__init__(
@@ -113,8 +117,11 @@ class RateLimiter(LimiterBase[SyncBackend]):
             local_cache=local_cache,
             shadow=shadow,
             breaker=breaker,
+            hash_secret=hash_secret,
             remote=is_remote(backend),
         )
+        if self._leases is not None:
+            self._settler = thread_settler(self, self._leases)
 
     @classmethod
     def from_url(cls, url: str, **options: Unpack[LimiterOptions]) -> RateLimiter:
@@ -154,7 +161,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         try:
             self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
-            self._forget(request)
+            self._forget(request, leases=True)
 
     def hold_back(self, key: str | bytes, limit: LimitSpec, seconds: float) -> Decision:
         """Refuse every caller of the bucket(s), in every process sharing the store, for
@@ -213,6 +220,8 @@ class RateLimiter(LimiterBase[SyncBackend]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
         started = time.perf_counter()
+        if request.limits[0].lease and consume:  # leased tokens (_leasing.py)
+            return decide_leased(self, request, started)
         refusals = self._refusals
         if refusals is not None:
             local = refusals.get(request.keys, request.cost, started, request.limits)
@@ -268,7 +277,10 @@ class RateLimiter(LimiterBase[SyncBackend]):
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the client if this limiter made it (``from_url``)."""
+        """Give leased tokens back, and close the client if this limiter made it
+        (``from_url``)."""
+        if isinstance(self._settler, ThreadSettler):
+            self._settler.close()
         self.backend.close()
 
     def __enter__(self) -> RateLimiter:
@@ -282,6 +294,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
     """Async limiter: ``AsyncRateLimiter(redis.asyncio.Redis(...))`` or ``.from_url(url)``.
 
     ``shadow=True``: decide and count as usual but admit every call (see ``as_shadow``).
+    ``hash_secret=``: keys the hash of identities into bucket keys (docs/reliability.md).
     """
 
     is_async: ClassVar[Literal[True]] = True
@@ -300,6 +313,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         local_cache: bool | int = True,
         shadow: bool = False,
         breaker: bool | Breaker = True,
+        hash_secret: str | bytes | None = None,
     ) -> None:
         backend = _async_backend(client)
         super().__init__(
@@ -312,8 +326,11 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             local_cache=local_cache,
             shadow=shadow,
             breaker=breaker,
+            hash_secret=hash_secret,
             remote=is_remote(backend),
         )
+        if self._leases is not None:
+            self._settler = async_settler(self, self._leases)
 
     @classmethod
     def from_url(cls, url: str, **options: Unpack[LimiterOptions]) -> AsyncRateLimiter:
@@ -360,7 +377,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         try:
             await self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
-            self._forget(request)
+            self._forget(request, leases=True)
 
     async def hold_back(self, key: str | bytes, limit: LimitSpec, seconds: float) -> Decision:
         """Refuse every caller of the bucket(s) for ``seconds`` (see ``RateLimiter.hold_back``)."""
@@ -416,6 +433,8 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return fail_open_decision(request.limits)
         started = time.perf_counter()
+        if request.limits[0].lease and consume:  # leased tokens (_leasing.py)
+            return await decide_leased_async(self, request, started)
         refusals = self._refusals
         if refusals is not None:
             local = refusals.get(request.keys, request.cost, started, request.limits)
@@ -472,7 +491,10 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         return AsyncConcurrency(self, key, max_in_flight, lease=lease, timeout=timeout)
 
     async def aclose(self) -> None:
-        """Close the client if this limiter made it (``from_url``)."""
+        """Give leased tokens back, and close the client if this limiter made it
+        (``from_url``)."""
+        if isinstance(self._settler, LoopSettler):
+            await self._settler.aclose()
         await self.backend.aclose()
 
     async def __aenter__(self) -> AsyncRateLimiter:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ._model import decide
 from ._model import hold as hold_buckets
+from ._model import lease as lease_buckets
 from ._model import refund as refund_buckets
 from ._request import Request
 from ._slots import hold, release
@@ -95,6 +96,23 @@ class MemoryBackend:
         reply = [outcome.now, int(outcome.allowed)]
         for result in outcome.results:
             reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
+        return reply
+
+    def lease(self, request: Request, want: int, back: int, *, timeout: float = 0.0) -> list[int]:
+        """Give ``back`` tokens back and take up to ``want`` (at least ``request.cost``), as the
+        lease script does on a server; the reply ends with the tokens granted."""
+        with self._lock:
+            now = self.now_us()
+            self._sweep(now)
+            states = [self._states.get(key) for key in request.keys]
+            outcome = lease_buckets(states, request.params, request.cost, want, back, now)
+            for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
+                if new is not None and new != old:
+                    self._store(key, new)
+        reply = [outcome.now, int(outcome.allowed)]
+        for result in outcome.results:
+            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
+        reply.append(outcome.granted)
         return reply
 
     def clear(self) -> None:
@@ -196,6 +214,11 @@ class AsyncMemoryBackend:
 
     async def refund(self, request: Request, *, timeout: float = 0.0) -> list[int]:
         return self.store.refund(request)
+
+    async def lease(
+        self, request: Request, want: int, back: int, *, timeout: float = 0.0
+    ) -> list[int]:
+        return self.store.lease(request, want, back)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float = 0.0

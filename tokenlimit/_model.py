@@ -28,12 +28,14 @@ __all__ = [
     "MAX_HOLD_US",
     "NS",
     "SLACK",
+    "Leased",
     "LimitResult",
     "Outcome",
     "Refunded",
     "decide",
     "hold",
     "join_tat",
+    "lease",
     "refund",
     "split_tat",
 ]
@@ -217,3 +219,72 @@ def refund(
         all_ok = all_ok and result.allowed
         results.append(result)
     return Refunded(now, all_ok, tuple(results), tuple(new_states))
+
+
+class Leased(NamedTuple):
+    """What ``lease`` answers: ``granted`` tokens taken from every bucket (0: refused), the
+    results as ``decide``'s for the need, and every bucket's TAT (as given where it did not
+    move; None: absent, and left so)."""
+
+    now: int  # µs
+    allowed: bool
+    granted: int
+    results: tuple[LimitResult, ...]
+    new_states: tuple[int | None, ...]
+
+
+def lease(
+    states: Sequence[int | None],
+    params: Sequence[tuple[int, int]],
+    need: int,
+    want: int,
+    back: int,
+    now: int,
+) -> Leased:
+    """Give ``back`` tokens back, then take as many tokens as every bucket holds, at least
+    ``need`` and at most ``want``, from every ``(interval_ns, burst)`` bucket at once: all or
+    nothing, the same number from each (the fewest any of them holds, capped at ``want``).
+
+    The give-back is ``refund``'s (never above full; an absent bucket stays absent). ``need``
+    is admitted exactly when ``decide`` would admit it on the buckets after the give-back; the
+    results are ``decide``'s for ``need`` (``remaining`` after the grant, ``retry_us`` for
+    ``need``). A refused lease still writes the buckets that the give-back moved.
+    """
+    now_s = float(now // 1_000_000)
+    now_ns = float(now % 1_000_000) * 1000
+    owed: list[float] = []  # before the give-back
+    debts: list[float] = []
+    oks: list[bool] = []
+    all_ok = True
+    fewest = want
+    for state, (interval_ns, burst) in zip(states, params, strict=True):
+        interval = float(interval_ns)
+        debt = _debt(state, now_s, now_ns)
+        owed.append(debt)
+        if back > 0:
+            debt = debt - back * interval
+            if debt < 0:
+                debt = 0.0
+        tau = burst * interval
+        ok = debt + need * interval <= tau + interval * SLACK
+        all_ok = all_ok and ok
+        held = math.floor((tau - debt) / interval + SLACK)
+        fewest = min(fewest, max(held, 0))
+        debts.append(debt)
+        oks.append(ok)
+    granted = max(fewest, need) if all_ok else 0  # need: what decide admits, whatever floor()
+    results: list[LimitResult] = []
+    new_states: list[int | None] = []
+    for i, (state, (interval_ns, burst)) in enumerate(zip(states, params, strict=True)):
+        interval = float(interval_ns)
+        tau = burst * interval
+        after = debts[i] + granted * interval
+        remaining = math.floor((tau - after) / interval + SLACK)
+        remaining = min(max(remaining, 0), burst)
+        retry = 0 if oks[i] else math.ceil((debts[i] + need * interval - tau) / 1000)
+        results.append(LimitResult(oks[i], remaining, retry, math.ceil(after / 1000)))
+        if granted > 0 or (state is not None and after < owed[i]):
+            new_states.append(join_tat(now_s, now_ns, after))
+        else:
+            new_states.append(state)
+    return Leased(now, all_ok, granted, tuple(results), tuple(new_states))

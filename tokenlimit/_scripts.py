@@ -3,7 +3,7 @@
 A bucket script is composed of parts: ``acquire.lua`` or ``peek.lua`` (one line setting
 ``consume``), then ``gcra.lua`` (the helpers every bucket script shares), then ``bucket.lua``
 (the decision); the hold-back script is ``gcra.lua`` then ``holdback.lua``, and the refund
-script ``gcra.lua`` then ``refund.lua``.
+script ``gcra.lua`` then ``refund.lua``, and the lease script ``gcra.lua`` then ``lease.lua``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "acquire_script",
     "hold_script",
     "holdback_script",
+    "lease_script",
     "peek_script",
     "refund_script",
     "release_script",
@@ -78,3 +79,9 @@ def holdback_script() -> Script:
 def refund_script() -> Script:
     """Give a request's tokens back: its buckets gain ``cost`` tokens, never above full."""
     return _load("refund", "gcra", "refund")
+
+
+@cache
+def lease_script() -> Script:
+    """Leased tokens: give held tokens back, then take up to a lease from every bucket."""
+    return _load("lease", "gcra", "lease")

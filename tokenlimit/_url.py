@@ -10,7 +10,7 @@ import asyncio
 import re
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import BackendError, ConfigError, ConfigTypeError
@@ -19,7 +19,7 @@ from ._redis.pools import client_options, pool_options
 from ._request import Request
 
 if TYPE_CHECKING:
-    from ._backend import AsyncBackend, SyncBackend
+    from ._backend import AsyncBackend, AsyncLeaser, SyncBackend
 
 __all__ = ["async_backend_from_url", "parse_url", "redact", "scrub", "sync_backend_from_url"]
 
@@ -387,6 +387,12 @@ class LoopLocalBackend:
     async def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
         backend = await self._current()
         return await backend.refund(request, timeout=timeout)
+
+    async def lease(
+        self, request: Request, want: int, back: int, *, timeout: float
+    ) -> Sequence[int]:
+        backend = await self._current()
+        return await cast("AsyncLeaser", backend).lease(request, want, back, timeout=timeout)
 
     async def hold_slot(
         self, key: str, holder: str, max_in_flight: int, lease_us: int, *, timeout: float

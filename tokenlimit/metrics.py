@@ -38,17 +38,23 @@ Series (``tokenlimit`` is the ``namespace``):
 
 No label ever holds a key. Importing this module does not import ``prometheus_client`` and
 registers nothing; each ``PrometheusMetrics`` registers on the registry it is given.
+
+Several worker processes (``uvicorn --workers``, gunicorn) each count their own series: with
+prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the workers
+start), ``exposition(registry)`` renders every worker's series merged, whichever worker
+answers the scrape.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._breaker import STATES
 from ._decision import Decision, fail_open_decision
@@ -58,7 +64,14 @@ from ._limit import Limit
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["DEFAULT_BUCKETS", "PrometheusMetrics"]
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "GAUGE_MULTIPROCESS_MODE",
+    "MULTIPROCESS_ENV",
+    "PrometheusMetrics",
+    "exposition",
+    "scrape_registry",
+]
 
 # Seconds: a decision is one round trip (sub-millisecond on a LAN), bounded by the limiter's
 # deadline (0.5 s by default).
@@ -69,6 +82,18 @@ REQUEST_RESULTS = ("allowed", "refused", "unavailable")
 SLOT_RESULTS = ("held", "refused", "shadowed")
 SWITCHES = ("local", "shared")  # failure_mode="local": where decisions are made from now on
 _NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+# prometheus_client's switch: set before it is imported, it makes every value a file in that
+# directory, which MultiProcessCollector merges (counters and histograms summed across workers).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How a gauge of ours merges across workers in multiprocess mode: the largest value among the
+# live processes (a worker that exits takes its value along when the server reports it dead:
+# gunicorn's child_exit hook, prometheus_client.multiprocess.mark_process_dead; else it stays
+# until the directory is cleaned, which the demo and the image do at start). "max" because our
+# gauges are states where the worst worker is the news: tokenlimit_circuit_state (0 closed,
+# 1 open, 2 half-open: >= 1 in any worker is a breaker not closed) and
+# tokenlimit_override_active{limit} (1 once any worker applies the override; they all do within
+# the poll bound). The default, "all", would add a `pid` label: a series per worker process.
+GAUGE_MULTIPROCESS_MODE: Final = "livemax"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +155,12 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
         return collector
 
     def gauge(name: str, documentation: str) -> Gauge:
-        # "livemax": in prometheus_client's multiprocess mode, the worst state among live workers.
         collector = Gauge(
-            name, documentation, namespace=namespace, registry=registry, multiprocess_mode="livemax"
+            name,
+            documentation,
+            namespace=namespace,
+            registry=registry,
+            multiprocess_mode=GAUGE_MULTIPROCESS_MODE,
         )
         made.append(collector)
         return collector
@@ -204,6 +232,44 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
     for to in SWITCHES:
         families.switches.labels(to=to)
     return families
+
+
+def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """The registry a ``/metrics`` endpoint renders for ``registry``: itself, or in
+    multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set) a new one holding a
+    ``MultiProcessCollector``, which merges every worker's series from that directory.
+
+    Made per scrape, as prometheus_client advises. In multiprocess mode only series kept in the
+    directory are served: a custom collector registered on ``registry`` alone is not.
+    """
+    from prometheus_client import CollectorRegistry
+
+    if not isinstance(registry, CollectorRegistry):
+        raise ConfigTypeError(
+            "registry",
+            f"must be a prometheus_client.CollectorRegistry, not {type(registry).__name__}",
+        )
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
+        return registry
+    if not os.path.isdir(directory):
+        raise ConfigError(
+            MULTIPROCESS_ENV, f"names {directory!r}, which is not a directory: create it first"
+        )
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    merged = CollectorRegistry()
+    # prometheus_client leaves this constructor unannotated (0.26, the lock's release).
+    MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+    return merged
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The ``/metrics`` page for ``registry`` as (body, content type), in the Prometheus text
+    format; every worker's series merged in multiprocess mode (see ``scrape_registry``)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(scrape_registry(registry)), CONTENT_TYPE_LATEST
 
 
 class PrometheusMetrics:

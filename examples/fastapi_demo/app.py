@@ -6,7 +6,10 @@ per request, and each plan has its own bucket, so an upgrade takes effect at onc
 
     TOKENLIMIT_URL=redis://localhost:6379/0 python -m uvicorn examples.fastapi_demo.app:app
 
-Without ``TOKENLIMIT_URL`` the limiter is ``memory://`` (one process only). Try it:
+Without ``TOKENLIMIT_URL`` the limiter is ``memory://`` (one process only), unless
+``TOKENLIMIT_REQUIRE_URL=1`` (the Docker image sets it): then the app refuses to start. On
+several workers, ``python -m examples.fastapi_demo --workers 2`` also sets up Prometheus's
+multiprocess mode, so ``/metrics`` shows every worker's counts. Try it:
 
     curl -i localhost:8000/v1/hello                                         # per client IP
     curl -i -H 'X-API-Key: k-123' localhost:8000/v1/hello                   # per API key
@@ -21,7 +24,7 @@ import os
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import Response
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
@@ -29,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenlimit import AsyncRateLimiter, Decision, Limit
 from tokenlimit.integrations.fastapi import RateLimit, install_handlers
-from tokenlimit.metrics import PrometheusMetrics
+from tokenlimit.metrics import PrometheusMetrics, exposition
 
 # A stand-in for a real token check: bearer token -> user name.
 DEMO_TOKENS = {"alice-token": "alice", "bob-token": "bob"}
@@ -49,6 +52,25 @@ async def plan_limit(request: Request) -> Limit:
     """
     plans: dict[str, str] = request.app.state.plans
     return TIERS[plans.get(request.headers.get("x-api-key", ""), "free")]
+
+
+class MissingURL(RuntimeError):
+    """No storage URL where one is required (``TOKENLIMIT_REQUIRE_URL=1``)."""
+
+
+def storage_url(url: str | None = None) -> str:
+    """``url``, else ``$TOKENLIMIT_URL``, else ``$REDIS_URL`` (the name this demo and its Docker
+    setups read before), else ``memory://``: unless ``$TOKENLIMIT_REQUIRE_URL`` is ``1``, where a
+    missing URL raises ``MissingURL``: ``memory://`` would give each worker its own buckets."""
+    url = url or os.environ.get("TOKENLIMIT_URL") or os.environ.get("REDIS_URL")
+    if url:
+        return url
+    if os.environ.get("TOKENLIMIT_REQUIRE_URL") == "1":
+        raise MissingURL(
+            "TOKENLIMIT_URL is not set (e.g. redis://redis:6379/0): refusing to start, since "
+            "memory:// would give each worker process its own limits"
+        )
+    return "memory://"
 
 
 class DemoAuth(AuthenticationBackend):
@@ -97,9 +119,8 @@ def _metrics() -> PrometheusMetrics | None:
 
 
 def create_app(url: str | None = None) -> FastAPI:
-    """The demo app on ``url``, else ``$TOKENLIMIT_URL``, else ``memory://``."""
-    # REDIS_URL: the name this demo (and its Docker setups) read before; still accepted.
-    url = url or os.environ.get("TOKENLIMIT_URL") or os.environ.get("REDIS_URL") or "memory://"
+    """The demo app on ``storage_url(url)``."""
+    url = storage_url(url)
     metrics = _metrics()
     options: dict[str, Any] = {"metrics": metrics} if metrics is not None else {}
     limiter = AsyncRateLimiter.from_url(url, **options)
@@ -123,13 +144,14 @@ def create_app(url: str | None = None) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics_page() -> str:
+    @app.get("/metrics")
+    async def metrics_page() -> Response:
         if metrics is None:
-            return "# metrics arrive with prometheus_client: pip install 'tokenlimit[prometheus]'\n"
-        from prometheus_client import generate_latest
-
-        return generate_latest(metrics.registry).decode()
+            note = "# metrics arrive with prometheus_client: pip install 'tokenlimit[prometheus]'\n"
+            return Response(note, media_type="text/plain")
+        # Every worker's series in multiprocess mode (PROMETHEUS_MULTIPROC_DIR), else this one's.
+        body, content_type = exposition(metrics.registry)
+        return Response(body, headers={"Content-Type": content_type})
 
     return app
 

@@ -9,15 +9,19 @@ support can see and refill exactly what a customer is charged:
   identity alone (a middleware's, an app-wide default's).
 
 A bucket belongs to a key and a limit, so ``--limit`` (with ``--burst`` and ``--name``) names
-the limit(s) as the app does.
+the limit(s) as the app does. Identities are hashed as the app hashes them: with the secret in
+``TOKENLIMIT_HASH_SECRET`` (the app's own variable), or in the variable ``--hash-secret-env``
+names; never a secret given as a flag's value, which ``ps`` and the shell's history would keep.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from tokenlimit._decision import Decision
+from tokenlimit._hash_secret import ENV_HASH_SECRET, hasher_for
 from tokenlimit._limit import Limit
 from tokenlimit._plan import LimitPlan
 from tokenlimit.integrations._check import bucket_key, check_scope
@@ -54,6 +58,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ipv6-prefix", type=int, default=64, help="the integrations' ipv6_prefix= (default 64)"
     )
+    parser.add_argument(
+        "--hash-secret-env",
+        metavar="NAME",
+        help=f"the environment variable holding the app's hash_secret (default {ENV_HASH_SECRET},"
+        " unkeyed hashing when it is unset); never the secret itself on the command line",
+    )
 
 
 def limits_of(args: argparse.Namespace) -> tuple[Limit, ...]:
@@ -89,6 +99,24 @@ def key_of(args: argparse.Namespace) -> str:
             raise Problem(EXIT_USAGE, f"--ip: not an IP address: {args.ip!r}")
         identity = ip_identity(address, args.ipv6_prefix)
     return bucket_key(identity, route=args.route, scope=check_scope(args.scope))
+
+
+def hash_secret_of(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The app's hash secret from the environment, and the variable it was read from. A
+    variable named by ``--hash-secret-env`` must be set (a typo must not silently look at
+    unkeyed buckets); the default one may be unset (unkeyed, as the app without a secret)."""
+    name: str = args.hash_secret_env or ENV_HASH_SECRET
+    secret = os.environ.get(name)
+    if secret is None and args.hash_secret_env is not None:
+        raise Problem(EXIT_USAGE, f"--hash-secret-env: {name} is not set in the environment")
+    hasher_for(secret, name)  # a bad secret: a ConfigError naming the variable, not the value
+    return secret, name
+
+
+def _show_hashing(out: Output, secret: str | None, name: str) -> None:
+    keyed = secret is not None
+    out.row("hashing", f"keyed ({name})" if keyed else f"unkeyed ({name} is not set)")
+    out.set(keyed=keyed, hash_secret_env=name)
 
 
 def _show(out: Output, key: str, decision: Decision) -> None:
@@ -130,16 +158,20 @@ def _show(out: Output, key: str, decision: Decision) -> None:
 
 def peek(url: str, args: argparse.Namespace, out: Output) -> None:
     limits, key = limits_of(args), key_of(args)
-    with limiter_for(url, args) as limiter:
+    secret, name = hash_secret_of(args)
+    with limiter_for(url, args, secret) as limiter:
         decision = limiter.peek(key, limits)
     _show(out, key, decision)
+    _show_hashing(out, secret, name)
 
 
 def reset(url: str, args: argparse.Namespace, out: Output) -> None:
     limits, key = limits_of(args), key_of(args)
-    with limiter_for(url, args) as limiter:
+    secret, name = hash_secret_of(args)
+    with limiter_for(url, args, secret) as limiter:
         limiter.reset(key, limits)
         decision = limiter.peek(key, limits)  # what the next caller finds
     out.row("reset", f"{key}: full again")
     out.set(reset=True)
     _show(out, key, decision)
+    _show_hashing(out, secret, name)

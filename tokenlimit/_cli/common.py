@@ -146,10 +146,16 @@ def problem_of(exc: BaseException) -> Problem:
     return Problem(EXIT_FAILED, detail)
 
 
-def limiter_for(url: str, args: argparse.Namespace) -> RateLimiter:
-    """A limiter on ``url`` that decides as the app's does (its prefix and deadline), but
-    caches no refusal: every answer is the server's."""
-    return RateLimiter.from_url(url, prefix=args.prefix, timeout=args.timeout, local_cache=False)
+def limiter_for(url: str, args: argparse.Namespace, hash_secret: str | None = None) -> RateLimiter:
+    """A limiter on ``url`` that decides as the app's does (its prefix, deadline and hash
+    secret), but caches no refusal: every answer is the server's."""
+    return RateLimiter.from_url(
+        url,
+        prefix=args.prefix,
+        timeout=args.timeout,
+        local_cache=False,
+        hash_secret=hash_secret,
+    )
 
 
 def client_of(limiter: RateLimiter) -> Redis | RedisCluster:

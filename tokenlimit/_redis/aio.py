@@ -31,6 +31,7 @@ from tokenlimit._scripts import (
     acquire_script,
     hold_script,
     holdback_script,
+    lease_script,
     peek_script,
     refund_script,
     release_script,
@@ -207,6 +208,15 @@ class AsyncRedisBackend:
         """The refund script on ``request``'s keys and arguments (those of its decision); run
         at most once, by the deadline."""
         reply = await self.run_script(refund_script(), request.keys, request.args, timeout=timeout)
+        return [int(x) for x in reply]
+
+    async def lease(
+        self, request: Request, want: int, back: int, *, timeout: float
+    ) -> Sequence[int]:
+        """The lease script on ``request``'s keys: ``back`` tokens given back, then up to
+        ``want`` taken (at least ``request.cost``); run at most once, by the deadline."""
+        args = (request.args[0], str(want), str(back), *request.args[1:])
+        reply = await self.run_script(lease_script(), request.keys, args, timeout=timeout)
         return [int(x) for x in reply]
 
     async def hold_slot(

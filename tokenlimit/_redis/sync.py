@@ -34,6 +34,7 @@ from tokenlimit._scripts import (
     acquire_script,
     hold_script,
     holdback_script,
+    lease_script,
     peek_script,
     refund_script,
     release_script,
@@ -167,6 +168,13 @@ class RedisBackend:
         """The refund script on ``request``'s keys and arguments (those of its decision); run
         at most once, by the deadline."""
         reply = self.run_script(refund_script(), request.keys, request.args, timeout=timeout)
+        return [int(x) for x in reply]
+
+    def lease(self, request: Request, want: int, back: int, *, timeout: float) -> Sequence[int]:
+        """The lease script on ``request``'s keys: ``back`` tokens given back, then up to
+        ``want`` taken (at least ``request.cost``); run at most once, by the deadline."""
+        args = (request.args[0], str(want), str(back), *request.args[1:])
+        reply = self.run_script(lease_script(), request.keys, args, timeout=timeout)
         return [int(x) for x in reply]
 
     def hold_slot(

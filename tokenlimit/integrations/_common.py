@@ -181,7 +181,11 @@ def ip_identity(address: IPAddress | None, ipv6_prefix: int = 64) -> str:
 
 
 def api_key_identity(raw: str) -> str:
-    """``apikey:<hash>``: the key itself never reaches Redis, logs or headers."""
+    """``apikey:<hash>``: the key itself never reaches Redis, logs or headers.
+
+    Unkeyed on purpose: an API key's entropy makes its digest unguessable, and the limiter keys
+    the hash of this identity (like every identity) with its ``hash_secret`` on the way to a
+    bucket key; ``tokenlimit peek --api-key`` and existing buckets compute the same string."""
     digest = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     return f"apikey:{digest}"
 

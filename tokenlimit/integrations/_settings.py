@@ -3,7 +3,8 @@ one ``Problem`` per bad entry, each with its check id, for the framework to repo
 (Django's system checks), and the ``Settings`` a valid dict makes: the limiters and policies.
 
 The store: ``URL``, else the ``TOKENLIMIT_URL`` environment variable (as ``rate_limit``'s
-default limiter reads it), else ``memory://`` (per process: W002 says so).
+default limiter reads it), else ``memory://`` (per process: W002 says so). The hash secret
+likewise: ``HASH_SECRET``, else ``TOKENLIMIT_HASH_SECRET``, else none (unkeyed hashing).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
 from tokenlimit._breaker import Breaker, check_breaker
 from tokenlimit._config import limiter_pair
 from tokenlimit._errors import ConfigError, ConfigTypeError
+from tokenlimit._hash_secret import ENV_HASH_SECRET, env_hash_secret, hasher_for
 from tokenlimit._limit import Limit, coerce_limits
 from tokenlimit._log import ThrottledLog
 from tokenlimit._metrics import MetricsSink
@@ -75,6 +77,8 @@ class Options:
     exempt_when: Callable[..., object] | None = None  # takes the request; the middleware's only
     deduct_when: Callable[..., object] | None = None  # takes the response; the middleware's only
     breaker: Breaker | None = dataclasses.field(default_factory=Breaker)  # None: off
+    # keys the identity hash; out of the repr, which a debug page or a log may show
+    hash_secret: str | bytes | None = dataclasses.field(default=None, repr=False)
 
 
 class SettingsError(ValueError):
@@ -99,6 +103,7 @@ class Settings:
             "expected_processes": options.expected_processes,
             "metrics": options.metrics,
             "breaker": options.breaker or False,
+            "hash_secret": options.hash_secret,
         }
         try:
             self.sync, self.async_ = limiter_pair(options.url, limiter_options)
@@ -173,6 +178,12 @@ def _limit_setting(value: object) -> tuple[Limit, ...] | Chooser:
     return cast("Chooser", value)
 
 
+def _hash_secret(value: object) -> object:
+    """``HASH_SECRET``: a str or bytes of at least 16 bytes, or None (unkeyed hashing)."""
+    hasher_for(value)
+    return value
+
+
 def _enabled(value: object) -> bool:
     """``ENABLED``: True or False only (a string such as "false" is truthy)."""
     if not isinstance(value, bool):
@@ -242,7 +253,8 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], object]]] = {
     "METHODS": ("methods", "tokenlimit.E018", check_methods),
     "EXEMPT_WHEN": ("exempt_when", "tokenlimit.E019", _predicate("exempt_when", "the request")),
     "DEDUCT_WHEN": ("deduct_when", "tokenlimit.E020", _predicate("deduct_when", "the response")),
-    "BREAKER": ("breaker", "tokenlimit.E022", _breaker_setting),
+    "BREAKER": ("breaker", "tokenlimit.E023", _breaker_setting),
+    "HASH_SECRET": ("hash_secret", "tokenlimit.E022", _hash_secret),
 }
 ENV_URL = "TOKENLIMIT_URL"  # the environment's store, where settings name none
 
@@ -288,6 +300,15 @@ def read(raw: object) -> tuple[Options, list[Problem]]:
         except ConfigError as error:
             reason = str(error).removeprefix(f"{error.param}: ")
             found.append(Problem("tokenlimit.E002", f"the environment's {ENV_URL}: {reason}"))
+    secret = env_hash_secret()
+    if "HASH_SECRET" not in raw and secret is not None:
+        try:
+            values["hash_secret"] = _hash_secret(secret)
+        except ConfigError as error:
+            reason = str(error).removeprefix(f"{error.param}: ")
+            found.append(
+                Problem("tokenlimit.E022", f"the environment's {ENV_HASH_SECRET}: {reason}")
+            )
     found.extend(_local_mode_problems(raw, values))
     return Options(**values), found
 

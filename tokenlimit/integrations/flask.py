@@ -14,8 +14,9 @@ error handlers answer 429 and 503 with a small JSON body. Register your own hand
 class after ``init_app`` to render them differently: the headers are still added.
 
 ``app.config`` supplies what the constructor leaves out (the constructor wins):
-``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE`` and ``TOKENLIMIT_EXPECTED_PROCESSES`` (the
-limiter, when ``limiter=`` is not given; else the one ``tokenlimit.configure()`` set),
+``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE``, ``TOKENLIMIT_EXPECTED_PROCESSES`` and
+``TOKENLIMIT_HASH_SECRET`` (else the environment's) (the limiter, when ``limiter=`` is not
+given; else the one ``tokenlimit.configure()`` set),
 ``TOKENLIMIT_LIMIT``, ``TOKENLIMIT_EXEMPT``, ``TOKENLIMIT_TRUSTED_PROXIES``,
 ``TOKENLIMIT_API_KEY_HEADER``, ``TOKENLIMIT_SHADOW`` and ``TOKENLIMIT_HEADERS``: checked at
 ``init_app`` and read again at the app's first request, so config loaded after ``init_app``
@@ -29,17 +30,19 @@ decided nothing).
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar, cast
 
 from tokenlimit._config import default_sync_limiter
 from tokenlimit._decision import Decision
 from tokenlimit._errors import BackendError, ConfigError, ConfigTypeError, RateLimitExceeded
 from tokenlimit._extras import needs_extra
+from tokenlimit._hash_secret import ENV_HASH_SECRET, env_hash_secret, hasher_for
 from tokenlimit._limiter import RateLimiter
 from tokenlimit._log import ThrottledLog
 from tokenlimit._validate import check_expected_processes, check_failure_mode
@@ -88,6 +91,7 @@ CONFIG_KEYS = (
     "TOKENLIMIT_URL",
     "TOKENLIMIT_FAILURE_MODE",
     "TOKENLIMIT_EXPECTED_PROCESSES",
+    "TOKENLIMIT_HASH_SECRET",
     "TOKENLIMIT_LIMIT",
     "TOKENLIMIT_EXEMPT",
     "TOKENLIMIT_TRUSTED_PROXIES",
@@ -116,6 +120,7 @@ _LIMITER_SETTINGS = {
     "url": "TOKENLIMIT_URL",
     "failure_mode": "TOKENLIMIT_FAILURE_MODE",
     "expected_processes": "TOKENLIMIT_EXPECTED_PROCESSES",
+    "hash_secret": "TOKENLIMIT_HASH_SECRET",
 }
 
 
@@ -128,8 +133,9 @@ class _State:
     policy: Policy[Request]  # identity, exempt paths, headers; limits apply when has_default
     has_default: bool
     limiter: RateLimiter | None  # None: the default limiter, looked up per request
-    # the limiter's TOKENLIMIT_URL, _FAILURE_MODE and _EXPECTED_PROCESSES
-    source: tuple[object, object, object] | None
+    # the limiter's TOKENLIMIT_URL, _FAILURE_MODE, _EXPECTED_PROCESSES and the keyed hash its
+    # TOKENLIMIT_HASH_SECRET made (the state, never the secret: this is in the repr)
+    source: tuple[object, object, object, object] | None
     settled: bool
 
 
@@ -244,16 +250,18 @@ class TokenLimit:
         _enabled(config.get(ENABLED, True))
         policy, has_default = self._build(self._options, config)
         limiter, source = self._limiter, None
+        secret = _hash_secret(config, limiter)
         if limiter is None:
             source = (
                 config.get("TOKENLIMIT_URL"),
                 config.get("TOKENLIMIT_FAILURE_MODE"),
                 config.get("TOKENLIMIT_EXPECTED_PROCESSES"),
+                hasher_for(secret, "TOKENLIMIT_HASH_SECRET"),  # one object per secret
             )
             if earlier is not None and earlier.source == source:
                 limiter = earlier.limiter
             else:
-                limiter = _limiter_from(*source)
+                limiter = _limiter_from(*source[:3], secret)
         return _State(self, policy, has_default, limiter, source, earlier is not None)
 
     def _settle(self, app: Flask) -> _State:
@@ -537,9 +545,42 @@ def _check_keys(config: Config) -> None:
             raise ConfigError(key, unknown_message(key, CONFIG_KEYS, _ELSEWHERE))
 
 
-def _limiter_from(url: object, mode: object, processes: object) -> RateLimiter | None:
-    """The limiter ``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE`` and
-    ``TOKENLIMIT_EXPECTED_PROCESSES`` name (None: no URL)."""
+def _hash_secret(config: Config, limiter: RateLimiter | None) -> str | bytes | None:
+    """The secret for the limiter made from ``config``: ``TOKENLIMIT_HASH_SECRET``, else the
+    environment's variable of that name. In config, it must key the
+    limiter the extension uses: one made from ``TOKENLIMIT_URL``, or ``limiter=`` keyed alike;
+    a secret silently not applied would leave identities hashed without it."""
+    if "TOKENLIMIT_HASH_SECRET" not in config:
+        return env_hash_secret()  # checked where it is used: the same name as the config key
+    secret = config["TOKENLIMIT_HASH_SECRET"]
+    hasher = hasher_for(secret, "TOKENLIMIT_HASH_SECRET")
+    if limiter is not None and not _same_key(hasher, limiter._hasher):
+        raise ConfigError(
+            "TOKENLIMIT_HASH_SECRET",
+            "does not key limiter=, which has its own: pass hash_secret= to that limiter",
+        )
+    if limiter is None and config.get("TOKENLIMIT_URL") is None:
+        raise ConfigError(
+            "TOKENLIMIT_HASH_SECRET",
+            "keys the limiter TOKENLIMIT_URL names, and none is set: set TOKENLIMIT_URL, or "
+            "give the default limiter its secret (configure(url, hash_secret=...) or the "
+            f"{ENV_HASH_SECRET} environment variable)",
+        )
+    return cast("str | bytes | None", secret)
+
+
+def _same_key(one: hashlib.blake2b | None, other: hashlib.blake2b | None) -> bool:
+    """Whether two keyed hash states hash alike (``digest`` leaves a state as it was)."""
+    if one is None or other is None:
+        return one is other
+    return one is other or one.digest() == other.digest()
+
+
+def _limiter_from(
+    url: object, mode: object, processes: object, secret: str | bytes | None
+) -> RateLimiter | None:
+    """The limiter ``TOKENLIMIT_URL``, ``TOKENLIMIT_FAILURE_MODE``,
+    ``TOKENLIMIT_EXPECTED_PROCESSES`` and the hash secret name (None: no URL)."""
     if url is None:
         return None
     if not isinstance(url, str):
@@ -547,7 +588,9 @@ def _limiter_from(url: object, mode: object, processes: object) -> RateLimiter |
     try:
         failure_mode = check_failure_mode("closed" if mode is None else mode)
         expected = check_expected_processes(failure_mode, processes)
-        return RateLimiter.from_url(url, failure_mode=failure_mode, expected_processes=expected)
+        return RateLimiter.from_url(
+            url, failure_mode=failure_mode, expected_processes=expected, hash_secret=secret
+        )
     except ConfigError as error:
         setting = _LIMITER_SETTINGS.get(error.param)
         if setting is None:
