@@ -58,6 +58,7 @@ def test_all_is_pinned() -> None:
         "AsyncConcurrency",
         "AsyncRateLimiter",
         "BackendError",
+        "Breaker",
         "Chooser",
         "Concurrency",
         "ConfigError",

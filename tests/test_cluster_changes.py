@@ -648,7 +648,9 @@ def test_takeover_from_a_live_master(fresh: ReplicatedCluster) -> None:
     number is measured and printed, not asserted beyond the deadline and the recovery."""
     label = f"takeover of a live master ({fresh.binary.rsplit('/', 1)[-1]})"
     run = _failover_under_load(fresh, "takeover")
-    check_failures(run.load, label, {"timeout", "connection", "cluster"})
+    # After three timeouts the circuit breaker opens: calls then fail at once (circuit_open)
+    # instead of each waiting out the deadline, until a probe reaches the new master.
+    check_failures(run.load, label, {"timeout", "connection", "cluster", "circuit_open"})
     _measure(label, run)
 
 
@@ -661,7 +663,9 @@ def test_takeover_from_a_hung_master(fresh: ReplicatedCluster) -> None:
     master hangs, then resume on the new master with no process restart."""
     label = f"takeover of a hung master ({fresh.binary.rsplit('/', 1)[-1]})"
     run = _failover_under_load(fresh, "hung")
-    check_failures(run.load, label, {"timeout", "connection", "cluster"})
+    # After three timeouts the circuit breaker opens: calls then fail at once (circuit_open)
+    # instead of each waiting out the deadline, until a probe reaches the new master.
+    check_failures(run.load, label, {"timeout", "connection", "cluster", "circuit_open"})
     _measure(label, run)
 
 

@@ -153,8 +153,10 @@ def bare_options() -> dict[str, Any]:
 @contextmanager
 def sync_limiter(kind: str, proxy: FaultProxy, **options: Any) -> Iterator[RateLimiter]:
     """``url``: from_url; ``client``: a user's ``redis.Redis`` with redis-py's default retry
-    policy; ``bare-client``: the same without a connect handshake."""
+    policy; ``bare-client``: the same without a connect handshake. The circuit breaker is off:
+    these tests follow every call to the server (test_breaker.py tests the breaker)."""
     options.setdefault("timeout", TIMEOUT)
+    options.setdefault("breaker", False)
     if kind == "url":
         with RateLimiter.from_url(proxy.url, **options) as limiter:
             yield limiter
@@ -172,6 +174,7 @@ def sync_limiter(kind: str, proxy: FaultProxy, **options: Any) -> Iterator[RateL
 @asynccontextmanager
 async def async_limiter(kind: str, proxy: FaultProxy, **options: Any) -> AsyncIterator[Any]:
     options.setdefault("timeout", TIMEOUT)
+    options.setdefault("breaker", False)  # as in sync_limiter
     if kind == "url":
         async with AsyncRateLimiter.from_url(proxy.url, **options) as limiter:
             yield limiter
@@ -820,7 +823,7 @@ def test_no_poisoned_connections_after_many_cancelled_async_calls(bed1: Bed, poo
                 host=proxy.host, port=proxy.port, max_connections=8
             )
             client = redis.asyncio.Redis(connection_pool=blocking)
-            context = AsyncRateLimiter(client, timeout=TIMEOUT)
+            context = AsyncRateLimiter(client, timeout=TIMEOUT, breaker=False)
         async with context as limiter:
             await verify_async(limiter, "before")
             before = scripts_ran(bed1.admin)
@@ -899,7 +902,7 @@ def test_small_blocking_pool_many_threads_never_hang(bed1: Bed) -> None:
         host=bed1.proxy.host, port=bed1.proxy.port, max_connections=2, timeout=5
     )
     client = redis.Redis(connection_pool=pool)
-    limiter = RateLimiter(client, timeout=TIMEOUT)
+    limiter = RateLimiter(client, timeout=TIMEOUT, breaker=False)
     limits = [Limit(SLOW, 500 + t) for t in range(threads)]
     per_key: dict[int, Counter[str]] = {t: Counter() for t in range(threads)}
     per_phase: dict[str, Counter[str]] = {}
@@ -964,7 +967,7 @@ def test_small_async_blocking_pool_many_tasks_never_hang(bed1: Bed) -> None:
             host=bed1.proxy.host, port=bed1.proxy.port, max_connections=2
         )
         client = redis.asyncio.Redis(connection_pool=pool)
-        limiter = AsyncRateLimiter(client, timeout=TIMEOUT)
+        limiter = AsyncRateLimiter(client, timeout=TIMEOUT, breaker=False)
 
         async def work(t: int) -> list[tuple[int, float, Decision | BackendError]]:
             return [

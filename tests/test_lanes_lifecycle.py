@@ -136,7 +136,9 @@ def test_closing_under_decisions_in_flight_never_touches_a_closed_descriptor(
     assert own_server.process is not None
     threads = 6
     limit = Limit(SLOW, 100)
-    limiter = RateLimiter.from_url(own_server.url, timeout=5.0, local_cache=False)
+    # The breaker off: the six failures below would open it, and the closed limiter's last
+    # decision must reach the server.
+    limiter = RateLimiter.from_url(own_server.url, timeout=5.0, local_cache=False, breaker=False)
     assert limiter.try_acquire("close", limit).allowed  # the script is loaded, the server checked
     lanes = limiter.backend._lanes  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5.0

@@ -537,8 +537,9 @@ def test_open_mode_admits_and_logs_once(caplog: pytest.LogCaptureFixture) -> Non
         assert limiter.peek("down", limit).allowed
         assert limiter.acquire("down", limit, timeout=0).allowed
     records = [r for r in caplog.records if r.name == "tokenlimit"]
-    assert len(records) == 1
-    assert records[0].levelno == logging.WARNING
+    # The failures (throttled), and the circuit breaker opening after three of them.
+    assert [r.levelno for r in records] == [logging.WARNING] * 2
+    assert "circuit breaker open" in records[1].getMessage()
 
 
 def test_async_failure_modes(caplog: pytest.LogCaptureFixture) -> None:
@@ -568,8 +569,9 @@ def test_async_failure_modes(caplog: pytest.LogCaptureFixture) -> None:
     assert [r for r in caplog.records if r.name == "tokenlimit"] == []
     run_async(url, open_, timeout=1.0, failure_mode="open")
     records = [r for r in caplog.records if r.name == "tokenlimit"]
-    assert len(records) == 1
-    assert records[0].levelno == logging.WARNING
+    # As for the sync limiter: the failures (throttled), then the circuit breaker opening.
+    assert [r.levelno for r in records] == [logging.WARNING] * 2
+    assert "circuit breaker open" in records[1].getMessage()
 
 
 def test_server_stopped_midway_then_back_sync(own_server: Server) -> None:

@@ -28,12 +28,22 @@ from tokenlimit import (
     MemoryBackend,
     RateLimiter,
 )
-from tokenlimit._fallback import PROBE_INTERVAL, LocalFallback, share
+from tokenlimit._breaker import Breaker, Circuit
+from tokenlimit._fallback import LocalFallback, share
 from tokenlimit._request import Request
 from tokenlimit.testing import FakeClock, memory_limiter
 
 SLOW = 0.001  # tokens per second: nothing refills during a test
+PROBE_INTERVAL = Breaker().cool_down  # the circuit breaker's first cool-down
 TIMEOUT = 0.05  # the limiter's deadline for one decision through the proxy
+
+
+def on_clock(limiter: RateLimiter | AsyncRateLimiter, clock: FakeClock) -> None:
+    """``limiter``'s local buckets and circuit breaker on ``clock``."""
+    limiter._fallback = LocalFallback(limiter.expected_processes or 1, clock=clock)
+    limiter._circuit = Circuit.of(
+        limiter.breaker, limiter.failure_mode, clock=clock, listener=limiter._circuit_changed
+    )
 
 
 class Recorder:
@@ -180,7 +190,7 @@ def flaky_limiter(processes: int) -> Iterator[tuple[RateLimiter, Flaky, FakeCloc
         metrics=recorder,
         local_cache=False,
     )
-    limiter._fallback = LocalFallback(processes, clock=clock)  # the same fake clock
+    on_clock(limiter, clock)  # the same fake clock
     yield limiter, backend, clock, recorder
 
 
@@ -207,7 +217,11 @@ def test_storage_down_decides_at_the_share_then_back_to_the_shared_bucket() -> N
         assert len(recorder.local) == 5  # every local decision (the peek is not one)
         assert len(recorder.decisions) == 3 + 5
         backend.down = False
-        # Within the interval nothing tries the server; the first call after it does.
+        # Within the cool-down nothing tries the server; the first call after it does. The
+        # failed probe above doubled the cool-down (the circuit breaker, _breaker.py).
+        assert not limiter.try_acquire("k", limit).allowed
+        assert backend.calls == 5
+        clock.advance(PROBE_INTERVAL)
         assert not limiter.try_acquire("k", limit).allowed
         assert backend.calls == 5
         clock.advance(PROBE_INTERVAL)
@@ -323,7 +337,7 @@ def test_async_limiter_on_the_fake_clock() -> None:
         limiter = AsyncRateLimiter(
             AsyncFlaky(), failure_mode="local", expected_processes=3, metrics=recorder
         )
-        limiter._fallback = LocalFallback(3, clock=clock)
+        on_clock(limiter, clock)
         limit = Limit(SLOW, 9)
         assert (await limiter.try_acquire("k", limit)).remaining == 8
         backend.down = True

@@ -204,7 +204,9 @@ def test_storage_errors_and_fail_open_admissions(registry: CollectorRegistry) ->
         # Several limits: counted once, under the limit the fail-open Decision reports.
         both = [Limit.per_hour(5, name="hourly"), Limit.per_day(2, name="daily")]
         assert limiter.try_acquire(IDENTITY, both).policy == both[1]
-    assert value(registry, "tokenlimit_storage_errors_total", reason="connection") == 4
+    # Three refused connections open the circuit breaker: the fourth call skips the server.
+    assert value(registry, "tokenlimit_storage_errors_total", reason="connection") == 3
+    assert value(registry, "tokenlimit_storage_errors_total", reason="circuit_open") == 1
     assert value(registry, "tokenlimit_fail_open_total", limit="hourly") == 3
     assert value(registry, "tokenlimit_fail_open_total", limit="daily") == 1
     # No decision was made: none counted, none timed.

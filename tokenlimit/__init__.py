@@ -4,6 +4,7 @@ Every decision is one atomic Lua call on the server, with the server's clock, so
 processes shares one exact budget per identity.
 """
 
+from ._breaker import Breaker
 from ._concurrency import AsyncConcurrency, Concurrency
 from ._config import configure, default_limiter
 from ._decision import Decision
@@ -19,6 +20,7 @@ __all__ = [
     "AsyncConcurrency",
     "AsyncRateLimiter",
     "BackendError",
+    "Breaker",
     "Chooser",
     "Concurrency",
     "ConfigError",

@@ -11,6 +11,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypedDict, TypeVar
 
 from ._backend import can_hold_back, can_override, can_refund
+from ._breaker import (
+    CLOSED,
+    HALF_OPEN,
+    NO_ANSWER,
+    OPEN,
+    STATES,
+    Breaker,
+    Circuit,
+    check_breaker,
+)
 from ._cache import RefusalCache, check_local_cache
 from ._decision import Decision, decode_reply, fail_open_decision
 from ._errors import BackendError, ConfigTypeError, RateLimitExceeded
@@ -65,14 +75,21 @@ class LimiterOptions(TypedDict, total=False):
     metrics: MetricsSink | None
     local_cache: bool | int
     shadow: bool
+    breaker: bool | Breaker
     hash_secret: str | bytes | None
     overrides: bool
+
+
+def _failures(count: int) -> str:
+    return f"{count} consecutive storage failure{'' if count == 1 else 's'}"
 
 
 class LimiterBase(Generic[_B]):
     is_async: ClassVar[bool] = False  # AsyncRateLimiter: True (its methods are awaited)
 
     __slots__ = (
+        "_breaker",
+        "_circuit",
         "_failure_mode",
         "_fallback",
         "_hasher",
@@ -103,6 +120,7 @@ class LimiterBase(Generic[_B]):
         local_cache: bool | int = True,
         remote: bool = False,
         shadow: bool = False,
+        breaker: bool | Breaker = True,
         hash_secret: str | bytes | None = None,
         overrides: bool = True,
     ) -> None:
@@ -119,8 +137,13 @@ class LimiterBase(Generic[_B]):
         self._timeout = check_deadline(timeout)
         self._failure_mode = check_failure_mode(failure_mode)
         processes = check_expected_processes(self._failure_mode, expected_processes)
-        # None unless failure_mode="local": the one check a decision pays for that mode.
+        # None unless failure_mode="local": the local buckets, used when the server is not.
         self._fallback = None if processes is None else LocalFallback(processes)
+        # Which calls go to the server (_breaker.py); ``tripped`` is read once per decision.
+        self._breaker = check_breaker(breaker)
+        self._circuit = Circuit.of(
+            self._breaker, self._failure_mode, listener=self._circuit_changed
+        )
         if metrics is not None and not isinstance(metrics, MetricsSink):
             raise ConfigTypeError(
                 "metrics", "must have record_decision() and record_error() (see MetricsSink)"
@@ -163,6 +186,11 @@ class LimiterBase(Generic[_B]):
         """With ``failure_mode="local"``: the processes sharing the limits (each decides at
         1/N of them while storage is down); else None."""
         return None if self._fallback is None else self._fallback.processes
+
+    @property
+    def breaker(self) -> Breaker | None:
+        """The circuit breaker's settings (None: off, every call tries the server)."""
+        return self._breaker
 
     @property
     def metrics(self) -> MetricsSink | None:
@@ -368,40 +396,96 @@ class LimiterBase(Generic[_B]):
             raise RateLimitExceeded(decision)
         return min(decision.retry_after, MAX_PAUSE)
 
-    def _failed(self, request: Request, error: BackendError) -> Decision:
-        """Apply the failure mode: admit and log (open), or re-raise (closed). A shadow limiter
-        always admits: trying a limit out must not make its storage a new way to fail."""
+    # -- storage unavailable: the circuit breaker, then the failure mode ------------------------
+    def _storage_failed(
+        self, limits: Sequence[Limit], error: BackendError | None, what: str = "admitting"
+    ) -> LocalFallback | None:
+        """The server did not decide a call: it failed with ``error`` (counted on the circuit),
+        or the circuit kept the call from it (``error`` None). Then the failure mode: the local
+        buckets to decide with (``"local"``), None to admit (``"open"``, or a shadow limiter:
+        trying a limit out must not make its storage a new way to fail), or raise (``"closed"``).
+        """
+        metrics = self._metrics
+        fallback = self._fallback
+        if error is not None:
+            first = self._circuit.failed(answered=error.reason not in NO_ANSWER)
+            if fallback is not None:
+                # Counted, not as failing open: the call is decided, locally.
+                if metrics is not None:
+                    metrics.record_error(limits, error.reason, False)
+                if first:
+                    self._log.warning(
+                        f"tokenlimit: storage failed, deciding in this process at 1/"
+                        f"{fallback.processes} of each limit (failure_mode='local')",
+                        error,
+                    )
+                    self._record_switch("local")
+        if fallback is not None:
+            return fallback
+        if error is None:
+            error = self._circuit_open()
         is_open = self._failure_mode == "open" or self._shadow
-        if self._metrics is not None:
-            self._metrics.record_error(request.limits, error.reason, is_open)
+        if metrics is not None:
+            metrics.record_error(limits, error.reason, is_open)
         if not is_open:
             raise error
         mode = "shadow=True" if self._shadow else "failure_mode='open'"
-        self._log.warning(f"tokenlimit: storage failed, admitting ({mode})", error)
-        return fail_open_decision(request.limits)
+        self._log.warning(f"tokenlimit: storage failed, {what} ({mode})", error)
+        return None
 
-    # -- failure_mode="local" (see _fallback.py) ---------------------------------------------
-    def _went_local(
-        self, fallback: LocalFallback, limits: Sequence[Limit], error: BackendError
-    ) -> None:
-        """The server failed a call: count the error (not as failing open: the call is decided
-        locally), and the switch to local when this is one."""
-        metrics = self._metrics
-        if metrics is not None:
-            metrics.record_error(limits, error.reason, False)
-        if fallback.failed():
-            self._log.warning(
-                f"tokenlimit: storage failed, deciding in this process at 1/"
-                f"{fallback.processes} of each limit (failure_mode='local')",
-                error,
-            )
-            self._record_switch("local")
+    def _circuit_open(self) -> BackendError:
+        """What a call the circuit kept from the server fails with (reason ``"circuit_open"``)."""
+        circuit = self._circuit
+        when = (
+            "one call is probing it"
+            if circuit.state == HALF_OPEN
+            else f"the next probe in {circuit.next_probe_in():.3f}s"
+        )
+        return BackendError(
+            f"storage unavailable: the circuit breaker is open after "
+            f"{_failures(circuit.failures)}, so the server was not asked ({when})",
+            reason="circuit_open",
+        )
 
-    def _back_to_shared(self, fallback: LocalFallback) -> None:
-        """The server answered: decide on the shared buckets again (counted once per switch)."""
-        if fallback.answered():
+    def _undecided(
+        self, request: Request, error: BackendError | None, started: float, *, consume: bool
+    ) -> Decision:
+        """A decision the server did not make (see ``_storage_failed``)."""
+        fallback = self._storage_failed(request.limits, error)
+        if fallback is None:
+            return fail_open_decision(request.limits)
+        return self._local(fallback, request, started, consume=consume)
+
+    def _recovered(self) -> None:
+        """The server answered while the circuit was tripped: closed, and with
+        ``failure_mode="local"`` back to the shared buckets (counted once per switch)."""
+        if self._circuit.answered() and self._fallback is not None:
             logger.info("tokenlimit: storage answers again, back to the shared buckets")
             self._record_switch("shared")
+
+    def _circuit_changed(self, circuit: Circuit, before: int, after: int) -> None:
+        """One log line and one gauge update per change of the circuit's state."""
+        record = getattr(self._metrics, "record_circuit", None)
+        if record is not None:
+            record(STATES[after])
+        if after == OPEN:
+            then = {
+                "closed": "every call fails at once with BackendError",
+                "open": "every call is admitted at once",
+                "local": "every call is decided in this process",
+            }[self._failure_mode]
+            why = "the probe failed" if before == HALF_OPEN else _failures(circuit.failures)
+            logger.warning(
+                "tokenlimit: circuit breaker open (%s): %s for %gs, then one call probes "
+                "the server",
+                why,
+                then,
+                circuit.cool_down,
+            )
+        elif after == HALF_OPEN:
+            logger.info("tokenlimit: circuit breaker half-open: one call probes the server")
+        elif after == CLOSED:
+            logger.info("tokenlimit: circuit breaker closed: the server answers again")
 
     def _record_switch(self, to: str) -> None:
         record = getattr(self._metrics, "record_switch", None)
@@ -425,13 +509,23 @@ class LimiterBase(Generic[_B]):
                 record(request.limits, decision)
         return decision
 
-    def _held_locally(self, fallback: LocalFallback, request: Request, hold_us: int) -> Decision:
-        """``hold_back`` on this process's share of the limits (the local buckets)."""
+    def _held_elsewhere(
+        self, request: Request, error: BackendError | None, hold_us: int
+    ) -> Decision:
+        """``hold_back`` the server did not do (see ``_storage_failed``): on this process's
+        share of the limits (the local buckets), or nothing held (open)."""
+        fallback = self._storage_failed(request.limits, error)
+        if fallback is None:
+            return fail_open_decision(request.limits)
         local = fallback.localized(request)
         return decode_reply(fallback.store.hold_back(local, hold_us), local.limits)
 
-    def _refunded_locally(self, fallback: LocalFallback, request: Request) -> Decision:
-        """``refund`` on this process's share of the limits (the local buckets)."""
+    def _refunded_elsewhere(self, request: Request, error: BackendError | None) -> Decision:
+        """``refund`` the server did not do: given back to the local share (where a token was
+        taken while the server was not asked), or nothing given back (open)."""
+        fallback = self._storage_failed(request.limits, error)
+        if fallback is None:
+            return fail_open_decision(request.limits)
         local = fallback.localized(request)
         return decode_reply(fallback.store.refund(local), local.limits)
 
@@ -442,7 +536,9 @@ class LimiterBase(Generic[_B]):
         processes = (
             "" if self._fallback is None else f", expected_processes={self.expected_processes}"
         )
+        breaker = "" if self._breaker == Breaker() else f", breaker={self._breaker or False!r}"
         return (
             f"{type(self).__name__}({type(self.backend).__name__}, prefix={self._prefix!r}, "
-            f"timeout={self._timeout!r}, failure_mode={self._failure_mode!r}{processes}{shadow})"
+            f"timeout={self._timeout!r}, failure_mode={self._failure_mode!r}{processes}"
+            f"{breaker}{shadow})"
         )

@@ -26,10 +26,13 @@ Decisions where the design brief is silent:
   back is then a no-op, logged (throttled) as a warning.
 - A shadow limiter (``shadow=True``) admits a would-be refusal at once, without a slot and
   marked ``shadowed``; ``tokenlimit.testing.disabled()`` admits without touching storage.
+- Taking a slot goes through the limiter's circuit breaker as a decision does (_breaker.py):
+  while it is open, the failure mode applies at once. Giving a slot back always asks the server:
+  only holders that took their slot there do, so a hung server costs at most one deadline per
+  such holder, where skipping it would hold their slots until their leases end.
 - ``failure_mode="local"``: while storage is down, a holder takes one of this process's share
   of the slots (``max_in_flight // expected_processes``, at least 1) in the limiter's local
-  store, tried and switched as decisions are (_fallback.py); its holder id starts with
-  ``LOCAL``, so leaving gives the slot back where it was taken.
+  store; its holder id starts with ``LOCAL``, so leaving gives the slot back where it was taken.
 """
 
 from __future__ import annotations
@@ -288,20 +291,6 @@ class _SlotGuard(Generic[_Lim]):
         twin._slots = dataclasses.replace(self._slots, key=key)
         return twin
 
-    def _failed(self, error: BackendError) -> tuple[Decision, None]:
-        """Storage failed while taking a slot: admit without one (open) or raise (closed)."""
-        limiter = self._limiter
-        is_open = limiter.failure_mode == "open" or limiter.shadow
-        if limiter.metrics is not None:
-            limiter.metrics.record_error((), error.reason, is_open)
-        if not is_open:
-            raise error
-        mode = "shadow=True" if limiter.shadow else "failure_mode='open'"
-        limiter._log.warning(
-            f"tokenlimit: storage failed, admitting without a concurrency slot ({mode})", error
-        )
-        return self._without_slot()
-
     def _without_slot(self) -> tuple[Decision, None]:
         """Admitted holding nothing (storage failed open, or limiting is switched off by
         ``tokenlimit.testing``): leaving gives nothing back."""
@@ -345,13 +334,14 @@ class _SlotGuard(Generic[_Lim]):
         reply = fallback.store.hold_slot(slots.key, local, share, slots.lease_us)
         return self._settle(reply, local, wait, slots)
 
-    def _after_error(
-        self, fallback: LocalFallback | None, error: BackendError, holder: str, wait: _Wait
+    def _elsewhere(
+        self, error: BackendError | None, holder: str, wait: _Wait
     ) -> tuple[Decision, str | None] | float:
-        """The server failed a try: hold a local slot (``"local"``), or the failure mode."""
+        """A try the server did not answer (``error``) or was not asked (the circuit is open):
+        a local slot (``"local"``), admitted without a slot (open), or raised (closed)."""
+        fallback = self._limiter._storage_failed((), error, "admitting without a concurrency slot")
         if fallback is None:
-            return self._failed(error)
-        self._limiter._went_local(fallback, (), error)
+            return self._without_slot()
         return self._held_locally(fallback, holder, wait)
 
     def _release_locally(self, holder: str) -> None:
@@ -372,18 +362,19 @@ class _SlotGuard(Generic[_Lim]):
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): admit, touch nothing
             return self._without_slot()
         holder, wait = _new_holder(), _Wait(self._slots)
-        fallback = self._limiter._fallback
+        circuit = self._limiter._circuit
         while True:
-            if fallback is not None and fallback.local and fallback.skips_server():
-                settled = self._held_locally(fallback, holder, wait)
+            if circuit.tripped and not circuit.route():
+                await asyncio.sleep(0)  # yield once, as a round trip would
+                settled = self._elsewhere(None, holder, wait)
             else:
                 try:
                     reply = await attempt(holder)
                 except BackendError as error:
-                    settled = self._after_error(fallback, error, holder, wait)
+                    settled = self._elsewhere(error, holder, wait)
                 else:
-                    if fallback is not None and fallback.local:
-                        self._limiter._back_to_shared(fallback)
+                    if circuit.tripped:
+                        self._limiter._recovered()
                     settled = self._settle(reply, holder, wait)
             if isinstance(settled, tuple):
                 return settled
@@ -472,18 +463,18 @@ class Concurrency(_SlotGuard["RateLimiter"]):
             return self._without_slot()
         limiter, slots = self._limiter, self._slots
         holder, wait = _new_holder(), _Wait(slots)
-        fallback = limiter._fallback
+        circuit = limiter._circuit
         while True:
-            if fallback is not None and fallback.local and fallback.skips_server():
-                settled = self._held_locally(fallback, holder, wait)
+            if circuit.tripped and not circuit.route():
+                settled = self._elsewhere(None, holder, wait)
             else:
                 try:
                     reply = _sync_hold(limiter.backend, slots, holder, limiter.timeout)
                 except BackendError as error:
-                    settled = self._after_error(fallback, error, holder, wait)
+                    settled = self._elsewhere(error, holder, wait)
                 else:
-                    if fallback is not None and fallback.local:
-                        limiter._back_to_shared(fallback)
+                    if circuit.tripped:
+                        limiter._recovered()
                     settled = self._settle(reply, holder, wait)
             if isinstance(settled, tuple):
                 return settled

@@ -82,8 +82,10 @@ def limiter_pair(url: str, options: Mapping[str, Any]) -> tuple[RateLimiter, Asy
         else async_backend_from_url(url, timeout=timeout)
     )
     async_ = AsyncRateLimiter(async_backend, **options)
+    # One server, one circuit: what the sync twin learnt about it holds for the async one. And
     # failure_mode="local": one share per process, whichever twin decides (Django serves sync
     # and async views from one process), so the twins keep one set of local buckets.
+    async_._circuit = sync._circuit
     async_._fallback = sync._fallback
     return sync, async_
 

@@ -6,7 +6,8 @@ after the refusal cache, one refill of the lease through the store (``LeaseTable
 most one in flight per bucket set), or an ordinary decision on the store while another
 caller's refill is in flight, as without leases: no caller waits on another's refill, so none
 waits longer than one store call (asyncio fairness: tasks are served as their calls return).
-Storage failures follow ``failure_mode`` as for any decision. See ``_lease.py`` for the
+Storage failures follow ``failure_mode`` as for any decision, and the circuit breaker routes a
+call that would reach the store as it routes any decision (_breaker.py). See ``_lease.py`` for the
 bookkeeping and ``_settle.py`` for giving tokens back.
 """
 
@@ -76,7 +77,12 @@ def decide_leased(limiter: RateLimiter, request: Request, started: float) -> Dec
     """``RateLimiter._decide`` for a consuming call on a leased limit."""
     table = limiter._leases
     if table is None:  # the backend cannot lease
-        return _before_refill(limiter, request, started) or _plain(limiter, request, started)
+        early = _before_refill(limiter, request, started)
+        if early is not None:
+            return early
+        if _skips_store(limiter):
+            return limiter._undecided(request, None, started, consume=True)
+        return _plain(limiter, request, started)
     now = table.clock()
     held = table.take(request, now)
     if held is not None:
@@ -84,6 +90,8 @@ def decide_leased(limiter: RateLimiter, request: Request, started: float) -> Dec
     early = _before_refill(limiter, request, started)
     if early is not None:
         return early
+    if _skips_store(limiter):
+        return limiter._undecided(request, None, started, consume=True)
     refill = table.claim(request, now)
     if refill is None:
         return _plain(limiter, request, started)
@@ -116,6 +124,9 @@ async def decide_leased_async(
         if early is not None:
             await asyncio.sleep(0)  # yield once, as a round trip would (see AsyncRateLimiter)
             return early
+        if _skips_store(limiter):
+            await asyncio.sleep(0)
+            return limiter._undecided(request, None, started, consume=True)
         return await _plain_async(limiter, request, started)
     now = table.clock()
     held = table.take(request, now)
@@ -125,6 +136,9 @@ async def decide_leased_async(
     if early is not None:
         await asyncio.sleep(0)
         return early
+    if _skips_store(limiter):
+        await asyncio.sleep(0)
+        return limiter._undecided(request, None, started, consume=True)
     refill = table.claim(request, now)
     if refill is None:
         return await _plain_async(limiter, request, started)
@@ -178,9 +192,8 @@ def _granted(
     started: float,
     now: float,
 ) -> tuple[Decision, float | None]:
-    fallback = limiter._fallback
-    if fallback is not None and fallback.local:  # failure_mode="local": the store is back
-        limiter._back_to_shared(fallback)
+    if limiter._circuit.tripped:  # the store answered: the circuit closes
+        limiter._recovered()
     decision, due = table.granted(request, reply, granted, now)
     if decision is None:  # nothing held: decoded, cached, shadowed, counted as any decision
         return limiter._decoded(request, reply, started, consume=True), None
@@ -191,31 +204,33 @@ def _failure(
     limiter: LimiterBase[Any], request: Request, started: float, error: BackendError
 ) -> Decision:
     """A refill failed: ``failure_mode`` decides, as for any decision."""
-    fallback = limiter._fallback
-    if fallback is None:
-        return limiter._failed(request, error)
-    limiter._went_local(fallback, request.limits, error)
-    return limiter._local(fallback, request, started, consume=True)
+    return limiter._undecided(request, error, started, consume=True)
+
+
+def _skips_store(limiter: LimiterBase[Any]) -> bool:
+    """The circuit breaker keeps this call from the store (asked once per call: a call it lets
+    through while half-open is the probe)."""
+    circuit = limiter._circuit
+    return circuit.tripped and not circuit.route()
 
 
 def _plain(limiter: RateLimiter, request: Request, started: float) -> Decision:
-    """The decision without leases (``_decide``'s own path past the refusal cache)."""
-    fallback = limiter._fallback
-    if fallback is not None:
-        return limiter._decide_or_fall_back(fallback, request, started, consume=True)
+    """The decision without leases (``_decide``'s own path past the refusal cache and the
+    circuit, which ``_skips_store`` asked)."""
     try:
         reply = limiter.backend.decide(request, consume=True, timeout=limiter._timeout)
     except BackendError as error:
-        return limiter._failed(request, error)
+        return limiter._undecided(request, error, started, consume=True)
+    if limiter._circuit.tripped:
+        limiter._recovered()
     return limiter._decoded(request, reply, started, consume=True)
 
 
 async def _plain_async(limiter: AsyncRateLimiter, request: Request, started: float) -> Decision:
-    fallback = limiter._fallback
-    if fallback is not None:
-        return await limiter._decide_or_fall_back(fallback, request, started, consume=True)
     try:
         reply = await limiter.backend.decide(request, consume=True, timeout=limiter._timeout)
     except BackendError as error:
-        return limiter._failed(request, error)
+        return limiter._undecided(request, error, started, consume=True)
+    if limiter._circuit.tripped:
+        limiter._recovered()
     return limiter._decoded(request, reply, started, consume=True)

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, cast
 from . import _switch
 from ._backend import AsyncBackend, AsyncOverrideStore, OverrideStore, SyncBackend, is_remote
 from ._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LimiterBase
+from ._breaker import Breaker
 from ._concurrency import AsyncConcurrency, Concurrency
 from ._decision import Decision, fail_open_decision
 from ._decorator import Guard
 from ._errors import BackendError, ConfigTypeError
-from ._fallback import LocalFallback
 from ._leasing import async_settler, decide_leased, decide_leased_async, thread_settler
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
@@ -104,6 +104,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
+        breaker: bool | Breaker = True,
         hash_secret: str | bytes | None = None,
         overrides: bool = True,
     ) -> None:
@@ -117,6 +118,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
+            breaker=breaker,
             hash_secret=hash_secret,
             remote=is_remote(backend),
             overrides=overrides,
@@ -178,19 +180,16 @@ class RateLimiter(LimiterBase[SyncBackend]):
         self._check_can_hold()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
-        fallback = self._fallback
-        if fallback is not None and fallback.local and fallback.skips_server():
-            return self._held_locally(fallback, request, hold_us)
+        circuit = self._circuit
+        if circuit.tripped and not circuit.route():
+            return self._held_elsewhere(request, None, hold_us)
         started = time.perf_counter()
         try:
             reply = self.backend.hold_back(request, hold_us, timeout=self._timeout)
         except BackendError as error:
-            if fallback is None:
-                return self._failed(request, error)
-            self._went_local(fallback, request.limits, error)
-            return self._held_locally(fallback, request, hold_us)
-        if fallback is not None and fallback.local:
-            self._back_to_shared(fallback)
+            return self._held_elsewhere(request, error, hold_us)
+        if circuit.tripped:
+            self._recovered()
         return self._decoded(request, reply, started, consume=False)
 
     def refund(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
@@ -207,19 +206,16 @@ class RateLimiter(LimiterBase[SyncBackend]):
         self._check_can_refund()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
-        fallback = self._fallback  # failure_mode="local": tokens taken locally go back there
-        if fallback is not None and fallback.local and fallback.skips_server():
-            return self._refunded_locally(fallback, request)
+        circuit = self._circuit  # failure_mode="local": tokens taken locally go back there
+        if circuit.tripped and not circuit.route():
+            return self._refunded_elsewhere(request, None)
         started = time.perf_counter()
         try:
             reply = self.backend.refund(request, timeout=self._timeout)
         except BackendError as error:
-            if fallback is None:
-                return self._failed(request, error)
-            self._went_local(fallback, request.limits, error)
-            return self._refunded_locally(fallback, request)
-        if fallback is not None and fallback.local:
-            self._back_to_shared(fallback)
+            return self._refunded_elsewhere(request, error)
+        if circuit.tripped:
+            self._recovered()
         self._forget(request)  # the refusals cached for these buckets may no longer hold
         return self._decoded(request, reply, started, consume=False)
 
@@ -243,28 +239,23 @@ class RateLimiter(LimiterBase[SyncBackend]):
             local = refusals.get(request.keys, request.cost, started, request.limits)
             if local is not None:
                 return self._answered(request, local, started, consume=consume)
-        if self._fallback is not None:  # failure_mode="local"
-            return self._decide_or_fall_back(self._fallback, request, started, consume=consume)
+        if self._circuit.tripped:  # a storage call failed lately: the circuit routes this one
+            return self._decide_tripped(request, started, consume=consume)
         try:
             reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
-            return self._failed(request, error)
+            return self._undecided(request, error, started, consume=consume)
         return self._decoded(request, reply, started, consume=consume)
 
-    def _decide_or_fall_back(
-        self, fallback: LocalFallback, request: Request, started: float, *, consume: bool
-    ) -> Decision:
-        """``_decide`` with ``failure_mode="local"``: on the server, or locally while it is
-        down (see _fallback.py for when each)."""
-        if fallback.local and fallback.skips_server():
-            return self._local(fallback, request, started, consume=consume)
+    def _decide_tripped(self, request: Request, started: float, *, consume: bool) -> Decision:
+        """``_decide`` while the circuit is tripped: the server, or the failure mode at once."""
+        if not self._circuit.route():
+            return self._undecided(request, None, started, consume=consume)
         try:
             reply = self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
-            self._went_local(fallback, request.limits, error)
-            return self._local(fallback, request, started, consume=consume)
-        if fallback.local:
-            self._back_to_shared(fallback)
+            return self._undecided(request, error, started, consume=consume)
+        self._recovered()
         return self._decoded(request, reply, started, consume=consume)
 
     # -- live overrides (brownout; see _overrides.py) --------------------------------------
@@ -307,6 +298,9 @@ class RateLimiter(LimiterBase[SyncBackend]):
         return cast("OverrideStore", self.backend)  # overrides are on: can_override said so
 
     def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        if self._circuit.tripped:  # storage failed lately: keep the last table, ask no deadline
+            live.expire(now)
+            return
         try:
             reply = self._override_store.overrides(
                 self._overrides_at, ("list",), timeout=self._timeout
@@ -382,6 +376,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         metrics: MetricsSink | None = None,
         local_cache: bool | int = True,
         shadow: bool = False,
+        breaker: bool | Breaker = True,
         hash_secret: str | bytes | None = None,
         overrides: bool = True,
     ) -> None:
@@ -395,6 +390,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
             metrics=metrics,
             local_cache=local_cache,
             shadow=shadow,
+            breaker=breaker,
             hash_secret=hash_secret,
             remote=is_remote(backend),
             overrides=overrides,
@@ -458,19 +454,17 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         self._check_can_hold()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
-        fallback = self._fallback
-        if fallback is not None and fallback.local and fallback.skips_server():
-            return self._held_locally(fallback, request, hold_us)
+        circuit = self._circuit
+        if circuit.tripped and not circuit.route():
+            await asyncio.sleep(0)  # yield once, as a round trip would
+            return self._held_elsewhere(request, None, hold_us)
         started = time.perf_counter()
         try:
             reply = await self.backend.hold_back(request, hold_us, timeout=self._timeout)
         except BackendError as error:
-            if fallback is None:
-                return self._failed(request, error)
-            self._went_local(fallback, request.limits, error)
-            return self._held_locally(fallback, request, hold_us)
-        if fallback is not None and fallback.local:
-            self._back_to_shared(fallback)
+            return self._held_elsewhere(request, error, hold_us)
+        if circuit.tripped:
+            self._recovered()
         return self._decoded(request, reply, started, consume=False)
 
     async def refund(self, key: str | bytes, limit: LimitSpec, *, cost: int = 1) -> Decision:
@@ -481,19 +475,17 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         self._check_can_refund()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
-        fallback = self._fallback  # failure_mode="local": tokens taken locally go back there
-        if fallback is not None and fallback.local and fallback.skips_server():
-            return self._refunded_locally(fallback, request)
+        circuit = self._circuit  # failure_mode="local": tokens taken locally go back there
+        if circuit.tripped and not circuit.route():
+            await asyncio.sleep(0)  # yield once, as a round trip would
+            return self._refunded_elsewhere(request, None)
         started = time.perf_counter()
         try:
             reply = await self.backend.refund(request, timeout=self._timeout)
         except BackendError as error:
-            if fallback is None:
-                return self._failed(request, error)
-            self._went_local(fallback, request.limits, error)
-            return self._refunded_locally(fallback, request)
-        if fallback is not None and fallback.local:
-            self._back_to_shared(fallback)
+            return self._refunded_elsewhere(request, error)
+        if circuit.tripped:
+            self._recovered()
         self._forget(request)  # the refusals cached for these buckets may no longer hold
         return self._decoded(request, reply, started, consume=False)
 
@@ -528,31 +520,25 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
                 # reader until other decisions missed their deadline).
                 await asyncio.sleep(0)
                 return self._answered(request, local, started, consume=consume)
-        if self._fallback is not None:  # failure_mode="local"
-            return await self._decide_or_fall_back(
-                self._fallback, request, started, consume=consume
-            )
+        if self._circuit.tripped:  # a storage call failed lately: the circuit routes this one
+            return await self._decide_tripped(request, started, consume=consume)
         try:
             reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
-            return self._failed(request, error)
+            return self._undecided(request, error, started, consume=consume)
         return self._decoded(request, reply, started, consume=consume)
 
-    async def _decide_or_fall_back(
-        self, fallback: LocalFallback, request: Request, started: float, *, consume: bool
-    ) -> Decision:
-        """``_decide`` with ``failure_mode="local"`` (see ``RateLimiter._decide_or_fall_back``)."""
-        if fallback.local and fallback.skips_server():
+    async def _decide_tripped(self, request: Request, started: float, *, consume: bool) -> Decision:
+        """``_decide`` while the circuit is tripped (see ``RateLimiter._decide_tripped``)."""
+        if not self._circuit.route():
             # Yield once, as a round trip would (see the refusal cache above).
             await asyncio.sleep(0)
-            return self._local(fallback, request, started, consume=consume)
+            return self._undecided(request, None, started, consume=consume)
         try:
             reply = await self.backend.decide(request, consume=consume, timeout=self._timeout)
         except BackendError as error:
-            self._went_local(fallback, request.limits, error)
-            return self._local(fallback, request, started, consume=consume)
-        if fallback.local:
-            self._back_to_shared(fallback)
+            return self._undecided(request, error, started, consume=consume)
+        self._recovered()
         return self._decoded(request, reply, started, consume=consume)
 
     # -- live overrides (brownout; see _overrides.py) --------------------------------------
@@ -601,6 +587,9 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         return cast("AsyncOverrideStore", self.backend)  # overrides are on: can_override said so
 
     async def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        if self._circuit.tripped:  # storage failed lately: keep the last table, ask no deadline
+            live.expire(now)
+            return
         try:
             reply = await self._override_store.overrides(
                 self._overrides_at, ("list",), timeout=self._timeout

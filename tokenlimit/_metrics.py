@@ -32,6 +32,12 @@ class MetricsSink(Protocol):
     Live overrides call the optional ``record_override(limit, active)`` when an override of
     the limit labelled ``limit`` starts or changes (``active`` True) and when it ends (False).
 
+    ``record_circuit(state)``, optional too: the limiter's circuit breaker changed state, to
+    ``"closed"``, ``"open"`` (calls skip the server and get the failure mode at once) or
+    ``"half_open"`` (one call probes the server). While open, each call kept from the server
+    reaches ``record_error`` with reason ``"circuit_open"`` (with ``failure_mode="open"``,
+    ``failed_open`` True), except with ``failure_mode="local"``, where it is a local decision.
+
     In shadow mode a would-be refusal reaches ``record_decision`` as what the caller got, an
     admitted ``Decision`` (``allowed`` True) with ``shadowed=True``; a storage failure reaches
     ``record_error`` with ``failed_open`` True.

@@ -18,9 +18,14 @@ Series (``tokenlimit`` is the ``namespace``):
   ``http_requests_total``): those series keep saying what callers got.
 - ``tokenlimit_decision_seconds``: a histogram of the time each of those decisions took.
 - ``tokenlimit_storage_errors_total{reason}``: storage failures (``timeout``, ``connection``,
-  ``server``, ``cluster``, ``protocol``; anything else is ``other``).
+  ``server``, ``cluster``, ``protocol``; anything else is ``other``), and calls the circuit
+  breaker kept from the server while open (``circuit_open``; not with ``failure_mode="local"``,
+  where those are local decisions).
 - ``tokenlimit_fail_open_total{limit}``: calls admitted without a decision because storage failed
-  and ``failure_mode="open"``.
+  or the circuit breaker was open, and ``failure_mode="open"``.
+- ``tokenlimit_circuit_state``: the circuit breaker, ``0`` closed, ``1`` open (calls skip the
+  server), ``2`` half-open (one call probes it). Set at each change of state; limiters sharing
+  one registry share the gauge, which then shows the latest change among them.
 - ``tokenlimit_failure_mode_switches_total{to}``: with ``failure_mode="local"``, switches to
   deciding in-process because storage failed (``to="local"``) and back to the shared buckets
   once the server answers again (``to="shared"``).
@@ -51,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from ._breaker import STATES
 from ._decision import Decision, fail_open_decision
 from ._errors import ConfigError, ConfigTypeError
 from ._limit import Limit
@@ -71,7 +77,7 @@ __all__ = [
 # deadline (0.5 s by default).
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # BackendError.reason values; anything else counts as "other", so the label stays bounded.
-STORAGE_ERROR_REASONS = ("timeout", "connection", "server", "cluster", "protocol")
+STORAGE_ERROR_REASONS = ("timeout", "connection", "server", "cluster", "protocol", "circuit_open")
 REQUEST_RESULTS = ("allowed", "refused", "unavailable")
 SLOT_RESULTS = ("held", "refused", "shadowed")
 SWITCHES = ("local", "shared")  # failure_mode="local": where decisions are made from now on
@@ -105,6 +111,7 @@ class _Families:
     switches: Counter
     local: Counter
     overrides: Gauge
+    circuit: Gauge
 
 
 # One set of collectors per registry and namespace, shared by every PrometheusMetrics made on
@@ -141,7 +148,7 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
         made.append(collector)
         return collector
 
-    def gauge(name: str, documentation: str, labelnames: Sequence[str]) -> Gauge:
+    def gauge(name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
         # Under prometheus_client's multiprocess mode: the largest value among live workers.
         collector = Gauge(
             name,
@@ -214,6 +221,11 @@ def _register(registry: CollectorRegistry, namespace: str, buckets: tuple[float,
                 "Rate-limit decisions made in-process while storage was down "
                 "(failure_mode='local'), by limit and result.",
                 ["limit", "result"],
+            ),
+            circuit=gauge(
+                "circuit_state",
+                "The storage circuit breaker: 0 closed, 1 open (calls skip the server), "
+                "2 half-open (one call probes it).",
             ),
         )
     except ValueError as error:  # "Duplicated timeseries": names taken by another collector
@@ -374,6 +386,13 @@ class PrometheusMetrics:
     def record_override(self, limit: str, active: bool) -> None:
         """An override of the limit labelled ``limit`` started (``active``) or ended."""
         self._families.overrides.labels(limit=limit).set(1 if active else 0)
+
+    # -- the circuit breaker --------------------------------------------------------------------
+    def record_circuit(self, state: str) -> None:
+        """The circuit breaker changed state: ``"closed"``, ``"open"`` or ``"half_open"``."""
+        if state not in STATES:
+            raise ConfigError("state", f"must be one of {STATES}, got {state!r}")
+        self._families.circuit.set(STATES.index(state))
 
     # -- integrations -------------------------------------------------------------------------
     def record_request(self, route: str, result: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
 from tokenlimit._base import DEFAULT_PREFIX, DEFAULT_TIMEOUT
+from tokenlimit._breaker import Breaker, check_breaker
 from tokenlimit._config import limiter_pair
 from tokenlimit._errors import ConfigError, ConfigTypeError
 from tokenlimit._hash_secret import ENV_HASH_SECRET, env_hash_secret, hasher_for
@@ -75,6 +76,7 @@ class Options:
     methods: frozenset[str] | None = None  # the middleware's only
     exempt_when: Callable[..., object] | None = None  # takes the request; the middleware's only
     deduct_when: Callable[..., object] | None = None  # takes the response; the middleware's only
+    breaker: Breaker | None = dataclasses.field(default_factory=Breaker)  # None: off
     # keys the identity hash; out of the repr, which a debug page or a log may show
     hash_secret: str | bytes | None = dataclasses.field(default=None, repr=False)
 
@@ -100,6 +102,7 @@ class Settings:
             "failure_mode": options.failure_mode,
             "expected_processes": options.expected_processes,
             "metrics": options.metrics,
+            "breaker": options.breaker or False,
             "hash_secret": options.hash_secret,
         }
         try:
@@ -188,6 +191,21 @@ def _enabled(value: object) -> bool:
     return value
 
 
+def _breaker_setting(value: object) -> Breaker | None:
+    """``BREAKER``: True, False, a ``tokenlimit.Breaker``, or a dict of its fields
+    (``{"FAILURES": 5, "COOL_DOWN": 0.5, "MAX_COOL_DOWN": 30}``)."""
+    if not isinstance(value, dict):
+        return check_breaker(value)
+    fields = {"FAILURES": "failures", "COOL_DOWN": "cool_down", "MAX_COOL_DOWN": "max_cool_down"}
+    unknown = sorted(str(name) for name in value if name not in fields)
+    if unknown:
+        raise ConfigError("breaker", f"unknown entries {unknown}; known: {', '.join(fields)}")
+    try:
+        return Breaker(**{fields[name]: field for name, field in value.items()})
+    except ConfigError as error:  # names the field: "cool_down: must be > 0, got 0"
+        raise ConfigError("breaker", str(error)) from None
+
+
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # "myapp.plans.limits_for"
 
 
@@ -235,6 +253,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], object]]] = {
     "METHODS": ("methods", "tokenlimit.E018", check_methods),
     "EXEMPT_WHEN": ("exempt_when", "tokenlimit.E019", _predicate("exempt_when", "the request")),
     "DEDUCT_WHEN": ("deduct_when", "tokenlimit.E020", _predicate("deduct_when", "the response")),
+    "BREAKER": ("breaker", "tokenlimit.E023", _breaker_setting),
     "HASH_SECRET": ("hash_secret", "tokenlimit.E022", _hash_secret),
 }
 ENV_URL = "TOKENLIMIT_URL"  # the environment's store, where settings name none

@@ -109,6 +109,7 @@ _ELSEWHERE = {
     "TOKENLIMIT_PREFIX": "pass limiter=RateLimiter.from_url(url, prefix=...)",
     "TOKENLIMIT_TIMEOUT": "pass limiter=RateLimiter.from_url(url, timeout=...)",
     "TOKENLIMIT_METRICS": "pass limiter=RateLimiter.from_url(url, metrics=...)",
+    "TOKENLIMIT_BREAKER": "pass limiter=RateLimiter.from_url(url, breaker=...)",
 }
 _settling = threading.Lock()  # one thread reads an app's config again at its first request
 
