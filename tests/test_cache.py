@@ -176,8 +176,13 @@ def test_forget_drops_every_entry_sharing_a_key() -> None:
     assert len(cache) == 0
     cache.put(("y",), 1, 3.5, refusal(9.0))
     assert len(cache) == 1
-    cache.clear()
+    cache.clear(4.0)
     assert len(cache) == 0
+    # Nor one sent before a clear (an override changed, every bucket was reset).
+    cache.put(("y",), 1, 3.9, refusal(9.0))
+    assert len(cache) == 0
+    cache.put(("y",), 1, 4.1, refusal(9.0))
+    assert len(cache) == 1
 
 
 def test_bound_drops_expired_entries_first_then_the_oldest() -> None:

@@ -309,7 +309,7 @@ class LimiterBase(Generic[_B]):
         """An override started, changed or ended: refusals cached under the old numbers no
         longer hold; the sink's gauge follows (``record_override``, optional)."""
         if self._refusals is not None:
-            self._refusals.clear()
+            self._refusals.clear(time.perf_counter())
         record = getattr(self._metrics, "record_override", None)
         if record is not None:
             record(name, override is not None)
@@ -369,7 +369,7 @@ class LimiterBase(Generic[_B]):
         """After every bucket was cleared (``testing.reset_all``): no cached refusal holds, the
         local buckets (``failure_mode="local"``) are full again, and no leased token is held."""
         if self._refusals is not None:
-            self._refusals.clear()
+            self._refusals.clear(time.perf_counter())
         if self._fallback is not None:
             self._fallback.clear()
         if self._leases is not None:

@@ -219,9 +219,10 @@ class RefusalCache:
             for k in doomed:
                 self._remove(k)
 
-    def clear(self) -> None:
-        """Forget every entry."""
+    def clear(self, now: float) -> None:
+        """Forget every entry, and every refusal sent before ``now`` that arrives later."""
         with self._lock:
+            self._forgotten = max(self._forgotten, now)
             self._entries.clear()
             self._multi = 0
 

@@ -108,6 +108,9 @@ def decide_leased(limiter: RateLimiter, request: Request, started: float) -> Dec
     except BackendError as error:
         table.failed(request, table.clock())
         return _failure(limiter, request, started, error)
+    except BaseException:  # cancelled (a client went away) or a bug: never leave it claimed
+        table.failed(request, table.clock())
+        raise
     decision, due = _granted(limiter, table, request, reply, granted, started, now)
     if due is not None and isinstance(limiter._settler, ThreadSettler):
         limiter._settler.due(due)
@@ -157,6 +160,9 @@ async def decide_leased_async(
     except BackendError as error:
         table.failed(request, table.clock())
         return _failure(limiter, request, started, error)
+    except BaseException:  # cancelled (a client went away) or a bug: never leave it claimed
+        table.failed(request, table.clock())
+        raise
     decision, due = _granted(limiter, table, request, reply, granted, started, now)
     if due is not None and isinstance(limiter._settler, LoopSettler):
         limiter._settler.due(due)
