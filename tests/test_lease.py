@@ -644,3 +644,34 @@ def test_reset_drops_held_tokens_so_a_full_bucket_admits_its_burst_once() -> Non
     assert limiter._leases.held() == 0
     assert sum(limiter.try_acquire("k", limit).allowed for _ in range(30)) == 20
     limiter.close()
+
+
+def test_a_refill_cancelled_mid_call_leaves_the_key_leasable(standalone: Target) -> None:
+    """A client gone while its task refills (ASGI cancels it): the claim is released, so the
+    key goes on leasing instead of deciding unleased for good."""
+    from faultproxy import FaultProxy
+
+    host, port = standalone.host_ports()[0]
+    limit = Limit(1000, 100, lease=10)
+
+    async def main(proxy: FaultProxy) -> None:
+        limiter = AsyncRateLimiter.from_url(proxy.url, timeout=5.0)
+        try:
+            await limiter.peek("cancel", limit)  # connected
+            proxy.latency(0.3)
+            task = asyncio.create_task(limiter.try_acquire("cancel", limit))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            proxy.heal()
+            table = limiter._leases
+            assert table is not None
+            for _ in range(30):
+                assert (await limiter.try_acquire("cancel", limit)).allowed
+            assert table.held() > 0  # leasing again
+        finally:
+            await limiter.aclose()
+
+    with FaultProxy(port, host) as proxy:
+        asyncio.run(main(proxy))

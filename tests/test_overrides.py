@@ -8,7 +8,7 @@ import json
 import logging
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -89,35 +89,78 @@ def test_entries_a_version_cannot_read_are_skipped() -> None:
 
 
 # -- one store, every backend -----------------------------------------------------------------
-def test_override_changes_the_rate_keeps_the_bucket_and_label(url: str) -> None:
+def _until(check: Callable[[], bool], seconds: float = REFRESH + 3.0) -> None:
+    """Poll ``check`` (each poll a decision, which starts a due read off its caller's time)
+    until it holds, or fail after ``seconds``."""
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, "not applied in time"
+        time.sleep(0.02)
+
+
+SLOW_API = Limit(0.01, 10, name="api")  # one token per 100 s: nothing refills in a test
+
+
+def test_an_override_decides_on_a_bucket_of_its_own_under_the_limit_label(url: str) -> None:
     shared = url != "memory://"  # each memory:// limiter has a store of its own
     with RateLimiter.from_url(url, timeout=5.0) as a, RateLimiter.from_url(url, timeout=5.0) as b:
-        assert b.peek("k", API).limit == 10  # b has read the (empty) table
-        assert _spend(a, "k", API, 4) == 4
-        made = a.set_override("api", "2/second", seconds=30, reason="INC-1")
-        assert made == Override("api", Limit(2.0, 2, name="api"), False, made.expires_in, "INC-1")
+        assert b.peek("k", SLOW_API).limit == 10  # b has read the (empty) table
+        assert _spend(a, "k", SLOW_API, 4) == 4
+        made = a.set_override("api", "2/minute", seconds=30, reason="INC-1")
+        assert made == Override(
+            "api", Limit(2 / 60, 2, name="api"), False, made.expires_in, "INC-1"
+        )
         assert 29 < made.expires_in <= 30
-        # The writer applies it at once; 4 tokens spent out of 10 are a debt of 0.04 s, which
-        # under 2/s (burst 2) leaves 1 token: spent tokens stay spent, the bucket is the same.
-        first = a.try_acquire("k", API)
+        # The writer applies it at once, on the override's own bucket: full, its burst 2.
+        first = a.try_acquire("k", SLOW_API)
         assert first.allowed
         assert first.limit == 2
         assert first.policy is not None
         assert first.policy.label == "api"
-        assert not a.try_acquire("k", API).allowed
-        if shared:  # another limiter follows within REFRESH of its next decision
-            assert b.peek("k", API).limit == 10
-            time.sleep(REFRESH + 0.1)
-            assert b.try_acquire("k", API).limit == 2
+        assert a.try_acquire("k", SLOW_API).allowed
+        assert not a.try_acquire("k", SLOW_API).allowed
+        if shared:  # another limiter follows within REFRESH of a decision
+            _until(lambda: b.peek("k", SLOW_API).limit == 2)
+            assert not b.try_acquire("k", SLOW_API).allowed  # the same override bucket
             assert [o.name for o in b.list_overrides()] == ["api"]
         assert a.clear_override("api") is True
         assert a.clear_override("api") is False
-        assert a.try_acquire("k", API).limit == 10
+        # The limit's own bucket, as it was: 4 of 10 spent before the override.
+        back = a.try_acquire("k", SLOW_API)
+        assert back.limit == 10
+        assert back.remaining == 5
         if shared:
-            time.sleep(REFRESH + 0.1)
-            assert b.try_acquire("k", API).limit == 10
+            _until(lambda: b.peek("k", SLOW_API).limit == 10)
         # Other limits were never touched.
         assert a.try_acquire("k", Limit(100, 10, name="web")).limit == 10
+
+
+def test_a_strict_override_leaves_no_debt_once_it_ends(url: str) -> None:
+    """A call taken at 1/minute owes a minute; the 100/s limit must not inherit it."""
+    with RateLimiter.from_url(url, timeout=5.0) as limiter:
+        limiter.set_override("api", "1/minute", seconds=30)
+        assert limiter.try_acquire("k", API).allowed
+        assert not limiter.try_acquire("k", API).allowed
+        limiter.clear_override("api")
+        assert limiter.try_acquire("k", API).allowed
+
+
+def test_refund_hold_back_and_reset_act_on_the_buckets_in_force(url: str) -> None:
+    with RateLimiter.from_url(url, timeout=5.0) as limiter:
+        limiter.set_override("api", "3/minute", seconds=30)
+        assert _spend(limiter, "k", SLOW_API, 4) == 3
+        given = limiter.refund("k", SLOW_API)  # to the override's bucket, at its rate
+        assert given.limit == 3
+        assert given.remaining == 1
+        assert limiter.try_acquire("k", SLOW_API).allowed
+        assert not limiter.try_acquire("k", SLOW_API).allowed
+        limiter.reset("k", SLOW_API)  # both buckets full again
+        assert limiter.peek("k", SLOW_API).remaining == 3
+        held = limiter.hold_back("k", SLOW_API, 30)
+        assert held.limit == 3
+        assert not limiter.try_acquire("k", SLOW_API).allowed
+        limiter.clear_override("api")
+        assert limiter.try_acquire("k", SLOW_API).remaining == 9  # the limit's own: untouched
 
 
 def test_block_refuses_without_the_server_until_it_ends(url: str) -> None:
@@ -151,8 +194,10 @@ def test_async_limiters_follow_overrides(url: str) -> None:
             await a.set_override("api", "3/second", seconds=30)
             assert (await a.try_acquire("k", API)).limit == 3
             if url != "memory://":  # each memory:// limiter has a store of its own
-                await asyncio.sleep(REFRESH + 0.1)
-                assert (await b.try_acquire("k", API)).limit == 3
+                end = time.monotonic() + REFRESH + 3.0
+                while (await b.peek("k", API)).limit != 3:  # each peek may start a read
+                    assert time.monotonic() < end, "not applied in time"
+                    await asyncio.sleep(0.02)
                 assert [o.limit for o in await b.list_overrides()] == [Limit(3.0, 3, name="api")]
             assert await a.clear_override("api")
             assert (await a.try_acquire("k", API)).limit == 10
@@ -216,17 +261,18 @@ def test_the_last_known_table_holds_while_the_server_is_unreachable(
         ) as limiter,
     ):
         assert limiter.try_acquire("k", API).limit == 10
-        admin.set_override("api", "2/second", seconds=2.5)
         admin.set_override("web", block=True, seconds=30)
-        time.sleep(REFRESH + 0.1)
-        assert limiter.try_acquire("k", API).limit == 2  # read the table
+        admin.set_override("api", "2/second", seconds=4.0)
+        ends = time.monotonic() + 4.0
+        _until(lambda: limiter.peek("k", API).limit == 2)  # read the table
         proxied.refuse()
         time.sleep(REFRESH + 0.1)
         # Local decisions, at the override's numbers; the blocked limit stays blocked.
         local = limiter.try_acquire("k2", API)
         assert local.limit == 2
         assert not limiter.try_acquire("k2", Limit(5, name="web")).allowed
-        time.sleep(1.5)  # past the "api" override's end: it ends here too, on this clock
+        # Past the "api" override's end: it ends here too, on this clock.
+        time.sleep(max(0.0, ends - time.monotonic()) + 0.2)
         assert limiter.try_acquire("k3", API).limit == 10
         assert not limiter.try_acquire("k3", Limit(5, name="web")).allowed
 
@@ -252,8 +298,7 @@ def test_the_command_line_sets_lists_and_clears(
                      "--reason", "INC-9"])  # fmt: skip
         assert code == 0
         assert "api: 5/second (burst 5) for 900 s" in capsys.readouterr().out
-        time.sleep(REFRESH + 0.1)
-        assert app.try_acquire("k", API).limit == 5
+        _until(lambda: app.peek("k", API).limit == 5)
         assert main(["override", "set", "web", "--block", "--for", "1h30m", "--url", url]) == 0
         capsys.readouterr()
         assert main(["override", "list", "--json", "--url", url]) == 0
@@ -265,8 +310,7 @@ def test_the_command_line_sets_lists_and_clears(
         assert 5390 < listed[1]["expires_in"] <= 5400
         assert main(["override", "clear", "api", "--url", url]) == 0
         assert "cleared" in capsys.readouterr().out
-        time.sleep(REFRESH + 0.1)
-        assert app.try_acquire("k", API).limit == 10
+        _until(lambda: app.peek("k", API).limit == 10)
     assert main(["override", "set", "api", "--for", "1m", "--url", url]) == 2
     assert main(["override", "set", "api", "5/s", "--for", "soon", "--url", url]) == 2
     assert main(["override", "set", "api", "5/s", "--for", "8d", "--url", url]) == 2
@@ -324,3 +368,25 @@ def test_four_processes_follow_an_override_and_its_clear(standalone: Any) -> Non
     assert 150 < before <= 200 * 1.05 + 20 / 1.2, (before, during, after)
     assert 20 < during <= 40 * 1.05 + 4 / 1.2, (before, during, after)
     assert 150 < after <= 200 * 1.05 + 20 / 1.2, (before, during, after)
+
+
+def test_no_decision_waits_on_an_overrides_read(proxied: FaultProxy) -> None:
+    """The read runs off the caller's time: with the server hung, the decision that finds a
+    read due costs its own deadline, not two."""
+    with RateLimiter.from_url(
+        proxied.url, timeout=0.3, failure_mode="open", breaker=False
+    ) as limiter:
+        assert limiter.try_acquire("k", API).allowed  # the first read, healthy
+        time.sleep(REFRESH + 0.1)  # the next read is due
+        proxied.blackhole()
+        started = time.monotonic()
+        assert limiter.try_acquire("k", API).allowed  # fails open after its deadline
+        assert time.monotonic() - started < 0.3 + 0.2
+
+
+def test_entries_that_break_a_reader_are_skipped_too() -> None:
+    bad = [b'{"rate":1,"burst":1e999}', b"[" * 100_000, b'{"rate":"x","burst":1}']
+    reply: list[object] = [0]
+    for i, payload in enumerate(bad):
+        reply += [f"bad{i}".encode(), payload, 1000]
+    assert decode_listing(reply) == (False, ())

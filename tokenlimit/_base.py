@@ -262,6 +262,22 @@ class LimiterBase(Generic[_B]):
         label, payload, ttl_ms = check_override(name, limit, seconds, block, reason, burst)
         return ("set", label, payload, str(ttl_ms))
 
+    def _in_force(self, request: Request) -> Request:
+        """``request`` as the live overrides have it (its limits and buckets; unchanged when
+        none applies, or when one blocks it: nothing is taken from a blocked limit)."""
+        live = self._overrides
+        if live is None or not live.table:
+            return request
+        made = live.apply(request, time.perf_counter())
+        return request if isinstance(made, Decision) else made
+
+    def _to_reset(self, request: Request) -> Request:
+        """``reset``'s request: the limits' own buckets and, under an override, its buckets."""
+        in_force = self._in_force(request)
+        if in_force is request:
+            return request
+        return request._replace(keys=tuple(dict.fromkeys(request.keys + in_force.keys)))
+
     @property
     def _overrides_at(self) -> str:
         return overrides_key(self._prefix)

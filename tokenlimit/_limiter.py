@@ -20,7 +20,7 @@ from ._leasing import async_settler, decide_leased, decide_leased_async, thread_
 from ._limit import Limit
 from ._memory import AsyncMemoryBackend, MemoryBackend
 from ._metrics import MetricsSink
-from ._overrides import LiveOverrides, Override, check_name
+from ._overrides import READER, LiveOverrides, Override, check_name
 from ._plan import Chooser, LimitPlan, LimitSpec
 from ._request import Request
 from ._settle import LoopSettler, ThreadSettler
@@ -160,7 +160,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
 
     def reset(self, key: str | bytes, limit: LimitSpec) -> None:
         """Forget the bucket(s): full again."""
-        request = self._request(key, limit)
+        request = self._to_reset(self._request(key, limit))
         try:
             self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
@@ -176,7 +176,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         failures follow ``failure_mode``; ``shadow=True`` holds back all the same (it only
         admits its own calls)."""
         hold_us = check_hold(seconds)
-        request = self._request(key, limit)
+        request = self._in_force(self._request(key, limit))
         self._check_can_hold()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
@@ -202,7 +202,7 @@ class RateLimiter(LimiterBase[SyncBackend]):
         tokens from 1 to the smallest burst (``ConfigError`` naming ``cost`` otherwise).
         Returns what ``peek`` would answer right after. Storage failures follow
         ``failure_mode`` (open: logged, nothing given back)."""
-        request = self._request(key, limit, cost)
+        request = self._in_force(self._request(key, limit, cost))
         self._check_can_refund()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
@@ -225,8 +225,8 @@ class RateLimiter(LimiterBase[SyncBackend]):
         started = time.perf_counter()
         live = self._overrides
         if live is not None:
-            if started >= live.due and live.claim(started):
-                self._refresh_overrides(live, started)
+            if started >= live.due and live.claim(started):  # read off this caller's time
+                READER.submit(lambda: self._refresh_overrides(live, time.perf_counter()))
             if live.table:
                 made = live.apply(request, started)
                 if isinstance(made, Decision):  # a blocked limit: refused without the server
@@ -298,6 +298,8 @@ class RateLimiter(LimiterBase[SyncBackend]):
         return cast("OverrideStore", self.backend)  # overrides are on: can_override said so
 
     def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        if live.closed:
+            return
         if self._circuit.tripped:  # storage failed lately: keep the last table, ask no deadline
             live.expire(now)
             return
@@ -345,6 +347,8 @@ class RateLimiter(LimiterBase[SyncBackend]):
         (``from_url``)."""
         if isinstance(self._settler, ThreadSettler):
             self._settler.close()
+        if self._overrides is not None:
+            self._overrides.close()
         self.backend.close()
 
     def __enter__(self) -> RateLimiter:
@@ -439,7 +443,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         """Forget the bucket(s): full again."""
         if callable(limit):
             limit = await self._choose(key, limit)
-        request = self._request(key, limit)
+        request = self._to_reset(self._request(key, limit))
         try:
             await self.backend.reset(request, timeout=self._timeout)
         finally:  # after the server's reset, so no refusal made before it is cached after
@@ -450,7 +454,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         hold_us = check_hold(seconds)
         if callable(limit):
             limit = await self._choose(key, limit)
-        request = self._request(key, limit)
+        request = self._in_force(self._request(key, limit))
         self._check_can_hold()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
@@ -471,7 +475,7 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         """Give back up to ``cost`` tokens a call took (see ``RateLimiter.refund``)."""
         if callable(limit):
             limit = await self._choose(key, limit, cost)
-        request = self._request(key, limit, cost)
+        request = self._in_force(self._request(key, limit, cost))
         self._check_can_refund()
         if _switch.DISABLED:  # tokenlimit.testing.disabled(): touch nothing
             return fail_open_decision(request.limits)
@@ -501,8 +505,8 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         started = time.perf_counter()
         live = self._overrides
         if live is not None:
-            if started >= live.due and live.claim(started):
-                await self._refresh_overrides(live, started)
+            if started >= live.due and live.claim(started):  # read off this caller's time
+                live.read_in_task(lambda: self._refresh_overrides(live, started))
             if live.table:
                 made = live.apply(request, started)
                 if isinstance(made, Decision):  # a blocked limit: refused without the server
@@ -587,6 +591,8 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         return cast("AsyncOverrideStore", self.backend)  # overrides are on: can_override said so
 
     async def _refresh_overrides(self, live: LiveOverrides, now: float) -> None:
+        if live.closed:
+            return
         if self._circuit.tripped:  # storage failed lately: keep the last table, ask no deadline
             live.expire(now)
             return
@@ -629,6 +635,8 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         (``from_url``)."""
         if isinstance(self._settler, LoopSettler):
             await self._settler.aclose()
+        if self._overrides is not None:
+            self._overrides.close()
         await self.backend.aclose()
 
     async def __aenter__(self) -> AsyncRateLimiter:

@@ -120,7 +120,8 @@ class MemoryBackend:
     def overrides(self, key: str, args: Sequence[str], *, timeout: float = 0.0) -> list[object]:
         """Set, clear or list live overrides, as the override script does on a server."""
         with self._lock:
-            now = int(self._clock() * 1000)
+            # The real clock, as a server's: an override is an operator's, never a test clock's.
+            now = int(time.monotonic() * 1000)
             table = self._overrides.setdefault(key, {})
             changed = 0
             op = args[0] if args else ""

@@ -5,22 +5,29 @@ without a redeploy.
   (what headers and metrics call it), value = its expiry in server time and a JSON payload
   (``_scripts/override.lua``). Every override expires on its own; the hash goes with the last.
 - Every limiter keeps the table it last read (``LiveOverrides``) and reads it again at most once
-  per ``REFRESH`` seconds, from the first decision past that time: an override reaches every
-  limiter that decides within ``REFRESH`` plus one round trip. The writer applies its own at once.
+  per ``REFRESH`` seconds, started by the first decision past that time but off its caller's
+  time (a sync limiter's read runs on one shared daemon thread, ``READER``; an async one's in a
+  task): no decision ever waits on a read, so the deadline stays the decision's. An override
+  reaches every limiter that decides within ``REFRESH`` plus one round trip. The writer applies
+  its own at once.
 - While the server cannot be read, the last table stays in force, each entry expiring on this
   process's clock from the time left that the server reported.
-- An override keeps the limit's bucket (its key) and label, and decides with the override's rate
-  and burst: tokens already spent stay spent. A blocked limit, or a call costing more than the
-  override's burst, is refused in-process without a server call until the override ends.
+- An override keeps the limit's label and decides with the override's rate and burst on a bucket
+  of its own (same identity, the override's numbers in the key): it starts full, and when it
+  ends the limit's own bucket is back as it was. A blocked limit, or a call costing more than
+  the override's burst, is refused in-process without a server call until the override ends.
+  ``refund`` and ``hold_back`` act on the buckets in force, ``reset`` on both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 
 from ._decision import Decision
@@ -33,6 +40,7 @@ from ._validate import check_number, shown
 
 __all__ = [
     "MAX_OVERRIDE_SECONDS",
+    "READER",
     "REFRESH",
     "LiveOverrides",
     "Override",
@@ -140,7 +148,7 @@ def decode_listing(reply: Sequence[object]) -> tuple[bool, tuple[Override, ...]]
         name, payload, left = _text(reply[i]), _text(reply[i + 1]), reply[i + 2]
         try:
             found.append(_decode(name, payload, int(str(_text(left))) / 1000))
-        except (ValueError, TypeError, KeyError, ConfigError) as error:
+        except Exception as error:  # whatever a stored entry holds: skip it
             logger.warning("tokenlimit: skipping an override this version cannot read (%s)", error)
     return changed, tuple(found)
 
@@ -165,7 +173,7 @@ class LiveOverrides:
     """One limiter's view of the overrides: the table in force, when to read it again, and the
     requests it rewrote. Thread-safe; never does IO (the limiter reads and calls ``update``)."""
 
-    __slots__ = ("_clock", "_lock", "_made", "_on_change", "due", "table")
+    __slots__ = ("_clock", "_lock", "_made", "_on_change", "_tasks", "closed", "due", "table")
 
     def __init__(
         self,
@@ -179,7 +187,22 @@ class LiveOverrides:
         # label -> (override, perf_counter time it ends); read without the lock (replaced whole).
         self.table: dict[str, tuple[Override, float]] = {}
         self.due = -math.inf  # perf_counter time of the next read
+        self.closed = False  # the limiter closed: reads queued before it never run
         self._made: dict[int, tuple[Request, Request | Decision]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def read_in_task(self, read: Callable[[], Coroutine[object, object, None]]) -> None:
+        """Run an async limiter's read in a task of the running loop (kept until done); the
+        coroutine is made in the task, so a task cancelled before it starts leaves none."""
+        task = asyncio.get_running_loop().create_task(_quietly(read))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        """The limiter closed: no read runs after this (pending tasks are cancelled)."""
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
 
     def claim(self, now: float) -> bool:
         """True for the one caller that should read the server's table now (the next read is
@@ -188,6 +211,7 @@ class LiveOverrides:
             if now < self.due:
                 return False
             self.due = now + REFRESH
+            self.closed = False  # a limiter used after close() reads again
             return True
 
     def update(self, overrides: Sequence[Override], now: float) -> None:
@@ -249,10 +273,62 @@ class LiveOverrides:
             return _blocked(request, table, now) or request  # its retry_after moves on
         result = _overridden(request, table, now)
         with self._lock:
-            if len(self._made) >= 4096:
-                self._made.clear()
-            self._made[id(request)] = (request, result)
+            if self.table is table:  # not made from a table another thread replaced meanwhile
+                if len(self._made) >= 4096:
+                    self._made.clear()
+                self._made[id(request)] = (request, result)
         return result
+
+
+async def _quietly(read: Callable[[], Coroutine[object, object, None]]) -> None:
+    try:
+        await read()
+    except Exception as error:  # nobody awaits the task: a failure is logged, never raised
+        logger.debug("tokenlimit: reading live overrides failed: %r", error)
+
+
+class _Reader:
+    """One daemon thread that runs sync limiters' reads, in the order asked; it ends after a
+    minute without one and the next read starts another (so idle processes keep no thread)."""
+
+    IDLE = 60.0
+
+    def __init__(self) -> None:
+        self._after_fork()
+
+    def _after_fork(self) -> None:  # also in a forked child: the parent's thread is not there
+        self._cond = threading.Condition()
+        self._queue: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, read: Callable[[], None]) -> None:
+        with self._cond:
+            self._queue.append(read)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tokenlimit-overrides", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(self.IDLE)
+                if not self._queue:
+                    self._thread = None  # under the lock: the next submit starts another
+                    return
+                read = self._queue.pop(0)
+            try:
+                read()
+            except Exception as error:  # a read must never kill the thread
+                logger.debug("tokenlimit: reading live overrides failed: %r", error)
+
+
+READER = _Reader()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=READER._after_fork)
 
 
 def _differs(a: Override, b: Override) -> bool:
@@ -285,23 +361,31 @@ def _overridden(
     if refusal is not None:
         return refusal
     limits: list[Limit] = []
-    for limit in request.limits:
+    keys: list[str] = []
+    for key, limit in zip(request.keys, request.limits, strict=True):
         entry = table.get(limit.label)
         made = entry[0].limit if entry is not None else None
-        # The override's numbers under the limit's own label (headers and metrics keep it),
-        # leased as the limit is, within the override's burst.
         if made is None:
             limits.append(limit)
-        else:
-            lease = min(limit.lease, made.burst) if limit.lease else None
-            limits.append(Limit(made.rate, made.burst, name=limit.label, lease=lease))
+            keys.append(key)
+            continue
+        # The override's numbers under the limit's own label (headers and metrics keep it),
+        # leased as the limit is within the override's burst, on a bucket of the override's
+        # own: the limit's key with the override's id where the limit's was. Debt run up at
+        # the override's rate never meets the limit's (a strict override's minutes of debt
+        # would lock a 1 s bucket out for minutes once it ends), and the limit's bucket is
+        # as it was, refilled meanwhile, when the override ends.
+        lease = min(limit.lease, made.burst) if limit.lease else None
+        new = Limit(made.rate, made.burst, name=limit.label, lease=lease)
+        limits.append(new)
+        keys.append(key[: len(key) - len(limit._id)] + new._id)
     if all(new is old for new, old in zip(limits, request.limits, strict=True)):
         return request
     args = [str(request.cost)]
     for limit in limits:
         args.append(str(limit.interval_ns))
         args.append(str(limit.burst))
-    strings = (str(len(request.keys)), *request.keys, *args)
+    strings = (str(len(keys)), *keys, *args)
     return Request(
-        request.keys, tuple(args), tuple(limits), request.cost, pack_bulk(strings), len(strings)
+        tuple(keys), tuple(args), tuple(limits), request.cost, pack_bulk(strings), len(strings)
     )
