@@ -408,6 +408,9 @@ def test_a_silent_server_fails_every_caller_by_its_deadline(standalone: Any) -> 
             proxy.heal()
             for round_ in range(3):
                 await own_replies(patient, f"healed{round_}")
+            # The overrides reads those decisions started (off their time) end too.
+            reads = [lim._overrides._tasks for lim in (limiter, patient) if lim._overrides]
+            await asyncio.gather(*(task for tasks in reads for task in list(tasks)))
             pool = client.connection_pool
             assert await in_use_after_linger(pool) == 0  # every connection went back
         finally:
@@ -663,6 +666,11 @@ def test_a_small_plain_pool_stays_free_for_the_clients_other_calls(
             check = backend(limiter)._check  # the one server check takes a connection too
             if check is not None:
                 await check
+            # So does the overrides read the first decision started (one a second, off the
+            # decisions' time): let it finish, as the check.
+            live = limiter._overrides
+            assert live is not None
+            await asyncio.gather(*live._tasks)
             for i in range(30):
                 await limiter.try_acquire(f"small:{i}", Limit(SLOW, 5))
                 await asyncio.sleep(0.001)

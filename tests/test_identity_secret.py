@@ -39,6 +39,9 @@ django_project.setup()
 SECRET = "s3cr3t-for-the-hash-tests-Zq8wK"  # searched for in every output below
 OTHER = "another-secret-entirely-9vT2pLm"
 LIMIT = Limit(10, 20)
+# Where a loaded machine's pauses would refill a 10/s bucket (and expire its key) between a
+# charge and the check: one token per 100 s.
+SLOW_LIMIT = Limit(0.01, 20)
 ENV = "TOKENLIMIT_HASH_SECRET"
 
 
@@ -145,12 +148,12 @@ def test_one_secret_shares_buckets_in_memory() -> None:
     twin = AsyncRateLimiter(store, hash_secret=SECRET.encode())
     other = RateLimiter(store, hash_secret=OTHER)
     plain = RateLimiter(store)
-    sync.try_acquire("user:1", LIMIT, cost=5)
-    assert asyncio.run(twin.peek("user:1", LIMIT)).remaining == 15
-    asyncio.run(twin.try_acquire("user:1", LIMIT, cost=5))
-    assert sync.peek("user:1", LIMIT).remaining == 10
-    assert other.peek("user:1", LIMIT).remaining == 20
-    assert plain.peek("user:1", LIMIT).remaining == 20
+    sync.try_acquire("user:1", SLOW_LIMIT, cost=5)
+    assert asyncio.run(twin.peek("user:1", SLOW_LIMIT)).remaining == 15
+    asyncio.run(twin.try_acquire("user:1", SLOW_LIMIT, cost=5))
+    assert sync.peek("user:1", SLOW_LIMIT).remaining == 10
+    assert other.peek("user:1", SLOW_LIMIT).remaining == 20
+    assert plain.peek("user:1", SLOW_LIMIT).remaining == 20
 
 
 def test_one_secret_shares_buckets_on_a_server(target: Target) -> None:
@@ -159,7 +162,7 @@ def test_one_secret_shares_buckets_on_a_server(target: Target) -> None:
     async def charge_async(secret: str, cost: int) -> int:
         limiter = AsyncRateLimiter.from_url(target.url, timeout=5.0, hash_secret=secret)
         try:
-            return (await limiter.try_acquire(identity, LIMIT, cost=cost)).remaining
+            return (await limiter.try_acquire(identity, SLOW_LIMIT, cost=cost)).remaining
         finally:
             await limiter.aclose()
 
@@ -168,20 +171,20 @@ def test_one_secret_shares_buckets_on_a_server(target: Target) -> None:
         RateLimiter.from_url(target.url, timeout=5.0, hash_secret=OTHER) as other,
         RateLimiter.from_url(target.url, timeout=5.0) as plain,
     ):
-        assert keyed.try_acquire(identity, LIMIT, cost=4).remaining == 16
+        assert keyed.try_acquire(identity, SLOW_LIMIT, cost=4).remaining == 16
         assert asyncio.run(charge_async(SECRET, 3)) == 13
-        assert keyed.peek(identity, LIMIT).remaining == 13
-        assert other.peek(identity, LIMIT).remaining == 20
-        assert plain.try_acquire(identity, LIMIT).remaining == 19
-        assert keyed.peek(identity, LIMIT).remaining == 13
+        assert keyed.peek(identity, SLOW_LIMIT).remaining == 13
+        assert other.peek(identity, SLOW_LIMIT).remaining == 20
+        assert plain.try_acquire(identity, SLOW_LIMIT).remaining == 19
+        assert keyed.peek(identity, SLOW_LIMIT).remaining == 13
     client = target.client()
     try:
         stored = {key.decode() for key in client.scan_iter(match="tl:*")}
     finally:
         client.close()
-    keyed_key = f"tl:{{{keyed_tag(identity.encode(), SECRET.encode())}}}{LIMIT._id}"
+    keyed_key = f"tl:{{{keyed_tag(identity.encode(), SECRET.encode())}}}{SLOW_LIMIT._id}"
     assert keyed_key in stored
-    assert build_request("tl:", identity, LIMIT).keys[0] in stored  # the unkeyed limiter's
+    assert build_request("tl:", identity, SLOW_LIMIT).keys[0] in stored  # the unkeyed limiter's
     assert not any(SECRET in key or identity in key for key in stored)
 
 

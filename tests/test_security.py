@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -583,7 +584,13 @@ def test_live_overrides_need_only_their_hash_commands(acl_server: AclServer) -> 
     acl_server.grant(MINIMAL_RULES)  # no HGETALL: decisions as usual, the read refused once
     with RateLimiter.from_url(acl_server.url, timeout=5.0) as lim:
         for _ in range(3):
-            assert lim.try_acquire("k2", Limit(SLOW, 5, name="a")).allowed
+            assert lim.try_acquire("k2", Limit(SLOW, 10, name="a")).allowed
+        end = time.monotonic() + 5.0  # the first decision started a read, off its time
+        while "hgetall" not in {obj for _, obj in acl_server.denials()}:
+            assert time.monotonic() < end, "the overrides read was never tried"
+            time.sleep(0.02)
+        for _ in range(3):  # not asked again within the minute
+            assert lim.try_acquire("k2", Limit(SLOW, 10, name="a")).allowed
         with pytest.raises(BackendError, match=r"(?i)hset|can't run this command"):
             lim.set_override("a", "1/second", seconds=30)
     assert [obj for _, obj in acl_server.denials()].count("hgetall") == 1

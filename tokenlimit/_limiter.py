@@ -225,8 +225,11 @@ class RateLimiter(LimiterBase[SyncBackend]):
         started = time.perf_counter()
         live = self._overrides
         if live is not None:
-            if started >= live.due and live.claim(started):  # read off this caller's time
-                READER.submit(lambda: self._refresh_overrides(live, time.perf_counter()))
+            if started >= live.due and live.claim(started):
+                try:  # (the next read is due a second from now: this call does not come back)
+                    return self._decide(request, consume=consume)
+                finally:  # then read, off this caller's time, its connection given back
+                    READER.submit(lambda: self._refresh_overrides(live, time.perf_counter()))
             if live.table:
                 made = live.apply(request, started)
                 if isinstance(made, Decision):  # a blocked limit: refused without the server
@@ -505,8 +508,11 @@ class AsyncRateLimiter(LimiterBase[AsyncBackend]):
         started = time.perf_counter()
         live = self._overrides
         if live is not None:
-            if started >= live.due and live.claim(started):  # read off this caller's time
-                live.read_in_task(lambda: self._refresh_overrides(live, started))
+            if started >= live.due and live.claim(started):
+                try:  # (the next read is due a second from now: this call does not come back)
+                    return await self._decide(request, consume=consume)
+                finally:  # then read, off this caller's time, its connection given back
+                    live.read_in_task(lambda: self._refresh_overrides(live, time.perf_counter()))
             if live.table:
                 made = live.apply(request, started)
                 if isinstance(made, Decision):  # a blocked limit: refused without the server
