@@ -59,6 +59,7 @@ def _spend(limiter: RateLimiter, key: str, limit: Limit, n: int) -> int:
         ({"name": "api", "limit": "5/s", "seconds": 10, "reason": "x\n"}, "reason"),
         ({"name": "api", "limit": Limit(5), "seconds": 10, "burst": 3}, "burst"),
         ({"name": "api", "limit": "5/s", "seconds": 10, "burst": 0}, "burst"),
+        ({"name": "api", "seconds": 10, "block": True, "burst": 3}, "burst"),
     ],
 )
 def test_bad_overrides_name_the_parameter_and_write_nothing(

@@ -100,6 +100,8 @@ def check_override(
     if block:
         if limit is not None:
             raise ConfigError("limit", "give a limit or block=True, not both")
+        if burst is not None:
+            raise ConfigError("burst", "a blocked limit has no burst: leave it out")
         payload: dict[str, object] = {"block": True}
     else:
         if limit is None:
