@@ -868,7 +868,8 @@ def test_sync_readonly_retires_the_connections_in_an_exchange(
                 seen.append(error.__cause__)
             admin.replicaof("NO", "ONE")
 
-    with RateLimiter.from_url(own_server.url, timeout=5.0) as limiter:
+    # Overrides off: no read on the reader thread borrows the connection this test follows.
+    with RateLimiter.from_url(own_server.url, timeout=5.0, overrides=False) as limiter:
         for _ in range(2):  # the first lends its connection to the server check
             assert limiter.try_acquire("before", limit).allowed
         lanes = limiter.backend._lanes  # type: ignore[attr-defined]
