@@ -344,7 +344,9 @@ def test_refusal_is_answered_without_a_round_trip(
 ) -> None:
     lim = Limit(SLOW, 2)
     with (
-        RateLimiter.from_url(standalone.url, timeout=5.0) as limiter,
+        RateLimiter.from_url(
+            standalone.url, timeout=5.0, overrides=False
+        ) as limiter,  # commands counted
         redis.Redis.from_url(standalone.url) as admin,
     ):
         calls = Calls(monkeypatch, limiter)

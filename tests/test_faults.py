@@ -154,9 +154,11 @@ def bare_options() -> dict[str, Any]:
 def sync_limiter(kind: str, proxy: FaultProxy, **options: Any) -> Iterator[RateLimiter]:
     """``url``: from_url; ``client``: a user's ``redis.Redis`` with redis-py's default retry
     policy; ``bare-client``: the same without a connect handshake. The circuit breaker is off:
-    these tests follow every call to the server (test_breaker.py tests the breaker)."""
+    these tests follow every call to the server (test_breaker.py tests the breaker), and count
+    the scripts it ran: the overrides read is off too (test_overrides.py tests it under faults)."""
     options.setdefault("timeout", TIMEOUT)
     options.setdefault("breaker", False)
+    options.setdefault("overrides", False)
     if kind == "url":
         with RateLimiter.from_url(proxy.url, **options) as limiter:
             yield limiter
@@ -175,6 +177,7 @@ def sync_limiter(kind: str, proxy: FaultProxy, **options: Any) -> Iterator[RateL
 async def async_limiter(kind: str, proxy: FaultProxy, **options: Any) -> AsyncIterator[Any]:
     options.setdefault("timeout", TIMEOUT)
     options.setdefault("breaker", False)  # as in sync_limiter
+    options.setdefault("overrides", False)
     if kind == "url":
         async with AsyncRateLimiter.from_url(proxy.url, **options) as limiter:
             yield limiter
