@@ -543,7 +543,9 @@ def test_deadline_landing_anywhere_in_the_connect_async(bed1: Bed) -> None:
         latencies = []
         try:
             for i in range(calls):
-                limiter = AsyncRateLimiter(client, timeout=0.0002 + (i % 40) * 0.0001)
+                limiter = AsyncRateLimiter(
+                    client, timeout=0.0002 + (i % 40) * 0.0001, overrides=False
+                )
                 task = asyncio.ensure_future(atimed(limiter.try_acquire("k", Limit(SLOW, 5))))
                 # asyncio.wait, unlike wait_for, cannot lose the test's own deadline.
                 done, _ = await asyncio.wait((task,), timeout=BOUND + 1)
@@ -660,7 +662,7 @@ def test_fastapi_answers_503_while_the_server_refuses(bed1: Bed) -> None:
 
     from tokenlimit.integrations.fastapi import RateLimit, install_handlers
 
-    limiter = AsyncRateLimiter.from_url(bed1.proxy.url, timeout=TIMEOUT)
+    limiter = AsyncRateLimiter.from_url(bed1.proxy.url, timeout=TIMEOUT, overrides=False)
     api = FastAPI()
     install_handlers(api)
 
@@ -826,7 +828,7 @@ def test_no_poisoned_connections_after_many_cancelled_async_calls(bed1: Bed, poo
                 host=proxy.host, port=proxy.port, max_connections=8
             )
             client = redis.asyncio.Redis(connection_pool=blocking)
-            context = AsyncRateLimiter(client, timeout=TIMEOUT, breaker=False)
+            context = AsyncRateLimiter(client, timeout=TIMEOUT, breaker=False, overrides=False)
         async with context as limiter:
             await verify_async(limiter, "before")
             before = scripts_ran(bed1.admin)
@@ -905,7 +907,7 @@ def test_small_blocking_pool_many_threads_never_hang(bed1: Bed) -> None:
         host=bed1.proxy.host, port=bed1.proxy.port, max_connections=2, timeout=5
     )
     client = redis.Redis(connection_pool=pool)
-    limiter = RateLimiter(client, timeout=TIMEOUT, breaker=False)
+    limiter = RateLimiter(client, timeout=TIMEOUT, breaker=False, overrides=False)
     limits = [Limit(SLOW, 500 + t) for t in range(threads)]
     per_key: dict[int, Counter[str]] = {t: Counter() for t in range(threads)}
     per_phase: dict[str, Counter[str]] = {}
@@ -970,7 +972,7 @@ def test_small_async_blocking_pool_many_tasks_never_hang(bed1: Bed) -> None:
             host=bed1.proxy.host, port=bed1.proxy.port, max_connections=2
         )
         client = redis.asyncio.Redis(connection_pool=pool)
-        limiter = AsyncRateLimiter(client, timeout=TIMEOUT, breaker=False)
+        limiter = AsyncRateLimiter(client, timeout=TIMEOUT, breaker=False, overrides=False)
 
         async def work(t: int) -> list[tuple[int, float, Decision | BackendError]]:
             return [
@@ -1018,7 +1020,7 @@ def test_from_url_more_threads_than_connections(bed1: Bed) -> None:
     (within the deadline) rather than fail at once while the server is healthy."""
     threads, burst = 150, 1000
     bed1.proxy.latency(0.02)  # each decision holds its connection a while
-    with RateLimiter.from_url(bed1.proxy.url, timeout=2.0) as limiter:
+    with RateLimiter.from_url(bed1.proxy.url, timeout=2.0, overrides=False) as limiter:
         barrier = threading.Barrier(threads)
         results: list[tuple[float, Decision | BackendError]] = []
 
