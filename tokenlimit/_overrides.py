@@ -175,7 +175,17 @@ class LiveOverrides:
     """One limiter's view of the overrides: the table in force, when to read it again, and the
     requests it rewrote. Thread-safe; never does IO (the limiter reads and calls ``update``)."""
 
-    __slots__ = ("_clock", "_lock", "_made", "_on_change", "_tasks", "closed", "due", "table")
+    __slots__ = (
+        "_clock",
+        "_lock",
+        "_made",
+        "_on_change",
+        "_tasks",
+        "closed",
+        "due",
+        "ends",
+        "table",
+    )
 
     def __init__(
         self,
@@ -188,6 +198,7 @@ class LiveOverrides:
         self._on_change = on_change
         # label -> (override, perf_counter time it ends); read without the lock (replaced whole).
         self.table: dict[str, tuple[Override, float]] = {}
+        self.ends = math.inf  # when the first override in the table ends (perf_counter)
         self.due = -math.inf  # perf_counter time of the next read
         self.closed = False  # the limiter closed: reads queued before it never run
         self._made: dict[int, tuple[Request, Request | Decision]] = {}
@@ -222,6 +233,7 @@ class LiveOverrides:
         new = {item.name: (item, now + item.expires_in) for item in overrides}
         with self._lock:
             old, self.table = self.table, new
+            self.ends = _first_end(new)
             self._made = {}
         self._report(old, new)
 
@@ -233,6 +245,7 @@ class LiveOverrides:
             if len(new) == len(old):
                 return
             self.table = new
+            self.ends = _first_end(new)
             self._made = {}
         self._report(old, new)
 
@@ -261,12 +274,9 @@ class LiveOverrides:
     def apply(self, request: Request, now: float) -> Request | Decision:
         """``request`` with the overridden limits (same keys), or the refusal of a blocked one.
         Called only while the table holds something."""
+        if now >= self.ends:
+            self.expire(now)
         table = self.table
-        for entry in table.values():
-            if entry[1] <= now:
-                self.expire(now)
-                table = self.table
-                break
         made = self._made.get(id(request))
         if made is not None and made[0] is request:
             result = made[1]
@@ -331,6 +341,10 @@ class _Reader:
 READER = _Reader()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=READER._after_fork)
+
+
+def _first_end(table: dict[str, tuple[Override, float]]) -> float:
+    return min((ends for _, ends in table.values()), default=math.inf)
 
 
 def _differs(a: Override, b: Override) -> bool:
