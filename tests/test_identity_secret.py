@@ -287,8 +287,10 @@ def test_a_bad_secret_in_the_environment_names_the_variable(
 def test_rate_limit_decorator_uses_the_environment_secret(
     standalone: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TOKENLIMIT_URL", standalone.url)
     monkeypatch.setenv(ENV, SECRET)
+    # configure() reads the environment as the unconfigured default does (the memory test above
+    # shows both); it is used here for a deadline a loaded 2-core CI machine always meets.
+    tokenlimit.configure(standalone.url, timeout=5.0)
 
     @tokenlimit.rate_limit("2/minute", key="user:{who}")
     def work(who: str) -> str:
@@ -354,7 +356,8 @@ def test_flask_refuses_a_secret_it_would_not_apply() -> None:
 def test_django_reads_hash_secret_then_the_environment(
     standalone: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base = {**django_project.BASE, "TOKENLIMIT": {"URL": standalone.url, "LIMIT": "3/hour"}}
+    entry = {"URL": standalone.url, "LIMIT": "3/hour", "TIMEOUT": 5.0}
+    base = {**django_project.BASE, "TOKENLIMIT": entry}
     cases = [({"HASH_SECRET": SECRET}, OTHER), ({}, SECRET)]  # (entry, environment)
     for entry, env in cases:
         monkeypatch.setenv(ENV, env)
