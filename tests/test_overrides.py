@@ -168,8 +168,12 @@ def test_refund_hold_back_and_reset_act_on_the_buckets_in_force(url: str) -> Non
 def test_block_refuses_without_the_server_until_it_ends(url: str) -> None:
     with RateLimiter.from_url(url, timeout=5.0) as limiter:
         limiter.set_override("api", block=True, seconds=0.6)
-        refused = limiter.try_acquire("k", [API, Limit(1000, 100, name="other")])
+        limits = [API, Limit(1000, 100, name="other")]
+        refused = limiter.try_acquire("k", limits)
         assert not refused.allowed
+        # Every call, not only the first: a repeated call reuses what the table made of it.
+        assert not any(limiter.try_acquire("k", limits) for _ in range(5))
+        assert not any(limiter.try_acquire("k", API) for _ in range(5))
         assert 0.4 < refused.retry_after <= 0.6
         assert refused.policy is not None
         assert refused.policy.label == "api"

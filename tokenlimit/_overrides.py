@@ -282,7 +282,10 @@ class LiveOverrides:
             result = made[1]
             if not isinstance(result, Decision):
                 return result
-            return _blocked(request, table, now) or request  # its retry_after moves on
+            # Made a refusal before: still one, its retry_after moved on (a Decision is falsy
+            # when refused, so never `or`), or the call itself once the block is gone.
+            blocked = _blocked(request, table, now)
+            return request if blocked is None else blocked
         result = _overridden(request, table, now)
         with self._lock:
             if self.table is table:  # not made from a table another thread replaced meanwhile
