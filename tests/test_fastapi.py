@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import http_sfv
 import pytest
 import redis
+from conftest import Target
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
@@ -30,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import tokenlimit
+import tokenlimit.testing
 from servers import free_port
 from tokenlimit import (
     AsyncRateLimiter,
@@ -40,6 +42,7 @@ from tokenlimit import (
     MemoryBackend,
     RateLimiter,
 )
+from tokenlimit._overrides import REFRESH
 from tokenlimit.integrations import fastapi as tl_fastapi
 from tokenlimit.integrations._common import api_key_identity
 from tokenlimit.integrations.fastapi import (
@@ -48,6 +51,7 @@ from tokenlimit.integrations.fastapi import (
     RateLimitMiddleware,
     install_handlers,
 )
+from tokenlimit.testing import FakeClock
 
 SLOW = 0.01  # tokens per second: one token per 100 s, so nothing refills during a test
 THREE = Limit(SLOW, 3)  # label "3-per-300s": q=3, w=300; each token adds 100 s to t
@@ -1242,3 +1246,63 @@ def test_request_state_holds_the_request_decision() -> None:
         # The middleware's 3 (1 left) and the route's 2 (0 left): the route's is the worst.
         assert client.get("/own").json() == {"limit": 2, "remaining": 0, "parts": 2}
         assert client.get("/health").json() is None  # exempt: nothing decided
+
+
+# -- leased limits ----------------------------------------------------------------------------
+def leased_app(limit: Limit, limiter: AsyncRateLimiter) -> FastAPI:
+    """``/global``: one bucket for every caller, on a leased limit."""
+    api = FastAPI()
+    install_handlers(api)
+    dependency = RateLimit(limit, limiter=limiter, key=lambda request: "global")
+
+    @api.get("/global", dependencies=[Depends(dependency)])
+    async def global_route() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    return api
+
+
+def test_a_leased_route_admits_the_burst_exactly_mostly_from_held_tokens(
+    standalone: Target,
+) -> None:
+    limit = Limit(SLOW, 20, lease=5)
+    limiter = AsyncRateLimiter.from_url(standalone.url, timeout=5.0)
+    table = limiter._leases
+    assert table is not None
+    with TestClient(leased_app(limit, limiter)) as client:
+        answers = [client.get("/global") for _ in range(25)]
+        assert [a.status_code for a in answers] == [200] * 20 + [429] * 5
+        for answer in answers[:20]:
+            assert int(answer.headers["x-ratelimit-remaining"]) <= 20
+            assert all(name in answer.headers for name in LIMIT_FIELDS)
+        assert answers[-1].headers["retry-after"]
+        assert table.handed >= 10  # most admissions came from held tokens, none beyond the burst
+    with RateLimiter.from_url(standalone.url, timeout=5.0) as sync:
+        assert sync.peek(bucket("global", "GET /global"), limit).remaining == 0
+
+
+def test_held_tokens_yield_to_the_kill_switch_and_to_a_live_override() -> None:
+    """Held tokens answer without the store, but never past what would answer first: the
+    kill switch, and a live override (here one that blocks the limit)."""
+    store = MemoryBackend(clock=FakeClock())  # leases never expire: tokens stay held
+    limiter, admin = AsyncRateLimiter(store), RateLimiter(store)
+    table = limiter._leases
+    assert table is not None
+    with TestClient(leased_app(Limit(SLOW, 1000, lease=50, name="api"), limiter)) as client:
+        for _ in range(40):  # the lease grows while used up
+            assert client.get("/global").status_code == 200
+        assert table.held() > 0
+        handed = table.handed
+        with tokenlimit.testing.disabled():  # admits, touching nothing: not the held tokens
+            assert client.get("/global").status_code == 200
+        assert table.handed == handed
+        admin.set_override("api", block=True, seconds=600)
+        time.sleep(REFRESH + 0.1)  # the next read is due: the next decision starts it
+        deadline = time.monotonic() + 5.0
+        while client.get("/global").status_code == 200:
+            assert time.monotonic() < deadline, "the override was never applied"
+            time.sleep(0.01)
+        held, handed = table.held(), table.handed
+        assert held > 0  # tokens are still held here, and not one is handed out while blocked
+        assert [client.get("/global").status_code for _ in range(3)] == [429] * 3
+        assert (table.held(), table.handed) == (held, handed)

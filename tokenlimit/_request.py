@@ -82,21 +82,18 @@ def build_request(
     hasher: hashlib.blake2b | None = None,
 ) -> Request:
     """Validate one call's arguments and turn them into keys and packed script arguments."""
-    if (
-        type(key) is str
-        and type(cost) is int
-        and (
-            type(limit) is Limit
-            or (type(limit) is tuple and all(type(item) is Limit for item in limit))
-        )
-    ):
+    if type(key) is str and type(cost) is int and (type(limit) is Limit or type(limit) is tuple):
         entry = (prefix, key, limit, cost, hasher)
-        request = _cache.get(entry)
-        if request is None or (
-            request.limits[0] is not limit  # the caller's own Limit: labelled as it wants
-            and request.limits is not limit  # the caller's own tuple, kept by _build
-            and not _spelled_alike(request.limits, limit)
-        ):
+        try:
+            request = _cache.get(entry)
+        except TypeError:  # an unhashable item in a tuple: _build names the parameter
+            return _build(prefix, key, limit, cost, hasher)
+        # A hit on the caller's own Limit or tuple (_build keeps it): made from it, so checked.
+        if request is not None and (request.limits[0] is limit or request.limits is limit):
+            return request
+        if type(limit) is tuple and not all(type(item) is Limit for item in limit):
+            return _build(prefix, key, limit, cost, hasher)
+        if request is None or not _spelled_alike(request.limits, limit):
             request = _build(prefix, key, limit, cost, hasher)
             if len(key) <= _CACHED_KEY_CHARS:  # checked on a miss only: hits cost nothing more
                 if len(_cache) >= _CACHE_SIZE:

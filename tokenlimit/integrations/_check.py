@@ -41,6 +41,7 @@ from tokenlimit.integrations._common import (
     custom_identity,
     decide_async,
     decide_sync,
+    held_tokens,
     rate_limit_headers,
     record_request,
     refund_async,
@@ -282,7 +283,7 @@ def _steps(
     identity = None
     if policy.key is not None:
         named = policy.key(request)
-        if inspect.isawaitable(named):
+        if type(named) is not str and inspect.isawaitable(named):
             named = yield named
         identity = custom_identity(named)
     if identity is None:
@@ -306,14 +307,20 @@ def _steps(
         else:
             limits = policy.limits_for(request)
     key = bucket_key(identity, route=route, scope=scope)
-    if ledger is not None:
+    if ledger:  # (empty on a request's first check, as most are: no lookup)
         earlier = ledger.get((key, limits))
         if earlier is not None:
             return answer(policy, earlier, repeated=True)
     decision: Decision  # also what the yield below is sent back
     try:
         if asynchronous:
-            decision = yield decide_async(limiter, key, limits, policy.cost, shadow=policy.shadow)
+            held = held_tokens(limiter, key, limits, policy.cost) if limits[0].lease else None
+            if held is not None:
+                decision = held
+            else:
+                decision = yield decide_async(
+                    limiter, key, limits, policy.cost, shadow=policy.shadow
+                )
         else:
             decision = decide_sync(limiter, key, limits, policy.cost, shadow=policy.shadow)
     except BackendError as error:

@@ -21,6 +21,7 @@ from typing import Generic, TypeAlias, TypeVar
 from tokenlimit._backend import is_remote
 from tokenlimit._decision import Decision
 from tokenlimit._errors import ConfigError, ConfigTypeError
+from tokenlimit._leasing import held_admission
 from tokenlimit._limit import Limit
 from tokenlimit._limiter import AsyncRateLimiter, RateLimiter
 from tokenlimit._plan import LimitChoice, LimitPlan, LimitSpec
@@ -42,6 +43,7 @@ __all__ = [
     "decide_async",
     "decide_sync",
     "default_identity",
+    "held_tokens",
     "ip_identity",
     "rate_limit_headers",
     "record_request",
@@ -51,6 +53,7 @@ __all__ = [
     "response_headers",
     "retry_after_seconds",
     "unavailable_body",
+    "unix_socket_peer",
 ]
 
 logger = logging.getLogger("tokenlimit")
@@ -94,7 +97,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
-def _unix_socket_peer(peer: str | None) -> bool:
+def unix_socket_peer(peer: str | None) -> bool:
     """True for the peer a server reports for a unix-socket connection: none, ``""``, or the
     socket's path. Only a local process (a proxy) can connect there."""
     return not peer or peer.startswith(("/", "unix:"))
@@ -141,14 +144,14 @@ class TrustedProxies:
     def ignores_header(self, peer: str | None) -> bool:
         """True when ``X-Forwarded-For`` cannot matter for ``peer``, known without parsing it:
         no proxy is trusted and the peer is no unix socket."""
-        return not self.hops and not self.networks and not _unix_socket_peer(peer)
+        return not self.hops and not self.networks and not unix_socket_peer(peer)
 
     def reads_header(self, peer: str | None, peer_ip: IPAddress | None) -> bool:
         """Whether ``X-Forwarded-For`` may name the client of a request from ``peer``."""
         if self.hops:
             return True
         if peer_ip is None:
-            return _unix_socket_peer(peer)
+            return unix_socket_peer(peer)
         return self._trusted(peer_ip)
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> IPAddress | None:
@@ -556,6 +559,14 @@ async def decide_async(
     if _in_process(limiter):
         return limiter.try_acquire(key, limits, cost=cost)
     return await asyncio.to_thread(limiter.try_acquire, key, limits, cost=cost)
+
+
+def held_tokens(
+    limiter: RateLimiter | AsyncRateLimiter, key: str, limits: Sequence[Limit], cost: int
+) -> Decision | None:
+    """An admission on a leased limit from tokens this process holds (no IO, nothing awaited),
+    or None: ``decide_async`` decides. A shadow twin would admit it alike."""
+    return held_admission(limiter, limiter._request(key, limits, cost))
 
 
 async def refund_async(

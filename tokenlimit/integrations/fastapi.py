@@ -58,6 +58,7 @@ from tokenlimit.integrations._common import (
     response_headers,
     retry_after_seconds,
     unavailable_body,
+    unix_socket_peer,
 )
 
 with needs_extra("fastapi", "fastapi", feature=__name__):
@@ -149,7 +150,7 @@ class _Guarded:
     """What the dependency and the middleware share: a policy, a limiter, a failure log, and
     reading the request facts off an ASGI scope."""
 
-    __slots__ = ("_api_key_name", "_limiter", "_log", "policy")
+    __slots__ = ("_api_key_name", "_limiter", "_log", "_reads_headers", "policy")
 
     def __init__(self, policy: Policy[Request], limiter: Limiter | None) -> None:
         self.policy = policy
@@ -157,6 +158,10 @@ class _Guarded:
         self._log = ThrottledLog()
         header = policy.api_key_header
         self._api_key_name = header.lower().encode("latin-1") if header else None
+        # Whether every request's headers are read (else only one from a unix socket, whose
+        # X-Forwarded-For names the client: see TrustedProxies).
+        proxies = policy.proxies
+        self._reads_headers = bool(header or proxies.hops or proxies.networks)
 
     def _resolve(self) -> Limiter:
         # Resolved per request, so ``configure()`` may run after the app is built.
@@ -169,19 +174,22 @@ class _Guarded:
         """
         template = _template(scope) if routed else None
         route = f"{scope.get('method', 'WEBSOCKET')} {template or '*'}" if routed else None
-        # One pass over the raw headers. Several X-Forwarded-For lines are one comma-separated
-        # list (RFC 9110 5.3): reading only the first would let a client's own line stand in
-        # for the one its proxy added.
+        client = scope.get("client")
+        peer = client[0] if client else None
+        # One pass over the raw headers, where the policy reads any of them: X-Forwarded-For
+        # only matters behind a trusted proxy or a unix socket. Several X-Forwarded-For lines
+        # are one comma-separated list (RFC 9110 5.3): reading only the first would let a
+        # client's own line stand in for the one its proxy added.
         forwarded: str | None = None
         api_key: str | None = None
         wanted = self._api_key_name
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                line = value.decode("latin-1")
-                forwarded = line if forwarded is None else f"{forwarded}, {line}"
-            elif name == wanted and api_key is None:
-                api_key = value.decode("latin-1")
-        client = scope.get("client")
+        if self._reads_headers or unix_socket_peer(peer):
+            for name, value in scope["headers"]:
+                if name == b"x-forwarded-for":
+                    line = value.decode("latin-1")
+                    forwarded = line if forwarded is None else f"{forwarded}, {line}"
+                elif name == wanted and api_key is None:
+                    api_key = value.decode("latin-1")
         user = scope.get("user")
         ledger = scope.get(_LEDGER)
         if ledger is None:  # made once per request (an empty one is falsy, so test for None)
@@ -189,7 +197,7 @@ class _Guarded:
         return RequestFacts(
             request,
             scope["path"],
-            client[0] if client else None,
+            peer,
             forwarded or None,
             api_key,
             None if user is None else functools.partial(_user_id, user),
@@ -380,9 +388,27 @@ def _status_of(error: Exception) -> int:
     return 422 if isinstance(error, RequestValidationError) else 500
 
 
+# The names the check's verdicts carry, as ASGI spells them (any other is encoded per call).
+_RAW_NAMES = {
+    name: name.lower().encode("latin-1")
+    for name in (
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Retry-After",
+    )
+}
+
+
 def _raw(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Header fields as ASGI wants them: lower-case byte names, byte values."""
-    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields]
+    names = _RAW_NAMES
+    return [
+        (names.get(name) or name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in fields
+    ]
 
 
 async def _answer(
