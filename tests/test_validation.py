@@ -374,10 +374,15 @@ def test_invalid_calls_consume_nothing(limiter: RateLimiter) -> None:
         lambda: limiter.acquire("h", [a, b], timeout=-1),
         lambda: limiter.acquire("h", [a, b], cost=4, timeout=5),
         lambda: limiter.reset("h", [a, 5]),  # type: ignore[list-item]
+        lambda: limiter.try_acquire("h", (a, "garbage")),  # type: ignore[arg-type]
     ]
     for call in bad_calls:
         with pytest.raises((ConfigError, TypeError)):
             call()
+    # An unhashable item in a tuple of limits (the request cache's key): named like any other.
+    with pytest.raises(ConfigError, match="limit") as info:
+        limiter.try_acquire("h", (a, []))  # type: ignore[arg-type]
+    assert info.value.param == "limit"
     after = (limiter.peek("h", a).remaining, limiter.peek("h", b).remaining)
     assert after == before
 
