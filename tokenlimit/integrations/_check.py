@@ -315,12 +315,9 @@ def _steps(
     try:
         if asynchronous:
             held = held_tokens(limiter, key, limits, policy.cost) if limits[0].lease else None
-            if held is not None:
-                decision = held
-            else:
-                decision = yield decide_async(
-                    limiter, key, limits, policy.cost, shadow=policy.shadow
-                )
+            if held is None:
+                held = yield decide_async(limiter, key, limits, policy.cost, shadow=policy.shadow)
+            decision = held
         else:
             decision = decide_sync(limiter, key, limits, policy.cost, shadow=policy.shadow)
     except BackendError as error:

@@ -53,7 +53,6 @@ __all__ = [
     "response_headers",
     "retry_after_seconds",
     "unavailable_body",
-    "unix_socket_peer",
 ]
 
 logger = logging.getLogger("tokenlimit")
@@ -97,7 +96,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
-def unix_socket_peer(peer: str | None) -> bool:
+def _unix_socket_peer(peer: str | None) -> bool:
     """True for the peer a server reports for a unix-socket connection: none, ``""``, or the
     socket's path. Only a local process (a proxy) can connect there."""
     return not peer or peer.startswith(("/", "unix:"))
@@ -144,14 +143,14 @@ class TrustedProxies:
     def ignores_header(self, peer: str | None) -> bool:
         """True when ``X-Forwarded-For`` cannot matter for ``peer``, known without parsing it:
         no proxy is trusted and the peer is no unix socket."""
-        return not self.hops and not self.networks and not unix_socket_peer(peer)
+        return not self.hops and not self.networks and not _unix_socket_peer(peer)
 
     def reads_header(self, peer: str | None, peer_ip: IPAddress | None) -> bool:
         """Whether ``X-Forwarded-For`` may name the client of a request from ``peer``."""
         if self.hops:
             return True
         if peer_ip is None:
-            return unix_socket_peer(peer)
+            return _unix_socket_peer(peer)
         return self._trusted(peer_ip)
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> IPAddress | None:

@@ -58,7 +58,6 @@ from tokenlimit.integrations._common import (
     response_headers,
     retry_after_seconds,
     unavailable_body,
-    unix_socket_peer,
 )
 
 with needs_extra("fastapi", "fastapi", feature=__name__):
@@ -150,7 +149,7 @@ class _Guarded:
     """What the dependency and the middleware share: a policy, a limiter, a failure log, and
     reading the request facts off an ASGI scope."""
 
-    __slots__ = ("_api_key_name", "_limiter", "_log", "_reads_headers", "policy")
+    __slots__ = ("_api_key_name", "_limiter", "_log", "policy")
 
     def __init__(self, policy: Policy[Request], limiter: Limiter | None) -> None:
         self.policy = policy
@@ -158,10 +157,6 @@ class _Guarded:
         self._log = ThrottledLog()
         header = policy.api_key_header
         self._api_key_name = header.lower().encode("latin-1") if header else None
-        # Whether every request's headers are read (else only one from a unix socket, whose
-        # X-Forwarded-For names the client: see TrustedProxies).
-        proxies = policy.proxies
-        self._reads_headers = bool(header or proxies.hops or proxies.networks)
 
     def _resolve(self) -> Limiter:
         # Resolved per request, so ``configure()`` may run after the app is built.
@@ -183,7 +178,7 @@ class _Guarded:
         forwarded: str | None = None
         api_key: str | None = None
         wanted = self._api_key_name
-        if self._reads_headers or unix_socket_peer(peer):
+        if wanted is not None or not self.policy.proxies.ignores_header(peer):
             for name, value in scope["headers"]:
                 if name == b"x-forwarded-for":
                     line = value.decode("latin-1")
