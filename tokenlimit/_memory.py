@@ -6,8 +6,9 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
-from ._model import decide
+from ._model import LimitResult, decide
 from ._model import hold as hold_buckets
 from ._model import lease as lease_buckets
 from ._model import refund as refund_buckets
@@ -16,6 +17,30 @@ from ._slots import hold, release
 from ._validate import check_int
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]
+
+
+class _Answer(Protocol):
+    """What the model's ``decide``, ``hold``, ``refund`` and ``lease`` answer alike."""
+
+    @property
+    def now(self) -> int: ...
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def results(self) -> tuple[LimitResult, ...]: ...
+    @property
+    def new_states(self) -> Sequence[int | None] | None: ...
+
+
+_A = TypeVar("_A", bound=_Answer)
+
+
+def _reply(answer: _Answer) -> list[int]:
+    """``answer`` as the scripts reply: the time, all-or-nothing, then four numbers a limit."""
+    reply = [answer.now, int(answer.allowed)]
+    for result in answer.results:
+        reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
+    return reply
 
 
 class MemoryBackend:
@@ -59,10 +84,7 @@ class MemoryBackend:
             if outcome.new_states is not None:
                 for key, state in zip(request.keys, outcome.new_states, strict=True):
                     self._store(key, state)
-        reply = [outcome.now, int(outcome.allowed)]
-        for result in outcome.results:
-            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
-        return reply
+        return _reply(outcome)
 
     def reset(self, request: Request, *, timeout: float = 0.0) -> None:
         with self._lock:
@@ -71,51 +93,42 @@ class MemoryBackend:
 
     def hold_back(self, request: Request, hold_us: int, *, timeout: float = 0.0) -> list[int]:
         """Hold the buckets back ``hold_us`` µs, as the holdback script does on a server."""
-        with self._lock:
-            now = self.now_us()
-            self._sweep(now)
-            states = [self._states.get(key) for key in request.keys]
-            outcome = hold_buckets(states, request.params, hold_us, now)
-            assert outcome.new_states is not None  # a hold always says every bucket's state
-            for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
-                if new != old:
-                    self._store(key, new)
-        reply = [outcome.now, int(outcome.allowed)]
-        for result in outcome.results:
-            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
-        return reply
+        params = request.params
+        held = self._rewrite(
+            request, lambda now, states: hold_buckets(states, params, hold_us, now)
+        )
+        return _reply(held)
 
     def refund(self, request: Request, *, timeout: float = 0.0) -> list[int]:
         """Give ``request.cost`` tokens back, as the refund script does on a server."""
-        with self._lock:
-            now = self.now_us()
-            self._sweep(now)
-            states = [self._states.get(key) for key in request.keys]
-            outcome = refund_buckets(states, request.params, request.cost, now)
-            for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
-                if new is not None and new != old:
-                    self._store(key, new)
-        reply = [outcome.now, int(outcome.allowed)]
-        for result in outcome.results:
-            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
-        return reply
+        params, cost = request.params, request.cost
+        refunded = self._rewrite(
+            request, lambda now, states: refund_buckets(states, params, cost, now)
+        )
+        return _reply(refunded)
 
     def lease(self, request: Request, want: int, back: int, *, timeout: float = 0.0) -> list[int]:
         """Give ``back`` tokens back and take up to ``want`` (at least ``request.cost``), as the
         lease script does on a server; the reply ends with the tokens granted."""
+        params, cost = request.params, request.cost
+        leased = self._rewrite(
+            request, lambda now, states: lease_buckets(states, params, cost, want, back, now)
+        )
+        return [*_reply(leased), leased.granted]
+
+    def _rewrite(self, request: Request, compute: Callable[[int, list[int | None]], _A]) -> _A:
+        """``compute(now, states)`` on the request's buckets under the lock, each state it
+        changes stored: a script's read, compute and write, atomic here as there."""
         with self._lock:
             now = self.now_us()
             self._sweep(now)
             states = [self._states.get(key) for key in request.keys]
-            outcome = lease_buckets(states, request.params, request.cost, want, back, now)
-            for key, old, new in zip(request.keys, states, outcome.new_states, strict=True):
-                if new is not None and new != old:
-                    self._store(key, new)
-        reply = [outcome.now, int(outcome.allowed)]
-        for result in outcome.results:
-            reply.extend((int(result.allowed), result.remaining, result.retry_us, result.reset_us))
-        reply.append(outcome.granted)
-        return reply
+            answer = compute(now, states)
+            if answer.new_states is not None:
+                for key, old, new in zip(request.keys, states, answer.new_states, strict=True):
+                    if new is not None and new != old:
+                        self._store(key, new)
+        return answer
 
     def overrides(self, key: str, args: Sequence[str], *, timeout: float = 0.0) -> list[object]:
         """Set, clear or list live overrides, as the override script does on a server."""
