@@ -335,6 +335,48 @@ def test_noscript_in_the_middle_of_a_batch(standalone: Any, admin: redis.Redis) 
     assert ran["eval"] >= 3  # at least one EVAL per round: the takes that met NOSCRIPT
 
 
+def test_leases_refunds_and_holds_share_the_batches(standalone: Any, admin: redis.Redis) -> None:
+    """A lease refill, a refund and a hold-back are script calls like a decision: they go in
+    the loop's batches (one write with the decisions around them), each run once, and one
+    that meets NOSCRIPT (the lease script is not loaded) goes again as EVAL."""
+    leased = Limit(SLOW, 1000, lease=64)
+    plain = Limit(SLOW, 1000)
+
+    async def main() -> tuple[int, int, int]:
+        async with batched(standalone.url) as limiter:
+            before = backend(limiter).batch_counts()
+            admitted = 0
+            for _ in range(40):  # a lease that grows: 1, 2, 4 ... tokens per refill
+                got = await asyncio.gather(
+                    limiter.try_acquire("share:leased", leased),
+                    limiter.try_acquire("share:plain", plain),
+                )
+                assert all(d.allowed for d in got)
+                admitted += 1
+            await asyncio.gather(
+                limiter.refund("share:plain", plain, cost=5),
+                limiter.hold_back("share:plain", plain, 0.001),
+                limiter.try_acquire("share:plain", plain),
+            )
+            held = limiter._leases.held() if limiter._leases is not None else 0
+            assert held > 0  # tokens are held: closing gives them back, in a batch too
+            await limiter._settler.aclose()  # type: ignore[union-attr]
+            after = backend(limiter).batch_counts()
+            left = (await limiter.peek("share:leased", leased)).remaining
+        return after[1] - before[1], 1000 - left, admitted
+
+    stats = commandstats(admin)
+    commands, used, admitted = asyncio.run(main())
+    ran = calls_since(admin, stats)
+    # Every script call the server saw went in a batch (and the peek after the count).
+    assert ran["evalsha"] + ran["eval"] == commands + 1
+    # The lease, refund and hold-back scripts were not loaded: each met NOSCRIPT once and
+    # went again as EVAL.
+    assert ran["evalsha failed"] == ran["eval"] == 3
+    # The leased bucket lost exactly what was admitted from it: the rest came back.
+    assert used == admitted
+
+
 def test_an_error_reply_fails_only_its_own_decision(standalone: Any, admin: redis.Redis) -> None:
     """A corrupt bucket makes the script answer an error: in the same batch, only that call
     fails (reason "server"), and the others get their own replies."""

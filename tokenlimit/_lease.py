@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 from ._decision import Decision, decision
 from ._limit import Limit
-from ._redis.resp import pack_bulk
-from ._request import Request
+from ._request import Request, with_args
 
 __all__ = ["HOLD", "LeaseTable", "Refill", "lease_cap", "with_cost"]
 
@@ -85,9 +84,7 @@ def lease_cap(limits: Sequence[Limit]) -> int:
 
 def with_cost(request: Request, cost: int) -> Request:
     """``request`` for ``cost`` tokens: its keys and limits, its arguments re-packed."""
-    args = (str(cost), *request.args[1:])
-    strings = (str(len(request.keys)), *request.keys, *args)
-    return Request(request.keys, args, request.limits, cost, pack_bulk(strings), len(strings))
+    return with_args(request, (str(cost), *request.args[1:]), cost)
 
 
 class LeaseTable:

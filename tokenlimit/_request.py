@@ -18,7 +18,7 @@ from ._plan import LimitPlan, LimitSpec
 from ._redis.resp import pack_bulk
 from ._validate import check_key
 
-__all__ = ["Request", "build_request", "identity_tag"]
+__all__ = ["Request", "build_request", "identity_tag", "with_args"]
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
@@ -42,6 +42,14 @@ class Request(NamedTuple):
     def params(self) -> tuple[tuple[int, int], ...]:
         """``(interval_ns, burst)`` per limit, as the model and the memory backend take them."""
         return tuple((limit.interval_ns, limit.burst) for limit in self.limits)
+
+
+def with_args(request: Request, args: tuple[str, ...], cost: int | None = None) -> Request:
+    """``request``'s keys and limits with other script arguments (re-packed): the same buckets
+    asked by another script, or for another cost."""
+    strings = (str(len(request.keys)), *request.keys, *args)
+    cost = request.cost if cost is None else cost
+    return Request(request.keys, args, request.limits, cost, pack_bulk(strings), len(strings))
 
 
 def identity_tag(identity: bytes, hasher: hashlib.blake2b | None = None) -> str:

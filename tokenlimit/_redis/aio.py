@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from tokenlimit._backend import scan_pattern
 from tokenlimit._errors import BackendError
-from tokenlimit._request import Request
+from tokenlimit._request import Request, with_args
 from tokenlimit._scripts import (
     Script,
     acquire_script,
@@ -145,7 +145,12 @@ class AsyncRedisBackend:
         self._gates: dict[str, asyncio.Semaphore] = {}
 
     async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
-        script = self._acquire if consume else self._peek
+        return await self._script(self._acquire if consume else self._peek, request, timeout)
+
+    async def _script(self, script: Script, request: Request, timeout: float) -> Sequence[int]:
+        """``script`` on ``request``'s keys and packed arguments (a reply of integers), run at
+        most once by the deadline: in this loop's batch on a standalone server, else in an
+        exchange of its own."""
         if self._unbatched:
             deadline = time.monotonic() + timeout
             try:
@@ -202,14 +207,12 @@ class AsyncRedisBackend:
         """The holdback script on ``request``'s keys: ``ARGV[1]`` is the hold in µs where a
         decision has its cost, then the same limits; run at most once, by the deadline."""
         args = (str(hold_us), *request.args[1:])
-        reply = await self.run_script(holdback_script(), request.keys, args, timeout=timeout)
-        return [int(x) for x in reply]
+        return await self._script(holdback_script(), with_args(request, args), timeout)
 
     async def refund(self, request: Request, *, timeout: float) -> Sequence[int]:
         """The refund script on ``request``'s keys and arguments (those of its decision); run
         at most once, by the deadline."""
-        reply = await self.run_script(refund_script(), request.keys, request.args, timeout=timeout)
-        return [int(x) for x in reply]
+        return await self._script(refund_script(), request, timeout)
 
     async def lease(
         self, request: Request, want: int, back: int, *, timeout: float
@@ -217,8 +220,7 @@ class AsyncRedisBackend:
         """The lease script on ``request``'s keys: ``back`` tokens given back, then up to
         ``want`` taken (at least ``request.cost``); run at most once, by the deadline."""
         args = (request.args[0], str(want), str(back), *request.args[1:])
-        reply = await self.run_script(lease_script(), request.keys, args, timeout=timeout)
-        return [int(x) for x in reply]
+        return await self._script(lease_script(), with_args(request, args), timeout)
 
     async def overrides(self, key: str, args: Sequence[str], *, timeout: float) -> Sequence[object]:
         """The override script at ``key`` (live overrides); run at most once, by the deadline."""
