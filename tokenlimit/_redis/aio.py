@@ -144,8 +144,11 @@ class AsyncRedisBackend:
         # Cluster: per node, how many of its connections this backend's calls may hold at once.
         self._gates: dict[str, asyncio.Semaphore] = {}
 
-    async def decide(self, request: Request, *, consume: bool, timeout: float) -> Sequence[int]:
-        return await self._script(self._acquire if consume else self._peek, request, timeout)
+    def decide(
+        self, request: Request, *, consume: bool, timeout: float
+    ) -> Awaitable[Sequence[int]]:
+        # A plain method handing over _script's coroutine: one coroutine less per decision.
+        return self._script(self._acquire if consume else self._peek, request, timeout)
 
     async def _script(self, script: Script, request: Request, timeout: float) -> Sequence[int]:
         """``script`` on ``request``'s keys and packed arguments (a reply of integers), run at
