@@ -7,6 +7,12 @@ the same through ``RateLimitMiddleware`` on a mounted sub-app (so ``/plain`` sta
 ``/leased`` is ``/limited`` with one global key and leased tokens (issue 18: ``lease=1000``),
 declared only where the imported tokenlimit has leases (a baseline revision may not).
 
+``/headers`` is what FastAPI and the server charge any dependency that sends these headers:
+a no-op dependency taking ``Request`` and ``Response``, as ``RateLimit`` does, that sets the
+same five rate-limit fields (fixed values of the same lengths) and decides nothing. Its
+requests/s and CPU next to ``/plain`` bound the ratio a limiter dependency that sends the
+headers can reach here, whatever it does to decide.
+
 ``/floor`` is what any limiter that asks the server costs at least: a dependency that makes one
 redis-py ``EVALSHA`` of ``return 1`` per request (the same floor as the decision tables), on its
 own ``redis.asyncio`` client. Its requests/s next to ``/plain`` bound the ratio a FastAPI
@@ -27,7 +33,7 @@ from __future__ import annotations
 import os
 
 import redis.asyncio
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request, Response
 
 import tokenlimit
 from tokenlimit import AsyncRateLimiter, Limit
@@ -60,6 +66,21 @@ async def one_round_trip() -> None:
     await floor_client.evalsha(floor_sha[0], 1, "bench:floor")
 
 
+# The fields a leased decision sends on /leased, with fixed values of the same lengths.
+FIELDS = [
+    (b"x-ratelimit-limit", b"1000000"),
+    (b"x-ratelimit-remaining", b"999998"),
+    (b"x-ratelimit-reset", b"1796606132"),
+    (b"ratelimit-policy", b'"1000000-per-1s";q=1000000;w=1'),
+    (b"ratelimit", b'"1000000-per-1s";r=999998;t=0'),
+]
+
+
+async def headers_only(request: Request, response: Response) -> None:
+    """The framework's floor: a dependency that sends the headers and decides nothing."""
+    response.raw_headers.extend(FIELDS)
+
+
 app = FastAPI()
 
 
@@ -79,6 +100,11 @@ if LEASED is not None:
     @app.get("/leased", dependencies=[Depends(leased)])
     async def leased_route() -> dict[str, str]:
         return {"hello": "world"}
+
+
+@app.get("/headers", dependencies=[Depends(headers_only)])
+async def headers_route() -> dict[str, str]:
+    return {"hello": "world"}
 
 
 @app.get("/floor", dependencies=[Depends(one_round_trip)])

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 LOAD_TEST = HERE.parent / "tools" / "load_test.py"
-ROUTES = ("plain", "limited", "mw/limited", "leased", "floor")
+ROUTES = ("plain", "limited", "mw/limited", "leased", "headers", "floor")
 BASE = "base/"  # the baseline server's routes: base/plain, base/limited, base/mw/limited
 BASE_ROUTES = ("plain", "limited", "mw/limited")
 
@@ -144,6 +144,11 @@ def _check_app(base: str, label: str, checks: list[str]) -> str:
         status, headers = _get(base + "/leased")
         if status != 200 or "x-ratelimit-limit" not in headers:
             raise RuntimeError(f"/leased is not limited: {status} {headers}")
+        # The floor sends the same fields as /leased, no more and no fewer.
+        fields = {name for name in headers if "ratelimit" in name}
+        status, floor = _get(base + "/headers")
+        if status != 200 or {name for name in floor if "ratelimit" in name} != fields:
+            raise RuntimeError(f"/headers does not send /leased's fields: {status} {floor}")
     statuses = [_get(base + "/tight")[0] for _ in range(3)]
     if statuses[0] != 200 or 429 not in statuses[1:]:
         raise RuntimeError(f"{label}/tight (1/s, burst 1) did not refuse: {statuses}")
@@ -214,6 +219,8 @@ def measure_fastapi(
         "middleware_paired_ratio_median": paired("mw/limited"),
         "leased_paired_ratio_median": paired("leased"),
         "floor_paired_ratio_median": paired("floor"),
+        "headers_paired_ratio_median": paired("headers"),
+        "leased_to_headers_paired_ratio_median": paired("leased", "headers"),
         "checks": checks,
     }
     if baseline is not None:

@@ -312,6 +312,13 @@ def render(data: dict[str, Any]) -> str:
                 f"- `/leased`, the dependency on one global key with `lease=1000` (issue 18): "
                 f"requests/s {_x(http.get('leased_paired_ratio_median'))}, server CPU "
                 f"{_x(http.get('leased_cpu_ratio'))}",
+                "- framework floor, `/headers`: a no-op dependency taking `Request` and `Response` "
+                "that sends the same five rate-limit fields and decides nothing: requests/s "
+                f"{_x(http.get('headers_paired_ratio_median'))}, server CPU "
+                f"{_x(http.get('headers_cpu_ratio'))}: the most a dependency that sends these "
+                "headers keeps of the plain route here, whatever it does to decide; `/leased` "
+                f"against it: requests/s {_x(http.get('leased_to_headers_paired_ratio_median'))}, "
+                f"server CPU {_x(http.get('leased_to_headers_cpu_ratio'))}",
                 "- floor, a dependency making one redis-py `EVALSHA` of `return 1` and nothing "
                 f"else: requests/s {_x(http.get('floor_paired_ratio_median'))}, server CPU "
                 f"{_x(http.get('floor_cpu_ratio'))}: the most a dependency with one round trip "

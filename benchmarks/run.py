@@ -651,6 +651,8 @@ def run(args: argparse.Namespace, baseline: Baseline | None = None) -> dict[str,
                 http["middleware_cpu_ratio"] = cpu_ratio("plain", "mw/limited")
                 http["leased_cpu_ratio"] = cpu_ratio("plain", "leased")
                 http["floor_cpu_ratio"] = cpu_ratio("plain", "floor")
+                http["headers_cpu_ratio"] = cpu_ratio("plain", "headers")
+                http["leased_to_headers_cpu_ratio"] = cpu_ratio("headers", "leased")
                 if baseline is not None:
                     http["base_cpu_ratio"] = cpu_ratio("base/plain", "base/limited")
                     http["base_middleware_cpu_ratio"] = cpu_ratio("base/plain", "base/mw/limited")
