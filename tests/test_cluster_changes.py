@@ -337,10 +337,12 @@ def decide_in_turn(
 ) -> list[int]:
     """Run ``steps`` with one limiter of ``kind``: an identity (str) is a ``try_acquire`` on it,
     recorded as its ``remaining`` (-1: refused); a callable is run in between (a flush, a
-    restart) with the limiter idle. An async limiter's loop stays blocked while it runs."""
+    restart) with the limiter idle. An async limiter's loop stays blocked while it runs.
+    Without overrides: a test may count the scripts each node ran, and the overrides read (a
+    script, once a second) is none of these decisions'."""
     out: list[int] = []
     if kind.startswith("sync"):
-        limiter, close = sync_limiter(kind, url, nodes, timeout=5.0)
+        limiter, close = sync_limiter(kind, url, nodes, timeout=5.0, overrides=False)
         try:
             for step in steps:
                 if callable(step):
@@ -353,7 +355,7 @@ def decide_in_turn(
         return out
 
     async def main() -> None:
-        limiter, aclose = await async_limiter(kind, url, nodes, timeout=5.0)
+        limiter, aclose = await async_limiter(kind, url, nodes, timeout=5.0, overrides=False)
         try:
             for step in steps:
                 if callable(step):
