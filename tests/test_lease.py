@@ -262,6 +262,34 @@ def test_one_refill_in_flight_per_key_the_others_decide_on_the_store() -> None:
     assert table.claim(request, 0.0) is not None
 
 
+def test_a_refill_overtaken_by_a_reset_hands_out_none_of_what_it_brings() -> None:
+    """The store may run a refill before a reset that the process sees first: the tokens it
+    brings beyond the caller's cost go back (capped at full), and none is handed out."""
+    table = LeaseTable(lambda: 0.0)
+    request = _request(Limit(1000, 1000, lease=64))
+    now = 1.0
+    for size in (1, 2, 4):  # grow to a lease of 8
+        refill = table.claim(request, now)
+        assert refill is not None
+        _grant(table, request, size, now)
+        for _ in range(size - 1):
+            assert table.take(request, now) is not None
+    refill = table.claim(request, now)
+    assert refill is not None
+    assert refill.want == 8
+    table.clear(request.keys)  # reset() while the refill is in flight
+    n = len(request.limits)
+    reply = [0, 1] + [1, 0, 0, 1_000_000] * n
+    decision, due = table.granted(request, reply, 8, now)
+    assert (decision, due) == (None, now)  # the caller's own decision, decoded as usual
+    assert table.take(request, now) is None  # nothing handed out
+    assert table.expired(now) == [(request, 7)]  # all of it goes back at once
+    # The next refill is an ordinary one again.
+    refill = table.claim(request, now)
+    assert refill is not None
+    assert refill.back == 0
+
+
 def test_a_refusal_neither_grows_nor_holds() -> None:
     table = LeaseTable(lambda: 0.0)
     request = _request(Limit(1000, 1000, lease=8))
@@ -643,6 +671,52 @@ def test_reset_drops_held_tokens_so_a_full_bucket_admits_its_burst_once() -> Non
     reset_all(limiter)
     assert limiter._leases.held() == 0
     assert sum(limiter.try_acquire("k", limit).allowed for _ in range(30)) == 20
+    limiter.close()
+
+
+class GatedMemory(CountingMemory):
+    """A lease that, once armed, runs on the store and then waits before its reply arrives:
+    a reset made meanwhile is, for the store, later than the lease."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def lease(self, request: Request, want: int, back: int, *, timeout: float = 0.0) -> list[int]:
+        reply = super().lease(request, want, back, timeout=timeout)
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            assert self.release.wait(10)
+        return reply
+
+
+def test_a_reset_during_a_refill_never_admits_more_than_the_full_bucket() -> None:
+    clock = FakeClock()
+    backend = GatedMemory(clock)
+    limiter = RateLimiter(backend)
+    limit = Limit(0.001, 20, lease=8)
+    for _ in range(4):  # the lease grows: 1, 2, 4 ...
+        assert limiter.try_acquire("k", limit).allowed
+    backend.armed = True
+
+    def until_a_refill_waits() -> None:
+        while not backend.entered.is_set():
+            assert limiter.try_acquire("k", limit).allowed
+
+    caller = threading.Thread(target=until_a_refill_waits)
+    caller.start()
+    try:
+        assert backend.entered.wait(10)
+        limiter.reset("k", limit)  # the store took the lease before this
+    finally:
+        backend.release.set()
+        caller.join(10)
+    assert not caller.is_alive()
+    admitted = sum(limiter.try_acquire("k", limit).allowed for _ in range(40))
+    assert admitted == 20  # the full bucket, and not one of the refill's tokens on top
     limiter.close()
 
 

@@ -57,6 +57,7 @@ class _Lease:
         "resets",
         "since",
         "size",
+        "stale",
         "tokens",
         "used",
     )
@@ -69,6 +70,9 @@ class _Lease:
         self.due = 0.0  # when the current lease's hold ends (clock)
         self.since = 0.0  # when it was granted
         self.refilling = False
+        # The buckets were reset while a refill was in flight: what it brings may have been
+        # taken before the reset, from tokens the reset gave back, so none of it is handed out.
+        self.stale = False
         self.remaining: tuple[int, ...] = ()
         self.resets: tuple[float, ...] = ()
 
@@ -160,7 +164,9 @@ class LeaseTable:
     ) -> tuple[Decision | None, float | None]:
         """The store answered a claimed refill: ``reply`` as ``decide``'s, ``granted`` tokens
         taken (0: refused). Returns the caller's decision when tokens are now held, and when
-        their hold ends; else ``(None, None)``: the reply is the decision, decoded as usual."""
+        their hold ends; else ``(None, due)``: the reply is the decision, decoded as usual, and
+        ``due`` is None, or now when the buckets were reset during the refill: what it brought
+        beyond the caller's cost is to go back (a give-back is capped at full), never out."""
         cost = request.cost
         with self._lock:
             lease = self._leases.get(request.keys)
@@ -171,9 +177,17 @@ class LeaseTable:
             if granted < cost:  # refused: the hold means nothing, the size stays
                 lease.due = now
                 lease.used = 0
+                lease.stale = False
                 return None, None
             lease.used = cost
             lease.due = due = now + self.hold
+            if lease.stale:  # reset meanwhile: the rest goes back at once, never handed out
+                lease.stale = False
+                lease.due = now
+                lease.request = request
+                lease.tokens = granted - cost
+                self._holding.add(request.keys)
+                return None, now
             if granted == cost:  # nothing held: the store's own decision (decoded as usual)
                 return None, None
             n = len(request.limits)
@@ -192,6 +206,7 @@ class LeaseTable:
             lease = self._leases.get(request.keys)
             if lease is not None:
                 lease.refilling = False
+                lease.stale = False
                 lease.due = now
                 lease.used = 0
 
@@ -245,12 +260,14 @@ class LeaseTable:
 
     def clear(self, keys: tuple[str, ...] | None = None) -> None:
         """Drop the held tokens of ``keys`` (every key: None) without giving them back: their
-        buckets were reset (full again), so these tokens must not be spent on top."""
+        buckets were reset (full again), so these tokens must not be spent on top. A refill
+        in flight may have taken its tokens before the reset: none of them is handed out."""
         with self._lock:
             leases = self._leases.values() if keys is None else [self._leases.get(keys)]
             for lease in leases:
                 if lease is not None:
                     lease.tokens = 0
+                    lease.stale = lease.refilling
 
     def forget(self) -> None:
         """Drop every lease without giving anything back (a forked child: the tokens are its

@@ -220,7 +220,7 @@ def _granted(
         limiter._recovered()
     decision, due = table.granted(request, reply, granted, now)
     if decision is None:  # nothing held: decoded, cached, shadowed, counted as any decision
-        return limiter._decoded(request, reply, started, consume=True), None
+        return limiter._decoded(request, reply, started, consume=True), due
     return _admitted(limiter, request, decision, started), due
 
 
