@@ -174,20 +174,14 @@ class LeaseTable:
                 return None, None
             lease.refilling = False
             lease.since = now
+            stale, lease.stale = lease.stale, False
             if granted < cost:  # refused: the hold means nothing, the size stays
                 lease.due = now
                 lease.used = 0
-                lease.stale = False
                 return None, None
             lease.used = cost
-            lease.due = due = now + self.hold
-            if lease.stale:  # reset meanwhile: the rest goes back at once, never handed out
-                lease.stale = False
-                lease.due = now
-                lease.request = request
-                lease.tokens = granted - cost
-                self._holding.add(request.keys)
-                return None, now
+            # Reset meanwhile: the hold ends at once, so the rest goes back and never out.
+            lease.due = due = now if stale else now + self.hold
             if granted == cost:  # nothing held: the store's own decision (decoded as usual)
                 return None, None
             n = len(request.limits)
@@ -197,6 +191,8 @@ class LeaseTable:
             lease.tokens = tokens = granted - cost
             self.granted_extra += tokens
             self._holding.add(request.keys)
+        if stale:
+            return None, due
         return _held(request.limits, remaining, resets, tokens, 0.0), due
 
     def failed(self, request: Request, now: float) -> None:
