@@ -2,8 +2,9 @@
 
 When the server refuses ``cost`` tokens with ``retry_after`` R, the same call is refused again
 until R has passed: tokens cannot appear early, because other processes can only *take* tokens.
-The one exception is ``reset`` by another process, which this process sees only once the
-cached window ends (at most R later); ``reset`` on the same limiter forgets the entries at once.
+The exceptions are ``reset`` and ``refund`` (leased tokens given back included) by another
+process, which this process sees only once the cached window ends (at most R later); the same
+limiter forgets the entries at once (``_base.LimiterBase._forget``, ``_leasing._given_back``).
 Whatever else makes the server forget a bucket (FLUSHALL, DEL, eviction, a failover that lost
 writes, a forward step of the server's clock) is likewise seen at most R later.
 

@@ -249,6 +249,12 @@ class LeaseTable:
             ]
         return min(dues) if dues else None
 
+    def holds(self, keys: tuple[str, ...]) -> bool:
+        """Whether tokens of ``keys``' buckets are held here (their hold may have ended: the
+        next refill gives them back). Unlocked: one read of an int, as ``take`` left it."""
+        lease = self._leases.get(keys)
+        return lease is not None and lease.tokens > 0
+
     def held(self) -> int:
         """Tokens held now, over every bucket set."""
         with self._lock:

@@ -56,6 +56,8 @@ def thread_settler(limiter: RateLimiter, table: LeaseTable) -> ThreadSettler:
             limiter.backend.refund(with_cost(request, tokens), timeout=limiter._timeout)
         except BackendError as error:
             _lost(limiter, error)
+        else:
+            _given_back(limiter, request)
 
     return ThreadSettler(table, give_back)
 
@@ -66,8 +68,18 @@ def async_settler(limiter: AsyncRateLimiter, table: LeaseTable) -> LoopSettler:
             await limiter.backend.refund(with_cost(request, tokens), timeout=limiter._timeout)
         except BackendError as error:
             _lost(limiter, error)
+        else:
+            _given_back(limiter, request)
 
     return LoopSettler(table, give_back)
+
+
+def _given_back(limiter: LimiterBase[Any], request: Request) -> None:
+    """Tokens of ``request``'s buckets went back to the store: a refusal cached for them, or
+    sent before now and still on its way, may no longer hold (as after ``refund``)."""
+    refusals = limiter._refusals
+    if refusals is not None:
+        refusals.forget(request.keys, time.perf_counter())
 
 
 def _lost(limiter: LimiterBase[Any], error: BackendError) -> None:
@@ -105,7 +117,7 @@ def decide_leased(limiter: RateLimiter, request: Request, started: float) -> Dec
     held = table.take(request, now)
     if held is not None:
         return _admitted(limiter, request, held, started)
-    early = _before_refill(limiter, request, started)
+    early = _before_refill(limiter, request, started, table)
     if early is not None:
         return early
     if _skips_store(limiter):
@@ -129,7 +141,7 @@ def decide_leased(limiter: RateLimiter, request: Request, started: float) -> Dec
     except BaseException:  # cancelled (a client went away) or a bug: never leave it claimed
         table.failed(request, table.clock())
         raise
-    decision, due = _granted(limiter, table, request, reply, granted, started, now)
+    decision, due = _granted(limiter, table, request, reply, granted, refill.back, started, now)
     if due is not None and isinstance(limiter._settler, ThreadSettler):
         limiter._settler.due(due)
     return decision
@@ -153,7 +165,7 @@ async def decide_leased_async(
     held = table.take(request, now)
     if held is not None:
         return _admitted(limiter, request, held, started)
-    early = _before_refill(limiter, request, started)
+    early = _before_refill(limiter, request, started, table)
     if early is not None:
         await asyncio.sleep(0)
         return early
@@ -181,7 +193,7 @@ async def decide_leased_async(
     except BaseException:  # cancelled (a client went away) or a bug: never leave it claimed
         table.failed(request, table.clock())
         raise
-    decision, due = _granted(limiter, table, request, reply, granted, started, now)
+    decision, due = _granted(limiter, table, request, reply, granted, refill.back, started, now)
     if due is not None and isinstance(limiter._settler, LoopSettler):
         limiter._settler.due(due)
     return decision
@@ -197,12 +209,16 @@ def _admitted(
     return decision
 
 
-def _before_refill(limiter: LimiterBase[Any], request: Request, started: float) -> Decision | None:
-    """What answers before a refill: a cached refusal (nothing sent), or None."""
+def _before_refill(
+    limiter: LimiterBase[Any], request: Request, started: float, table: LeaseTable | None = None
+) -> Decision | None:
+    """What answers before a refill: a cached refusal (nothing sent), or None. Not while
+    ``table`` holds tokens of these buckets (too few for the cost, or past their hold): the
+    refill gives them back, so the store may admit what it refused before."""
     refusals = limiter._refusals
     if refusals is not None:
         local = refusals.get(request.keys, request.cost, started, request.limits)
-        if local is not None:
+        if local is not None and (table is None or not table.holds(request.keys)):
             return limiter._answered(request, local, started, consume=True)
     return None
 
@@ -213,11 +229,14 @@ def _granted(
     request: Request,
     reply: Sequence[int],
     granted: int,
+    back: int,
     started: float,
     now: float,
 ) -> tuple[Decision, float | None]:
     if limiter._circuit.tripped:  # the store answered: the circuit closes
         limiter._recovered()
+    if back and granted >= request.cost:  # a refusal cached before the give-back is stale
+        _given_back(limiter, request)
     decision, due = table.granted(request, reply, granted, now)
     if decision is None:  # nothing held: decoded, cached, shadowed, counted as any decision
         return limiter._decoded(request, reply, started, consume=True), due
