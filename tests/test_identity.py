@@ -11,6 +11,8 @@ from typing import Any
 
 import http_sfv
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenlimit import AsyncRateLimiter, ConfigError, Decision, Limit, MemoryBackend, RateLimiter
 from tokenlimit.integrations import _common
@@ -22,6 +24,7 @@ from tokenlimit.integrations._common import (
     default_identity,
     ip_identity,
     rate_limit_headers,
+    raw_rate_limit_headers,
     refused_body,
 )
 
@@ -261,6 +264,39 @@ def test_headers_are_structured_fields_for_every_policy() -> None:
         ("burst", {"r": 19, "t": 1}),
         ('day "quota"', {"r": 999, "t": 87}),
     ]
+
+
+@given(
+    allowed=st.booleans(),
+    remaining=st.integers(0, 10**9),
+    reset=st.floats(0, 1e9, allow_nan=False),
+    retry=st.floats(0, 1e6, allow_nan=False),
+    label=st.sampled_from(["10/second", 'day "quota"', "caf\u00e9", "a\\b", "x" * 80]),
+    several=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_raw_headers_are_the_fields_encoded(
+    allowed: bool, remaining: int, reset: float, retry: float, label: str, several: bool
+) -> None:
+    """What ASGI sends (bytes, formatted at once for one limit's admission) is exactly the
+    fields Flask and Django send, lower-cased and encoded, one second boundary aside."""
+    limit = Limit(7, 10**9, name=label)
+    details = (
+        (
+            Decision(allowed, 10**9, remaining, retry, reset, policy=limit),
+            Decision(True, 5, 4, 0.0, 0.5, policy=Limit(10, 5)),
+        )
+        if several
+        else ()
+    )
+    decision = Decision(allowed, 10**9, remaining, 0.0 if allowed else retry, reset,
+                        policy=limit, details=details)  # fmt: skip
+    for _ in range(3):  # the reset field reads the clock: equal unless a second turned between
+        raw = raw_rate_limit_headers(decision)
+        text = rate_limit_headers(decision)
+        if raw == [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in text]:
+            return
+    raise AssertionError(f"{raw!r} != {text!r}")
 
 
 def test_refusal_headers_and_body() -> None:

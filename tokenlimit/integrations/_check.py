@@ -42,7 +42,6 @@ from tokenlimit.integrations._common import (
     decide_async,
     decide_sync,
     held_tokens,
-    rate_limit_headers,
     record_request,
     refund_async,
     refund_sync,
@@ -146,8 +145,9 @@ class Charge(NamedTuple):
 
 
 class Verdict(NamedTuple):
-    """What to answer: ``status`` 200 goes on (``headers`` join the response), 429 refuses and
-    503 reports a storage failure, each with ``headers`` and ``body``."""
+    """What to answer: ``status`` 200 goes on (the framework module adds the rate-limit fields
+    of ``decision``), 429 refuses and 503 reports a storage failure, each with ``headers`` and
+    ``body``."""
 
     status: int
     headers: Sequence[tuple[str, str]] = ()
@@ -211,10 +211,12 @@ def answer(
     repeated: bool = False,
     charge: Charge | None = None,
 ) -> Verdict:
-    """The verdict for ``decision``: go on with the rate-limit headers, or refuse with 429."""
+    """The verdict for ``decision``: go on, or refuse with 429 and its headers. An admission
+    carries no header fields: each framework module renders them from ``decision`` when
+    ``policy.headers`` says so, in the form it sends (Flask and Django at the response, ASGI
+    as bytes), so no request pays for a form its framework does not send."""
     if decision.allowed:
-        headers = rate_limit_headers(decision) if policy.headers else ()
-        return Verdict(200, headers, b"", decision, None, None, repeated, charge)
+        return Verdict(200, (), b"", decision, None, None, repeated, charge)
     headers = response_headers(decision, enabled=policy.headers)
     return Verdict(429, headers, refused_body(decision), decision, None, None, repeated)
 

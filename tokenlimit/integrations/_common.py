@@ -46,6 +46,7 @@ __all__ = [
     "held_tokens",
     "ip_identity",
     "rate_limit_headers",
+    "raw_rate_limit_headers",
     "record_request",
     "refund_async",
     "refund_sync",
@@ -500,6 +501,35 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     if not decision.allowed:
         headers.append(("Retry-After", str(retry_after_seconds(decision))))
     return headers
+
+
+def raw_rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """``rate_limit_headers(decision)`` as ASGI sends them: lower-case byte names, byte values.
+    An admission on one limit, as most are, is formatted as bytes at once, with its fields that
+    never change (the limit's name and policy) encoded once per limit."""
+    limit = decision.policy
+    if decision.details or limit is None or not decision.allowed:
+        return [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in rate_limit_headers(decision)
+        ]
+    name, policy = _raw_policy_field(limit, limit.label)
+    remaining = decision.remaining
+    reset = decision.reset_after
+    return [
+        (b"x-ratelimit-limit", b"%d" % decision.limit),
+        (b"x-ratelimit-remaining", b"%d" % remaining),
+        (b"x-ratelimit-reset", b"%d" % math.ceil(time.time() + reset)),
+        (b"ratelimit-policy", policy),
+        (b"ratelimit", b"%s;r=%d;t=%d" % (name, remaining, math.ceil(reset))),
+    ]
+
+
+@functools.lru_cache(maxsize=1024)
+def _raw_policy_field(limit: Limit, label: str) -> tuple[bytes, bytes]:
+    """``_policy_field``, encoded."""
+    name, policy = _policy_field(limit, label)
+    return name.encode("latin-1"), policy.encode("latin-1")
 
 
 def _fields_of(parts: Sequence[Decision]) -> tuple[str, str]:

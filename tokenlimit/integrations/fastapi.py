@@ -54,6 +54,7 @@ from tokenlimit.integrations._common import (
     Policy,
     RequestLimit,
     rate_limit_headers,
+    raw_rate_limit_headers,
     refused_body,
     response_headers,
     retry_after_seconds,
@@ -329,11 +330,13 @@ class RateLimit(_RouteLimit):
         if not verdict.repeated:
             state = request.scope.setdefault("state", {})
             state[PUBLIC] = merged(state.get(PUBLIC), decision)
+        if not self.policy.headers:
+            return decision
         if not response.raw_headers:  # FastAPI's fresh sub-response: add the fields in one step
-            response.raw_headers.extend(_raw(verdict.headers))
+            response.raw_headers.extend(raw_rate_limit_headers(decision))
         else:  # set each: another RateLimit's fields on this route are replaced, not repeated
             fields = response.headers
-            for name, value in verdict.headers:
+            for name, value in rate_limit_headers(decision):
                 fields[name] = value
         return decision
 
@@ -531,8 +534,11 @@ class RateLimitMiddleware(_Guarded):
             verdict.report(self._log)
             await _answer(send, verdict.status, verdict.body, verdict.headers)
             return
-        scope.setdefault("state", {})[PUBLIC] = verdict.decision
-        extra = _raw(verdict.headers)
+        decision = verdict.decision
+        scope.setdefault("state", {})[PUBLIC] = decision
+        extra = (
+            raw_rate_limit_headers(decision) if decision is not None and self.policy.headers else []
+        )
         try:
             if verdict.charge is not None:
                 await self._settling(verdict.charge, extra, scope, receive, send)
@@ -575,7 +581,7 @@ class RateLimitMiddleware(_Guarded):
                 info = ResponseInfo(message["status"], Headers(raw=list(headers)))
                 after = await asettle(charge, info, log=self._log)
                 if after is not None and extra:  # the bucket as the give-back left it
-                    extra = _raw(rate_limit_headers(after))
+                    extra = raw_rate_limit_headers(after)
                 if extra and not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
                     message = {**message, "headers": [*headers, *extra]}
             await send(message)
@@ -604,7 +610,7 @@ class RateLimitMiddleware(_Guarded):
         if verdict.decision is None:  # exempt
             await self.app(scope, receive, send)
             return
-        extra = _raw(verdict.headers)
+        extra = raw_rate_limit_headers(verdict.decision) if self.policy.headers else []
         ledger = scope[_LEDGER]
 
         async def send_answered(message: Message) -> None:
