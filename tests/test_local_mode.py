@@ -630,6 +630,7 @@ def test_fastapi_keeps_answering_at_the_share_while_the_server_refuses(proxy: Fa
             assert time.monotonic() < deadline, "still local long after the server came back"
             time.sleep(0.05)
         assert (back.status_code, back.headers["x-ratelimit-remaining"]) == (200, "2")
+        client.portal.call(limiter.aclose)  # on the loop its connections were made on
 
 
 def test_flask_reads_the_local_mode_from_its_config(proxy: FaultProxy) -> None:
