@@ -391,12 +391,17 @@ class LimiterBase(Generic[_B]):
         if self._leases is not None:
             self._leases.clear()
 
+    def _forget_refusals(self, keys: tuple[str, ...]) -> None:
+        """Tokens may be back in ``keys``' buckets: the refusals cached for them, and those
+        sent before now and still on their way, no longer hold."""
+        if self._refusals is not None:
+            self._refusals.forget(keys, time.perf_counter())
+
     def _forget(self, request: Request, *, leases: bool = False) -> None:
         """After ``reset`` (``leases``: its held tokens are dropped, the bucket being full) or
         ``refund``: the cached refusals for these buckets no longer hold, and their local
         buckets are full again."""
-        if self._refusals is not None:
-            self._refusals.forget(request.keys, time.perf_counter())
+        self._forget_refusals(request.keys)
         if self._fallback is not None:
             self._fallback.forget(request)
         if leases and self._leases is not None:

@@ -4,7 +4,7 @@ When the server refuses ``cost`` tokens with ``retry_after`` R, the same call is
 until R has passed: tokens cannot appear early, because other processes can only *take* tokens.
 The exceptions are ``reset`` and ``refund`` (leased tokens given back included) by another
 process, which this process sees only once the cached window ends (at most R later); the same
-limiter forgets the entries at once (``_base.LimiterBase._forget``, ``_leasing._given_back``).
+limiter forgets the entries at once (``_base.LimiterBase._forget_refusals``).
 Whatever else makes the server forget a bucket (FLUSHALL, DEL, eviction, a failover that lost
 writes, a forward step of the server's clock) is likewise seen at most R later.
 

@@ -57,7 +57,7 @@ def thread_settler(limiter: RateLimiter, table: LeaseTable) -> ThreadSettler:
         except BackendError as error:
             _lost(limiter, error)
         else:
-            _given_back(limiter, request)
+            limiter._forget_refusals(request.keys)  # as after refund()
 
     return ThreadSettler(table, give_back)
 
@@ -69,17 +69,9 @@ def async_settler(limiter: AsyncRateLimiter, table: LeaseTable) -> LoopSettler:
         except BackendError as error:
             _lost(limiter, error)
         else:
-            _given_back(limiter, request)
+            limiter._forget_refusals(request.keys)  # as after refund()
 
     return LoopSettler(table, give_back)
-
-
-def _given_back(limiter: LimiterBase[Any], request: Request) -> None:
-    """Tokens of ``request``'s buckets went back to the store: a refusal cached for them, or
-    sent before now and still on its way, may no longer hold (as after ``refund``)."""
-    refusals = limiter._refusals
-    if refusals is not None:
-        refusals.forget(request.keys, time.perf_counter())
 
 
 def _lost(limiter: LimiterBase[Any], error: BackendError) -> None:
@@ -236,7 +228,7 @@ def _granted(
     if limiter._circuit.tripped:  # the store answered: the circuit closes
         limiter._recovered()
     if back and granted >= request.cost:  # a refusal cached before the give-back is stale
-        _given_back(limiter, request)
+        limiter._forget_refusals(request.keys)
     decision, due = table.granted(request, reply, granted, now)
     if decision is None:  # nothing held: decoded, cached, shadowed, counted as any decision
         return limiter._decoded(request, reply, started, consume=True), due

@@ -46,6 +46,7 @@ __all__ = [
     "held_tokens",
     "ip_identity",
     "rate_limit_headers",
+    "raw_fields",
     "raw_rate_limit_headers",
     "record_request",
     "refund_async",
@@ -509,10 +510,7 @@ def raw_rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     never change (the limit's name and policy) encoded once per limit."""
     limit = decision.policy
     if decision.details or limit is None or not decision.allowed:
-        return [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in rate_limit_headers(decision)
-        ]
+        return raw_fields(rate_limit_headers(decision))
     name, policy = _raw_policy_field(limit, limit.label)
     remaining = decision.remaining
     reset = decision.reset_after
@@ -523,6 +521,29 @@ def raw_rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
         (b"ratelimit-policy", policy),
         (b"ratelimit", b"%s;r=%d;t=%d" % (name, remaining, math.ceil(reset))),
     ]
+
+
+def raw_fields(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header fields as ASGI wants them: lower-case byte names, byte values."""
+    names = _RAW_NAMES
+    return [
+        (names.get(name) or name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in fields
+    ]
+
+
+# The names rate_limit_headers sends, as ASGI spells them (any other is encoded per call).
+_RAW_NAMES = {
+    name: name.lower().encode("latin-1")
+    for name in (
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Retry-After",
+    )
+}
 
 
 @functools.lru_cache(maxsize=1024)

@@ -54,6 +54,7 @@ from tokenlimit.integrations._common import (
     Policy,
     RequestLimit,
     rate_limit_headers,
+    raw_fields,
     raw_rate_limit_headers,
     refused_body,
     response_headers,
@@ -386,36 +387,13 @@ def _status_of(error: Exception) -> int:
     return 422 if isinstance(error, RequestValidationError) else 500
 
 
-# The names the check's verdicts carry, as ASGI spells them (any other is encoded per call).
-_RAW_NAMES = {
-    name: name.lower().encode("latin-1")
-    for name in (
-        "X-RateLimit-Limit",
-        "X-RateLimit-Remaining",
-        "X-RateLimit-Reset",
-        "RateLimit-Policy",
-        "RateLimit",
-        "Retry-After",
-    )
-}
-
-
-def _raw(fields: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    """Header fields as ASGI wants them: lower-case byte names, byte values."""
-    names = _RAW_NAMES
-    return [
-        (names.get(name) or name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in fields
-    ]
-
-
 async def _answer(
     send: Send, status: int, body: bytes, fields: Sequence[tuple[str, str]], kind: str = "http"
 ) -> None:
     """Send a whole JSON response (the app is never called); ``kind`` ``"websocket"``: as the
     answer to a WebSocket handshake (the ``websocket.http.response`` extension)."""
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    headers += _raw(fields)
+    headers += raw_fields(fields)
     prefix = "" if kind == "http" else "websocket."
     await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}http.response.body", "body": body})
